@@ -1,0 +1,204 @@
+"""Clusters: GPU compute model and links as latency + bandwidth per tier.
+
+A cluster file (configs/clusters/*.yaml, or a user's own YAML in the same format) gives the GPU's
+peak dense bf16 FLOP/s, HBM capacity and bandwidth, the links per tier (intra-node, inter-node, host),
+and the efficiency assumptions the cost model applies, as explicit data with their sources.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from planner.errors import DistplanError, require
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+TIERS = ("intra_node", "inter_node", "host")
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_bf16_tflops: float
+    memory_gib: float
+    hbm_bandwidth_gb_s: float
+    reserved_memory_gib: float = 1.0  # CUDA context and library workspaces, unusable by tensors
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_us: float
+    bandwidth_gb_s: float  # per GPU, per direction
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us * 1e-6
+
+    @property
+    def bandwidth_bytes_s(self) -> float:
+        return self.bandwidth_gb_s * 1e9
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of datasheet peaks; every number is documented in the cluster file."""
+
+    matmul_gflop_fraction: tuple[tuple[float, float], ...]  # (GFLOP per GEMM, fraction of peak), ascending
+    memory_bound_fraction: float = 0.8
+    attention_fraction: float = 0.4  # fused (flash) attention kernels, of peak, on the FLOPs they execute
+    collective_fraction: tuple[tuple[str, float], ...] = tuple((c, 0.7) for c in COLLECTIVES)
+    overlap_slowdown: float = 0.1
+    cpu_adam_params_per_s: float = 1e9
+
+    def matmul_fraction(self, gflop: float) -> float:
+        """Fraction of peak for one GEMM of `gflop` GFLOP: piecewise linear in log(size), flat outside."""
+        pts = self.matmul_gflop_fraction
+        sizes = [p[0] for p in pts]
+        if gflop <= sizes[0]:
+            # below the smallest measured size a GEMM is launch-bound: time stops shrinking with size
+            return pts[0][1] * gflop / sizes[0]
+        if gflop >= sizes[-1]:
+            return pts[-1][1]
+        i = bisect.bisect_right(sizes, gflop)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        w = (math.log(gflop) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return y0 + w * (y1 - y0)
+
+    def collective(self, op: str) -> float:
+        return dict(self.collective_fraction)[op]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    gpu: GPU
+    gpus_per_node: int
+    links: tuple[tuple[str, Link], ...]
+    efficiency: Efficiency
+    max_nodes: int = 0  # 0: as many as asked for
+
+    def link(self, tier: str) -> Link:
+        return dict(self.links)[tier]
+
+    @property
+    def usable_memory_gib(self) -> float:
+        return self.gpu.memory_gib - self.gpu.reserved_memory_gib
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {
+            "version": 1,
+            "name": self.name,
+            "gpus_per_node": self.gpus_per_node,
+            "max_nodes": self.max_nodes,
+            "gpu": d["gpu"],
+            "links": {tier: asdict(link) for tier, link in self.links},
+            "efficiency": {
+                "matmul_gflop_fraction": [list(p) for p in self.efficiency.matmul_gflop_fraction],
+                "memory_bound_fraction": self.efficiency.memory_bound_fraction,
+                "attention_fraction": self.efficiency.attention_fraction,
+                "collective_fraction": dict(self.efficiency.collective_fraction),
+                "overlap_slowdown": self.efficiency.overlap_slowdown,
+                "cpu_adam_params_per_s": self.efficiency.cpu_adam_params_per_s,
+            },
+        }
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _num(d: dict, key: str, where: str, positive: bool = True) -> float:
+    require(key in d, f"{where}: missing key '{key}'")
+    v = d[key]
+    require(isinstance(v, (int, float)) and not isinstance(v, bool), f"{where}: key '{key}' must be a number, got {v!r}")
+    require(v > 0 if positive else v >= 0, f"{where}: key '{key}' must be {'positive' if positive else '>= 0'}, got {v}")
+    return float(v)
+
+
+def _map(d: dict, key: str, where: str) -> dict:
+    require(isinstance(d.get(key), dict), f"{where}: key '{key}' must be a mapping")
+    return d[key]
+
+
+def cluster_from_dict(data: object, source: str) -> Cluster:
+    require(isinstance(data, dict), f"{source}: expected a mapping with keys name, gpu, gpus_per_node, links, efficiency")
+    g = _map(data, "gpu", source)
+    gpu = GPU(
+        name=str(g.get("name") or require(False, f"{source}: gpu is missing key 'name'")),
+        peak_bf16_tflops=_num(g, "peak_bf16_tflops", f"{source}: gpu"),
+        memory_gib=_num(g, "memory_gib", f"{source}: gpu"),
+        hbm_bandwidth_gb_s=_num(g, "hbm_bandwidth_gb_s", f"{source}: gpu"),
+        reserved_memory_gib=_num(g, "reserved_memory_gib", f"{source}: gpu", positive=False) if "reserved_memory_gib" in g else 1.0,
+    )
+    links_raw = _map(data, "links", source)
+    links = []
+    for tier in TIERS:
+        lk = _map(links_raw, tier, f"{source}: links")
+        links.append((tier, Link(_num(lk, "latency_us", f"{source}: links.{tier}", positive=False),
+                                 _num(lk, "bandwidth_gb_s", f"{source}: links.{tier}"))))
+    e = _map(data, "efficiency", source)
+    pts = e.get("matmul_gflop_fraction")
+    require(isinstance(pts, list) and len(pts) >= 1 and all(isinstance(p, list) and len(p) == 2 for p in pts),
+            f"{source}: efficiency.matmul_gflop_fraction must be a list of [gflop, fraction] pairs")
+    pts = sorted((float(a), float(b)) for a, b in pts)
+    require(all(a > 0 and 0 < b <= 1 for a, b in pts), f"{source}: efficiency.matmul_gflop_fraction needs gflop > 0 and 0 < fraction <= 1")
+    coll = _map(e, "collective_fraction", f"{source}: efficiency")
+    missing = [c for c in COLLECTIVES if c not in coll]
+    require(not missing, f"{source}: efficiency.collective_fraction is missing {', '.join(missing)}")
+    eff = Efficiency(
+        matmul_gflop_fraction=tuple(pts),
+        memory_bound_fraction=_num(e, "memory_bound_fraction", f"{source}: efficiency"),
+        attention_fraction=_num(e, "attention_fraction", f"{source}: efficiency"),
+        collective_fraction=tuple((c, _num(coll, c, f"{source}: efficiency.collective_fraction")) for c in COLLECTIVES),
+        overlap_slowdown=_num(e, "overlap_slowdown", f"{source}: efficiency", positive=False),
+        cpu_adam_params_per_s=_num(e, "cpu_adam_params_per_s", f"{source}: efficiency"),
+    )
+    gpn = data.get("gpus_per_node")
+    require(isinstance(gpn, int) and gpn > 0, f"{source}: gpus_per_node must be a positive integer, got {gpn!r}")
+    max_nodes = data.get("max_nodes", 0) or 0
+    require(isinstance(max_nodes, int) and max_nodes >= 0, f"{source}: max_nodes must be a non-negative integer")
+    return Cluster(name=str(data.get("name", Path(source).stem)), gpu=gpu, gpus_per_node=gpn,
+                   links=tuple(links), efficiency=eff, max_nodes=max_nodes)
+
+
+def cluster_names() -> list[str]:
+    root = resources.files("configs") / "clusters"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_cluster(name_or_path: str) -> Cluster:
+    """A preset name (configs/clusters/) or a path to a cluster YAML file."""
+    if name_or_path in cluster_names():
+        text = (resources.files("configs") / "clusters" / f"{name_or_path}.yaml").read_text()
+        return cluster_from_dict(yaml.safe_load(text), f"cluster preset '{name_or_path}'")
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise DistplanError(f"cluster file '{path}' is malformed: {str(exc).splitlines()[0]}") from None
+        return cluster_from_dict(data, str(path))
+    raise DistplanError(f"unknown cluster '{name_or_path}': not a preset nor an existing .yaml file; presets: {', '.join(cluster_names())}")
+
+
+def check_gpu_count(cluster: Cluster, gpus: int) -> None:
+    require(isinstance(gpus, int) and gpus > 0, f"--gpus must be a positive integer, got {gpus}")
+    if cluster.max_nodes:
+        most = cluster.max_nodes * cluster.gpus_per_node
+        require(gpus <= most, f"--gpus {gpus} exceeds cluster '{cluster.name}': {cluster.max_nodes} nodes x {cluster.gpus_per_node} GPUs = {most}")
+    if gpus > cluster.gpus_per_node:
+        require(gpus % cluster.gpus_per_node == 0,
+                f"--gpus {gpus} spans nodes but is not a multiple of {cluster.gpus_per_node} GPUs per node on '{cluster.name}'")
+
+
+def with_overrides(cluster: Cluster, **changes) -> Cluster:
+    """A copy with some fields replaced (used by profiles to substitute measured numbers)."""
+    from dataclasses import replace
+
+    return replace(cluster, **changes)
+

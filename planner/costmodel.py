@@ -1,0 +1,217 @@
+"""The one cost model: step time, memory and throughput of a configuration.
+
+`predict(model, cluster, cfg, profile=None)` is a pure function; solve, estimate and the run
+verifier all call it. Time is built bottom-up per pipeline rank and micro-batch:
+
+  layer time   = GEMMs (FLOPs / (peak * efficiency(GEMM size)))          [Narayanan SC'21 sec. 3]
+               + memory-bound kernels (bytes / (HBM bandwidth * fraction))  [Korthikanti 2022 sec. 4 tensors]
+               + fused attention (executed FLOPs / (peak * attention fraction))
+               + TP collectives: 2 all-reduces forward, 2 backward (Megatron, Shoeybi 2019 sec. 3);
+                 reduce-scatter + all-gather instead with sequence parallel (Korthikanti sec. 4.2.2)
+  rank time    = its layers + embedding/head + pipeline p2p + per-micro-batch ZeRO-3 traffic
+  pipeline     = m * max_i t_i + (sum_i t_i - max_i t_i) / v
+                 (1F1B/GPipe: sum + (m-1)*max, Alpa/PipeDream; interleaved: the bubble shrinks by v,
+                  Narayanan SC'21 sec. 2.2.2; reduces to (m + (p-1)/v) * t for even stages)
+  step         = pipeline + exposed data-parallel gradient sync + optimizer step
+Collectives cost latency + bytes / bandwidth per tier (house rule 6), ring algorithm volumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cluster import Cluster
+from planner.job import ParallelConfig
+from planner.memory import FRAGMENTATION, GIB, StageMemory, stage_memory, stage_params
+from planner.model import ModelSpec
+from planner.profile import Profile, bus_factor
+
+BF16 = 2
+ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
+OFFLOAD_PCIE_BYTES_PER_PARAM = 4  # bf16 gradient to host + bf16 updated weight back (ZeRO-Offload sec. 4)
+
+
+# ---- communication primitives (ring algorithms, nccl-tests conventions) -----------------------
+
+
+def ring_volume_factor(op: str, n: int) -> float:
+    """Bytes each rank sends per byte of the full buffer: all-reduce 2(n-1)/n, AG/RS/A2A (n-1)/n, p2p 1."""
+    return bus_factor(op, n)
+
+
+def group_link(cluster: Cluster, size: int, stride: int) -> tuple[float, float]:
+    """(latency_s, bandwidth_bytes_s) of a group of `size` ranks spaced `stride` apart (rank order tp-cp-dp-pp).
+
+    Inside a node: the NVLink tier. Across nodes: each node's members share their NICs, one NIC per GPU,
+    so the ring's bandwidth is min(intra, inter * members_per_node) (hierarchical bound, Alpa/Calculon).
+    """
+    gpn = cluster.gpus_per_node
+    intra, inter = cluster.link("intra_node"), cluster.link("inter_node")
+    if size * stride <= gpn:
+        return intra.latency_s, intra.bandwidth_bytes_s
+    per_node = max(1, gpn // stride) if stride < gpn else 1
+    return inter.latency_s, min(intra.bandwidth_bytes_s, inter.bandwidth_bytes_s * per_node)
+
+
+@dataclass(frozen=True)
+class CommModel:
+    cluster: Cluster
+    profile: Profile | None
+
+    def time_s(self, op: str, size: int, stride: int, nbytes: float) -> float:
+        """Time of one collective of `op` over `size` ranks on a `nbytes` buffer."""
+        if size <= 1 or nbytes <= 0:
+            return 0.0
+        within_node = size * stride <= self.cluster.gpus_per_node
+        if self.profile is not None and within_node:
+            fit = self.profile.collective_fit(op, size)
+            if fit is not None:
+                t = fit.latency_s + nbytes * ring_volume_factor(op, size) / (fit.bus_bandwidth_gb_s * 1e9)
+                return t * self.profile.factor(op)
+        latency, bw = group_link(self.cluster, size, stride)
+        bw *= self.cluster.efficiency.collective(op)
+        t = latency + nbytes * ring_volume_factor(op, size) / bw
+        return t * (self.profile.factor(op) if self.profile else 1.0)
+
+
+# ---- compute primitives -----------------------------------------------------------------------
+
+
+def gemm_time_s(cluster: Cluster, flops: float, calls: int = 1) -> float:
+    """`calls` GEMMs of `flops` FLOPs each, at the efficiency of their size."""
+    if flops <= 0:
+        return 0.0
+    gflop = flops / 1e9
+    frac = cluster.efficiency.matmul_fraction(gflop)
+    return calls * flops / (cluster.gpu.peak_bf16_tflops * 1e12 * frac)
+
+
+def memory_bound_time_s(cluster: Cluster, nbytes: float) -> float:
+    return nbytes / (cluster.gpu.hbm_bandwidth_gb_s * 1e9 * cluster.efficiency.memory_bound_fraction)
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """Seconds for one layer and one micro-batch on one GPU: compute and exposed communication."""
+
+    fwd: float
+    bwd: float
+    recompute: float
+    tp_comm: float  # forward + backward (+ recomputed forward) TP collectives
+    other_comm: float  # context-parallel KV ring and expert all-to-all, exposed part
+
+
+def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: CommModel,
+               profile: Profile | None) -> LayerTime:
+    """One transformer block (dense or MoE) for one micro-batch."""
+    t, b = cfg.tp, cfg.micro_batch_size
+    s_local = cfg.seq_len / cfg.cp
+    tokens = b * s_local
+    h, f = model.hidden_size, model.ffn_hidden_size
+    kind = "moe_block" if model.is_moe else "block"
+    mm = model.block_matmul_flops_per_token(cfg.seq_len)
+
+    # ---- compute: forward, backward, recompute ----
+    fit = profile.compute_fit(kind, t) if profile else None
+    if fit is not None:
+        k = profile.factor("compute")
+        fwd, bwd = fit.fwd(tokens) * k, fit.bwd(tokens) * k
+        attn_fwd = 0.0  # inside the measured block time; selective recompute approximated below
+        attn_share = mm["attn_core"] / sum(mm.values())
+        attn_fwd = fwd * attn_share
+    else:
+        gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
+        n_mlp = 3 if model.gated_mlp else 2
+        if model.is_moe:
+            # each local expert gets tokens*top_k*ep/E tokens from the ep group (balanced routing)
+            per_expert_tokens = tokens * model.top_k * cfg.ep / model.num_experts
+            per_call = per_expert_tokens * 2 * h * f / t
+            gemm += gemm_time_s(cluster, per_call, calls=n_mlp * model.num_experts // cfg.ep)
+            gemm += gemm_time_s(cluster, tokens * mm["router"])
+        else:
+            gemm += gemm_time_s(cluster, tokens * mm["mlp"] / t / n_mlp, calls=n_mlp)
+        # attention core: QK^T and softmax*V
+        if cfg.flash_attention:
+            executed = tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0)  # causal skips half
+            attn_fwd = executed / (cluster.gpu.peak_bf16_tflops * 1e12 * cluster.efficiency.attention_fraction)
+            attn_bwd = 2.5 * attn_fwd  # FlashAttention-2 backward: 5 matmuls vs 2 forward (Dao 2023 sec. 3.2)
+        else:
+            heads_local = b * model.num_heads / t
+            per_call = 2 * s_local * cfg.seq_len * model.head_dim  # one head's QK^T (or AV)
+            attn_fwd = gemm_time_s(cluster, per_call, calls=int(2 * heads_local))
+            attn_bwd = 2 * attn_fwd
+        # memory-bound kernels, forward bytes (elements * 2 bytes); `rep` shards only with SP
+        drop = model.family in ("gpt", "vit")
+        rep_elems = 2 * 2 * h + 2 * 3 * h  # two norms (r+w) and two residual adds (r 2h, w h) per token
+        rep_elems += (2 * 0.5 * h) if drop else 0  # two dropout masks, 1 byte each
+        tp_elems = (3 * f if model.gated_mlp else 2 * f) * model.top_k  # SwiGLU (r 2f, w f) or GeLU (r f, w f)
+        if not model.learned_positions:
+            tp_elems += 2 * (h + model.kv_dim)  # rotary embedding on q and k (r+w)
+        if model.is_moe:
+            tp_elems += 4 * model.top_k * h  # token permutation to experts and back (r+w twice)
+        if not cfg.flash_attention:
+            tp_elems += (4.5 if drop else 2.0) * model.num_heads * cfg.seq_len  # scale-mask-softmax (+dropout) per query
+        elems = tokens * (rep_elems / (t if cfg.sequence_parallel else 1) + tp_elems / t)
+        mem_fwd = memory_bound_time_s(cluster, elems * BF16)
+        fwd = gemm + attn_fwd + mem_fwd
+        bwd = 2 * gemm + attn_bwd + 2 * mem_fwd  # backward: dX and dW GEMMs, elementwise grads read+write
+
+    if cfg.recompute == "full":
+        recompute = fwd
+    elif cfg.recompute == "selective" and not cfg.flash_attention:
+        recompute = attn_fwd + (memory_bound_time_s(cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0)
+                                                    * model.num_heads * cfg.seq_len / t * BF16) if fit is None else 0.0)
+    else:
+        recompute = 0.0  # selective with flash attention: the kernel already recomputes scores
+
+    # ---- TP collectives (stride 1: tp is innermost) ----
+    act_bytes = tokens * h * BF16
+    if cfg.sequence_parallel:
+        one = comm.time_s("reduce_scatter", t, 1, act_bytes) + comm.time_s("all_gather", t, 1, act_bytes)
+    else:
+        one = comm.time_s("all_reduce", t, 1, act_bytes)
+    fwd_colls = 2 * one
+    tp_comm = 2 * fwd_colls + (fwd_colls if cfg.recompute == "full" else 0.0)
+
+    # ---- context parallel: ring passes K and V chunks, overlapped with attention (ring attention) ----
+    other = 0.0
+    if cfg.cp > 1:
+        kv_bytes = tokens * 2 * model.kv_dim / t * BF16
+        ring = (cfg.cp - 1) * comm.time_s("p2p", 2, t, kv_bytes)
+        other += max(0.0, ring - attn_fwd) + max(0.0, 2 * ring - 2 * attn_fwd)  # forward and backward exposure
+    # ---- expert parallel: dispatch and combine all-to-all, forward and backward ----
+    if model.is_moe and cfg.ep > 1:
+        a2a_bytes = tokens * model.top_k * h * BF16
+        other += 4 * comm.time_s("all_to_all", cfg.ep, t * cfg.cp, a2a_bytes)
+        if cfg.recompute == "full":
+            other += 2 * comm.time_s("all_to_all", cfg.ep, t * cfg.cp, a2a_bytes)
+    return LayerTime(fwd=fwd, bwd=bwd, recompute=recompute, tp_comm=tp_comm, other_comm=other)
+
+
+def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None) -> tuple[float, float]:
+    """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch."""
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    fit = profile.compute_fit("head", cfg.tp) if profile else None
+    if fit is not None:
+        k = profile.factor("compute")
+        return fit.fwd(tokens) * k, fit.bwd(tokens) * k
+    if model.is_vit:
+        tokens = cfg.micro_batch_size  # classifier on the class token only
+    gemm = gemm_time_s(cluster, tokens * model.head_matmul_flops_per_token() / cfg.tp)
+    ce_bytes = tokens * model.vocab_size / cfg.tp * (BF16 + 4 + 4)  # read logits, fp32 softmax, write grad
+    mem = memory_bound_time_s(cluster, ce_bytes)
+    return gemm + mem / 2, 2 * gemm + mem / 2
+
+
+def embedding_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None) -> tuple[float, float]:
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    fit = profile.compute_fit("embedding", cfg.tp) if profile else None
+    if fit is not None:
+        k = profile.factor("compute")
+        return fit.fwd(tokens) * k, fit.bwd(tokens) * k
+    h = model.hidden_size
+    if model.is_vit:
+        gemm = gemm_time_s(cluster, tokens * 2 * model.num_channels * model.patch_size**2 * h / cfg.tp)
+        return gemm, 2 * gemm
+    mem = memory_bound_time_s(cluster, tokens * h * BF16 * 3 / (cfg.tp if cfg.sequence_parallel else 1))
+    return mem, 2 * mem  # lookup (+ positions) forward; scatter-add of gradients backward

@@ -1,0 +1,165 @@
+"""Per-GPU memory of a pipeline stage: model states (ZeRO), activations (Korthikanti), buffers.
+
+Pure functions. Sources:
+- Model states: Rajbhandari et al., ZeRO (SC'20) sec. 3-5: mixed-precision Adam keeps 2 bytes of
+  bf16/fp16 weights + 2 bytes of gradients + K = 12 bytes of fp32 master weights, momentum and
+  variance per parameter; stage 1 partitions the 12, stage 2 also the gradients, stage 3 also the weights.
+- Activations: Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4, Table 2: per layer
+  s*b*h*(34 + 5*a*s/h) bytes without parallelism; the stored tensors are enumerated below so the same
+  bookkeeping covers GeLU/SwiGLU MLPs, grouped-query attention, flash attention, TP, SP, CP and recompute.
+- In-flight micro-batches per schedule: Megatron-LM's 1F1B warm-up count
+  (get_num_warmup_microbatches): rank i of p holds min(p - i, m) micro-batches; interleaved with v
+  chunks holds 2*(p - i - 1) + (v - 1)*p + 1 chunk-forwards; GPipe holds all m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.job import ParallelConfig
+from planner.model import ModelSpec
+
+GIB = 1024**3
+BYTES_BF16 = 2
+WEIGHT_BYTES = 2  # bf16 weights
+GRAD_BYTES = 2  # bf16 gradients (ZeRO paper's accounting)
+OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + variance (ZeRO's K = 12)
+LOGIT_BYTES = 2 + 4  # bf16 logits + the fp32 softmax cross-entropy keeps for backward
+DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
+FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage (pipeline rank)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.buffers
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: getattr(self, k) / GIB for k in ("weights", "gradients", "optimizer", "activations", "logits", "buffers")}
+
+
+def activation_bytes_per_layer(model: ModelSpec, cfg: ParallelConfig, micro_batch: int, seq_len: int) -> float:
+    """Bytes of activations one layer stores for backward, for one micro-batch.
+
+    Enumerates Korthikanti et al. sec. 4.1's stored tensors; the comment on each line is its term in
+    the paper's 34*s*b*h + 5*a*s^2*b (GPT, fp16, no parallelism). `rep` terms are replicated across
+    tensor-parallel ranks unless sequence parallel shards them; `tp` terms are always sharded.
+    """
+    s = seq_len / cfg.cp  # context parallel splits the sequence
+    b, h = micro_batch, model.hidden_size
+    a, t = model.num_heads, cfg.tp
+    kv_ratio = model.kv_dim / h
+    f_ratio = model.ffn_hidden_size / h * model.top_k  # each token passes through top_k experts
+    sbh = s * b * h
+    dropout = 1.0 if model.family in ("gpt", "vit") else 0.0  # llama/mixtral train without dropout
+
+    if cfg.recompute == "full":
+        # only the layer input is kept (Table 2 last row: 2sbh), sharded by SP
+        return 2 * sbh / (t if cfg.sequence_parallel else 1)
+
+    rep = 0.0
+    rep += 2 * 2  # two norms' inputs (4sbh)
+    rep += 2  # QKV projection input (2sbh)
+    rep += 2  # MLP input (2sbh)
+    rep += dropout * 2  # attention-output and MLP-output dropout masks (sbh each)
+
+    tp_terms = 0.0
+    tp_terms += 2 + 2 * kv_ratio  # Q and K inputs of QK^T (4sbh for MHA)
+    tp_terms += 2 * kv_ratio  # V (2sbh)
+    tp_terms += 2  # attention output, input of the output projection (2sbh)
+    if model.gated_mlp:
+        tp_terms += 4 * f_ratio  # gate and up outputs (SwiGLU inputs), 2 bytes each of width f
+        tp_terms += 2 * f_ratio  # product, input of the down projection
+    else:
+        tp_terms += 2 * f_ratio  # GeLU input (8sbh for f = 4h)
+        tp_terms += 2 * f_ratio  # GeLU output, input of fc2 (8sbh)
+
+    # attention-score terms: 5*a*s^2*b without flash attention (softmax out 2, dropout mask 1, dropout out 2)
+    score = 0.0
+    if not cfg.flash_attention and cfg.recompute != "selective":
+        score = (2 + dropout * 3) * a * s * s * b
+    elif cfg.flash_attention:
+        score = 4 * a * s * b  # flash attention keeps the fp32 log-sum-exp per query and head
+
+    shard_rep = t if cfg.sequence_parallel else 1
+    return sbh * (rep / shard_rep + tp_terms / t) + score / t
+
+
+def inflight_microbatch_chunks(cfg: ParallelConfig, rank: int) -> int:
+    """Chunk-forwards whose activations pipeline rank `rank` holds at its peak (see module doc)."""
+    m = cfg.num_microbatches
+    if cfg.schedule == "gpipe":
+        return m * cfg.vpp
+    if cfg.schedule == "interleaved":
+        return min(2 * (cfg.pp - rank - 1) + (cfg.vpp - 1) * cfg.pp + 1, m * cfg.vpp)
+    return min(cfg.pp - rank, m)
+
+
+def stage_params(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) -> tuple[float, float]:
+    """(non-expert, expert) parameters on one GPU of pipeline rank `rank` holding `layers` blocks."""
+    expert = model.expert_params_per_block() * layers / (cfg.ep * cfg.tp)
+    dense = (model.block_params() - model.expert_params_per_block()) * layers / cfg.tp
+    if rank == 0:
+        dense += model.embedding_params() / cfg.tp  # vocab-parallel embedding
+    if rank == cfg.pp - 1:
+        head = model.head_params()
+        if model.tie_embeddings and cfg.pp > 1:
+            head += model.vocab_size * model.hidden_size  # Megatron keeps a copy of tied embeddings on the last stage
+        dense += head / cfg.tp
+    return dense, expert
+
+
+def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) -> StageMemory:
+    """Peak bytes on one GPU of pipeline rank `rank` (holding `layers` transformer blocks)."""
+    dense, expert = stage_params(model, cfg, rank, layers)
+    shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
+    expert_shard = max(shard // cfg.ep, 1)
+    z = cfg.zero_stage
+    weights = WEIGHT_BYTES * (dense / (shard if z >= 3 else 1) + expert / (expert_shard if z >= 3 else 1))
+    grads = GRAD_BYTES * (dense / (shard if z >= 2 else 1) + expert / (expert_shard if z >= 2 else 1))
+    optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
+
+    b, s = cfg.micro_batch_size, cfg.seq_len
+    per_layer = activation_bytes_per_layer(model, cfg, b, s)
+    chunks = inflight_microbatch_chunks(cfg, rank)
+    acts = per_layer * (layers / cfg.vpp) * chunks
+    if cfg.recompute == "full":
+        # while one layer is recomputed its full activations are live (one micro-batch)
+        full = activation_bytes_per_layer(model, ParallelConfig(**{**cfg.to_dict(), "recompute": "none", "layer_split": ()}), b, s)
+        acts += full
+    # stage input kept per in-flight micro-batch (received activation / embedding output)
+    acts += 2 * b * (s / cfg.cp) * model.hidden_size * chunks / (cfg.tp if cfg.sequence_parallel else 1)
+
+    logits = 0.0
+    if rank == cfg.pp - 1 and not model.is_vit:
+        logits = LOGIT_BYTES * b * (s / cfg.cp) * model.vocab_size / cfg.tp
+
+    if z >= 3:
+        # gathered full weights of the current and the prefetched layer, and one layer's unsharded grads
+        layer_bytes = (model.block_params() / cfg.tp) * WEIGHT_BYTES
+        buffers = 2 * layer_bytes + layer_bytes
+    else:
+        buffers = float(DDP_BUCKET_BYTES)
+    return StageMemory(weights=weights, gradients=grads, optimizer=optim, activations=acts, logits=logits, buffers=buffers)
+
+
+def zero_model_state_bytes(params: float, dp: int, stage: int) -> float:
+    """ZeRO paper sec. 5 model-state bytes per GPU: 16P, 4P + 12P/Nd, 2P + 14P/Nd, 16P/Nd."""
+    w, g, o = WEIGHT_BYTES * params, GRAD_BYTES * params, OPTIMIZER_BYTES * params
+    if stage >= 1:
+        o /= dp
+    if stage >= 2:
+        g /= dp
+    if stage >= 3:
+        w /= dp
+    return w + g + o

@@ -1,0 +1,299 @@
+"""Model specifications: the zoo, Hugging Face config.json files and zoo-format YAML.
+
+A `ModelSpec` is the shape of a transformer (decoder LLM, MoE LLM or ViT encoder). Everything
+downstream (the torch module on the meta device, the layer graph, the cost model) is derived from it.
+
+Analytic counts here follow the published formulas:
+- parameters: Narayanan et al. SC'21, eq. for P = 12*l*h^2*(1 + 13/(12h) + (V+s)/(12*l*h)) for GPT;
+  for other families the same sum of weight shapes, written out per tensor below.
+- FLOPs: 2 FLOPs per multiply-accumulate of every matmul (Kaplan et al. 2020; SC'21 appendix).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from planner.errors import DistplanError, require
+
+FAMILIES = ("gpt", "llama", "mixtral", "vit")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a transformer. Units: counts of elements; lengths in tokens."""
+
+    name: str
+    family: str  # one of FAMILIES: decides norm, MLP, position encoding and heads
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int  # per expert for MoE models
+    num_heads: int
+    num_kv_heads: int  # grouped-query attention; == num_heads for multi-head attention
+    vocab_size: int  # for ViT: number of classes of the classification head
+    max_seq_len: int  # context length (learned positions for gpt/vit)
+    num_experts: int = 1  # > 1 makes every block's MLP a mixture of experts
+    top_k: int = 1  # experts each token is routed to
+    default_seq_len: int = 0  # 0 -> max_seq_len (capped at 8192 for long-context models)
+    default_global_batch: int = 512  # sequences per optimizer step
+    image_size: int = 0  # ViT only
+    patch_size: int = 0  # ViT only
+    num_channels: int = 3  # ViT only
+    tie_embeddings: bool = False
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K (and of the V) projection output."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU MLP (gate, up, down) for llama/mixtral; GeLU MLP (fc1, fc2) for gpt/vit."""
+        return self.family in ("llama", "mixtral")
+
+    @property
+    def uses_bias(self) -> bool:
+        return self.family in ("gpt", "vit")
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.family in ("gpt", "vit")
+
+    @property
+    def is_vit(self) -> bool:
+        return self.family == "vit"
+
+    @property
+    def seq_len(self) -> int:
+        """Default training sequence length (tokens per sample; patches+1 for ViT)."""
+        if self.is_vit:
+            return (self.image_size // self.patch_size) ** 2 + 1
+        if self.default_seq_len:
+            return self.default_seq_len
+        return min(self.max_seq_len, 8192)
+
+    # ---- analytic parameter counts ----------------------------------------------------------
+    def block_params(self) -> int:
+        """Parameters of one transformer block (attention + MLP or MoE + norms)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        attn = h * (h + 2 * self.kv_dim) + h * h  # QKV and output projections
+        if self.uses_bias:
+            attn += (h + 2 * self.kv_dim) + h
+        if self.gated_mlp:
+            mlp_one = 3 * h * f  # gate, up, down
+        else:
+            mlp_one = 2 * h * f + (f + h if self.uses_bias else 0)
+        mlp = self.num_experts * mlp_one + (h * self.num_experts if self.is_moe else 0)  # + router
+        norms = 2 * (2 * h if self.family in ("gpt", "vit") else h)  # LayerNorm has a bias
+        return attn + mlp + norms
+
+    def expert_params_per_block(self) -> int:
+        """Parameters of the experts of one block (the part expert parallelism shards)."""
+        if not self.is_moe:
+            return 0
+        return self.num_experts * 3 * self.hidden_size * self.ffn_hidden_size
+
+    def embedding_params(self) -> int:
+        """Input embedding (tokens, or patch projection + class token) and learned positions."""
+        h = self.hidden_size
+        if self.is_vit:
+            return self.num_channels * self.patch_size**2 * h + h + h + self.seq_len * h
+        pos = self.max_seq_len * h if self.learned_positions else 0
+        return self.vocab_size * h + pos
+
+    def head_params(self) -> int:
+        """Final norm and output head (LM head, or classifier for ViT); 0 for a tied LM head."""
+        h = self.hidden_size
+        norm = 2 * h if self.family in ("gpt", "vit") else h
+        if self.is_vit:
+            return norm + h * self.vocab_size + self.vocab_size
+        return norm + (0 if self.tie_embeddings else self.vocab_size * h)
+
+    def total_params(self) -> int:
+        return self.embedding_params() + self.num_layers * self.block_params() + self.head_params()
+
+    def active_params(self) -> int:
+        """Parameters used per token (MoE: only top_k experts)."""
+        inactive = (self.num_experts - self.top_k) * self.expert_params_per_block() // max(self.num_experts, 1)
+        return self.total_params() - self.num_layers * inactive
+
+    # ---- analytic FLOPs ----------------------------------------------------------------------
+    def block_matmul_flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Forward matmul FLOPs per token of one block, by operator (2 FLOPs per MAC).
+
+        `attn_core` is QK^T and softmax*V over the full sequence, as counted by SC'21 (causal masking
+        does not halve it there). Dense and MoE blocks differ in `mlp` (top_k experts) and `router`.
+        """
+        h, f = self.hidden_size, self.ffn_hidden_size
+        mlp_one = (3 if self.gated_mlp else 2) * 2 * h * f
+        out = {
+            "qkv": 2.0 * h * (h + 2 * self.kv_dim),
+            "attn_core": 2.0 * 2 * seq_len * h,
+            "attn_out": 2.0 * h * h,
+            "mlp": float(self.top_k * mlp_one),
+        }
+        if self.is_moe:
+            out["router"] = 2.0 * h * self.num_experts
+        return out
+
+    def head_matmul_flops_per_token(self) -> float:
+        """LM head (or ViT classifier: counted per token for simplicity of the formula)."""
+        return 2.0 * self.hidden_size * self.vocab_size
+
+    def training_flops(self, global_batch: int, seq_len: int, recompute_forward: bool = False) -> float:
+        """Model FLOPs of one iteration: forward + backward (2x forward) [+ recompute forward].
+
+        For GPT this is SC'21's 72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)) without recompute and
+        96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) with full recompute (the head is not recomputed).
+        """
+        tokens = global_batch * seq_len
+        block = sum(self.block_matmul_flops_per_token(seq_len).values()) * self.num_layers
+        head = self.head_matmul_flops_per_token()
+        passes = 4 if recompute_forward else 3
+        return tokens * (passes * block + 3 * head)
+
+    def to_dict(self) -> dict:
+        return {"version": 1, **asdict(self)}
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+_REQUIRED = ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len")
+
+
+def _validate(spec: ModelSpec) -> ModelSpec:
+    require(spec.family in FAMILIES, f"model '{spec.name}': family '{spec.family}' is unknown; valid: {', '.join(FAMILIES)}")
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "vocab_size", "max_seq_len"):
+        require(getattr(spec, key) > 0, f"model '{spec.name}': {key} must be a positive integer, got {getattr(spec, key)}")
+    require(spec.hidden_size % spec.num_heads == 0,
+            f"model '{spec.name}': hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
+    require(spec.num_heads % spec.num_kv_heads == 0,
+            f"model '{spec.name}': num_heads {spec.num_heads} is not divisible by num_kv_heads {spec.num_kv_heads}")
+    require(1 <= spec.top_k <= spec.num_experts,
+            f"model '{spec.name}': top_k {spec.top_k} must be between 1 and num_experts {spec.num_experts}")
+    if spec.is_vit:
+        require(spec.patch_size > 0 and spec.image_size % spec.patch_size == 0,
+                f"model '{spec.name}': image_size {spec.image_size} must be a positive multiple of patch_size {spec.patch_size}")
+    return spec
+
+
+def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
+    """Build a ModelSpec from the zoo YAML format (keys are ModelSpec field names)."""
+    if not isinstance(data, dict):
+        raise DistplanError(f"{source}: expected a mapping of model fields, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k != "version"}
+    valid = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(data) - valid)
+    require(not unknown, f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    data.setdefault("name", name)
+    for key in _REQUIRED:
+        require(key in data, f"{source}: missing key '{key}'")
+    data.setdefault("family", "gpt")
+    data.setdefault("num_kv_heads", data["num_heads"])
+    data.setdefault("ffn_hidden_size", 4 * data["hidden_size"])
+    for key, value in data.items():
+        expected = {f.name: f.type for f in fields(ModelSpec)}[key]
+        if expected == "int":
+            require(isinstance(value, int) and not isinstance(value, bool), f"{source}: key '{key}' must be an integer, got {value!r}")
+        elif expected == "bool":
+            require(isinstance(value, bool), f"{source}: key '{key}' must be true or false, got {value!r}")
+        elif expected == "str":
+            require(isinstance(value, str), f"{source}: key '{key}' must be a string, got {value!r}")
+    return _validate(ModelSpec(**data))
+
+
+def _hf_int(cfg: dict, key: str, source: str) -> int:
+    require(key in cfg, f"{source}: Hugging Face config is missing key '{key}'")
+    value = cfg[key]
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{source}: key '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def spec_from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
+    """Build a ModelSpec from a Hugging Face config.json (gpt2, llama, mistral, mixtral keys)."""
+    if not isinstance(cfg, dict):
+        raise DistplanError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    model_type = str(cfg.get("model_type", ""))
+    if "n_layer" in cfg or model_type == "gpt2":
+        h = _hf_int(cfg, "n_embd", source)
+        spec = ModelSpec(
+            name=name, family="gpt", num_layers=_hf_int(cfg, "n_layer", source), hidden_size=h,
+            ffn_hidden_size=cfg.get("n_inner") or 4 * h, num_heads=_hf_int(cfg, "n_head", source),
+            num_kv_heads=_hf_int(cfg, "n_head", source), vocab_size=_hf_int(cfg, "vocab_size", source),
+            max_seq_len=_hf_int(cfg, "n_positions", source), tie_embeddings=True,
+        )
+        return _validate(spec)
+    if "num_hidden_layers" in cfg:
+        experts = cfg.get("num_local_experts") or 1
+        heads = _hf_int(cfg, "num_attention_heads", source)
+        spec = ModelSpec(
+            name=name, family="mixtral" if experts > 1 else "llama",
+            num_layers=_hf_int(cfg, "num_hidden_layers", source), hidden_size=_hf_int(cfg, "hidden_size", source),
+            ffn_hidden_size=_hf_int(cfg, "intermediate_size", source), num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=_hf_int(cfg, "vocab_size", source),
+            max_seq_len=cfg.get("max_position_embeddings") or 4096, num_experts=experts,
+            top_k=cfg.get("num_experts_per_tok") or 1, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+        return _validate(spec)
+    raise DistplanError(
+        f"{source}: not a recognised Hugging Face config: expected gpt2 keys (n_layer, n_embd, n_head, vocab_size, "
+        "n_positions) or llama/mistral/mixtral keys (num_hidden_layers, hidden_size, intermediate_size, "
+        "num_attention_heads, num_key_value_heads, vocab_size)"
+    )
+
+
+def zoo_names() -> list[str]:
+    root = resources.files("configs") / "models"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_file(path: Path) -> object:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DistplanError(f"cannot read model file '{path}': {exc.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0]
+        raise DistplanError(f"model file '{path}' is malformed: {first}") from None
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A zoo name (see configs/models/), a Hugging Face config.json, or a zoo-format YAML file."""
+    if name_or_path in zoo_names():
+        text = (resources.files("configs") / "models" / f"{name_or_path}.yaml").read_text()
+        return spec_from_dict(yaml.safe_load(text), name_or_path, f"zoo model '{name_or_path}'")
+    path = Path(name_or_path)
+    if path.suffix in (".json", ".yaml", ".yml") and path.exists():
+        data = _read_file(path)
+        name = path.parent.name if path.name == "config.json" else path.stem
+        if path.suffix == ".json":
+            return spec_from_hf_config(data, name, str(path))
+        return spec_from_dict(data, name, str(path))
+    raise DistplanError(
+        f"unknown model '{name_or_path}': not a zoo name nor an existing .json/.yaml file; "
+        f"zoo models: {', '.join(zoo_names())}"
+    )
+
+
+def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:
+    """The same model with another layer count (reduced-layer variants for single-GPU runs)."""
+    require(num_layers > 0, f"num_layers must be positive, got {num_layers}")
+    return replace(spec, name=f"{spec.name}-{num_layers}l", num_layers=num_layers)

@@ -1,0 +1,180 @@
+"""The plan file: a versioned, reviewable YAML that reloads to the same Plan.
+
+Top-level keys: version, model, cluster, job, parallel, stages, prediction, rationale, alternatives,
+sharding, provenance. Units are in key names. Loading validates the whole file and names the bad key.
+Rank order inside the world is Megatron's: tp innermost, then cp, then dp, then pp outermost, so
+pipeline rank i owns global ranks [i*dp*cp*tp, (i+1)*dp*cp*tp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from planner import __version__
+from planner.cluster import Cluster, cluster_from_dict
+from planner.errors import DistplanError, require
+from planner.fileio import atomic_write_text
+from planner.job import ParallelConfig, config_from_dict, validate_config
+from planner.model import ModelSpec, spec_from_dict
+from planner.predict import Prediction
+
+PLAN_VERSION = 1
+TOP_LEVEL = ("version", "model", "cluster", "job", "parallel", "stages", "prediction", "rationale",
+             "alternatives", "sharding", "provenance")
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    cluster: Cluster
+    gpus: int
+    parallel: ParallelConfig
+    prediction: dict  # Prediction.to_dict() at planning time (kept verbatim so reloads are exact)
+    rationale: tuple[str, ...] = ()
+    alternatives: tuple[dict, ...] = ()  # top-k runners-up: parallel summary, prediction, why it lost
+    sharding: dict = field(default_factory=dict, hash=False)  # ILP's strategy per operator, per layer kind
+    provenance: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.gpus // self.cluster.gpus_per_node))
+
+    def stage_devices(self, rank: int) -> list[int]:
+        per = self.parallel.dp * self.parallel.cp * self.parallel.tp
+        return list(range(rank * per, (rank + 1) * per))
+
+    def stages(self) -> list[dict]:
+        ranges = self.parallel.stage_layer_ranges(self.model.num_layers)
+        mem = {s["rank"]: s for s in self.prediction.get("stages", [])}
+        out = []
+        for rank, (first, last) in enumerate(ranges):
+            devs = self.stage_devices(rank)
+            entry = {"rank": rank, "layers": [first, last], "num_layers": last - first + 1,
+                     "devices": f"{devs[0]}-{devs[-1]}" if len(devs) > 1 else str(devs[0]),
+                     "holds_embedding": rank == 0, "holds_head": rank == self.parallel.pp - 1}
+            if rank in mem:
+                entry["memory_gib"] = round(mem[rank]["memory_gib"], 3)
+            out.append(entry)
+        return out
+
+    def to_dict(self) -> dict:
+        p = self.parallel
+        return {
+            "version": PLAN_VERSION,
+            "model": {k: v for k, v in self.model.to_dict().items() if k != "version"},
+            "cluster": {**{k: v for k, v in self.cluster.to_dict().items() if k != "version"}, "gpus": self.gpus, "nodes": self.nodes},
+            "job": {"global_batch_size": p.global_batch_size, "seq_len": p.seq_len, "dtype": "bf16",
+                    "num_microbatches": p.num_microbatches},
+            "parallel": {k: v for k, v in p.to_dict().items() if k not in ("global_batch_size", "seq_len")},
+            "stages": self.stages(),
+            "prediction": self.prediction,
+            "rationale": list(self.rationale),
+            "alternatives": list(self.alternatives),
+            "sharding": self.sharding,
+            "provenance": {"distplan_version": __version__, **self.provenance},
+        }
+
+    def digest(self) -> str:
+        """Short hash of the plan's content (model, cluster, parallel config): names emitted files."""
+        d = self.to_dict()
+        core = {k: d[k] for k in ("model", "cluster", "job", "parallel")}
+        return hashlib.sha256(yaml.safe_dump(core, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def make_plan(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig, prediction: Prediction,
+              rationale=(), alternatives=(), sharding=None, provenance=None) -> Plan:
+    return Plan(model=model, cluster=cluster, gpus=gpus, parallel=cfg, prediction=_rounded(prediction.to_dict()),
+                rationale=tuple(rationale), alternatives=tuple(alternatives), sharding=sharding or {},
+                provenance=provenance or {})
+
+
+def _rounded(obj):
+    """Round floats to 6 significant digits so files are readable and reload byte-identically."""
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+HEADER = """\
+# distplan plan file (version {version}). Review it, then `distplan emit` or `distplan run` it.
+# Units are in key names. Ranks: tp innermost, then cp, dp, pp outermost (Megatron order).
+# Regenerate: {command}
+"""
+
+
+def plan_to_yaml(plan: Plan) -> str:
+    cmd = plan.provenance.get("command", "distplan solve ...")
+    return HEADER.format(version=PLAN_VERSION, command=cmd) + yaml.safe_dump(plan.to_dict(), sort_keys=False, width=110)
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    atomic_write_text(Path(path), plan_to_yaml(plan))
+
+
+def plan_from_dict(d: object, source: str) -> Plan:
+    require(isinstance(d, dict), f"{source}: a plan file must be a mapping with keys {', '.join(TOP_LEVEL)}")
+    require(d.get("version") == PLAN_VERSION, f"{source}: plan version {d.get('version')!r} is not supported; expected {PLAN_VERSION}")
+    unknown = sorted(set(d) - set(TOP_LEVEL))
+    require(not unknown, f"{source}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL)}")
+    for key in ("model", "cluster", "job", "parallel", "stages", "prediction"):
+        require(key in d, f"{source}: missing top-level key '{key}'")
+    model = spec_from_dict(d["model"], str(d["model"].get("name", "model")) if isinstance(d["model"], dict) else "model", f"{source}: model")
+    require(isinstance(d["cluster"], dict), f"{source}: 'cluster' must be a mapping")
+    cl = dict(d["cluster"])
+    gpus = cl.pop("gpus", None)
+    cl.pop("nodes", None)
+    require(isinstance(gpus, int) and gpus > 0, f"{source}: cluster.gpus must be a positive integer, got {gpus!r}")
+    cluster = cluster_from_dict({**cl, "version": 1}, f"{source}: cluster")
+    job = d["job"]
+    require(isinstance(job, dict), f"{source}: 'job' must be a mapping")
+    for key in ("global_batch_size", "seq_len"):
+        require(isinstance(job.get(key), int), f"{source}: job.{key} must be an integer")
+    par = d["parallel"]
+    require(isinstance(par, dict), f"{source}: 'parallel' must be a mapping")
+    cfg = config_from_dict({**par, "global_batch_size": job["global_batch_size"], "seq_len": job["seq_len"]}, f"{source}: parallel")
+    validate_config(model, cfg, gpus)
+    _check_stages(d["stages"], model, cfg, source)
+    pred = d["prediction"]
+    require(isinstance(pred, dict) and "step_time_s" in pred, f"{source}: prediction must be a mapping with step_time_s")
+    prov = dict(d.get("provenance") or {})
+    prov.pop("distplan_version", None)
+    return Plan(model=model, cluster=cluster, gpus=gpus, parallel=cfg, prediction=pred,
+                rationale=tuple(d.get("rationale") or ()), alternatives=tuple(d.get("alternatives") or ()),
+                sharding=d.get("sharding") or {}, provenance=prov)
+
+
+def _check_stages(stages: object, model: ModelSpec, cfg: ParallelConfig, source: str) -> None:
+    """Stage layer ranges must cover every layer exactly once, in order, matching parallel.layer_split."""
+    require(isinstance(stages, list) and len(stages) == cfg.pp,
+            f"{source}: 'stages' must list {cfg.pp} pipeline stages (pp = {cfg.pp})")
+    expect = 0
+    for i, st in enumerate(stages):
+        require(isinstance(st, dict) and isinstance(st.get("layers"), list) and len(st["layers"]) == 2,
+                f"{source}: stages[{i}].layers must be [first, last]")
+        first, last = st["layers"]
+        require(first == expect and last >= first,
+                f"{source}: stages[{i}].layers {st['layers']} must start at layer {expect} (ranges cover the model once, in order)")
+        expect = last + 1
+    require(expect == model.num_layers, f"{source}: stages cover layers 0-{expect - 1}, but {model.name} has {model.num_layers} layers")
+    ranges = cfg.stage_layer_ranges(model.num_layers)
+    got = [tuple(st["layers"]) for st in stages]
+    require(got == [tuple(r) for r in ranges],
+            f"{source}: stages {got} disagree with parallel.layer_split {list(cfg.layers_per_stage(model.num_layers))}")
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    require(path.exists(), f"plan file '{path}' does not exist; create one with `distplan solve -o {path}`")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DistplanError(f"plan file '{path}' is malformed YAML: {str(exc).splitlines()[0]}") from None
+    return plan_from_dict(data, str(path))

@@ -1,0 +1,202 @@
+"""`predict`: the cost model's entry point, assembling per-rank times and memory into a Prediction.
+
+Pure: no printing, no files. See planner/costmodel.py for the time terms and planner/memory.py
+for the memory terms, each with its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cluster import Cluster
+from planner.costmodel import (
+    ADAM_BYTES_PER_PARAM,
+    OFFLOAD_PCIE_BYTES_PER_PARAM,
+    BF16,
+    CommModel,
+    block_time,
+    embedding_time,
+    head_time,
+    memory_bound_time_s,
+)
+from planner.job import ParallelConfig
+from planner.memory import FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, stage_memory, stage_params
+from planner.model import ModelSpec
+from planner.profile import Profile
+
+BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero3_comm",
+                  "pipeline_bubble", "dp_grad_sync", "optimizer")
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    rank: int
+    layers: tuple[int, int]  # [first, last] block index held by this pipeline rank
+    time_per_microbatch_s: float
+    memory: StageMemory
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory.total / GIB
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_time_s: float
+    breakdown: tuple[tuple[str, float], ...]  # seconds per term on the critical path; sums to step_time_s
+    stages: tuple[StagePrediction, ...]
+    tokens_per_s: float
+    model_tflops_per_gpu: float  # model FLOPs (no recompute) per GPU per second
+    hardware_tflops_per_gpu: float  # counting recomputed FLOPs (SC'21's "achieved" numbers)
+    mfu: float
+    peak_memory_gib: float
+    capacity_gib: float  # usable per GPU after the CUDA context, before the allocator's slack
+    fits: bool
+    sources: tuple[tuple[str, str], ...]  # which numbers came from a profile, which from the preset
+
+    @property
+    def over_capacity_gib(self) -> float:
+        return max(0.0, self.peak_memory_gib * (1 + FRAGMENTATION) - self.capacity_gib)
+
+    def to_dict(self) -> dict:
+        return {
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
+            "mfu": self.mfu,
+            "peak_memory_gib": self.peak_memory_gib,
+            "capacity_gib": self.capacity_gib,
+            "fits": self.fits,
+            "stages": [
+                {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
+                 "memory_breakdown_gib": s.memory.as_gib(), "time_per_microbatch_s": s.time_per_microbatch_s}
+                for s in self.stages
+            ],
+            "breakdown": dict(self.breakdown),
+            "sources": dict(self.sources),
+        }
+
+
+def _overlap(comm_s: float, window_s: float, slowdown: float) -> float:
+    """Exposed seconds of `comm_s` overlapped with `window_s` of compute that slows by `slowdown` meanwhile."""
+    hidden = min(comm_s, window_s)
+    return max(0.0, comm_s - window_s) + slowdown * hidden
+
+
+def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None) -> Prediction:
+    """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller)."""
+    comm = CommModel(cluster, profile)
+    slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
+    m, v, pp = cfg.num_microbatches, cfg.vpp, cfg.pp
+    lt = block_time(model, cluster, cfg, comm, profile)
+    emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
+    head_f, head_b = head_time(model, cluster, cfg, profile)
+
+    # pipeline p2p per micro-batch: activations forward, their gradients backward, at every chunk boundary;
+    # scatter/gather optimisation (SC'21 sec. 4.1) sends 1/tp of the tensor per rank
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
+    p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
+
+    dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
+    per_rank, terms_per_rank, stages = [], [], []
+    layer_counts = cfg.layers_per_stage(model.num_layers)
+    ranges = cfg.stage_layer_ranges(model.num_layers)
+    for rank, layers in enumerate(layer_counts):
+        fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
+        bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0)
+        rec = layers * lt.recompute
+        tpc = layers * lt.tp_comm
+        oth = layers * lt.other_comm
+        p2p = 2 * v * p2p_one if pp > 1 else 0.0
+        dense, expert = stage_params(model, cfg, rank, layers)
+        z3 = 0.0
+        if cfg.zero_stage >= 3 and dp_group > 1:
+            # FSDP / ZeRO-3 per micro-batch: all-gather weights for forward and again for backward,
+            # reduce-scatter gradients; prefetched, so overlapped with the compute of other layers
+            w_bytes = dense * WEIGHT_BYTES
+            stride = cfg.tp
+            coll = 2 * comm.time_s("all_gather", dp_group, stride, w_bytes) + comm.time_s("reduce_scatter", dp_group, stride, w_bytes)
+            z3 = _overlap(coll, fwd + bwd + rec, slowdown)
+        elif cfg.zero_stage == 2 and dp_group > 1:
+            # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
+            rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
+            z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
+        t_i = fwd + bwd + rec + tpc + oth + p2p + z3
+        per_rank.append(t_i)
+        terms_per_rank.append({"compute_fwd": fwd, "compute_bwd": bwd, "recompute": rec, "tp_comm": tpc,
+                               "cp_ep_comm": oth, "pp_p2p": p2p, "zero3_comm": z3})
+        stages.append((rank, ranges[rank], t_i, stage_memory(model, cfg, rank, layers), dense, expert, bwd))
+
+    t_max = max(per_rank)
+    slowest = per_rank.index(t_max)
+    pipeline = m * t_max + (sum(per_rank) - t_max) / v
+
+    # once-per-step data-parallel sync and optimizer: the slowest rank sets the step's end
+    tail_best, sync_best, opt_best = 0.0, 0.0, 0.0
+    for rank, _, _, _, dense, expert, bwd in stages:
+        sync = 0.0
+        if dp_group > 1 and cfg.zero_stage <= 1:
+            # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
+            coll = comm.time_s("all_reduce", dp_group, cfg.tp, dense * BF16)
+            if expert:
+                coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
+            sync = _overlap(coll, bwd, slowdown) if cfg.overlap_grad_reduce else coll
+        elif dp_group > 1 and cfg.zero_stage == 2:
+            sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)  # updated weight shards
+        if model.tie_embeddings and pp > 1 and rank in (0, pp - 1):
+            # tied embedding gradients all-reduced between first and last stage (Megatron)
+            sync += comm.time_s("all_reduce", 2, cfg.tp * cfg.cp * cfg.dp * (pp - 1),
+                                model.vocab_size * model.hidden_size / cfg.tp * BF16)
+        opt_params = dense / (dp_group if cfg.zero_stage >= 1 else 1) + expert / (max(dp_group // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)
+        if cfg.offload_optimizer:
+            host = cluster.link("host")
+            opt = opt_params / cluster.efficiency.cpu_adam_params_per_s + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
+        else:
+            opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
+        if sync + opt > tail_best:
+            tail_best, sync_best, opt_best = sync + opt, sync, opt
+    step = pipeline + tail_best
+
+    terms = terms_per_rank[slowest]
+    breakdown = {k: m * terms[k] for k in terms}
+    breakdown["pipeline_bubble"] = pipeline - m * t_max
+    breakdown["dp_grad_sync"] = sync_best
+    breakdown["optimizer"] = opt_best
+    breakdown = tuple((k, breakdown[k]) for k in BREAKDOWN_KEYS)
+
+    gpus = cfg.gpus
+    tokens_step = cfg.global_batch_size * cfg.seq_len
+    model_flops = model.training_flops(cfg.global_batch_size, cfg.seq_len)
+    extra = 0.0
+    if cfg.recompute == "full":
+        extra = model.training_flops(cfg.global_batch_size, cfg.seq_len, recompute_forward=True) - model_flops
+    elif cfg.recompute == "selective" and not cfg.flash_attention:
+        extra = tokens_step * model.block_matmul_flops_per_token(cfg.seq_len)["attn_core"] * model.num_layers
+    model_tflops = model_flops / step / gpus / 1e12
+    hw_tflops = (model_flops + extra) / step / gpus / 1e12
+
+    stage_preds = tuple(StagePrediction(rank=r, layers=rng, time_per_microbatch_s=t, memory=mem)
+                        for r, rng, t, mem, *_ in stages)
+    peak = max(s.memory_gib for s in stage_preds)
+    capacity = cluster.usable_memory_gib
+    sources = _sources(model, cfg, profile)
+    return Prediction(
+        step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
+        model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
+        mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
+        fits=peak * (1 + FRAGMENTATION) <= capacity, sources=sources,
+    )
+
+
+def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> tuple[tuple[str, str], ...]:
+    """Say, per number the prediction used, whether it was measured (profile) or taken from the preset."""
+    kind = "moe_block" if model.is_moe else "block"
+    out = {}
+    for k in (kind, "embedding", "head"):
+        out[f"compute.{k}.tp{cfg.tp}"] = "profile" if profile and profile.compute_fit(k, cfg.tp) else "preset"
+    for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
+        if size > 1:
+            out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
+    return tuple(sorted(out.items()))
