@@ -1,0 +1,97 @@
+"""`distplan estimate`: resolve names and files, build the configuration, validate it, predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cluster import Cluster, check_gpu_count, load_cluster
+from planner.errors import DistplanError, require
+from planner.job import ParallelConfig, validate_config
+from planner.model import ModelSpec, load_model
+from planner.predict import Prediction, predict
+from planner.profile import Profile, load_profile
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    model: str
+    cluster: str
+    gpus: int
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    cp: int = 1
+    ep: int = 1
+    vpp: int = 1
+    micro_batch: int = 1
+    global_batch: int | None = None
+    seq_len: int | None = None
+    schedule: str = "1f1b"
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    zero: int = 0
+    offload_optimizer: bool = False
+    layer_split: str | None = None
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = True
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class EstimateResult:
+    model: ModelSpec
+    cluster: Cluster
+    config: ParallelConfig
+    prediction: Prediction
+    profile_path: str | None
+
+    def to_json(self) -> dict:
+        return {"model": self.model.name, "cluster": self.cluster.name, "gpus": self.config.gpus,
+                "parallel": self.config.to_dict(), "num_microbatches": self.config.num_microbatches,
+                **self.prediction.to_dict(), "profile": self.profile_path}
+
+
+def parse_layer_split(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise DistplanError(f"--layer-split '{text}' must be comma-separated integers, e.g. 19,21,21,19") from None
+
+
+def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Profile | None]:
+    """The cluster to plan on, and the profile whose measurements replace its preset numbers."""
+    if profile_path is None:
+        return load_cluster(cluster), None
+    from planner.profile import cluster_for_profile  # written with the profiler
+
+    prof = load_profile(profile_path)
+    return cluster_for_profile(prof, load_cluster(cluster) if cluster else None), prof
+
+
+def run_estimate(req: EstimateRequest) -> EstimateResult:
+    model = load_model(req.model)
+    cluster, prof = resolve_cluster(req.cluster, req.profile)
+    require(isinstance(req.gpus, int) and req.gpus > 0, f"--gpus must be a positive integer, got {req.gpus}")
+    check_gpu_count(cluster, req.gpus)
+    for name in ("tp", "pp", "cp", "ep", "vpp", "micro_batch"):
+        require(getattr(req, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(req, name)}")
+    denom = req.tp * req.pp * req.cp
+    if req.dp is None:
+        require(req.gpus % denom == 0,
+                f"--gpus {req.gpus} is not divisible by tp*pp*cp = {req.tp}*{req.pp}*{req.cp} = {denom}")
+        dp = req.gpus // denom
+    else:
+        dp = req.dp
+    seq_len = req.seq_len or model.seq_len
+    global_batch = req.global_batch or model.default_global_batch
+    cfg = ParallelConfig(dp=dp, tp=req.tp, pp=req.pp, cp=req.cp, ep=req.ep, vpp=req.vpp,
+                         sequence_parallel=req.sequence_parallel, zero_stage=req.zero,
+                         offload_optimizer=req.offload_optimizer, micro_batch_size=req.micro_batch,
+                         global_batch_size=global_batch, seq_len=seq_len, schedule=req.schedule,
+                         recompute=req.recompute, layer_split=parse_layer_split(req.layer_split),
+                         flash_attention=req.flash_attention, overlap_grad_reduce=req.overlap_grad_reduce)
+    validate_config(model, cfg, req.gpus)
+    return EstimateResult(model=model, cluster=cluster, config=cfg, prediction=predict(model, cluster, cfg, prof),
+                          profile_path=req.profile)

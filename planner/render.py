@@ -1,0 +1,47 @@
+"""Rich renderings of predictions and plans (CLI layer only)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.predict import Prediction
+
+
+def prediction_tables(pred: Prediction, title: str) -> list[Table]:
+    summary = Table(title=title, show_header=False, title_justify="left")
+    summary.add_column("metric", style="bold")
+    summary.add_column("value", justify="right")
+    summary.add_row("step time", f"{pred.step_time_s:.3f} s")
+    summary.add_row("throughput", f"{pred.tokens_per_s:,.0f} tokens/s")
+    summary.add_row("model TFLOP/s per GPU", f"{pred.model_tflops_per_gpu:.1f}")
+    summary.add_row("hardware TFLOP/s per GPU", f"{pred.hardware_tflops_per_gpu:.1f} (counts recompute)")
+    summary.add_row("MFU", f"{100 * pred.mfu:.1f}%")
+    fit = "[green]fits[/]" if pred.fits else f"[red]does not fit (+{pred.over_capacity_gib:.1f} GiB)[/]"
+    summary.add_row("peak memory per GPU", f"{pred.peak_memory_gib:.2f} / {pred.capacity_gib:.1f} GiB  {fit}")
+
+    time = Table(title="step time breakdown (critical path)", title_justify="left")
+    time.add_column("term")
+    time.add_column("seconds", justify="right")
+    time.add_column("share", justify="right")
+    for k, v in pred.breakdown:
+        if v > 0:
+            time.add_row(k, f"{v:.4f}", f"{100 * v / pred.step_time_s:.1f}%")
+
+    mem = Table(title="memory per pipeline stage (GiB per GPU)", title_justify="left")
+    for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "logits", "buffers", "total"):
+        mem.add_column(col, justify="right")
+    for s in pred.stages:
+        g = s.memory.as_gib()
+        mem.add_row(str(s.rank), f"{s.layers[0]}-{s.layers[1]}", *(f"{g[k]:.2f}" for k in
+                    ("weights", "gradients", "optimizer", "activations", "logits", "buffers")), f"{s.memory_gib:.2f}")
+    return [summary, time, mem]
+
+
+def render_prediction(console: Console, result) -> None:
+    cfg = result.config
+    title = (f"{result.model.name} on {cfg.gpus} x {result.cluster.gpu.name}: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} "
+             f"cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} mb={cfg.micro_batch_size} x {cfg.num_microbatches} "
+             f"{cfg.schedule} zero={cfg.zero_stage} recompute={cfg.recompute}{' sp' if cfg.sequence_parallel else ''}")
+    for t in prediction_tables(result.prediction, title):
+        console.print(t)
