@@ -206,7 +206,7 @@ class Experts(nn.Module):
         for expert, count in zip(self.experts, tokens_per_expert(expert_of_slot, len(self.experts))):
             rows = token_of_slot[start:start + count]
             y = expert(tokens.index_select(0, rows)) * weight_of_slot[start:start + count, None]
-            out = out.index_add(0, rows, y)
+            out.index_add_(0, rows, y)
             start += count
         return out.view_as(x)
 
@@ -371,9 +371,10 @@ def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: tor
     with torch.device("meta"):
         model = TransformerModel(spec, layers)
     model = model.to(dtype=dtype)
-    if torch.device(device).type != "meta":
+    materialise = torch.device(device).type != "meta"
+    if materialise:
         model = model.to_empty(device=device)
-        model.tie_weights()
+    model.tie_weights()  # .to / .to_empty may swap parameter objects
+    if materialise:
         init_weights(model)
-    model.tie_weights()
     return model

@@ -1,0 +1,54 @@
+"""Published reference cases (configs/reference/published.yaml) as distplan objects.
+
+Used by the tests and benchmarks that check the cost model and the solver against published results:
+Megatron-LM SC'21 Table 1 (GPT on A100s), ZeRO's model-state memory, Korthikanti's activation formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import yaml
+
+from planner.job import ParallelConfig
+from planner.model import ModelSpec
+
+SC21_VOCAB = 51200
+SC21_SEQ_LEN = 2048
+
+
+def published() -> dict:
+    return yaml.safe_load((resources.files("configs") / "reference" / "published.yaml").read_text())
+
+
+@dataclass(frozen=True)
+class Sc21Case:
+    params_billion: float
+    model: ModelSpec
+    gpus: int
+    config: ParallelConfig  # the published parallel configuration, with distplan's stated assumptions
+    achieved_tflops_per_gpu: float
+
+
+def sc21_gpt(params_billion: float, heads: int, hidden: int, layers: int) -> ModelSpec:
+    return ModelSpec(name=f"sc21-gpt-{params_billion}b", family="gpt", num_layers=layers, hidden_size=hidden,
+                     ffn_hidden_size=4 * hidden, num_heads=heads, num_kv_heads=heads, vocab_size=SC21_VOCAB,
+                     max_seq_len=SC21_SEQ_LEN, tie_embeddings=True, default_global_batch=512)
+
+
+def sc21_table1() -> list[Sc21Case]:
+    """Table 1 rows with the assumptions written in published.yaml (micro-batch 1, v=2 where layers allow)."""
+    out = []
+    for p, heads, hidden, layers, tp, pp, gpus, batch, tflops, _pct in published()["megatron_lm_sc21_table1"]["rows"]:
+        vpp = 2 if pp > 1 and layers % (2 * pp) == 0 else 1
+        cfg = ParallelConfig(dp=gpus // (tp * pp), tp=tp, pp=pp, vpp=vpp, schedule="interleaved" if vpp > 1 else "1f1b",
+                             micro_batch_size=1, global_batch_size=batch, seq_len=SC21_SEQ_LEN, recompute="full",
+                             flash_attention=False, overlap_grad_reduce=False)
+        out.append(Sc21Case(p, sc21_gpt(p, heads, hidden, layers), gpus, cfg, float(tflops)))
+    return out
+
+
+def model_yaml(spec: ModelSpec) -> str:
+    """Zoo-format YAML of a spec (so the CLI can take it with --model path.yaml)."""
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
