@@ -118,7 +118,9 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
             w_bytes = dense * WEIGHT_BYTES
             stride = cfg.tp
             coll = 2 * comm.time_s("all_gather", dp_group, stride, w_bytes) + comm.time_s("reduce_scatter", dp_group, stride, w_bytes)
-            z3 = _overlap(coll, fwd + bwd + rec, slowdown)
+            # the first layer's all-gather and the last layer's reduce-scatter have no compute to hide behind
+            edge = coll / max(layers, 1) * 2 / 3
+            z3 = _overlap(coll, fwd + bwd + rec, slowdown) + edge
         elif cfg.zero_stage == 2 and dp_group > 1:
             # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)

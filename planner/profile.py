@@ -11,12 +11,17 @@ cluster preset's analytic model where the profile has no answer (and says which 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from planner.errors import DistplanError, require
+
+if TYPE_CHECKING:
+    from planner.cluster import Cluster
 
 PROFILE_VERSION = 1
 PHASES = ("fwd", "bwd")
@@ -40,6 +45,8 @@ class ComputeFit:
     fwd: LinearFit
     bwd: LinearFit
     peak_activation_bytes_per_token: float = 0.0  # allocator-measured, one layer, per token
+    recompute: LinearFit | None = None  # extra backward time under full activation checkpointing (measured)
+    oom_micro_batch: int = 0  # smallest micro-batch that ran out of memory while profiling (0: none did)
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,14 @@ class Profile:
     dtype: str
     compute: tuple[ComputeFit, ...] = ()
     collectives: tuple[CollectiveFit, ...] = ()
-    matmul_tflops: float = 0.0
-    hbm_bandwidth_gb_s: float = 0.0
+    matmul_tflops: float = 0.0  # best achieved dense matmul rate in the profile's dtype
+    hbm_bandwidth_gb_s: float = 0.0  # achieved device-to-device copy, bytes read + written
+    matmul_tflops_by_gflop: tuple[tuple[float, float], ...] = ()  # (GFLOP per matmul, achieved TFLOP/s), ascending
+    host_bandwidth_gb_s: float = 0.0  # pinned host-to-device copy (0: not measured)
     overlap_slowdown: float | None = None
+    device_count: int = 0  # devices the profile saw on the node (CPU: local processes)
+    memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
+    inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
     calibration: tuple[tuple[str, float], ...] = ()  # ("compute", f), ("all_reduce", f), ...
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
@@ -91,7 +103,24 @@ def bus_factor(op: str, n: int) -> float:
     return 1.0  # p2p
 
 
+def _fit_dict(f: LinearFit) -> dict:
+    return {"intercept_s": f.intercept_s, "slope_s_per_token": f.slope_s}
+
+
+def _collective_dict(c: CollectiveFit) -> dict:
+    return {"op": c.op, "group_size": c.group_size, "latency_s": c.latency_s, "bus_bandwidth_gb_s": c.bus_bandwidth_gb_s}
+
+
 def profile_to_dict(p: Profile) -> dict:
+    compute = []
+    for c in p.compute:
+        row = {"kind": c.kind, "tp": c.tp, "fwd": _fit_dict(c.fwd), "bwd": _fit_dict(c.bwd),
+               "peak_activation_bytes_per_token": c.peak_activation_bytes_per_token}
+        if c.recompute is not None:
+            row["recompute"] = _fit_dict(c.recompute)
+        if c.oom_micro_batch:
+            row["oom_micro_batch"] = c.oom_micro_batch
+        compute.append(row)
     return {
         "version": PROFILE_VERSION,
         "gpu_name": p.gpu_name,
@@ -99,20 +128,16 @@ def profile_to_dict(p: Profile) -> dict:
         "model": p.model,
         "seq_len": p.seq_len,
         "dtype": p.dtype,
+        "device_count": p.device_count,
+        "memory_gib": p.memory_gib,
         "matmul_tflops": p.matmul_tflops,
         "hbm_bandwidth_gb_s": p.hbm_bandwidth_gb_s,
+        "matmul_tflops_by_gflop": [[g, t] for g, t in p.matmul_tflops_by_gflop],
+        "host_bandwidth_gb_s": p.host_bandwidth_gb_s,
         "overlap_slowdown": p.overlap_slowdown,
-        "compute": [
-            {"kind": c.kind, "tp": c.tp,
-             "fwd": {"intercept_s": c.fwd.intercept_s, "slope_s_per_token": c.fwd.slope_s},
-             "bwd": {"intercept_s": c.bwd.intercept_s, "slope_s_per_token": c.bwd.slope_s},
-             "peak_activation_bytes_per_token": c.peak_activation_bytes_per_token}
-            for c in p.compute
-        ],
-        "collectives": [
-            {"op": c.op, "group_size": c.group_size, "latency_s": c.latency_s, "bus_bandwidth_gb_s": c.bus_bandwidth_gb_s}
-            for c in p.collectives
-        ],
+        "compute": compute,
+        "collectives": [_collective_dict(c) for c in p.collectives],
+        "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
         "calibration": dict(p.calibration),
         "facts": p.facts,
         "raw": p.raw,
@@ -124,6 +149,14 @@ def _fit(d: dict, where: str, slope_key: str) -> LinearFit:
     return LinearFit(float(d["intercept_s"]), float(d[slope_key]))
 
 
+def _collective(c: dict, where: str) -> CollectiveFit:
+    fit = CollectiveFit(op=str(c["op"]), group_size=int(c["group_size"]), latency_s=float(c["latency_s"]),
+                        bus_bandwidth_gb_s=float(c["bus_bandwidth_gb_s"]))
+    require(fit.bus_bandwidth_gb_s > 0 and fit.latency_s >= 0,
+            f"{where}: collective {fit.op} n={fit.group_size} needs bus_bandwidth_gb_s > 0 and latency_s >= 0")
+    return fit
+
+
 def profile_from_dict(d: object, source: str) -> Profile:
     require(isinstance(d, dict), f"{source}: expected a mapping")
     require(d.get("version") == PROFILE_VERSION, f"{source}: profile version {d.get('version')!r} is not supported; expected {PROFILE_VERSION}")
@@ -133,14 +166,13 @@ def profile_from_dict(d: object, source: str) -> Profile:
         compute = tuple(
             ComputeFit(kind=str(c["kind"]), tp=int(c["tp"]), fwd=_fit(c["fwd"], f"{source}: compute", "slope_s_per_token"),
                        bwd=_fit(c["bwd"], f"{source}: compute", "slope_s_per_token"),
-                       peak_activation_bytes_per_token=float(c.get("peak_activation_bytes_per_token", 0.0)))
+                       peak_activation_bytes_per_token=float(c.get("peak_activation_bytes_per_token", 0.0)),
+                       recompute=_fit(c["recompute"], f"{source}: compute", "slope_s_per_token") if c.get("recompute") else None,
+                       oom_micro_batch=int(c.get("oom_micro_batch") or 0))
             for c in d.get("compute") or []
         )
-        collectives = tuple(
-            CollectiveFit(op=str(c["op"]), group_size=int(c["group_size"]), latency_s=float(c["latency_s"]),
-                          bus_bandwidth_gb_s=float(c["bus_bandwidth_gb_s"]))
-            for c in d.get("collectives") or []
-        )
+        collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])
+        inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}
@@ -149,7 +181,10 @@ def profile_from_dict(d: object, source: str) -> Profile:
         gpu_name=str(d["gpu_name"]), device=str(d["device"]), model=str(d["model"]), seq_len=int(d["seq_len"]),
         dtype=str(d["dtype"]), compute=compute, collectives=collectives,
         matmul_tflops=float(d.get("matmul_tflops") or 0.0), hbm_bandwidth_gb_s=float(d.get("hbm_bandwidth_gb_s") or 0.0),
-        overlap_slowdown=d.get("overlap_slowdown"), calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
+        matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in d.get("matmul_tflops_by_gflop") or [])),
+        host_bandwidth_gb_s=float(d.get("host_bandwidth_gb_s") or 0.0),
+        overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
+        memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
         facts=d.get("facts") or {}, raw=d.get("raw") or {},
     )
 
@@ -168,3 +203,126 @@ def save_profile(p: Profile, path: str | Path) -> None:
     from planner.fileio import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(profile_to_dict(p), sort_keys=False))
+
+
+# ---- the cluster a profile describes ------------------------------------------------------------
+
+
+def gpu_family(name: str) -> str:
+    """The chip of a GPU name, for matching profiles to clusters.
+
+    'NVIDIA H200', 'H200-SXM-141GB' -> 'H200'; 'NVIDIA A100-SXM4-80GB' -> 'A100'; 'NVIDIA L40S' -> 'L40S'.
+    Names without a chip token (e.g. 'NVIDIA GeForce RTX 4090') compare by their whole upper-cased name.
+    """
+    text = re.sub(r"\bNVIDIA\b", " ", name.upper())
+    m = re.search(r"(?<![A-Z0-9])([A-Z]{1,3}\d{2,4}[A-Z]?)(?![A-Z0-9])", text)
+    return m.group(1) if m else " ".join(text.split())
+
+
+def _matching_preset(profile: Profile) -> Cluster | None:
+    """The cluster preset whose GPU is the profile's chip, the closest in memory if several are."""
+    from planner.cluster import cluster_names, load_cluster
+
+    family = gpu_family(profile.gpu_name)
+    matches = [c for c in map(load_cluster, cluster_names()) if gpu_family(c.gpu.name) == family]
+    return min(matches, key=lambda c: abs(c.gpu.memory_gib - profile.memory_gib), default=None)
+
+
+def _link_from_fit(fit: CollectiveFit):
+    from planner.cluster import Link
+
+    return Link(latency_us=fit.latency_s * 1e6, bandwidth_gb_s=fit.bus_bandwidth_gb_s)
+
+
+def _measured_curve(profile: Profile, peak_tflops: float) -> tuple[tuple[float, float], ...]:
+    """Efficiency points (GFLOP per matmul, fraction of `peak_tflops`) from the measured matmul sweep."""
+    return tuple((g, min(1.0, t / peak_tflops)) for g, t in profile.matmul_tflops_by_gflop if t > 0)
+
+
+def measured_cluster(profile: Profile) -> Cluster:
+    """A Cluster describing the profiled machine alone, every number measured.
+
+    peak = the best measured matmul rate (so MFU is relative to that, not to a datasheet); HBM = the
+    measured device copy bandwidth (memory-bound kernels reach all of it, fraction 1); links = the
+    fitted collectives (intra-node: all-reduce bus bandwidth of the largest group measured); collective
+    and matmul fractions = 1 except the measured small-matmul shortfall. Nodes: one, unless the
+    inter-node tier was measured (the inter-node network of an unprofiled cluster is unknown).
+    Attention runs at 0.5 of the measured matmul rate where no layer fit covers it: not measured here;
+    FlashAttention-2 forward reaches 50-73% of A100 peak (Dao 2023, Fig. 4), the low end is taken.
+    """
+    from planner.cluster import GPU, COLLECTIVES, Cluster, Efficiency, Link
+
+    require(profile.device_count > 0 and profile.matmul_tflops > 0 and profile.hbm_bandwidth_gb_s > 0
+            and profile.memory_gib > 0,
+            f"profile of '{profile.gpu_name}' lacks device_count, matmul_tflops, hbm_bandwidth_gb_s or memory_gib; "
+            "re-run `distplan profile`")
+    fits = sorted((c for c in profile.collectives if c.op == "all_reduce"), key=lambda c: c.group_size)
+    fits = fits or sorted(profile.collectives, key=lambda c: c.group_size)
+    # one device: no collective measured and none needed inside the node; the link is never used
+    intra = _link_from_fit(fits[-1]) if fits else Link(latency_us=0.0, bandwidth_gb_s=profile.hbm_bandwidth_gb_s)
+    inter = _link_from_fit(profile.inter_node) if profile.inter_node else intra
+    host_bw = profile.host_bandwidth_gb_s or intra.bandwidth_gb_s
+    host = Link(latency_us=intra.latency_us, bandwidth_gb_s=host_bw)
+    curve = _measured_curve(profile, profile.matmul_tflops) or ((1e-3, 1.0),)
+    eff = Efficiency(matmul_gflop_fraction=curve, memory_bound_fraction=1.0, attention_fraction=0.5,
+                     collective_fraction=tuple((c, 1.0) for c in COLLECTIVES),
+                     overlap_slowdown=profile.overlap_slowdown if profile.overlap_slowdown is not None else 0.0)
+    gpu = GPU(name=profile.gpu_name, peak_bf16_tflops=profile.matmul_tflops, memory_gib=profile.memory_gib,
+              hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
+    return Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
+                   links=(("intra_node", intra), ("inter_node", inter), ("host", host)), efficiency=eff,
+                   max_nodes=0 if profile.inter_node else 1)
+
+
+def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
+    """The preset with what the profile measured put in: memory size, the matmul efficiency curve,
+    the memory-bound fraction (achieved copy over datasheet bandwidth), the overlap slowdown and the
+    inter-node link where measured. The datasheet peak stays, so MFU keeps its usual meaning."""
+    from dataclasses import replace
+
+    from planner.cluster import Link
+
+    gpu, eff, links = cluster.gpu, cluster.efficiency, dict(cluster.links)
+    if profile.memory_gib > 0:
+        gpu = replace(gpu, memory_gib=profile.memory_gib)
+    curve = _measured_curve(profile, gpu.peak_bf16_tflops)
+    if curve:
+        eff = replace(eff, matmul_gflop_fraction=curve)
+    if profile.hbm_bandwidth_gb_s > 0:
+        eff = replace(eff, memory_bound_fraction=min(1.0, profile.hbm_bandwidth_gb_s / gpu.hbm_bandwidth_gb_s))
+    if profile.overlap_slowdown is not None:
+        eff = replace(eff, overlap_slowdown=float(profile.overlap_slowdown))
+    if profile.inter_node is not None:
+        links["inter_node"] = _link_from_fit(profile.inter_node)
+    if profile.host_bandwidth_gb_s > 0:
+        links["host"] = Link(latency_us=links["host"].latency_us, bandwidth_gb_s=profile.host_bandwidth_gb_s)
+    return replace(cluster, name=f"{cluster.name}+profile", gpu=gpu, efficiency=eff,
+                   links=tuple((t, links[t]) for t, _ in cluster.links))
+
+
+def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
+    """The cluster to plan on when a profile is given (`planner.estimate.resolve_cluster` calls this).
+
+    - A CPU profile describes its own machine: the result is `measured_cluster(profile)` whatever
+      `cluster` is (the CLI always passes its default preset).
+    - A GPU profile and a cluster: the cluster's GPU must be the profiled chip (`gpu_family`), else a
+      DistplanError names both and the presets that match; the result is the cluster with the
+      measured numbers put in (`_with_measurements`).
+    - A GPU profile and no cluster (`--profile` without `--cluster`): the preset of the profiled chip
+      (closest in memory), with the measured numbers; with no such preset, the measured machine alone.
+    """
+    if profile.device == "cpu":
+        return measured_cluster(profile)
+    family = gpu_family(profile.gpu_name)
+    if cluster is None:
+        preset = _matching_preset(profile)
+        return _with_measurements(preset, profile) if preset is not None else measured_cluster(profile)
+    if gpu_family(cluster.gpu.name) != family:
+        from planner.cluster import cluster_names, load_cluster
+
+        same = [n for n in cluster_names() if gpu_family(load_cluster(n).gpu.name) == family]
+        hint = f"; presets with {family}: {', '.join(same)}" if same else "; omit --cluster to plan on the profiled machine"
+        raise DistplanError(f"profile measured GPU '{profile.gpu_name}' ({family}) but cluster '{cluster.name}' has "
+                            f"'{cluster.gpu.name}' ({gpu_family(cluster.gpu.name)}): profile the cluster's GPUs or "
+                            f"pass a cluster of the profiled GPU{hint}")
+    return _with_measurements(cluster, profile)

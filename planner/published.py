@@ -52,3 +52,19 @@ def sc21_table1() -> list[Sc21Case]:
 def model_yaml(spec: ModelSpec) -> str:
     """Zoo-format YAML of a spec (so the CLI can take it with --model path.yaml)."""
     return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+
+def sc21_table2() -> list[tuple[str, Sc21Case]]:
+    """Table 2: GPT-3 175B with ZeRO-3 (no model parallelism) and with PTD-P (tp 8 x pp 12), A100."""
+    out = []
+    model = sc21_gpt(174.6, 96, 12288, 96)
+    for scheme, p, mp, batch, gpus, mb, tflops in published()["megatron_lm_sc21_table2"]["rows"]:
+        if scheme == "zero3":
+            cfg = ParallelConfig(dp=gpus, zero_stage=3, micro_batch_size=mb, global_batch_size=batch, seq_len=SC21_SEQ_LEN,
+                                 recompute="full", flash_attention=False, overlap_grad_reduce=False)
+        else:
+            cfg = ParallelConfig(dp=gpus // mp, tp=8, pp=mp // 8, vpp=2, schedule="interleaved", micro_batch_size=mb,
+                                 global_batch_size=batch, seq_len=SC21_SEQ_LEN, recompute="full", flash_attention=False,
+                                 overlap_grad_reduce=False)
+        out.append((scheme, Sc21Case(p, model, gpus, cfg, float(tflops))))
+    return out

@@ -1,0 +1,1 @@
+"""`distplan run`: launch a plan with an engine, measure it, verify the prediction."""

@@ -1,0 +1,261 @@
+"""The pipeline schedule as timed events per pipeline rank: GPipe, 1F1B and interleaved 1F1B.
+
+Pure functions, used to draw the timeline of a plan (planner/pictures.py). Two parts:
+
+1. Operation order per rank, as the frameworks run it:
+   - GPipe (Huang et al. 2019; torch.distributed.pipelining ScheduleGPipe): all m forwards, then
+     all m backwards, micro-batches in order.
+   - 1F1B (Narayanan et al. SC'21 sec. 2.2.1; Megatron-LM forward_backward_pipelining_without_
+     interleaving): rank i runs min(p - i - 1, m) warm-up forwards, then alternates one forward and
+     one backward, then drains the remaining backwards.
+   - Interleaved 1F1B with v model chunks per rank (SC'21 sec. 2.2.2; Megatron-Core
+     forward_backward_pipelining_with_interleaving): m*v chunk-micro-batches; rank i warms up with
+     min(2*(p - i - 1) + (v - 1)*p, m*v) forwards; the k-th forward runs chunk (k mod p*v) // p on
+     micro-batch (k // (p*v))*p + k mod p, the k-th backward the mirrored chunk v - 1 - that.
+     (The same counts as planner/memory.py's in-flight activations.)
+2. A dependency simulation: chunk c of rank i is virtual stage s = c*p + i; the forward of
+   micro-batch j on stage s waits for its forward on s - 1, the backward waits for the backward on
+   s + 1 (the last virtual stage's for its own forward); each rank runs its operations in order,
+   starting each as soon as the rank is free and its input has arrived.
+
+Durations come from the cost model (`stage_op_times`), so for even stages the simulated pipeline
+length equals planner/costmodel.py's m*t + (p - 1)*t/v (tests/test_schedule.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cluster import Cluster
+from planner.costmodel import BF16, CommModel, block_time, embedding_time, head_time
+from planner.errors import require
+from planner.job import SCHEDULES, ParallelConfig
+from planner.model import ModelSpec
+from planner.profile import Profile
+
+PHASES = ("forward", "backward", "recompute", "p2p", "grad_sync", "optimizer", "bubble")
+
+
+@dataclass(frozen=True)
+class StageOpTimes:
+    """Seconds of one model chunk's work for one micro-batch on one GPU of a pipeline rank."""
+
+    rank: int
+    forward_s: float  # compute and the intra-layer collectives (TP, CP ring, expert all-to-all) of the forward
+    backward_s: float  # the same for the backward (and exposed per-micro-batch ZeRO traffic)
+    recompute_s: float  # the forward re-run before the backward under activation recomputation
+    p2p_s: float  # one exchange of activations or gradients with the neighbouring stage
+
+    def per_microbatch_s(self, vpp: int) -> float:
+        """The rank's time per micro-batch over all its chunks: the cost model's t_i."""
+        return vpp * (self.forward_s + self.backward_s + self.recompute_s + 2 * self.p2p_s)
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # "F" forward or "B" backward
+    microbatch: int
+    chunk: int
+
+
+@dataclass(frozen=True)
+class Event:
+    rank: int
+    phase: str  # one of PHASES
+    microbatch: int  # -1 for grad_sync, optimizer and bubble
+    chunk: int
+    start_s: float
+    end_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str
+    pp: int
+    vpp: int
+    num_microbatches: int
+    events: tuple[Event, ...]
+    pipeline_s: float  # end of the last forward/backward/p2p on any rank
+    step_s: float  # pipeline plus gradient sync and optimizer
+
+    def rank_events(self, rank: int, phases: tuple[str, ...] = PHASES) -> list[Event]:
+        return [e for e in self.events if e.rank == rank and e.phase in phases]
+
+    def order(self, rank: int) -> list[Op]:
+        """The forward/backward operations of `rank` in the order they ran."""
+        return [Op("F" if e.phase == "forward" else "B", e.microbatch, e.chunk)
+                for e in sorted(self.rank_events(rank, ("forward", "backward")), key=lambda e: e.start_s)]
+
+    def bubble_s(self, rank: int) -> float:
+        return sum(e.duration_s for e in self.rank_events(rank, ("bubble",)))
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the pipeline phase, averaged over ranks."""
+        if self.pipeline_s <= 0:
+            return 0.0
+        return sum(self.bubble_s(r) for r in range(self.pp)) / (self.pp * self.pipeline_s)
+
+
+# ---- 1. operation order ---------------------------------------------------------------------------
+
+
+def op_order(kind: str, pp: int, vpp: int, m: int, rank: int) -> list[Op]:
+    """Forward/backward operations of pipeline rank `rank` in execution order (see module doc)."""
+    require(kind in SCHEDULES, f"schedule '{kind}' is unknown; valid: {', '.join(SCHEDULES)}")
+    require(pp >= 1 and vpp >= 1 and m >= 1, f"pp, vpp and micro-batches must be >= 1, got {pp}, {vpp}, {m}")
+    require(0 <= rank < pp, f"rank {rank} is outside the pipeline of {pp} ranks")
+    if kind == "gpipe":
+        return ([Op("F", j, c) for j in range(m) for c in range(vpp)]
+                + [Op("B", j, c) for j in range(m) for c in reversed(range(vpp))])
+    if kind == "1f1b":
+        require(vpp == 1, f"1f1b runs one model chunk per rank; vpp {vpp} needs 'interleaved'")
+        warmup = min(pp - rank - 1, m)
+        ops = [Op("F", j, 0) for j in range(warmup)]
+        for j in range(m - warmup):
+            ops += [Op("F", warmup + j, 0), Op("B", j, 0)]
+        return ops + [Op("B", j, 0) for j in range(m - warmup, m)]
+    # interleaved (Megatron-Core): group micro-batches p at a time per chunk
+    require(m % pp == 0, f"the interleaved schedule needs micro-batches ({m}) to be a multiple of pp ({pp})")
+    total = m * vpp
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (pp * vpp)) // pp
+        return c if forward else vpp - 1 - c
+
+    def microbatch_of(k: int) -> int:
+        return (k // (pp * vpp)) * pp + k % pp
+
+    warmup = min(2 * (pp - rank - 1) + (vpp - 1) * pp, total)
+    ops = [Op("F", microbatch_of(k), chunk_of(k, True)) for k in range(warmup)]
+    for k in range(total - warmup):
+        f = k + warmup
+        ops += [Op("F", microbatch_of(f), chunk_of(f, True)), Op("B", microbatch_of(k), chunk_of(k, False))]
+    return ops + [Op("B", microbatch_of(k), chunk_of(k, False)) for k in range(total - warmup, total)]
+
+
+# ---- 2. simulation ----------------------------------------------------------------------------------
+
+
+def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | tuple[StageOpTimes, ...],
+             grad_sync_s: float = 0.0, optimizer_s: float = 0.0) -> Schedule:
+    """Run every rank's operations in order under the pipeline's data dependencies."""
+    require(len(stages) == pp, f"need op times for {pp} pipeline ranks, got {len(stages)}")
+    orders = [op_order(kind, pp, vpp, m, r) for r in range(pp)]
+    last = pp * vpp - 1
+    done: dict[tuple[str, int, int], float] = {}  # (kind, micro-batch, virtual stage) -> time its output arrived
+    free = [0.0] * pp
+    nxt = [0] * pp
+    events: list[Event] = []
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r in range(pp):
+            while nxt[r] < len(orders[r]):
+                op = orders[r][nxt[r]]
+                s = op.chunk * pp + r
+                if op.kind == "F":
+                    dep = ("F", op.microbatch, s - 1) if s > 0 else None
+                else:
+                    dep = ("B", op.microbatch, s + 1) if s < last else ("F", op.microbatch, s)
+                if dep is not None and dep not in done:
+                    break
+                t = max(free[r], done[dep] if dep else 0.0)
+                st = stages[r]
+                parts = ([("forward", st.forward_s)] if op.kind == "F"
+                         else [("recompute", st.recompute_s), ("backward", st.backward_s)])
+                parts.append(("p2p", st.p2p_s))
+                for phase, dur in parts:
+                    if dur > 0:
+                        events.append(Event(r, phase, op.microbatch, op.chunk, t, t + dur))
+                        t += dur
+                done[(op.kind, op.microbatch, s)] = t
+                free[r] = t
+                nxt[r] += 1
+                remaining -= 1
+                progressed = True
+        require(progressed, f"{kind} schedule with pp={pp} vpp={vpp} m={m} deadlocked (an internal error)")
+    pipeline = max(free)
+    per_rank: list[list[Event]] = [[] for _ in range(pp)]
+    for e in events:
+        per_rank[e.rank].append(e)  # already in start order: a rank's events are appended as it runs
+    for r in range(pp):  # idle gaps inside the pipeline phase
+        t = 0.0
+        for e in per_rank[r]:
+            if e.start_s > t + 1e-12:
+                events.append(Event(r, "bubble", -1, 0, t, e.start_s))
+            t = max(t, e.end_s)
+        if pipeline > t + 1e-12:
+            events.append(Event(r, "bubble", -1, 0, t, pipeline))
+    step = pipeline
+    for r in range(pp):  # once per step, after the rank's last backward (the cost model puts it after the pipeline)
+        t = free[r]
+        for phase, dur in (("grad_sync", grad_sync_s), ("optimizer", optimizer_s)):
+            if dur > 0:
+                events.append(Event(r, phase, -1, 0, t, t + dur))
+                t += dur
+        step = max(step, t)
+    events.sort(key=lambda e: (e.rank, e.start_s))
+    return Schedule(kind=kind, pp=pp, vpp=vpp, num_microbatches=m, events=tuple(events), pipeline_s=pipeline, step_s=step)
+
+
+# ---- durations from the cost model ------------------------------------------------------------------
+
+
+def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None,
+                   per_microbatch_s: list[float] | None = None) -> tuple[StageOpTimes, ...]:
+    """Per-chunk forward/backward/recompute/p2p seconds of every pipeline rank, as planner/predict.py adds them.
+
+    Intra-layer collectives are folded into the pass that issues them: TP all-reduces (or SP's
+    reduce-scatter + all-gather) and the CP/EP exchanges split evenly between forward, backward and,
+    with full recomputation, the recomputed forward (Megatron issues the same collectives in each).
+    `per_microbatch_s`, the rank times recorded in a plan, calibrates the split to the plan: what the
+    split does not name (exposed per-micro-batch ZeRO-2/3 traffic, overlapped with the backward) is
+    added to the backward; if the recorded time is smaller (a profile measured faster kernels), all
+    parts scale down together. Embedding and head are spread over a rank's chunks, as the cost model does.
+    """
+    comm = CommModel(cluster, profile)
+    v, pp = cfg.vpp, cfg.pp
+    lt = block_time(model, cluster, cfg, comm, profile)
+    emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
+    head_f, head_b = head_time(model, cluster, cfg, profile)
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
+    p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
+    passes = 3 if cfg.recompute == "full" else 2
+    out = []
+    for rank, layers in enumerate(cfg.layers_per_stage(model.num_layers)):
+        coll = layers * (lt.tp_comm + lt.other_comm) / passes
+        fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0) + coll
+        bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0) + coll
+        rec = layers * lt.recompute + (coll if cfg.recompute == "full" else 0.0)
+        p2p = p2p_one
+        if per_microbatch_s is not None:
+            derived = fwd + bwd + rec + 2 * p2p
+            target = per_microbatch_s[rank]
+            if target >= derived:
+                bwd += target - derived
+            elif derived > 0:
+                k = target / derived
+                fwd, bwd, rec, p2p = fwd * k, bwd * k, rec * k, p2p * k
+        out.append(StageOpTimes(rank=rank, forward_s=fwd / v, backward_s=bwd / v, recompute_s=rec / v, p2p_s=p2p))
+    return tuple(out)
+
+
+def plan_schedule(plan) -> Schedule:
+    """The timeline of a Plan (planner.plan.Plan): cost-model durations calibrated to its recorded stage times."""
+    cfg = plan.parallel
+    pred = plan.prediction
+    stages = pred.get("stages") or []
+    recorded = None
+    if len(stages) == cfg.pp and all(isinstance(s, dict) and isinstance(s.get("time_per_microbatch_s"), (int, float))
+                                     for s in stages):
+        recorded = [float(s["time_per_microbatch_s"]) for s in sorted(stages, key=lambda s: s.get("rank", 0))]
+    times = stage_op_times(plan.model, plan.cluster, cfg, None, recorded)
+    br = pred.get("breakdown") or {}
+    return simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times,
+                    grad_sync_s=float(br.get("dp_grad_sync", 0.0)), optimizer_s=float(br.get("optimizer", 0.0)))
