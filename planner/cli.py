@@ -7,6 +7,7 @@ Options shared by several commands are declared once below and reused.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -28,7 +29,8 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="distplan: plan, check and run parallel training of large models.")
+                  help="distplan: plan, check and run parallel training of large models.\n\n"
+                       "Example: distplan show plan.yaml --timeline timeline.png --report report.html")
 out = Console()
 err = Console(stderr=True)
 
@@ -62,11 +64,21 @@ def check_format(fmt: str, valid=("table", "json")) -> None:
         raise DistplanError(f"--format '{fmt}' is unknown; valid: {', '.join(valid)}")
 
 
+def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Optional[str]:
+    """--cluster as given, or None when it was left at its default and --profile is given: then the
+    profiled GPU picks the cluster (its preset, or the measured machine; planner.profile.cluster_for_profile)."""
+    source = ctx.get_parameter_source("cluster")  # by name: typer may bundle its own click
+    if profile and getattr(source, "name", None) == "DEFAULT":
+        return None
+    return cluster
+
+
 # ---- estimate ------------------------------------------------------------------------------------
 
 
 @app.command()
 def estimate(
+    ctx: typer.Context,
     model: str = ModelOpt,
     cluster: str = ClusterOpt,
     gpus: int = GpusOpt,
@@ -99,7 +111,7 @@ def estimate(
     from planner.render import render_prediction
 
     check_format(fmt)
-    req = EstimateRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp,
+    req = EstimateRequest(model=model, cluster=cluster_arg(ctx, cluster, profile), gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp,
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
@@ -114,6 +126,246 @@ def estimate(
                   f"(+{100 * 0.05:.0f}% allocator slack) exceeds {result.prediction.capacity_gib:.1f} GiB usable by "
                   f"{result.prediction.over_capacity_gib:.1f} GiB", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+
+
+# ---- solve ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def solve(
+    ctx: typer.Context,
+    model: str = ModelOpt,
+    gpus: int = GpusOpt,
+    cluster: str = ClusterOpt,
+    profile: Optional[str] = ProfileOpt,
+    global_batch: Optional[int] = GlobalBatchOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    top_k: int = typer.Option(3, "--top-k", help="Runners-up to show, each with why it lost."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds; then the best plan found so far."),
+    ilp_backend: str = typer.Option("ortools", "--ilp-backend", help="Intra-op ILP solver: ortools (CP-SAT) or pulp (CBC)."),
+    output: Path = typer.Option(Path("plan.yaml"), "--output", "-o", help="Plan file to write."),
+    fmt: str = FormatOpt,
+):
+    """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
+
+    Example: distplan solve --model gpt2-xl --gpus 64 -o plan.yaml
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.plan import save_plan
+    from planner.render_solve import render_solve, solve_json
+    from solvers.request import SolveRequest, run_solve
+
+    check_format(fmt)
+    req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
+                       global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
+                       ilp_backend=ilp_backend)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"solving {model} on {gpus} GPUs", total=None)
+        result = run_solve(req, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    save_plan(result.plan, output)
+    if fmt == "json":
+        print(json.dumps(solve_json(result), indent=2))
+    else:
+        render_solve(out, result, str(output))
+    err.print(f"wrote {output}", highlight=False, soft_wrap=True)
+
+
+# ---- show / diff ---------------------------------------------------------------------------------
+
+ReviewFormatOpt = typer.Option("table", "--format", help="Output format: table, json or yaml.")
+
+
+@app.command()
+def show(
+    plan: Path = typer.Argument(..., help="A plan file written by `distplan solve` (plan.yaml).", show_default=False),
+    fmt: str = ReviewFormatOpt,
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw the pipeline schedule to this .png or .svg."),
+    memory_chart: Optional[Path] = typer.Option(None, "--memory-chart", help="Draw memory per stage vs capacity to this .png or .svg."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write one self-contained HTML report (plan, pictures, rationale) here."),
+    measured: Optional[list[Path]] = typer.Option(None, "--measured", help="A `distplan run` report (or records file) to compare with; repeatable."),
+):
+    """Review a plan: GPU layout, stages, micro-batching, schedule, time breakdown, memory against capacity.
+
+    Example: distplan show plan.yaml --timeline timeline.png --report report.html
+    """
+    from planner.show import dumps, show_plan
+
+    check_format(fmt, ("table", "json", "yaml"))
+    result = show_plan(plan, timeline=timeline, memory_chart=memory_chart, report=report, measured=measured or ())
+    if fmt == "table":
+        from planner.render_show import render_review
+
+        render_review(out, result.review)
+    else:
+        print(dumps(result.review, fmt))
+    for path in result.written:
+        err.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="The plan to compare from.", show_default=False),
+    b: Path = typer.Argument(..., help="The plan to compare to.", show_default=False),
+    fmt: str = ReviewFormatOpt,
+):
+    """Compare two plans: what differs, and the predicted consequence for step time and memory.
+
+    Example: distplan diff plan-a.yaml plan-b.yaml
+    """
+    from planner.show import diff_plan_files, dumps
+
+    check_format(fmt, ("table", "json", "yaml"))
+    result = diff_plan_files(a, b)
+    if fmt == "table":
+        from planner.render_show import render_diff
+
+        render_diff(out, result)
+    else:
+        print(dumps(result, fmt))
+
+
+# ---- profile -------------------------------------------------------------------------------------
+
+
+@app.command()
+def profile(
+    model: str = ModelOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    dtype: str = typer.Option("bf16", "--dtype", help="Training dtype of the layers and messages: bf16, fp16 or fp32."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="TP degrees and group sizes up to this (default: the GPUs present; CPU: 2 processes)."),
+    output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="Where to write the profile YAML."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (under a minute on a GPU node)."),
+    device: str = typer.Option("auto", "--device", help="auto (GPUs if present), cuda or cpu (gloo between local processes)."),
+    micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
+):
+    """Measure per-layer compute, collectives and device ceilings on this node; write profile.yaml.
+
+    Example: distplan profile -m llama-3-8b --seq-len 4096 -o h200.yaml, then
+    distplan solve -m llama-3-8b -n 16 --profile h200.yaml. Under torchrun on several nodes the
+    inter-node link is measured as well.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.profile import save_profile
+    from profilers.run import ProfileRequest, run_profile
+
+    try:
+        mbs = tuple(int(x) for x in micro_batches.split(",")) if micro_batches else None
+    except ValueError:
+        raise DistplanError(f"--micro-batches '{micro_batches}' must be comma-separated integers, e.g. 1,2,4,8") from None
+    req = ProfileRequest(model=model, seq_len=seq_len, dtype=dtype, gpus_per_node=gpus_per_node, quick=quick,
+                         device=device, micro_batches=mbs)
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        prof = run_profile(req, lambda label, done, total: bar.update(task, description=label, completed=done,
+                                                                      total=total))
+    if prof is None:  # a torchrun rank other than 0: rank 0 writes the profile
+        return
+    save_profile(prof, output)
+    _render_profile(prof, output)
+
+
+def _render_profile(prof, path: Path) -> None:
+    from rich.table import Table
+
+    f = prof.facts
+    t = Table(title=f"profile of {prof.model} on {prof.device_count} x {prof.gpu_name} ({prof.device})",
+              show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("sequence, dtype", f"{prof.seq_len} tokens, {prof.dtype}")
+    t.add_row("versions", f"torch {f.get('torch')}" + (f", CUDA {f.get('cuda')}, NCCL {f.get('nccl')}, driver "
+                                                       f"{f.get('driver')}" if prof.device == "cuda" else ""))
+    t.add_row("matmul", f"{prof.matmul_tflops:.1f} TFLOP/s (best of the sweep)")
+    t.add_row("copy bandwidth", f"{prof.hbm_bandwidth_gb_s:.0f} GB/s (read + write)")
+    ov = "not measured" if prof.overlap_slowdown is None else f"{100 * prof.overlap_slowdown:.1f}%"
+    t.add_row("overlap slowdown", ov)
+    t.add_row("layer fits", ", ".join(f"{c.kind}/tp{c.tp}" + (f" (OOM from mb {c.oom_micro_batch})" if c.oom_micro_batch
+                                                               else "") for c in prof.compute) or "none")
+    for c in sorted(prof.collectives, key=lambda c: (c.group_size, c.op)):
+        t.add_row(f"{c.op} n={c.group_size}", f"{c.latency_s * 1e6:.1f} us + {c.bus_bandwidth_gb_s:.1f} GB/s bus")
+    t.add_row("inter-node", str(f.get("inter_node")))
+    t.add_row("wall time", f"{f.get('wall_time_s')} s")
+    out.print(t)
+    err.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+# ---- run -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve` (or hand-made with estimate's options)."),
+    engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
+    steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
+    warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes on this node (default: the plan's GPUs; must equal its world size)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
+    tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
+    check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Write measured/predicted correction factors into --profile."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile; with --calibrate, the profile to update (created if missing)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Tokenized binary file (flat uint16/uint32 tokens); default: synthetic tokens."),
+    data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token type of --data: uint16 or uint32."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
+    seed: int = typer.Option(1234, "--seed", help="Seed of the weights and the synthetic data."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds before unfinished ranks are killed and reported as hung."),
+):
+    """Run a plan for real, measure step time, memory and loss, and verify the prediction.
+
+    Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input.
+    Example: distplan run plan.yaml --steps 20 --check-numerics -o report.yaml
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.runner.engine_api import RunOptions
+    from planner.runner.launch import run_plan
+    from planner.runner.render import render_report
+
+    opts = RunOptions(engine=engine, steps=steps, warmup=warmup, seed=seed, data_path=data, data_dtype=data_dtype,
+                      dtype=dtype, timeout_s=timeout)
+    report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"running {plan.name} ({engine})", total=warmup + steps)
+        report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
+                          check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
+                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    render_report(out, report, str(report_path))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+# ---- emit ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def emit(
+    plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve`."),
+    target: str = typer.Option(..., "--target", "-t", help="deepspeed, megatron, torchrun or slurm."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write; refused if it exists, unless --force."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (atomically)."),
+    check: bool = typer.Option(False, "--check", help="Validate the files first (DeepSpeed's and Megatron's own parsers where installed, distplan's mirrors of their rules); write nothing if one fails."),
+    script: Optional[str] = typer.Option(None, "--script", help="deepspeed: the training script (default train.py); megatron: pretrain_gpt.py (default $MEGATRON_LM/pretrain_gpt.py)."),
+    wrap: Optional[str] = typer.Option(None, "--wrap", help="slurm: the target job.sbatch runs (torchrun, megatron or deepspeed; default torchrun)."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="deepspeed: comma-separated node names for the hostfile (default: placeholders)."),
+):
+    """Write the files that launch a plan with one framework, and the launch command.
+
+    Example: distplan emit plan.yaml --target megatron -o out/ --check
+    """
+    from emitters import EmitRequest, run_emit
+    from emitters.render import render_emit
+
+    result = run_emit(EmitRequest(plan=str(plan), target=target, out=str(output), force=force, check=check,
+                                  script=script, wrap=wrap, hosts=hosts))
+    render_emit(out, result)
+    if result.failed_checks:
+        first = result.failed_checks[0]
+        fail(f"{len(result.failed_checks)} check(s) failed, nothing written; {first.name}: {first.detail}")
 
 
 # ---- entry point -----------------------------------------------------------------------------------

@@ -90,6 +90,11 @@ def memory_bound_time_s(cluster: Cluster, nbytes: float) -> float:
     return nbytes / (cluster.gpu.hbm_bandwidth_gb_s * 1e9 * cluster.efficiency.memory_bound_fraction)
 
 
+def fused_attention_time_s(cluster: Cluster, executed_flops: float) -> float:
+    """Fused (flash) attention forward: the FLOPs the kernel executes at the cluster's attention fraction of peak."""
+    return executed_flops / (cluster.gpu.peak_bf16_tflops * 1e12 * cluster.efficiency.attention_fraction)
+
+
 @dataclass(frozen=True)
 class LayerTime:
     """Seconds for one layer and one micro-batch on one GPU: compute and exposed communication."""
@@ -133,7 +138,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         # attention core: QK^T and softmax*V
         if cfg.flash_attention:
             executed = tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0)  # causal skips half
-            attn_fwd = executed / (cluster.gpu.peak_bf16_tflops * 1e12 * cluster.efficiency.attention_fraction)
+            attn_fwd = fused_attention_time_s(cluster, executed)
             attn_bwd = 2.5 * attn_fwd  # FlashAttention-2 backward: 5 matmuls vs 2 forward (Dao 2023 sec. 3.2)
         else:
             heads_local = b * model.num_heads / t

@@ -14,7 +14,7 @@ Pure functions. Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.job import ParallelConfig
 from planner.model import ModelSpec
@@ -135,7 +135,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) 
     acts = per_layer * (layers / cfg.vpp) * chunks
     if cfg.recompute == "full":
         # while one layer is recomputed its full activations are live (one micro-batch)
-        full = activation_bytes_per_layer(model, ParallelConfig(**{**cfg.to_dict(), "recompute": "none", "layer_split": ()}), b, s)
+        full = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s)
         acts += full
     # stage input kept per in-flight micro-batch (received activation / embedding output)
     acts += 2 * b * (s / cfg.cp) * model.hidden_size * chunks / (cfg.tp if cfg.sequence_parallel else 1)

@@ -7,6 +7,7 @@ for the memory terms, each with its source.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from planner.cluster import Cluster
 from planner.costmodel import (
@@ -84,11 +85,26 @@ def _overlap(comm_s: float, window_s: float, slowdown: float) -> float:
     return max(0.0, comm_s - window_s) + slowdown * hidden
 
 
-def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None) -> Prediction:
-    """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller)."""
+@dataclass(frozen=True)
+class RankTime:
+    """One pipeline rank's share of `predict`: its time per micro-batch and its once-per-step tail."""
+
+    terms: tuple[tuple[str, float], ...]  # compute_fwd, compute_bwd, recompute, tp_comm, cp_ep_comm, pp_p2p, zero3_comm
+    time_per_microbatch_s: float  # t_i: the sum of `terms`
+    sync_s: float  # exposed data-parallel gradient sync after the pipeline drains
+    optimizer_s: float  # optimizer step
+
+
+def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
+               profile: Profile | None = None) -> Callable[[int, int], RankTime]:
+    """`timer(rank, layers)`: what `predict` charges pipeline rank `rank` of `cfg` when it holds `layers` blocks.
+
+    `predict` itself sums these, so the solvers' stage DP (which asks for other layer counts than
+    `cfg.layer_split`) and the prediction cannot disagree. Pure; block/embedding/head times computed once.
+    """
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
-    m, v, pp = cfg.num_microbatches, cfg.vpp, cfg.pp
+    v, pp = cfg.vpp, cfg.pp
     lt = block_time(model, cluster, cfg, comm, profile)
     emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
     head_f, head_b = head_time(model, cluster, cfg, profile)
@@ -98,12 +114,9 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
-
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
-    per_rank, terms_per_rank, stages = [], [], []
-    layer_counts = cfg.layers_per_stage(model.num_layers)
-    ranges = cfg.stage_layer_ranges(model.num_layers)
-    for rank, layers in enumerate(layer_counts):
+
+    def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
         bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0)
         rec = layers * lt.recompute
@@ -126,18 +139,8 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
             z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
-        per_rank.append(t_i)
-        terms_per_rank.append({"compute_fwd": fwd, "compute_bwd": bwd, "recompute": rec, "tp_comm": tpc,
-                               "cp_ep_comm": oth, "pp_p2p": p2p, "zero3_comm": z3})
-        stages.append((rank, ranges[rank], t_i, stage_memory(model, cfg, rank, layers), dense, expert, bwd))
 
-    t_max = max(per_rank)
-    slowest = per_rank.index(t_max)
-    pipeline = m * t_max + (sum(per_rank) - t_max) / v
-
-    # once-per-step data-parallel sync and optimizer: the slowest rank sets the step's end
-    tail_best, sync_best, opt_best = 0.0, 0.0, 0.0
-    for rank, _, _, _, dense, expert, bwd in stages:
+        # once-per-step data-parallel sync and optimizer
         sync = 0.0
         if dp_group > 1 and cfg.zero_stage <= 1:
             # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
@@ -157,6 +160,34 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
             opt = opt_params / cluster.efficiency.cpu_adam_params_per_s + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
         else:
             opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
+        terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
+                 ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero3_comm", z3))
+        return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
+
+    return timer
+
+
+def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None) -> Prediction:
+    """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller)."""
+    m, v = cfg.num_microbatches, cfg.vpp
+    timer = rank_timer(model, cluster, cfg, profile)
+    per_rank, terms_per_rank, stages = [], [], []
+    layer_counts = cfg.layers_per_stage(model.num_layers)
+    ranges = cfg.stage_layer_ranges(model.num_layers)
+    for rank, layers in enumerate(layer_counts):
+        rt = timer(rank, layers)
+        per_rank.append(rt.time_per_microbatch_s)
+        terms_per_rank.append(dict(rt.terms))
+        stages.append((rank, ranges[rank], rt.time_per_microbatch_s, stage_memory(model, cfg, rank, layers), rt))
+
+    t_max = max(per_rank)
+    slowest = per_rank.index(t_max)
+    pipeline = m * t_max + (sum(per_rank) - t_max) / v
+
+    # once-per-step data-parallel sync and optimizer: the slowest rank sets the step's end
+    tail_best, sync_best, opt_best = 0.0, 0.0, 0.0
+    for *_, rt in stages:
+        sync, opt = rt.sync_s, rt.optimizer_s
         if sync + opt > tail_best:
             tail_best, sync_best, opt_best = sync + opt, sync, opt
     step = pipeline + tail_best
@@ -180,7 +211,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     hw_tflops = (model_flops + extra) / step / gpus / 1e12
 
     stage_preds = tuple(StagePrediction(rank=r, layers=rng, time_per_microbatch_s=t, memory=mem)
-                        for r, rng, t, mem, *_ in stages)
+                        for r, rng, t, mem, _ in stages)
     peak = max(s.memory_gib for s in stage_preds)
     capacity = cluster.usable_memory_gib
     sources = _sources(model, cfg, profile)

@@ -80,7 +80,7 @@ class Schedule:
     num_microbatches: int
     events: tuple[Event, ...]
     pipeline_s: float  # end of the last forward/backward/p2p on any rank
-    step_s: float  # pipeline plus gradient sync and optimizer
+    step_s: float  # end of the last rank's gradient sync and optimizer step
 
     def rank_events(self, rank: int, phases: tuple[str, ...] = PHASES) -> list[Event]:
         return [e for e in self.events if e.rank == rank and e.phase in phases]
@@ -95,10 +95,10 @@ class Schedule:
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle share of the pipeline phase, averaged over ranks."""
-        if self.pipeline_s <= 0:
+        """Idle share of the step, averaged over ranks (for even stages: the cost model's pipeline_bubble / step)."""
+        if self.step_s <= 0:
             return 0.0
-        return sum(self.bubble_s(r) for r in range(self.pp)) / (self.pp * self.pipeline_s)
+        return sum(self.bubble_s(r) for r in range(self.pp)) / (self.pp * self.step_s)
 
 
 # ---- 1. operation order ---------------------------------------------------------------------------
@@ -183,22 +183,23 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
     per_rank: list[list[Event]] = [[] for _ in range(pp)]
     for e in events:
         per_rank[e.rank].append(e)  # already in start order: a rank's events are appended as it runs
-    for r in range(pp):  # idle gaps inside the pipeline phase
-        t = 0.0
-        for e in per_rank[r]:
-            if e.start_s > t + 1e-12:
-                events.append(Event(r, "bubble", -1, 0, t, e.start_s))
-            t = max(t, e.end_s)
-        if pipeline > t + 1e-12:
-            events.append(Event(r, "bubble", -1, 0, t, pipeline))
     step = pipeline
     for r in range(pp):  # once per step, after the rank's last backward (the cost model puts it after the pipeline)
         t = free[r]
         for phase, dur in (("grad_sync", grad_sync_s), ("optimizer", optimizer_s)):
             if dur > 0:
-                events.append(Event(r, phase, -1, 0, t, t + dur))
+                per_rank[r].append(Event(r, phase, -1, 0, t, t + dur))
                 t += dur
         step = max(step, t)
+    for r in range(pp):  # idle gaps within the step
+        t, gaps = 0.0, []
+        for e in per_rank[r]:
+            if e.start_s > t + 1e-12:
+                gaps.append(Event(r, "bubble", -1, 0, t, e.start_s))
+            t = max(t, e.end_s)
+        if step > t + 1e-12:
+            gaps.append(Event(r, "bubble", -1, 0, t, step))
+        events.extend(gaps + [e for e in per_rank[r] if e.phase in ("grad_sync", "optimizer")])
     events.sort(key=lambda e: (e.rank, e.start_s))
     return Schedule(kind=kind, pp=pp, vpp=vpp, num_microbatches=m, events=tuple(events), pipeline_s=pipeline, step_s=step)
 

@@ -10,7 +10,8 @@ Measured sizes span orders of magnitude (64 KiB to 1 GiB), so the fit minimises 
 (each point weighted by 1/y): a plain least-squares line would fit the 1 GiB points and miss the
 small ones entirely. Robustness: one pass drops points whose relative residual exceeds
 OUTLIER_FACTOR times the median (a straggling repeat), keeping at least MIN_KEPT points; the
-intercept is clamped at 0 (a negative latency is a fitting artefact, not a measurement).
+intercept and the slope are kept >= 0 (a negative latency, or time falling with size, is noise
+or a fitting artefact, not a measurement).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ MIN_KEPT = 3  # never drop below this many points (a line needs two; the third c
 
 
 def _weighted_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(intercept, slope) minimising sum(((a + b x - y) / y)^2), with a >= 0."""
+    """(intercept, slope) minimising sum(((a + b x - y) / y)^2), with a >= 0 and b >= 0."""
     w = 1.0 / y
     design = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
     (a, b), *_ = np.linalg.lstsq(design, y * w, rcond=None)
@@ -35,6 +36,9 @@ def _weighted_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         # through the origin: minimise sum(((b x - y) / y)^2) -> b = sum(x/y) / sum((x/y)^2)
         r = x / y
         a, b = 0.0, float(r.sum() / (r * r).sum())
+    elif b < 0:
+        # time falling with size is noise around a constant: minimise sum(((a - y) / y)^2)
+        a, b = float((1 / y).sum() / (1 / y**2).sum()), 0.0
     return float(a), float(b)
 
 
@@ -50,7 +54,7 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
         keep = rel <= max(OUTLIER_FACTOR * med, 0.05)
         if MIN_KEPT <= keep.sum() < len(x):
             a, b = _weighted_line(x[keep], y[keep])
-    return LinearFit(intercept_s=a, slope_s=max(b, 0.0))
+    return LinearFit(intercept_s=a, slope_s=b)
 
 
 def max_relative_error(fit: LinearFit, xs: Sequence[float], ys: Sequence[float]) -> float:

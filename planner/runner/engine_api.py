@@ -9,10 +9,21 @@ Data contract (numerics check): step k consumes global batch k = `global_batch_s
 from `planner.runner.data`; data-parallel rank r, micro-batch j of that step takes sequences
 [(j * dp + r) * mb, (j * dp + r + 1) * mb) of it, so a single-process run over the same global
 batch computes the same loss (the mean over the global batch) up to floating-point error.
+`planner.runner.data.DataSource(...).global_batch(k)` yields it and `data.local_batch` cuts rank r's share.
+
+Weights contract (numerics check): engines initialise with
+`planner.runner.parallelize.init_weights_by_name(module, spec, seed)`, which draws every tensor from its
+model-level name, so any pipeline cut or shard holds the single-process model's values.
+
+Progress contract: engines call `mark_step(k)` as step k (warm-up included, from 0) begins, so that a
+rank that dies (SIGKILL, OOM killer) is reported with the step it died in.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -27,7 +38,7 @@ class RunOptions:
     seed: int = 1234  # weights and synthetic data
     data_path: str | None = None  # tokenized binary file (uint16 or uint32 tokens); None -> synthetic
     data_dtype: str = "uint16"
-    dtype: str = "bf16"  # compute dtype: bf16 on CUDA; the worker may use fp32 on CPU (stated in the report)
+    dtype: str = "auto"  # compute dtype bf16 or fp32; "auto": bf16 on CUDA, fp32 on CPU (resolved before engines see it)
     lr: float = 1e-4
     timeout_s: float = 600.0  # a rank that does not finish by then is reported as hung
 
@@ -60,3 +71,32 @@ class Engine(Protocol):
 
 
 EngineFn = Callable[[Plan, RunOptions, DistInfo], RankResult]
+
+
+# ---- progress (the launcher reads it to say where a dead rank was) ----------------------------------
+PROGRESS_ENV = "DISTPLAN_PROGRESS_FILE"  # set by the launcher: this rank's heartbeat file
+TEST_KILL_ENV = "DISTPLAN_TEST_KILL"  # tests only: "RANK:STEP" makes that rank SIGKILL itself as the step begins,
+#                                       "RANK:STEP:hang" makes it hang there (its peers block in the next collective)
+_current = {"step": -1}
+
+
+def mark_step(step: int) -> None:
+    """Record that `step` begins on this rank (in memory, and in the launcher's heartbeat file if any)."""
+    _current["step"] = step
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(step))
+        os.replace(tmp, path)
+    kill = os.environ.get(TEST_KILL_ENV, "").split(":")
+    if kill[:2] == [os.environ.get("RANK", "0"), str(step)]:
+        if kill[2:] == ["hang"]:
+            while True:
+                time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def current_step() -> int:
+    """The step this rank last began (-1: none yet, e.g. still building the model)."""
+    return _current["step"]

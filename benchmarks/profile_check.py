@@ -1,0 +1,153 @@
+"""Independent checks of a `distplan profile` on GPUs: a plain torch matmul loop and an nccl-tests-style
+collective loop, each compared with what the profile fitted (benchmarks/results/profile_*.md).
+
+The methods differ from the profiler's on purpose: host wall clock around one synchronised loop
+of back-to-back calls (not CUDA events), averaged, no median of trials (nccl-tests' way: -w 5 warm-up
+calls, then -n calls; -n is at least 20 and large enough for the loop to last 20 ms, so that launch
+and synchronisation overhead stay out of small messages), fresh processes and buffers.
+
+Use (on a GPU node): python3 benchmarks/profile_check.py PROFILE.yaml [-o check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from planner.profile import bus_factor, load_profile  # noqa: E402
+from profilers.fit import collective_time_s  # noqa: E402
+
+WARMUP, ITERS = 5, 20  # nccl-tests defaults: -w 5 -n 20
+LOOP_S = 0.02  # more iterations where 20 would take less than this
+MIB = 2**20
+COLL_SIZES = (16 * MIB, 256 * MIB, 1024 * MIB)  # sizes the profile's x4 sweep from 64 KiB also measured
+
+
+def _iters(op) -> int:
+    """nccl-tests' -n: 20, or more so that the timed loop lasts LOOP_S."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    op()
+    torch.cuda.synchronize()
+    return max(ITERS, round(LOOP_S / max(time.perf_counter() - t0, 1e-7)))
+
+
+def matmul_loop(n: int) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(WARMUP):
+        a @ b
+    iters = _iters(lambda: a @ b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def _worker(rank: int, world: int, init: str, q) -> None:
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    out = {}
+    for size in COLL_SIZES:
+        n = size // 2  # bf16 elements
+        buf, full, part = (torch.ones(n, dtype=torch.bfloat16, device="cuda"),
+                           torch.ones(n, dtype=torch.bfloat16, device="cuda"),
+                           torch.ones(n // world, dtype=torch.bfloat16, device="cuda"))
+        ops = {
+            "all_reduce": lambda: dist.all_reduce(buf),
+            "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+            "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+            "all_to_all": lambda: dist.all_to_all_single(full, buf),
+            "p2p": (lambda: dist.send(buf, 1)) if rank == 0 else (lambda: dist.recv(buf, 0)),  # one way, as the profile
+        }
+        for name, op in ops.items():
+            for _ in range(WARMUP):
+                op()
+            n_iters = torch.tensor([_iters(op)], device="cuda")
+            dist.all_reduce(n_iters, op=dist.ReduceOp.MAX)  # every rank runs the same count
+            iters = int(n_iters.item())
+            torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                op()
+            torch.cuda.synchronize()
+            t = torch.tensor([(time.perf_counter() - t0) / iters], device="cuda")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out[f"{name}@{size}"] = float(t.item())
+    if rank == 0:
+        q.put(out)
+    dist.destroy_process_group()
+
+
+def collective_loop(world: int) -> dict:
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "rdv"), q)) for r in range(world)]
+        for p in procs:
+            p.start()
+        out = q.get(timeout=600)
+        for p in procs:
+            p.join()
+    return out
+
+
+def pct(measured: float, reference: float) -> float:
+    return 100.0 * (measured - reference) / reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("profile")
+    ap.add_argument("-o", "--output")
+    args = ap.parse_args()
+    prof = load_profile(args.profile)
+    rows = {"gpu": torch.cuda.get_device_name(0), "profile": args.profile, "matmul": [], "collectives": []}
+    for entry in prof.raw["ceilings"]["matmul"]:
+        indep = matmul_loop(entry["n"])
+        rows["matmul"].append({"n": entry["n"], "profile_tflops": entry["tflops"], "loop_tflops": indep,
+                               "diff_pct": pct(entry["tflops"], indep)})
+    world = min(torch.cuda.device_count(), 2)
+    if world >= 2:
+        times = collective_loop(world)
+        for key, t in times.items():
+            op, size = key.split("@")
+            size = int(size)
+            fit = prof.collective_fit(op, world)
+            if fit is None:
+                continue
+            loop_busbw = size * bus_factor(op, world) / t / 1e9
+            fit_busbw = size * bus_factor(op, world) / collective_time_s(fit, size) / 1e9
+            raw = [p["time_s"] for p in prof.raw["communication"]["points"]
+                   if p["op"] == op and p["group_size"] == world and p["bytes"] == size]
+            rows["collectives"].append({
+                "op": op, "group_size": world, "bytes": size, "loop_busbw_gb_s": loop_busbw,
+                "fit_busbw_gb_s": fit_busbw, "diff_pct": pct(fit_busbw, loop_busbw),
+                "raw_busbw_gb_s": size * bus_factor(op, world) / raw[0] / 1e9 if raw else None})
+    for r in rows["matmul"]:
+        print(f"matmul n={r['n']}: profile {r['profile_tflops']:.0f} vs loop {r['loop_tflops']:.0f} TFLOP/s "
+              f"({r['diff_pct']:+.1f}%)")
+    for r in rows["collectives"]:
+        print(f"{r['op']} n={r['group_size']} {r['bytes'] // MIB} MiB: fit {r['fit_busbw_gb_s']:.0f} vs loop "
+              f"{r['loop_busbw_gb_s']:.0f} GB/s busbw ({r['diff_pct']:+.1f}%)")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The launcher behind `distplan run`: start one worker per rank, watch them, build the report.
+
+`run_plan(plan_path, opts, ...) -> Report` does, on one node, what torchrun does: it starts the
+worker once per rank, with the argv the torchrun emitter puts on its launch line (emitters.torchrun.
+RUNNER_WORKER: `python -m planner.runner.worker --plan PLAN --engine ...`, the one spelling of it), with MASTER_ADDR/MASTER_PORT (a free local port), RANK, WORLD_SIZE, LOCAL_RANK,
+each in its own process group. Ranks hand back results as files in a private temporary folder:
+rank<r>.json (RankResult), rank<r>.error.json (a failure record), rank<r>.progress (the step it is in).
+
+A watchdog bounds the run: when a rank exits non-zero (an exception, an OOM, SIGKILL from the
+kernel's OOM killer) the others get GRACE_S to finish or fail on their own, then their process groups
+are killed; when `opts.timeout_s` passes, every rank still running is killed and reported as hung.
+Either way a report comes back (which rank, which step, why), it is written atomically, and the
+temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import planner
+from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
+from planner.errors import DistplanError, require
+from planner.plan import Plan, load_plan
+from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
+from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
+
+WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
+GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
+KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
+POLL_S = 0.1
+# a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
+CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+                "nccl communicator was aborted", "ncclremoteerror", "socket timeout", "failed to recv", "eof")
+DTYPES = ("auto", "bf16", "fp32")
+
+ProgressFn = Callable[[int, int], None]  # (steps begun by the slowest rank, total steps)
+
+
+def check_request(plan: Plan, opts: RunOptions, nproc: int | None, device_type: str, cuda_count: int = 0) -> int:
+    """Validate everything that can be checked before spawning; returns the number of processes."""
+    from planner.runner.data import DataSource
+    from planner.runner.engines import ENGINES
+
+    require(opts.engine in ENGINES, f"--engine '{opts.engine}' is unknown; valid: {', '.join(ENGINES)}")
+    require(opts.steps >= 1, f"--steps must be >= 1, got {opts.steps}")
+    require(opts.warmup >= 0, f"--warmup must be >= 0, got {opts.warmup}")
+    require(opts.timeout_s > 0, f"--timeout must be positive, got {opts.timeout_s}")
+    require(opts.dtype in DTYPES, f"--dtype '{opts.dtype}' is unknown; valid: {', '.join(DTYPES)}")
+    world = plan.parallel.gpus
+    nproc = world if nproc is None else nproc
+    where = "on CPU each rank is one process and " if device_type == "cpu" else ""
+    require(nproc == world,
+            f"--nproc {nproc} does not match the plan's world size dp*tp*pp*cp = {plan.parallel.dp}*{plan.parallel.tp}*"
+            f"{plan.parallel.pp}*{plan.parallel.cp} = {world}: {where}`distplan run` launches one node, so it needs "
+            f"--nproc {world} (for several nodes use the torchrun line of `distplan emit`)")
+    if device_type == "cuda":
+        require(nproc <= cuda_count, f"the plan needs {nproc} GPUs on this node, but {cuda_count} are visible")
+    engine = _engine_module(opts.engine)
+    if hasattr(engine, "check_supported"):
+        engine.check_supported(plan, device_type)
+    DataSource(plan.model, plan.parallel.seq_len, plan.parallel.global_batch_size, seed=opts.seed,
+               path=opts.data_path, dtype=opts.data_dtype)  # validates --data / --data-dtype
+    return nproc
+
+
+def _engine_module(name: str):
+    import importlib
+
+    from planner.runner.engines import ENGINES
+
+    try:
+        return importlib.import_module(ENGINES[name][0])
+    except ImportError as exc:
+        raise DistplanError(f"engine '{name}' cannot be loaded ({exc}); install its framework or use --engine torch") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_argv(plan_path: str, opts: RunOptions, result_dir: str | None = None) -> list[str]:
+    """argv of one worker after the interpreter: the emitted torchrun line's, then this run's options."""
+    argv = runner_worker_argv(str(plan_path))
+    argv[argv.index("--engine") + 1] = opts.engine
+    argv += ["--steps", str(opts.steps), "--warmup", str(opts.warmup),
+             "--seed", str(opts.seed), "--dtype", opts.dtype, "--lr", repr(opts.lr), "--timeout", repr(opts.timeout_s)]
+    if opts.data_path:
+        argv += ["--data", str(opts.data_path), "--data-dtype", opts.data_dtype]
+    if result_dir:
+        argv += ["--result-dir", str(result_dir)]
+    return argv
+
+
+def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    root = str(Path(planner.__file__).resolve().parents[1])
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), **{PROGRESS_ENV: str(tmp / f"rank{rank}.progress")},
+                   PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        if device_type == "cpu":
+            env["OMP_NUM_THREADS"] = str(threads)
+        log = open(tmp / f"rank{rank}.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, *worker_argv(plan_path, opts, str(tmp))],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True))
+        log.close()
+    return procs
+
+
+def _kill(procs: list[subprocess.Popen]) -> set[int]:
+    """SIGTERM the process group of every still-running worker, SIGKILL after KILL_WAIT_S; returns their ranks."""
+    alive = {r for r, p in enumerate(procs) if p.poll() is None}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for r in alive:
+            if procs[r].poll() is None:
+                try:
+                    os.killpg(procs[r].pid, sig)  # the worker's own group (start_new_session): nothing else
+                except ProcessLookupError:
+                    pass
+        end = time.monotonic() + KILL_WAIT_S
+        while time.monotonic() < end and any(procs[r].poll() is None for r in alive):
+            time.sleep(POLL_S)
+    for r in alive:
+        procs[r].wait()
+    return alive
+
+
+def _heartbeat(tmp: Path, rank: int) -> int:
+    try:
+        return int((tmp / f"rank{rank}.progress").read_text())
+    except (OSError, ValueError):
+        return -1
+
+
+def _log_tail(tmp: Path, rank: int, lines: int = 15) -> str:
+    try:
+        text = (tmp / f"rank{rank}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    keep = [ln for ln in text.splitlines() if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
+    return "\n".join(keep[-lines:])
+
+
+def _watch(procs, tmp: Path, timeout_s: float, total_steps: int, on_progress: ProgressFn | None):
+    """Wait for the workers; returns (primary failed ranks, ranks killed by the watchdog, timed out?)."""
+    start, first_fail, primary = time.monotonic(), None, set()
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return primary, set(), False
+        now = time.monotonic()
+        failed = {r for r, c in enumerate(codes) if c not in (None, 0)}
+        if failed and first_fail is None:
+            first_fail, primary = now, failed
+        if first_fail is not None and now - first_fail > GRACE_S:
+            return primary, _kill(procs), False
+        if now - start > timeout_s:
+            return primary, _kill(procs), True
+        if on_progress is not None:
+            on_progress(max(0, min(_heartbeat(tmp, r) for r in range(len(procs)))), total_steps)
+        time.sleep(POLL_S)
+
+
+def _classify(procs, tmp: Path, primary: set[int], killed: set[int], timed_out: bool, timeout_s: float):
+    results: list[RankResult] = []
+    failures: list[Failure] = []
+    first = min(primary) if primary else None
+    for rank, proc in enumerate(procs):
+        code, step = proc.returncode, _heartbeat(tmp, rank)
+        ok_file, err_file = tmp / f"rank{rank}.json", tmp / f"rank{rank}.error.json"
+        if code == 0 and ok_file.exists():
+            results.append(rank_result_from_dict(json.loads(ok_file.read_text())))
+            continue
+        tail = _log_tail(tmp, rank)
+        if err_file.exists():
+            rec = json.loads(err_file.read_text())
+            failures.append(Failure(rank, int(rec.get("step", step)), rec.get("kind", "error"), rec.get("reason", "?"),
+                                    code, rank in primary or first is None, tail))
+        elif rank in killed and timed_out:
+            failures.append(Failure(rank, step, "timeout", f"no result within the {timeout_s:g} s timeout (hung or too slow); "
+                                    "killed by the watchdog", code, True, tail))
+        elif rank in killed:
+            failures.append(Failure(rank, step, "terminated", f"stopped by the watchdog after rank {first} failed", code, False, tail))
+        elif code is not None and (code < 0 or code == 128 + signal.SIGKILL):
+            sig = signal.Signals(-code if code < 0 else code - 128)
+            why = f"killed by {sig.name}" + (" (the kernel's OOM killer, or an external kill -9)" if sig == signal.SIGKILL else "")
+            failures.append(Failure(rank, step, "killed", why, code, rank in primary or first is None, tail))
+        elif code == 0:
+            failures.append(Failure(rank, step, "missing", "exited 0 without writing its result", code, True, tail))
+        else:
+            last = tail.splitlines()[-1] if tail else ""
+            failures.append(Failure(rank, step, "error", f"exited with code {code}: {last}", code, rank in primary or first is None, tail))
+    return results, _demote_consequences(failures)
+
+
+def _demote_consequences(failures: list[Failure]) -> list[Failure]:
+    """Among failures seen at once, a lost-peer error is the consequence of another rank's failure, not a cause."""
+    def consequence(f: Failure) -> bool:
+        return f.kind == "error" and any(c in f.reason.lower() for c in CONSEQUENCES)
+
+    if any(f.primary and not consequence(f) for f in failures):
+        return [replace(f, primary=False) if f.primary and consequence(f) else f for f in failures]
+    return failures
+
+
+def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, out_path: str | Path | None = None,
+             tolerance: float = 0.10, check_numerics: bool = False, profile_path: str | Path | None = None,
+             calibrate: bool = False, on_progress: ProgressFn | None = None) -> Report:
+    """Run the plan for real with `opts.engine`, measure, verify against the prediction; see the module docstring."""
+    import torch
+
+    require(tolerance > 0, f"--tolerance must be positive, got {tolerance}")
+    require(not calibrate or profile_path is not None, "--calibrate needs --profile PATH (the profile to write the factors into)")
+    plan = load_plan(plan_path)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    nproc = check_request(plan, opts, nproc, device_type, torch.cuda.device_count() if device_type == "cuda" else 0)
+    from planner.runner.worker import resolve_dtype
+
+    opts = replace(opts, dtype=resolve_dtype(opts.dtype, device_type))
+    profile, prediction = _load_profile(plan, profile_path, calibrate)
+
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type)
+        primary, killed, timed_out = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
+        results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s)
+    finally:
+        _kill(procs)  # no-op unless interrupted (KeyboardInterrupt) while they ran
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    numerics = None
+    if check_numerics and not failures:
+        from planner.runner.numerics import check_numerics as run_check
+
+        numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
+                             "cuda:0" if device_type == "cuda" else "cpu", opts.data_path, opts.data_dtype)
+    notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {device_type}",)
+    data = (f"file {opts.data_path} ({opts.data_dtype})" if opts.data_path else f"synthetic (seed {opts.seed})")
+    report = build_report(plan, str(plan_path), opts.engine, results[0].device if results else device_type, opts.dtype,
+                          opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
+                          wall_time_s=time.monotonic() - start)
+    if calibrate and report.measured_step_time_s is not None:
+        from planner.runner.calibrate import calibrate_profile
+
+        report = replace(report, calibration=calibrate_profile(plan, profile, report, profile_path))
+    if out_path is not None:
+        save_report(report, out_path)
+    return report
+
+
+def _load_profile(plan: Plan, profile_path, calibrate: bool):
+    """The profile (if any) and the prediction to verify: the plan's own, or re-predicted with --profile."""
+    if profile_path is None:
+        return None, plan.prediction
+    from planner.predict import predict
+    from planner.profile import load_profile
+
+    if not Path(profile_path).exists() and calibrate:
+        return None, plan.prediction  # --calibrate starts a new profile
+    profile = load_profile(profile_path)
+    return profile, predict(plan.model, plan.cluster, plan.parallel, profile).to_dict()

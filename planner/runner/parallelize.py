@@ -1,0 +1,294 @@
+"""Cut a zoo model into pipeline stages and apply PyTorch's own parallelism to them.
+
+Used by the torch engine and by the single-process numerics reference, so both train the same
+weights. In order (torchtitan's `parallelize_llama` order):
+
+1. `stage_layers` / `build_stage`: the layers of each (virtual) pipeline stage, from the plan's uneven
+   `layer_split`; a stage is a `StageModule` holding model.embed (first), model.layers[a:b], model.norm
+   and model.head (last) under the full model's parameter names, built on the meta device.
+2. `apply_tp`: Megatron tensor parallelism (Shoeybi et al. 2019, sec. 3) through DTensor: q/k/v and
+   fc1 / gate / up column-wise, o_proj and fc2 / down row-wise, token embedding row-wise over the
+   vocabulary, LM head column-wise; with sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) the
+   norms and residual stream are sharded over the sequence (all-gather before attention/MLP,
+   reduce-scatter after).
+3. `apply_ac`: activation checkpointing; full: every block; selective: the attention core only
+   (Korthikanti et al. 2022 sec. 5: recompute QK^T, softmax and AV, keep the linear layers' inputs).
+4. `apply_data_parallel`: ZeRO stage -> PyTorch data parallelism (ZERO_MAPPING, below).
+5. `init_weights_by_name`: the weights, identical for any cut and sharding of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from planner.job import ParallelConfig
+from planner.model import ModelSpec
+from planner.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
+
+ZERO_MAPPING = {
+    0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with tp > 1 "
+       "its DTensor-aware equivalent, FSDP2's replicate() (per block: weights replicated, gradients all-reduced)",
+    1: "ZeRO-1 -> FSDP2 fully_shard(reshard_after_forward=False): optimizer states and gradients sharded, weights "
+       "kept unsharded from forward to backward; FSDP2 has no optimizer-only sharding, so ZeRO-1 runs as ZeRO-2",
+    2: "ZeRO-2 -> FSDP2 fully_shard(reshard_after_forward=False): optimizer states and gradients sharded, "
+       "weights all-gathered once per step and kept between forward and backward (SHARD_GRAD_OP)",
+    3: "ZeRO-3 -> FSDP2 fully_shard(reshard_after_forward=True): weights, gradients and optimizer states sharded; "
+       "weights all-gathered for forward and again for backward",
+}
+RESIDUAL_PROJECTIONS = ("o_proj", "fc2", "down_proj")  # write into the residual stream: smaller init (GPT-2)
+_WRAPPED = "_checkpoint_wrapped_module."
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+def stage_layers(cfg: ParallelConfig, num_layers: int) -> list[list[tuple[int, int]]]:
+    """[pp rank][chunk] -> (first, end) model layer indices (end exclusive).
+
+    Virtual stage v = chunk * pp + rank (Megatron's interleaving) holds layers_per_stage[rank] / vpp
+    consecutive layers; virtual stages are laid out in v order, so with vpp = 1 rank r holds the
+    plan's contiguous range stage_layer_ranges()[r].
+    """
+    per_rank = cfg.layers_per_stage(num_layers)
+    out: list[list[tuple[int, int]]] = [[] for _ in range(cfg.pp)]
+    start = 0
+    for v in range(cfg.pp * cfg.vpp):
+        rank = v % cfg.pp
+        n = per_rank[rank] // cfg.vpp
+        out[rank].append((start, start + n))
+        start += n
+    return out
+
+
+class StageModule(nn.Module):
+    """One (virtual) pipeline stage: embed (first), layers[first:end], norm + head (last).
+
+    Parameter names are the full model's (`embed.tok.weight`, `layers.7.attn.q_proj.weight`,
+    `head.weight`), so weights and checkpoints are addressed the same way for any split.
+    """
+
+    def __init__(self, full: nn.Module, first: int, end: int, has_embed: bool, has_head: bool):
+        super().__init__()
+        self.embed = full.embed if has_embed else None
+        self.layers = nn.ModuleDict({str(i): full.layers[i] for i in range(first, end)})
+        self.norm = full.norm if has_head else None
+        self.head = full.head if has_head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for layer in self.layers.values():
+            x = layer(x)
+        if self.head is not None:
+            x = self.head(self.norm(x))
+        return x
+
+
+def build_stage(spec: ModelSpec, first: int, end: int, has_embed: bool, has_head: bool) -> StageModule:
+    """A stage on the meta device (nothing allocated); `materialise` puts it on a device."""
+    return StageModule(build_model(spec, "meta"), first, end, has_embed, has_head)
+
+
+def build_full(spec: ModelSpec) -> StageModule:
+    return build_stage(spec, 0, spec.num_layers, True, True)
+
+
+def materialise(module: nn.Module, device: torch.device, spec: ModelSpec, seed: int) -> None:
+    """Allocate a meta-device module (possibly TP/FSDP-sharded) on `device` and initialise its weights."""
+    module.to_empty(device=device)
+    tie_head(module, spec)
+    init_weights_by_name(module, spec, seed)
+
+
+def tie_head(module: nn.Module, spec: ModelSpec) -> None:
+    """Re-share head.weight with embed.tok.weight in a stage holding both (to_empty and TP swap parameters)."""
+    if isinstance(module, StageModule) and module.embed is not None and module.head is not None and tied(spec):
+        module.head.weight = module.embed.tok.weight
+
+
+def tied(spec: ModelSpec) -> bool:
+    return spec.tie_embeddings and not spec.is_vit
+
+
+# ---- weights --------------------------------------------------------------------------------------
+
+def canonical_name(name: str) -> str:
+    """Strip wrapper prefixes (activation checkpointing, DDP) so names are the model's own."""
+    name = name.replace(_WRAPPED, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _draw(key: str, seed: int, shape: torch.Size, std: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 2_147_483_629 + zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int) -> None:
+    """GPT-2 initialisation (the distribution of planner.modeling.init_weights), drawn per parameter name.
+
+    Each tensor is drawn whole on the CPU from a generator seeded with (seed, its model-level name):
+    N(0, 0.02) weights, N(0, 0.02 / sqrt(2 * layers)) for the residual projections, zero biases, unit
+    norm scales. A pipeline stage, a tensor-parallel shard or an FSDP shard thus holds exactly the
+    values the whole single-process model holds, on any device. A DTensor gets its local shard of the
+    full draw. An untied copy of a tied LM head (the last pipeline stage) draws the embedding's values.
+    """
+    residual_std = INIT_STD / math.sqrt(2 * spec.num_layers)
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        for pname, param in mod.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = canonical_name(f"{mod_name}.{pname}" if mod_name else pname)
+            if name == "head.weight" and tied(spec):
+                name = "embed.tok.weight"
+            shape = param.shape
+            if isinstance(mod, (nn.LayerNorm, RMSNorm)):
+                full = torch.ones(shape) if pname == "weight" else torch.zeros(shape)
+            elif pname == "bias":
+                full = torch.zeros(shape)
+            elif isinstance(mod, ClassTokenAndPositions) or isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                leaf = canonical_name(mod_name).rsplit(".", 1)[-1]
+                std = residual_std if leaf in RESIDUAL_PROJECTIONS else INIT_STD
+                full = _draw(name, seed, shape, std)
+            else:
+                raise TypeError(f"init_weights_by_name: no rule for parameter {name} of {type(mod).__name__}")
+            _assign(param, full)
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------------
+
+def apply_tp(stage: StageModule, tp_mesh, spec: ModelSpec, sequence_parallel: bool) -> None:
+    """Megatron TP (+ SP) on one stage through parallelize_module (torchtitan's plan for our names)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+
+    sp = sequence_parallel
+    plan: dict = {}
+    if stage.embed is not None:
+        # row-wise over the vocabulary: each rank looks up its slice, an all-reduce sums (Megatron VocabParallelEmbedding);
+        # learned positions are added replicated, then the sequence is split for SP (a local chunk, no communication)
+        plan["embed.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sp:
+            plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    if stage.head is not None:
+        if sp:
+            plan["norm"] = SequenceParallel()
+        # full logits on every TP rank (the loss needs the whole vocabulary row)
+        plan["head"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+    for key, block in stage.layers.items():
+        p = f"layers.{key}"
+        seq = Shard(1) if sp else Replicate()
+        layer = {f"{p}.attn.q_proj": ColwiseParallel(), f"{p}.attn.k_proj": ColwiseParallel(),
+                 f"{p}.attn.v_proj": ColwiseParallel(), f"{p}.attn.o_proj": RowwiseParallel(output_layouts=seq)}
+        if sp:
+            layer[f"{p}.attn_norm"] = SequenceParallel()
+            layer[f"{p}.mlp_norm"] = SequenceParallel()
+            layer[f"{p}.attn"] = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+        if spec.is_moe:
+            for e in range(spec.num_experts):
+                q = f"{p}.mlp.experts.experts.{e}"
+                layer.update({f"{q}.gate_proj": ColwiseParallel(), f"{q}.up_proj": ColwiseParallel(),
+                              f"{q}.down_proj": RowwiseParallel()})
+            if sp:  # the experts' sum is replicated; hand the residual stream its sequence shard
+                layer[f"{p}.mlp"] = _input_output(Replicate(), Shard(1))
+        else:
+            if sp:
+                layer[f"{p}.mlp"] = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+            if spec.gated_mlp:
+                layer.update({f"{p}.mlp.gate_proj": ColwiseParallel(), f"{p}.mlp.up_proj": ColwiseParallel(),
+                              f"{p}.mlp.down_proj": RowwiseParallel(output_layouts=seq)})
+            else:
+                layer.update({f"{p}.mlp.fc1": ColwiseParallel(), f"{p}.mlp.fc2": RowwiseParallel(output_layouts=seq)})
+        plan.update(layer)
+    parallelize_module(stage, tp_mesh, plan)
+    tie_head(stage, spec)
+
+
+def _input_output(out_layout, desired_out):
+    """MoE block under SP: gather the sequence in, split it back out (router and experts see local tensors)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+
+    return PrepareModuleInputOutput(input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
+                                    output_layouts=out_layout, desired_output_layouts=desired_out, use_local_output=True)
+
+
+# ---- activation checkpointing ---------------------------------------------------------------------
+
+def apply_ac(stage: StageModule, mode: str, flash_attention: bool = False) -> None:
+    """full: checkpoint every block (keep its input only); selective: checkpoint the attention core only.
+
+    Selective with flash attention does nothing more, as in the cost model: the fused SDPA kernel keeps no
+    seq x seq scores and recomputes them in its backward already (FlashAttention, Dao et al. 2022).
+    """
+    if mode == "none" or (mode == "selective" and flash_attention):
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for key, block in list(stage.layers.items()):
+        if mode == "full":
+            stage.layers[key] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False)
+        else:
+            block.attn.core = checkpoint_wrapper(block.attn.core, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                                 preserve_rng_state=False)
+
+
+# ---- data parallelism -----------------------------------------------------------------------------
+
+def apply_fsdp(stage: StageModule, dp_mesh, zero_stage: int, mp_policy=None, offload_policy=None) -> None:
+    """FSDP2 per block, then the stage root (embedding, norm, head). See ZERO_MAPPING."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": zero_stage >= 3, "mp_policy": mp_policy or MixedPrecisionPolicy(),
+              "offload_policy": offload_policy or OffloadPolicy()}
+    for block in stage.layers.values():
+        fully_shard(block, **kwargs)
+    fully_shard(stage, **kwargs)
+
+
+def apply_ddp(stage: nn.Module, dp_group, device: torch.device, bf16_grads: bool) -> nn.Module:
+    """DistributedDataParallel over the data-parallel group; on CUDA gradients travel as bf16 (the cost model's bytes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(stage, process_group=dp_group, device_ids=[device.index] if device.type == "cuda" else None,
+                                  gradient_as_bucket_view=True)  # no second gradient copy: the buckets are the gradients
+    if bf16_grads:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        ddp.register_comm_hook(dp_group, bf16_compress_hook)
+    return ddp
+
+
+def apply_replicate(stage: StageModule, dp_mesh, mp_policy=None) -> None:
+    """ZeRO-0 for DTensor (TP) parameters, which DDP cannot take: FSDP2's replicate(), per block then the root."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for block in stage.layers.values():
+        replicate(block, mesh=dp_mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    replicate(stage, mesh=dp_mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """AdamW as in GPT-3 (Brown et al. 2020, app. B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+
+    fp32 states (and fp32 master weights: parameters stay fp32, compute runs in bf16), the 12 bytes
+    per parameter of ZeRO's accounting. Used by the engine and by the numerics reference alike.
+    """
+    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)

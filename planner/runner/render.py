@@ -1,0 +1,78 @@
+"""Rich rendering of a run report (CLI layer only)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from planner.runner.report import Report
+
+
+def _s(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def _pct(x: float | None, tol: float) -> str:
+    if x is None:
+        return "n/a"
+    color = "green" if abs(x) <= tol else "red"
+    return f"[{color}]{100 * x:+.1f}%[/]"
+
+
+def report_tables(r: Report) -> list[Table]:
+    title = f"{escape(r.plan)} ({r.config}) on {r.world_size} x {r.device}, engine {r.engine}, {r.dtype}"
+    time = Table(title=title, title_justify="left")
+    for col in ("", "predicted", "measured (median)", "p10 - p90", "error"):
+        time.add_column(col, justify="right" if col else "left")
+    spread = "n/a" if r.step_time_p10_s is None else f"{_s(r.step_time_p10_s)} - {_s(r.step_time_p90_s)}"
+    time.add_row("step time (s)", _s(r.predicted_step_time_s), _s(r.measured_step_time_s), spread,
+                 _pct(r.step_time_error, r.tolerance))
+
+    mem = Table(title="peak memory per pipeline stage (GiB per GPU)", title_justify="left")
+    for col in ("stage", "ranks", "predicted", "allocated", "reserved", "error", "median step (s)"):
+        mem.add_column(col, justify="right")
+    for s in r.stages:
+        ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
+        mem.add_row(str(s.stage), ranks, f"{s.predicted_memory_gib:.2f}",
+                    "not measured" if s.peak_allocated_gib is None else f"{s.peak_allocated_gib:.2f}",
+                    "" if s.peak_reserved_gib is None else f"{s.peak_reserved_gib:.2f}", _pct(s.memory_error, r.tolerance),
+                    _s(s.median_step_time_s))
+    tables = [time, mem]
+
+    if r.numerics is not None and r.numerics.checked:
+        n = r.numerics
+        num = Table(title=f"numerics vs single process ({n.dtype}: rtol {n.rtol:g}, atol {n.atol:g})", title_justify="left")
+        for col in ("step", "parallel loss", "single-process loss", "relative error"):
+            num.add_column(col, justify="right")
+        for k, (p, q) in enumerate(zip(n.parallel_losses, n.reference_losses)):
+            num.add_row(str(k), f"{p:.6f}", f"{q:.6f}", f"{abs(p - q) / abs(q):.2e}" if q else "n/a")
+        tables.append(num)
+
+    if r.failures:
+        fail = Table(title="failures", title_justify="left")
+        for col in ("rank", "step", "kind", "reason"):
+            fail.add_column(col)
+        for f in r.failures:
+            style = "bold red" if f.primary else "dim"
+            fail.add_row(str(f.rank), str(f.step) if f.step >= 0 else "start-up", f.kind, escape(f.reason), style=style)
+        tables.append(fail)
+    return tables
+
+
+def render_report(console: Console, r: Report, report_path: str | None = None) -> None:
+    for t in report_tables(r):
+        console.print(t)
+    for line in r.verdict:
+        console.print(f"  {escape(line)}", highlight=False)
+    if r.calibration:
+        c = r.calibration
+        factors = ", ".join(f"{k} x{v:.3g}" for k, v in sorted(c.get("factors", {}).items()))
+        console.print(f"calibration ({c.get('runs')} run(s)) written to {escape(str(c.get('profile')))}: {factors}; predicted step time "
+                      f"{c.get('predicted_before_s', 0):.4g} s -> {c.get('predicted_after_s', 0):.4g} s "
+                      f"(measured {c.get('measured_step_time_s', 0):.4g} s)", highlight=False)
+        if c.get("note"):
+            console.print(f"[yellow]note:[/] {escape(c['note'])}", highlight=False)
+    verdict = "[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]"
+    where = f"; report written to {escape(report_path)}" if report_path else ""
+    console.print(f"verification {verdict} (tolerance {100 * r.tolerance:.0f}%){where}")

@@ -1,0 +1,331 @@
+"""`distplan show` and `distplan diff`: what a plan holds and what changes between two, as plain data.
+
+Everything here returns dicts and lists (the `--format json|yaml` output); planner/render_show.py
+draws them with rich, planner/htmlreport.py as HTML, planner/pictures.py as pictures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from planner.errors import DistplanError, require
+from planner.memory import FRAGMENTATION, inflight_microbatch_chunks
+from planner.plan import Plan, load_plan
+from planner.predict import BREAKDOWN_KEYS
+
+MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
+MEASURED_KEYS = ("name", "predicted_step_s", "measured_step_s", "predicted_mem_gib", "measured_mem_gib")
+
+
+def parallel_summary(par: dict) -> str:
+    """One line naming a configuration, e.g. 'dp=8 tp=8 pp=16 mb=1x192 1f1b zero=1 recompute=full sp'."""
+    get = par.get
+    s = f"dp={get('dp', 1)} tp={get('tp', 1)} pp={get('pp', 1)}"
+    for key in ("cp", "ep", "vpp"):
+        if get(key, 1) != 1:
+            s += f" {key}={get(key)}"
+    mb = get("micro_batch_size", "?")
+    if "num_microbatches" in par:
+        mb = f"{mb}x{par['num_microbatches']}"
+    s += f" mb={mb} {get('schedule', '1f1b')} zero={get('zero_stage', 0)} recompute={get('recompute', 'none')}"
+    return s + (" sp" if get("sequence_parallel") else "") + (" offload" if get("offload_optimizer") else "")
+
+
+def plan_summary(plan: Plan) -> str:
+    return parallel_summary({**plan.parallel.to_dict(), "num_microbatches": plan.parallel.num_microbatches})
+
+
+def _checked_prediction(plan: Plan) -> dict:
+    """The plan's prediction, with the keys show/diff/report read checked (files can be edited by hand)."""
+    pred = plan.prediction
+    for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "capacity_gib", "fits", "breakdown", "stages"):
+        require(key in pred, f"plan prediction lacks '{key}'; regenerate the plan with `distplan solve` or `distplan estimate`")
+    require(isinstance(pred["breakdown"], dict), "plan prediction.breakdown must be a mapping of term -> seconds")
+    require(isinstance(pred["stages"], list) and len(pred["stages"]) == plan.parallel.pp,
+            f"plan prediction.stages must list {plan.parallel.pp} stages (pp = {plan.parallel.pp})")
+    for i, st in enumerate(pred["stages"]):
+        require(isinstance(st, dict) and isinstance(st.get("memory_breakdown_gib"), dict)
+                and isinstance(st.get("time_per_microbatch_s"), (int, float)),
+                f"plan prediction.stages[{i}] needs memory_breakdown_gib and time_per_microbatch_s")
+    for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "capacity_gib"):
+        require(isinstance(pred[key], (int, float)) and not isinstance(pred[key], bool),
+                f"plan prediction.{key} must be a number, got {pred[key]!r}")
+    return pred
+
+
+def parallel_layout(plan: Plan) -> list[dict]:
+    """Which GPU holds which pipeline stage and tensor-parallel shard (Megatron rank order: tp, cp, dp, pp)."""
+    p = plan.parallel
+    gpn = plan.cluster.gpus_per_node
+    out = []
+    for stage in plan.stages():
+        base = stage["rank"] * p.dp * p.cp * p.tp
+        replicas = []
+        for d in range(p.dp):
+            for c in range(p.cp):
+                first = base + (d * p.cp + c) * p.tp
+                replicas.append({"dp": d, "cp": c, "gpus": list(range(first, first + p.tp))})
+        devs = plan.stage_devices(stage["rank"])
+        nodes = sorted({g // gpn for g in devs})
+        out.append({"stage": stage["rank"], "layers": stage["layers"], "gpus": stage["devices"],
+                    "nodes": f"{nodes[0]}-{nodes[-1]}" if len(nodes) > 1 else str(nodes[0]), "replicas": replicas})
+    return out
+
+
+def normalized_alternatives(plan: Plan) -> list[dict]:
+    """The solver's runners-up in one shape: name, step time, memory, fits, and why each lost.
+
+    Reads `name` or `summary` or `parallel`; numbers from the entry or its `prediction`;
+    the reason from `why_lost`, `why`, `reason` or `lost_because`.
+    """
+    best = float(plan.prediction.get("step_time_s", 0.0)) or None
+    out = []
+    for i, alt in enumerate(plan.alternatives):
+        if not isinstance(alt, dict):
+            out.append({"name": str(alt), "step_time_s": None, "peak_memory_gib": None, "fits": None,
+                        "slower_pct": None, "why_lost": ""})
+            continue
+        pred = alt.get("prediction") if isinstance(alt.get("prediction"), dict) else {}
+        par = alt.get("parallel")
+        name = alt.get("name") or alt.get("summary") or (parallel_summary(par) if isinstance(par, dict) else par) or f"alternative {i + 1}"
+        step = alt.get("step_time_s", pred.get("step_time_s"))
+        mem = alt.get("peak_memory_gib", pred.get("peak_memory_gib"))
+        fits = alt.get("fits", pred.get("fits"))
+        why = next((alt[k] for k in ("why_lost", "why", "reason", "lost_because") if alt.get(k)), "")
+        slower = 100 * (float(step) - best) / best if isinstance(step, (int, float)) and best else None
+        out.append({"name": str(name), "step_time_s": step, "peak_memory_gib": mem, "fits": fits,
+                    "slower_pct": slower, "why_lost": str(why)})
+    return out
+
+
+def plan_review(plan: Plan) -> dict:
+    """Everything `distplan show` prints: layout, stages, batching, schedule, time and memory, rationale."""
+    pred = _checked_prediction(plan)
+    p = plan.parallel
+    step = float(pred["step_time_s"])
+    stages = []
+    for st, sp in zip(plan.stages(), pred["stages"]):
+        stages.append({**st, "time_per_microbatch_s": sp["time_per_microbatch_s"],
+                       "memory_gib": sp.get("memory_gib", sum(sp["memory_breakdown_gib"].values())),
+                       "memory_breakdown_gib": sp["memory_breakdown_gib"],
+                       "inflight_microbatches": inflight_microbatch_chunks(p, st["rank"])})
+    breakdown = [{"term": k, "seconds": float(v), "share": float(v) / step if step else 0.0}
+                 for k, v in pred["breakdown"].items()]
+    order = {k: i for i, k in enumerate(BREAKDOWN_KEYS)}
+    breakdown.sort(key=lambda r: order.get(r["term"], len(order)))
+    cap = float(pred["capacity_gib"])
+    return {
+        "plan": {"model": plan.model.name, "params_b": round(plan.model.total_params() / 1e9, 3),
+                 "cluster": plan.cluster.name, "gpu": plan.cluster.gpu.name, "gpus": plan.gpus, "nodes": plan.nodes,
+                 "gpus_per_node": plan.cluster.gpus_per_node, "digest": plan.digest()},
+        "parallel": {**p.to_dict(), "summary": plan_summary(plan)},
+        "batching": {"global_batch_size": p.global_batch_size, "micro_batch_size": p.micro_batch_size,
+                     "num_microbatches": p.num_microbatches, "seq_len": p.seq_len,
+                     "tokens_per_step": p.global_batch_size * p.seq_len},
+        "schedule": {"kind": p.schedule, "pp": p.pp, "vpp": p.vpp, "num_microbatches": p.num_microbatches,
+                     "bubble_s": float(pred["breakdown"].get("pipeline_bubble", 0.0)),
+                     "bubble_share": float(pred["breakdown"].get("pipeline_bubble", 0.0)) / step if step else 0.0},
+        "layout": parallel_layout(plan),
+        "stages": stages,
+        "prediction": {"step_time_s": step, "tokens_per_s": float(pred["tokens_per_s"]), "mfu": float(pred["mfu"]),
+                       "model_tflops_per_gpu": pred.get("model_tflops_per_gpu"),
+                       "peak_memory_gib": float(pred["peak_memory_gib"]), "capacity_gib": cap,
+                       "fit_limit_gib": cap / (1 + FRAGMENTATION), "fits": bool(pred["fits"])},
+        "breakdown": breakdown,
+        "rationale": [str(r) for r in plan.rationale],
+        "alternatives": normalized_alternatives(plan),
+        "provenance": dict(plan.provenance),
+    }
+
+
+# ---- diff -------------------------------------------------------------------------------------------
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _metric(name: str, a: float, b: float, better: str) -> dict:
+    delta = b - a
+    return {"metric": name, "a": a, "b": b, "delta": delta, "delta_pct": 100 * delta / a if a else None, "better": better}
+
+
+def diff_plans(a: Plan, b: Plan, a_name: str = "a", b_name: str = "b") -> dict:
+    """What differs between two plans (inputs and configuration) and its predicted consequence."""
+    pa, pb = _checked_prediction(a), _checked_prediction(b)
+    da, db = a.to_dict(), b.to_dict()
+    fa = _flatten({k: da[k] for k in ("model", "cluster", "job", "parallel")})
+    fb = _flatten({k: db[k] for k in ("model", "cluster", "job", "parallel")})
+    fa["stages.layers"] = [s["layers"] for s in da["stages"]]
+    fb["stages.layers"] = [s["layers"] for s in db["stages"]]
+    changes = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in list(fa) + [k for k in fb if k not in fa]
+               if fa.get(k) != fb.get(k)]
+    metrics = [
+        _metric("step_time_s", float(pa["step_time_s"]), float(pb["step_time_s"]), "lower"),
+        _metric("tokens_per_s", float(pa["tokens_per_s"]), float(pb["tokens_per_s"]), "higher"),
+        _metric("mfu", float(pa["mfu"]), float(pb["mfu"]), "higher"),
+        _metric("peak_memory_gib", float(pa["peak_memory_gib"]), float(pb["peak_memory_gib"]), "lower"),
+    ]
+    terms = list(BREAKDOWN_KEYS) + [k for k in list(pa["breakdown"]) + list(pb["breakdown"]) if k not in BREAKDOWN_KEYS]
+    breakdown = [{"term": t, "a": float(pa["breakdown"].get(t, 0.0)), "b": float(pb["breakdown"].get(t, 0.0)),
+                  "delta": float(pb["breakdown"].get(t, 0.0)) - float(pa["breakdown"].get(t, 0.0))}
+                 for t in dict.fromkeys(terms) if pa["breakdown"].get(t) or pb["breakdown"].get(t)]
+    ma = [float(s.get("memory_gib", 0.0)) for s in pa["stages"]]
+    mb = [float(s.get("memory_gib", 0.0)) for s in pb["stages"]]
+    stage_memory = [{"rank": r, "a": ma[r] if r < len(ma) else None, "b": mb[r] if r < len(mb) else None}
+                    for r in range(max(len(ma), len(mb)))]
+    return {"a": a_name, "b": b_name, "identical": not changes,
+            "same_workload": all(fa.get(k) == fb.get(k) for k in fa if k.startswith(("model.", "job.global_batch_size", "job.seq_len"))),
+            "changes": changes, "consequences": metrics,
+            "fits": {"a": bool(pa["fits"]), "b": bool(pb["fits"])},
+            "breakdown": breakdown, "stage_memory": stage_memory,
+            "verdict": _verdict(a_name, b_name, metrics, breakdown, bool(pa["fits"]), bool(pb["fits"]), not changes)}
+
+
+def _verdict(a_name: str, b_name: str, metrics: list[dict], breakdown: list[dict], fits_a: bool, fits_b: bool,
+             identical: bool) -> str:
+    if identical:
+        return f"{a_name} and {b_name} are the same plan"
+    step, mem = metrics[0], metrics[3]
+    if abs(step["delta"]) < 1e-12:
+        speed = f"{b_name} takes the same time per step ({step['a']:.3f} s)"
+    else:
+        word = "faster" if step["delta"] < 0 else "slower"
+        speed = f"{b_name} is {abs(step['delta_pct']):.1f}% {word} than {a_name} ({step['a']:.3f} s -> {step['b']:.3f} s per step)"
+    if abs(mem["delta"]) < 0.005:
+        memory = "the same peak memory per GPU"
+    else:
+        memory = (f"{abs(mem['delta']):.1f} GiB {'less' if mem['delta'] < 0 else 'more'} peak memory per GPU "
+                  f"({mem['a']:.1f} -> {mem['b']:.1f} GiB)")
+    movers = sorted((t for t in breakdown if abs(t["delta"]) > 1e-9), key=lambda t: -abs(t["delta"]))[:2]
+    why = ""
+    if movers:
+        why = "; mostly " + " and ".join(f"{t['term']} {t['delta']:+.3f} s" for t in movers)
+    fit = {(True, True): "both fit", (False, False): "neither fits"}.get(
+        (fits_a, fits_b), f"only {a_name if fits_a else b_name} fits")
+    return f"{speed}, with {memory}{why}; {fit}"
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+
+def record_from_run_report(d: dict, source: str) -> dict:
+    """One predicted-vs-measured record from a `distplan run` report (planner/runner/report.py's file).
+
+    Memory: the largest stage's predicted peak against the largest measured peak allocated (None on CPU).
+    """
+    stages = d.get("stages") or []
+    require(isinstance(stages, list), f"run report '{source}': 'stages' must be a list")
+    pred_mem = [s.get("predicted_memory_gib") for s in stages if isinstance(s, dict)]
+    meas_mem = [s.get("peak_allocated_gib") for s in stages if isinstance(s, dict)]
+    pred_mem = [x for x in pred_mem if isinstance(x, (int, float))]
+    meas_mem = [x for x in meas_mem if isinstance(x, (int, float))]
+    return {"name": str(d.get("config") or d.get("plan") or source), "predicted_step_s": d.get("predicted_step_time_s"),
+            "measured_step_s": d.get("measured_step_time_s"), "predicted_mem_gib": max(pred_mem) if pred_mem else None,
+            "measured_mem_gib": max(meas_mem) if meas_mem else None}
+
+
+def load_measurements(*paths: str | Path) -> list[dict]:
+    """Predicted-vs-measured records, one list from all `paths`.
+
+    Each file (YAML or JSON) is a `distplan run` report, or a list of records (or a mapping with
+    'records') with keys name, predicted_step_s, measured_step_s, predicted_mem_gib, measured_mem_gib.
+    """
+    out = []
+    for path in map(Path, paths):
+        require(path.exists(), f"measurements file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as exc:
+            raise DistplanError(f"measurements file '{path}' is malformed: {str(exc).splitlines()[0]}") from None
+        if isinstance(data, dict) and "predicted_step_time_s" in data:
+            data = [record_from_run_report(data, str(path))]
+        elif isinstance(data, dict):
+            data = data.get("records")
+        require(isinstance(data, list) and data and all(isinstance(r, dict) for r in data),
+                f"measurements file '{path}' must be a `distplan run` report or a list of records with keys "
+                f"{', '.join(MEASURED_KEYS)}")
+        for i, r in enumerate(data):
+            missing = [k for k in MEASURED_KEYS if k not in r]
+            require(not missing, f"measurements file '{path}': record {i} lacks {', '.join(missing)}")
+            for k in MEASURED_KEYS[1:]:
+                ok = r[k] is None if k.startswith("measured") else False
+                require(ok or (isinstance(r[k], (int, float)) and not isinstance(r[k], bool) and r[k] >= 0),
+                        f"measurements file '{path}': record {i} {k} must be a number"
+                        + (" or null" if k.startswith("measured") else "") + f", got {r[k]!r}")
+        out.extend(data)
+    return out
+
+
+@dataclass(frozen=True)
+class ShowResult:
+    review: dict
+    written: tuple[Path, ...]  # pictures and report files written, in order
+
+
+def stage_labels(plan: Plan) -> list[str]:
+    return [f"stage {s['rank']}\nGPUs {s['devices']}" for s in plan.stages()]
+
+
+def timeline_of(plan: Plan):
+    from planner.pictures import timeline_figure
+    from planner.schedule import plan_schedule
+
+    title = f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}"
+    return timeline_figure(plan_schedule(plan), title=title, stage_labels=stage_labels(plan))
+
+
+def memory_chart_of(plan: Plan):
+    from planner.pictures import memory_figure
+
+    pred = _checked_prediction(plan)
+    return memory_figure(pred["stages"], float(pred["capacity_gib"]),
+                         title=f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}")
+
+
+def show_plan(path: str | Path, timeline: str | Path | None = None, memory_chart: str | Path | None = None,
+              report: str | Path | None = None, measured: list[str | Path] | tuple = ()) -> ShowResult:
+    """Load a plan, review it, and write the pictures and the HTML report asked for."""
+    from planner.pictures import save_figure
+
+    plan = load_plan(path)
+    review = plan_review(plan)
+    records = load_measurements(*measured) if measured else None
+    if records:
+        review["measured"] = records
+    written = []
+    for target in (timeline, memory_chart, report):  # check every suffix before any (slow) drawing
+        if target is not None and target is not report:
+            require(Path(target).suffix.lower() in (".png", ".svg"),
+                    f"picture '{target}': the suffix must be .png or .svg, got '{Path(target).suffix or '(none)'}'")
+    if timeline is not None:
+        written.append(save_figure(timeline_of(plan), timeline))
+    if memory_chart is not None:
+        written.append(save_figure(memory_chart_of(plan), memory_chart))
+    if report is not None:
+        from planner.htmlreport import write_report
+
+        written.append(write_report(plan, report, measured=records))
+    return ShowResult(review=review, written=tuple(written))
+
+
+def diff_plan_files(a: str | Path, b: str | Path) -> dict:
+    return diff_plans(load_plan(a), load_plan(b), str(a), str(b))
+
+
+def dumps(data: dict, fmt: str) -> str:
+    """The --format json|yaml text of show/diff data."""
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    return yaml.safe_dump(data, sort_keys=False, width=110)

@@ -1,0 +1,353 @@
+"""Per-layer compute profiling: forward, backward and recompute time, and activation memory,
+of each layer kind of a model, sharded as tensor parallelism shards it, run on one device.
+
+What is timed (one layer, one micro-batch of `micro_batch` sequences of `seq_len` tokens):
+- fwd: the forward with autograd recording (as in training);
+- bwd: its backward, parameter gradients accumulating as they do across micro-batches;
+- recompute (blocks only): backward under full activation checkpointing minus the plain backward,
+  i.e. the cost of re-running the forward inside backward (Chen et al. 2016; Megatron "full").
+CUDA: CUDA events on the current stream; CPU: the thread's CPU time, one core (see Clock). Each
+number is the median of `repeats` runs after `warmup` runs (warm up, repeat, take the median).
+
+Tensor-parallel shards (Megatron-LM, Shoeybi et al. 2019, sec. 3): q/k/v and fc1 (gate/up) are
+split column-wise (heads / tp query heads, max(1, kv_heads / tp) key/value heads, ffn / tp), o_proj
+and fc2 (down) row-wise; the embedding and LM head are split over the vocabulary (ceil(V / tp)
+rows, Megatron's VocabParallelEmbedding and vocab-parallel cross-entropy). Norms and residual
+adds are replicated. The collectives TP adds are not timed here: profilers.comm measures them and
+the cost model adds them (planner.costmodel.block_time).
+
+Activation memory: on CUDA, the allocator's bytes still held after the forward (what the layer
+keeps for its backward) and its peak over forward + backward; on CPU (no allocator statistics),
+the bytes of the tensors autograd saves for backward (saved-tensor hooks), which is the same
+quantity counted tensor by tensor.
+
+Out of memory: a micro-batch that raises an out-of-memory error (or, on CPU, whose extrapolated
+need exceeds `memory_cap_bytes`) is recorded as infeasible, and larger ones are not tried.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from planner.errors import require
+from planner.model import ModelSpec
+from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TP_DEGREES = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8)
+    warmup: int = 2
+    repeats: int = 5
+    point_budget_s: float = 10.0  # fewer repeats (never under one) when one point would take longer
+    recompute: bool = True  # also time the checkpointed backward (blocks)
+    memory_cap_bytes: float | None = None  # CPU guard: skip a micro-batch that would need more
+
+
+def layer_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    return ("embedding", "moe_block" if spec.is_moe else "block", "head")
+
+
+def tp_degrees(spec: ModelSpec, max_tp: int) -> list[int]:
+    """TP degrees up to `max_tp` that Megatron accepts: they divide the query heads and the FFN width."""
+    return [t for t in TP_DEGREES if t <= max_tp and spec.num_heads % t == 0 and spec.ffn_hidden_size % t == 0]
+
+
+# ---- building one TP shard of a layer ---------------------------------------------------------
+
+
+def _linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=bias)
+
+
+def _shard_mlp(mlp: nn.Module, h: int, f_local: int, bias: bool) -> None:
+    if hasattr(mlp, "fc1"):
+        mlp.fc1, mlp.fc2 = _linear(h, f_local, bias), _linear(f_local, h, bias)
+    else:
+        mlp.gate_proj, mlp.up_proj = _linear(h, f_local, False), _linear(h, f_local, False)
+        mlp.down_proj = _linear(f_local, h, False)
+
+
+def shard_block(block: Block, spec: ModelSpec, tp: int) -> Block:
+    """Replace the block's projections by their rank-0 shards under `tp`-way tensor parallelism."""
+    require(spec.num_heads % tp == 0 and spec.ffn_hidden_size % tp == 0,
+            f"tp={tp} must divide num_heads {spec.num_heads} and ffn_hidden_size {spec.ffn_hidden_size}")
+    if tp == 1:
+        return block
+    h, d, bias = spec.hidden_size, spec.head_dim, spec.uses_bias
+    q_local, kv_local = spec.num_heads // tp, max(1, spec.num_kv_heads // tp)
+    attn = block.attn
+    attn.q_proj = _linear(h, q_local * d, bias)
+    attn.k_proj, attn.v_proj = _linear(h, kv_local * d, bias), _linear(h, kv_local * d, bias)
+    attn.o_proj = _linear(q_local * d, h, bias)
+    f_local = spec.ffn_hidden_size // tp
+    if spec.is_moe:
+        for expert in block.mlp.experts.experts:
+            _shard_mlp(expert, h, f_local, False)
+    else:
+        _shard_mlp(block.mlp, h, f_local, bias)
+    return block
+
+
+class HeadWithLoss(nn.Module):
+    """Final norm, the (vocab-sharded) output head and the cross-entropy loss: the 'head' layer kind."""
+
+    def __init__(self, spec: ModelSpec, tp: int):
+        super().__init__()
+        self.norm = make_norm(spec)
+        out = math.ceil(spec.vocab_size / tp)
+        self.head = ClassifierHead(spec.hidden_size, out) if spec.is_vit else nn.Linear(spec.hidden_size, out, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.head(self.norm(x)), targets)
+
+
+def _init(module: nn.Module) -> None:
+    """Weights ~ N(0, 0.02), biases 0, norm scales 1 (planner.modeling.init_weights' distribution)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2 or name.endswith(("cls", "pos")):
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
+def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The rank-0 shard of one layer of `kind`, on `device` in `dtype`, initialised."""
+    with torch.device("meta"):
+        if kind in ("block", "moe_block"):
+            layer = shard_block(Block(spec), spec, tp)
+        elif kind == "embedding":
+            layer = PatchEmbedding(spec) if spec.is_vit else TokenEmbedding(spec)
+            if not spec.is_vit and tp > 1:
+                layer.tok = nn.Embedding(math.ceil(spec.vocab_size / tp), spec.hidden_size)
+        elif kind == "head":
+            layer = HeadWithLoss(spec, tp)
+        else:
+            raise ValueError(f"unknown layer kind {kind!r}")
+    layer = layer.to(dtype=dtype).to_empty(device=device)
+    _init(layer)
+    return layer
+
+
+def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """(forward arguments, gradient of the output) of one micro-batch; None: the output is a loss."""
+    b, h = micro_batch, spec.hidden_size
+    if kind == "embedding":
+        if spec.is_vit:
+            x = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, device=device, dtype=dtype)
+        else:
+            x = torch.randint(0, math.ceil(spec.vocab_size / tp), (b, seq_len), device=device)
+        return (x,), torch.randn(b, seq_len, h, device=device, dtype=dtype)
+    x = torch.randn(b, seq_len, h, device=device, dtype=dtype, requires_grad=True)
+    if kind == "head":
+        classes = math.ceil(spec.vocab_size / tp)
+        targets = torch.randint(0, classes, (b,) if spec.is_vit else (b, seq_len), device=device)
+        return (x, targets), None
+    return (x,), torch.randn(b, seq_len, h, device=device, dtype=dtype)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+class Clock:
+    """CUDA events on the current stream; on CPU the CPU time of this thread (time.thread_time).
+
+    A CPU 'device' is one core (the profile runs torch single-threaded there, as each gloo rank is),
+    and thread CPU time does not count the time other processes hold the core: a shared CI machine
+    gives the same numbers busy or idle, where wall-clock time would measure its load.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.thread_time()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _saved_bytes(run: Callable[[], torch.Tensor], params: set[int]) -> tuple[torch.Tensor, int]:
+    """Run a forward counting the bytes of the non-parameter tensors autograd saves (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.device.type != "meta" and t.data_ptr() not in params:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, sum(seen.values())
+
+
+def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings, device: torch.device,
+               recompute: bool) -> dict:
+    """Median fwd/bwd(/recompute) seconds and activation bytes of one layer on one micro-batch."""
+    clock = Clock(device)
+    params = {p.data_ptr() for p in layer.parameters()}
+
+    def forward(args, ckpt=False):
+        return checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
+
+    def backward(out, grad):
+        out.backward(grad) if grad is not None else out.backward()
+
+    fwd, bwd, bwd_ckpt, memory = [], [], [], {}
+    runs, i = settings.warmup + settings.repeats, 0
+    while i < runs:
+        args, grad = inputs_fn()
+        measure_memory = i == settings.warmup - 1 or (settings.warmup == 0 and i == 0)
+        clock.sync()
+        if measure_memory and device.type == "cuda":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        wall = time.perf_counter()
+        t0 = clock.mark()
+        if measure_memory and device.type != "cuda":
+            out, saved = _saved_bytes(lambda: forward(args), params)
+        else:
+            out = forward(args)
+        t1 = clock.mark()
+        if measure_memory:
+            clock.sync()
+            if device.type == "cuda":
+                memory = {"activation_bytes": torch.cuda.memory_allocated() - base,
+                          "fwd_peak_bytes": torch.cuda.max_memory_allocated() - base}
+            else:
+                memory = {"activation_bytes": saved + out.numel() * out.element_size()}
+        backward(out, grad)
+        t2 = clock.mark()
+        if recompute:
+            del out
+            args, grad = inputs_fn()
+            out = forward(args, ckpt=True)
+            t3 = clock.mark()
+            backward(out, grad)
+            t4 = clock.mark()
+        clock.sync()
+        if measure_memory and device.type == "cuda":
+            memory["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        del out, args, grad
+        if i >= settings.warmup:
+            fwd.append(clock.seconds(t0, t1))
+            bwd.append(clock.seconds(t1, t2))
+            if recompute:
+                bwd_ckpt.append(clock.seconds(t3, t4))
+        elif i == settings.warmup - 1:
+            # the last warm-up run sets how many repeats fit the budget (at least one)
+            per_run = time.perf_counter() - wall
+            runs = settings.warmup + max(1, min(settings.repeats, int(settings.point_budget_s / max(per_run, 1e-9))))
+        i += 1
+    med = lambda xs: float(torch.tensor(xs, dtype=torch.float64).median())  # noqa: E731
+    point = {"fwd_s": med(fwd), "bwd_s": med(bwd), "repeats": len(fwd), **memory}
+    if recompute:
+        point["recompute_s"] = max(0.0, med(bwd_ckpt) - point["bwd_s"])
+    return point
+
+
+def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+                  settings: ComputeSettings, on_point: Callable[[str], None] = lambda _: None,
+                  time_fn: Callable = time_point) -> dict:
+    """Measure one (kind, tp) over the settings' micro-batches; stops at the first out-of-memory one.
+
+    Returns {"kind", "tp", "points": [{micro_batch, tokens, fwd_s, bwd_s, ...}], "oom_micro_batch"}.
+    """
+    result = {"kind": kind, "tp": tp, "points": [], "oom_micro_batch": 0}
+    recompute = settings.recompute and kind in ("block", "moe_block")
+    layer = None
+    try:
+        layer = build_layer(spec, kind, tp, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected; anything else propagates
+        if not is_oom(exc):
+            raise
+    if layer is None:  # freed outside the except clause: its traceback holds the partial tensors
+        _free(device)
+        result["oom_micro_batch"] = min(settings.micro_batches)
+        result["error"] = "out of memory building the layer"
+        return result
+    weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    for mb in sorted(settings.micro_batches):
+        tokens = mb * seq_len
+        label = f"{kind} tp={tp} micro-batch {mb}"
+        prev = result["points"][-1] if result["points"] else None
+        if settings.memory_cap_bytes is not None and prev is not None:
+            # activations grow linearly in tokens; gradients of weights and inputs double the weights
+            need = 2 * weight_bytes + 2 * prev.get("activation_bytes", 0) * tokens / prev["tokens"]
+            if need > settings.memory_cap_bytes:
+                result["oom_micro_batch"] = mb
+                result["error"] = f"micro-batch {mb} would need {need / 2**30:.1f} GiB > memory cap"
+                on_point(label + " (over memory cap)")
+                break
+        point = None
+        try:
+            point = time_fn(layer, lambda: make_inputs(spec, kind, tp, mb, seq_len, device, dtype), settings,
+                            device, recompute)
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+        if point is None:  # out of memory; freed here, once the exception and its frames are gone
+            _free(device)
+            result["oom_micro_batch"] = mb
+            result["error"] = f"out of memory at micro-batch {mb}"
+            on_point(label + " (out of memory)")
+            break
+        result["points"].append({"micro_batch": mb, "tokens": tokens, **point})
+        on_point(label)
+    for mb in sorted(settings.micro_batches):
+        if result["oom_micro_batch"] and mb > result["oom_micro_batch"]:
+            on_point(f"{kind} tp={tp} micro-batch {mb} (skipped: a smaller one did not fit)")
+    del layer
+    _free(device)
+    return result
+
+
+def profile_compute(spec: ModelSpec, seq_len: int, tps: list[int], device: torch.device, dtype: torch.dtype,
+                    settings: ComputeSettings, on_point: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """Every layer kind of `spec` at every TP degree in `tps`: a list of profile_layer results."""
+    torch.manual_seed(0)
+    return [profile_layer(spec, kind, tp, seq_len, device, dtype, settings, on_point)
+            for kind in layer_kinds(spec) for tp in tps]
+
+
+def layer_seq_len(spec: ModelSpec, seq_len: int) -> int:
+    """Tokens per sequence the layers see: the job's sequence length; ViT's patches + class token."""
+    return spec.seq_len if spec.is_vit else seq_len
+

@@ -1,0 +1,186 @@
+"""Device facts: what was measured on (names, counts, memory, versions, topology) and the two
+ceilings every layer time is judged against: achieved matmul FLOP/s and device copy bandwidth.
+
+- matmul: C = A @ B with square n x n operands in the profile's dtype, 2 n^3 FLOPs (one multiply
+  and one add per multiply-accumulate), random data (zeros run faster and overstate the rate),
+  back-to-back calls timed as one loop, median of repeats after warm-up; a sweep of n gives the
+  efficiency-by-size curve.
+- copy: dst.copy_(src) of one large buffer; bandwidth counts bytes read plus bytes written
+  (2 x size / time), the convention of the STREAM copy kernel and nvbandwidth.
+- host: pinned host-to-device copy of one buffer (CUDA only), the `host` link tier.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+from profilers.compute import Clock
+
+GIB = 2**30
+
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # nvidia-smi underlines its table headers with terminal escapes; keep the text
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.stdout).strip() if out.returncode == 0 else None
+
+
+def host_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_facts(device: torch.device) -> dict:
+    """Names, counts, memory and versions; topology from `nvidia-smi topo -m` where present."""
+    facts = {
+        "measured_on": device.type,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "host_memory_gib": round(host_memory_gib(), 2),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
+        facts.update({
+            "gpu_name": props.name,
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / GIB, 2),
+            "multiprocessors": props.multi_processor_count,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+            "driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            "topology": _run(["nvidia-smi", "topo", "-m"]),
+            "nvls_enabled_env": os.environ.get("NCCL_NVLS_ENABLE"),
+        })
+        if facts["driver"]:
+            facts["driver"] = facts["driver"].splitlines()[0]
+    return facts
+
+
+def matmul_tflops(n: int, device: torch.device, dtype: torch.dtype, repeats: int = 10, warmup: int = 3,
+                  loop_s: float = 0.005) -> float:
+    """Achieved TFLOP/s of n x n x n matmuls run back to back, as a layer's GEMMs run: each repeat
+    times a loop of calls lasting about `loop_s` (a lone small matmul would time its launch gap);
+    median of `repeats` after `warmup`."""
+    clock = Clock(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        a @ b
+    clock.sync()
+    t0 = clock.mark()
+    a @ b
+    t1 = clock.mark()
+    clock.sync()
+    inner = max(1, min(1000, round(loop_s / max(clock.seconds(t0, t1), 1e-7))))
+    times = []
+    for _ in range(repeats):
+        clock.sync()
+        t0 = clock.mark()
+        for _ in range(inner):
+            a @ b
+        t1 = clock.mark()
+        clock.sync()
+        times.append(clock.seconds(t0, t1) / inner)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def copy_bandwidth_gb_s(nbytes: int, device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
+    """Device copy bandwidth, bytes read + written, GB/s (1e9 bytes)."""
+    clock = Clock(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        clock.sync()
+        t0 = clock.mark()
+        dst.copy_(src)
+        t1 = clock.mark()
+        clock.sync()
+        times.append(clock.seconds(t0, t1))
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def host_to_device_gb_s(nbytes: int, device: torch.device, repeats: int = 5) -> float:
+    """Pinned host-to-device copy, GB/s (bytes moved once)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    clock = Clock(device)
+    times = []
+    for _ in range(repeats):
+        clock.sync()
+        t0 = clock.mark()
+        dst.copy_(src, non_blocking=True)
+        t1 = clock.mark()
+        clock.sync()
+        times.append(clock.seconds(t0, t1))
+    times.sort()
+    return nbytes / times[len(times) // 2] / 1e9
+
+
+def matmul_sizes(cuda: bool, quick: bool) -> tuple[int, ...]:
+    """Square matmul sizes of the sweep: up to 8192 on GPUs (where cuBLAS plateaus), 2048 on CPUs."""
+    if cuda:
+        return (2048, 4096, 8192) if quick else (1024, 2048, 4096, 8192)
+    return (256, 512, 1024) if quick else (256, 512, 1024, 2048)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool,
+                     on_point: Callable[[str], None] = lambda _: None) -> dict:
+    """The matmul sweep, copy bandwidth and (CUDA) host link of one device."""
+    cuda = device.type == "cuda"
+    sweep = []
+    for n in matmul_sizes(cuda, quick):
+        t0 = time.perf_counter()
+        tflops = matmul_tflops(n, device, dtype, repeats=10 if cuda else 3, warmup=3 if cuda else 1)
+        sweep.append({"n": n, "gflop": 2 * n**3 / 1e9, "tflops": tflops, "seconds": time.perf_counter() - t0})
+        on_point(f"matmul {n}^3")
+    copy_bytes = (2 * GIB if not quick else GIB) if cuda else 64 * 2**20
+    out = {"matmul": sweep, "copy_bytes": copy_bytes, "copy_gb_s": copy_bandwidth_gb_s(copy_bytes, device,
+                                                                                      repeats=10 if cuda else 3)}
+    on_point("copy bandwidth")
+    if cuda:
+        out["host_to_device_gb_s"] = host_to_device_gb_s(256 * 2**20, device)
+    return out

@@ -1,0 +1,260 @@
+"""`distplan profile`: measure one node (ceilings, collectives, per-layer compute) and fit a Profile.
+
+Order: device ceilings (matmul sweep, copy), then communication (its own processes: spawned here,
+or the torchrun ranks this process is one of), then compute (this process, device 0), then fits.
+Pure with respect to the caller: progress goes through the `progress(label, done, total)` callback
+and the result is a `planner.profile.Profile`; the CLI renders and writes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from planner.errors import require
+from planner.model import load_model
+from planner.profile import CollectiveFit, ComputeFit, Profile
+from profilers import comm, compute, facts, fit
+
+ProgressFn = Callable[[str, int, int], None]
+DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine without any
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    model: str
+    seq_len: int | None = None
+    dtype: str = "bf16"
+    gpus_per_node: int | None = None  # default: the GPUs present (CPU: 2 processes)
+    quick: bool = False
+    device: str = "auto"  # auto | cuda | cpu
+    micro_batches: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one profile run measures (derived from the request and the machine)."""
+
+    cuda: bool
+    quick: bool
+    devices: int  # processes for communication (GPUs present, or CPU processes)
+    tps: tuple[int, ...]
+    seq_len: int
+    compute: compute.ComputeSettings
+    comm: comm.CommSettings
+
+    @property
+    def steps(self) -> int:
+        kinds = 3
+        comm_points = sum(len(self.comm.sizes_bytes) * sum(1 for op in self.comm.ops if op != "p2p" or n == 2)
+                          for n in self.comm.group_sizes)
+        ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 1
+        return ceilings + comm_points + kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
+
+
+def plan_profile(req: ProfileRequest) -> Plan:
+    """Validate the request and choose sizes: few micro-batches and message sizes, so that one model
+    on one 8-GPU node takes under 3 minutes (--quick: under 1) and the CPU path stays CI-sized."""
+    spec = load_model(req.model)
+    require(req.dtype in compute.DTYPES, f"--dtype '{req.dtype}' is unknown; valid: {', '.join(compute.DTYPES)}")
+    require(req.device in ("auto", "cuda", "cpu"), f"--device '{req.device}' is unknown; valid: auto, cuda, cpu")
+    cuda = req.device == "cuda" or (req.device == "auto" and torch.cuda.is_available())
+    require(not cuda or torch.cuda.is_available(), "--device cuda: no CUDA device is visible to torch")
+    seq_len = compute.layer_seq_len(spec, req.seq_len or spec.seq_len)
+    require(seq_len > 0, f"--seq-len must be positive, got {seq_len}")
+    require(not spec.learned_positions or spec.is_vit or seq_len <= spec.max_seq_len,
+            f"--seq-len {seq_len} exceeds the {spec.max_seq_len} learned positions of '{spec.name}'")
+    present = torch.cuda.device_count() if cuda else (req.gpus_per_node or DEFAULT_CPU_DEVICES)
+    gpn = req.gpus_per_node or present
+    require(gpn >= 1, f"--gpus-per-node must be >= 1, got {gpn}")
+    devices = min(present, gpn)
+    tps = tuple(compute.tp_degrees(spec, gpn))
+    q = req.quick
+    if cuda:
+        mbs = (1, 2, 4) if q else (1, 2, 4, 8)
+        cs = compute.ComputeSettings(micro_batches=mbs, warmup=2 if q else 3, repeats=3 if q else 5,
+                                     point_budget_s=2.0, recompute=not q)
+        sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB, 256 * comm.MIB, comm.GIB) if q else \
+            comm.sizes_between(64 * comm.KIB, comm.GIB, 4)
+        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=req.dtype,
+                               trials=3 if q else 5)
+    else:
+        mbs = (1,) if q else (1, 2)
+        cap = 0.5 * facts.host_memory_gib() * 2**30
+        cs = compute.ComputeSettings(micro_batches=mbs, warmup=1, repeats=2 if q else 3, point_budget_s=3.0,
+                                     recompute=not q, memory_cap_bytes=cap)
+        sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB) if q else comm.sizes_between(64 * comm.KIB, 16 * comm.MIB, 4)
+        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=req.dtype,
+                               warmup=1, trials=2 if q else 3, target_loop_s=0.01, max_iters=10)
+    if req.micro_batches:
+        require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
+        from dataclasses import replace
+
+        cs = replace(cs, micro_batches=tuple(sorted(req.micro_batches)))
+    return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms)
+
+
+# ---- fits ----------------------------------------------------------------------------------------
+
+
+def fit_compute(results: list[dict]) -> tuple[list[ComputeFit], dict]:
+    """ComputeFit per (kind, tp) with points, and the largest relative error of each fit."""
+    fits, errors = [], {}
+    for r in results:
+        pts = r["points"]
+        if not pts:
+            continue
+        x = [p["tokens"] for p in pts]
+        f_fwd = fit.linear_fit(x, [p["fwd_s"] for p in pts])
+        f_bwd = fit.linear_fit(x, [p["bwd_s"] for p in pts])
+        f_rec = None
+        if all("recompute_s" in p for p in pts) and any(p["recompute_s"] > 0 for p in pts):
+            f_rec = fit.linear_fit(x, [max(p["recompute_s"], 1e-9) for p in pts])
+        act = max(p.get("activation_bytes", 0) / p["tokens"] for p in pts)
+        fits.append(ComputeFit(kind=r["kind"], tp=r["tp"], fwd=f_fwd, bwd=f_bwd, peak_activation_bytes_per_token=act,
+                               recompute=f_rec, oom_micro_batch=r.get("oom_micro_batch", 0)))
+        errors[f"{r['kind']}.tp{r['tp']}"] = {
+            "fwd": fit.max_relative_error(f_fwd, x, [p["fwd_s"] for p in pts]),
+            "bwd": fit.max_relative_error(f_bwd, x, [p["bwd_s"] for p in pts])}
+    return fits, errors
+
+
+def fit_comm(raw: dict) -> tuple[list[CollectiveFit], CollectiveFit | None, dict]:
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for p in raw["points"]:
+        groups[(p["op"], p["group_size"])].append(p)
+    fits, errors = [], {}
+    for (op, n), pts in sorted(groups.items()):
+        xs, ys = [p["bytes"] for p in pts], [p["time_s"] for p in pts]
+        c = fit.collective_fit(op, n, xs, ys)
+        fits.append(c)
+        errors[f"{op}.n{n}"] = max(abs(fit.collective_time_s(c, x) - y) / y for x, y in zip(xs, ys))
+    inter = None
+    if raw.get("inter_node") and raw["inter_node"]["p2p"]:
+        pts = raw["inter_node"]["p2p"]
+        inter = fit.collective_fit("p2p", 2, [p["bytes"] for p in pts], [p["time_s"] for p in pts])
+    return fits, inter, errors
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Profile | None:
+    """Measure and fit. Under torchrun every rank measures communication; rank 0 alone goes on to
+    compute and returns the Profile, the other ranks return None."""
+    spec = load_model(req.model)
+    plan = plan_profile(req)
+    total, done = plan.steps, 0
+    started = time.perf_counter()
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done = min(done + 1, total)
+        if progress:
+            progress(label, done, total)
+
+    threads = torch.get_num_threads()
+    if not plan.cuda:
+        torch.set_num_threads(1)  # a CPU 'device' is one core, like each gloo rank (compute.Clock)
+    try:
+        return _measure(req, spec, plan, tick, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None], started: float) -> Profile | None:
+    dtype = compute.DTYPES[req.dtype]
+    phases: dict[str, float] = {}
+    device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
+    # 1. communication first: under torchrun the other ranks are waiting for rank 0 to join
+    t0 = time.perf_counter()
+    if comm.launched():
+        import torch.distributed as dist
+
+        rank, raw_comm = comm.measure_launched(plan.comm, tick)
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
+        device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else device
+    elif plan.devices >= 2:
+        raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
+    else:
+        raw_comm = {"points": [], "unmeasured": {"all": "one device: no collective to measure"}, "overlap": None,
+                    "inter_node": None}
+    phases["communication_s"] = time.perf_counter() - t0
+
+    # 2. device facts and ceilings
+    t0 = time.perf_counter()
+    info = facts.device_facts(device)
+    ceilings = facts.measure_ceilings(device, dtype, req.quick, tick)
+    phases["ceilings_s"] = time.perf_counter() - t0
+
+    # 3. compute, layer by layer
+    t0 = time.perf_counter()
+    results = compute.profile_compute(spec, plan.seq_len, list(plan.tps), device, dtype, plan.compute, tick)
+    phases["compute_s"] = time.perf_counter() - t0
+
+    compute_fits, compute_err = fit_compute(results)
+    coll_fits, inter, comm_err = fit_comm(raw_comm)
+    wall = time.perf_counter() - started
+    tick("fits")
+
+    gpu_name = info.get("gpu_name") or info["cpu"]
+    memory_gib = info["gpu_memory_gib"] if plan.cuda else info["host_memory_gib"] / max(plan.devices, 1)
+    sweep = ceilings["matmul"]
+    info.update({
+        "wall_time_s": round(wall, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
+        "quick": req.quick,
+        "gpus_per_node": req.gpus_per_node or plan.devices,
+        "devices_measured": plan.devices,
+        "tp_degrees": list(plan.tps),
+        "micro_batches": list(plan.compute.micro_batches),
+        "message_sizes_bytes": list(plan.comm.sizes_bytes),
+        "backend": "nccl" if plan.cuda else "gloo",
+        "timer": "cuda events" if plan.cuda else "time.thread_time, one thread (one core per device)",
+        "activation_memory": ("torch.cuda.memory_allocated after forward minus before (held for backward)"
+                              if plan.cuda else "bytes of tensors saved for backward (saved-tensor hooks)"),
+        "inter_node": (f"measured: p2p between nodes over {raw_comm['inter_node']['nodes']} nodes" if inter else
+                       "not measured (one node): the cluster preset's inter_node link is used"),
+        "unmeasured_collectives": raw_comm.get("unmeasured", {}),
+        "infeasible": {f"{r['kind']}.tp{r['tp']}": r["error"] for r in results if r.get("error")},
+    })
+    raw = {"compute": results, "communication": raw_comm, "ceilings": ceilings,
+           "fit_max_relative_error": {"compute": compute_err, "collectives": comm_err},
+           "settings": {"compute": asdict(plan.compute), "communication": asdict(plan.comm)}}
+    overlap = raw_comm.get("overlap")
+    return Profile(
+        gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=req.dtype,
+        compute=tuple(compute_fits), collectives=tuple(coll_fits),
+        matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
+        matmul_tflops_by_gflop=tuple((p["gflop"], p["tflops"]) for p in sweep),
+        host_bandwidth_gb_s=ceilings.get("host_to_device_gb_s", 0.0),
+        overlap_slowdown=overlap["slowdown"] if overlap else None,
+        device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
+        facts=_plain(info), raw=_plain(raw),
+    )
+
+
+def _plain(obj):
+    """YAML-safe copy: tuples to lists, numpy/torch scalars to floats."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, str):
+        return str(obj)  # e.g. torch.__version__, a str subclass YAML cannot represent
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return str(obj)

@@ -1,0 +1,256 @@
+"""Outer search: parallel degrees, micro-batching, schedule, ZeRO, recompute; branch and bound.
+
+For a global batch B and N GPUs the search enumerates every configuration of the space below, orders
+them by a lower bound on their step time, and evaluates them in that order with the inter-op stage DP
+(`solvers.inter_op.best_layer_split`: the best layer split that fits, timed by `planner.predict`),
+until the bound of the next one cannot beat the (k+1)-th best mesh found (branch and bound; exact).
+
+The space, and the rules that prune it (each an exact dominance in the cost model or a hardware rule):
+- tp: divides N, the node size and the attention heads (KV heads: one divides the other): a TP group
+  never straddles nodes, so its all-reduces stay on NVLink (Megatron-LM's rule).
+- cp: powers of two dividing seq/2 that leave each rank >= 512 tokens (shorter chunks make the KV
+  ring latency-bound); any when no plan fits otherwise. It splits activations like dp but not the batch.   ep: divisors of the experts dividing dp*cp (MoE).
+- pp: divides N/(tp*cp), at most the layer count, and N/pp GPUs form one of Alpa's submesh shapes.
+- micro-batch: powers of two up to 16 dividing B/dp.
+- schedule: 1F1B; interleaved with v in 2..8 virtual stages (v divides the layers, m % pp == 0). GPipe
+  has 1F1B's bubble in this model and keeps all m micro-batches in flight (1F1B: min(p - i, m)), so it
+  is never better and is not evaluated (the oracle enumerates it and confirms).
+- ZeRO 1-3, each with and without optimizer offload (ZeRO-0 is dominated when dp*cp > 1: ZeRO-1 has
+  the same gradient traffic, a smaller optimizer step and less memory; with dp*cp = 1 stages 1 and 2
+  equal 0, so 0, 3 and the offloads remain); recompute none/full (and selective when
+  attention is unfused: with flash attention selective recompute equals none); sequence parallel with tp > 1.
+Lower bound (valid for any layer split): with S the summed per-micro-batch work of all layers, the
+embedding, the head and every rank's pipeline sends, t_max >= S/pp and sum t_i >= S, so
+step >= (m - 1/v) S/pp + S/v + tail(average rank), the tail (optimizer step, and the gradient sync where
+it is not overlapped) being affine in the rank's parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from planner.cluster import Cluster
+from planner.costmodel import ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel, block_time, \
+    embedding_time, head_time, memory_bound_time_s
+from planner.job import ParallelConfig, with_changes
+from planner.memory import FRAGMENTATION, GIB, stage_memory, stage_params
+from planner.model import ModelSpec
+from planner.predict import Prediction, predict
+from planner.profile import Profile
+from solvers.inter_op import best_layer_split, stage_submesh_ok
+
+MAX_MICRO_BATCH = 16
+MAX_VPP = 8
+MIN_CP_CHUNK = 512  # context parallelism keeps >= 512 tokens per rank unless nothing fits otherwise
+# (ZeRO stage, optimizer offload): with one data-parallel rank stages 1 and 2 equal stage 0 (nothing to
+# partition); stage 3 differs in its buffers, offload in where the optimizer runs
+ZERO_ONE_RANK = ((0, False), (3, False), (1, True), (3, True))
+ZERO_MANY_RANKS = ((1, False), (2, False), (3, False), (1, True), (2, True), (3, True))
+KEY_FIELDS = ("dp", "tp", "pp", "cp", "ep", "vpp", "schedule", "sequence_parallel", "zero_stage",
+              "offload_optimizer", "micro_batch_size", "recompute")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A configuration with its best layer split and its prediction."""
+
+    config: ParallelConfig
+    prediction: Prediction
+
+
+@dataclass
+class SearchOutcome:
+    best: list[Evaluated]  # best per mesh (dp, tp, pp, cp, ep), fastest first; at most top_k + 1
+    fastest_unfit: Evaluated | None  # the lowest-bound candidate that fits no split (for "why not")
+    candidates: int = 0
+    evaluated: int = 0
+    timed_out: bool = False
+    widened_cp: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, k = [], 1
+    while k <= n:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, *,
+                 flash_attention: bool = True, overlap_grad_reduce: bool = True, wide_cp: bool = False) -> list[ParallelConfig]:
+    """Every configuration the solver considers (module doc), in canonical order."""
+    L, gpn = model.num_layers, cluster.gpus_per_node
+    out = []
+    tps = [t for t in _divisors(gpus) if gpn % t == 0 and model.num_heads % t == 0
+           and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)]
+    cps = [1]
+    if not model.is_vit:
+        cps += [c for c in _pow2_upto(gpus)[1:] if seq_len % (2 * c) == 0 and (seq_len // c >= MIN_CP_CHUNK or wide_cp)]
+    recomputes = ("none", "full") if flash_attention else ("none", "selective", "full")
+    for tp in tps:
+        for cp in cps:
+            if gpus % (tp * cp):
+                continue
+            for pp in _divisors(gpus // (tp * cp)):
+                dp = gpus // (tp * cp * pp)
+                if pp > L or global_batch % dp or not stage_submesh_ok(gpus, pp, gpn):
+                    continue
+                eps = [e for e in _divisors(model.num_experts) if (dp * cp) % e == 0] if model.is_moe else [1]
+                zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
+                for mb in _pow2_upto(MAX_MICRO_BATCH):
+                    if (global_batch // dp) % mb:
+                        continue
+                    m = global_batch // (dp * mb)
+                    scheds = [("1f1b", 1)]
+                    if pp > 1 and m % pp == 0:
+                        scheds += [("interleaved", v) for v in range(2, MAX_VPP + 1) if L % v == 0 and L >= pp * v]
+                    for ep in eps:
+                        for schedule, vpp in scheds:
+                            for sp in ((False, True) if tp > 1 else (False,)):
+                                for zero, offload in zeros:
+                                    for rec in recomputes:
+                                        out.append(ParallelConfig(
+                                            dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, sequence_parallel=sp,
+                                            zero_stage=zero, offload_optimizer=offload, micro_batch_size=mb,
+                                            global_batch_size=global_batch, seq_len=seq_len, schedule=schedule,
+                                            recompute=rec, flash_attention=flash_attention,
+                                            overlap_grad_reduce=overlap_grad_reduce))
+    return out
+
+
+def config_key(cfg: ParallelConfig) -> tuple:
+    return tuple(getattr(cfg, f) for f in KEY_FIELDS)
+
+
+def mesh_key(cfg: ParallelConfig) -> tuple[int, ...]:
+    return (cfg.dp, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
+
+
+class _Bounds:
+    """Lower bounds on the step time of a configuration, from the cost model's per-layer times."""
+
+    def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None):
+        self.model, self.cluster, self.profile = model, cluster, profile
+        self.comm = CommModel(cluster, profile)
+        self._block: dict[tuple, float] = {}
+        self._ends: dict[tuple, float] = {}
+        self._params: dict[tuple, tuple[float, float]] = {}
+
+    def step_lower_bound(self, cfg: ParallelConfig) -> float:
+        model, L = self.model, self.model.num_layers
+        bkey = (cfg.tp, cfg.cp, cfg.ep, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
+        if bkey not in self._block:
+            lt = block_time(model, self.cluster, cfg, self.comm, self.profile)
+            self._block[bkey] = lt.fwd + lt.bwd + lt.recompute + lt.tp_comm + lt.other_comm
+        ekey = (cfg.tp, cfg.cp, cfg.micro_batch_size, cfg.sequence_parallel)
+        if ekey not in self._ends:
+            self._ends[ekey] = sum(embedding_time(model, self.cluster, cfg, self.profile)) + \
+                sum(head_time(model, self.cluster, cfg, self.profile))
+        work = L * self._block[bkey] + self._ends[ekey]
+        m, v, pp = cfg.num_microbatches, cfg.vpp, cfg.pp
+        # optimizer: the slowest rank updates at least the average share of the parameters
+        pkey = (cfg.tp, cfg.ep, pp)
+        if pkey not in self._params:
+            self._params[pkey] = (stage_params(model, cfg, 0, L)[0] + (stage_params(model, cfg, pp - 1, 0)[0] if pp > 1 else 0.0),
+                                  stage_params(model, cfg, 0, L)[1])
+        dense, expert = self._params[pkey]
+        shard = cfg.dp * cfg.cp if cfg.zero_stage >= 1 else 1
+        params = (dense / shard + expert / (max(cfg.dp * cfg.cp // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)) / pp
+        if cfg.offload_optimizer:
+            opt = params / self.cluster.efficiency.cpu_adam_params_per_s + \
+                params * OFFLOAD_PCIE_BYTES_PER_PARAM / self.cluster.link("host").bandwidth_bytes_s
+        else:
+            opt = memory_bound_time_s(self.cluster, params * ADAM_BYTES_PER_PARAM)
+        # gradient sync after the pipeline, when not overlapped: affine in bytes, so the average rank's is a bound
+        dpg, sync = cfg.dp * cfg.cp, 0.0
+        if dpg > 1 and cfg.zero_stage <= 1 and not cfg.overlap_grad_reduce:
+            sync = self.comm.time_s("all_reduce", dpg, cfg.tp, dense / pp * BF16)
+        elif dpg > 1 and cfg.zero_stage == 2:
+            sync = self.comm.time_s("all_gather", dpg, cfg.tp, dense / pp * BF16)
+        # every rank sends and receives activations at each of its v chunk boundaries (planner.predict.rank_timer)
+        p2p = 0.0
+        if pp > 1:
+            tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+            p2p = 2 * v * self.comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, tokens * model.hidden_size * BF16 / cfg.tp)
+        work += pp * p2p
+        return (m - 1 / v) * work / pp + work / v + opt + sync
+
+
+def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
+    """Necessary for any split: the model states (weights, gradients, optimizer) averaged over the
+    pipeline ranks fit on one GPU (the states summed over ranks do not depend on the split)."""
+    def states(rank: int, layers: int) -> float:
+        mem = stage_memory(model, cfg, rank, layers)
+        return mem.weights + mem.gradients + mem.optimizer
+
+    total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
+    return total / cfg.pp * (1 + FRAGMENTATION) <= cluster.usable_memory_gib * GIB
+
+
+def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
+               profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
+               flash_attention: bool = True, overlap_grad_reduce: bool = True,
+               progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> SearchOutcome:
+    """Branch and bound over `search_space`; widens context parallelism when nothing fits without it."""
+    start = clock()
+    outcome = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
+                   overlap_grad_reduce, progress, clock, start, wide_cp=False)
+    if not outcome.best and not outcome.timed_out and not model.is_vit:
+        wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
+                    overlap_grad_reduce, progress, clock, start, wide_cp=True)
+        wide.candidates += outcome.candidates
+        wide.evaluated += outcome.evaluated
+        wide.widened_cp = True
+        wide.fastest_unfit = wide.fastest_unfit or outcome.fastest_unfit
+        outcome = wide
+    outcome.stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
+                     "pruned_by_bound": outcome.candidates - outcome.evaluated, "timed_out": outcome.timed_out,
+                     "context_parallel_widened": outcome.widened_cp, "search_seconds": clock() - start}
+    return outcome
+
+
+def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
+         clock, start, wide_cp: bool) -> SearchOutcome:
+    space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
+                         overlap_grad_reduce=overlap, wide_cp=wide_cp)
+    bounds = _Bounds(model, cluster, profile)
+    order = sorted(((bounds.step_lower_bound(c), config_key(c), c) for c in space), key=lambda t: (t[0], t[1]))
+    total = len(order)
+    best_by_mesh: dict[tuple, tuple[float, tuple, ParallelConfig]] = {}
+    keep = top_k + 1
+    first_unfit: ParallelConfig | None = None
+    evaluated, timed_out = 0, False
+    for i, (lb, key, cfg) in enumerate(order):
+        if progress is not None and i % 64 == 0:
+            progress(i, total)
+        ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))
+        kth = ranked[keep - 1][0] if len(ranked) >= keep else float("inf")
+        if lb >= kth:
+            break  # sorted by bound: nothing later can enter the top k + 1
+        mesh = mesh_key(cfg)
+        if mesh in best_by_mesh and lb >= best_by_mesh[mesh][0]:
+            continue
+        if time_limit_s is not None and clock() - start > time_limit_s:
+            timed_out = True
+            break
+        evaluated += 1
+        split = best_layer_split(model, cluster, cfg, profile) if states_fit(model, cluster, cfg) else None
+        if split is None:
+            first_unfit = first_unfit or cfg
+            continue
+        cand = (split.step_time_s, key, with_changes(cfg, layer_split=split.layer_split))
+        if mesh not in best_by_mesh or (cand[0], cand[1]) < (best_by_mesh[mesh][0], best_by_mesh[mesh][1]):
+            best_by_mesh[mesh] = cand
+    if progress is not None:
+        progress(total, total)
+    ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))[:keep]
+    best = [Evaluated(cfg, predict(model, cluster, cfg, profile)) for _, _, cfg in ranked]
+    unfit = Evaluated(first_unfit, predict(model, cluster, first_unfit, profile)) if first_unfit else None
+    return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out)

@@ -1,0 +1,151 @@
+"""`solve`: the Alpa-style planner end to end (outer search -> stage DP -> intra-op ILP -> Plan).
+
+Pure and deterministic: the same inputs give a byte-identical plan (everything is sorted, ties are
+broken on a canonical configuration key, CP-SAT runs one worker with a fixed seed). Only a time limit
+that is hit makes the result depend on the clock, and then the plan and `stats` say so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from planner.cluster import Cluster, check_gpu_count
+from planner.errors import DistplanError, require
+from planner.job import ParallelConfig, validate_config
+from planner.model import ModelSpec
+from planner.plan import Plan, make_plan
+from planner.predict import Prediction, predict
+from planner.profile import Profile, gpu_family
+from solvers.explain import alternative_entry, leanest_message, rationale, why_lost
+from solvers.inter_op import best_layer_split
+from solvers.intra_op import BACKENDS
+from solvers.search import run_search, search_space, states_fit
+from solvers.sharding import KindSharding, shard_layers, sharding_dict, sharding_rationale
+
+MAX_GPUS_TRIED = 2**20  # the "fewest GPUs that would fit" search stops here
+
+
+@dataclass(frozen=True)
+class Alternative:
+    config: ParallelConfig
+    prediction: Prediction
+    why_lost: str
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    plan: Plan  # the chosen plan (rationale, alternatives and ILP sharding inside), ready for save_plan
+    prediction: Prediction  # predict() of plan.parallel
+    alternatives: tuple[Alternative, ...]  # the best plan of each of the next top_k meshes (+ a faster one that does not fit)
+    sharding: tuple[KindSharding, ...]  # the intra-op ILP's solution per layer kind
+    stats: dict  # candidates, evaluated_with_stage_dp, pruned_by_bound, timed_out, search_seconds, ilp_seconds, seconds
+
+
+def check_inputs(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, top_k: int,
+                 time_limit_s: float | None, ilp_backend: str, profile: Profile | None) -> None:
+    """Everything `estimate` rejects about these inputs, plus the solver's own options."""
+    check_gpu_count(cluster, gpus)
+    require(isinstance(global_batch, int) and global_batch >= 1, f"--global-batch must be a positive integer, got {global_batch}")
+    require(isinstance(seq_len, int) and seq_len >= 1, f"--seq-len must be a positive integer, got {seq_len}")
+    if model.is_vit:
+        require(seq_len == model.seq_len, f"{model.name} is a ViT: its sequence is {model.seq_len} patches, got --seq-len {seq_len}")
+    validate_config(model, ParallelConfig(global_batch_size=global_batch, seq_len=seq_len))  # sequence vs positions
+    require(isinstance(top_k, int) and top_k >= 0, f"--top-k must be >= 0, got {top_k}")
+    require(time_limit_s is None or time_limit_s > 0, f"--time-limit must be positive seconds, got {time_limit_s}")
+    require(ilp_backend in BACKENDS, f"--ilp-backend '{ilp_backend}' is unknown; valid: {', '.join(BACKENDS)}")
+    if profile is not None and gpu_family(profile.gpu_name) != gpu_family(cluster.gpu.name):
+        raise DistplanError(f"profile was measured on '{profile.gpu_name}' but cluster '{cluster.name}' has "
+                            f"'{cluster.gpu.name}': profile the cluster's GPUs or pass a cluster of the profiled GPU")
+
+
+def _lean_configs(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, flash: bool,
+                  overlap: bool) -> list[ParallelConfig]:
+    """Per mesh, its most memory-frugal settings: ZeRO-3 + offload, full recompute, micro-batch 1, SP, most ep."""
+    best: dict[tuple, ParallelConfig] = {}
+    for cfg in search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
+                            overlap_grad_reduce=overlap, wide_cp=True):
+        if (cfg.micro_batch_size, cfg.recompute, cfg.schedule, cfg.zero_stage, cfg.offload_optimizer) != (1, "full", "1f1b", 3, True):
+            continue
+        if cfg.tp > 1 and not cfg.sequence_parallel:
+            continue
+        mesh = (cfg.dp, cfg.tp, cfg.pp, cfg.cp)
+        if mesh not in best or cfg.ep > best[mesh].ep:
+            best[mesh] = cfg
+    return [best[k] for k in sorted(best)]
+
+
+def _fits_somehow(model, cluster, gpus, global_batch, seq_len, profile, flash, overlap) -> bool:
+    return any(states_fit(model, cluster, c) and best_layer_split(model, cluster, c, profile) is not None
+               for c in _lean_configs(model, cluster, gpus, global_batch, seq_len, flash, overlap))
+
+
+def no_fit_error(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
+                 profile: Profile | None, flash: bool, overlap: bool) -> DistplanError:
+    """Why nothing fits on `gpus` GPUs, and the fewest GPUs that would fit (powers of two, then multiples
+    of the node size in powers of two)."""
+    leans = _lean_configs(model, cluster, gpus, global_batch, seq_len, flash, overlap)
+    lean = None
+    if leans:
+        preds = [(predict(model, cluster, c, profile), c) for c in leans]
+        pred, cfg = min(preds, key=lambda pc: (pc[0].peak_memory_gib, leans.index(pc[1])))
+        lean = (cfg, pred)
+    gpn = cluster.gpus_per_node
+    limit = cluster.max_nodes * gpn if cluster.max_nodes else MAX_GPUS_TRIED
+    sizes = sorted({2**k for k in range(0, 21) if 2**k < gpn} | {gpn * 2**k for k in range(0, 21)})
+    fewest = next((n for n in sizes if gpus < n <= limit and
+                   _fits_somehow(model, cluster, n, global_batch, seq_len, profile, flash, overlap)), None)
+    return DistplanError(leanest_message(model, cluster, gpus, lean, fewest, limit))
+
+
+def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None = None, *,
+          global_batch: int | None = None, seq_len: int | None = None, top_k: int = 3,
+          time_limit_s: float | None = None, ilp_backend: str = "ortools", flash_attention: bool = True,
+          overlap_grad_reduce: bool = True, progress: Callable[[int, int], None] | None = None,
+          command: str | None = None, clock: Callable[[], float] = time.monotonic) -> SolveResult:
+    """The fastest plan of `model` on `gpus` GPUs of `cluster` that fits in memory.
+
+    global_batch / seq_len default to the model's. `top_k` runners-up (best of other meshes) are kept
+    with why each lost. `time_limit_s` bounds the search: the best plan found so far is returned and the
+    plan says so; DistplanError when nothing was found in time. `progress(done, total)` is called as
+    candidates are evaluated. flash_attention / overlap_grad_reduce are fixed settings, not searched.
+    """
+    start = clock()
+    global_batch = model.default_global_batch if global_batch is None else global_batch
+    seq_len = model.seq_len if seq_len is None else seq_len
+    check_inputs(model, cluster, gpus, global_batch, seq_len, top_k, time_limit_s, ilp_backend, profile)
+    outcome = run_search(model, cluster, gpus, global_batch, seq_len, profile, top_k=top_k, time_limit_s=time_limit_s,
+                         flash_attention=flash_attention, overlap_grad_reduce=overlap_grad_reduce, progress=progress,
+                         clock=clock)
+    stats = dict(outcome.stats, time_limit_s=time_limit_s)
+    if not outcome.best:
+        if outcome.timed_out:
+            raise DistplanError(f"--time-limit {time_limit_s:g} s ran out before any plan was found "
+                                f"({outcome.evaluated} of {outcome.candidates} candidates evaluated); allow more time")
+        raise no_fit_error(model, cluster, gpus, global_batch, seq_len, profile, flash_attention, overlap_grad_reduce)
+
+    best = outcome.best[0]
+    cfg, pred = best.config, best.prediction
+    validate_config(model, cfg, gpus)
+    alternatives = [Alternative(e.config, e.prediction, why_lost(pred, e.prediction)) for e in outcome.best[1:top_k + 1]]
+    unfit = outcome.fastest_unfit
+    if unfit is not None and unfit.prediction.step_time_s < pred.step_time_s:
+        alternatives.append(Alternative(unfit.config, unfit.prediction, why_lost(pred, unfit.prediction)))
+
+    ilp_start = clock()
+    remaining = None if time_limit_s is None else max(1.0, time_limit_s - (ilp_start - start))
+    shardings = shard_layers(model, cluster, cfg, pred, profile, ilp_backend, remaining)
+    stats["ilp_seconds"] = clock() - ilp_start
+    runner_up = (alternatives[0].config, alternatives[0].prediction) if alternatives and alternatives[0].prediction.fits else None
+    lines = rationale(model, cluster, gpus, cfg, pred, runner_up, stats, sharding_rationale(shardings, cfg))
+    provenance = {"command": command or (f"distplan solve --model {model.name} --gpus {gpus} --cluster {cluster.name} "
+                                         f"--global-batch {global_batch} --seq-len {seq_len} --ilp-backend {ilp_backend}"),
+                  "solver": {"ilp_backend": ilp_backend, "candidates": outcome.candidates,
+                             "evaluated_with_stage_dp": outcome.evaluated, "timed_out": outcome.timed_out,
+                             "flash_attention": flash_attention, "overlap_grad_reduce": overlap_grad_reduce}}
+    plan = make_plan(model, cluster, gpus, cfg, pred, rationale=lines,
+                     alternatives=[alternative_entry(a.config, a.prediction, a.why_lost) for a in alternatives],
+                     sharding=sharding_dict(shardings), provenance=provenance)
+    stats["seconds"] = clock() - start
+    return SolveResult(plan=plan, prediction=pred, alternatives=tuple(alternatives), sharding=tuple(shardings), stats=stats)

@@ -1,0 +1,101 @@
+"""Pictures: real PNG/SVG files of sensible size, not blank, with each phase's colour where it should be."""
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+from review_plans import review_plan
+
+from planner.errors import DistplanError
+from planner.pictures import PHASE_COLORS, comparison_figure, figure_bytes, memory_figure, save_figure, timeline_figure
+from planner.schedule import plan_schedule
+from planner.show import memory_chart_of, timeline_of
+
+
+def png_pixels(path):
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] >= 300 and img.shape[1] >= 600, img.shape
+    return img[..., :3]
+
+
+def share_of_colour(rgb, colour, tol=0.04) -> float:
+    return float((np.abs(rgb - np.array(to_rgb(colour))).max(axis=-1) < tol).mean())
+
+
+def assert_not_blank(rgb):
+    assert rgb.std() > 0.1, "picture is (nearly) one colour"
+    assert (rgb.min(axis=-1) < 0.9).mean() > 0.05, "picture is (nearly) all white"
+
+
+@pytest.mark.parametrize("kw", [dict(schedule="1f1b"), dict(schedule="gpipe"),
+                                dict(schedule="interleaved", vpp=2, recompute="full")])
+def test_timeline_png_shows_every_phase(tmp_path, kw):
+    plan = review_plan(**kw)
+    path = save_figure(timeline_of(plan), tmp_path / "timeline.png")
+    assert 20_000 < path.stat().st_size < 2_000_000
+    rgb = png_pixels(path)
+    assert_not_blank(rgb)
+    for phase in ("forward", "backward", "grad_sync", "optimizer"):
+        assert share_of_colour(rgb, PHASE_COLORS[phase]) > 0.002, phase
+    if kw.get("recompute") == "full":
+        assert share_of_colour(rgb, PHASE_COLORS["recompute"]) > 0.002
+
+
+def test_gpipe_and_1f1b_draw_different_schedules(tmp_path):
+    a = save_figure(timeline_of(review_plan(schedule="1f1b")), tmp_path / "a.png")
+    b = save_figure(timeline_of(review_plan(schedule="gpipe")), tmp_path / "b.png")
+    assert np.abs(png_pixels(a) - png_pixels(b)).mean() > 0.005
+
+
+def test_large_schedule_draws_quickly_and_stays_readable(tmp_path):
+    plan = review_plan(dp=1, pp=8, micro_batch_size=1, global_batch_size=256)  # 256 micro-batches x 8 ranks
+    sched = plan_schedule(plan)
+    assert len([e for e in sched.events if e.phase == "forward"]) == 256 * 8
+    path = save_figure(timeline_figure(sched, title="large"), tmp_path / "large.png")
+    assert_not_blank(png_pixels(path))
+
+
+def test_timeline_svg_is_an_svg_document(tmp_path):
+    path = save_figure(timeline_of(review_plan()), tmp_path / "timeline.svg")
+    text = path.read_text()
+    assert "<svg" in text and text.rstrip().endswith("</svg>")
+    assert 10_000 < len(text) < 3_000_000
+
+
+def test_memory_chart_shows_stacked_parts_and_capacity(tmp_path):
+    plan = review_plan()
+    path = save_figure(memory_chart_of(plan), tmp_path / "memory.png")
+    rgb = png_pixels(path)
+    assert_not_blank(rgb)
+    for colour in ("#4C72B0", "#DD8452", "#C44E52"):  # weights, optimizer, activations
+        assert share_of_colour(rgb, colour) > 0.001
+    assert share_of_colour(rgb, "#B22222") > 0.0005  # the capacity lines
+
+
+def test_memory_chart_marks_a_stage_over_the_limit():
+    stages = [{"rank": 0, "layers": [0, 3], "memory_breakdown_gib": {"weights": 40.0, "activations": 50.0}},
+              {"rank": 1, "layers": [4, 7], "memory_breakdown_gib": {"weights": 40.0, "activations": 10.0}}]
+    fig = memory_figure(stages, capacity_gib=78.0)
+    texts = [t for t in fig.axes[0].texts if t.get_text() == "90.0"]
+    assert texts and to_rgb(texts[0].get_color()) == to_rgb("#B22222")
+
+
+def test_comparison_chart_handles_missing_measurements(tmp_path):
+    records = [{"name": "chosen", "predicted_step_s": 1.2, "measured_step_s": 1.3, "predicted_mem_gib": 60.0,
+                "measured_mem_gib": 58.5},
+               {"name": "runner-up", "predicted_step_s": 1.4, "measured_step_s": None, "predicted_mem_gib": 70.0,
+                "measured_mem_gib": None}]
+    fig = comparison_figure(records)
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "+8.3%" in labels and "not measured" in labels
+    path = save_figure(fig, tmp_path / "cmp.png")
+    assert_not_blank(png_pixels(path))
+    with pytest.raises(DistplanError, match="lacks 'predicted_step_s'"):
+        comparison_figure([{"name": "x"}])
+
+
+def test_picture_format_comes_from_the_suffix(tmp_path):
+    fig = memory_chart_of(review_plan())
+    with pytest.raises(DistplanError, match=r"suffix must be \.png or \.svg"):
+        save_figure(fig, tmp_path / "memory.jpg")
+    assert figure_bytes(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,117 @@
+"""Profiles against clusters: GPU-type matching, the cluster a profile implies, and `estimate --profile`."""
+
+import pytest
+
+from conftest import parse_json
+from planner.cluster import check_gpu_count, load_cluster
+from planner.errors import DistplanError
+from planner.profile import (CollectiveFit, ComputeFit, LinearFit, Profile, cluster_for_profile, gpu_family,
+                             load_profile, profile_from_dict, profile_to_dict, save_profile)
+
+SEQ = 1024
+
+
+def gpu_profile(gpu_name="NVIDIA H100 80GB HBM3", memory_gib=79.1, slope=4e-7) -> Profile:
+    """A profile as `distplan profile` writes it for gpt2 on 8 GPUs (numbers made up but plausible)."""
+    compute = tuple(
+        ComputeFit(kind=k, tp=t, fwd=LinearFit(5e-5, s / t), bwd=LinearFit(1e-4, 2 * s / t),
+                   peak_activation_bytes_per_token=30000.0 / t, recompute=LinearFit(5e-5, s / t) if k == "block" else None,
+                   oom_micro_batch=16 if k == "head" else 0)
+        for k, s in (("embedding", slope / 20), ("block", slope), ("head", 3 * slope)) for t in (1, 2, 4, 8))
+    colls = tuple(CollectiveFit(op, n, 20e-6, 150.0) for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+                  for n in (2, 4, 8)) + (CollectiveFit("p2p", 2, 10e-6, 300.0),)
+    return Profile(gpu_name=gpu_name, device="cuda", model="gpt2", seq_len=SEQ, dtype="bf16", compute=compute,
+                   collectives=colls, matmul_tflops=700.0, hbm_bandwidth_gb_s=2900.0,
+                   matmul_tflops_by_gflop=((2.1, 300.0), (17.2, 600.0), (137.4, 690.0), (1099.5, 700.0)),
+                   host_bandwidth_gb_s=50.0, overlap_slowdown=0.07, device_count=8, memory_gib=memory_gib,
+                   facts={"wall_time_s": 100.0}, raw={"compute": []})
+
+
+def cpu_profile() -> Profile:
+    return Profile(gpu_name="Intel(R) Xeon(R) Processor", device="cpu", model="gpt2", seq_len=SEQ, dtype="bf16",
+                   compute=gpu_profile().compute, collectives=(CollectiveFit("all_reduce", 2, 1e-4, 2.0),
+                                                              CollectiveFit("p2p", 2, 5e-5, 4.0)),
+                   matmul_tflops=0.5, hbm_bandwidth_gb_s=10.0, matmul_tflops_by_gflop=((0.03, 0.2), (2.1, 0.5)),
+                   overlap_slowdown=0.8, device_count=2, memory_gib=11.0)
+
+
+@pytest.mark.parametrize("a,b", [("NVIDIA H200", "H200-SXM-141GB"), ("NVIDIA H100 80GB HBM3", "H100-SXM-80GB"),
+                                 ("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB")])
+def test_gpu_family_matches_vendor_and_preset_names(a, b):
+    assert gpu_family(a) == gpu_family(b)
+    assert gpu_family("NVIDIA H200") != gpu_family("H100-SXM-80GB")
+
+
+def test_round_trip_keeps_new_fields(tmp_path):
+    p = gpu_profile()
+    save_profile(p, tmp_path / "p.yaml")
+    q = load_profile(tmp_path / "p.yaml")
+    assert q == p  # facts and raw are not compared; everything the cost model reads is
+    assert profile_from_dict(profile_to_dict(q), "again") == p
+    assert q.compute_fit("block", 2).recompute == LinearFit(5e-5, 2e-7)
+    assert q.compute_fit("head", 1).oom_micro_batch == 16
+
+
+def test_mismatched_gpu_type_is_refused_naming_both():
+    with pytest.raises(DistplanError) as exc:
+        cluster_for_profile(gpu_profile("NVIDIA H200", 139.8), load_cluster("dgx-h100-80gb"))
+    msg = str(exc.value)
+    assert "NVIDIA H200" in msg and "H100-SXM-80GB" in msg and "h200-141gb" in msg
+
+
+def test_matching_cluster_takes_the_measured_numbers():
+    preset = load_cluster("dgx-h100-80gb")
+    c = cluster_for_profile(gpu_profile(), preset)
+    assert c.name == "dgx-h100-80gb+profile"
+    assert c.gpu.peak_bf16_tflops == preset.gpu.peak_bf16_tflops  # datasheet peak kept: MFU keeps its meaning
+    assert c.efficiency.matmul_fraction(1099.5) == pytest.approx(700.0 / 989.4)
+    assert c.efficiency.memory_bound_fraction == pytest.approx(2900.0 / 3350.0)
+    assert c.efficiency.overlap_slowdown == 0.07 and c.gpu.memory_gib == 79.1
+    assert c.link("inter_node") == preset.link("inter_node")  # not measured: the preset's, as the profile says
+
+
+def test_no_cluster_picks_the_preset_of_the_profiled_gpu():
+    assert cluster_for_profile(gpu_profile("NVIDIA H200", 139.8), None).name == "h200-141gb+profile"
+    unknown = cluster_for_profile(gpu_profile("NVIDIA L40S", 44.4), None)
+    assert unknown.name == "measured-cuda" and unknown.max_nodes == 1  # no inter-node network known
+
+
+def test_cpu_profile_describes_its_own_machine():
+    c = cluster_for_profile(cpu_profile(), load_cluster("dgx-h100-80gb"))
+    assert c.name == "measured-cpu" and c.gpus_per_node == 2 and c.gpu.peak_bf16_tflops == 0.5
+    assert c.link("intra_node").bandwidth_gb_s == 2.0 and c.link("intra_node").latency_us == pytest.approx(100.0)
+    check_gpu_count(c, 2)
+    with pytest.raises(DistplanError, match="exceeds cluster"):
+        check_gpu_count(c, 4)
+
+
+def test_estimate_with_profile_uses_the_measured_numbers(cli, tmp_path):
+    path = tmp_path / "h100.yaml"
+    prof = gpu_profile()
+    save_profile(prof, path)
+    args = ("estimate", "-m", "gpt2", "-n", 8, "--global-batch", 64, "--format", "json")
+    base = parse_json(cli(*args))
+    measured = parse_json(cli(*args, "--profile", path))
+    assert measured["step_time_s"] != pytest.approx(base["step_time_s"], rel=1e-3)
+    assert measured["cluster"] == "dgx-h100-80gb+profile"
+    assert measured["sources"]["compute.block.tp1"] == "profile" and base["sources"]["compute.block.tp1"] == "preset"
+    # the forward term is exactly the fitted layer times: m * (12 blocks + embedding + head)
+    tokens, m = SEQ, 64 // 8
+    fwd = 12 * prof.compute_fit("block", 1).fwd(tokens) + prof.compute_fit("embedding", 1).fwd(tokens) \
+        + prof.compute_fit("head", 1).fwd(tokens)
+    assert measured["breakdown"]["compute_fwd"] == pytest.approx(m * fwd, rel=1e-9)
+    # a slower measured GPU predicts a slower step
+    save_profile(gpu_profile(slope=8e-7), path)
+    slower = parse_json(cli(*args, "--profile", path))
+    assert slower["step_time_s"] > measured["step_time_s"]
+
+
+def test_estimate_profile_of_another_gpu_is_a_clear_error(cli, tmp_path):
+    path = tmp_path / "h200.yaml"
+    save_profile(gpu_profile("NVIDIA H200", 139.8), path)
+    r = cli("estimate", "-m", "gpt2", "-n", 8, "-c", "dgx-h100-80gb", "--profile", path)
+    assert r.exit_code == 2 and "NVIDIA H200" in r.stderr and "H100-SXM-80GB" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # without --cluster the profiled GPU's preset is used
+    ok = parse_json(cli("estimate", "-m", "gpt2", "-n", 8, "--profile", path, "--format", "json"))
+    assert ok["cluster"] == "h200-141gb+profile"

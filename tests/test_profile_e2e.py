@@ -1,0 +1,124 @@
+"""`distplan profile` end to end on the CPU (gloo between local processes): the whole path CI can run.
+
+Layer times on the CPU are the measuring thread's CPU time (profilers.compute.Clock), so a busy CI
+machine barely moves them; still, the fits are held to a loose bound here (CPU_FIT_TOLERANCE);
+tests/test_profile_fit.py holds the fitting itself to tight bounds on synthetic data, and the GPU
+profiles under benchmarks/results/ record each fit's largest error on real hardware.
+"""
+
+import pytest
+import yaml
+
+from conftest import parse_json
+from planner.cluster import load_cluster
+from planner.profile import cluster_for_profile, load_profile
+from profilers import comm
+from profilers.fit import collective_time_s
+from profilers.run import ProfileRequest, run_profile
+
+pytestmark = pytest.mark.slow
+CPU_FIT_TOLERANCE = 0.25  # every raw block time within 25% of its fit (about 5% on an idle CPU)
+
+# small, but with layers of milliseconds: below that, CPU timings are per-call overhead and jitter
+TINY = {"family": "llama", "num_layers": 2, "hidden_size": 256, "ffn_hidden_size": 1024, "num_heads": 4,
+        "num_kv_heads": 2, "vocab_size": 8192, "max_seq_len": 128}
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    ticks = []
+    prof = run_profile(ProfileRequest(model=str(path), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4)),
+                       lambda label, done, total: ticks.append((label, done, total)))
+    return prof, ticks
+
+
+def test_cpu_profile_has_every_part(tiny_profile):
+    prof, ticks = tiny_profile
+    assert prof.device == "cpu" and prof.device_count == 2 and prof.dtype == "bf16" and prof.seq_len == SEQ
+    assert {(c.kind, c.tp) for c in prof.compute} == {(k, t) for k in ("embedding", "block", "head") for t in (1, 2)}
+    assert prof.compute_fit("block", 1).recompute is not None
+    measured = {(c.op, c.group_size) for c in prof.collectives}
+    unmeasured = prof.facts["unmeasured_collectives"]
+    for op in comm.OPS:
+        assert (op, 2) in measured or f"{op}.n2" in unmeasured  # gloo may lack an op: then it says so
+    assert prof.overlap_slowdown is not None and prof.overlap_slowdown >= 0
+    assert prof.matmul_tflops > 0 and prof.hbm_bandwidth_gb_s > 0 and len(prof.matmul_tflops_by_gflop) == 4
+    assert prof.facts["wall_time_s"] > 0 and "not measured" in prof.facts["inter_node"]
+    assert prof.facts["measured_on"] == "cpu" and prof.facts["backend"] == "gloo"
+    # the progress callback saw every step, ending at the total
+    assert ticks[-1][1] == ticks[-1][2] and len(ticks) >= ticks[-1][2]
+
+
+def test_fits_reproduce_the_raw_measurements(tiny_profile):
+    """Blocks (most of a step) within CPU_FIT_TOLERANCE of every raw point; every fit positive.
+
+    The embedding and the head of this small model are dominated by fresh allocations of the
+    logits and of the table gradient on a CPU (page faults): their points scatter by tens of
+    percent between identical runs, so they are only held to within a factor of two."""
+    prof, _ = tiny_profile
+    for r in prof.raw["compute"]:
+        fit = prof.compute_fit(r["kind"], r["tp"])
+        bound = CPU_FIT_TOLERANCE if r["kind"] == "block" else 1.0
+        for p in r["points"]:
+            for phase in ("fwd", "bwd"):
+                got, want = getattr(fit, phase)(p["tokens"]), p[f"{phase}_s"]
+                assert got > 0 and abs(got - want) / want <= bound, (r["kind"], r["tp"], phase, p)
+    # collectives between processes wait on each other in wall-clock time, which a loaded CI machine
+    # stretches at random: here the recorded fit error must be the one the points give
+    recorded = prof.raw["fit_max_relative_error"]
+    worst = {}
+    for p in prof.raw["communication"]["points"]:
+        fit = prof.collective_fit(p["op"], p["group_size"])
+        key = f"{p['op']}.n{p['group_size']}"
+        worst[key] = max(worst.get(key, 0.0), abs(collective_time_s(fit, p["bytes"]) - p["time_s"]) / p["time_s"])
+    assert worst == pytest.approx(recorded["collectives"])
+    assert set(recorded["compute"]) == {f"{c.kind}.tp{c.tp}" for c in prof.compute}
+
+
+def test_profile_file_round_trips(tiny_profile, tmp_path):
+    from planner.profile import save_profile
+
+    prof, _ = tiny_profile
+    save_profile(prof, tmp_path / "p.yaml")
+    again = load_profile(tmp_path / "p.yaml")
+    assert again == prof and again.raw["compute"] == prof.raw["compute"]
+    cluster = cluster_for_profile(again, load_cluster("dgx-h100-80gb"))  # a CPU profile is its own machine
+    assert cluster.name == "measured-cpu" and cluster.gpus_per_node == 2
+
+
+def test_two_simulated_nodes_measure_the_inter_node_tier():
+    """4 gloo processes as 2 nodes x 2: groups stay in node 0, and p2p across nodes is measured."""
+    settings = comm.CommSettings(sizes_bytes=(64 * comm.KIB, comm.MIB), group_sizes=(2,), ops=("all_reduce",),
+                                 warmup=1, trials=1, max_iters=2, overlap=False, local_size=2)
+    raw = comm.measure_spawned(4, False, settings)
+    assert {p["group_size"] for p in raw["points"]} == {2}
+    inter = raw["inter_node"]
+    assert inter["nodes"] == 2 and len(inter["p2p"]) == 2 and len(inter["all_reduce"]) == 2
+    from profilers.run import fit_comm
+
+    _, link, _ = fit_comm(raw)
+    assert link is not None and link.bus_bandwidth_gb_s > 0
+
+
+def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
+    """The issue's CI flow: profile gpt2 on the CPU, then plan 2 'GPUs' of this machine with it."""
+    path = tmp_path / "p.yaml"
+    r = cli("profile", "--model", "gpt2", "--quick", "--seq-len", 128, "-o", path)
+    assert r.exit_code == 0, r.output
+    assert "profile of gpt2" in r.stdout and path.exists()
+    prof = load_profile(path)
+    assert prof.device == "cpu" and prof.model == "gpt2" and prof.compute_fit("block", 2) is not None
+    est = parse_json(cli("estimate", "--model", "gpt2", "--gpus", 2, "--seq-len", 128, "--profile", path,
+                         "--format", "json"))
+    assert est["cluster"] == "measured-cpu" and est["sources"]["compute.block.tp1"] == "profile"
+    assert est["sources"]["comm.all_reduce.n2"] == "profile"
+
+    from planner.cli import app
+
+    if "solve" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+        pytest.skip("`distplan solve` is not in planner.cli yet (the solver engineer adds it)")
+    solved = cli("solve", "--model", "gpt2", "--gpus", 2, "--profile", path)
+    assert solved.exit_code == 0, solved.output

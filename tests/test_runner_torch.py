@@ -1,0 +1,143 @@
+"""The torch engine end to end on CPU (gloo, 2-4 processes, a tiny GPT): every layout runs through the
+launcher, matches the single-process run (--check-numerics, fp32 rtol 1e-5) and writes a report; a rank
+killed mid-run or a hung run yields a failure report within the timeout and leaves no partial file.
+
+Step times on CPU are nothing like the H100 prediction in the plan, so these tests use a huge
+--tolerance and assert what the report says, not the accuracy of the cost model.
+"""
+
+import math
+import time
+
+import pytest
+import yaml
+
+from planner.cluster import load_cluster
+from planner.job import ParallelConfig, validate_config
+from planner.model import ModelSpec
+from planner.plan import make_plan, save_plan
+from planner.predict import predict
+from planner.runner.data import write_tokens
+from planner.runner.engine_api import TEST_KILL_ENV, RunOptions
+from planner.runner.launch import run_plan
+from planner.runner.parallelize import ZERO_MAPPING
+
+TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4,
+                 num_kv_heads=4, vocab_size=128, max_seq_len=32, tie_embeddings=True)
+HUGE = 1e9  # --tolerance: CPU timings against an H100 prediction
+
+
+def plan_file(tmp_path, **par):
+    par = {"seq_len": 32, "global_batch_size": 8, **par}
+    cfg = ParallelConfig(**par)
+    validate_config(TINY, cfg, cfg.gpus)
+    cluster = load_cluster("dgx-h100-80gb")
+    plan = make_plan(TINY, cluster, cfg.gpus, cfg, predict(TINY, cluster, cfg), provenance={"command": "test"})
+    path = tmp_path / "plan.yaml"
+    save_plan(plan, path)
+    return path
+
+
+def run(tmp_path, steps=2, warmup=1, data=None, data_dtype="uint16", **par):
+    path = plan_file(tmp_path, **par)
+    opts = RunOptions(steps=steps, warmup=warmup, lr=1e-3, timeout_s=300, data_path=data, data_dtype=data_dtype)
+    report = run_plan(path, opts, out_path=tmp_path / "report.yaml", tolerance=HUGE, check_numerics=True)
+    assert not report.failures, [(f.rank, f.reason, f.log_tail) for f in report.failures]
+    return report
+
+
+def assert_verified(report, tmp_path, world):
+    num = report.numerics
+    assert num is not None and num.checked and num.dtype == "fp32" and num.passed, num
+    assert len(num.parallel_losses) == report.warmup + report.steps and num.max_rel_error <= 1e-5
+    assert report.passed and report.device == "cpu" and report.dtype == "fp32" and report.world_size == world
+    assert report.measured_step_time_s > 0 and report.step_time_p10_s <= report.step_time_p90_s
+    d = yaml.safe_load((tmp_path / "report.yaml").read_text())
+    assert d["version"] == 1 and d["passed"] is True and len(d["ranks"]) == world
+    assert d["numerics"]["passed"] is True and d["predicted_step_time_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "report.yaml"]
+
+
+@pytest.mark.slow
+def test_dp2_ddp_through_the_cli_with_calibration(cli, tmp_path):
+    path = plan_file(tmp_path, dp=2)
+    prof = tmp_path / "profile.yaml"
+    r = cli("run", path, "--steps", 2, "--warmup", 1, "--check-numerics", "--tolerance", HUGE, "-o",
+            tmp_path / "report.yaml", "--calibrate", "--profile", prof, "--timeout", 300)
+    assert r.exit_code == 0, r.output
+    assert "numerics vs single process" in r.stdout and "PASSED" in r.stdout and "calibration" in r.stdout
+    d = yaml.safe_load((tmp_path / "report.yaml").read_text())
+    assert d["numerics"]["passed"] and ZERO_MAPPING[0] in d["notes"]
+    assert d["calibration"]["factors"]["compute"] > 1  # a CPU is slower than the H100 the plan assumed
+    assert yaml.safe_load(prof.read_text())["calibration"]["compute"] > 1
+    # the same run with the default 10% tolerance fails verification: exit code 1, report still written
+    r = cli("run", path, "--steps", 1, "--warmup", 0, "-o", tmp_path / "strict.yaml", "--timeout", 300)
+    assert r.exit_code == 1 and "FAILED" in r.stdout
+    assert yaml.safe_load((tmp_path / "strict.yaml").read_text())["passed"] is False
+
+
+@pytest.mark.slow
+def test_tp2_sequence_parallel_on_a_token_file(tmp_path):
+    write_tokens(tmp_path / "tokens.bin", [(i * 7) % 128 for i in range(5000)], "uint32")
+    report = run(tmp_path / "run", tp=2, sequence_parallel=True, data=str(tmp_path / "tokens.bin"), data_dtype="uint32")
+    assert_verified(report, tmp_path / "run", 2)
+    assert "tokens.bin" in report.data
+
+
+@pytest.mark.slow
+def test_pp2_1f1b_uneven_split_tied_embedding(tmp_path):
+    report = run(tmp_path, pp=2, layer_split=(1, 3), schedule="1f1b")
+    assert_verified(report, tmp_path, 2)
+    assert [r["chunks"] for r in report.ranks] == [[[0, 0, 1]], [[1, 1, 4]]]
+    assert math.isnan(report.ranks[0]["losses"][0])  # only the last stage sees the loss
+
+
+@pytest.mark.slow
+def test_pp2_interleaved_vpp2(tmp_path):
+    report = run(tmp_path, pp=2, vpp=2, schedule="interleaved")
+    assert_verified(report, tmp_path, 2)
+    assert [r["chunks"] for r in report.ranks] == [[[0, 0, 1], [2, 2, 3]], [[1, 1, 2], [3, 3, 4]]]
+
+
+@pytest.mark.slow
+def test_fsdp2_zero3_with_full_recompute(tmp_path):
+    report = run(tmp_path, dp=2, zero_stage=3, recompute="full")
+    assert_verified(report, tmp_path, 2)
+    assert ZERO_MAPPING[3] in report.notes
+
+
+@pytest.mark.slow
+def test_4_ranks_fsdp2_zero2_by_tp2_sp_selective_recompute(tmp_path):
+    report = run(tmp_path, steps=1, dp=2, tp=2, zero_stage=2, sequence_parallel=True, recompute="selective",
+                 flash_attention=False, micro_batch_size=2)  # unfused plan: selective checkpoints the attention core
+    assert_verified(report, tmp_path, 4)
+    assert {(r["dp_rank"], r["tp_rank"]) for r in report.ranks} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_yields_a_failure_report_and_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(TEST_KILL_ENV, "1:2")  # rank 1 SIGKILLs itself as step 2 begins
+    path = plan_file(tmp_path, dp=2)
+    start = time.monotonic()
+    report = run_plan(path, RunOptions(steps=3, warmup=1, timeout_s=120), out_path=tmp_path / "report.yaml")
+    assert time.monotonic() - start < 120
+    assert not report.passed
+    first = report.failures[0]
+    assert (first.rank, first.step, first.kind, first.primary) == (1, 2, "killed", True)
+    assert "SIGKILL" in first.reason and first.exit_code == -9
+    assert all(not f.primary for f in report.failures[1:])  # rank 0 only lost its peer
+    d = yaml.safe_load((tmp_path / "report.yaml").read_text())
+    assert d["failures"][0]["rank"] == 1 and d["verdict"][0].startswith("rank 1 failed at step 2 (killed)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "report.yaml"]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_stopped_at_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv(TEST_KILL_ENV, "1:2:hang")  # rank 1 stops as step 2 begins; rank 0 blocks in its all-reduce
+    path = plan_file(tmp_path, dp=2)
+    start = time.monotonic()
+    report = run_plan(path, RunOptions(steps=3, warmup=1, timeout_s=20), out_path=tmp_path / "report.yaml")
+    assert time.monotonic() - start < 20 + 10  # timeout + SIGTERM/SIGKILL grace
+    assert [(f.rank, f.step, f.kind) for f in report.failures] == [(0, 2, "timeout"), (1, 2, "timeout")]
+    assert "no result within the 20 s timeout" in report.verdict[0] and not report.passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "report.yaml"]
