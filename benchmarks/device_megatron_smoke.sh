@@ -110,7 +110,7 @@ for name, ref in (("mg_dp2_zero1", "mg_ref"), ("mg_pp2_uneven", "mg_ref"), ("mg_
     errs = [abs(x - y) for x, y in zip(a[:k], b[:k]) if x is not None and y is not None]
     ok = len(errs) == k and all(e <= 1e-2 + 2e-2 * abs(y) for e, y in zip(errs, b))
     print(f"numerics {name} vs {ref}: {'match' if ok else 'DIVERGE'} over {k} steps, max |diff| "
-          f"{max(errs) if errs else math.nan:.3g}; step 0 {a[0]:.5f} vs {b[0]:.5f}")
+          f"{max(errs) if errs else math.nan:.3g}; step 0 {a[0]} vs {b[0]}")
 EOF
 tar -czf "$out/smoke.tar.gz" -C "$out" work 2>/dev/null && rm -rf "$work"
 cat "$log"

@@ -2,6 +2,7 @@
 # Profile gpt2-xl and llama-3-8b on this GPU node and check the profile independently
 # (benchmarks/profile_check.py). Writes profiles, check JSON and one log under OUT (default: out/).
 # Use, from the repository root: bash benchmarks/profile_device.sh [TAG]   (TAG names the files, e.g. 2xh200)
+# STEPS="quick full check oom" (the default) picks what runs.
 set -u
 tag=${1:-gpu}
 out=${OUT:-out}
@@ -25,11 +26,13 @@ run() {  # run NAME ARGS...: one profile, timed, its table and errors to the log
   return $rc
 }
 
-run gpt2-xl-quick -m gpt2-xl --quick || { tail -60 "$log"; exit 1; }
-run llama-3-8b -m llama-3-8b
-echo "=== independent check (llama-3-8b profile)" >>"$log"
-timeout 240 python3 benchmarks/profile_check.py "$out/profile-llama-3-8b-$tag.yaml" -o "$out/check-$tag.json" >>"$log" 2>&1
-run gpt2-xl -m gpt2-xl
+steps=${STEPS:-quick full check oom}
+case " $steps " in *" quick "*) run gpt2-xl-quick -m gpt2-xl --quick || { tail -60 "$log"; exit 1; } ;; esac
+case " $steps " in *" full "*) run llama-3-8b -m llama-3-8b || { tail -60 "$log"; exit 1; } ;; esac
+case " $steps " in *" check "*)
+  echo "=== independent check (llama-3-8b profile)" >>"$log"
+  timeout 240 python3 benchmarks/profile_check.py "$out/profile-llama-3-8b-$tag.yaml" -o "$out/check-$tag.json" >>"$log" 2>&1 ;; esac
+case " $steps " in *" full "*) run gpt2-xl -m gpt2-xl ;; esac
 # a micro-batch that cannot fit (llama-3-8b's LM head at 16 x 8192 tokens needs ~190 GB at tp=1): marked, not fatal
-run llama-3-8b-oom -m llama-3-8b --quick --micro-batches 1,2,4,8,16
+case " $steps " in *" oom "*) run llama-3-8b-oom -m llama-3-8b --quick --micro-batches 1,2,4,8,16 ;; esac
 grep -E "^===|TFLOP|GB/s|wall time|OOM|layer fits|tp[12]|error|Error" "$log" | tail -90

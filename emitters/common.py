@@ -1,4 +1,4 @@
-"""What every emitter shares: the Emission type, the header, launch geometry, and the atomic output folder.
+"""What every emitter shares: the Emission and CheckResult types, the header, launch geometry, the atomic output folder.
 
 An emitter is a pure function `Plan, EmitOptions -> Emission`: file names and their text, plus the launch
 command. Nothing here prints. Files reach disk only through `write_emission`, which writes the whole set
@@ -60,12 +60,35 @@ def inexpressible(target: str, what: str, nearest: str) -> DistplanError:
     return DistplanError(f"{target} cannot express this plan: {what}; nearest expressible plan: {nearest}")
 
 
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one validator of emitted files (emitters/checks.py, emitters/checks_megatron.py)."""
+
+    name: str
+    status: str  # pass | fail | skip
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+
+def check_result(name: str, errors: list[str], ok_detail: str = "") -> CheckResult:
+    return CheckResult(name, FAIL, "; ".join(errors)) if errors else CheckResult(name, PASS, ok_detail)
+
+
 # ---- geometry ---------------------------------------------------------------------------------
 
 
 def launch_geometry(plan: Plan) -> tuple[int, int]:
     """(nodes, processes per node): one process per GPU, nodes filled to gpus_per_node."""
     per_node = min(plan.gpus, plan.cluster.gpus_per_node)
+    if plan.gpus % per_node:
+        raise DistplanError(f"the plan's {plan.gpus} GPUs are not a whole number of {per_node}-GPU nodes of "
+                            f"cluster '{plan.cluster.name}'; launchers start the same number of processes per node")
     return plan.nodes, per_node
 
 

@@ -171,6 +171,8 @@ def emit_deepspeed(plan: Plan, opts: EmitOptions) -> Emission:
                      f"{PARTITION} gives the planned split as PipelineModule `parts` "
                      f"({list(p.layers_per_stage(plan.model.num_layers))} blocks per stage) and the topology "
                      f"PipeModelDataParallelTopology(num_pp={p.pp}, num_mp={p.tp}, num_dp={p.dp}) for the runner.")
+        notes.append(f"DeepSpeed's PipelineEngine accepts ZeRO stage 0 or 1 only (ZeRO-2/3 are rejected at "
+                     f"initialize); this plan uses ZeRO-{p.zero_stage}.")
         if p.tp > 1:
             notes.append(f"tensor parallelism tp={p.tp} inside the pipeline comes from the model code "
                          "(Megatron-DeepSpeed style, num_mp in the topology); this config does not use AutoTP.")

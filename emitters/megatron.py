@@ -23,8 +23,6 @@ Machine-readable comments for checkers: `# distplan-world-size: N` and `# distpl
 
 from __future__ import annotations
 
-import shlex
-
 from emitters.common import (
     EmitOptions,
     Emission,
@@ -44,8 +42,14 @@ ARGS_FILE = "megatron_args.txt"
 DEFAULT_SCRIPT = "$MEGATRON_LM/pretrain_gpt.py"
 WORLD_SIZE_TAG = "distplan-world-size:"
 ENV_TAG = "distplan-env:"
-# run-length arguments the launch script adds (not part of the plan: a short timing run by default)
-RUN_ARGS = '--train-iters "${TRAIN_ITERS:-100}" --lr "${LR:-1.0e-4}" --log-interval 1 --eval-iters 0'
+# run-length arguments the launch script adds after the plan's (not part of the plan: a short timing run by
+# default): (flag, environment variable that overrides it or None, default)
+RUN_ARGS = (("--train-iters", "TRAIN_ITERS", "100"), ("--lr", "LR", "1.0e-4"), ("--log-interval", None, "1"),
+            ("--eval-iters", None, "0"))
+
+
+def run_args_shell() -> str:
+    return " ".join(f'{flag} "${{{env}:-{default}}}"' if env else f"{flag} {default}" for flag, env, default in RUN_ARGS)
 
 
 def _refuse(plan: Plan) -> None:
@@ -198,7 +202,7 @@ def emit_megatron(plan: Plan, opts: EmitOptions) -> Emission:
              '  read -ra words <<< "$line"',
              '  ARGS+=("${words[@]}")',
              f'done < "$HERE/{ARGS_FILE}"',
-             f"RUN_ARGS=({RUN_ARGS})  # run length: not part of the plan",
+             f"RUN_ARGS=({run_args_shell()})  # run length: not part of the plan",
              "exec " + torchrun_shell(plan) + ' "$SCRIPT" "${ARGS[@]}" "${RUN_ARGS[@]}" "$@"']
     where = "on every node (MASTER_ADDR = the first node; job.sbatch does this under SLURM)" if nodes > 1 else "on the node"
     purpose = [f"Starts Megatron-LM's pretrain_gpt.py for this plan {where}.",
@@ -209,5 +213,7 @@ def emit_megatron(plan: Plan, opts: EmitOptions) -> Emission:
     if plan.parallel.ep > 1 and plan.parallel.tp > 1 and not plan.parallel.sequence_parallel:
         notes.append("Megatron warns that expert parallelism with tensor parallelism should use sequence "
                      "parallelism; this plan has it off (consider re-planning with sequence_parallel=true)")
-    launch = shell_line([f"{k}={v}" for k, v in env.items()] + torchrun_prefix(plan) + [script] + megatron_argv(plan))
+    run_args = [word for flag, _, default in RUN_ARGS for word in (flag, default)]
+    launch = shell_line([f"{k}={v}" for k, v in env.items()] + torchrun_prefix(plan) + [script] + megatron_argv(plan)
+                        + run_args)
     return Emission(target=TARGET, files=files, launch=launch, executable=("launch.sh",), notes=tuple(notes), env=env)

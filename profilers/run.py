@@ -68,9 +68,9 @@ def plan_profile(req: ProfileRequest) -> Plan:
     require(seq_len > 0, f"--seq-len must be positive, got {seq_len}")
     require(not spec.learned_positions or spec.is_vit or seq_len <= spec.max_seq_len,
             f"--seq-len {seq_len} exceeds the {spec.max_seq_len} learned positions of '{spec.name}'")
+    require(req.gpus_per_node is None or req.gpus_per_node >= 1, f"--gpus-per-node must be >= 1, got {req.gpus_per_node}")
     present = torch.cuda.device_count() if cuda else (req.gpus_per_node or DEFAULT_CPU_DEVICES)
     gpn = req.gpus_per_node or present
-    require(gpn >= 1, f"--gpus-per-node must be >= 1, got {gpn}")
     devices = min(present, gpn)
     tps = tuple(compute.tp_degrees(spec, gpn))
     q = req.quick

@@ -47,7 +47,6 @@ NS_PER_S = 1e9  # CP-SAT takes integer coefficients: seconds become whole nanose
 KIB = 1024  # ... and memory whole KiB
 BACKENDS = ("ortools", "pulp")
 _SHARDED = ("B", "S", "C")
-_ROW_OUTPUT_OPS = ("o_proj", "fc2", "down_proj")  # only used to name Megatron's reference assignment
 
 
 @dataclass(frozen=True)
@@ -151,14 +150,15 @@ def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, com
         in_bytes += g.graph["input_bytes"] * scale
     seq_ok = len(shape) >= 3 and (shape[1] // cp) % t == 0
     n_mlp = 3 if spec.gated_mlp else 2
+    vocab = bool(w) and w[0] == spec.vocab_size  # Megatron pads the vocabulary to a multiple of tp
 
     options: list[tuple[str, str, str, str, int, int]] = [("replicate", "R", "R", "R", 1, 1)]  # name, in, out, grad, k, wk
     if t > 1:
-        if shape[0] % t == 0:
+        if shape[0] == g.graph["micro_batch"] and shape[0] % t == 0:
             options.append(("batch-split", "B", "B", "B", t, 1))
         if seq_ok:
             options.append(("sequence-split", "S", "S", "S", t, 1))
-        if op == "matmul" and w and w[0] % t == 0:
+        if op == "matmul" and w and (w[0] % t == 0 or vocab):
             options.append(("column-split", "R", "C", "P", t, t))
         if op == "matmul" and w and len(w) == 2 and w[1] % t == 0:
             options.append(("row-split", "C", "P", "C", t, t))
@@ -166,7 +166,7 @@ def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, com
             options.append(("column-split", "C", "C", "C", t, 1))  # heads split: Q, K, V arrive split by head
         if op == "elementwise" and shape[-1] % t == 0:
             options.append(("column-split", "C", "C", "C", t, 1))
-        if op == "embedding" and w and w[0] % t == 0:
+        if op == "embedding" and w and (w[0] % t == 0 or vocab):
             options.append(("row-split", "R", "P", "R", 1, t))  # vocab-parallel table: partial sums (Megatron)
         if op == "experts" and spec.ffn_hidden_size % t == 0:
             options.append(("column-split", "R", "P", "P", t, t))  # every expert's ffn split column-then-row

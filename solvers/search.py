@@ -28,7 +28,7 @@ it is not overlapped) being affine in the rank's parameters.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from planner.cluster import Cluster
@@ -60,15 +60,15 @@ class Evaluated:
     prediction: Prediction
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchOutcome:
-    best: list[Evaluated]  # best per mesh (dp, tp, pp, cp, ep), fastest first; at most top_k + 1
+    best: tuple[Evaluated, ...]  # best per mesh (dp, tp, pp, cp, ep), fastest first; at most top_k + 1
     fastest_unfit: Evaluated | None  # the lowest-bound candidate that fits no split (for "why not")
     candidates: int = 0
     evaluated: int = 0
     timed_out: bool = False
     widened_cp: bool = False
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict, hash=False)
 
 
 def _divisors(n: int) -> list[int]:
@@ -205,15 +205,12 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
     if not outcome.best and not outcome.timed_out and not model.is_vit:
         wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
                     overlap_grad_reduce, progress, clock, start, wide_cp=True)
-        wide.candidates += outcome.candidates
-        wide.evaluated += outcome.evaluated
-        wide.widened_cp = True
-        wide.fastest_unfit = wide.fastest_unfit or outcome.fastest_unfit
-        outcome = wide
-    outcome.stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
-                     "pruned_by_bound": outcome.candidates - outcome.evaluated, "timed_out": outcome.timed_out,
-                     "context_parallel_widened": outcome.widened_cp, "search_seconds": clock() - start}
-    return outcome
+        outcome = replace(wide, candidates=wide.candidates + outcome.candidates, evaluated=wide.evaluated + outcome.evaluated,
+                          widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit)
+    stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
+             "pruned_by_bound": outcome.candidates - outcome.evaluated, "timed_out": outcome.timed_out,
+             "context_parallel_widened": outcome.widened_cp, "search_seconds": clock() - start}
+    return replace(outcome, stats=stats)
 
 
 def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
@@ -251,6 +248,6 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
     if progress is not None:
         progress(total, total)
     ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))[:keep]
-    best = [Evaluated(cfg, predict(model, cluster, cfg, profile)) for _, _, cfg in ranked]
+    best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile)) for _, _, cfg in ranked)
     unfit = Evaluated(first_unfit, predict(model, cluster, first_unfit, profile)) if first_unfit else None
     return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out)

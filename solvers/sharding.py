@@ -79,12 +79,13 @@ def sharding_rationale(shardings: list[KindSharding], cfg: ParallelConfig) -> li
             lines.append(f"{head}: tp=1, every operator whole on each GPU (data parallel)")
             continue
         diff = sorted(op for op, strat in sol.assignment if s.megatron.get(op) != strat)
-        style = "Megatron's column-then-row split" + (" with sequence parallelism" if cfg.sequence_parallel else "")
+        style = ("Megatron's column-then-row split" if s.kind != "embedding" else "Megatron's vocabulary-parallel table") \
+            + (" with sequence parallelism" if cfg.sequence_parallel else "")
         if not diff:
             lines.append(f"{head}: {style}, exactly what the runners execute")
         else:
             gain = 100 * (1 - sol.cost.step_s / s.megatron_step_s) if s.megatron_step_s > 0 else 0.0
             shown = ", ".join(f"{op}={dict(sol.assignment)[op]}" for op in diff[:6]) + (" ..." if len(diff) > 6 else "")
-            lines.append(f"{head}: differs from the runners' {style} on {len(diff)} operator(s) ({shown}), "
-                         f"{gain:.1f}% cheaper under the ILP's terms; the prediction is for the runners' sharding")
+            lines.append(f"{head}: differs on {len(diff)} operator(s) ({shown}) from {style}, which the runners "
+                         f"execute and the prediction assumes; {gain:.1f}% cheaper under the ILP's terms")
     return lines

@@ -52,6 +52,9 @@ def check_inputs(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
     if model.is_vit:
         require(seq_len == model.seq_len, f"{model.name} is a ViT: its sequence is {model.seq_len} patches, got --seq-len {seq_len}")
     validate_config(model, ParallelConfig(global_batch_size=global_batch, seq_len=seq_len))  # sequence vs positions
+    require(model.is_vit or seq_len <= model.max_seq_len,
+            f"--seq-len {seq_len} exceeds the {model.max_seq_len}-token context of {model.name} (the solver traces "
+            "its layers at the training sequence length)")
     require(isinstance(top_k, int) and top_k >= 0, f"--top-k must be >= 0, got {top_k}")
     require(time_limit_s is None or time_limit_s > 0, f"--time-limit must be positive seconds, got {time_limit_s}")
     require(ilp_backend in BACKENDS, f"--ilp-backend '{ilp_backend}' is unknown; valid: {', '.join(BACKENDS)}")

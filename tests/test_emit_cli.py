@@ -194,3 +194,13 @@ def test_slurm_wraps_each_target():
     # every #SBATCH line comes before the first command (sbatch stops reading them there)
     lines = [line for line in sb.splitlines() if line and not line.startswith("#")]
     assert sb.index(lines[0]) > sb.rindex("#SBATCH")
+
+
+def test_gpus_not_filling_whole_nodes_are_refused():
+    from dataclasses import replace
+
+    plan = case_plan("gpt2-xl-64")
+    odd = replace(plan, gpus=12, parallel=replace(plan.parallel, dp=12, global_batch_size=96))
+    for target in TARGETS:
+        with pytest.raises(DistplanError, match="12 GPUs are not a whole number of 8-GPU nodes"):
+            emit_plan(odd, target)

@@ -11,7 +11,8 @@ import pytest
 
 from emit_cases import CASES, GOLDEN, UPDATE, case_plan
 from emitters import TARGETS, emit_plan
-from emitters.checks import check_emission, read_args_file, megatron_rule_errors
+from emitters.checks import check_emission
+from emitters.checks_megatron import megatron_rule_errors, read_args_file
 from emitters.common import EmitOptions
 from planner.plan import load_plan, save_plan
 

@@ -11,7 +11,7 @@ import pytest
 
 from emit_cases import CASES, case_plan, variant_plan
 from emitters import emit_plan
-from emitters.checks import (
+from emitters.checks_megatron import (
     MEGATRON_CHECK_SCRIPT,
     megatron_native_available,
     megatron_rule_errors,

@@ -56,12 +56,19 @@ def test_missing_megatron_core_and_local_spec_limits(monkeypatch):
     monkeypatch.setattr(me, "_has", lambda module: False)
     with pytest.raises(DistplanError, match="needs megatron-core: pip install megatron-core"):
         me.check_supported(make(), "cuda")
-    monkeypatch.setattr(me, "_has", lambda module: module != "transformer_engine")
+    monkeypatch.setattr(me, "_has", lambda module: True)
     me.check_supported(make(tp=2, pp=2), "cuda")  # fine with the local spec
-    with pytest.raises(DistplanError, match="sequence parallel needs Transformer Engine"):
+    with pytest.raises(DistplanError, match="sequence parallel needs Transformer Engine's or Apex's norms"):
         me.check_supported(make(tp=2, sequence_parallel=True), "cuda")
-    with pytest.raises(DistplanError, match="optimizer offload needs Transformer Engine"):
+    with pytest.raises(DistplanError, match="context parallel cp=2 needs Transformer Engine's attention"):
+        me.check_supported(make(dp=2, cp=2), "cuda")
+    with pytest.raises(DistplanError, match="optimizer offload needs Transformer Engine's FusedAdam"):
         me.check_supported(make(dp=2, zero_stage=1, offload_optimizer=True), "cuda")
+    with pytest.raises(DistplanError, match="ep=2 with tp=2: Megatron requires sequence parallelism"):
+        me.check_supported(make(load_model("mixtral-8x7b"), dp=2, tp=2, ep=2, seq_len=64, global_batch_size=4,
+                                micro_batch_size=1), "cuda")
+    with pytest.raises(DistplanError, match="ViT"):
+        me.check_supported(make(load_model("vit-huge"), seq_len=257, global_batch_size=2, micro_batch_size=1), "cuda")
 
 
 # ---- plan -> TransformerConfig / GPTModel keyword arguments -----------------------------------------
@@ -235,3 +242,10 @@ def test_global_names_of_layers_and_experts():
     assert me.global_name("decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight", {0: 6, 1: 7}, 4) == \
         "decoder.layers.7.mlp.experts.local_experts.7.linear_fc1.weight"
     assert me.global_name("embedding.word_embeddings.weight", {}, 0) == "embedding.word_embeddings.weight"
+
+
+def test_reported_loss_survives_the_schedules_in_place_scaling():
+    # megatron's forward_step divides the returned loss by the micro-batch count in place
+    loss, reported = me._loss(torch.full((2, 3), 6.0))
+    loss /= 8
+    assert reported["lm loss"].item() == 6.0 and loss.item() == 0.75

@@ -1,5 +1,7 @@
 """Profiles against clusters: GPU-type matching, the cluster a profile implies, and `estimate --profile`."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import parse_json
@@ -115,3 +117,36 @@ def test_estimate_profile_of_another_gpu_is_a_clear_error(cli, tmp_path):
     # without --cluster the profiled GPU's preset is used
     ok = parse_json(cli("estimate", "-m", "gpt2", "-n", 8, "--profile", path, "--format", "json"))
     assert ok["cluster"] == "h200-141gb+profile"
+
+
+H200_PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "profile_2xh200"
+
+
+def test_measured_h200_profile_changes_the_prediction(cli):
+    """The llama-3-8b profile measured on 2 x H200 (benchmarks/results/profile_2xh200): estimate on
+    those GPUs takes its layer and collective fits, and the forward term is exactly the fitted times."""
+    path = H200_PROFILES / "profile-llama-3-8b-2xh200.yaml"
+    prof = load_profile(path)
+    assert prof.gpu_name == "NVIDIA H200" and prof.device == "cuda" and prof.device_count == 2
+    args = ("estimate", "-m", "llama-3-8b", "-n", 2, "--tp", 2, "--global-batch", 16, "--format", "json")
+    preset = parse_json(cli(*args, "-c", "h200-141gb"))
+    measured = parse_json(cli(*args, "--profile", path))
+    assert measured["cluster"] == "h200-141gb+profile"
+    assert all(measured["sources"][k] == "profile" for k in ("compute.block.tp2", "compute.head.tp2", "comm.all_reduce.n2"))
+    assert abs(measured["step_time_s"] / preset["step_time_s"] - 1) > 0.05
+    tokens, m, layers = prof.seq_len, 16, 32
+    fwd = layers * prof.compute_fit("block", 2).fwd(tokens) + prof.compute_fit("embedding", 2).fwd(tokens) \
+        + prof.compute_fit("head", 2).fwd(tokens)
+    assert measured["breakdown"]["compute_fwd"] == pytest.approx(m * fwd, rel=1e-9)
+    # the same profile on the default cluster (H100) is refused
+    r = cli(*args, "-c", "dgx-h100-80gb", "--profile", path)
+    assert r.exit_code == 2 and "NVIDIA H200" in r.stderr
+
+
+def test_measured_profiles_record_oom_and_fit_quality():
+    oom = load_profile(H200_PROFILES / "profile-llama-3-8b-oom-2xh200.yaml")
+    assert oom.compute_fit("head", 1).oom_micro_batch == 16 and oom.compute_fit("head", 2).oom_micro_batch == 0
+    assert "out of memory" in oom.facts["infeasible"]["head.tp1"]
+    full = load_profile(H200_PROFILES / "profile-llama-3-8b-2xh200.yaml")
+    errors = full.raw["fit_max_relative_error"]["compute"]
+    assert max(e["fwd"] for k, e in errors.items() if k.startswith(("block", "head"))) < 0.05

@@ -56,6 +56,7 @@ def check_request(plan: Plan, opts: RunOptions, nproc: int | None, device_type: 
     require(opts.steps >= 1, f"--steps must be >= 1, got {opts.steps}")
     require(opts.warmup >= 0, f"--warmup must be >= 0, got {opts.warmup}")
     require(opts.timeout_s > 0, f"--timeout must be positive, got {opts.timeout_s}")
+    require(opts.lr > 0, f"--lr must be positive, got {opts.lr}")
     require(opts.dtype in DTYPES, f"--dtype '{opts.dtype}' is unknown; valid: {', '.join(DTYPES)}")
     world = plan.parallel.gpus
     nproc = world if nproc is None else nproc
@@ -252,9 +253,10 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
 
         numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
                              "cuda:0" if device_type == "cuda" else "cpu", opts.data_path, opts.data_dtype)
-    notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {device_type}",)
+    where = f"{device_type} ({torch.cuda.get_device_name(0)})" if device_type == "cuda" else device_type
+    notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {where}",)
     data = (f"file {opts.data_path} ({opts.data_dtype})" if opts.data_path else f"synthetic (seed {opts.seed})")
-    report = build_report(plan, str(plan_path), opts.engine, results[0].device if results else device_type, opts.dtype,
+    report = build_report(plan, str(plan_path), opts.engine, device_type, opts.dtype,
                           opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
                           wall_time_s=time.monotonic() - start)
     if calibrate and report.measured_step_time_s is not None:

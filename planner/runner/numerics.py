@@ -33,7 +33,24 @@ NUMERICS_STEPS = 10
 
 def reference_losses(plan: Plan, steps: int, seed: int, lr: float, dtype: str, device: str,
                      data_path: str | None = None, data_dtype: str = "uint16") -> list[float]:
-    """Losses of `steps` optimizer steps of the plan's training on one process (no parallelism)."""
+    """Losses of `steps` optimizer steps of the plan's training on one process (no parallelism).
+
+    On the CPU it runs one intra-op thread: CPU runs are for tiny CI models, where OpenMP threads only
+    add contention (50x slower on a loaded 2-core machine).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _reference_losses(plan, steps, seed, lr, dtype, device, data_path, data_dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_losses(plan: Plan, steps: int, seed: int, lr: float, dtype: str, device: str,
+                      data_path: str | None, data_dtype: str) -> list[float]:
     import torch
 
     from planner.modeling import lm_loss
@@ -86,13 +103,8 @@ def compare(parallel: list[float] | tuple[float, ...], reference: list[float], d
 def check_numerics(plan: Plan, parallel_losses: tuple[float, ...], seed: int, lr: float, dtype: str, device: str,
                    data_path: str | None = None, data_dtype: str = "uint16") -> NumericsResult:
     """Run the reference for the first steps of the parallel run and compare; never raises on OOM."""
-    import torch
-
     steps = min(len(parallel_losses), NUMERICS_STEPS)
     rtol, atol = TOLERANCES[dtype]
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)  # CPU runs are for tiny CI models: OpenMP threads only add contention (50x slower when loaded)
     try:
         ref = reference_losses(plan, steps, seed, lr, dtype, device, data_path, data_dtype)
     except (RuntimeError, MemoryError) as exc:  # e.g. the whole model does not fit on one device
@@ -100,6 +112,4 @@ def check_numerics(plan: Plan, parallel_losses: tuple[float, ...], seed: int, lr
             raise
         return NumericsResult(checked=False, dtype=dtype, rtol=rtol, atol=atol, passed=None,
                               note=f"the single-process reference does not fit on {device} ({type(exc).__name__})")
-    finally:
-        torch.set_num_threads(threads)
     return compare(parallel_losses[:steps], ref, dtype)

@@ -191,7 +191,7 @@ def apply_tp(stage: StageModule, tp_mesh, spec: ModelSpec, sequence_parallel: bo
             plan["norm"] = SequenceParallel()
         # full logits on every TP rank (the loss needs the whole vocabulary row)
         plan["head"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
-    for key, block in stage.layers.items():
+    for key in stage.layers:
         p = f"layers.{key}"
         seq = Shard(1) if sp else Replicate()
         layer = {f"{p}.attn.q_proj": ColwiseParallel(), f"{p}.attn.k_proj": ColwiseParallel(),

@@ -11,17 +11,18 @@ single-process reference.
 - pp = 1: ZeRO stage 0-3 on the whole model, `train_batch_size = micro_batch * gas * dp`; each optimizer
   step runs `gas` micro-batches of `engine(x)` / `engine.backward` / `engine.step` (DeepSpeed scales the
   loss by 1/gas and steps at the accumulation boundary).
-- pp > 1 (ZeRO 0 or 1): DeepSpeed's pipeline engine on a `PipelineModule` of [embedding, blocks, final
-  norm, LM head] cut at the plan's `layer_split`. DeepSpeed 0.19's `partition_method` offers 'parameters'
-  (the default: balance parameter counts), 'uniform' (balance layer counts) and 'type:<regex>' (balance
-  the count of matching layers); none takes explicit boundaries, so `PlannedPipelineModule` overrides
-  `_partition_layers` to set `parts` (the attribute those methods compute) from the plan: stage 0 holds
-  the embedding and its blocks, the last stage its blocks, the final norm and the head. A tied GPT-2
-  embedding / LM head is a `TiedLayerSpec`: DeepSpeed sums the two stages' gradients of it every step.
-  DeepSpeed's `TrainSchedule` is 1F1B-like; a plan asking for gpipe runs with it (stated in the notes).
-- Recompute: the torch engine's activation checkpointing (`parallelize.apply_ac`: full = every block,
-  selective = the attention core); DeepSpeed's own `activation_checkpointing` section only acts on models
-  that call `deepspeed.checkpointing` themselves.
+- pp > 1 (ZeRO 0 or 1): DeepSpeed's pipeline engine on a `PipelineModule` over [embedding, block 0 .. L-1,
+  norm+head] cut at the plan's `layer_split`, the `parts` that `distplan emit --target deepspeed` writes to
+  pipeline_partition.json. DeepSpeed 0.19's `partition_method` offers 'parameters' (the default: balance
+  parameter counts), 'uniform' (balance layer counts) and 'type:<regex>' (balance the count of matching
+  layers); none takes explicit boundaries, so `PlannedPipelineModule` overrides `_partition_layers` to set
+  `parts` (the attribute those methods compute) from the plan. A tied GPT-2 embedding / LM head is a
+  `TiedLayerSpec`: DeepSpeed sums the first and last stage's gradients of it every step. DeepSpeed's
+  `TrainSchedule` is 1F1B-like; a plan asking for gpipe runs with it (stated in the notes).
+- Recompute: selective (the attention core) and, with pp = 1, full (every block) use the torch engine's
+  activation checkpointing (`parallelize.apply_ac`); with pp > 1 full recompute is DeepSpeed's own, the
+  emitted `pipeline.activation_checkpoint_interval` 1 over the blocks. The emitted `activation_checkpointing`
+  section only acts on models that call `deepspeed.checkpointing` themselves.
 - Optimizer offload: on CUDA, DeepSpeedCPUAdam (DeepSpeed's host AdamW; its C++ op is JIT-built on first
   use, about two minutes, cached in ~/.cache/torch_extensions). On CPU the "device" already is the host,
   so torch's AdamW is kept (`zero_force_ds_cpu_optimizer: false`) and nothing is compiled.
@@ -38,7 +39,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import math
 import os
 import time
 

@@ -6,8 +6,9 @@ CUDA only. Per rank (megatron-core 0.16-0.19 APIs, read from the wheels):
     -> TransformerConfig: from the emitted Megatron-LM arguments (`emitters.megatron`) parsed and validated
        by Megatron's own parser (megatron.training.arguments, megatron-core >= 0.17) where it is installed,
        else built directly from the plan (`config_kwargs`); both are checked against the plan
-    -> GPTModel per virtual chunk with the local layer spec (no Transformer Engine; Transformer Engine's spec
-       when it is installed) -> weights drawn by name (below) -> Float16Module (bf16)
+    -> GPTModel per virtual chunk with the local layer spec (no Transformer Engine, so no sequence or
+       context parallelism and no optimizer offload: refused up front) -> weights drawn by name (below)
+       -> Float16Module (bf16)
     -> megatron DistributedDataParallel; ZeRO >= 1 -> use_distributed_optimizer (Megatron's distributed
        optimizer shards the optimizer states and reduce-scatters the gradients: ZeRO-1; ZeRO-2/3 run as it,
        stated in the notes, since Megatron-FSDP is not used here) -> get_megatron_optimizer (AdamW)
@@ -84,13 +85,14 @@ def check_supported(plan: Plan, device: str) -> None:
     require(not spec.is_vit, f"{spec.name} is a ViT; the megatron engine trains decoder language models (GPTModel); "
                              f"use --engine torch")
     require(cfg.schedule != "gpipe", "schedule 'gpipe': megatron-core runs 1F1B or interleaved 1F1B; re-plan with 1f1b")
-    if not _has("transformer_engine"):
-        why = "megatron-core's local layer spec (Transformer Engine is not installed)"
-        require(not cfg.sequence_parallel, f"sequence parallel needs Transformer Engine's or Apex's norms; {why} "
-                                           f"has torch norms only; re-plan without it, or use --engine torch")
-        require(cfg.cp == 1, f"context parallel cp={cfg.cp} needs Transformer Engine's attention; {why} cannot run it")
-        require(not cfg.offload_optimizer, f"optimizer offload needs Transformer Engine's FusedAdam (Megatron's "
-                                           f"precision-aware optimizer); {why}; use --engine deepspeed")
+    why = "this engine builds megatron-core's local layer spec (torch norms and attention, no Transformer Engine)"
+    require(not cfg.sequence_parallel, f"sequence parallel needs Transformer Engine's or Apex's norms, and {why}; "
+                                       f"re-plan without it, or use --engine torch")
+    require(cfg.cp == 1, f"context parallel cp={cfg.cp} needs Transformer Engine's attention, and {why}")
+    require(cfg.ep == 1 or cfg.tp == 1, f"ep={cfg.ep} with tp={cfg.tp}: Megatron requires sequence parallelism for "
+                                        f"expert and tensor parallelism together, and {why}; re-plan with tp=1")
+    require(not cfg.offload_optimizer, f"optimizer offload needs Transformer Engine's FusedAdam (Megatron's "
+                                       f"precision-aware optimizer), and {why}; use --engine deepspeed")
 
 
 # ---- the plan as Megatron arguments (pure: no megatron needed) ----------------------------------------
@@ -266,9 +268,9 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         config, how = build_config(plan, opts, dist)
         notes += [f"megatron-core {getattr(mc, '__version__', '?')}: {how}", _ZERO_NOTE[min(cfg.zero_stage, 2)]]
         config.perform_initialization = False  # every weight is drawn by name below
-        chunks, spec_name = _build_chunks(plan, config)
-        notes.append(f"layer spec: {spec_name}; attention: Megatron's DotProductAttention (unfused, stores the s*s "
-                     f"scores)" if spec_name.startswith("local") else f"layer spec: {spec_name}")
+        chunks = _build_chunks(plan, config)
+        notes.append("layer spec: local (get_gpt_layer_local_spec: torch norms, no Transformer Engine); attention: "
+                     "Megatron's DotProductAttention (unfused: it stores the s*s scores whatever flash_attention says)")
         for chunk in chunks:
             init_weights_by_name(chunk, opts.seed, spec.num_layers, ps)
         if opts.dtype == "bf16":
@@ -357,22 +359,14 @@ def _loss(output_tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _build_chunks(plan: Plan, config) -> tuple[list, str]:
+def _build_chunks(plan: Plan, config) -> list:
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = plan.model
-    if _has("transformer_engine"):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=spec.num_experts if spec.is_moe else None)
-        name = "transformer engine (get_gpt_layer_with_transformer_engine_spec)"
-    else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        layer_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts if spec.is_moe else None,
-                                              normalization=config.normalization)
-        name = "local (get_gpt_layer_local_spec, torch norms, no Transformer Engine)"
+    layer_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts if spec.is_moe else None,
+                                          normalization=config.normalization)
     vpp = plan.parallel.vpp
     chunks = []
     for v in range(vpp):
@@ -381,7 +375,7 @@ def _build_chunks(plan: Plan, config) -> tuple[list, str]:
         post = ps.is_pipeline_last_stage(ignore_virtual=vpp == 1, **stage)
         chunks.append(GPTModel(config=config, transformer_layer_spec=layer_spec, pre_process=pre, post_process=post,
                                vp_stage=v if vpp > 1 else None, **model_kwargs(plan)).cuda(torch.cuda.current_device()))
-    return chunks, name
+    return chunks
 
 
 # ---- weights by name ---------------------------------------------------------------------------------
