@@ -7,6 +7,7 @@ Options shared by several commands are declared once below and reused.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -101,11 +102,16 @@ def estimate(
     no_overlap: bool = typer.Option(False, "--no-overlap-grad-reduce", help="Data-parallel reduce after backward."),
     profile: Optional[str] = ProfileOpt,
     fmt: str = FormatOpt,
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Also write this configuration as a plan file (for run, emit, show)."),
 ):
     """Predict step time, memory and throughput of a configuration you fix by hand.
 
     Example: distplan estimate -m gpt3-175b -c dgx-a100-80gb -n 1024 --tp 8 --pp 16 --micro-batch 1
     --global-batch 1536 --recompute full
+
+    With -o plan.yaml the configuration is written as a plan (only if it fits), so a hand-picked baseline
+    can be emitted, run and diffed like a solved plan.
     """
     from planner.estimate import EstimateRequest, run_estimate
     from planner.render import render_prediction
@@ -126,6 +132,12 @@ def estimate(
                   f"(+{100 * 0.05:.0f}% allocator slack) exceeds {result.prediction.capacity_gib:.1f} GiB usable by "
                   f"{result.prediction.over_capacity_gib:.1f} GiB", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    if output is not None:
+        from planner.estimate import plan_from_estimate
+        from planner.plan import save_plan
+
+        save_plan(plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]])), output)
+        err.print(f"wrote {output}", highlight=False)
 
 
 # ---- solve ---------------------------------------------------------------------------------------
@@ -145,10 +157,12 @@ def solve(
     ilp_backend: str = typer.Option("ortools", "--ilp-backend", help="Intra-op ILP solver: ortools (CP-SAT) or pulp (CBC)."),
     output: Path = typer.Option(Path("plan.yaml"), "--output", "-o", help="Plan file to write."),
     fmt: str = FormatOpt,
+    engine: str = typer.Option("any", "--engine", help="Keep only plans this `distplan run` engine executes: any, torch, deepspeed, megatron."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
 
-    Example: distplan solve --model gpt2-xl --gpus 64 -o plan.yaml
+    Example: distplan solve --model gpt2-xl --gpus 64 -o plan.yaml --report report.html
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -159,7 +173,9 @@ def solve(
     check_format(fmt)
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
-                       ilp_backend=ilp_backend)
+                       ilp_backend=ilp_backend, engine=engine)
+    if report is not None and report.suffix.lower() not in (".html", ".htm"):
+        raise DistplanError(f"--report '{report}' must be an .html file")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"solving {model} on {gpus} GPUs", total=None)
@@ -170,6 +186,11 @@ def solve(
     else:
         render_solve(out, result, str(output))
     err.print(f"wrote {output}", highlight=False, soft_wrap=True)
+    if report is not None:
+        from planner.htmlreport import write_report
+
+        write_report(result.plan, report)
+        err.print(f"wrote {report}", highlight=False, soft_wrap=True)
 
 
 # ---- show / diff ---------------------------------------------------------------------------------

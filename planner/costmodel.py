@@ -95,6 +95,23 @@ def fused_attention_time_s(cluster: Cluster, executed_flops: float) -> float:
     return executed_flops / (cluster.gpu.peak_bf16_tflops * 1e12 * cluster.efficiency.attention_fraction)
 
 
+def measured_fit(profile: Profile | None, kind: str, cfg: ParallelConfig):
+    """The profile's compute fit for `kind` at this tp, if it applies to this job.
+
+    Fits are time vs tokens at the profile's sequence length; attention grows with s^2, so a fit
+    measured at another sequence length is not used (the preset's analytic model is, and
+    `predict`'s sources say so).
+    """
+    if profile is None or profile.seq_len != cfg.seq_len:
+        return None
+    return profile.compute_fit(kind, cfg.tp)
+
+
+def compute_factor(profile: Profile | None) -> float:
+    """Measured/predicted correction for compute written by `distplan run --calibrate` (1.0 if none)."""
+    return profile.factor("compute") if profile is not None else 1.0
+
+
 @dataclass(frozen=True)
 class LayerTime:
     """Seconds for one layer and one micro-batch on one GPU: compute and exposed communication."""
@@ -117,12 +134,11 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
     mm = model.block_matmul_flops_per_token(cfg.seq_len)
 
     # ---- compute: forward, backward, recompute ----
-    fit = profile.compute_fit(kind, t) if profile else None
+    fit = measured_fit(profile, kind, cfg)
+    k = compute_factor(profile)
     if fit is not None:
-        k = profile.factor("compute")
         fwd, bwd = fit.fwd(tokens) * k, fit.bwd(tokens) * k
-        attn_fwd = 0.0  # inside the measured block time; selective recompute approximated below
-        attn_share = mm["attn_core"] / sum(mm.values())
+        attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
     else:
         gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
@@ -158,11 +174,12 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
             tp_elems += (4.5 if drop else 2.0) * model.num_heads * cfg.seq_len  # scale-mask-softmax (+dropout) per query
         elems = tokens * (rep_elems / (t if cfg.sequence_parallel else 1) + tp_elems / t)
         mem_fwd = memory_bound_time_s(cluster, elems * BF16)
-        fwd = gemm + attn_fwd + mem_fwd
-        bwd = 2 * gemm + attn_bwd + 2 * mem_fwd  # backward: dX and dW GEMMs, elementwise grads read+write
+        fwd = (gemm + attn_fwd + mem_fwd) * k
+        bwd = (2 * gemm + attn_bwd + 2 * mem_fwd) * k  # backward: dX and dW GEMMs, elementwise grads read+write
 
     if cfg.recompute == "full":
-        recompute = fwd
+        # measured extra backward time under checkpointing where profiled, else one more forward
+        recompute = fit.recompute(tokens) * k if fit is not None and fit.recompute is not None else fwd
     elif cfg.recompute == "selective" and not cfg.flash_attention:
         recompute = attn_fwd + (memory_bound_time_s(cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0)
                                                     * model.num_heads * cfg.seq_len / t * BF16) if fit is None else 0.0)
@@ -196,27 +213,27 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
 def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None) -> tuple[float, float]:
     """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch."""
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    fit = profile.compute_fit("head", cfg.tp) if profile else None
+    fit = measured_fit(profile, "head", cfg)
+    k = compute_factor(profile)
     if fit is not None:
-        k = profile.factor("compute")
         return fit.fwd(tokens) * k, fit.bwd(tokens) * k
     if model.is_vit:
         tokens = cfg.micro_batch_size  # classifier on the class token only
     gemm = gemm_time_s(cluster, tokens * model.head_matmul_flops_per_token() / cfg.tp)
     ce_bytes = tokens * model.vocab_size / cfg.tp * (BF16 + 4 + 4)  # read logits, fp32 softmax, write grad
     mem = memory_bound_time_s(cluster, ce_bytes)
-    return gemm + mem / 2, 2 * gemm + mem / 2
+    return (gemm + mem / 2) * k, (2 * gemm + mem / 2) * k
 
 
 def embedding_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None) -> tuple[float, float]:
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    fit = profile.compute_fit("embedding", cfg.tp) if profile else None
+    fit = measured_fit(profile, "embedding", cfg)
+    k = compute_factor(profile)
     if fit is not None:
-        k = profile.factor("compute")
         return fit.fwd(tokens) * k, fit.bwd(tokens) * k
     h = model.hidden_size
     if model.is_vit:
         gemm = gemm_time_s(cluster, tokens * 2 * model.num_channels * model.patch_size**2 * h / cfg.tp)
-        return gemm, 2 * gemm
+        return gemm * k, 2 * gemm * k
     mem = memory_bound_time_s(cluster, tokens * h * BF16 * 3 / (cfg.tp if cfg.sequence_parallel else 1))
-    return mem, 2 * mem  # lookup (+ positions) forward; scatter-add of gradients backward
+    return mem * k, 2 * mem * k  # lookup (+ positions) forward; scatter-add of gradients backward

@@ -95,3 +95,12 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
     validate_config(model, cfg, req.gpus)
     return EstimateResult(model=model, cluster=cluster, config=cfg, prediction=predict(model, cluster, cfg, prof),
                           profile_path=req.profile)
+
+
+def plan_from_estimate(result: EstimateResult, command: str):
+    """The hand-fixed configuration as a Plan file (rationale says it was not searched)."""
+    from planner.plan import make_plan
+
+    return make_plan(result.model, result.cluster, result.config.gpus, result.config, result.prediction,
+                     rationale=["configuration fixed by hand (distplan estimate); not searched by the solver"],
+                     provenance={"command": command, "profile": result.profile_path})

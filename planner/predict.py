@@ -18,6 +18,7 @@ from planner.costmodel import (
     block_time,
     embedding_time,
     head_time,
+    measured_fit,
     memory_bound_time_s,
 )
 from planner.job import ParallelConfig
@@ -228,7 +229,12 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> 
     kind = "moe_block" if model.is_moe else "block"
     out = {}
     for k in (kind, "embedding", "head"):
-        out[f"compute.{k}.tp{cfg.tp}"] = "profile" if profile and profile.compute_fit(k, cfg.tp) else "preset"
+        if measured_fit(profile, k, cfg) is not None:
+            out[f"compute.{k}.tp{cfg.tp}"] = "profile"
+        elif profile is not None and profile.compute_fit(k, cfg.tp) is not None:
+            out[f"compute.{k}.tp{cfg.tp}"] = f"preset (profile measured seq_len {profile.seq_len}, job has {cfg.seq_len})"
+        else:
+            out[f"compute.{k}.tp{cfg.tp}"] = "preset"
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"

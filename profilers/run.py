@@ -1,7 +1,8 @@
 """`distplan profile`: measure one node (ceilings, collectives, per-layer compute) and fit a Profile.
 
-Order: device ceilings (matmul sweep, copy), then communication (its own processes: spawned here,
-or the torchrun ranks this process is one of), then compute (this process, device 0), then fits.
+Order: communication (its own processes, spawned here; or the torchrun ranks this process is one
+of), then device facts and ceilings (matmul sweep, copy), then compute (this process, its GPU; on a
+CPU one thread), then fits. CPU runs use one thread per 'device', as each gloo rank does.
 Pure with respect to the caller: progress goes through the `progress(label, done, total)` callback
 and the result is a `planner.profile.Profile`; the CLI renders and writes it.
 """
@@ -169,23 +170,23 @@ def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Prof
 def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None], started: float) -> Profile | None:
     dtype = compute.DTYPES[req.dtype]
     phases: dict[str, float] = {}
-    device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
     # 1. communication first: under torchrun the other ranks are waiting for rank 0 to join
     t0 = time.perf_counter()
     if comm.launched():
         import torch.distributed as dist
 
-        rank, raw_comm = comm.measure_launched(plan.comm, tick)
+        rank, raw_comm = comm.measure_launched(plan.comm, tick)  # binds this rank to its LOCAL_RANK GPU
         dist.destroy_process_group()
         if rank != 0:
             return None
-        device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else device
     elif plan.devices >= 2:
         raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
     else:
         raw_comm = {"points": [], "unmeasured": {"all": "one device: no collective to measure"}, "overlap": None,
                     "inter_node": None}
     phases["communication_s"] = time.perf_counter() - t0
+    # this process touches its GPU only now: spawned ranks got theirs first, torchrun bound it above
+    device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
 
     # 2. device facts and ceilings
     t0 = time.perf_counter()

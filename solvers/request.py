@@ -29,6 +29,7 @@ class SolveRequest:
     top_k: int = 3
     time_limit_s: float | None = None
     ilp_backend: str = "ortools"
+    engine: str = "any"  # keep only plans this `distplan run` engine executes
 
     def command(self) -> str:
         """The command line that reproduces this request (written into the plan's header)."""
@@ -40,6 +41,7 @@ class SolveRequest:
         parts += [f"--top-k {self.top_k}"] if self.top_k != 3 else []
         parts += [f"--time-limit {self.time_limit_s:g}"] if self.time_limit_s is not None else []
         parts += [f"--ilp-backend {self.ilp_backend}"] if self.ilp_backend != "ortools" else []
+        parts += [f"--engine {self.engine}"] if self.engine != "any" else []
         return " ".join(parts)
 
 
@@ -51,4 +53,5 @@ def run_solve(req: SolveRequest, progress: Callable[[int, int], None] | None = N
     else:
         cluster, prof = resolve_cluster(req.cluster or "", req.profile)
     return solve(model, cluster, req.gpus, prof, global_batch=req.global_batch, seq_len=req.seq_len, top_k=req.top_k,
-                 time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress, command=req.command())
+                 time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress, command=req.command(),
+                 engine=req.engine)

@@ -40,6 +40,7 @@ from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
+from solvers.engines import runnable
 
 MAX_MICRO_BATCH = 16
 MAX_VPP = 8
@@ -84,8 +85,9 @@ def _pow2_upto(n: int) -> list[int]:
 
 
 def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, *,
-                 flash_attention: bool = True, overlap_grad_reduce: bool = True, wide_cp: bool = False) -> list[ParallelConfig]:
-    """Every configuration the solver considers (module doc), in canonical order."""
+                 flash_attention: bool = True, overlap_grad_reduce: bool = True, wide_cp: bool = False,
+                 engine: str = "any") -> list[ParallelConfig]:
+    """Every configuration the solver considers (module doc) that `engine` can run, in canonical order."""
     L, gpn = model.num_layers, cluster.gpus_per_node
     out = []
     tps = [t for t in _divisors(gpus) if gpn % t == 0 and model.num_heads % t == 0
@@ -122,7 +124,7 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                                             global_batch_size=global_batch, seq_len=seq_len, schedule=schedule,
                                             recompute=rec, flash_attention=flash_attention,
                                             overlap_grad_reduce=overlap_grad_reduce))
-    return out
+    return [c for c in out if runnable(engine, c)] if engine != "any" else out
 
 
 def config_key(cfg: ParallelConfig) -> tuple:
@@ -197,14 +199,15 @@ def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
 def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
                profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
                flash_attention: bool = True, overlap_grad_reduce: bool = True,
-               progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> SearchOutcome:
+               progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic,
+               engine: str = "any") -> SearchOutcome:
     """Branch and bound over `search_space`; widens context parallelism when nothing fits without it."""
     start = clock()
     outcome = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                   overlap_grad_reduce, progress, clock, start, wide_cp=False)
+                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine)
     if not outcome.best and not outcome.timed_out and not model.is_vit:
         wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                    overlap_grad_reduce, progress, clock, start, wide_cp=True)
+                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine)
         outcome = replace(wide, candidates=wide.candidates + outcome.candidates, evaluated=wide.evaluated + outcome.evaluated,
                           widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit)
     stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
@@ -214,9 +217,9 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
 
 
 def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
-         clock, start, wide_cp: bool) -> SearchOutcome:
+         clock, start, wide_cp: bool, engine: str = "any") -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
-                         overlap_grad_reduce=overlap, wide_cp=wide_cp)
+                         overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine)
     bounds = _Bounds(model, cluster, profile)
     order = sorted(((bounds.step_lower_bound(c), config_key(c), c) for c in space), key=lambda t: (t[0], t[1]))
     total = len(order)

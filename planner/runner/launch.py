@@ -251,8 +251,11 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     if check_numerics and not failures:
         from planner.runner.numerics import check_numerics as run_check
 
-        numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
-                             "cuda:0" if device_type == "cuda" else "cpu", opts.data_path, opts.data_dtype)
+        if opts.engine == "megatron":
+            numerics = _megatron_numerics(plan, global_losses(results), opts, on_progress)
+        else:
+            numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
+                                 "cuda:0" if device_type == "cuda" else "cpu", opts.data_path, opts.data_dtype)
     where = f"{device_type} ({torch.cuda.get_device_name(0)})" if device_type == "cuda" else device_type
     notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {where}",)
     data = (f"file {opts.data_path} ({opts.data_dtype})" if opts.data_path else f"synthetic (seed {opts.seed})")
@@ -266,6 +269,22 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     if out_path is not None:
         save_report(report, out_path)
     return report
+
+
+def _megatron_numerics(plan: Plan, parallel_losses: tuple[float, ...], opts: RunOptions, on_progress):
+    """Megatron's reference is Megatron itself on one GPU (tp = pp = dp = 1, same model, seed, data and
+    micro-batching): its weights come from Megatron's own init by name, not from the torch reference's."""
+    from planner.plan import save_plan
+    from planner.runner.engines.megatron_engine import reference_plan
+    from planner.runner.numerics import NUMERICS_STEPS, compare
+
+    steps = min(len(parallel_losses), NUMERICS_STEPS)
+    with tempfile.TemporaryDirectory(prefix="distplan-mg-ref-") as tmp:
+        ref_path = Path(tmp) / "reference-plan.yaml"
+        save_plan(reference_plan(plan), ref_path)
+        ref_opts = replace(opts, warmup=0, steps=steps)
+        ref = run_plan(ref_path, ref_opts, nproc=1, tolerance=1e9, on_progress=on_progress)
+    return compare(parallel_losses[:steps], list(ref.losses[:steps]), opts.dtype)
 
 
 def _load_profile(plan: Plan, profile_path, calibrate: bool):

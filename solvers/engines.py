@@ -1,0 +1,32 @@
+"""What each `distplan run` engine can execute, as a filter on the solver's search space.
+
+`distplan solve --engine E` keeps only plans engine E runs, so a solved plan can be launched as is.
+These mirror the engines' own `check_supported` refusals (planner/runner/engines/*) without importing
+any framework (the solver must stay importable where torch's distributed stacks are not).
+"""
+
+from __future__ import annotations
+
+from planner.errors import DistplanError
+from planner.job import ParallelConfig
+
+ENGINE_CHOICES = ("any", "torch", "deepspeed", "megatron")
+
+
+def runnable(engine: str, cfg: ParallelConfig) -> bool:
+    """True when `engine` runs `cfg` (for "any": every configuration the cost model knows)."""
+    if engine == "any":
+        return True
+    if engine == "torch":
+        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP
+        return cfg.cp == 1 and cfg.ep == 1
+    if engine == "deepspeed":
+        # DeepSpeed engine: ZeRO 0-3 and offload; its pipeline engine only with ZeRO <= 1, 1F1B, no TP/CP/EP
+        return (cfg.tp == 1 and cfg.cp == 1 and cfg.ep == 1 and cfg.vpp == 1 and cfg.schedule == "1f1b"
+                and (cfg.pp == 1 or cfg.zero_stage <= 1))
+    if engine == "megatron":
+        # megatron-core with the local layer spec: no sequence parallel without Transformer Engine, no CP,
+        # no optimizer offload; ZeRO-2/3 would run as the distributed optimizer (ZeRO-1), so only 0/1
+        return (not cfg.sequence_parallel and cfg.cp == 1 and not cfg.offload_optimizer and cfg.zero_stage <= 1
+                and cfg.schedule != "gpipe" and not (cfg.ep > 1 and cfg.tp > 1))
+    raise DistplanError(f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
