@@ -58,9 +58,6 @@ else
   run_case gpt2xl_ds_pp2 deepspeed "$work/gpt2xl_pp2z1.yaml" --check-numerics
   run_case gpt2xl_mg_zero1 megatron "$work/gpt2xl_z1.yaml" --check-numerics
   run_case gpt2xl_mg_pp2 megatron "$work/gpt2xl_pp2z1.yaml" --check-numerics
-  PROF=$LP
-  dp estimate -m llama-3-8b -n 2 --profile $LP --global-batch 8 --tp 2 -o "$work/llama8b_tp2.yaml" >/dev/null 2>&1
-  run_case llama8b_mg_tp2 megatron "$work/llama8b_tp2.yaml"
 fi
 tar -czf "$out/runs.tar.gz" -C "$out" work 2>/dev/null && rm -rf "$work"
 cat "$log"
