@@ -24,7 +24,7 @@ BYTES_BF16 = 2
 WEIGHT_BYTES = 2  # bf16 weights
 GRAD_BYTES = 2  # bf16 gradients (ZeRO paper's accounting)
 OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + variance (ZeRO's K = 12)
-LOGIT_BYTES = 2 + 4  # bf16 logits + the fp32 softmax cross-entropy keeps for backward
+LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
 FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
 

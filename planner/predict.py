@@ -26,7 +26,7 @@ from planner.memory import FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, stage_
 from planner.model import ModelSpec
 from planner.profile import Profile
 
-BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero3_comm",
+BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero_comm",
                   "pipeline_bubble", "dp_grad_sync", "optimizer")
 
 
@@ -90,7 +90,7 @@ def _overlap(comm_s: float, window_s: float, slowdown: float) -> float:
 class RankTime:
     """One pipeline rank's share of `predict`: its time per micro-batch and its once-per-step tail."""
 
-    terms: tuple[tuple[str, float], ...]  # compute_fwd, compute_bwd, recompute, tp_comm, cp_ep_comm, pp_p2p, zero3_comm
+    terms: tuple[tuple[str, float], ...]  # compute_fwd, compute_bwd, recompute, tp_comm, cp_ep_comm, pp_p2p, zero_comm
     time_per_microbatch_s: float  # t_i: the sum of `terms`
     sync_s: float  # exposed data-parallel gradient sync after the pipeline drains
     optimizer_s: float  # optimizer step
@@ -162,7 +162,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         else:
             opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
-                 ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero3_comm", z3))
+                 ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero_comm", z3))
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
 
     return timer

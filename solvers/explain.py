@@ -16,7 +16,7 @@ from planner.predict import Prediction
 
 TERM_NAMES = {"compute_fwd": "forward compute", "compute_bwd": "backward compute", "recompute": "recomputation",
               "tp_comm": "tensor-parallel communication", "cp_ep_comm": "context/expert-parallel communication",
-              "pp_p2p": "pipeline send/receive", "zero3_comm": "ZeRO parameter/gradient traffic",
+              "pp_p2p": "pipeline send/receive", "zero_comm": "ZeRO parameter/gradient traffic",
               "pipeline_bubble": "pipeline bubble", "dp_grad_sync": "gradient sync", "optimizer": "optimizer step"}
 
 
@@ -93,7 +93,7 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
         saved = (plain.total - fullest.memory.total) / GIB
         what = {1: "optimizer states", 2: "optimizer states and gradients", 3: "optimizer states, gradients and weights"}
         cost = {1: "at no extra communication", 2: "for a reduce-scatter per micro-batch",
-                3: f"for parameter all-gathers ({_share(pred, 'zero3_comm'):.1f}% of the step)"}
+                3: f"for parameter all-gathers ({_share(pred, 'zero_comm'):.1f}% of the step)"}
         lines.append(f"ZeRO-{cfg.zero_stage} shards the {what[cfg.zero_stage]} over {dpg} data-parallel ranks, "
                      f"saving {saved:.1f} GiB per GPU {cost[cfg.zero_stage]}"
                      + ("; optimizer on the host (offload) to fit" if cfg.offload_optimizer else ""))

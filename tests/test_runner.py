@@ -176,7 +176,7 @@ def test_fit_factors_single_run_is_the_pooled_ratio_and_several_runs_separate_ki
 
 def test_attribute_splits_the_breakdown_by_collective():
     plan = make(dp=2, tp=2, zero_stage=3, sequence_parallel=True)
-    terms, fixed = attribute(plan, {"compute_fwd": 1, "compute_bwd": 2, "tp_comm": 0.4, "zero3_comm": 0.3,
+    terms, fixed = attribute(plan, {"compute_fwd": 1, "compute_bwd": 2, "tp_comm": 0.4, "zero_comm": 0.3,
                                     "dp_grad_sync": 0.0, "optimizer": 0.5})
     assert terms == pytest.approx({"compute": 3, "reduce_scatter": 0.3, "all_gather": 0.4})
     assert fixed == 0.5

@@ -38,9 +38,10 @@ def plan_file(tmp_path, **par):
     return path
 
 
-def run(tmp_path, steps=2, warmup=1, data=None, data_dtype="uint16", **par):
+def run(tmp_path, steps=2, warmup=1, data=None, data_dtype="uint16", dtype="auto", **par):
     path = plan_file(tmp_path, **par)
-    opts = RunOptions(steps=steps, warmup=warmup, lr=1e-3, timeout_s=300, data_path=data, data_dtype=data_dtype)
+    opts = RunOptions(steps=steps, warmup=warmup, lr=1e-3, timeout_s=300, data_path=data, data_dtype=data_dtype,
+                      dtype=dtype)
     report = run_plan(path, opts, out_path=tmp_path / "report.yaml", tolerance=HUGE, check_numerics=True)
     assert not report.failures, [(f.rank, f.reason, f.log_tail) for f in report.failures]
     return report
@@ -112,6 +113,19 @@ def test_4_ranks_fsdp2_zero2_by_tp2_sp_selective_recompute(tmp_path):
                  flash_attention=False, micro_batch_size=2)  # unfused plan: selective checkpoints the attention core
     assert_verified(report, tmp_path, 4)
     assert {(r["dp_rank"], r["tp_rank"]) for r in report.ranks} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("par", [{"dp": 2}, {"pp": 2, "layer_split": (1, 3), "schedule": "1f1b"}],
+                         ids=["ddp-zero0", "pp2-1f1b-tied"])
+def test_bf16_without_fsdp_runs_bf16_weights_with_fp32_masters(tmp_path, par):
+    """Miss 2 of benchmarks/results/run_2xh200.md: DDP and pipeline-only layouts train bf16 weights and
+    gradients (DDP all-reduces them as bf16 over gloo here) with fp32 masters in the optimizer, no autocast,
+    and still match the single-process bf16 reference within the bf16 tolerance."""
+    report = run(tmp_path, dtype="bf16", **par)
+    num = report.numerics
+    assert report.dtype == "bf16" and num.checked and num.dtype == "bf16" and num.passed, num
+    assert any("MasterWeightsOptimizer" in n for n in report.notes), report.notes
 
 
 @pytest.mark.slow

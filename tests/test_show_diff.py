@@ -161,7 +161,10 @@ def test_shell_completion_script_and_completions():
     exe = shutil.which("distplan")
     if exe is None:
         pytest.skip("the distplan entry point is not installed (pip install -e .)")
-    script = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # with shell detection off (typer's own switch), --show-completion takes the shell by name, so the test
+    # does not depend on which process launched pytest (CI runs it from make, not an interactive shell)
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    script = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, timeout=60, env=env)
     assert script.returncode == 0, script.stderr
     assert "_DISTPLAN_COMPLETE=complete_bash" in script.stdout and "complete -o default -F" in script.stdout
 

@@ -49,7 +49,7 @@ def attribute(plan: Plan, breakdown: dict) -> tuple[dict[str, float], float]:
         terms["all_reduce"] += tp
     terms["all_to_all" if c.ep > 1 else "p2p"] += breakdown.get("cp_ep_comm", 0.0)
     terms["p2p"] += breakdown.get("pp_p2p", 0.0)
-    z = breakdown.get("zero3_comm", 0.0)
+    z = breakdown.get("zero_comm", 0.0)
     if c.zero_stage >= 3:  # two weight all-gathers (forward, backward) and one gradient reduce-scatter
         terms["all_gather"] += 2 * z / 3
         terms["reduce_scatter"] += z / 3

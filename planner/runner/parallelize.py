@@ -30,8 +30,10 @@ from planner.model import ModelSpec
 from planner.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
 
 ZERO_MAPPING = {
-    0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with tp > 1 "
-       "its DTensor-aware equivalent, FSDP2's replicate() (per block: weights replicated, gradients all-reduced)",
+    0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with bf16 the "
+       "model holds bf16 weights and gradients (all-reduced as bf16) and MasterWeightsOptimizer the fp32 master weights "
+       "and AdamW states (2 + 2 + 12 bytes/param); with tp > 1 its DTensor-aware equivalent, FSDP2's replicate() "
+       "(per block: weights replicated, gradients all-reduced, bf16 through MixedPrecisionPolicy)",
     1: "ZeRO-1 -> FSDP2 fully_shard(reshard_after_forward=False): optimizer states and gradients sharded, weights "
        "kept unsharded from forward to backward; FSDP2 has no optimizer-only sharding, so ZeRO-1 runs as ZeRO-2",
     2: "ZeRO-2 -> FSDP2 fully_shard(reshard_after_forward=False): optimizer states and gradients sharded, "
@@ -262,17 +264,18 @@ def apply_fsdp(stage: StageModule, dp_mesh, zero_stage: int, mp_policy=None, off
     fully_shard(stage, **kwargs)
 
 
-def apply_ddp(stage: nn.Module, dp_group, device: torch.device, bf16_grads: bool) -> nn.Module:
-    """DistributedDataParallel over the data-parallel group; on CUDA gradients travel as bf16 (the cost model's bytes)."""
+def apply_ddp(stage: nn.Module, dp_group, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the data-parallel group.
+
+    Gradients travel in the parameters' dtype: bf16 when the stage was cast by `to_bf16_with_masters` (the
+    cost model's 2 bytes per gradient element; no compression hook needed, gloo and NCCL reduce bf16),
+    fp32 for an fp32 run.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(stage, process_group=dp_group, device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True)  # no second gradient copy: the buckets are the gradients
-    if bf16_grads:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
-        ddp.register_comm_hook(dp_group, bf16_compress_hook)
-    return ddp
+    return DistributedDataParallel(stage, process_group=dp_group,
+                                   device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)  # no second gradient copy: the buckets are the gradients
 
 
 def apply_replicate(stage: StageModule, dp_mesh, mp_policy=None) -> None:
@@ -288,7 +291,81 @@ def apply_replicate(stage: StageModule, dp_mesh, mp_policy=None) -> None:
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     """AdamW as in GPT-3 (Brown et al. 2020, app. B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
 
-    fp32 states (and fp32 master weights: parameters stay fp32, compute runs in bf16), the 12 bytes
-    per parameter of ZeRO's accounting. Used by the engine and by the numerics reference alike.
+    fp32 states on fp32 parameters: the 12 bytes per parameter (master weight + m + v) of ZeRO's
+    accounting. Used directly on fp32 parameters (FSDP2's sharded parameters, fp32 runs, the numerics
+    reference) and, through MasterWeightsOptimizer, on the fp32 masters of a bf16 model.
     """
     return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+
+
+# ---- bf16 weights with fp32 master weights (layouts without FSDP) ------------------------------------
+
+# How many parameter elements MasterWeightsOptimizer updates at a time. Its only cost is a transient fp32
+# copy of that many gradient elements (2**25 x 4 B = 128 MiB), which bounds the step's extra memory the way
+# DDP's buckets bound its communication buffers; any chunk holds at least one whole parameter.
+MASTER_CHUNK_NUMEL = 2 ** 25
+
+
+def to_bf16_with_masters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cast an initialised fp32 module to bf16 in place; return (bf16 parameter, its fp32 master copy) pairs.
+
+    The masters are copied before the cast, so they hold the exact fp32 initialisation that FSDP2's sharded
+    parameters and the single-process reference hold. nn.Module.to keeps every Parameter object (and the
+    sharing of a tied embedding / LM head), so the pairs stay valid after the cast.
+    """
+    params = list(module.parameters())  # deduplicated: a tied weight appears once
+    masters = [p.detach().clone() for p in params]
+    module.to(torch.bfloat16)
+    return list(zip(params, masters))
+
+
+class MasterWeightsOptimizer:
+    """Mixed-precision AdamW (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.1; ZeRO's 2 + 2 + 12).
+
+    The model computes with bf16 weights and receives bf16 gradients (2 + 2 bytes/param on the GPU, the
+    cost model's assumption); this optimizer holds an fp32 master copy of every weight and AdamW's fp32
+    m and v (4 + 8 bytes/param). step(): per chunk of at most MASTER_CHUNK_NUMEL elements, the bf16
+    gradients are cast to fp32 onto the masters, AdamW (make_optimizer) updates the masters, and the
+    updated masters are rounded back into the bf16 weights. This is what FSDP2's MixedPrecisionPolicy
+    does for the sharded layouts (fp32 sharded parameters, bf16 unsharded compute copies), so all
+    torch-engine layouts train the same arithmetic.
+
+    One AdamW covers all masters: AdamW skips parameters whose .grad is None (and keeps a step count
+    per parameter), so calling it once per chunk with only that chunk's gradients set is one AdamW step.
+    """
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
+                 chunk_numel: int = MASTER_CHUNK_NUMEL):
+        self.pairs = list(pairs)
+        self.inner = make_optimizer((m for _, m in self.pairs), lr)
+        self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+        size = 0
+        for pair in self.pairs:
+            n = pair[1].numel()
+            if self.chunks[-1] and size + n > chunk_numel:
+                self.chunks.append([])
+                size = 0
+            self.chunks[-1].append(pair)
+            size += n
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for chunk in self.chunks:
+            live = [(p, m) for p, m in chunk if p.grad is not None]
+            if not live:
+                continue
+            for p, m in live:
+                m.grad = p.grad.to(m.dtype)
+            self.inner.step()
+            for p, m in live:
+                p.copy_(m)  # round the updated fp32 master into the bf16 compute weight
+                m.grad = None  # free the chunk's fp32 gradient before the next chunk
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, m in self.pairs:
+            m.grad = None
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()

@@ -9,14 +9,22 @@ PyTorch's own parallelism, in torchtitan's order (planner/runner/parallelize.py)
     -> weights allocated and initialised by name -> torch.distributed.pipelining schedule
        (Schedule1F1B, ScheduleGPipe or ScheduleInterleaved1F1B over vpp chunks, loss = lm_loss)
 
-Precision (the cost model's 16 bytes per parameter, ZeRO's 2 + 2 + 12): parameters, gradients and
-AdamW states stay fp32 (fp32 master weights: 4 + 4 + 8 bytes, the same 16); with bf16 the compute runs
-in bf16: FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16) where FSDP shards (weights
-all-gathered and gradients reduce-scattered as bf16: the cost model's bytes), torch.autocast otherwise,
-and DDP all-reduces bf16-compressed gradients. Per GPU that is 16 bytes/param for ZeRO-0, 2 + 16/dp
-for ZeRO-1/2 (the bf16 weights kept from forward to backward), 16/dp + one unsharded bf16 block for
-ZeRO-3, against the cost model's 16, 2 + 14/dp and 16/dp. On CPU the launcher picks fp32 (CPU bf16
-matmuls are slow); --dtype bf16 runs autocast there too. The report states the dtype.
+Precision (the cost model's 16 bytes per parameter, ZeRO's 2 + 2 + 12, Micikevicius et al. 2018): with
+bf16 every layout computes with bf16 weights and bf16 activations, and keeps fp32 master weights and AdamW
+states in the optimizer; no torch.autocast anywhere.
+- FSDP2 (ZeRO-1/2/3, and replicate() for ZeRO-0 with tp > 1): MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=bf16): fp32 sharded parameters (the masters), bf16 unsharded copies for compute, weights
+  all-gathered and gradients reduce-scattered as bf16 (the cost model's bytes). Per GPU 2 + 16/dp bytes/param
+  for ZeRO-1/2 (bf16 weights kept from forward to backward), 16/dp + one unsharded bf16 block for ZeRO-3,
+  against the cost model's 2 + 14/dp and 16/dp.
+- Without FSDP (DDP ZeRO-0, pipeline-only, dp = 1): the stage is cast to bf16 after initialisation
+  (parallelize.to_bf16_with_masters) and parallelize.MasterWeightsOptimizer holds the fp32 masters and
+  runs AdamW on them: 2 (bf16 weight) + 2 (bf16 gradient, all-reduced as bf16 by DDP) + 4 + 8 = 16
+  bytes/param, the cost model's 16. (Until 2026-11-21 these layouts kept fp32 weights under torch.autocast,
+  which caches a bf16 copy of every weight during forward and leaves norms / residual adds in fp32:
+  +16% to +38% peak memory on 2x H200, benchmarks/results/run_2xh200.md, miss 2.)
+With fp32 everything is fp32 (4 + 4 + 8). On CPU the launcher picks fp32 (CPU bf16 matmuls are slow);
+--dtype bf16 runs the bf16 arithmetic above on CPU too (gloo reduces bf16). The report states the dtype.
 
 Gradient accumulation: pp = 1 runs the m micro-batches one after another (DDP no_sync / FSDP
 set_requires_gradient_sync(False) until the last) with loss / m; pp > 1 hands them to the schedule,
@@ -40,8 +48,9 @@ from planner.modeling import lm_loss
 from planner.plan import Plan
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
-from planner.runner.parallelize import (ZERO_MAPPING, apply_ac, apply_ddp, apply_fsdp, apply_replicate, apply_tp, build_stage,
-                                        make_optimizer, materialise, stage_layers, tied)
+from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
+                                        apply_tp, build_stage, make_optimizer, materialise, stage_layers, tied,
+                                        to_bf16_with_masters)
 
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 
@@ -70,8 +79,11 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     mesh = init_device_mesh(device.type, (cfg.pp, cfg.dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
     pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
     fsdp = cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)  # FSDP2 machinery: fully_shard, or replicate for tp > 1
-    chunks, modules = _build(plan, opts, mesh, device, pp_rank, fsdp, bf16)
-    optimizer = make_optimizer((p for m in modules for p in m.parameters()), opts.lr)
+    chunks, modules, masters = _build(plan, opts, mesh, device, pp_rank, fsdp, bf16)
+    if masters:  # bf16 weights without FSDP: AdamW on fp32 master copies (see Precision above)
+        optimizer = MasterWeightsOptimizer(masters, opts.lr)
+    else:  # fp32 parameters: FSDP2's sharded masters, or an fp32 run
+        optimizer = make_optimizer((p for m in modules for p in m.parameters()), opts.lr)
     tied_group = _tied_embedding_group(mesh, cfg) if tied(spec) and cfg.pp > 1 else None
     tied_params = [p for _, _, _, s in chunks for p in _tied_copy(s)] if tied_group is not None else []
 
@@ -86,7 +98,6 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         schedule = cls(stages if cfg.schedule == "interleaved" else stages[0], m, loss_fn=lm_loss)
     is_first = any(v == 0 for v, *_ in chunks)
     is_last = any(v == n_virtual - 1 for v, *_ in chunks)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
 
     data = DataSource(spec, cfg.seq_len, cfg.global_batch_size, seed=opts.seed, path=opts.data_path, dtype=opts.data_dtype)
     dp_group = mesh["dp"].get_group()
@@ -97,11 +108,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         inputs, targets = inputs.to(device), targets.to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            if schedule is None:
-                loss = _accumulate(modules[0], inputs, targets, m, fsdp)
-            else:
-                loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
+        if schedule is None:
+            loss = _accumulate(modules[0], inputs, targets, m, fsdp)
+        else:
+            loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
         if tied_group is not None:
             for p in tied_params:  # sum the two stages' gradients of the tied embedding / LM head
                 tdist.all_reduce(_local(p.grad), group=tied_group)
@@ -131,10 +141,11 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
 def _build(plan: Plan, opts: RunOptions, mesh, device: torch.device, pp_rank: int, fsdp: bool, bf16: bool):
     """This rank's (virtual) stages: built on meta, TP, AC, data parallel, then allocated and initialised.
 
-    Returns [(virtual stage, first layer, end layer, StageModule)] and the modules to run (DDP-wrapped or not).
+    Returns [(virtual stage, first layer, end layer, StageModule)], the modules to run (DDP-wrapped or not)
+    and, for bf16 without FSDP, the (bf16 parameter, fp32 master) pairs for MasterWeightsOptimizer (else []).
     """
     cfg, spec = plan.parallel, plan.model
-    chunks, modules = [], []
+    chunks, modules, masters = [], [], []
     n_virtual = cfg.pp * cfg.vpp
     for c, (first, end) in enumerate(stage_layers(cfg, spec.num_layers)[pp_rank]):
         v = c * cfg.pp + pp_rank
@@ -152,16 +163,26 @@ def _build(plan: Plan, opts: RunOptions, mesh, device: torch.device, pp_rank: in
             materialise(stage, torch.device("cpu") if offload else device, spec, opts.seed)  # offloaded shards live on the host
         else:
             materialise(stage, device, spec, opts.seed)
+            if bf16:  # bf16 weights, fp32 masters in the optimizer; cast before DDP sizes its (bf16) buckets
+                masters.extend(to_bf16_with_masters(stage))
             if cfg.dp > 1:
-                module = apply_ddp(stage, mesh["dp"].get_group(), device, bf16_grads=bf16 and device.type == "cuda")
+                module = apply_ddp(stage, mesh["dp"].get_group(), device)
         chunks.append((v, first, end, stage))
         modules.append(module)
-    return chunks, modules
+    return chunks, modules, masters
 
 
 def _notes(cfg, device: torch.device, fsdp: bool, dtype: str) -> list[str]:
     """How the plan mapped onto PyTorch, for the report."""
-    notes = [f"compute dtype {dtype}; parameters, gradients and AdamW states fp32 (master weights)",
+    if dtype != "bf16":
+        precision = f"compute dtype {dtype}; parameters, gradients and AdamW states {dtype}"
+    elif fsdp:
+        precision = ("compute dtype bf16; FSDP2 MixedPrecisionPolicy: bf16 weights and gradient reduction, "
+                     "fp32 sharded master weights and AdamW states")
+    else:
+        precision = ("compute dtype bf16; bf16 weights and gradients, fp32 master weights and AdamW states "
+                     "in the optimizer (MasterWeightsOptimizer)")
+    notes = [precision,
              ZERO_MAPPING[cfg.zero_stage] if cfg.dp > 1 else f"dp=1: no data parallelism (ZeRO-{cfg.zero_stage} has nothing to shard)"]
     if cfg.recompute == "selective":
         notes.append("selective recompute with flash attention: nothing extra (the fused kernel recomputes the scores)"

@@ -1,0 +1,536 @@
+"""Plan quality on real GPUs (issue 7): distplan's plans against practitioners' baselines, on one machine.
+
+Per case (model, sequence, global batch) on the GPUs of this node: solve with the profile measured here
+(`--engine torch`), keep the top plan and its next 3 alternatives, build the four baselines a practitioner
+would run (plain DDP; DeepSpeed ZeRO-2; FSDP2 full sharding; Megatron's heuristic), each at its best
+micro-batch that fits under the cost model, run every plan with `planner.runner.launch.run_plan`, and report
+measured vs predicted tokens/s and memory, distplan over the best baseline, and the Spearman rank
+correlation of predicted vs measured order. Targets (issue 7) are checked per case by `summarize`.
+
+    python3 benchmarks/campaign.py --cases gpt2-xl-small,llama-3-8b-small --profile-dir DIR --out OUT --budget-s 540
+    python3 benchmarks/campaign.py --cases tiny --out OUT --dry-run          # plans + predictions only (CPU)
+    python3 benchmarks/campaign.py --merge OUT1/rows.json OUT2/rows.json --out OUT   # one report of several calls
+
+The pure parts (CASES, baseline_configs, spearman, summarize, write_markdown) do no I/O beyond what their
+names say; main() is the only place that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from planner.errors import DistplanError  # noqa: E402
+from planner.job import ParallelConfig, validate_config  # noqa: E402
+from planner.predict import predict  # noqa: E402
+
+# ---- targets (issue 7) ----------------------------------------------------------------------------------
+STEP_TOL_ALL = 0.10  # predicted step time within 10% for every plan that ran
+STEP_TOL_CHOSEN = 0.05  # ... and 5% for distplan's chosen plan
+MEMORY_TOL = 0.10  # predicted peak memory within 10%
+SPEARMAN_MIN = 0.9  # rank correlation of predicted vs measured order, per case
+SPEEDUP_ONE_CASE = 1.10  # distplan >= 10% faster than the best baseline in at least one case
+
+TINY_YAML = {"version": 1, "family": "gpt", "num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 512,
+             "num_heads": 4, "num_kv_heads": 4, "vocab_size": 256, "max_seq_len": 64, "tie_embeddings": True,
+             "default_global_batch": 8}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # zoo name, or "tiny" (TINY_YAML written at run time)
+    seq_len: int
+    global_batch: int
+    notes: str
+    steps: int = 6  # measured steps / warm-up steps per run (large batches use fewer: device time)
+    warmup: int = 2
+
+
+# Sized for 2x H200 (141 GB): one case's 8-9 runs fit one 10-minute device call (see device_campaign.sh).
+CASES: dict[str, Case] = {
+    "gpt2-xl-small": Case("gpt2-xl", 1024, 32, "gpt2-xl, small global batch (32 x 1024 tokens)"),
+    "gpt2-xl-large": Case("gpt2-xl", 1024, 256, "gpt2-xl, large global batch (256 x 1024 tokens)", 3, 1),
+    "llama-3-8b-small": Case("llama-3-8b", 4096, 8, "llama-3-8b at 4096 tokens, small global batch"),
+    "llama-3-8b-large": Case("llama-3-8b", 4096, 32, "llama-3-8b at 4096 tokens, large global batch", 2, 1),
+    "llama-2-13b-small": Case("llama-2-13b", 4096, 8, "13B: plain DDP does not fit 2x141 GB (16 B/param = 208 GB)"),
+    "llama-2-13b-large": Case("llama-2-13b", 4096, 32, "13B, large global batch; DDP does not fit", 2, 1),
+    "tiny": Case("tiny", 32, 8, "4-layer hidden-128 GPT (CPU test of the harness)", 2, 1),
+}
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    name: str
+    role: str  # distplan | alternative | baseline
+    engine: str  # torch | deepspeed | megatron
+    plan_path: str
+    predicted_step_time_s: float
+    predicted_tokens_per_s: float
+    predicted_memory_gib: float
+    config: str
+
+
+# ---- baselines -----------------------------------------------------------------------------------------
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+    return [2**k for k in range(0, 31) if 2**k <= n and n % 2**k == 0]
+
+
+def best_micro_batch(model, cluster, cfg: ParallelConfig, profile) -> tuple[ParallelConfig, object] | None:
+    """`cfg` at the micro-batch (a power of two dividing global_batch/dp) with the least predicted step time
+    among those that fit (ties: the larger); None when none fits."""
+    best = None
+    for mb in _powers_of_two_dividing(cfg.global_batch_size // cfg.dp):
+        c = replace(cfg, micro_batch_size=mb)
+        try:
+            validate_config(model, c, c.gpus)
+        except DistplanError:
+            continue
+        pred = predict(model, cluster, c, profile)
+        if pred.fits and (best is None or pred.step_time_s <= best[1].step_time_s):
+            best = (c, pred)
+    return best
+
+
+def megatron_heuristic(model, cluster, gpus: int, global_batch: int, seq_len: int, profile,
+                       engine: str = "megatron", transformer_engine: bool = False):
+    """Megatron's rule of thumb: the smallest tp (dividing the heads and the GPUs per node) that fits, pipeline
+    only if still needed, the rest data parallel; distributed optimizer (ZeRO-1); no recompute (Megatron's
+    default), selective only when nothing fits without. Without Transformer Engine (`engine` megatron, local
+    layer spec) attention is unfused and there is no sequence parallelism. Returns (cfg, pred) or None."""
+    flash = transformer_engine or engine != "megatron"
+    node = min(gpus, cluster.gpus_per_node)
+    tps = [t for t in range(1, node + 1) if node % t == 0 and model.num_heads % t == 0 and gpus % t == 0]
+    top = tps[-1]  # tp fills the node before any pipeline stage is added
+    layouts = [(tp, 1) for tp in tps] + [(top, p) for p in range(2, gpus // top + 1)
+                                         if (gpus // top) % p == 0 and p <= model.num_layers]
+    for recompute in ("none", "selective"):
+        for tp, pp in layouts:
+            cfg = ParallelConfig(dp=gpus // (tp * pp), tp=tp, pp=pp, zero_stage=1, global_batch_size=global_batch,
+                                 seq_len=seq_len, recompute=recompute, flash_attention=flash,
+                                 sequence_parallel=tp > 1 and flash)
+            if global_batch % cfg.dp:
+                continue
+            found = best_micro_batch(model, cluster, cfg, profile)
+            if found is not None:
+                return found
+    return None
+
+
+BASELINES = {  # name -> (engine, zero stage) for the data-parallel baselines
+    "ddp": ("torch", 0),
+    "deepspeed-zero2": ("deepspeed", 2),
+    "fsdp2-full": ("torch", 3),
+}
+
+
+def baseline_configs(model, cluster, gpus: int, global_batch: int, seq_len: int, profile,
+                     megatron_engine: str = "megatron", transformer_engine: bool = False) -> dict:
+    """name -> (engine, cfg, pred) for the four practitioner baselines, or name -> str (why it cannot run)."""
+    out: dict = {}
+    for name, (engine, zero) in BASELINES.items():
+        cfg = ParallelConfig(dp=gpus, zero_stage=zero, global_batch_size=global_batch, seq_len=seq_len)
+        found = best_micro_batch(model, cluster, cfg, profile) if global_batch % gpus == 0 else None
+        if found is None:
+            lean = predict(model, cluster, replace(cfg, micro_batch_size=1), profile)
+            out[name] = (f"does not fit at micro-batch 1: {lean.peak_memory_gib:.1f} GiB predicted vs "
+                         f"{lean.capacity_gib:.1f} GiB usable")
+        else:
+            out[name] = (engine, *found)
+    found = megatron_heuristic(model, cluster, gpus, global_batch, seq_len, profile, megatron_engine, transformer_engine)
+    out["megatron-heuristic"] = (megatron_engine, *found) if found else "no tp/pp/dp layout fits"
+    return out
+
+
+# ---- plans of a case ------------------------------------------------------------------------------------
+
+def _model_arg(case: Case, out_dir: Path) -> str:
+    if case.model != "tiny":
+        return case.model
+    path = out_dir / "tiny.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(TINY_YAML, sort_keys=False))
+    return str(path)
+
+
+def _summary(cfg: ParallelConfig) -> str:
+    return (f"dp{cfg.dp} tp{cfg.tp} pp{cfg.pp}{f' v{cfg.vpp}' if cfg.vpp > 1 else ''} zero{cfg.zero_stage} "
+            f"mb{cfg.micro_batch_size}x{cfg.num_microbatches} {cfg.schedule} rc={cfg.recompute}"
+            f"{' sp' if cfg.sequence_parallel else ''}{'' if cfg.flash_attention else ' unfused-attn'}"
+            f"{' offload' if cfg.offload_optimizer else ''}")
+
+
+def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
+                   engine_for_distplan: str = "torch", alternatives: int = 3, megatron_engine: str = "megatron",
+                   transformer_engine: bool = False) -> tuple[list[PlanSpec], list[dict]]:
+    """Plan files of one case under out_dir: distplan's top plan, its next `alternatives`, the baselines.
+    Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
+    from planner.plan import make_plan, save_plan
+    from planner.profile import load_profile
+    from solvers.engines import runnable
+    from solvers.request import SolveRequest, run_solve
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_arg = _model_arg(case, out_dir)
+    req = SolveRequest(model=model_arg, gpus=gpus, cluster=cluster, profile=profile_path, global_batch=case.global_batch,
+                       seq_len=case.seq_len, top_k=alternatives, engine=engine_for_distplan)
+    result = run_solve(req)
+    model, cluster = result.plan.model, result.plan.cluster
+    profile = load_profile(profile_path) if profile_path else None  # the cluster above already has its numbers
+
+    plans, skipped = [], []
+
+    def add(name, role, engine, cfg, pred, plan):
+        path = out_dir / f"{name}.yaml"
+        save_plan(plan, path)
+        peak = max(s.memory_gib for s in pred.stages)
+        plans.append(PlanSpec(name, role, engine, str(path), pred.step_time_s, pred.tokens_per_s, peak, _summary(cfg)))
+
+    add("distplan", "distplan", engine_for_distplan, result.plan.parallel, result.prediction, result.plan)
+    for i, alt in enumerate(result.alternatives, 1):
+        name = f"alt{i}"
+        if not alt.prediction.fits:
+            skipped.append({"name": name, "role": "alternative", "config": _summary(alt.config), "why": "predicted not to fit"})
+            continue
+        plan = make_plan(model, cluster, gpus, alt.config, alt.prediction, rationale=[f"alternative {i}: {alt.why_lost}"],
+                         provenance={"command": req.command(), "profile": profile_path})
+        add(name, "alternative", engine_for_distplan, alt.config, alt.prediction, plan)
+    for name, got in baseline_configs(model, cluster, gpus, case.global_batch, case.seq_len, profile,
+                                      megatron_engine, transformer_engine).items():
+        if isinstance(got, str):
+            skipped.append({"name": name, "role": "baseline", "config": "", "why": got})
+            continue
+        engine, cfg, pred = got
+        if not runnable(engine, cfg):
+            skipped.append({"name": name, "role": "baseline", "config": _summary(cfg), "why": f"engine {engine} cannot run it"})
+            continue
+        plan = make_plan(model, cluster, gpus, cfg, pred, rationale=[f"baseline {name} (issue 7), best fitting micro-batch"],
+                         provenance={"command": f"benchmarks/campaign.py baseline {name}", "profile": profile_path})
+        add(name, "baseline", engine, cfg, pred, plan)
+    return plans, skipped
+
+
+# ---- running ------------------------------------------------------------------------------------------
+
+STARTUP_S = {"cpu": 8.0, "cuda": 35.0}  # process start, model build and engine set-up per run (measured on 2xH200)
+
+
+def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status: str, why: str = "") -> dict:
+    tokens = case.global_batch * case.seq_len
+    row = {"case": case_name, **asdict(spec), "status": status, "why": why, "measured_step_time_s": None,
+           "measured_tokens_per_s": None, "step_time_error": None, "peak_allocated_gib": None, "memory_error": None,
+           "oom": False, "wall_s": None}
+    if report is None:
+        return row
+    row["predicted_step_time_s"] = report["predicted_step_time_s"]  # re-predicted with the profile by run_plan
+    row["predicted_tokens_per_s"] = tokens / report["predicted_step_time_s"]
+    meas = report.get("measured_step_time_s")
+    if meas:
+        row.update(measured_step_time_s=meas, measured_tokens_per_s=tokens / meas, step_time_error=report["step_time_error"])
+    stages = report.get("stages") or []
+    if stages:
+        row["predicted_memory_gib"] = max(s["predicted_memory_gib"] for s in stages)
+    errs = [s["memory_error"] for s in stages if s.get("memory_error") is not None]
+    if errs:
+        row["memory_error"] = max(errs, key=abs)
+        row["peak_allocated_gib"] = max(s["peak_allocated_gib"] for s in stages if s.get("peak_allocated_gib") is not None)
+    fails = report.get("failures") or []
+    row["oom"] = any(f.get("kind") == "oom" or "out of memory" in str(f.get("reason", "")).lower() for f in fails)
+    if fails:
+        first = next((f for f in fails if f.get("primary")), fails[0])
+        row["status"], row["why"] = ("oom" if row["oom"] else "failed"), f"rank {first['rank']}: {first['reason']}"[:300]
+    row["wall_s"] = report.get("wall_time_s")
+    return row
+
+
+def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, steps: int | None = None,
+             warmup: int | None = None, time_budget_s: float = 540.0, gpus: int = 2, dry_run: bool = False,
+             check_numerics: bool = False, clock=time.monotonic, log=lambda msg: None, **plan_kw) -> list[dict]:
+    """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget."""
+    from planner.runner.engine_api import RunOptions
+    from planner.runner.launch import run_plan
+
+    start = clock()
+    case = CASES[case_name]
+    steps, warmup = steps or case.steps, case.warmup if warmup is None else warmup
+    out_dir = Path(out_dir) / case_name
+    plans, skipped = campaign_plans(case, profile_path, out_dir, gpus=gpus, **plan_kw)
+    rows = [{"case": case_name, "name": s["name"], "role": s["role"], "engine": "", "plan_path": "", "config": s["config"],
+             "status": "not-made", "why": s["why"]} for s in skipped]
+    order = {"distplan": 0, "baseline": 1, "alternative": 2}
+    device = "cuda" if not dry_run and _cuda() else "cpu"
+    done: dict[tuple, dict] = {}  # (engine, plan digest) -> report already measured in this case
+    for spec in sorted(plans, key=lambda p: order[p.role]):
+        log(f"{case_name}/{spec.name} ({spec.engine}): {spec.config}; predicted {spec.predicted_step_time_s:.4g} s, "
+            f"{spec.predicted_memory_gib:.1f} GiB")
+        if dry_run:
+            rows.append(_row(case_name, case, spec, None, "dry-run"))
+            continue
+        from planner.plan import load_plan
+
+        key = (spec.engine, load_plan(spec.plan_path).digest())
+        if key in done:
+            rows.append(_row(case_name, case, spec, done[key], "ran", "same plan and engine as an earlier run: reused"))
+            continue
+        left = time_budget_s - (clock() - start)
+        need = STARTUP_S[device] + 2.0 * (steps + warmup) * spec.predicted_step_time_s
+        if need > left:
+            rows.append(_row(case_name, case, spec, None, "skipped", f"budget: needs ~{need:.0f} s, {left:.0f} s left"))
+            continue
+        report_path = out_dir / f"{spec.name}.report.yaml"
+        opts = RunOptions(engine=spec.engine, steps=steps, warmup=warmup, timeout_s=max(5.0, left - 5.0))
+        try:
+            run_plan(spec.plan_path, opts, out_path=report_path, tolerance=STEP_TOL_ALL, check_numerics=check_numerics,
+                     profile_path=profile_path)
+            rep = yaml.safe_load(report_path.read_text())
+            done[key] = rep
+            rows.append(_row(case_name, case, spec, rep, "ran"))
+        except DistplanError as exc:
+            rows.append(_row(case_name, case, spec, None, "refused", str(exc)[:300]))
+        log(f"  -> {rows[-1]['status']} measured {rows[-1].get('measured_step_time_s')} {rows[-1]['why']}")
+    return rows
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# ---- summary --------------------------------------------------------------------------------------------
+
+def average_ranks(xs: list[float]) -> list[float]:
+    """Ranks 1..n; tied values share the average of the ranks they span."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rho: Pearson correlation of the average ranks (exact with ties); None when undefined."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        return None
+    rx, ry = average_ranks(xs), average_ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if vx == 0 or vy == 0 else cov / math.sqrt(vx * vy)
+
+
+def _misses(row: dict) -> list[str]:
+    out = []
+    tol = STEP_TOL_CHOSEN if row["role"] == "distplan" else STEP_TOL_ALL
+    if row.get("oom"):
+        out.append("OOM")
+    elif row.get("status") in ("failed", "refused"):
+        out.append(f"did not run: {row.get('why', '')}")
+    if row.get("step_time_error") is not None and abs(row["step_time_error"]) > tol:
+        out.append(f"step time {100 * row['step_time_error']:+.1f}% (target {100 * tol:.0f}%)")
+    if row.get("memory_error") is not None and abs(row["memory_error"]) > MEMORY_TOL:
+        out.append(f"memory {100 * row['memory_error']:+.1f}% (target {100 * MEMORY_TOL:.0f}%)")
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per case: distplan over the best baseline (measured tokens/s), Spearman of predicted vs measured
+    throughput over the plans that ran, and each target met (True), missed (False) or not measurable (None)."""
+    cases = {}
+    for name in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == name]
+        ran = [r for r in mine if r.get("measured_tokens_per_s")]
+        chosen = next((r for r in mine if r["role"] == "distplan"), None)
+        base = [r for r in ran if r["role"] == "baseline"]
+        best = max(base, key=lambda r: r["measured_tokens_per_s"]) if base else None
+        speedup = (chosen["measured_tokens_per_s"] / best["measured_tokens_per_s"]
+                   if chosen and chosen.get("measured_tokens_per_s") and best else None)
+        rho = spearman([r["predicted_tokens_per_s"] for r in ran], [r["measured_tokens_per_s"] for r in ran])
+        step_ok = [abs(r["step_time_error"]) <= (STEP_TOL_CHOSEN if r["role"] == "distplan" else STEP_TOL_ALL)
+                   for r in ran if r.get("step_time_error") is not None]
+        mem_ok = [abs(r["memory_error"]) <= MEMORY_TOL for r in ran if r.get("memory_error") is not None]
+        chosen_oom = bool(chosen and chosen.get("oom"))
+        targets = {
+            "distplan_ge_best_baseline": None if speedup is None else speedup >= 1.0,
+            "step_time_within_target": all(step_ok) if step_ok else None,
+            "memory_within_10pct": all(mem_ok) if mem_ok else None,
+            "spearman_ge_0.9": None if rho is None else rho >= SPEARMAN_MIN,
+            "chosen_plan_no_oom": not chosen_oom if chosen and chosen.get("status") in ("ran", "oom", "failed") else None,
+        }
+        cases[name] = {"speedup_over_best_baseline": speedup, "best_baseline": best["name"] if best else None,
+                       "spearman": rho, "plans_ran": len(ran), "plans": len(mine), "targets": targets,
+                       "misses": [{"name": r["name"], "role": r["role"], "what": m} for r in mine if (m := _misses(r))]}
+    speedups = [c["speedup_over_best_baseline"] for c in cases.values() if c["speedup_over_best_baseline"] is not None]
+    overall = {"ge_10pct_faster_in_one_case": (max(speedups) >= SPEEDUP_ONE_CASE) if speedups else None,
+               "all_targets_met": all(v is not False for c in cases.values() for v in c["targets"].values())}
+    return {"cases": cases, "overall": overall, "rows": rows}
+
+
+def environment() -> dict:
+    """Machine and versions for the report header."""
+    from importlib import metadata
+
+    env = {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(),
+           "host_cpus": __import__("os").cpu_count()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            env["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+            env["cuda"] = torch.version.cuda
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        else:
+            env["gpu"] = "none (CPU, gloo)"
+    except ImportError:
+        env["torch"] = "not installed"
+    for pkg in ("deepspeed", "megatron-core", "distplan"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return env
+
+
+def _fmt(x, spec=".3g", pct=False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.1f}%" if pct else format(x, spec)
+
+
+def write_markdown(summary: dict, path: str | Path, machine: str, env: dict | None = None, command: str = "") -> None:
+    env = env or environment()
+    lines = [f"# Plan quality on {machine} (issue 7), {env.get('date_utc', '')} UTC", "",
+             "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "date_utc") + ".",
+             f"Command: `{command}`." if command else "", "",
+             f"Targets: distplan >= best baseline per case and >= {100 * (SPEEDUP_ONE_CASE - 1):.0f}% faster in one; "
+             f"step time within {100 * STEP_TOL_ALL:.0f}% (chosen {100 * STEP_TOL_CHOSEN:.0f}%); memory within "
+             f"{100 * MEMORY_TOL:.0f}%; Spearman >= {SPEARMAN_MIN} per case; no chosen plan OOMs.", "",
+             "## Per case", "",
+             "| case | distplan / best baseline | best baseline | Spearman | plans ran | targets missed |", "|---|---|---|---|---|---|"]
+    for name, c in summary["cases"].items():
+        missed = [k for k, v in c["targets"].items() if v is False]
+        lines.append(f"| {name} | {_fmt(c['speedup_over_best_baseline'])} | {c['best_baseline'] or '-'} | "
+                     f"{_fmt(c['spearman'])} | {c['plans_ran']}/{c['plans']} | {', '.join(missed) or 'none'} |")
+    ov = summary["overall"]
+    lines += ["", f"At least one case >= {100 * (SPEEDUP_ONE_CASE - 1):.0f}% faster: {ov['ge_10pct_faster_in_one_case']}; "
+              f"all per-case targets met: {ov['all_targets_met']}.", "", "## Every plan", "",
+              "| case | plan | role | engine | config | tokens/s predicted | measured | step error | "
+              "memory predicted (GiB) | peak allocated | memory error | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        status = r["status"] + (f" ({r['why']})" if r.get("why") else "")
+        lines.append(f"| {r['case']} | {r['name']} | {r['role']} | {r.get('engine') or '-'} | {r.get('config') or '-'} | "
+                     f"{_fmt(r.get('predicted_tokens_per_s'), '.4g')} | {_fmt(r.get('measured_tokens_per_s'), '.4g')} | "
+                     f"{_fmt(r.get('step_time_error'), pct=True)} | {_fmt(r.get('predicted_memory_gib'), '.1f')} | "
+                     f"{_fmt(r.get('peak_allocated_gib'), '.1f')} | {_fmt(r.get('memory_error'), pct=True)} | {status} |")
+    lines += ["", "## Analysis of misses", "", "Each plan outside a target; the cause is filled in by hand after reading "
+              "its report YAML and log.", ""]
+    misses = [(n, m) for n, c in summary["cases"].items() for m in c["misses"]]
+    for case_name, m in misses:
+        lines.append(f"- **{case_name} / {m['name']}** ({m['role']}): {'; '.join(m['what'])}. Cause: _TODO_")
+    if not misses:
+        lines.append("- none")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+# ---- profiles and CLI ----------------------------------------------------------------------------------
+
+def find_profile(case: Case, dirs: list[str | Path]) -> str | None:
+    """A profile YAML in `dirs` measured for this case's model at its sequence length (first found)."""
+    for d in dirs:
+        for p in sorted(Path(d).glob("*.yaml")) if Path(d).is_dir() else ():
+            try:
+                head = yaml.safe_load("\n".join(p.read_text().splitlines()[:8]))
+            except (yaml.YAMLError, OSError):
+                continue
+            if isinstance(head, dict) and head.get("model") == case.model and head.get("seq_len") == case.seq_len:
+                return str(p)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="gpt2-xl-small", help=f"comma-separated; known: {', '.join(CASES)}")
+    ap.add_argument("--profile-dir", action="append", default=[], help="folder(s) of profile YAMLs (repeatable)")
+    ap.add_argument("--out", default="out/campaign")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall seconds for all cases together")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default: the case's)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--gpus", type=int, default=None, help="default: the visible GPUs, or 2 on CPU")
+    ap.add_argument("--cluster", default=None, help="cluster preset or YAML (default: the profiled GPU's preset)")
+    ap.add_argument("--megatron-engine", default="megatron", choices=("megatron", "torch"))
+    ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
+    ap.add_argument("--check-numerics", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
+    ap.add_argument("--machine", default=None, help="names the report campaign_<machine>.md (default from the GPUs)")
+    ap.add_argument("--need-profiles", action="store_true", help="print 'model seq_len' of cases with no profile; exit")
+    ap.add_argument("--merge", nargs="+", default=None, help="rows.json files of earlier calls: one report of them all")
+    a = ap.parse_args(argv)
+    names = [c for c in a.cases.split(",") if c]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        print(f"error: unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    if a.need_profiles:
+        need = {(CASES[c].model, CASES[c].seq_len) for c in names if CASES[c].model != "tiny" and not find_profile(CASES[c], a.profile_dir)}
+        print("\n".join(f"{m} {s}" for m, s in sorted(need)))
+        return 0
+    env = environment()
+    machine = a.machine or (env["gpu"].replace("x NVIDIA ", "x").replace(" ", "-").lower() if _cuda() else "cpu")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if a.merge:
+        for f in a.merge:
+            rows += json.loads(Path(f).read_text())
+    else:
+        gpus = a.gpus or (__import__("torch").cuda.device_count() if _cuda() else 2)
+        start = time.monotonic()
+        for name in names:
+            prof = find_profile(CASES[name], a.profile_dir)
+            print(f"== {name}: profile {prof or 'none (cluster preset)'}", flush=True)
+            left = a.budget_s - (time.monotonic() - start)
+            try:
+                rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=a.cluster,
+                                 check_numerics=a.check_numerics, log=lambda m: print(m, flush=True),
+                                 megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine)
+            except DistplanError as exc:
+                print(f"error: {name}: {exc}", file=sys.stderr)
+                rows.append({"case": name, "name": "distplan", "role": "distplan", "status": "refused", "why": str(exc)[:300]})
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    summary = summarize(rows)
+    md = out / f"campaign_{machine}.md"
+    write_markdown(summary, md, machine, env, "python3 benchmarks/campaign.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    for name, c in summary["cases"].items():
+        print(f"{name}: distplan/best baseline {_fmt(c['speedup_over_best_baseline'])}, Spearman {_fmt(c['spearman'])}, "
+              f"ran {c['plans_ran']}/{c['plans']}, targets {c['targets']}")
+    print(f"wrote {md} and {out / 'rows.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
