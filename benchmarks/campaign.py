@@ -146,8 +146,8 @@ def baseline_configs(model, cluster, gpus: int, global_batch: int, seq_len: int,
         found = best_micro_batch(model, cluster, cfg, profile) if global_batch % gpus == 0 else None
         if found is None:
             lean = predict(model, cluster, replace(cfg, micro_batch_size=1), profile)
-            out[name] = (f"does not fit at micro-batch 1: {lean.peak_memory_gib:.1f} GiB predicted vs "
-                         f"{lean.capacity_gib:.1f} GiB usable")
+            out[name] = (f"does not fit at micro-batch 1: {lean.peak_memory_gib:.1f} GiB predicted, "
+                         f"{lean.over_capacity_gib:.1f} GiB over the {lean.capacity_gib:.1f} GiB usable with allocator slack")
         else:
             out[name] = (engine, *found)
     found = megatron_heuristic(model, cluster, gpus, global_batch, seq_len, profile, megatron_engine, transformer_engine)
@@ -171,6 +171,12 @@ def _summary(cfg: ParallelConfig) -> str:
             f"mb{cfg.micro_batch_size}x{cfg.num_microbatches} {cfg.schedule} rc={cfg.recompute}"
             f"{' sp' if cfg.sequence_parallel else ''}{'' if cfg.flash_attention else ' unfused-attn'}"
             f"{' offload' if cfg.offload_optimizer else ''}")
+
+
+def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
+    """torch.distributed.pipelining refuses fewer micro-batches than stages (solvers.engines.runnable does not
+    check this yet: a solved alternative pp2 x 1 micro-batch failed on CPU)."""
+    return engine != "torch" or cfg.pp == 1 or cfg.num_microbatches >= cfg.pp * cfg.vpp
 
 
 def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
@@ -203,8 +209,9 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     add("distplan", "distplan", engine_for_distplan, result.plan.parallel, result.prediction, result.plan)
     for i, alt in enumerate(result.alternatives, 1):
         name = f"alt{i}"
-        if not alt.prediction.fits:
-            skipped.append({"name": name, "role": "alternative", "config": _summary(alt.config), "why": "predicted not to fit"})
+        if not alt.prediction.fits or not _pipeline_ok(engine_for_distplan, alt.config):
+            why = "predicted not to fit" if not alt.prediction.fits else "torch pipelining needs micro-batches >= stages"
+            skipped.append({"name": name, "role": "alternative", "config": _summary(alt.config), "why": why})
             continue
         plan = make_plan(model, cluster, gpus, alt.config, alt.prediction, rationale=[f"alternative {i}: {alt.why_lost}"],
                          provenance={"command": req.command(), "profile": profile_path})
@@ -215,7 +222,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
             skipped.append({"name": name, "role": "baseline", "config": "", "why": got})
             continue
         engine, cfg, pred = got
-        if not runnable(engine, cfg):
+        if not runnable(engine, cfg) or not _pipeline_ok(engine, cfg):
             skipped.append({"name": name, "role": "baseline", "config": _summary(cfg), "why": f"engine {engine} cannot run it"})
             continue
         plan = make_plan(model, cluster, gpus, cfg, pred, rationale=[f"baseline {name} (issue 7), best fitting micro-batch"],
@@ -226,7 +233,9 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
 
 # ---- running ------------------------------------------------------------------------------------------
 
-STARTUP_S = {"cpu": 8.0, "cuda": 35.0}  # process start, model build and engine set-up per run (measured on 2xH200)
+# process start, model build and engine set-up per run: an estimate (run_2xh200 walls were 55-90 s for gpt2-xl
+# including 8 steps and a --check-numerics reference run); recalibrate from the campaign's wall_s column
+STARTUP_S = {"cpu": 8.0, "cuda": 45.0}
 
 
 def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status: str, why: str = "") -> dict:

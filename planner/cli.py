@@ -158,6 +158,8 @@ def solve(
     output: Path = typer.Option(Path("plan.yaml"), "--output", "-o", help="Plan file to write."),
     fmt: str = FormatOpt,
     engine: str = typer.Option("any", "--engine", help="Keep only plans this `distplan run` engine executes: any, torch, deepspeed, megatron."),
+    te: bool = typer.Option(False, "--te", help="With --engine megatron: Transformer Engine is installed (fused attention); "
+                                                "without it megatron's local spec runs unfused attention and plans assume that."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
@@ -173,7 +175,7 @@ def solve(
     check_format(fmt)
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
-                       ilp_backend=ilp_backend, engine=engine)
+                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise DistplanError(f"--report '{report}' must be an .html file")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -97,11 +97,19 @@ class RankTime:
 
 
 def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
-               profile: Profile | None = None) -> Callable[[int, int], RankTime]:
+               profile: Profile | None = None, *, zero1_as_fsdp: bool = False) -> Callable[[int, int], RankTime]:
     """`timer(rank, layers)`: what `predict` charges pipeline rank `rank` of `cfg` when it holds `layers` blocks.
 
     `predict` itself sums these, so the solvers' stage DP (which asks for other layer counts than
     `cfg.layer_split`) and the prediction cannot disagree. Pure; block/embedding/head times computed once.
+
+    Sharded data parallelism (ZeRO-2/3; ZeRO-1 too when `zero1_as_fsdp`, as the torch engine runs it:
+    FSDP2 fully_shard without reshard, parallelize.ZERO_MAPPING) also pays a fixed cost per block and
+    micro-batch that the bandwidth terms do not see: collective launches, copy-in/copy-out of the flat
+    buffers, bf16 <-> fp32 casts. Where the profile measured it (Profile.sharding, profilers/sharding.py)
+    `zero_comm` adds layers x that overhead per micro-batch. Without it nothing is invented and the
+    bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
+    (benchmarks/results/run_2xh200.md, miss 1).
     """
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
@@ -116,6 +124,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
+    shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, zero1_as_fsdp) or 0.0
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
@@ -139,6 +148,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
             z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
+        if shard_overhead:
+            z3 += layers * shard_overhead  # measured per-block cost of sharding (profile only; see docstring)
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
 
         # once-per-step data-parallel sync and optimizer
@@ -168,10 +179,29 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     return timer
 
 
-def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None) -> Prediction:
-    """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller)."""
+def _sharding_overhead_s(cfg: ParallelConfig, profile: Profile | None, dp_group: int, tokens: float,
+                         zero1_as_fsdp: bool) -> float | None:
+    """Measured seconds one sharded block adds per micro-batch (Profile.sharding), or None where this layout
+    shards nothing per block or the profile did not measure it at this data-parallel group size.
+
+    ZeRO-3 reshards after forward (FSDP2 reshard_after_forward=True); ZeRO-2, and ZeRO-1 when it runs as
+    FSDP2, keep the weights to backward (False). The profile measured a tp = 1 block at `tokens` tokens
+    per micro-batch and rank.
+    """
+    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and zero1_as_fsdp)
+    if profile is None or not sharded or dp_group <= 1:
+        return None
+    return profile.sharding_overhead_s(dp_group, cfg.zero_stage >= 3, tokens)
+
+
+def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None, *,
+            zero1_as_fsdp: bool = False) -> Prediction:
+    """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller).
+
+    `zero1_as_fsdp`: the engine runs ZeRO-1 as FSDP2 (the torch engine); see rank_timer.
+    """
     m, v = cfg.num_microbatches, cfg.vpp
-    timer = rank_timer(model, cluster, cfg, profile)
+    timer = rank_timer(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
     per_rank, terms_per_rank, stages = [], [], []
     layer_counts = cfg.layers_per_stage(model.num_layers)
     ranges = cfg.stage_layer_ranges(model.num_layers)
@@ -215,7 +245,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
                         for r, rng, t, mem, _ in stages)
     peak = max(s.memory_gib for s in stage_preds)
     capacity = cluster.usable_memory_gib
-    sources = _sources(model, cfg, profile)
+    sources = _sources(model, cfg, profile, zero1_as_fsdp)
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
@@ -224,7 +254,8 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     )
 
 
-def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> tuple[tuple[str, str], ...]:
+def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
+             zero1_as_fsdp: bool = False) -> tuple[tuple[str, str], ...]:
     """Say, per number the prediction used, whether it was measured (profile) or taken from the preset."""
     kind = "moe_block" if model.is_moe else "block"
     out = {}
@@ -238,4 +269,13 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> 
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
+    # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
+    # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
+    dp_group = cfg.dp * cfg.cp
+    if profile is not None and profile.sharding and dp_group > 1 and (
+            cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and zero1_as_fsdp)):
+        tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+        measured = _sharding_overhead_s(cfg, profile, dp_group, tokens, zero1_as_fsdp) is not None
+        out[f"sharding.per_layer.n{dp_group}"] = "profile" if measured else \
+            f"not measured at n={dp_group} (bandwidth model only)"
     return tuple(sorted(out.items()))

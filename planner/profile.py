@@ -6,6 +6,9 @@ cluster preset's analytic model where the profile has no answer (and says which 
   linear fit time = intercept + slope * tokens (Aceso/Alpa-style profiling, interpolated by tokens);
 - `collective_time_s(op, group_size, bytes)`: latency + bytes / bus-bandwidth, fitted per
   collective and group size (house rule 6), times the nccl-tests bus-bandwidth factor.
+Optionally `sharding_overhead_s(group_size, reshard_after_forward, tokens)`: measured extra seconds per
+block per micro-batch of FSDP2 fully_shard over the plain block (profilers/sharding.py); profiles
+written before it have no `sharding` key and load unchanged (same version: the key is optional).
 `calibration` holds measured/predicted correction factors written by `distplan run --calibrate`.
 """
 
@@ -58,6 +61,15 @@ class CollectiveFit:
 
 
 @dataclass(frozen=True)
+class ShardingFit:
+    """Per-block overhead of FSDP2 fully_shard, seconds per micro-batch: overhead(tokens) (profilers/sharding.py)."""
+
+    group_size: int  # data-parallel ranks the block was sharded over
+    reshard_after_forward: bool  # True: ZeRO-3; False: ZeRO-1/2 (weights kept from forward to backward)
+    overhead: LinearFit  # x: tokens per micro-batch per rank
+
+
+@dataclass(frozen=True)
 class Profile:
     gpu_name: str
     device: str  # "cuda" or "cpu": what was measured
@@ -75,6 +87,7 @@ class Profile:
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
     inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
     calibration: tuple[tuple[str, float], ...] = ()  # ("compute", f), ("all_reduce", f), ...
+    sharding: tuple[ShardingFit, ...] = ()  # per-block FSDP2 overhead per (group size, reshard); () = not measured
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
 
@@ -88,6 +101,13 @@ class Profile:
         for c in self.collectives:
             if c.op == op and c.group_size == group_size:
                 return c
+        return None
+
+    def sharding_overhead_s(self, group_size: int, reshard_after_forward: bool, tokens: float) -> float | None:
+        """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured."""
+        for s in self.sharding:
+            if s.group_size == group_size and s.reshard_after_forward == reshard_after_forward:
+                return max(0.0, s.overhead(tokens))
         return None
 
     def factor(self, key: str) -> float:
@@ -139,6 +159,8 @@ def profile_to_dict(p: Profile) -> dict:
         "collectives": [_collective_dict(c) for c in p.collectives],
         "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
         "calibration": dict(p.calibration),
+        **({"sharding": [{"group_size": s.group_size, "reshard_after_forward": s.reshard_after_forward,
+                          "overhead": _fit_dict(s.overhead)} for s in p.sharding]} if p.sharding else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
@@ -173,6 +195,12 @@ def profile_from_dict(d: object, source: str) -> Profile:
         )
         collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])
         inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
+        sharding = tuple(
+            ShardingFit(group_size=int(s["group_size"]), reshard_after_forward=bool(s["reshard_after_forward"]),
+                        overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"))
+            for s in d.get("sharding") or []
+        )
+        require(all(s.group_size >= 2 for s in sharding), f"{source}: sharding entries need group_size >= 2")
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}
@@ -185,6 +213,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         host_bandwidth_gb_s=float(d.get("host_bandwidth_gb_s") or 0.0),
         overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
         memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
+        sharding=sharding,
         facts=d.get("facts") or {}, raw=d.get("raw") or {},
     )
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from planner.errors import DistplanError
+from profilers.sharding import ShardingSettings
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -53,6 +54,7 @@ class CommSettings:
     max_iters: int = 1000
     overlap: bool = True
     local_size: int = 0  # ranks per node; 0: all ranks are on one node
+    sharding: ShardingSettings | None = None  # also time one FSDP2-sharded block per group (profilers/sharding.py)
 
 
 def sizes_between(lo: int, hi: int, step: int) -> tuple[int, ...]:
@@ -188,7 +190,7 @@ class _Rank:
     def run(self) -> dict:
         s, world = self.s, self.world
         local = s.local_size or world
-        raw: dict = {"points": [], "unmeasured": {}, "overlap": None, "inter_node": None}
+        raw: dict = {"points": [], "unmeasured": {}, "overlap": None, "inter_node": None, "sharding": []}
         for n in [g for g in s.group_sizes if g <= local]:
             ranks = list(range(n))
             group = dist.new_group(ranks)
@@ -206,6 +208,10 @@ class _Rank:
                         self.report(f"{op} n={n} {_fmt(size)}")
                 if s.overlap and n == 2:
                     raw["overlap"] = self.overlap(group, n)
+                if s.sharding is not None:
+                    from profilers import sharding
+
+                    raw["sharding"] += sharding.measure(s.sharding, group, n, self.device, self.dtype, self.report)
             self.barrier()
         if world > local:
             raw["inter_node"] = self.inter_node(local)

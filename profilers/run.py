@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from planner.errors import require
 from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile
 from profilers import comm, compute, facts, fit
+from profilers.sharding import ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
 DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine without any
@@ -54,7 +55,8 @@ class Plan:
         comm_points = sum(len(self.comm.sizes_bytes) * sum(1 for op in self.comm.ops if op != "p2p" or n == 2)
                           for n in self.comm.group_sizes)
         ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 1
-        return ceilings + comm_points + kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
+        sharding_points = 2 * len(self.comm.group_sizes) if self.comm.sharding is not None else 0
+        return ceilings + comm_points + sharding_points + kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
 
 
 def plan_profile(req: ProfileRequest) -> Plan:
@@ -93,9 +95,10 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                warmup=1, trials=2 if q else 3, target_loop_s=0.01, max_iters=10)
     if req.micro_batches:
         require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
-        from dataclasses import replace
-
         cs = replace(cs, micro_batches=tuple(sorted(req.micro_batches)))
+    # FSDP2 per-block overhead (profilers/sharding.py) at the two smallest micro-batches: a line in tokens
+    ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=cs.micro_batches[:2],
+                                                warmup=1 if not cuda or q else 2, trials=cs.repeats))
     return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms)
 
 
@@ -183,7 +186,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
     else:
         raw_comm = {"points": [], "unmeasured": {"all": "one device: no collective to measure"}, "overlap": None,
-                    "inter_node": None}
+                    "inter_node": None, "sharding": []}
     phases["communication_s"] = time.perf_counter() - t0
     # this process touches its GPU only now: spawned ranks got theirs first, torchrun bound it above
     device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
@@ -237,6 +240,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         host_bandwidth_gb_s=ceilings.get("host_to_device_gb_s", 0.0),
         overlap_slowdown=overlap["slowdown"] if overlap else None,
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
+        sharding=fit_sharding(raw_comm.get("sharding") or []),
         facts=_plain(info), raw=_plain(raw),
     )
 

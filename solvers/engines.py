@@ -18,8 +18,9 @@ def runnable(engine: str, cfg: ParallelConfig) -> bool:
     if engine == "any":
         return True
     if engine == "torch":
-        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP
-        return cfg.cp == 1 and cfg.ep == 1
+        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP;
+        # torch's pipeline schedules need at least as many micro-batches as stages
+        return cfg.cp == 1 and cfg.ep == 1 and (cfg.pp == 1 or cfg.num_microbatches >= cfg.pp)
     if engine == "deepspeed":
         # DeepSpeed engine: ZeRO 0-3 and offload; its pipeline engine only with ZeRO <= 1, 1F1B, no TP/CP/EP
         return (cfg.tp == 1 and cfg.cp == 1 and cfg.ep == 1 and cfg.vpp == 1 and cfg.schedule == "1f1b"
@@ -30,3 +31,19 @@ def runnable(engine: str, cfg: ParallelConfig) -> bool:
         return (not cfg.sequence_parallel and cfg.cp == 1 and not cfg.offload_optimizer and cfg.zero_stage <= 1
                 and cfg.schedule != "gpipe" and not (cfg.ep > 1 and cfg.tp > 1))
     raise DistplanError(f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+
+
+def forced_settings(engine: str, transformer_engine: bool = False) -> dict[str, object]:
+    """Fixed solver settings (ParallelConfig field -> value) that `engine` imposes on every plan; {} for none.
+
+    megatron without Transformer Engine: megatron-core's local layer spec computes attention unfused
+    (DotProductAttention materialises the seq x seq scores), so a plan for it must assume
+    flash_attention=False; on 2x H200 a flash-attention plan for this engine was 34-50% short on memory
+    and 62% short on time (benchmarks/results/run_2xh200.md, miss 3). `transformer_engine` (solve --te):
+    TE is installed and its fused attention runs, so flash attention is kept.
+    """
+    if engine not in ENGINE_CHOICES:
+        raise DistplanError(f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+    if engine == "megatron" and not transformer_engine:
+        return {"flash_attention": False}
+    return {}

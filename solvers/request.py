@@ -30,6 +30,7 @@ class SolveRequest:
     time_limit_s: float | None = None
     ilp_backend: str = "ortools"
     engine: str = "any"  # keep only plans this `distplan run` engine executes
+    transformer_engine: bool = False  # --te: megatron runs with Transformer Engine (fused attention)
 
     def command(self) -> str:
         """The command line that reproduces this request (written into the plan's header)."""
@@ -42,6 +43,7 @@ class SolveRequest:
         parts += [f"--time-limit {self.time_limit_s:g}"] if self.time_limit_s is not None else []
         parts += [f"--ilp-backend {self.ilp_backend}"] if self.ilp_backend != "ortools" else []
         parts += [f"--engine {self.engine}"] if self.engine != "any" else []
+        parts += ["--te"] if self.transformer_engine else []
         return " ".join(parts)
 
 
@@ -54,4 +56,4 @@ def run_solve(req: SolveRequest, progress: Callable[[int, int], None] | None = N
         cluster, prof = resolve_cluster(req.cluster or "", req.profile)
     return solve(model, cluster, req.gpus, prof, global_batch=req.global_batch, seq_len=req.seq_len, top_k=req.top_k,
                  time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress, command=req.command(),
-                 engine=req.engine)
+                 engine=req.engine, transformer_engine=req.transformer_engine)

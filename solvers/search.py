@@ -42,7 +42,7 @@ from planner.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
 from solvers.engines import runnable
 
-MAX_MICRO_BATCH = 16
+MAX_MICRO_BATCH = 64
 MAX_VPP = 8
 MIN_CP_CHUNK = 512  # context parallelism keeps >= 512 tokens per rank unless nothing fits otherwise
 # (ZeRO stage, optimizer offload): with one data-parallel rank stages 1 and 2 equal stage 0 (nothing to

@@ -18,7 +18,7 @@ from planner.model import ModelSpec
 from planner.plan import Plan, make_plan
 from planner.predict import Prediction, predict
 from planner.profile import Profile, gpu_family
-from solvers.engines import ENGINE_CHOICES
+from solvers.engines import ENGINE_CHOICES, forced_settings
 from solvers.explain import alternative_entry, leanest_message, rationale, why_lost
 from solvers.inter_op import best_layer_split
 from solvers.intra_op import BACKENDS
@@ -107,7 +107,8 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
           global_batch: int | None = None, seq_len: int | None = None, top_k: int = 3,
           time_limit_s: float | None = None, ilp_backend: str = "ortools", flash_attention: bool = True,
           overlap_grad_reduce: bool = True, progress: Callable[[int, int], None] | None = None,
-          command: str | None = None, clock: Callable[[], float] = time.monotonic, engine: str = "any") -> SolveResult:
+          command: str | None = None, clock: Callable[[], float] = time.monotonic, engine: str = "any",
+          transformer_engine: bool = False) -> SolveResult:
     """The fastest plan of `model` on `gpus` GPUs of `cluster` that fits in memory.
 
     global_batch / seq_len default to the model's. `top_k` runners-up (best of other meshes) are kept
@@ -115,12 +116,15 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
     plan says so; DistplanError when nothing was found in time. `progress(done, total)` is called as
     candidates are evaluated. flash_attention / overlap_grad_reduce are fixed settings, not searched.
     `engine` keeps only plans that `distplan run --engine` can execute (solvers/engines.py); "any" keeps all.
+    The engine's forced settings override the arguments (solvers.engines.forced_settings: megatron without
+    `transformer_engine` plans unfused attention, flash_attention=False).
     """
     start = clock()
     global_batch = model.default_global_batch if global_batch is None else global_batch
     seq_len = model.seq_len if seq_len is None else seq_len
     check_inputs(model, cluster, gpus, global_batch, seq_len, top_k, time_limit_s, ilp_backend, profile)
     require(engine in ENGINE_CHOICES, f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+    flash_attention = bool(forced_settings(engine, transformer_engine).get("flash_attention", flash_attention))
     outcome = run_search(model, cluster, gpus, global_batch, seq_len, profile, top_k=top_k, time_limit_s=time_limit_s,
                          flash_attention=flash_attention, overlap_grad_reduce=overlap_grad_reduce, progress=progress,
                          clock=clock, engine=engine)

@@ -122,3 +122,15 @@ def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
         pytest.skip("`distplan solve` is not in planner.cli yet (the solver engineer adds it)")
     solved = cli("solve", "--model", "gpt2", "--gpus", 2, "--profile", path)
     assert solved.exit_code == 0, solved.output
+
+
+def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
+    """profilers/sharding.py over gloo: one block plain vs fully_shard, both reshard modes, raw points kept."""
+    prof, _ = tiny_profile
+    assert {(s.group_size, s.reshard_after_forward) for s in prof.sharding} == {(2, True), (2, False)}
+    for reshard in (True, False):
+        for tokens in (SEQ, 2 * SEQ):
+            assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
+    pts = prof.raw["communication"]["sharding"]
+    assert len(pts) == 4 and {p["micro_batch"] for p in pts} == {1, 2}
+    assert all(p["plain_s"] > 0 and p["wrapped_s"] > 0 and p["overhead_s"] == p["wrapped_s"] - p["plain_s"] for p in pts)

@@ -234,7 +234,7 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     from planner.runner.worker import resolve_dtype
 
     opts = replace(opts, dtype=resolve_dtype(opts.dtype, device_type))
-    profile, prediction = _load_profile(plan, profile_path, calibrate)
+    profile, prediction = _load_profile(plan, profile_path, calibrate, opts.engine)
 
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
@@ -287,8 +287,9 @@ def _megatron_numerics(plan: Plan, parallel_losses: tuple[float, ...], opts: Run
     return compare(parallel_losses[:steps], list(ref.losses[:steps]), opts.dtype)
 
 
-def _load_profile(plan: Plan, profile_path, calibrate: bool):
-    """The profile (if any) and the prediction to verify: the plan's own, or re-predicted with --profile."""
+def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torch"):
+    """The profile (if any) and the prediction to verify: the plan's own, or re-predicted with --profile
+    (the torch engine runs ZeRO-1 as FSDP2: its measured per-block sharding overhead applies, predict.rank_timer)."""
     if profile_path is None:
         return None, plan.prediction
     from planner.predict import predict
@@ -297,4 +298,4 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool):
     if not Path(profile_path).exists() and calibrate:
         return None, plan.prediction  # --calibrate starts a new profile
     profile = load_profile(profile_path)
-    return profile, predict(plan.model, plan.cluster, plan.parallel, profile).to_dict()
+    return profile, predict(plan.model, plan.cluster, plan.parallel, profile, zero1_as_fsdp=engine == "torch").to_dict()

@@ -11,7 +11,8 @@ PyTorch's own parallelism, in torchtitan's order (planner/runner/parallelize.py)
 
 Precision (the cost model's 16 bytes per parameter, ZeRO's 2 + 2 + 12, Micikevicius et al. 2018): with
 bf16 every layout computes with bf16 weights and bf16 activations, and keeps fp32 master weights and AdamW
-states in the optimizer; no torch.autocast anywhere.
+states in the optimizer; the engine uses no torch.autocast (the single-process numerics reference,
+planner/runner/numerics.py, still does: fp32 weights under autocast, compared within the bf16 tolerance).
 - FSDP2 (ZeRO-1/2/3, and replicate() for ZeRO-0 with tp > 1): MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=bf16): fp32 sharded parameters (the masters), bf16 unsharded copies for compute, weights
   all-gathered and gradients reduce-scattered as bf16 (the cost model's bytes). Per GPU 2 + 16/dp bytes/param

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 7 campaign on one GPU node: profile the cases' models here (reusing the committed 2xH200 profiles
+# whose model and sequence length match), then benchmarks/campaign.py runs distplan's plan, its next 3
+# alternatives and the 4 practitioners' baselines per case. Writes OUT/campaign_<machine>.md, OUT/rows.json,
+# OUT/summary.txt and OUT/campaign.tar.gz (plans, report YAMLs, profiles, logs).
+# Usage, from the repository root with .whl carried (as device_verify.sh), one case batch per 10-minute call:
+#   CASES=gpt2-xl-small,gpt2-xl-large BUDGET_S=500 bash benchmarks/device_campaign.sh
+# Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics", MACHINE=2xh200.
+set -u
+out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
+t_start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+cases=${CASES:-gpt2-xl-small}
+committed=benchmarks/results/profile_2xh200
+{ date -u; nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$log" 2>&1
+
+# 1. profiles: only (model, seq_len) pairs that no committed profile covers (--quick: ~40 s for llama-3-8b)
+python3 benchmarks/campaign.py --cases "$cases" --profile-dir "$committed" --need-profiles >"$out/need.txt" 2>>"$log" || exit 1
+while read -r model seq; do
+  [ -n "$model" ] || continue
+  t0=$(date +%s)
+  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" --quick \
+    -o "$out/profiles/profile-$model-s$seq.yaml" >"$out/profiles/profile-$model-s$seq.log" 2>&1
+  echo "=== profile $model seq $seq: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"
+done <"$out/need.txt"
+
+# 2. the campaign, in what is left of the budget (BUDGET_S counts from the start of this script)
+left=$(( ${BUDGET_S:-500} - ($(date +%s) - t_start) ))
+args=(--cases "$cases" --profile-dir "$out/profiles" --profile-dir "$committed" --out "$out/campaign" --budget-s "$left")
+[ -n "${STEPS:-}" ] && args+=(--steps "$STEPS"); [ -n "${WARMUP:-}" ] && args+=(--warmup "$WARMUP")
+[ -n "${MACHINE:-}" ] && args+=(--machine "$MACHINE")
+echo "=== campaign.py ${args[*]} ${EXTRA:-}" >>"$log"
+python3 benchmarks/campaign.py "${args[@]}" ${EXTRA:-} >"$out/campaign.log" 2>&1
+echo "=== campaign: exit $?, total wall $(( $(date +%s) - t_start )) s" >>"$log"
+grep -vE "^\s*$" "$out/campaign.log" | tail -60 >>"$log"
+cp "$out"/campaign/campaign_*.md "$out"/campaign/rows.json "$out/" 2>/dev/null
+tar -czf "$out/campaign.tar.gz" -C "$out" campaign profiles campaign.log 2>/dev/null && rm -rf "$out/campaign"
+cat "$log"

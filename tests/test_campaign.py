@@ -1,0 +1,140 @@
+"""benchmarks/campaign.py (issue 7 harness): Spearman, the practitioners' baselines, the target logic, and one
+end-to-end campaign of the `tiny` case on CPU (2 gloo processes)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from planner.cluster import load_cluster
+from planner.job import ParallelConfig
+from planner.model import load_model
+from planner.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("campaign", ROOT / "benchmarks" / "campaign.py")
+campaign = importlib.util.module_from_spec(_spec)
+sys.modules["campaign"] = campaign  # dataclasses look their module up by name
+_spec.loader.exec_module(campaign)
+
+
+# ---- Spearman ---------------------------------------------------------------------------------------------
+
+def test_spearman_known_values():
+    assert campaign.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7.5]) == pytest.approx(0.9)  # 1 - 6*2/(5*24)
+    assert campaign.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert campaign.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert campaign.spearman([1, 1], [1, 2]) is None and campaign.spearman([1], [1]) is None
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    assert campaign.average_ranks([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
+    # by hand: ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]: cov 4.5, variances 4.5 and 5 -> 4.5 / sqrt(22.5)
+    assert campaign.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))  # 0.9487
+    # ranks [1..5] vs [2.5, 1, 2.5, 4.5, 4.5]: cov 7.5, variances 10 and 9 -> 7.5 / sqrt(90) (scipy agrees)
+    assert campaign.spearman([1, 2, 3, 4, 5], [2, 1, 2, 5, 5]) == pytest.approx(7.5 / math.sqrt(90))  # 0.7906
+
+
+# ---- baselines --------------------------------------------------------------------------------------------
+
+def _fits_faster(model, cluster, cfg, mb):
+    c = ParallelConfig(**{**cfg.__dict__, "micro_batch_size": mb})
+    return predict(model, cluster, c)
+
+
+def test_baselines_on_h200_gpt2_xl():
+    model, cluster = load_model("gpt2-xl"), load_cluster("h200-141gb")
+    got = campaign.baseline_configs(model, cluster, 2, 32, 1024, None)
+    assert set(got) == {"ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic"}
+    engine, ddp, pred = got["ddp"]
+    assert engine == "torch" and ddp.zero_stage == 0 and ddp.dp == 2 and pred.fits
+    # the best fitting micro-batch: no other power of two of 32/2 that fits is faster
+    for mb in (1, 2, 4, 8, 16):
+        other = _fits_faster(model, cluster, ddp, mb)
+        assert not other.fits or other.step_time_s >= pred.step_time_s
+    assert got["deepspeed-zero2"][0] == "deepspeed" and got["deepspeed-zero2"][1].zero_stage == 2
+    assert got["fsdp2-full"][0] == "torch" and got["fsdp2-full"][1].zero_stage == 3
+    eng, mg, _ = got["megatron-heuristic"]
+    assert eng == "megatron" and (mg.tp, mg.pp, mg.dp, mg.zero_stage) == (1, 1, 2, 1) and not mg.flash_attention
+
+
+def test_ddp_takes_the_largest_micro_batch_when_time_does_not_prefer_another():
+    model, cluster = load_model("gpt2"), load_cluster("h200-141gb")
+    _, cfg, _ = campaign.baseline_configs(model, cluster, 2, 16, 1024, None)["ddp"]
+    fitting = [mb for mb in (1, 2, 4, 8) if _fits_faster(model, cluster, cfg, mb).fits]
+    times = {mb: _fits_faster(model, cluster, cfg, mb).step_time_s for mb in fitting}
+    assert cfg.micro_batch_size == min(fitting, key=lambda mb: (times[mb], -mb))
+
+
+def test_megatron_heuristic_smallest_fitting_tp_then_pp():
+    # llama-2-13b at 4096 tokens on 2x H200: tp1 does not fit, tp2 (the node) does -> tp2 pp1, no pipeline
+    model, cluster = load_model("llama-2-13b"), load_cluster("h200-141gb")
+    cfg, pred = campaign.megatron_heuristic(model, cluster, 2, 8, 4096, None, engine="torch")
+    assert (cfg.tp, cfg.pp, cfg.dp, cfg.zero_stage) == (2, 1, 1, 1) and pred.fits and cfg.sequence_parallel
+    for mb in (1, 2, 4, 8):
+        lean = ParallelConfig(dp=2, zero_stage=1, micro_batch_size=mb, global_batch_size=8, seq_len=4096, recompute=cfg.recompute)
+        assert not predict(model, cluster, lean).fits
+    # a model that fits at tp1 keeps tp1
+    small = campaign.megatron_heuristic(load_model("gpt2"), cluster, 2, 16, 1024, None)[0]
+    assert (small.tp, small.pp, small.dp) == (1, 1, 2)
+    # llama-2-13b: DDP (16 bytes/parameter, 208 GB) does not fit and says why
+    assert "does not fit" in campaign.baseline_configs(model, cluster, 2, 8, 4096, None)["ddp"]
+
+
+# ---- summarize ------------------------------------------------------------------------------------------
+
+def _r(name, role, pred_tps, meas_tps, step_err=0.0, mem_err=0.0, oom=False, case="c"):
+    return {"case": case, "name": name, "role": role, "status": "oom" if oom else "ran",
+            "predicted_tokens_per_s": pred_tps, "measured_tokens_per_s": meas_tps, "step_time_error": step_err,
+            "memory_error": mem_err, "oom": oom}
+
+
+def test_summarize_targets_met():
+    rows = [_r("distplan", "distplan", 130, 120, 0.04), _r("ddp", "baseline", 100, 100, -0.08),
+            _r("fsdp", "baseline", 90, 95), _r("alt1", "alternative", 110, 105, 0.09, 0.05)]
+    s = campaign.summarize(rows)
+    c = s["cases"]["c"]
+    assert c["speedup_over_best_baseline"] == pytest.approx(1.2) and c["best_baseline"] == "ddp"
+    assert c["spearman"] == pytest.approx(1.0)
+    assert all(v is True for v in c["targets"].values()), c["targets"]
+    assert s["overall"] == {"ge_10pct_faster_in_one_case": True, "all_targets_met": True} and c["misses"] == []
+
+
+def test_summarize_targets_missed():
+    rows = [_r("distplan", "distplan", 130, 90, 0.06), _r("ddp", "baseline", 100, 100, 0.0, 0.15),
+            _r("fsdp", "baseline", 90, 120), _r("alt1", "alternative", 110, 80, 0.11)]
+    c = campaign.summarize(rows)["cases"]["c"]
+    t = c["targets"]
+    assert c["speedup_over_best_baseline"] == pytest.approx(0.75) and c["best_baseline"] == "fsdp"
+    assert t["distplan_ge_best_baseline"] is False and t["step_time_within_target"] is False  # 6% > 5% for the chosen plan
+    assert t["memory_within_10pct"] is False and t["spearman_ge_0.9"] is False and t["chosen_plan_no_oom"] is True
+    assert {m["name"] for m in c["misses"]} == {"distplan", "ddp", "alt1"}
+    oom = campaign.summarize([{**_r("distplan", "distplan", 100, None, None, None, oom=True), "measured_tokens_per_s": None}])
+    assert oom["cases"]["c"]["targets"]["chosen_plan_no_oom"] is False
+
+
+# ---- end to end on CPU ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_campaign_end_to_end_on_cpu(tmp_path):
+    rc = campaign.main(["--cases", "tiny", "--out", str(tmp_path), "--budget-s", "120", "--megatron-engine", "torch",
+                        "--machine", "cpu-test", "--steps", "1", "--warmup", "1"])
+    assert rc == 0
+    import json
+
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    ran = [r for r in rows if r["status"] == "ran"]
+    assert {r["role"] for r in ran} == {"distplan", "baseline", "alternative"}
+    assert {r["name"] for r in ran} >= {"distplan", "ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic"}
+    for r in rows:
+        if r["status"] == "not-made":  # e.g. an alternative torch pipelining cannot run; it says why
+            assert r["why"] and r["role"] == "alternative", r
+            continue
+        assert r["status"] == "ran", r
+        assert r["predicted_tokens_per_s"] > 0 and r["measured_tokens_per_s"] > 0 and math.isfinite(r["step_time_error"])
+        assert Path(r["plan_path"]).exists() and not r["oom"]
+    md = (tmp_path / "campaign_cpu-test.md").read_text()
+    assert "| tiny | distplan | distplan | torch |" in md and "## Analysis of misses" in md
+    assert "torch" in md and "python" in md  # versions in the header

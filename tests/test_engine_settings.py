@@ -1,0 +1,43 @@
+"""Settings an engine forces on `distplan solve` (solvers.engines.forced_settings): megatron's local layer
+spec runs unfused attention, so its plans assume flash_attention=False unless --te says Transformer Engine
+is there (miss 3 of benchmarks/results/run_2xh200.md)."""
+
+import pytest
+import yaml
+
+from planner.cluster import load_cluster
+from planner.errors import DistplanError
+from planner.model import load_model
+from solvers import solve
+from solvers.engines import forced_settings
+from solvers.request import SolveRequest
+
+MODEL = load_model("gpt2-xl")
+CLUSTER = load_cluster("dgx-h100-80gb")
+
+
+def test_forced_settings_per_engine():
+    assert forced_settings("megatron") == {"flash_attention": False}
+    assert forced_settings("megatron", transformer_engine=True) == {}
+    for engine in ("any", "torch", "deepspeed"):
+        assert forced_settings(engine) == {} == forced_settings(engine, transformer_engine=True)
+    with pytest.raises(DistplanError, match="unknown"):
+        forced_settings("jax")
+
+
+@pytest.mark.parametrize("engine,te,flash", [("megatron", False, False), ("megatron", True, True), ("torch", False, True)])
+def test_solve_plans_unfused_attention_for_megatron_without_te(engine, te, flash):
+    result = solve(MODEL, CLUSTER, 2, global_batch=16, seq_len=1024, top_k=0, engine=engine, transformer_engine=te)
+    assert result.plan.parallel.flash_attention is flash
+    assert result.plan.provenance["solver"]["flash_attention"] is flash
+
+
+def test_request_command_and_cli_carry_te(cli, tmp_path):
+    assert SolveRequest(model="gpt2-xl", gpus=2, engine="megatron", transformer_engine=True).command().endswith(
+        "--engine megatron --te")
+    assert "--te" not in SolveRequest(model="gpt2-xl", gpus=2, engine="megatron").command()
+    out = tmp_path / "plan.yaml"
+    r = cli("solve", "--model", "gpt2-xl", "--gpus", 2, "--global-batch", 16, "--seq-len", 1024, "--top-k", 0,
+            "--engine", "megatron", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(out.read_text())["parallel"]["flash_attention"] is False
