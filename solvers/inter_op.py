@@ -78,13 +78,13 @@ def _step(per_rank: list[float], tails: list[float], m: int, v: int) -> float:
 
 
 def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
-                     profile: Profile | None = None) -> StageSplit | None:
+                     profile: Profile | None = None, *, zero1_as_fsdp: bool = False) -> StageSplit | None:
     """The layer split of `cfg` (its layer_split ignored) with the least predicted step time whose every
-    stage fits in memory; None when no split fits."""
+    stage fits in memory; None when no split fits. `zero1_as_fsdp` as in planner.predict.rank_timer."""
     L, pp, v, m = model.num_layers, cfg.pp, cfg.vpp, cfg.num_microbatches
     cfg = with_changes(cfg, layer_split=())
     cap_bytes = cluster.usable_memory_gib * GIB / (1 + FRAGMENTATION)
-    timer = rank_timer(model, cluster, cfg, profile)
+    timer = rank_timer(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
     counts = list(range(v, L - (pp - 1) * v + 1, v))  # layers a rank may hold: multiples of v, every rank >= v
     if not counts:
         return None

@@ -106,6 +106,10 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                     continue
                 eps = [e for e in _divisors(model.num_experts) if (dp * cp) % e == 0] if model.is_moe else [1]
                 zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
+                if dp * cp > 1 and engine != "any":
+                    # an engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
+                    # per-layer collectives; DeepSpeed's partitions in buckets), so DDP stays a candidate
+                    zeros = ((0, False),) + zeros
                 for mb in _pow2_upto(MAX_MICRO_BATCH):
                     if (global_batch // dp) % mb:
                         continue
@@ -200,14 +204,14 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
                profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
                flash_attention: bool = True, overlap_grad_reduce: bool = True,
                progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic,
-               engine: str = "any") -> SearchOutcome:
+               engine: str = "any", zero1_as_fsdp: bool = False) -> SearchOutcome:
     """Branch and bound over `search_space`; widens context parallelism when nothing fits without it."""
     start = clock()
     outcome = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine)
+                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine, zero1_as_fsdp=zero1_as_fsdp)
     if not outcome.best and not outcome.timed_out and not model.is_vit:
         wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine)
+                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine, zero1_as_fsdp=zero1_as_fsdp)
         outcome = replace(wide, candidates=wide.candidates + outcome.candidates, evaluated=wide.evaluated + outcome.evaluated,
                           widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit)
     stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
@@ -217,7 +221,7 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
 
 
 def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
-         clock, start, wide_cp: bool, engine: str = "any") -> SearchOutcome:
+         clock, start, wide_cp: bool, engine: str = "any", zero1_as_fsdp: bool = False) -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
                          overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine)
     bounds = _Bounds(model, cluster, profile)
@@ -241,7 +245,8 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
             timed_out = True
             break
         evaluated += 1
-        split = best_layer_split(model, cluster, cfg, profile) if states_fit(model, cluster, cfg) else None
+        split = (best_layer_split(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
+                 if states_fit(model, cluster, cfg) else None)
         if split is None:
             first_unfit = first_unfit or cfg
             continue
@@ -251,6 +256,7 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
     if progress is not None:
         progress(total, total)
     ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))[:keep]
-    best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile)) for _, _, cfg in ranked)
-    unfit = Evaluated(first_unfit, predict(model, cluster, first_unfit, profile)) if first_unfit else None
+    best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)) for _, _, cfg in ranked)
+    unfit = (Evaluated(first_unfit, predict(model, cluster, first_unfit, profile, zero1_as_fsdp=zero1_as_fsdp))
+             if first_unfit else None)
     return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out)

@@ -81,3 +81,15 @@ def test_fit_of_raw_points_is_non_negative():
     fits = {(f.group_size, f.reshard_after_forward): f.overhead for f in fit_sharding(pts)}
     assert fits[(2, True)](100) == pytest.approx(1e-3, rel=1e-6) and fits[(2, True)](200) == pytest.approx(1.5e-3, rel=1e-6)
     assert fits[(2, False)] == LinearFit(2e-4, 0.0)  # negative difference counts as 0; the mean as a constant
+
+
+def test_solve_for_the_torch_engine_charges_zero1_as_fsdp2():
+    """`solve --engine torch` times ZeRO-1 as the torch engine runs it (FSDP2), so plans and predictions agree."""
+    from solvers import solve
+
+    prof = replace(BASE, sharding=(ShardingFit(2, True, LinearFit(0.05, 0.0)), ShardingFit(2, False, LinearFit(0.05, 0.0))))
+    result = solve(MODEL, CLUSTER, 2, prof, global_batch=16, engine="torch")
+    plan_cfg = result.plan.parallel
+    assert result.prediction.to_dict() == predict(MODEL, CLUSTER, plan_cfg, prof, zero1_as_fsdp=True).to_dict()
+    # 50 ms per block and micro-batch makes sharded data parallelism lose to plain DDP or a pipeline
+    assert not (plan_cfg.dp > 1 and plan_cfg.zero_stage >= 1)
