@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.cluster import Cluster
-from planner.costmodel import BF16, CommModel, block_time, embedding_time, head_time
+from planner.predict import rank_timer
 from planner.errors import require
 from planner.job import SCHEDULES, ParallelConfig
 from planner.model import ModelSpec
@@ -219,22 +219,17 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     added to the backward; if the recorded time is smaller (a profile measured faster kernels), all
     parts scale down together. Embedding and head are spread over a rank's chunks, as the cost model does.
     """
-    comm = CommModel(cluster, profile)
     v, pp = cfg.vpp, cfg.pp
-    lt = block_time(model, cluster, cfg, comm, profile)
-    emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
-    head_f, head_b = head_time(model, cluster, cfg, profile)
-    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
-    p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
+    timer = rank_timer(model, cluster, cfg, profile)  # the same per-rank terms predict() sums
     passes = 3 if cfg.recompute == "full" else 2
     out = []
     for rank, layers in enumerate(cfg.layers_per_stage(model.num_layers)):
-        coll = layers * (lt.tp_comm + lt.other_comm) / passes
-        fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0) + coll
-        bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0) + coll
-        rec = layers * lt.recompute + (coll if cfg.recompute == "full" else 0.0)
-        p2p = p2p_one
+        t = dict(timer(rank, layers).terms)
+        coll = (t["tp_comm"] + t["cp_ep_comm"]) / passes
+        fwd = t["compute_fwd"] + coll
+        bwd = t["compute_bwd"] + coll
+        rec = t["recompute"] + (coll if cfg.recompute == "full" else 0.0)
+        p2p = t["pp_p2p"] / (2 * v)  # predict charges 2 * v sends per micro-batch (forward and backward, per chunk)
         if per_microbatch_s is not None:
             derived = fwd + bwd + rec + 2 * p2p
             target = per_microbatch_s[rank]
