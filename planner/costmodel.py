@@ -64,6 +64,9 @@ class CommModel:
             return 0.0
         within_node = size * stride <= self.cluster.gpus_per_node
         if self.profile is not None and within_node:
+            measured = self.profile.measured_collective_s(op, size, nbytes)
+            if measured is not None:  # inside the measured sizes: the raw points (see Profile)
+                return measured * self.profile.factor(op)
             fit = self.profile.collective_fit(op, size)
             if fit is not None:
                 t = fit.latency_s + nbytes * ring_volume_factor(op, size) / (fit.bus_bandwidth_gb_s * 1e9)

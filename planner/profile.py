@@ -14,6 +14,9 @@ written before it have no `sharding` key and load unchanged (same version: the k
 
 from __future__ import annotations
 
+import bisect
+import math
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +93,37 @@ class Profile:
     sharding: tuple[ShardingFit, ...] = ()  # per-block FSDP2 overhead per (group size, reshard); () = not measured
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
+
+    def __post_init__(self):
+        # measured collective points by (op, group size), sorted by size, for interpolation (derived from raw)
+        groups: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        comm = (self.raw or {}).get("communication") if isinstance(self.raw, dict) else None
+        for p in (comm or {}).get("points") or [] if isinstance(comm, dict) else []:
+            try:
+                nbytes, t = float(p["bytes"]), float(p["time_s"])
+                if nbytes > 0 and t > 0:
+                    groups.setdefault((str(p["op"]), int(p["group_size"])), []).append((nbytes, t))
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed raw point is skipped; the fits still apply
+        object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
+
+    def measured_collective_s(self, op: str, group_size: int, nbytes: float) -> float | None:
+        """Seconds for `op` on `nbytes`, interpolated (log-log) between the two measured sizes around it.
+
+        NCCL changes protocol and algorithm with the message size, so time is not affine in bytes over
+        64 KiB..1 GiB: the two-number latency + bandwidth fit is off by up to 24% at 16-256 MiB on 2xH200
+        (benchmarks/results/profile_2xh200.md) while the raw points are within 3% of an independent loop.
+        Inside the measured range the points are used; outside it (None) the caller uses the fit.
+        """
+        pts = self._points.get((op, group_size))
+        if not pts or not pts[0][0] <= nbytes <= pts[-1][0]:
+            return None
+        i = bisect.bisect_left([x for x, _ in pts], nbytes)
+        if pts[i][0] == nbytes or i == 0:
+            return pts[i][1]
+        (x0, t0), (x1, t1) = pts[i - 1], pts[i]
+        w = (math.log(nbytes) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
 
     def compute_fit(self, kind: str, tp: int) -> ComputeFit | None:
         for c in self.compute:
