@@ -7,21 +7,11 @@ import pytest
 from planner.errors import DistplanError
 from planner.graph import (LAYER_KINDS, OP_KINDS, block_kind, forward_flops, layer_kinds, total_flops, total_params,
                            trace_layer_graph, trace_op_graph)
-from planner.model import ModelSpec, load_model, zoo_names
+from planner.model import load_model, zoo_names
+
+from conftest import tiny
 
 DECODERS = [n for n in zoo_names() if not load_model(n).is_vit]
-
-
-def tiny(family: str) -> ModelSpec:
-    """Small specs of each family (as in test_modeling): GQA for llama/mixtral, 4 experts top-2."""
-    extra = {
-        "gpt": dict(num_kv_heads=4, max_seq_len=16, tie_embeddings=True),
-        "llama": dict(num_kv_heads=2, max_seq_len=16),
-        "mixtral": dict(num_kv_heads=2, max_seq_len=16, num_experts=4, top_k=2),
-        "vit": dict(num_kv_heads=4, max_seq_len=17, image_size=16, patch_size=4),
-    }[family]
-    return ModelSpec(name=f"tiny-{family}", family=family, num_layers=2, hidden_size=32, ffn_hidden_size=64,
-                     num_heads=4, vocab_size=50, **extra)
 
 
 def tiny_seq(spec):

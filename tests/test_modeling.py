@@ -10,19 +10,11 @@ from planner.errors import DistplanError
 from planner.model import ModelSpec, load_model, zoo_names
 from planner.modeling import AttentionCore, apply_rotary, build_model, lm_loss, tokens_per_expert
 
-VOCAB = 50
+from conftest import TINY_VOCAB, tiny
+
+VOCAB = TINY_VOCAB
 
 
-def tiny(family: str) -> ModelSpec:
-    """Small specs of each family: GQA (2 KV heads for 4 Q heads) for llama/mixtral, 4 experts top-2."""
-    extra = {
-        "gpt": dict(num_kv_heads=4, max_seq_len=16, tie_embeddings=True),
-        "llama": dict(num_kv_heads=2, max_seq_len=16),
-        "mixtral": dict(num_kv_heads=2, max_seq_len=16, num_experts=4, top_k=2),
-        "vit": dict(num_kv_heads=4, max_seq_len=17, image_size=16, patch_size=4),
-    }[family]
-    return ModelSpec(name=f"tiny-{family}", family=family, num_layers=2, hidden_size=32, ffn_hidden_size=64,
-                     num_heads=4, vocab_size=VOCAB, **extra)
 
 
 def sample_input(spec: ModelSpec, batch: int = 3, seq: int = 16) -> torch.Tensor:
