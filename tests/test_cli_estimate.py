@@ -64,3 +64,12 @@ def test_malformed_cluster_yaml(cli, tmp_path):
     p.write_text("name: mine\ngpus_per_node: 4\ngpu: {name: X, peak_bf16_tflops: 100}\n")
     r = cli("estimate", "-m", "gpt2", "-n", 4, "-c", p)
     assert r.exit_code == 2 and "memory_gib" in r.stderr
+
+
+def test_unwritable_output_is_one_line_exit_2(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for cmd in (("estimate", "-m", "gpt2", "-n", 8), ("solve", "-m", "gpt2", "-n", 8)):
+        r = cli(*cmd, "-o", blocker / "plan.yaml")
+        assert r.exit_code == 2 and "cannot write" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (blocker.parent / "plan.yaml").exists()
