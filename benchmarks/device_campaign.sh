@@ -5,7 +5,9 @@
 # OUT/summary.txt and OUT/campaign.tar.gz (plans, report YAMLs, profiles, logs).
 # Usage, from the repository root with .whl carried (as device_verify.sh), one case batch per 10-minute call:
 #   CASES=gpt2-xl-small,gpt2-xl-large BUDGET_S=500 bash benchmarks/device_campaign.sh
-# Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics", MACHINE=2xh200.
+# Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics", MACHINE=2xh200;
+#   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
+#   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick).
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
@@ -17,11 +19,12 @@ committed=benchmarks/results/profile_2xh200
 { date -u; nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$log" 2>&1
 
 # 1. profiles: only (model, seq_len) pairs that no committed profile covers (--quick: ~40 s for llama-3-8b)
-python3 benchmarks/campaign.py --cases "$cases" --profile-dir "$committed" --need-profiles >"$out/need.txt" 2>>"$log" || exit 1
+need_dir=$committed; [ "${FRESH:-0}" = 1 ] && need_dir=/nonexistent
+python3 benchmarks/campaign.py --cases "${PROFILE_CASES:-$cases}" --profile-dir "$need_dir" --need-profiles >"$out/need.txt" 2>>"$log" || exit 1
 while read -r model seq; do
   [ -n "$model" ] || continue
   t0=$(date +%s)
-  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" --quick \
+  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" ${PROFILE_ARGS---quick} \
     -o "$out/profiles/profile-$model-s$seq.yaml" >"$out/profiles/profile-$model-s$seq.log" 2>&1
   echo "=== profile $model seq $seq: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"
 done <"$out/need.txt"

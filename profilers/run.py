@@ -96,8 +96,10 @@ def plan_profile(req: ProfileRequest) -> Plan:
     if req.micro_batches:
         require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
         cs = replace(cs, micro_batches=tuple(sorted(req.micro_batches)))
-    # FSDP2 per-block overhead (profilers/sharding.py) at the two smallest micro-batches: a line in tokens
-    ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=cs.micro_batches[:2],
+    # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in
+    # tokens whose ends are both measured (plans run at micro-batches far above the smallest two)
+    ends = tuple(sorted({cs.micro_batches[0], cs.micro_batches[-1]}))
+    ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=cs.repeats))
     return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms)
 

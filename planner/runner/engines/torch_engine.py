@@ -39,6 +39,7 @@ than the number of KV heads.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import nullcontext
 
@@ -102,7 +103,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
 
     data = DataSource(spec, cfg.seq_len, cfg.global_batch_size, seed=opts.seed, path=opts.data_path, dtype=opts.data_dtype)
     dp_group = mesh["dp"].get_group()
-    step_times, losses = [], []
+    step_times, losses, optimizer_times = [], [], []
     for step in range(opts.warmup + opts.steps):
         mark_step(step)
         inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
@@ -116,11 +117,14 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         if tied_group is not None:
             for p in tied_params:  # sum the two stages' gradients of the tied embedding / LM head
                 tdist.all_reduce(_local(p.grad), group=tied_group)
+        opt_timer = _PhaseTimer(device)  # the optimizer step alone (CUDA events: no extra synchronisation)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        opt_timer.stop()
         _sync(device)
         if step >= opts.warmup:
             step_times.append(time.perf_counter() - t0)
+            optimizer_times.append(opt_timer.seconds())
         if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
             tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
             loss = loss / cfg.dp
@@ -135,7 +139,8 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         notes=tuple(_notes(cfg, device, fsdp, opts.dtype)),
         extra={"dp_rank": dp_rank, "tp_rank": mesh.get_local_rank("tp"), "has_loss": is_last,
                "chunks": [[v, first, end] for v, first, end, _ in chunks], "local_params": local_params,
-               "schedule": type(schedule).__name__ if schedule is not None else "none (pp=1)"},
+               "schedule": type(schedule).__name__ if schedule is not None else "none (pp=1)",
+               "optimizer_s": statistics.median(optimizer_times) if optimizer_times else None},
     )
 
 
@@ -272,6 +277,28 @@ def _offload(cfg, device):
 
         return CPUOffloadPolicy()
     return None
+
+
+class _PhaseTimer:
+    """Seconds of GPU work between construction and stop(), from CUDA events (read after the step's sync);
+    on CPU, wall-clock (the work is synchronous there)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.start.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
 
 
 def _sync(device: torch.device) -> None:
