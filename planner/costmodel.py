@@ -140,7 +140,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
     fit = measured_fit(profile, kind, cfg)
     k = compute_factor(profile)
     if fit is not None:
-        fwd, bwd = fit.fwd(tokens) * k, fit.bwd(tokens) * k
+        fwd, bwd = fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
     else:
@@ -182,7 +182,8 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
 
     if cfg.recompute == "full":
         # measured extra backward time under checkpointing where profiled, else one more forward
-        recompute = fit.recompute(tokens) * k if fit is not None and fit.recompute is not None else fwd
+        measured = fit.time_s("recompute", tokens) if fit is not None else None
+        recompute = measured * k if measured is not None else fwd
     elif cfg.recompute == "selective" and not cfg.flash_attention:
         recompute = attn_fwd + (memory_bound_time_s(cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0)
                                                     * model.num_heads * cfg.seq_len / t * BF16) if fit is None else 0.0)
@@ -219,7 +220,7 @@ def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: 
     fit = measured_fit(profile, "head", cfg)
     k = compute_factor(profile)
     if fit is not None:
-        return fit.fwd(tokens) * k, fit.bwd(tokens) * k
+        return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
     if model.is_vit:
         tokens = cfg.micro_batch_size  # classifier on the class token only
     gemm = gemm_time_s(cluster, tokens * model.head_matmul_flops_per_token() / cfg.tp)
@@ -233,7 +234,7 @@ def embedding_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     fit = measured_fit(profile, "embedding", cfg)
     k = compute_factor(profile)
     if fit is not None:
-        return fit.fwd(tokens) * k, fit.bwd(tokens) * k
+        return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
     h = model.hidden_size
     if model.is_vit:
         gemm = gemm_time_s(cluster, tokens * 2 * model.num_channels * model.patch_size**2 * h / cfg.tp)

@@ -53,6 +53,37 @@ class ComputeFit:
     peak_activation_bytes_per_token: float = 0.0  # allocator-measured, one layer, per token
     recompute: LinearFit | None = None  # extra backward time under full activation checkpointing (measured)
     oom_micro_batch: int = 0  # smallest micro-batch that ran out of memory while profiling (0: none did)
+    # the measured points behind the fits, ascending in tokens: (tokens, {"fwd": s, "bwd": s, "recompute": s})
+    points: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = field(default=(), hash=False, compare=False)
+
+    def time_s(self, phase: str, tokens: float) -> float | None:
+        """Seconds of `phase` (fwd, bwd, recompute) at `tokens` per micro-batch; None if not measured.
+
+        A straight line through all points is wrong at both ends of a GPU's range: small micro-batches are
+        launch-bound (gpt2-xl's block on H200: forward 0.63 ms at 1024 tokens, 1.10 ms at 8192), so the line's
+        slope comes out at half the compute-bound rate and the 2xH200 campaign under-predicted gpt2-xl at
+        micro-batch 16 by 37% (benchmarks/results/campaign_2xh200.md). So, where the points are known:
+          - inside the measured range, piecewise-linear between the points (made non-decreasing in tokens);
+          - above it, proportional to tokens from the largest point (compute-bound work scales with tokens;
+            larger kernels can only be more efficient, so this errs high by at most that gain);
+          - below it, the line, kept between the proportional share of the smallest point and that point.
+        Without points (hand-written profiles), the line.
+        """
+        line = {"fwd": self.fwd, "bwd": self.bwd, "recompute": self.recompute}[phase]
+        pts = [(x, dict(t)[phase]) for x, t in self.points if phase in dict(t)]
+        if not pts:
+            return None if line is None else max(0.0, line(tokens))
+        xs, ys = [x for x, _ in pts], []
+        for _, y in pts:
+            ys.append(max(y, ys[-1]) if ys else y)  # non-decreasing: more tokens never take less time
+        if tokens >= xs[-1]:
+            return ys[-1] * tokens / xs[-1]
+        if tokens <= xs[0]:
+            share = ys[0] * tokens / xs[0]
+            return min(ys[0], max(share, line(tokens) if line is not None else share))
+        i = bisect.bisect_right(xs, tokens)
+        w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + w * (ys[i] - ys[i - 1])
 
 
 @dataclass(frozen=True)
@@ -213,6 +244,29 @@ def _collective(c: dict, where: str) -> CollectiveFit:
     return fit
 
 
+def compute_points(raw_points: list) -> tuple[tuple[float, tuple[tuple[str, float], ...]], ...]:
+    """ComputeFit.points from the profiler's raw points ({tokens, fwd_s, bwd_s[, recompute_s]}), ascending;
+    a malformed or non-positive point is skipped (the fits still apply)."""
+    out = []
+    for p in raw_points or []:
+        try:
+            x = float(p["tokens"])
+            times = tuple((ph, float(p[f"{ph}_s"])) for ph in ("fwd", "bwd", "recompute") if p.get(f"{ph}_s") is not None)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if x > 0 and all(t >= 0 for _, t in times) and dict(times).get("fwd", 0) > 0:
+            out.append((x, times))
+    return tuple(sorted(out))
+
+
+def _raw_compute(d: dict, kind: str, tp: int) -> list:
+    raw = d.get("raw") if isinstance(d.get("raw"), dict) else {}
+    for r in raw.get("compute") or [] if isinstance(raw, dict) else []:
+        if isinstance(r, dict) and r.get("kind") == kind and r.get("tp") == tp:
+            return r.get("points") or []
+    return []
+
+
 def profile_from_dict(d: object, source: str) -> Profile:
     require(isinstance(d, dict), f"{source}: expected a mapping")
     require(d.get("version") == PROFILE_VERSION, f"{source}: profile version {d.get('version')!r} is not supported; expected {PROFILE_VERSION}")
@@ -224,7 +278,8 @@ def profile_from_dict(d: object, source: str) -> Profile:
                        bwd=_fit(c["bwd"], f"{source}: compute", "slope_s_per_token"),
                        peak_activation_bytes_per_token=float(c.get("peak_activation_bytes_per_token", 0.0)),
                        recompute=_fit(c["recompute"], f"{source}: compute", "slope_s_per_token") if c.get("recompute") else None,
-                       oom_micro_batch=int(c.get("oom_micro_batch") or 0))
+                       oom_micro_batch=int(c.get("oom_micro_batch") or 0),
+                       points=compute_points(_raw_compute(d, str(c["kind"]), int(c["tp"]))))
             for c in d.get("compute") or []
         )
         collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])

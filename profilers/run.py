@@ -18,7 +18,7 @@ import torch
 
 from planner.errors import require
 from planner.model import load_model
-from planner.profile import CollectiveFit, ComputeFit, Profile
+from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from profilers import comm, compute, facts, fit
 from profilers.sharding import ShardingSettings, fit_sharding
 
@@ -78,7 +78,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
     tps = tuple(compute.tp_degrees(spec, gpn))
     q = req.quick
     if cuda:
-        mbs = (1, 2, 4) if q else (1, 2, 4, 8)
+        mbs = (1, 2, 4, 8) if q else (1, 2, 4, 8, 16)  # up to where large layers are compute-bound
         cs = compute.ComputeSettings(micro_batches=mbs, warmup=2 if q else 3, repeats=3 if q else 5,
                                      point_budget_s=2.0, recompute=not q)
         sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB, 256 * comm.MIB, comm.GIB) if q else \
@@ -122,7 +122,8 @@ def fit_compute(results: list[dict]) -> tuple[list[ComputeFit], dict]:
             f_rec = fit.linear_fit(x, [max(p["recompute_s"], 1e-9) for p in pts])
         act = max(p.get("activation_bytes", 0) / p["tokens"] for p in pts)
         fits.append(ComputeFit(kind=r["kind"], tp=r["tp"], fwd=f_fwd, bwd=f_bwd, peak_activation_bytes_per_token=act,
-                               recompute=f_rec, oom_micro_batch=r.get("oom_micro_batch", 0)))
+                               recompute=f_rec, oom_micro_batch=r.get("oom_micro_batch", 0),
+                               points=compute_points(pts)))
         errors[f"{r['kind']}.tp{r['tp']}"] = {
             "fwd": fit.max_relative_error(f_fwd, x, [p["fwd_s"] for p in pts]),
             "bwd": fit.max_relative_error(f_bwd, x, [p["bwd_s"] for p in pts])}

@@ -135,8 +135,11 @@ def test_measured_h200_profile_changes_the_prediction(cli):
     assert all(measured["sources"][k] == "profile" for k in ("compute.block.tp2", "compute.head.tp2", "comm.all_reduce.n2"))
     assert abs(measured["step_time_s"] / preset["step_time_s"] - 1) > 0.05
     tokens, m, layers = prof.seq_len, 16, 32
-    fwd = layers * prof.compute_fit("block", 2).fwd(tokens) + prof.compute_fit("embedding", 2).fwd(tokens) \
-        + prof.compute_fit("head", 2).fwd(tokens)
+    # micro-batch 1 = seq_len tokens is a measured point: the cost model charges that point's time
+    raw = {(r["kind"], r["tp"]): r["points"] for r in prof.raw["compute"]}
+    at = {kind: next(p["fwd_s"] for p in raw[(kind, 2)] if p["tokens"] == tokens) for kind in ("block", "embedding", "head")}
+    assert all(prof.compute_fit(kind, 2).time_s("fwd", tokens) == t for kind, t in at.items())
+    fwd = layers * at["block"] + at["embedding"] + at["head"]
     assert measured["breakdown"]["compute_fwd"] == pytest.approx(m * fwd, rel=1e-9)
     # the same profile on the default cluster (H100) is refused
     r = cli(*args, "-c", "dgx-h100-80gb", "--profile", path)
@@ -150,3 +153,27 @@ def test_measured_profiles_record_oom_and_fit_quality():
     full = load_profile(H200_PROFILES / "profile-llama-3-8b-2xh200.yaml")
     errors = full.raw["fit_max_relative_error"]["compute"]
     assert max(e["fwd"] for k, e in errors.items() if k.startswith(("block", "head"))) < 0.05
+
+
+def test_compute_curve_uses_the_measured_points_not_the_line():
+    """gpt2-xl's block on 2xH200 (launch-bound at small micro-batches): the line through all points has half
+    the compute-bound slope; time_s reproduces every point, interpolates between them, and scales the
+    largest point by tokens above the range (the measured step at micro-batch 16 agreed within 3%)."""
+    from planner.profile import LinearFit, ComputeFit, compute_points
+
+    raw = [{"tokens": 1024, "fwd_s": 6.32e-4, "bwd_s": 1.698e-3}, {"tokens": 2048, "fwd_s": 6.82e-4, "bwd_s": 1.656e-3},
+           {"tokens": 4096, "fwd_s": 8.04e-4, "bwd_s": 1.487e-3}, {"tokens": 8192, "fwd_s": 1.095e-3, "bwd_s": 2.242e-3}]
+    fit = ComputeFit(kind="block", tp=1, fwd=LinearFit(5.57e-4, 6.4e-8), bwd=LinearFit(1.48e-3, 6.38e-8),
+                     points=compute_points(raw))
+    for p in raw:
+        assert fit.time_s("fwd", p["tokens"]) == p["fwd_s"]
+    assert fit.time_s("fwd", 3072) == pytest.approx((6.82e-4 + 8.04e-4) / 2)
+    assert fit.time_s("fwd", 16384) == pytest.approx(2 * 1.095e-3) and fit.fwd(16384) < 0.75 * 2 * 1.095e-3
+    # backward measured lower at 2048/4096 than at 1024 (launch noise): the curve never decreases
+    assert fit.time_s("bwd", 4096) == fit.time_s("bwd", 1024) == 1.698e-3
+    # no recompute measured and no line: None (the cost model then charges a forward)
+    assert fit.time_s("recompute", 4096) is None
+    # below the range: between the proportional share of the smallest point and that point
+    assert 6.32e-4 / 2 <= fit.time_s("fwd", 512) <= 6.32e-4
+    # without points (a hand-written profile) the line
+    assert ComputeFit(kind="block", tp=1, fwd=LinearFit(1e-3, 1e-7), bwd=LinearFit(0, 0)).time_s("fwd", 1e4) == pytest.approx(2e-3)
