@@ -107,7 +107,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     FSDP2 fully_shard without reshard, parallelize.ZERO_MAPPING) also pays a fixed cost per block and
     micro-batch that the bandwidth terms do not see: collective launches, copy-in/copy-out of the flat
     buffers, bf16 <-> fp32 casts. Where the profile measured it (Profile.sharding, profilers/sharding.py)
-    `zero_comm` adds layers x that overhead per micro-batch. Without it nothing is invented and the
+    `zero_comm` adds layers x that overhead + the measured edge (first all-gather, last reduce-scatter)
+    per micro-batch. Without it nothing is invented and the
     bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
     (benchmarks/results/run_2xh200.md, miss 1).
     """
@@ -125,6 +126,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
     shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, zero1_as_fsdp) or 0.0
+    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens) if shard_overhead else 0.0
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
@@ -148,8 +150,9 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
             z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
-        if shard_overhead:
-            z3 += layers * shard_overhead  # measured per-block cost of sharding (profile only; see docstring)
+        if shard_overhead and layers:
+            # measured cost of sharding (profile only; see docstring): per block, and once per micro-batch
+            z3 += layers * shard_overhead + shard_edge
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
 
         # once-per-step data-parallel sync and optimizer
@@ -170,6 +173,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         if cfg.offload_optimizer:
             host = cluster.link("host")
             opt = opt_params / cluster.efficiency.cpu_adam_params_per_s + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
+        elif profile is not None and profile.optimizer_s_per_param > 0:
+            opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
         else:
             opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
@@ -269,6 +274,8 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
+    if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
+        out["optimizer"] = "profile"  # said only where measured (older profiles leave the sources as before)
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp

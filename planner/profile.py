@@ -7,7 +7,8 @@ cluster preset's analytic model where the profile has no answer (and says which 
 - `collective_time_s(op, group_size, bytes)`: latency + bytes / bus-bandwidth, fitted per
   collective and group size (house rule 6), times the nccl-tests bus-bandwidth factor.
 Optionally `sharding_overhead_s(group_size, reshard_after_forward, tokens)`: measured extra seconds per
-block per micro-batch of FSDP2 fully_shard over the plain block (profilers/sharding.py); profiles
+block per micro-batch of FSDP2 fully_shard over the plain block, and `sharding_edge_s` once per
+micro-batch (profilers/sharding.py); profiles
 written before it have no `sharding` key and load unchanged (same version: the key is optional).
 `calibration` holds measured/predicted correction factors written by `distplan run --calibrate`.
 """
@@ -100,7 +101,8 @@ class ShardingFit:
 
     group_size: int  # data-parallel ranks the block was sharded over
     reshard_after_forward: bool  # True: ZeRO-3; False: ZeRO-1/2 (weights kept from forward to backward)
-    overhead: LinearFit  # x: tokens per micro-batch per rank
+    overhead: LinearFit  # per block; x: tokens per micro-batch per rank
+    edge: LinearFit | None = None  # once per micro-batch per rank (unhidden first/last collective); None: not split
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Profile:
     hbm_bandwidth_gb_s: float = 0.0  # achieved device-to-device copy, bytes read + written
     matmul_tflops_by_gflop: tuple[tuple[float, float], ...] = ()  # (GFLOP per matmul, achieved TFLOP/s), ascending
     host_bandwidth_gb_s: float = 0.0  # pinned host-to-device copy (0: not measured)
+    optimizer_s_per_param: float = 0.0  # one mixed-precision AdamW step per parameter (0: not measured)
     overlap_slowdown: float | None = None
     device_count: int = 0  # devices the profile saw on the node (CPU: local processes)
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
@@ -175,6 +178,13 @@ class Profile:
                 return max(0.0, s.overhead(tokens))
         return None
 
+    def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float) -> float:
+        """Measured seconds sharding adds once per micro-batch (unhidden first all-gather / last reduce-scatter)."""
+        for s in self.sharding:
+            if s.group_size == group_size and s.reshard_after_forward == reshard_after_forward and s.edge is not None:
+                return max(0.0, s.edge(tokens))
+        return 0.0
+
     def factor(self, key: str) -> float:
         return dict(self.calibration).get(key, 1.0)
 
@@ -219,13 +229,15 @@ def profile_to_dict(p: Profile) -> dict:
         "hbm_bandwidth_gb_s": p.hbm_bandwidth_gb_s,
         "matmul_tflops_by_gflop": [[g, t] for g, t in p.matmul_tflops_by_gflop],
         "host_bandwidth_gb_s": p.host_bandwidth_gb_s,
+        "optimizer_s_per_param": p.optimizer_s_per_param,
         "overlap_slowdown": p.overlap_slowdown,
         "compute": compute,
         "collectives": [_collective_dict(c) for c in p.collectives],
         "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
         "calibration": dict(p.calibration),
         **({"sharding": [{"group_size": s.group_size, "reshard_after_forward": s.reshard_after_forward,
-                          "overhead": _fit_dict(s.overhead)} for s in p.sharding]} if p.sharding else {}),
+                          "overhead": _fit_dict(s.overhead), **({"edge": _fit_dict(s.edge)} if s.edge else {})}
+                         for s in p.sharding]} if p.sharding else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
@@ -286,7 +298,8 @@ def profile_from_dict(d: object, source: str) -> Profile:
         inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
         sharding = tuple(
             ShardingFit(group_size=int(s["group_size"]), reshard_after_forward=bool(s["reshard_after_forward"]),
-                        overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"))
+                        overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"),
+                        edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None)
             for s in d.get("sharding") or []
         )
         require(all(s.group_size >= 2 for s in sharding), f"{source}: sharding entries need group_size >= 2")
@@ -300,6 +313,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         matmul_tflops=float(d.get("matmul_tflops") or 0.0), hbm_bandwidth_gb_s=float(d.get("hbm_bandwidth_gb_s") or 0.0),
         matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in d.get("matmul_tflops_by_gflop") or [])),
         host_bandwidth_gb_s=float(d.get("host_bandwidth_gb_s") or 0.0),
+        optimizer_s_per_param=float(d.get("optimizer_s_per_param") or 0.0),
         overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
         memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
         sharding=sharding,

@@ -183,4 +183,34 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool,
     on_point("copy bandwidth")
     if cuda:
         out["host_to_device_gb_s"] = host_to_device_gb_s(256 * 2**20, device)
+    out["optimizer_s_per_param"] = optimizer_s_per_param(2**28 if cuda else 2**20, device, repeats=10 if cuda else 3)
+    on_point("optimizer step")
     return out
+
+
+def optimizer_s_per_param(numel: int, device: torch.device, repeats: int = 10, tensors: int = 16) -> float:
+    """Seconds per parameter of one mixed-precision AdamW step as the torch engine runs it
+    (planner/runner/parallelize.MasterWeightsOptimizer: bf16 gradients cast onto fp32 masters, fused
+    AdamW on CUDA, masters rounded back into bf16 weights), over `numel` parameters in `tensors` equal
+    tensors (a transformer block has 4-16). Median of `repeats` after one warm-up; memory-bound, so the
+    rate holds for any model size, and it is an upper bound for FSDP2 and DeepSpeed (no bf16 casts).
+    """
+    from planner.runner.parallelize import MasterWeightsOptimizer
+
+    clock, per = Clock(device), max(1, numel // tensors)
+    weights = [torch.zeros(per, dtype=torch.bfloat16, device=device) for _ in range(tensors)]
+    pairs = [(w, w.float()) for w in weights]
+    opt = MasterWeightsOptimizer(pairs, lr=1e-4)
+    times = []
+    for i in range(repeats + 1):
+        for w in weights:
+            w.grad = torch.full_like(w, 1e-3)
+        clock.sync()
+        t0 = clock.mark()
+        opt.step()
+        t1 = clock.mark()
+        clock.sync()
+        if i:
+            times.append(clock.seconds(t0, t1))
+    del opt, pairs, weights
+    return sorted(times)[len(times) // 2] / (per * tensors)

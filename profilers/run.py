@@ -54,7 +54,7 @@ class Plan:
         kinds = 3
         comm_points = sum(len(self.comm.sizes_bytes) * sum(1 for op in self.comm.ops if op != "p2p" or n == 2)
                           for n in self.comm.group_sizes)
-        ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 1
+        ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 2  # + copy, optimizer
         sharding_points = 2 * len(self.comm.group_sizes) if self.comm.sharding is not None else 0
         return ceilings + comm_points + sharding_points + kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
 
@@ -241,6 +241,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
         matmul_tflops_by_gflop=tuple((p["gflop"], p["tflops"]) for p in sweep),
         host_bandwidth_gb_s=ceilings.get("host_to_device_gb_s", 0.0),
+        optimizer_s_per_param=ceilings.get("optimizer_s_per_param", 0.0),
         overlap_slowdown=overlap["slowdown"] if overlap else None,
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
         sharding=fit_sharding(raw_comm.get("sharding") or []),

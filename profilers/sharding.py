@@ -1,4 +1,4 @@
-"""Per-layer overhead of sharded data parallelism (FSDP2 `fully_shard`), measured on one block.
+"""Per-layer overhead of sharded data parallelism (FSDP2 `fully_shard`), measured on stacks of blocks.
 
 Why: on 2x H200, FSDP2 ZeRO-1/3 and DeepSpeed ZeRO-2 steps took 2.0-2.3x the prediction
 (benchmarks/results/run_2xh200.md, miss 1). The bandwidth model charged 2-5 ms for the weight
@@ -7,20 +7,24 @@ per-layer collective launches, copy-in/copy-out of the flat buffers and the bf16
 every layer's parameters and gradients, none of which a bandwidth fit sees.
 
 What: inside the communication profiler's processes (NCCL on GPUs, gloo between CPU processes), over
-the group of ranks 0..n-1, one transformer block (profilers.compute.build_layer, tp = 1, the profile's
-dtype) runs forward + backward
-  - plain (the block in the compute dtype, what the profile's compute fit times), and
-  - wrapped as the torch engine wraps it (planner/runner/parallelize.apply_fsdp): fp32 parameters
-    sharded by `fully_shard` with MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype), under a
-    parameter-less FSDP root so the block's own `reshard_after_forward` holds (FSDP2 never reshards a
-    root after forward), once with reshard_after_forward=True (ZeRO-3) and once with False (ZeRO-1/2).
-Each (micro-batch, mode) point is the median of `trials` wall-clock runs after `warmup` runs, the
-slowest rank's value; overhead = wrapped - plain, per block per micro-batch (gradient reduce-scatter
-every micro-batch, as ZeRO-2/3 do; the torch engine skips it for all but the last micro-batch of a step,
-so for its ZeRO-1/2 this is an upper bound). The profile keeps the raw points and a fit
-overhead = intercept + slope * tokens (profilers.fit.linear_fit) per (group size, mode); a difference
-below zero is timing noise around no overhead and counts as 0 (the raw point keeps its sign), and then
-the fit is the mean of the points as a constant.
+the group of ranks 0..n-1, a stack of 1 and of STACK transformer blocks (profilers.compute.build_layer,
+tp = 1, the profile's dtype) runs forward + backward
+  - plain (the blocks in the compute dtype, what the profile's compute fit times), and
+  - wrapped as the torch engine wraps them (planner/runner/parallelize.apply_fsdp): fp32 parameters
+    sharded by `fully_shard` per block with MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype),
+    under a parameter-less FSDP root so each block's own `reshard_after_forward` holds (FSDP2 never
+    reshards a root after forward), once with reshard_after_forward=True (ZeRO-3) and once with False.
+Each (stack, micro-batch, mode) point is the median of `trials` wall-clock runs after `warmup` runs, the
+slowest rank's value; overhead = wrapped - plain per micro-batch (gradient reduce-scatter every
+micro-batch, as ZeRO-2/3 do; the torch engine skips it for all but the last micro-batch of a step, so for
+its ZeRO-1/2 this is an upper bound).
+
+Why two stacks: a lone block cannot hide its all-gather behind a neighbour's compute, so one block alone
+overstated the cost inside a model: 3.2-3.9 ms per gpt2-xl block on 2xH200 where the 48-block model lost
+about 0.5 ms per block (campaign of 2026-11-21). In a stack FSDP2 prefetches the next block's weights
+during the current block's compute, as in the model. The fit (fit_sharding) splits the overhead into a
+per-block part (the difference between the stacks) and an edge paid once per micro-batch (the first
+all-gather and the last reduce-scatter, which have nothing to hide behind), each a line in tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+STACK = 4  # blocks in the larger stack: per-block cost = the difference to one block, over STACK - 1
 
 
 @dataclass(frozen=True)
@@ -86,39 +93,65 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     kind = "moe_block" if spec.is_moe else "block"
     mesh = DeviceMesh.from_group(group, device.type)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
-    plain = build_layer(spec, kind, 1, device, dtype)
     points = []
-    for reshard in (True, False):
-        block = build_layer(spec, kind, 1, device, torch.float32)  # fp32 shards: the masters, as in the engine
-        root = nn.Sequential(block)
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-        for mb in settings.micro_batches:
-            (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
-            t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
-            t_wrapped = _slowest(_time_fwd_bwd(root, x, grad, device, settings.warmup, settings.trials), group, device)
-            points.append({"group_size": n, "reshard_after_forward": reshard, "micro_batch": mb,
-                           "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_wrapped,
-                           "overhead_s": t_wrapped - t_plain})
-        report(f"fully_shard block n={n} reshard={reshard}")
-        del root, block
+    for blocks in (1, STACK):
+        plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
+        for reshard in (True, False):
+            # fp32 shards (the masters, as in the engine), one fully_shard per block under a parameter-less root
+            stack = [build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)]
+            root = nn.Sequential(*stack)
+            for block in stack:
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+            fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+            for mb in settings.micro_batches:
+                (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
+                t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
+                t_wrapped = _slowest(_time_fwd_bwd(root, x, grad, device, settings.warmup, settings.trials), group, device)
+                points.append({"group_size": n, "reshard_after_forward": reshard, "blocks": blocks, "micro_batch": mb,
+                               "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_wrapped,
+                               "overhead_s": t_wrapped - t_plain})
+            report(f"fully_shard {blocks} block(s) n={n} reshard={reshard}")
+            del root, stack
+        del plain
     return points
 
 
 def fit_sharding(points: list[dict]):
-    """ShardingFit per (group size, reshard_after_forward) from the raw points (negative overheads as 0)."""
-    from planner.profile import LinearFit, ShardingFit
-    from profilers import fit
+    """ShardingFit per (group size, reshard_after_forward) from the raw points (lines: `_line`).
+
+    Per micro-batch: overhead(k blocks) = edge + k * per_block. With stacks of 1 and STACK blocks,
+    per_block = (overhead(STACK) - overhead(1)) / (STACK - 1) and edge = overhead(1) - per_block, each a
+    line in tokens (negative differences are noise around zero and count as 0). Points of an older
+    profile (one block, no "blocks" key) give per_block = overhead(1) and no edge.
+    """
+    from planner.profile import ShardingFit
 
     keys = sorted({(p["group_size"], p["reshard_after_forward"]) for p in points})
     out = []
     for n, reshard in keys:
         pts = [p for p in points if p["group_size"] == n and p["reshard_after_forward"] == reshard]
-        xs = [p["tokens"] for p in pts]
-        ys = [max(p["overhead_s"], 0.0) for p in pts]
-        if all(y > 0 for y in ys):
-            line = fit.linear_fit(xs, ys)
-        else:  # some point is noise around zero: a constant, the mean, and no trend in tokens
-            line = LinearFit(intercept_s=sum(ys) / len(ys), slope_s=0.0)
-        out.append(ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=line))
+        by = {(p.get("blocks", 1), p["tokens"]): p["overhead_s"] for p in pts}
+        tokens = sorted({t for _, t in by})
+        if all((STACK, t) in by for t in tokens):
+            per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
+            edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
+            out.append(ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_line(tokens, per),
+                                   edge=_line(tokens, edge)))
+        else:
+            out.append(ShardingFit(group_size=n, reshard_after_forward=reshard,
+                                   overhead=_line(tokens, [max(by[(1, t)], 0.0) for t in tokens])))
     return tuple(out)
+
+
+def _line(xs: list[float], ys: list[float]):
+    """Least-squares line through (tokens, seconds); the slope may be negative (a larger micro-batch gives
+    the prefetch more compute to hide behind); users clamp at 0. A constant (the mean) for one token count,
+    or where a point is 0 (noise around no overhead: no trend in tokens to fit)."""
+    import numpy as np
+
+    from planner.profile import LinearFit
+
+    if len(set(xs)) < 2 or any(y <= 0 for y in ys):
+        return LinearFit(intercept_s=sum(ys) / len(ys), slope_s=0.0)
+    slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    return LinearFit(intercept_s=float(intercept), slope_s=float(slope))

@@ -67,4 +67,5 @@ def test_parameters_without_gradients_are_left_alone():
     assert not torch.equal(pairs[0][1], before[0][1])
     for (p, m), (p0, m0) in list(zip(pairs, before))[1:]:
         assert torch.equal(p, p0) and torch.equal(m, m0)
-    assert opt.inner.state[pairs[0][1]]["step"] == 1 and pairs[1][1] not in opt.inner.state
+    state = {id(m): st for inner in opt.inners for m, st in inner.state.items()}
+    assert state[id(pairs[0][1])]["step"] == 1 and id(pairs[1][1]) not in state

@@ -15,6 +15,7 @@ from planner.profile import cluster_for_profile, load_profile
 from profilers import comm
 from profilers.fit import collective_time_s
 from profilers.run import ProfileRequest, run_profile
+from profilers.sharding import STACK, fit_sharding
 
 pytestmark = pytest.mark.slow
 CPU_FIT_TOLERANCE = 0.25  # every raw block time within 25% of its fit (about 5% on an idle CPU)
@@ -132,5 +133,45 @@ def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
         for tokens in (SEQ, 4 * SEQ):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
     pts = prof.raw["communication"]["sharding"]
-    assert len(pts) == 4 and {p["micro_batch"] for p in pts} == {1, 4}  # both ends of the profiled range (1, 2, 4)
+    # both ends of the profiled range (1, 2, 4), both modes, stacks of 1 and STACK blocks
+    assert len(pts) == 8 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
     assert all(p["plain_s"] > 0 and p["wrapped_s"] > 0 and p["overhead_s"] == p["wrapped_s"] - p["plain_s"] for p in pts)
+    # split into a per-block line and an edge line (exactness: test_sharding_fit_splits_per_block_and_edge_exactly)
+    assert all(s.edge is not None and prof.sharding_edge_s(2, s.reshard_after_forward, SEQ) >= 0 for s in prof.sharding)
+
+
+def test_measured_optimizer_rate_sets_the_optimizer_term(tiny_profile):
+    """The profile's AdamW step rate (profilers/facts.optimizer_s_per_param) replaces the preset's
+    bytes-over-bandwidth guess: the optimizer term is exactly parameters x rate, and sources say so."""
+    from dataclasses import replace
+
+    from planner.job import ParallelConfig
+    from planner.model import spec_from_dict
+    from planner.predict import predict
+
+    prof, _ = tiny_profile
+    assert 1e-12 < prof.optimizer_s_per_param < 1e-6  # CPU: a few ns per parameter
+    model = spec_from_dict(dict(TINY), "tiny", "test")
+    cfg = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=1, global_batch_size=1, seq_len=SEQ)
+    cluster = cluster_for_profile(prof, None)
+    pred = predict(model, cluster, cfg, prof)
+    assert dict(pred.breakdown)["optimizer"] == pytest.approx(model.total_params() * prof.optimizer_s_per_param, rel=1e-9)
+    assert dict(pred.sources)["optimizer"] == "profile"
+    slower = predict(model, cluster, cfg, replace(prof, optimizer_s_per_param=10 * prof.optimizer_s_per_param))
+    assert dict(slower.breakdown)["optimizer"] == pytest.approx(10 * dict(pred.breakdown)["optimizer"])
+
+
+def test_sharding_fit_splits_per_block_and_edge_exactly():
+    """Two stacks at two token counts: per_block and edge lines reproduce all four overheads exactly; a
+    lone-block profile (no "blocks" key, written before the split) keeps its per-block line and no edge."""
+    pts = []
+    for tokens, per, edge in ((1024, 5e-4, 2e-3), (4096, 3e-4, 3e-3)):
+        for k in (1, STACK):
+            pts.append({"group_size": 2, "reshard_after_forward": True, "blocks": k, "tokens": tokens,
+                        "overhead_s": edge + k * per})
+    (fit,) = fit_sharding(pts)
+    for p in pts:
+        assert fit.edge(p["tokens"]) + p["blocks"] * fit.overhead(p["tokens"]) == pytest.approx(p["overhead_s"], rel=1e-9)
+    old = [{"group_size": 2, "reshard_after_forward": False, "tokens": t, "overhead_s": o} for t, o in ((1024, 3e-3), (2048, 3.2e-3))]
+    (legacy,) = fit_sharding(old)
+    assert legacy.edge is None and legacy.overhead(2048) == pytest.approx(3.2e-3)

@@ -294,8 +294,16 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     fp32 states on fp32 parameters: the 12 bytes per parameter (master weight + m + v) of ZeRO's
     accounting. Used directly on fp32 parameters (FSDP2's sharded parameters, fp32 runs, the numerics
     reference) and, through MasterWeightsOptimizer, on the fp32 masters of a bf16 model.
+
+    On CUDA the fused kernel (also for FSDP2's DTensor shards): one pass over parameter, gradient, m and v
+    with no temporaries. The per-parameter loop (foreach=False) took 86-93 ms per step for gpt2-xl on
+    H200 against 11 ms of memory traffic, and FSDP2's DTensor shards 140 ms (campaign of 2026-11-21);
+    foreach would allocate a full-size temporary per state. On CPU the per-parameter loop (CI numerics).
     """
-    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    params = list(params)
+    cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                             **({"fused": True} if cuda else {"foreach": False}))
 
 
 # ---- bf16 weights with fp32 master weights (layouts without FSDP) ------------------------------------
@@ -330,14 +338,13 @@ class MasterWeightsOptimizer:
     does for the sharded layouts (fp32 sharded parameters, bf16 unsharded compute copies), so all
     torch-engine layouts train the same arithmetic.
 
-    One AdamW covers all masters: AdamW skips parameters whose .grad is None (and keeps a step count
-    per parameter), so calling it once per chunk with only that chunk's gradients set is one AdamW step.
+    One AdamW (make_optimizer) per chunk: AdamW keeps its state and step count per parameter, so
+    stepping each chunk's optimizer once is one AdamW step of the whole model.
     """
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
                  chunk_numel: int = MASTER_CHUNK_NUMEL):
         self.pairs = list(pairs)
-        self.inner = make_optimizer((m for _, m in self.pairs), lr)
         self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
         size = 0
         for pair in self.pairs:
@@ -347,18 +354,20 @@ class MasterWeightsOptimizer:
                 size = 0
             self.chunks[-1].append(pair)
             size += n
+        self.inners = [make_optimizer((m for _, m in chunk), lr) for chunk in self.chunks if chunk]
 
     @torch.no_grad()
     def step(self) -> None:
-        for chunk in self.chunks:
+        for chunk, inner in zip(self.chunks, self.inners):
             live = [(p, m) for p, m in chunk if p.grad is not None]
             if not live:
                 continue
             for p, m in live:
                 m.grad = p.grad.to(m.dtype)
-            self.inner.step()
-            for p, m in live:
-                p.copy_(m)  # round the updated fp32 master into the bf16 compute weight
+            inner.step()
+            # round the updated fp32 masters into the bf16 compute weights (one grouped copy per chunk)
+            torch._foreach_copy_([p for p, _ in live], [m for _, m in live])
+            for _, m in live:
                 m.grad = None  # free the chunk's fp32 gradient before the next chunk
 
     def zero_grad(self, set_to_none: bool = True) -> None:
