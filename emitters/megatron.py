@@ -156,6 +156,8 @@ def sections(plan: Plan) -> list[tuple[str, list[list[str]]]]:
     if m.is_moe:
         shape += [["--num-experts", str(m.num_experts)], ["--moe-router-topk", str(m.top_k)],
                   ["--moe-ffn-hidden-size", str(m.ffn_hidden_size)], ["--moe-token-dispatcher-type", "alltoall"]]
+    # dropout as the plan's memory model counts it (ModelSpec.dropout); Megatron's own default is 0.1
+    shape += [["--attention-dropout", f"{m.dropout:g}"], ["--hidden-dropout", f"{m.dropout:g}"]]
     out.append((f"model shape: {m.name} ({m.family})", shape))
     out.append(("precision and kernels", [["--bf16"], ["--attention-backend", "auto" if p.flash_attention else "unfused"]]))
     out.append(("data: mock data with the plan's vocabulary (Megatron pads it); for real training replace these "

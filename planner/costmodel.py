@@ -126,6 +126,26 @@ class LayerTime:
     other_comm: float  # context-parallel KV ring and expert all-to-all, exposed part
 
 
+def _attention_core_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, flash: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of one block's attention core (QK^T, softmax, AV) for one micro-batch,
+    analytic: fused (flash) or unfused (per-head GEMMs plus the scale-mask-softmax(-dropout) passes over
+    the s x s scores). Used for the difference between the two where the block time was measured."""
+    t, b = cfg.tp, cfg.micro_batch_size
+    s_local = cfg.seq_len / cfg.cp
+    tokens = b * s_local
+    if flash:
+        mm = model.block_matmul_flops_per_token(cfg.seq_len)
+        fwd = fused_attention_time_s(cluster, tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0))
+        return fwd, 2.5 * fwd
+    # QK^T and AV each one batched matmul over the micro-batch's local heads (torch.baddbmm / bmm, as
+    # Megatron's DotProductAttention runs them), so sized by the whole batch, not one head
+    per_head = 2 * s_local * cfg.seq_len * model.head_dim
+    gemm = gemm_time_s(cluster, per_head * b * model.num_heads / t, calls=2)
+    drop = model.dropout > 0
+    softmax = memory_bound_time_s(cluster, tokens * (4.5 if drop else 2.0) * model.num_heads * cfg.seq_len / t * BF16)
+    return gemm + softmax, 2 * gemm + 2 * softmax
+
+
 def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: CommModel,
                profile: Profile | None) -> LayerTime:
     """One transformer block (dense or MoE) for one micro-batch."""
@@ -143,6 +163,11 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         fwd, bwd = fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
+        if not cfg.flash_attention:
+            # the profiler times the block with fused (flash) attention; an unfused plan (megatron without
+            # Transformer Engine) also pays the s x s scores: add the analytic difference of the two
+            (uf, ub), (ff, fb) = (_attention_core_s(model, cluster, cfg, flash) for flash in (False, True))
+            fwd, bwd = fwd + (uf - ff) * k, bwd + (ub - fb) * k
     else:
         gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
         n_mlp = 3 if model.gated_mlp else 2
@@ -165,7 +190,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
             attn_fwd = gemm_time_s(cluster, per_call, calls=int(2 * heads_local))
             attn_bwd = 2 * attn_fwd
         # memory-bound kernels, forward bytes (elements * 2 bytes); `rep` shards only with SP
-        drop = model.family in ("gpt", "vit")
+        drop = model.dropout > 0
         rep_elems = 2 * 2 * h + 2 * 3 * h  # two norms (r+w) and two residual adds (r 2h, w h) per token
         rep_elems += (2 * 0.5 * h) if drop else 0  # two dropout masks, 1 byte each
         tp_elems = (3 * f if model.gated_mlp else 2 * f) * model.top_k  # SwiGLU (r 2f, w f) or GeLU (r f, w f)

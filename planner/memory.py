@@ -61,7 +61,7 @@ def activation_bytes_per_layer(model: ModelSpec, cfg: ParallelConfig, micro_batc
     kv_ratio = model.kv_dim / h
     f_ratio = model.ffn_hidden_size / h * model.top_k  # each token passes through top_k experts
     sbh = s * b * h
-    dropout = 1.0 if model.family in ("gpt", "vit") else 0.0  # llama/mixtral train without dropout
+    dropout = 1.0 if model.dropout > 0 else 0.0  # masks only where the recipe uses dropout (ModelSpec.dropout)
 
     if cfg.recompute == "full":
         # only the layer input is kept (Table 2 last row: 2sbh), sharded by SP

@@ -44,6 +44,10 @@ class ModelSpec:
     patch_size: int = 0  # ViT only
     num_channels: int = 3  # ViT only
     tie_embeddings: bool = False
+    # dropout probability of the training recipe (attention and hidden). 0 by default: current pre-training
+    # recipes use none, and neither do distplan's runners (planner/modeling.py); Megatron's SC'21 GPT runs
+    # used 0.1 (planner/published.py). Decides the dropout masks in the memory and time models.
+    dropout: float = 0.0
 
     # ---- derived shapes -------------------------------------------------------------------
     @property
@@ -166,7 +170,10 @@ class ModelSpec:
         return tokens * (passes * block + 3 * head)
 
     def to_dict(self) -> dict:
-        return {"version": 1, **asdict(self)}
+        d = asdict(self)
+        if not d["dropout"]:
+            del d["dropout"]  # the default: plan files and goldens written before the field stay identical
+        return {"version": 1, **d}
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -212,6 +219,9 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
             require(isinstance(value, bool), f"{source}: key '{key}' must be true or false, got {value!r}")
         elif expected == "str":
             require(isinstance(value, str), f"{source}: key '{key}' must be a string, got {value!r}")
+        elif expected == "float":
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+                    f"{source}: key '{key}' must be a number in [0, 1), got {value!r}")
     return _validate(ModelSpec(**data))
 
 

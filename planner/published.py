@@ -34,7 +34,8 @@ class Sc21Case:
 def sc21_gpt(params_billion: float, heads: int, hidden: int, layers: int) -> ModelSpec:
     return ModelSpec(name=f"sc21-gpt-{params_billion}b", family="gpt", num_layers=layers, hidden_size=hidden,
                      ffn_hidden_size=4 * hidden, num_heads=heads, num_kv_heads=heads, vocab_size=SC21_VOCAB,
-                     max_seq_len=SC21_SEQ_LEN, tie_embeddings=True, default_global_batch=512)
+                     max_seq_len=SC21_SEQ_LEN, tie_embeddings=True, default_global_batch=512,
+                     dropout=0.1)  # Megatron-LM's default hidden and attention dropout
 
 
 def sc21_table1() -> list[Sc21Case]:
