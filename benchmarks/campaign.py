@@ -174,9 +174,10 @@ def _summary(cfg: ParallelConfig) -> str:
 
 
 def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
-    """torch.distributed.pipelining refuses fewer micro-batches than stages (solvers.engines.runnable does not
-    check this yet: a solved alternative pp2 x 1 micro-batch failed on CPU)."""
-    return engine != "torch" or cfg.pp == 1 or cfg.num_microbatches >= cfg.pp * cfg.vpp
+    """torch.distributed.pipelining's micro-batch rule (solvers.engines.torch_pipeline_ok) for torch plans."""
+    from solvers.engines import torch_pipeline_ok
+
+    return engine != "torch" or torch_pipeline_ok(cfg)
 
 
 def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
@@ -210,7 +211,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     for i, alt in enumerate(result.alternatives, 1):
         name = f"alt{i}"
         if not alt.prediction.fits or not _pipeline_ok(engine_for_distplan, alt.config):
-            why = "predicted not to fit" if not alt.prediction.fits else "torch pipelining needs micro-batches >= stages"
+            why = "predicted not to fit" if not alt.prediction.fits else "torch pipelining refuses its micro-batch count"
             skipped.append({"name": name, "role": "alternative", "config": _summary(alt.config), "why": why})
             continue
         plan = make_plan(model, cluster, gpus, alt.config, alt.prediction, rationale=[f"alternative {i}: {alt.why_lost}"],

@@ -18,9 +18,8 @@ def runnable(engine: str, cfg: ParallelConfig) -> bool:
     if engine == "any":
         return True
     if engine == "torch":
-        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP;
-        # torch's pipeline schedules need at least as many micro-batches as stages
-        return cfg.cp == 1 and cfg.ep == 1 and (cfg.pp == 1 or cfg.num_microbatches >= cfg.pp)
+        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP
+        return cfg.cp == 1 and cfg.ep == 1 and torch_pipeline_ok(cfg)
     if engine == "deepspeed":
         # DeepSpeed engine: ZeRO 0-3 and offload; its pipeline engine only with ZeRO <= 1, 1F1B, no TP/CP/EP
         return (cfg.tp == 1 and cfg.cp == 1 and cfg.ep == 1 and cfg.vpp == 1 and cfg.schedule == "1f1b"
@@ -31,6 +30,18 @@ def runnable(engine: str, cfg: ParallelConfig) -> bool:
         return (not cfg.sequence_parallel and cfg.cp == 1 and not cfg.offload_optimizer and cfg.zero_stage <= 1
                 and cfg.schedule != "gpipe" and not (cfg.ep > 1 and cfg.tp > 1))
     raise DistplanError(f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+
+
+def torch_pipeline_ok(cfg: ParallelConfig) -> bool:
+    """What torch.distributed.pipelining accepts: single-stage schedules (1F1B, GPipe) need at least as
+    many micro-batches as pipeline ranks; the interleaved schedule runs its micro-batches in rounds of
+    pp and needs m divisible by the number of rounds, max(1, m // pp) (torch's ScheduleInterleaved1F1B)."""
+    m, pp = cfg.num_microbatches, cfg.pp
+    if pp == 1:
+        return True
+    if cfg.schedule == "interleaved":
+        return m % max(1, m // pp) == 0
+    return m >= pp
 
 
 def forced_settings(engine: str, transformer_engine: bool = False) -> dict[str, object]:

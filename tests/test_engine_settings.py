@@ -41,3 +41,26 @@ def test_request_command_and_cli_carry_te(cli, tmp_path):
             "--engine", "megatron", "-o", out)
     assert r.exit_code == 0, r.output
     assert yaml.safe_load(out.read_text())["parallel"]["flash_attention"] is False
+
+
+def test_torch_pipeline_rule_is_torchs_own():
+    """solvers.engines.torch_pipeline_ok against the rule and the examples torch's ScheduleInterleaved1F1B
+    docstring gives (pp 4: m = 10 and m = 3 run; rounds = max(1, m // pp) must divide m), and the
+    single-stage schedules' check (m >= pp), read from the installed torch's source."""
+    import inspect
+
+    from torch.distributed.pipelining import schedules
+
+    from planner.job import ParallelConfig
+    from solvers.engines import torch_pipeline_ok
+
+    src = inspect.getsource(schedules)
+    assert "n_microbatches % self.number_of_rounds != 0" in src and "if n_microbatches < self._num_stages:" in src
+
+    def ok(pp, m, schedule, vpp=1):
+        return torch_pipeline_ok(ParallelConfig(pp=pp, vpp=vpp, schedule=schedule, micro_batch_size=1, global_batch_size=m))
+
+    assert ok(4, 10, "interleaved", 2) and ok(4, 3, "interleaved", 2)  # the docstring's two examples
+    assert ok(2, 2, "interleaved", 8) and ok(2, 4, "interleaved", 2)
+    assert not ok(2, 5, "interleaved", 2) and not ok(4, 9, "interleaved", 2)  # 5 % 2, 9 % 2
+    assert ok(2, 2, "1f1b") and not ok(2, 1, "1f1b") and not ok(4, 3, "1f1b") and ok(1, 1, "1f1b")
