@@ -24,7 +24,7 @@ from planner.cluster import Cluster
 from planner.job import ParallelConfig
 from planner.memory import FRAGMENTATION, GIB, StageMemory, stage_memory, stage_params
 from planner.model import ModelSpec
-from planner.profile import Profile, bus_factor
+from planner.profile import UNFUSED_ATTENTION_KIND, Profile, bus_factor
 
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
@@ -165,9 +165,15 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         attn_fwd = fwd * attn_share
         if not cfg.flash_attention:
             # the profiler times the block with fused (flash) attention; an unfused plan (megatron without
-            # Transformer Engine) also pays the s x s scores: add the analytic difference of the two
-            (uf, ub), (ff, fb) = (_attention_core_s(model, cluster, cfg, flash) for flash in (False, True))
-            fwd, bwd = fwd + (uf - ff) * k, bwd + (ub - fb) * k
+            # Transformer Engine) pays the s x s scores instead: the measured unfused core where profiled
+            # (profilers/compute.UnfusedAttentionCore), else the analytic one, less the analytic flash core
+            ff, fb = _attention_core_s(model, cluster, cfg, True)
+            core = measured_fit(profile, UNFUSED_ATTENTION_KIND, cfg)
+            if core is not None:
+                uf, ub = core.time_s("fwd", tokens), core.time_s("bwd", tokens)
+            else:
+                uf, ub = _attention_core_s(model, cluster, cfg, False)
+            fwd, bwd = fwd + max(0.0, uf - ff) * k, bwd + max(0.0, ub - fb) * k
     else:
         gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
         n_mlp = 3 if model.gated_mlp else 2

@@ -6,7 +6,7 @@ for the memory terms, each with its source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from planner.cluster import Cluster
@@ -219,6 +219,25 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     t_max = max(per_rank)
     slowest = per_rank.index(t_max)
     pipeline = m * t_max + (sum(per_rank) - t_max) / v
+    if cfg.pp > 1 and v > 1:
+        # uneven chunks (the head's, the embedding's): simulate the interleaved schedule, whose fixed order
+        # then idles ranks in the fill, the drain and every round. Past two rounds of pp micro-batches each
+        # round adds the same time (the schedule repeats), so rounds 2 and 3 are simulated and the rest
+        # extrapolated: at most 6 * pp^2 * v simulated operations per prediction.
+        # (local import: planner.schedule imports this module)
+        from planner.schedule import pipeline_time_s
+
+        def span(micro: int) -> float:
+            c = cfg if micro == m else replace(cfg, global_batch_size=cfg.micro_batch_size * cfg.dp * micro)
+            return pipeline_time_s(model, cluster, c, profile, terms_per_rank)
+
+        pp = cfg.pp
+        if m <= 3 * pp:
+            simulated = span(m)
+        else:
+            two, three = span(2 * pp), span(3 * pp)
+            simulated = three + (m - 3 * pp) * (three - two) / pp
+        pipeline = max(pipeline, simulated)
 
     # once-per-step data-parallel sync and optimizer: the slowest rank sets the step's end
     tail_best, sync_best, opt_best = 0.0, 0.0, 0.0

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 PROFILE_VERSION = 1
 PHASES = ("fwd", "bwd")
+# the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
+# a compute kind besides the layers, for plans with flash_attention=False
+UNFUSED_ATTENTION_KIND = "attention_unfused"
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ length equals planner/costmodel.py's m*t + (p - 1)*t/v (tests/test_schedule.py c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from planner.cluster import Cluster
+from planner.costmodel import embedding_time, head_time
 from planner.predict import rank_timer
 from planner.errors import require
 from planner.job import SCHEDULES, ParallelConfig
@@ -119,18 +121,21 @@ def op_order(kind: str, pp: int, vpp: int, m: int, rank: int) -> list[Op]:
         for j in range(m - warmup):
             ops += [Op("F", warmup + j, 0), Op("B", j, 0)]
         return ops + [Op("B", j, 0) for j in range(m - warmup, m)]
-    # interleaved (Megatron-Core): group micro-batches p at a time per chunk
-    require(m % pp == 0, f"the interleaved schedule needs micro-batches ({m}) to be a multiple of pp ({pp})")
+    # interleaved (Megatron-Core; torch's ScheduleInterleaved1F1B): micro-batches in rounds of g, each
+    # round through every chunk; g = pp when pp divides m (Megatron), else torch's m // max(1, m // pp)
+    rounds = max(1, m // pp)
+    require(m % rounds == 0, f"the interleaved schedule needs micro-batches ({m}) divisible by its rounds ({rounds})")
+    g = m // rounds
     total = m * vpp
 
     def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (pp * vpp)) // pp
+        c = (k % (g * vpp)) // g
         return c if forward else vpp - 1 - c
 
     def microbatch_of(k: int) -> int:
-        return (k // (pp * vpp)) * pp + k % pp
+        return (k // (g * vpp)) * g + k % g
 
-    warmup = min(2 * (pp - rank - 1) + (vpp - 1) * pp, total)
+    warmup = min(2 * (pp - rank - 1) + (vpp - 1) * g, total)
     ops = [Op("F", microbatch_of(k), chunk_of(k, True)) for k in range(warmup)]
     for k in range(total - warmup):
         f = k + warmup
@@ -142,8 +147,13 @@ def op_order(kind: str, pp: int, vpp: int, m: int, rank: int) -> list[Op]:
 
 
 def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | tuple[StageOpTimes, ...],
-             grad_sync_s: float = 0.0, optimizer_s: float = 0.0) -> Schedule:
-    """Run every rank's operations in order under the pipeline's data dependencies."""
+             grad_sync_s: float = 0.0, optimizer_s: float = 0.0,
+             extras: dict[tuple[int, int], tuple[float, float]] | None = None) -> Schedule:
+    """Run every rank's operations in order under the pipeline's data dependencies.
+
+    `extras`: (rank, chunk) -> (forward, backward) seconds that only that chunk pays per micro-batch (the
+    embedding in the first chunk, the LM head and loss in the last: end_chunk_extras)."""
+    extras = extras or {}
     require(len(stages) == pp, f"need op times for {pp} pipeline ranks, got {len(stages)}")
     orders = [op_order(kind, pp, vpp, m, r) for r in range(pp)]
     last = pp * vpp - 1
@@ -166,8 +176,9 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
                     break
                 t = max(free[r], done[dep] if dep else 0.0)
                 st = stages[r]
-                parts = ([("forward", st.forward_s)] if op.kind == "F"
-                         else [("recompute", st.recompute_s), ("backward", st.backward_s)])
+                ef, eb = extras.get((r, op.chunk), (0.0, 0.0))
+                parts = ([("forward", st.forward_s + ef)] if op.kind == "F"
+                         else [("recompute", st.recompute_s), ("backward", st.backward_s + eb)])
                 parts.append(("p2p", st.p2p_s))
                 for phase, dur in parts:
                     if dur > 0:
@@ -207,8 +218,89 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
 # ---- durations from the cost model ------------------------------------------------------------------
 
 
+def end_chunk_extras(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
+                     profile: Profile | None = None) -> dict[tuple[int, int], tuple[float, float]]:
+    """(rank, chunk) -> (forward, backward) seconds per micro-batch of the embedding (rank 0, chunk 0) and of
+    the final norm + LM head + loss (last rank, last chunk): where the runners put them."""
+    ef, eb = embedding_time(model, cluster, cfg, profile)
+    hf, hb = head_time(model, cluster, cfg, profile)
+    out = {(0, 0): (ef, eb)}
+    last = (cfg.pp - 1, cfg.vpp - 1)
+    f0, b0 = out.get(last, (0.0, 0.0))
+    out[last] = (f0 + hf, b0 + hb)
+    return out
+
+
+def pipeline_time_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
+                    rank_terms: list[dict[str, float]]) -> float:
+    """Forward/backward span of one step by simulation, the embedding and head on their own chunks.
+
+    With v > 1 chunks per rank the closed form m*t + (p - 1)*t/v assumes every chunk costs t/v, but the
+    head sits in one chunk: for gpt2-xl (head = 12 blocks' worth at micro-batch 16) pp2 v6 m2 on 2xH200
+    the closed form said 0.419 s and the run took 0.564 s; this simulation says 0.525 s + optimizer.
+    `rank_terms`: every rank's per-micro-batch terms (rank_timer(...).terms), as predict sums them."""
+    extras = end_chunk_extras(model, cluster, cfg, profile)
+    stages = stage_op_times(model, cluster, cfg, profile, rank_terms=rank_terms, extras=extras)
+    return span_s(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, stages, extras)
+
+
+def span_s(kind: str, pp: int, vpp: int, m: int, stages, extras: dict[tuple[int, int], tuple[float, float]]) -> float:
+    """simulate(...).pipeline_s without building the timeline (predict calls this per candidate plan)."""
+    orders = _indexed_orders(kind, pp, vpp, m)
+    dur = []  # per rank and chunk: (forward, backward incl. recompute), each with one p2p
+    for r, st in enumerate(stages):
+        dur.append([(st.forward_s + extras.get((r, c), (0.0, 0.0))[0] + st.p2p_s,
+                     st.recompute_s + st.backward_s + extras.get((r, c), (0.0, 0.0))[1] + st.p2p_s) for c in range(vpp)])
+    done = [-1.0] * (2 * m * pp * vpp + 1)  # end time per (phase, micro-batch, virtual stage); last slot: "no input"
+    done[-1] = 0.0
+    free, nxt = [0.0] * pp, [0] * pp
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r in range(pp):
+            order, i, t_free, d = orders[r], nxt[r], free[r], dur[r]
+            n = len(order)
+            while i < n:
+                phase, c, slot, dep = order[i]
+                t_dep = done[dep]
+                if t_dep < 0:
+                    break
+                t_free = (t_free if t_free > t_dep else t_dep) + d[c][phase]
+                done[slot] = t_free
+                i += 1
+            if i != nxt[r]:
+                remaining -= i - nxt[r]
+                nxt[r], free[r], progressed = i, t_free, True
+        require(progressed, f"{kind} schedule with pp={pp} vpp={vpp} m={m} deadlocked (an internal error)")
+    return max(free)
+
+
+@functools.lru_cache(maxsize=4096)
+def _indexed_orders(kind: str, pp: int, vpp: int, m: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """Per rank, its operations as (0 forward / 1 backward, chunk, result slot, input slot) for span_s."""
+    stages_n, last = pp * vpp, pp * vpp - 1
+
+    def slot(backward: bool, j: int, s: int) -> int:
+        return (int(backward) * m + j) * stages_n + s
+
+    none = 2 * m * stages_n
+    out = []
+    for r in range(pp):
+        ops = []
+        for o in op_order(kind, pp, vpp, m, r):
+            s = o.chunk * pp + r
+            if o.kind == "F":
+                ops.append((0, o.chunk, slot(False, o.microbatch, s), slot(False, o.microbatch, s - 1) if s > 0 else none))
+            else:
+                dep = slot(True, o.microbatch, s + 1) if s < last else slot(False, o.microbatch, s)
+                ops.append((1, o.chunk, slot(True, o.microbatch, s), dep))
+        out.append(tuple(ops))
+    return tuple(out)
+
+
 def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None,
-                   per_microbatch_s: list[float] | None = None) -> tuple[StageOpTimes, ...]:
+                   per_microbatch_s: list[float] | None = None, *, rank_terms: list[dict[str, float]] | None = None,
+                   extras: dict[tuple[int, int], tuple[float, float]] | None = None) -> tuple[StageOpTimes, ...]:
     """Per-chunk forward/backward/recompute/p2p seconds of every pipeline rank, as planner/predict.py adds them.
 
     Intra-layer collectives are folded into the pass that issues them: TP all-reduces (or SP's
@@ -217,17 +309,21 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     `per_microbatch_s`, the rank times recorded in a plan, calibrates the split to the plan: what the
     split does not name (exposed per-micro-batch ZeRO-2/3 traffic, overlapped with the backward) is
     added to the backward; if the recorded time is smaller (a profile measured faster kernels), all
-    parts scale down together. Embedding and head are spread over a rank's chunks, as the cost model does.
+    parts scale down together. Embedding and head are spread over a rank's chunks, as the closed form
+    does, unless `extras` (end_chunk_extras) takes them out to be charged to their own chunks.
+    `rank_terms`: the per-rank terms already computed (predict passes its own; default rank_timer's).
     """
     v, pp = cfg.vpp, cfg.pp
-    timer = rank_timer(model, cluster, cfg, profile)  # the same per-rank terms predict() sums
+    timer = rank_timer(model, cluster, cfg, profile) if rank_terms is None else None  # the terms predict() sums
     passes = 3 if cfg.recompute == "full" else 2
     out = []
     for rank, layers in enumerate(cfg.layers_per_stage(model.num_layers)):
-        t = dict(timer(rank, layers).terms)
+        t = dict(timer(rank, layers).terms) if timer is not None else rank_terms[rank]
         coll = (t["tp_comm"] + t["cp_ep_comm"]) / passes
-        fwd = t["compute_fwd"] + coll
-        bwd = t["compute_bwd"] + coll
+        own_f = sum(f for (r, _), (f, _) in (extras or {}).items() if r == rank)
+        own_b = sum(b for (r, _), (_, b) in (extras or {}).items() if r == rank)
+        fwd = t["compute_fwd"] - own_f + coll
+        bwd = t["compute_bwd"] - own_b + coll
         rec = t["recompute"] + (coll if cfg.recompute == "full" else 0.0)
         p2p = t["pp_p2p"] / (2 * v)  # predict charges 2 * v sends per micro-batch (forward and backward, per chunk)
         if per_microbatch_s is not None:

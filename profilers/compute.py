@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from planner.errors import require
 from planner.model import ModelSpec
 from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
+from planner.profile import UNFUSED_ATTENTION_KIND
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -57,6 +58,15 @@ class ComputeSettings:
 
 def layer_kinds(spec: ModelSpec) -> tuple[str, ...]:
     return ("embedding", "moe_block" if spec.is_moe else "block", "head")
+
+
+# Profiled besides the layers: the attention core as Megatron's local layer spec computes it (no flash
+# kernel), for plans that run unfused attention (the megatron engine without Transformer Engine).
+UNFUSED_ATTENTION = UNFUSED_ATTENTION_KIND
+
+
+def profiled_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    return layer_kinds(spec) + (() if spec.is_vit else (UNFUSED_ATTENTION,))
 
 
 def tp_degrees(spec: ModelSpec, max_tp: int) -> list[int]:
@@ -100,6 +110,27 @@ def shard_block(block: Block, spec: ModelSpec, tp: int) -> Block:
     return block
 
 
+class UnfusedAttentionCore(nn.Module):
+    """softmax(Q K^T / sqrt(d) + causal mask) V as megatron-core's DotProductAttention runs it without fusion
+    (masked_softmax_fusion off, attention_softmax_in_fp32 on, dropout 0): baddbmm into bf16 scores, an fp32
+    copy, masked_fill of the causal mask, fp32 softmax, a cast back, bmm with V. Input (b, s, heads_local*d)
+    serves as Q, K and V (the projections are timed in the block); output the same shape. Parameter-free."""
+
+    def __init__(self, spec: ModelSpec, tp: int):
+        super().__init__()
+        self.heads, self.d = spec.num_heads // tp, spec.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = x.view(b, s, self.heads, self.d).permute(0, 2, 1, 3).reshape(b * self.heads, s, self.d)
+        scores = torch.baddbmm(torch.empty(b * self.heads, s, s, dtype=x.dtype, device=x.device), q, q.transpose(1, 2),
+                               beta=0.0, alpha=1.0 / math.sqrt(self.d))
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu_(1)
+        probs = torch.softmax(scores.float().masked_fill(mask, -10000.0), dim=-1).to(x.dtype)
+        ctx = torch.bmm(probs, q)
+        return ctx.view(b, self.heads, s, self.d).permute(0, 2, 1, 3).reshape(b, s, self.heads * self.d)
+
+
 class HeadWithLoss(nn.Module):
     """Final norm, the (vocab-sharded) output head and the cross-entropy loss: the 'head' layer kind."""
 
@@ -136,6 +167,8 @@ def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype
                 layer.tok = nn.Embedding(math.ceil(spec.vocab_size / tp), spec.hidden_size)
         elif kind == "head":
             layer = HeadWithLoss(spec, tp)
+        elif kind == UNFUSED_ATTENTION:
+            layer = UnfusedAttentionCore(spec, tp)
         else:
             raise ValueError(f"unknown layer kind {kind!r}")
     layer = layer.to(dtype=dtype).to_empty(device=device)
@@ -153,6 +186,8 @@ def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: 
         else:
             x = torch.randint(0, math.ceil(spec.vocab_size / tp), (b, seq_len), device=device)
         return (x,), torch.randn(b, seq_len, h, device=device, dtype=dtype)
+    if kind == UNFUSED_ATTENTION:
+        h = spec.num_heads // tp * spec.head_dim
     x = torch.randn(b, seq_len, h, device=device, dtype=dtype, requires_grad=True)
     if kind == "head":
         classes = math.ceil(spec.vocab_size / tp)
@@ -344,7 +379,7 @@ def profile_compute(spec: ModelSpec, seq_len: int, tps: list[int], device: torch
     """Every layer kind of `spec` at every TP degree in `tps`: a list of profile_layer results."""
     torch.manual_seed(0)
     return [profile_layer(spec, kind, tp, seq_len, device, dtype, settings, on_point)
-            for kind in layer_kinds(spec) for tp in tps]
+            for kind in profiled_kinds(spec) for tp in tps]
 
 
 def layer_seq_len(spec: ModelSpec, seq_len: int) -> int:

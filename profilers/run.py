@@ -48,15 +48,15 @@ class Plan:
     seq_len: int
     compute: compute.ComputeSettings
     comm: comm.CommSettings
+    kinds: int = 3  # profiled kinds (compute.profiled_kinds)
 
     @property
     def steps(self) -> int:
-        kinds = 3
         comm_points = sum(len(self.comm.sizes_bytes) * sum(1 for op in self.comm.ops if op != "p2p" or n == 2)
                           for n in self.comm.group_sizes)
         ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 2  # + copy, optimizer
-        sharding_points = 2 * len(self.comm.group_sizes) if self.comm.sharding is not None else 0
-        return ceilings + comm_points + sharding_points + kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
+        sharding_points = 4 * len(self.comm.group_sizes)  # 2 stacks x 2 modes if self.comm.sharding is not None else 0
+        return ceilings + comm_points + sharding_points + self.kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
 
 
 def plan_profile(req: ProfileRequest) -> Plan:
@@ -101,7 +101,8 @@ def plan_profile(req: ProfileRequest) -> Plan:
     ends = tuple(sorted({cs.micro_batches[0], cs.micro_batches[-1]}))
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=cs.repeats))
-    return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms)
+    return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms,
+                kinds=len(compute.profiled_kinds(spec)))
 
 
 # ---- fits ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from planner.cluster import Cluster
 from planner.job import ParallelConfig, with_changes
 from planner.memory import FRAGMENTATION, GIB, inflight_microbatch_chunks, stage_memory
 from planner.model import ModelSpec
-from planner.predict import rank_timer
+from planner.predict import predict, rank_timer
 from planner.profile import Profile
 
 MAX_TAU_STEPS = 48  # bottleneck values tried past the smallest feasible one (each step is exact, this bounds time)
@@ -204,7 +204,14 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                 key = (evaluate(split), 1, split)
                 if best is None or key < best:
                     best = key
-    return _result(best, even, times, cls)
+    result = _result(best, even, times, cls)
+    if result is not None and v > 1:
+        # interleaved: the DP ranks splits by the closed form; predict() times the chosen one by simulating the
+        # schedule with the head and embedding on their own chunks (planner/schedule.pipeline_time_s)
+        chosen = with_changes(cfg, layer_split=result.layer_split)
+        step = predict(model, cluster, chosen, profile, zero1_as_fsdp=zero1_as_fsdp).step_time_s
+        result = StageSplit(layer_split=result.layer_split, step_time_s=step, per_rank_s=result.per_rank_s)
+    return result
 
 
 def _result(best, even, times, cls) -> StageSplit | None:

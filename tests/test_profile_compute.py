@@ -124,9 +124,10 @@ def test_cpu_memory_cap_skips_sizes_that_would_not_fit():
 def test_profile_compute_covers_every_kind_and_fits_reproduce_points():
     spec = tiny("llama")
     results = profile_compute(spec, 32, [1, 2], CPU, torch.float32, FAST)
-    assert {(r["kind"], r["tp"]) for r in results} == {(k, t) for k in layer_kinds(spec) for t in (1, 2)}
+    kinds = layer_kinds(spec) + ("attention_unfused",)
+    assert {(r["kind"], r["tp"]) for r in results} == {(k, t) for k in kinds for t in (1, 2)}
     fits, errors = fit_compute(results)
-    assert len(fits) == 6
+    assert len(fits) == 8
     for f in fits:
         # CPU timings under load are noisy: a fit is never negative and never zero everywhere
         assert f.fwd(32) > 0 and f.bwd(32) > 0 and f.fwd.slope_s >= 0 and f.bwd.slope_s >= 0
@@ -138,3 +139,16 @@ def test_profile_compute_covers_every_kind_and_fits_reproduce_points():
         f = next(f for f in fits if (f.kind, f.tp) == (r["kind"], r["tp"]))
         worst = max(abs(f.fwd(p["tokens"]) - p["fwd_s"]) / p["fwd_s"] for p in pts)
         assert worst == pytest.approx(errors[f"{r['kind']}.tp{r['tp']}"]["fwd"])
+
+
+def test_unfused_attention_core_is_causal_attention():
+    """The profiled unfused core (Megatron's local-spec arithmetic) computes what SDPA's causal attention does."""
+    from profilers.compute import UnfusedAttentionCore
+
+    spec = tiny("gpt")
+    core = UnfusedAttentionCore(spec, 1)
+    x = torch.randn(2, 16, spec.hidden_size)
+    b, s, heads, d = 2, 16, spec.num_heads, spec.head_dim
+    q = x.view(b, s, heads, d).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(b, s, heads * d)
+    assert torch.allclose(core(x), ref, atol=1e-5)

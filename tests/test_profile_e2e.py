@@ -39,7 +39,8 @@ def tiny_profile(tmp_path_factory):
 def test_cpu_profile_has_every_part(tiny_profile):
     prof, ticks = tiny_profile
     assert prof.device == "cpu" and prof.device_count == 2 and prof.dtype == "bf16" and prof.seq_len == SEQ
-    assert {(c.kind, c.tp) for c in prof.compute} == {(k, t) for k in ("embedding", "block", "head") for t in (1, 2)}
+    kinds = ("embedding", "block", "head", "attention_unfused")
+    assert {(c.kind, c.tp) for c in prof.compute} == {(k, t) for k in kinds for t in (1, 2)}
     assert prof.compute_fit("block", 1).recompute is not None
     measured = {(c.op, c.group_size) for c in prof.collectives}
     unmeasured = prof.facts["unmeasured_collectives"]
@@ -175,3 +176,26 @@ def test_sharding_fit_splits_per_block_and_edge_exactly():
     old = [{"group_size": 2, "reshard_after_forward": False, "tokens": t, "overhead_s": o} for t, o in ((1024, 3e-3), (2048, 3.2e-3))]
     (legacy,) = fit_sharding(old)
     assert legacy.edge is None and legacy.overhead(2048) == pytest.approx(3.2e-3)
+
+
+def test_unfused_plan_charges_the_measured_unfused_core(tiny_profile):
+    """flash_attention=False (megatron without TE) adds the profiled unfused core, less the analytic flash
+    core, to the measured block: doubling the measured core moves the prediction by exactly that much."""
+    from dataclasses import replace
+
+    from planner.job import ParallelConfig
+    from planner.model import spec_from_dict
+    from planner.predict import predict
+    from planner.profile import ComputeFit
+
+    prof, _ = tiny_profile
+    model = spec_from_dict(dict(TINY), "tiny", "test")
+    cluster = cluster_for_profile(prof, None)
+    cfg = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=2, global_batch_size=2, seq_len=SEQ, flash_attention=False)
+    core = prof.compute_fit("attention_unfused", 1)
+    doubled = ComputeFit(kind=core.kind, tp=1, fwd=core.fwd, bwd=core.bwd,
+                         points=tuple((x, tuple((ph, 2 * t) for ph, t in ts)) for x, ts in core.points))
+    prof2 = replace(prof, compute=tuple(doubled if c is core else c for c in prof.compute))
+    a, b = dict(predict(model, cluster, cfg, prof).breakdown), dict(predict(model, cluster, cfg, prof2).breakdown)
+    tokens = 2 * SEQ
+    assert b["compute_fwd"] - a["compute_fwd"] == pytest.approx(TINY["num_layers"] * core.time_s("fwd", tokens), rel=1e-6)

@@ -67,8 +67,13 @@ def test_peak_inflight_activations_agree_with_the_memory_model(kind, p, v, m):
 def test_unknown_schedule_and_bad_sizes_are_user_errors():
     with pytest.raises(DistplanError, match="schedule 'zigzag' is unknown"):
         op_order("zigzag", 4, 1, 8, 0)
-    with pytest.raises(DistplanError, match="multiple of pp"):
-        op_order("interleaved", 4, 2, 6, 0)
+    with pytest.raises(DistplanError, match="divisible by its rounds"):
+        op_order("interleaved", 4, 2, 9, 0)  # rounds of 4: 9 // 4 = 2 rounds do not divide 9 (torch refuses it too)
+    # fewer micro-batches than ranks, or a count pp does not divide: one round of m (torch runs these)
+    for m in (2, 6):
+        ops = op_order("interleaved", 4, 2, m, 0)
+        assert sorted((o.kind, o.microbatch, o.chunk) for o in ops) == sorted(
+            (k, j, c) for k in "FB" for j in range(m) for c in range(2))
 
 
 # ---- timing -------------------------------------------------------------------------------------------
