@@ -7,7 +7,8 @@
 #   CASES=gpt2-xl-small,gpt2-xl-large BUDGET_S=500 bash benchmarks/device_campaign.sh
 # Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics", MACHINE=2xh200;
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
-#   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick).
+#   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
+#   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says.
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
@@ -23,8 +24,9 @@ need_dir=$committed; [ "${FRESH:-0}" = 1 ] && need_dir=/nonexistent
 python3 benchmarks/campaign.py --cases "${PROFILE_CASES:-$cases}" --profile-dir "$need_dir" --need-profiles >"$out/need.txt" 2>>"$log" || exit 1
 while read -r model seq; do
   [ -n "$model" ] || continue
-  t0=$(date +%s)
-  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" ${PROFILE_ARGS---quick} \
+  t0=$(date +%s); pargs=${PROFILE_ARGS---quick}
+  case " ${QUICK_MODELS:-} " in *" $model "*) pargs=--quick ;; esac
+  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" $pargs \
     -o "$out/profiles/profile-$model-s$seq.yaml" >"$out/profiles/profile-$model-s$seq.log" 2>&1
   echo "=== profile $model seq $seq: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"
 done <"$out/need.txt"
