@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from planner.job import ParallelConfig
 from planner.model import ModelSpec
+from planner.profile import Profile
 
 GIB = 1024**3
 BYTES_BF16 = 2
@@ -119,8 +120,30 @@ def stage_params(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) 
     return dense, expert
 
 
-def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) -> StageMemory:
-    """Peak bytes on one GPU of pipeline rank `rank` (holding `layers` transformer blocks)."""
+def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> float:
+    """Measured over analytic activation bytes of one block, where the profile measured this block (same
+    sequence length and tp; fused attention, which is what the profiler runs), else 1.
+
+    Korthikanti's enumeration matches gpt2-xl's block as distplan's runners build it to 1%, but a llama
+    block stores 1.5-1.6x more (RMSNorm's fp32 intermediates, rotary embeddings, SwiGLU's products):
+    on 2xH200 a llama-3-8b pipeline plan peaked 20-24% above the analytic prediction
+    (benchmarks/results/campaign_2xh200.md). The profiler's allocator measurement is what these runners
+    store; megatron plans without Transformer Engine (unfused attention) keep the analytic count.
+    """
+    if profile is None or profile.seq_len != cfg.seq_len or not cfg.flash_attention:
+        return 1.0
+    fit = profile.compute_fit("moe_block" if model.is_moe else "block", cfg.tp)
+    if fit is None or fit.peak_activation_bytes_per_token <= 0:
+        return 1.0
+    plain = replace(cfg, recompute="none", sequence_parallel=False, cp=1, layer_split=())
+    analytic = activation_bytes_per_layer(model, plain, 1, cfg.seq_len) / cfg.seq_len
+    return fit.peak_activation_bytes_per_token / analytic if analytic > 0 else 1.0
+
+
+def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
+                 profile: Profile | None = None) -> StageMemory:
+    """Peak bytes on one GPU of pipeline rank `rank` (holding `layers` transformer blocks); a profile that
+    measured the block's activations scales the activation terms to them (activation_scale)."""
     dense, expert = stage_params(model, cfg, rank, layers)
     shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
     expert_shard = max(shard // cfg.ep, 1)
@@ -130,12 +153,13 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) 
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
     b, s = cfg.micro_batch_size, cfg.seq_len
-    per_layer = activation_bytes_per_layer(model, cfg, b, s)
+    scale = activation_scale(model, cfg, profile)
+    per_layer = activation_bytes_per_layer(model, cfg, b, s) * (scale if cfg.recompute != "full" else 1.0)
     chunks = inflight_microbatch_chunks(cfg, rank)
     acts = per_layer * (layers / cfg.vpp) * chunks
     if cfg.recompute == "full":
         # while one layer is recomputed its full activations are live (one micro-batch)
-        full = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s)
+        full = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s) * scale
         acts += full
     # stage input kept per in-flight micro-batch (received activation / embedding output)
     acts += 2 * b * (s / cfg.cp) * model.hidden_size * chunks / (cfg.tp if cfg.sequence_parallel else 1)

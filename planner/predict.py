@@ -214,7 +214,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
         rt = timer(rank, layers)
         per_rank.append(rt.time_per_microbatch_s)
         terms_per_rank.append(dict(rt.terms))
-        stages.append((rank, ranges[rank], rt.time_per_microbatch_s, stage_memory(model, cfg, rank, layers), rt))
+        stages.append((rank, ranges[rank], rt.time_per_microbatch_s, stage_memory(model, cfg, rank, layers, profile), rt))
 
     t_max = max(per_rank)
     slowest = per_rank.index(t_max)
