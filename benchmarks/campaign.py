@@ -431,6 +431,31 @@ def _fmt(x, spec=".3g", pct=False) -> str:
     return f"{100 * x:+.1f}%" if pct else format(x, spec)
 
 
+def merged_environment(rows_files: list[str]) -> dict | None:
+    """Machine and versions of the run(s) that wrote these rows.json files, read back from the report each run
+    wrote beside them (campaign_*.md, "Machine and versions: k v, k v."); None when no report is found."""
+    seen = []
+    for f in rows_files:
+        for md in sorted(Path(f).parent.glob("campaign_*.md")):
+            dates = [ln.rsplit("), ", 1)[-1].removesuffix(" UTC") for ln in md.read_text().splitlines()[:1] if "), " in ln]
+            for line in md.read_text().splitlines():
+                if line.startswith("Machine and versions: "):
+                    pairs = line[len("Machine and versions: "):].rstrip(".").split(", ")
+                    env = dict(p.split(" ", 1) for p in pairs if " " in p)
+                    if dates:
+                        env["date_utc"] = dates[0]
+                    if env not in seen:
+                        seen.append(env)
+    if not seen:
+        return None
+    out = dict(seen[0])
+    for env in seen[1:]:  # several calls: keep keys that agree, say where they differ
+        for k, v in env.items():
+            if out.get(k) != v:
+                out[k] = f"{out.get(k)} / {v}"
+    return out
+
+
 def write_markdown(summary: dict, path: str | Path, machine: str, env: dict | None = None, command: str = "") -> None:
     env = env or environment()
     lines = [f"# Plan quality on {machine} (issue 7), {env.get('date_utc', '')} UTC", "",
@@ -517,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         for f in a.merge:
             rows += json.loads(Path(f).read_text())
+        measured_on = merged_environment(a.merge)
+        if measured_on:
+            env = measured_on  # the machine the rows were measured on, not the one merging them
     else:
         gpus = a.gpus or (__import__("torch").cuda.device_count() if _cuda() else 2)
         start = time.monotonic()

@@ -138,3 +138,20 @@ def test_tiny_campaign_end_to_end_on_cpu(tmp_path):
     md = (tmp_path / "campaign_cpu-test.md").read_text()
     assert "| tiny | distplan | distplan | torch |" in md and "## Analysis of misses" in md
     assert "torch" in md and "python" in md  # versions in the header
+
+
+def test_merge_reports_the_machine_the_rows_were_measured_on(tmp_path):
+    """--merge runs on a laptop: the header must name the GPU machine, read from each call's report."""
+    from campaign import merged_environment
+
+    for i, (date, torch_v) in enumerate((("2026-11-22 00:59", "2.11.0+cu130"), ("2026-11-22 01:08", "2.11.0+cu130"))):
+        d = tmp_path / f"call{i}"
+        d.mkdir()
+        (d / "rows.json").write_text("[]")
+        (d / "campaign_2xh200.md").write_text(
+            f"# Plan quality on 2xh200 (issue 7), {date} UTC\n\nMachine and versions: python 3.12.3, torch {torch_v}, "
+            "gpu 2x NVIDIA H200, nccl 2.28.9.\n")
+    env = merged_environment([str(tmp_path / "call0" / "rows.json"), str(tmp_path / "call1" / "rows.json")])
+    assert env["gpu"] == "2x NVIDIA H200" and env["torch"] == "2.11.0+cu130" and env["nccl"] == "2.28.9"
+    assert env["date_utc"] == "2026-11-22 00:59 / 2026-11-22 01:08"
+    assert merged_environment([str(tmp_path / "nowhere" / "rows.json")]) is None
