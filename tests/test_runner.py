@@ -271,3 +271,21 @@ def test_classify_names_the_failing_rank_its_step_and_why(tmp_path):
     got = {f.rank: (f.step, f.kind, f.primary) for f in failures}
     assert got == {1: (3, "oom", True), 2: (3, "error", False), 3: (4, "killed", True), 4: (-1, "terminated", False)}
     assert "SIGKILL" in next(f.reason for f in failures if f.rank == 3)
+
+
+def test_a_wrapped_out_of_memory_is_reported_as_oom_with_its_cause():
+    """torch.distributed.pipelining re-raises a stage's OOM as RuntimeError("[Stage 4] failed to run forward:")."""
+    import torch
+
+    from planner.runner.worker import _is_oom, _reason
+
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 606.00 MiB.")
+        except torch.cuda.OutOfMemoryError as inner:
+            raise RuntimeError("\n            [Stage 4] failed to run forward:\n            args: (...)") from inner
+    except RuntimeError as exc:
+        assert _is_oom(exc)
+        assert _reason(exc) == ("RuntimeError: [Stage 4] failed to run forward (caused by OutOfMemoryError: "
+                                "CUDA out of memory. Tried to allocate 606.00 MiB.)")
+    assert not _is_oom(ValueError("bad plan")) and _reason(ValueError("bad plan")) == "ValueError: bad plan"

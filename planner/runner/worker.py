@@ -59,10 +59,32 @@ def _dist_info() -> DistInfo:
     return DistInfo(rank, world, local, "cpu", "gloo")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what caused it (raise ... from / during handling), outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
+    """Out of memory anywhere in the chain: torch.distributed.pipelining re-raises a stage's OOM as
+    RuntimeError("[Stage 4] failed to run forward"), which on 2xH200 was reported as a plain error."""
     import torch
 
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+    return any(isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+               for e in _chain(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the exception, and its root cause when it wraps another."""
+    def line(e: BaseException) -> str:
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
+
+    chain = _chain(exc)
+    return line(exc) if len(chain) == 1 else f"{line(exc)} (caused by {line(chain[-1])})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         result = get_engine(opts.engine)(plan, opts, dist)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record the launcher reports
         record = {"rank": dist.rank, "step": current_step(), "kind": "oom" if _is_oom(exc) else "error",
-                  "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+                  "reason": _reason(exc),
                   "traceback": traceback.format_exc()[-4000:]}
         if result_dir is not None:
             atomic_write_text(result_dir / f"rank{dist.rank}.error.json", json.dumps(record))
