@@ -249,3 +249,22 @@ def test_reported_loss_survives_the_schedules_in_place_scaling():
     loss, reported = me._loss(torch.full((2, 3), 6.0))
     loss /= 8
     assert reported["lm loss"].item() == 6.0 and loss.item() == 0.75
+
+
+def test_megatron_torch_optimizer_fallback_is_made_fused():
+    """megatron-core without Apex/TE builds torch.optim.AdamW (foreach: a v-sized temporary in the step);
+    inside fused_torch_adamw that class defaults to the fused kernel, and the patch is undone on exit."""
+    import torch
+
+    from planner.runner.engines.megatron_engine import fused_torch_adamw
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    base = torch.optim.AdamW
+    with fused_torch_adamw():
+        opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.1)
+        assert opt.defaults["fused"] is True and isinstance(opt, base)
+        explicit = torch.optim.AdamW([p], lr=1e-3, fused=False)
+        assert explicit.defaults["fused"] is False
+    assert torch.optim.AdamW is base
+    with fused_torch_adamw(active=False):
+        assert torch.optim.AdamW is base

@@ -43,6 +43,7 @@ import re
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -69,6 +70,28 @@ CHECKED_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention
                   "expert_model_parallel_size", "sequence_parallel", "normalization", "gated_linear_unit",
                   "add_bias_linear", "recompute_granularity", "num_moe_experts", "moe_router_topk")
 
+
+@contextmanager
+def fused_torch_adamw(active: bool = True):
+    """Inside: torch.optim.AdamW defaults to fused=True. megatron-core without Apex or Transformer Engine builds
+    `torch.optim.AdamW(...)` with foreach, whose `_foreach_sqrt` allocates a temporary the size of the second
+    moment: a llama-2-13b tp2 plan ran out of memory in that step on 2xH200 (134 GiB allocated, 130 predicted;
+    benchmarks/results/campaign_2xh200.md). The fused kernel has no temporaries, as the cost model assumes."""
+    if not active:
+        yield
+        return
+    base = torch.optim.AdamW
+
+    class FusedAdamW(base):
+        def __init__(self, params, *args, **kwargs):
+            kwargs.setdefault("fused", True)
+            super().__init__(params, *args, **kwargs)
+
+    torch.optim.AdamW = FusedAdamW
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = base
 
 def _has(module: str) -> bool:
     try:
@@ -284,7 +307,13 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         opt_config = OptimizerConfig(optimizer="adam", lr=opts.lr, min_lr=opts.lr, weight_decay=0.1, adam_beta1=0.9,
                                      adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.0, bf16=opts.dtype == "bf16",
                                      params_dtype=config.params_dtype, use_distributed_optimizer=cfg.zero_stage >= 1)
-        optimizer = get_megatron_optimizer(opt_config, model, use_gloo_process_groups=False)
+        import megatron.core.optimizer as mco
+
+        with fused_torch_adamw(getattr(mco, "USING_PYTORCH_OPTIMIZER", False)):
+            optimizer = get_megatron_optimizer(opt_config, model, use_gloo_process_groups=False)
+        if getattr(mco, "USING_PYTORCH_OPTIMIZER", False):
+            notes.append("optimizer: torch AdamW, fused (megatron-core falls back to torch's optimizer without "
+                         "Apex or Transformer Engine; distplan makes it the fused kernel)")
         for group in optimizer.param_groups:
             group["lr"] = opts.lr  # constant lr (no OptimizerParamScheduler), as the other engines
         config.grad_scale_func = optimizer.scale_loss
