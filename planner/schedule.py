@@ -155,45 +155,23 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
     embedding in the first chunk, the LM head and loss in the last: end_chunk_extras)."""
     extras = extras or {}
     require(len(stages) == pp, f"need op times for {pp} pipeline ranks, got {len(stages)}")
-    orders = [op_order(kind, pp, vpp, m, r) for r in range(pp)]
-    last = pp * vpp - 1
-    done: dict[tuple[str, int, int], float] = {}  # (kind, micro-batch, virtual stage) -> time its output arrived
-    free = [0.0] * pp
-    nxt = [0] * pp
+    starts, free = _run(kind, pp, vpp, m, stages, extras)
     events: list[Event] = []
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for r in range(pp):
-            while nxt[r] < len(orders[r]):
-                op = orders[r][nxt[r]]
-                s = op.chunk * pp + r
-                if op.kind == "F":
-                    dep = ("F", op.microbatch, s - 1) if s > 0 else None
-                else:
-                    dep = ("B", op.microbatch, s + 1) if s < last else ("F", op.microbatch, s)
-                if dep is not None and dep not in done:
-                    break
-                t = max(free[r], done[dep] if dep else 0.0)
-                st = stages[r]
-                ef, eb = extras.get((r, op.chunk), (0.0, 0.0))
-                parts = ([("forward", st.forward_s + ef)] if op.kind == "F"
-                         else [("recompute", st.recompute_s), ("backward", st.backward_s + eb)])
-                parts.append(("p2p", st.p2p_s))
-                for phase, dur in parts:
-                    if dur > 0:
-                        events.append(Event(r, phase, op.microbatch, op.chunk, t, t + dur))
-                        t += dur
-                done[(op.kind, op.microbatch, s)] = t
-                free[r] = t
-                nxt[r] += 1
-                remaining -= 1
-                progressed = True
-        require(progressed, f"{kind} schedule with pp={pp} vpp={vpp} m={m} deadlocked (an internal error)")
+    for r in range(pp):
+        st = stages[r]
+        for op, t in zip(op_order(kind, pp, vpp, m, r), starts[r]):
+            ef, eb = extras.get((r, op.chunk), (0.0, 0.0))
+            parts = ([("forward", st.forward_s + ef)] if op.kind == "F"
+                     else [("recompute", st.recompute_s), ("backward", st.backward_s + eb)])
+            parts.append(("p2p", st.p2p_s))
+            for phase, dur in parts:
+                if dur > 0:
+                    events.append(Event(r, phase, op.microbatch, op.chunk, t, t + dur))
+                    t += dur
     pipeline = max(free)
     per_rank: list[list[Event]] = [[] for _ in range(pp)]
     for e in events:
-        per_rank[e.rank].append(e)  # already in start order: a rank's events are appended as it runs
+        per_rank[e.rank].append(e)  # already in start order: each rank's events are appended in its op order
     step = pipeline
     for r in range(pp):  # once per step, after the rank's last backward (the cost model puts it after the pipeline)
         t = free[r]
@@ -246,6 +224,15 @@ def pipeline_time_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, pro
 
 def span_s(kind: str, pp: int, vpp: int, m: int, stages, extras: dict[tuple[int, int], tuple[float, float]]) -> float:
     """simulate(...).pipeline_s without building the timeline (predict calls this per candidate plan)."""
+    return max(_run(kind, pp, vpp, m, stages, extras)[1])
+
+
+def _run(kind: str, pp: int, vpp: int, m: int, stages, extras: dict[tuple[int, int], tuple[float, float]]
+         ) -> tuple[list[list[float]], list[float]]:
+    """The dependency simulation: every rank runs its operations in op_order, each as soon as the rank is
+    free and its input has arrived. Returns the start time of every operation (per rank, in op order) and
+    each rank's end. An operation lasts its pass (forward, or recompute + backward, plus the chunk's
+    `extras`) and one p2p exchange; its output arrives when it ends."""
     orders = _indexed_orders(kind, pp, vpp, m)
     dur = []  # per rank and chunk: (forward, backward incl. recompute), each with one p2p
     for r, st in enumerate(stages):
@@ -254,25 +241,28 @@ def span_s(kind: str, pp: int, vpp: int, m: int, stages, extras: dict[tuple[int,
     done = [-1.0] * (2 * m * pp * vpp + 1)  # end time per (phase, micro-batch, virtual stage); last slot: "no input"
     done[-1] = 0.0
     free, nxt = [0.0] * pp, [0] * pp
+    starts: list[list[float]] = [[] for _ in range(pp)]
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
         for r in range(pp):
-            order, i, t_free, d = orders[r], nxt[r], free[r], dur[r]
+            order, i, t_free, d, begun = orders[r], nxt[r], free[r], dur[r], starts[r]
             n = len(order)
             while i < n:
                 phase, c, slot, dep = order[i]
                 t_dep = done[dep]
                 if t_dep < 0:
                     break
-                t_free = (t_free if t_free > t_dep else t_dep) + d[c][phase]
+                t0 = t_free if t_free > t_dep else t_dep
+                begun.append(t0)
+                t_free = t0 + d[c][phase]
                 done[slot] = t_free
                 i += 1
             if i != nxt[r]:
                 remaining -= i - nxt[r]
                 nxt[r], free[r], progressed = i, t_free, True
         require(progressed, f"{kind} schedule with pp={pp} vpp={vpp} m={m} deadlocked (an internal error)")
-    return max(free)
+    return starts, free
 
 
 @functools.lru_cache(maxsize=4096)

@@ -126,3 +126,19 @@ def test_shell_scripts_parse():
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
         assert path.read_text().startswith("#!/usr/bin/env bash\n")
+
+
+def test_standalone_megatron_check_reads_args_files_as_the_emitter_checks_do():
+    """benchmarks/megatron_args_check.py keeps its own reader (it runs where distplan is not installed); it must
+    read every golden argument file exactly as emitters.checks_megatron.read_args_file does."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "megatron_args_check.py"
+    spec = importlib.util.spec_from_file_location("megatron_args_check", path)
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    files = sorted(GOLDEN.glob("*/megatron/megatron_args.txt"))
+    assert files
+    for f in files:
+        assert standalone.read_args_file(f) == read_args_file(f.read_text())
