@@ -310,6 +310,11 @@ def profile_from_dict(d: object, source: str) -> Profile:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}
     require(isinstance(calib, dict), f"{source}: calibration must be a mapping of name: factor")
+    scalars = ("matmul_tflops", "hbm_bandwidth_gb_s", "host_bandwidth_gb_s", "optimizer_s_per_param", "memory_gib")
+    for key in scalars:
+        v = d.get(key)
+        require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+                f"{source}: '{key}' must be a number >= 0, got {v!r}")
     return Profile(
         gpu_name=str(d["gpu_name"]), device=str(d["device"]), model=str(d["model"]), seq_len=int(d["seq_len"]),
         dtype=str(d["dtype"]), compute=compute, collectives=collectives,

@@ -206,3 +206,15 @@ def test_measured_block_activations_scale_the_memory_model():
     plain = stage_memory(model, l_cfg, 0, 16)
     assert stage_memory(model, l_cfg, 0, 16, llama).activations == pytest.approx(
         plain.activations + (scale - 1) * activation_bytes_per_layer(model, l_cfg, 2, 4096) * 2 * 17)
+
+
+def test_a_malformed_number_in_a_profile_is_one_line(cli, tmp_path):
+    import yaml
+
+    d = yaml.safe_load((H200_PROFILES / "profile-gpt2-xl-2xh200.yaml").read_text())
+    d["optimizer_s_per_param"] = "abc"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(d))
+    r = cli("estimate", "-m", "gpt2-xl", "-n", 2, "--profile", path)
+    assert r.exit_code == 2 and "'optimizer_s_per_param' must be a number >= 0, got 'abc'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
