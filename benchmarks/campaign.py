@@ -89,9 +89,9 @@ def _powers_of_two_dividing(n: int) -> list[int]:
     return [2**k for k in range(0, 31) if 2**k <= n and n % 2**k == 0]
 
 
-def best_micro_batch(model, cluster, cfg: ParallelConfig, profile) -> tuple[ParallelConfig, object] | None:
+def best_micro_batch(model, cluster, cfg: ParallelConfig, profile, engine: str = "any") -> tuple[ParallelConfig, object] | None:
     """`cfg` at the micro-batch (a power of two dividing global_batch/dp) with the least predicted step time
-    among those that fit (ties: the larger); None when none fits."""
+    among those that fit (ties: the larger), as `engine` runs it; None when none fits."""
     best = None
     for mb in _powers_of_two_dividing(cfg.global_batch_size // cfg.dp):
         c = replace(cfg, micro_batch_size=mb)
@@ -99,7 +99,7 @@ def best_micro_batch(model, cluster, cfg: ParallelConfig, profile) -> tuple[Para
             validate_config(model, c, c.gpus)
         except DistplanError:
             continue
-        pred = predict(model, cluster, c, profile)
+        pred = predict(model, cluster, c, profile, engine=engine)
         if pred.fits and (best is None or pred.step_time_s <= best[1].step_time_s):
             best = (c, pred)
     return best
@@ -124,7 +124,7 @@ def megatron_heuristic(model, cluster, gpus: int, global_batch: int, seq_len: in
                                  sequence_parallel=tp > 1 and flash)
             if global_batch % cfg.dp:
                 continue
-            found = best_micro_batch(model, cluster, cfg, profile)
+            found = best_micro_batch(model, cluster, cfg, profile, engine)
             if found is not None:
                 return found
     return None
@@ -143,9 +143,9 @@ def baseline_configs(model, cluster, gpus: int, global_batch: int, seq_len: int,
     out: dict = {}
     for name, (engine, zero) in BASELINES.items():
         cfg = ParallelConfig(dp=gpus, zero_stage=zero, global_batch_size=global_batch, seq_len=seq_len)
-        found = best_micro_batch(model, cluster, cfg, profile) if global_batch % gpus == 0 else None
+        found = best_micro_batch(model, cluster, cfg, profile, engine) if global_batch % gpus == 0 else None
         if found is None:
-            lean = predict(model, cluster, replace(cfg, micro_batch_size=1), profile)
+            lean = predict(model, cluster, replace(cfg, micro_batch_size=1), profile, engine=engine)
             out[name] = (f"does not fit at micro-batch 1: {lean.peak_memory_gib:.1f} GiB predicted, "
                          f"{lean.over_capacity_gib:.1f} GiB over the {lean.capacity_gib:.1f} GiB usable with allocator slack")
         else:

@@ -8,7 +8,8 @@
 # Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics", MACHINE=2xh200;
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
-#   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says.
+#   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says;
+#   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute).
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
@@ -30,6 +31,16 @@ while read -r model seq; do
     -o "$out/profiles/profile-$model-s$seq.yaml" >"$out/profiles/profile-$model-s$seq.log" 2>&1
   echo "=== profile $model seq $seq: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"
 done <"$out/need.txt"
+
+# 1b. CHECK=1: the independent matmul and collective checks (benchmarks/profile_check.py) on the first new profile
+if [ "${CHECK:-0}" = 1 ]; then
+  first=$(ls "$out"/profiles/*.yaml 2>/dev/null | head -1)
+  if [ -n "$first" ]; then
+    t0=$(date +%s)
+    timeout 120 python3 benchmarks/profile_check.py "$first" -o "$out/check.json" >"$out/check.log" 2>&1
+    echo "=== profile_check $first: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"; cat "$out/check.log" >>"$log"
+  fi
+fi
 
 # 2. the campaign, in what is left of the budget (BUDGET_S counts from the start of this script)
 left=$(( ${BUDGET_S:-500} - ($(date +%s) - t_start) ))

@@ -1,6 +1,11 @@
 """Independent checks of a `distplan profile` on GPUs: a plain torch matmul loop and an nccl-tests-style
 collective loop, each compared with what the profile fitted (benchmarks/results/profile_*.md).
 
+Matmul, two ways: the plain loop below, and (matmul_queued) the same eager loop queued behind a sleep
+kernel and timed with CUDA events between its first and last call, so that where one matmul takes about
+as long as its launch (n = 1024) the GPU's rate is measured rather than the host's; the profiler replays
+a CUDA graph instead.
+
 The methods differ from the profiler's on purpose: host wall clock around one synchronised loop
 of back-to-back calls (not CUDA events), averaged, no median of trials (nccl-tests' way: -w 5 warm-up
 calls, then -n calls; -n is at least 20 and large enough for the loop to last 20 ms, so that launch
@@ -42,6 +47,9 @@ def _iters(op) -> int:
 
 
 def matmul_loop(n: int) -> float:
+    """Plain eager `a @ b` loop, host clock around it (nccl-tests' way), for sizes whose matmul outlasts its
+    launch. Where it does not (n = 1024 on H200: the loop then times the host's launch rate), see
+    matmul_queued."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(WARMUP):
@@ -53,6 +61,43 @@ def matmul_loop(n: int) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+QUEUED = (250, 500)  # matmuls queued behind the sleep: both counts must agree (a drained queue would not)
+SLEEP_S = 0.2  # GPU busy while the host queues them (a few us per launch: 500 launches take ~5 ms)
+
+
+def matmul_queued(n: int) -> dict:
+    """GPU rate of an eager matmul loop without the host's launch gaps, and without CUDA graphs (the
+    profiler's way): a sleep kernel keeps the GPU busy while the host queues `k` plain `a @ b` calls;
+    CUDA events recorded after the sleep and after the last call time them back to back. Returns
+    TFLOP/s for each k in QUEUED (they agree when the queue did not drain) and the host's launch time."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(WARMUP):
+        a @ b
+    # cycles per second of the sleep kernel, measured
+    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    s0.record()
+    torch.cuda._sleep(10**7)
+    s1.record()
+    torch.cuda.synchronize()
+    cycles = int(SLEEP_S / (s0.elapsed_time(s1) / 1e3) * 10**7)
+    out = {"n": n}
+    for k in QUEUED:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        h0 = time.perf_counter()
+        e0.record()
+        for _ in range(k):
+            a @ b
+        e1.record()
+        out[f"host_queue_s_{k}"] = time.perf_counter() - h0  # must stay below SLEEP_S
+        torch.cuda.synchronize()
+        out[f"tflops_{k}"] = 2 * n**3 * k / (e0.elapsed_time(e1) / 1e3) / 1e12
+    return out
 
 
 def _worker(rank: int, world: int, init: str, q) -> None:
@@ -119,8 +164,11 @@ def main() -> None:
     rows = {"gpu": torch.cuda.get_device_name(0), "profile": args.profile, "matmul": [], "collectives": []}
     for entry in prof.raw["ceilings"]["matmul"]:
         indep = matmul_loop(entry["n"])
+        queued = matmul_queued(entry["n"])
+        q = queued[f"tflops_{QUEUED[-1]}"]
         rows["matmul"].append({"n": entry["n"], "profile_tflops": entry["tflops"], "loop_tflops": indep,
-                               "diff_pct": pct(entry["tflops"], indep)})
+                               "diff_pct": pct(entry["tflops"], indep), "queued": queued, "queued_tflops": q,
+                               "diff_queued_pct": pct(entry["tflops"], q)})
     world = min(torch.cuda.device_count(), 2)
     if world >= 2:
         times = collective_loop(world)
@@ -140,7 +188,9 @@ def main() -> None:
                 "raw_busbw_gb_s": size * bus_factor(op, world) / raw[0] / 1e9 if raw else None})
     for r in rows["matmul"]:
         print(f"matmul n={r['n']}: profile {r['profile_tflops']:.0f} vs loop {r['loop_tflops']:.0f} TFLOP/s "
-              f"({r['diff_pct']:+.1f}%)")
+              f"({r['diff_pct']:+.1f}%), vs queued loop {r['queued_tflops']:.0f} ({r['diff_queued_pct']:+.1f}%; "
+              + ", ".join(f"{k}: {r['queued'][f'tflops_{k}']:.0f} TFLOP/s, queued in "
+                          f"{1e3 * r['queued'][f'host_queue_s_{k}']:.1f} ms" for k in QUEUED) + ")")
     for r in rows["collectives"]:
         print(f"{r['op']} n={r['group_size']} {r['bytes'] // MIB} MiB: fit {r['fit_busbw_gb_s']:.0f} vs loop "
               f"{r['loop_busbw_gb_s']:.0f} GB/s busbw ({r['diff_pct']:+.1f}%)")

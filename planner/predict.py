@@ -97,19 +97,21 @@ class RankTime:
 
 
 def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
-               profile: Profile | None = None, *, zero1_as_fsdp: bool = False) -> Callable[[int, int], RankTime]:
+               profile: Profile | None = None, *, engine: str = "any") -> Callable[[int, int], RankTime]:
     """`timer(rank, layers)`: what `predict` charges pipeline rank `rank` of `cfg` when it holds `layers` blocks.
 
     `predict` itself sums these, so the solvers' stage DP (which asks for other layer counts than
     `cfg.layer_split`) and the prediction cannot disagree. Pure; block/embedding/head times computed once.
 
-    Sharded data parallelism (ZeRO-2/3; ZeRO-1 too when `zero1_as_fsdp`, as the torch engine runs it:
-    FSDP2 fully_shard without reshard, parallelize.ZERO_MAPPING) also pays a fixed cost per block and
-    micro-batch that the bandwidth terms do not see: collective launches, copy-in/copy-out of the flat
-    buffers, bf16 <-> fp32 casts. Where the profile measured it (Profile.sharding, profilers/sharding.py)
-    `zero_comm` adds layers x that overhead + the measured edge (first all-gather, last reduce-scatter)
-    per micro-batch. Without it nothing is invented and the
-    bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
+    `engine`: who runs the plan ("torch", "deepspeed", "megatron"; "any": none in particular). Sharded data
+    parallelism (ZeRO-2/3; ZeRO-1 too with the torch engine, which runs it as FSDP2 fully_shard without
+    reshard, parallelize.ZERO_MAPPING) also pays a fixed cost per block and micro-batch that the bandwidth
+    terms do not see: collective launches, copy-in/copy-out of the flat buffers, bf16 <-> fp32 casts.
+    Where the profile measured it (Profile.sharding, profilers/sharding.py) `zero_comm` adds layers x that
+    overhead + the measured edge (first all-gather, last reduce-scatter) per micro-batch: FSDP2's, or for
+    the deepspeed engine's ZeRO-2 DeepSpeed's own, whose once-per-step part (Profile.sharding_step_s)
+    then replaces the bandwidth model's all-gather of updated weights. Without a measurement nothing is
+    invented and the bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
     (benchmarks/results/run_2xh200.md, miss 1).
     """
     comm = CommModel(cluster, profile)
@@ -125,8 +127,9 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
-    shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, zero1_as_fsdp) or 0.0
-    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens) if shard_overhead else 0.0
+    impl = _sharding_impl(cfg, profile, dp_group, engine)
+    shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
+    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
@@ -164,7 +167,10 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                 coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
             sync = _overlap(coll, bwd, slowdown) if cfg.overlap_grad_reduce else coll
         elif dp_group > 1 and cfg.zero_stage == 2:
-            sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)  # updated weight shards
+            measured = profile.sharding_step_s(dp_group, dense + expert, impl) if impl == "deepspeed" else None
+            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included), else
+            # the bandwidth model's all-gather of the updated weight shards
+            sync = measured if measured is not None else comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
         if model.tie_embeddings and pp > 1 and rank in (0, pp - 1):
             # tied embedding gradients all-reduced between first and last stage (Megatron)
             sync += comm.time_s("all_reduce", 2, cfg.tp * cfg.cp * cfg.dp * (pp - 1),
@@ -184,29 +190,40 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     return timer
 
 
+def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
+    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-2 where the
+    profile measured it (profilers/sharding.measure_deepspeed), FSDP2's otherwise."""
+    if (engine == "deepspeed" and cfg.zero_stage == 2 and profile is not None
+            and profile.sharding_fit(dp_group, False, "deepspeed") is not None):
+        return "deepspeed"
+    return "fsdp2"
+
+
 def _sharding_overhead_s(cfg: ParallelConfig, profile: Profile | None, dp_group: int, tokens: float,
-                         zero1_as_fsdp: bool) -> float | None:
+                         engine: str) -> float | None:
     """Measured seconds one sharded block adds per micro-batch (Profile.sharding), or None where this layout
     shards nothing per block or the profile did not measure it at this data-parallel group size.
 
-    ZeRO-3 reshards after forward (FSDP2 reshard_after_forward=True); ZeRO-2, and ZeRO-1 when it runs as
-    FSDP2, keep the weights to backward (False). The profile measured a tp = 1 block at `tokens` tokens
-    per micro-batch and rank.
+    ZeRO-3 reshards after forward (FSDP2 reshard_after_forward=True); ZeRO-2, and ZeRO-1 when the torch
+    engine runs it as FSDP2, keep the weights to backward (False). The profile measured a tp = 1 block at
+    `tokens` tokens per micro-batch and rank.
     """
-    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and zero1_as_fsdp)
+    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch")
     if profile is None or not sharded or dp_group <= 1:
         return None
-    return profile.sharding_overhead_s(dp_group, cfg.zero_stage >= 3, tokens)
+    impl = _sharding_impl(cfg, profile, dp_group, engine)
+    return profile.sharding_overhead_s(dp_group, cfg.zero_stage >= 3, tokens, impl)
 
 
 def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None, *,
-            zero1_as_fsdp: bool = False) -> Prediction:
+            engine: str = "any") -> Prediction:
     """Step time, memory per pipeline rank and throughput of `cfg` (validated by the caller).
 
-    `zero1_as_fsdp`: the engine runs ZeRO-1 as FSDP2 (the torch engine); see rank_timer.
+    `engine`: who runs the plan ("torch", "deepspeed", "megatron", "any"); it picks whose measured sharding
+    overhead applies (see rank_timer).
     """
     m, v = cfg.num_microbatches, cfg.vpp
-    timer = rank_timer(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
+    timer = rank_timer(model, cluster, cfg, profile, engine=engine)
     per_rank, terms_per_rank, stages = [], [], []
     layer_counts = cfg.layers_per_stage(model.num_layers)
     ranges = cfg.stage_layer_ranges(model.num_layers)
@@ -269,7 +286,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
                         for r, rng, t, mem, _ in stages)
     peak = max(s.memory_gib for s in stage_preds)
     capacity = cluster.usable_memory_gib
-    sources = _sources(model, cfg, profile, zero1_as_fsdp)
+    sources = _sources(model, cfg, profile, engine)
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
@@ -279,7 +296,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
 
 
 def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
-             zero1_as_fsdp: bool = False) -> tuple[tuple[str, str], ...]:
+             engine: str = "any") -> tuple[tuple[str, str], ...]:
     """Say, per number the prediction used, whether it was measured (profile) or taken from the preset."""
     kind = "moe_block" if model.is_moe else "block"
     out = {}
@@ -299,9 +316,17 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp
     if profile is not None and profile.sharding and dp_group > 1 and (
-            cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and zero1_as_fsdp)):
+            cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch")):
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-        measured = _sharding_overhead_s(cfg, profile, dp_group, tokens, zero1_as_fsdp) is not None
-        out[f"sharding.per_layer.n{dp_group}"] = "profile" if measured else \
-            f"not measured at n={dp_group} (bandwidth model only)"
+        measured = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) is not None
+        impl = _sharding_impl(cfg, profile, dp_group, engine)
+        if not measured:
+            out[f"sharding.per_layer.n{dp_group}"] = f"not measured at n={dp_group} (bandwidth model only)"
+        elif impl == "deepspeed":
+            out[f"sharding.per_layer.n{dp_group}"] = "profile (deepspeed)"
+            out[f"sharding.step.n{dp_group}"] = "profile (deepspeed)"
+        elif engine == "deepspeed":
+            out[f"sharding.per_layer.n{dp_group}"] = "profile (fsdp2's: deepspeed not measured)"
+        else:
+            out[f"sharding.per_layer.n{dp_group}"] = "profile"
     return tuple(sorted(out.items()))

@@ -8,8 +8,9 @@ cluster preset's analytic model where the profile has no answer (and says which 
   collective and group size (house rule 6), times the nccl-tests bus-bandwidth factor.
 Optionally `sharding_overhead_s(group_size, reshard_after_forward, tokens)`: measured extra seconds per
 block per micro-batch of FSDP2 fully_shard over the plain block, and `sharding_edge_s` once per
-micro-batch (profilers/sharding.py); profiles
-written before it have no `sharding` key and load unchanged (same version: the key is optional).
+micro-batch; the same for DeepSpeed ZeRO-2 (impl "deepspeed") plus its once-per-step part
+`sharding_step_s` (profilers/sharding.py). Profiles written before these have no `sharding` key (or no
+`impl`: FSDP2) and load unchanged (same version: the keys are optional).
 `calibration` holds measured/predicted correction factors written by `distplan run --calibrate`.
 """
 
@@ -98,14 +99,27 @@ class CollectiveFit:
     bus_bandwidth_gb_s: float  # nccl-tests "busbw": algbw * factor(op, n)
 
 
+SHARDING_IMPLS = ("fsdp2", "deepspeed")  # who sharded the measured blocks (profilers/sharding.py)
+
+
 @dataclass(frozen=True)
 class ShardingFit:
-    """Per-block overhead of FSDP2 fully_shard, seconds per micro-batch: overhead(tokens) (profilers/sharding.py)."""
+    """Measured overhead of sharded data parallelism over plain blocks (profilers/sharding.py).
+
+    impl "fsdp2": FSDP2 fully_shard per block, seconds per micro-batch: overhead(tokens) per block + edge.
+    impl "deepspeed": DeepSpeed ZeRO-2 (reshard_after_forward False) through deepspeed.initialize; the same
+    per-micro-batch lines, and a once-per-step part (gradient norm, the optimizer's partition bookkeeping,
+    the all-gather of updated weights) beyond the plain AdamW step: step_s_per_param x parameters on the
+    rank (before sharding) + step_edge_s.
+    """
 
     group_size: int  # data-parallel ranks the block was sharded over
     reshard_after_forward: bool  # True: ZeRO-3; False: ZeRO-1/2 (weights kept from forward to backward)
     overhead: LinearFit  # per block; x: tokens per micro-batch per rank
     edge: LinearFit | None = None  # once per micro-batch per rank (unhidden first/last collective); None: not split
+    impl: str = "fsdp2"  # one of SHARDING_IMPLS
+    step_s_per_param: float = 0.0  # deepspeed: once per optimizer step, per parameter held (unsharded count)
+    step_edge_s: float = 0.0  # deepspeed: once per optimizer step
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,7 @@ class Profile:
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
     inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
     calibration: tuple[tuple[str, float], ...] = ()  # ("compute", f), ("all_reduce", f), ...
-    sharding: tuple[ShardingFit, ...] = ()  # per-block FSDP2 overhead per (group size, reshard); () = not measured
+    sharding: tuple[ShardingFit, ...] = ()  # per (impl, group size, reshard); () = not measured
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
 
@@ -174,19 +188,30 @@ class Profile:
                 return c
         return None
 
-    def sharding_overhead_s(self, group_size: int, reshard_after_forward: bool, tokens: float) -> float | None:
-        """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured."""
+    def sharding_fit(self, group_size: int, reshard_after_forward: bool, impl: str = "fsdp2") -> ShardingFit | None:
         for s in self.sharding:
-            if s.group_size == group_size and s.reshard_after_forward == reshard_after_forward:
-                return max(0.0, s.overhead(tokens))
+            if s.group_size == group_size and s.reshard_after_forward == reshard_after_forward and s.impl == impl:
+                return s
         return None
 
-    def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float) -> float:
+    def sharding_overhead_s(self, group_size: int, reshard_after_forward: bool, tokens: float,
+                            impl: str = "fsdp2") -> float | None:
+        """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured."""
+        s = self.sharding_fit(group_size, reshard_after_forward, impl)
+        return None if s is None else max(0.0, s.overhead(tokens))
+
+    def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float, impl: str = "fsdp2") -> float:
         """Measured seconds sharding adds once per micro-batch (unhidden first all-gather / last reduce-scatter)."""
-        for s in self.sharding:
-            if s.group_size == group_size and s.reshard_after_forward == reshard_after_forward and s.edge is not None:
-                return max(0.0, s.edge(tokens))
-        return 0.0
+        s = self.sharding_fit(group_size, reshard_after_forward, impl)
+        return 0.0 if s is None or s.edge is None else max(0.0, s.edge(tokens))
+
+    def sharding_step_s(self, group_size: int, params: float, impl: str) -> float | None:
+        """Measured seconds the sharded optimizer step adds beyond the plain AdamW step, for `params` parameters
+        held by the rank (before sharding); None where not measured (only impl "deepspeed" measures it)."""
+        s = self.sharding_fit(group_size, False, impl)
+        if s is None or impl == "fsdp2":
+            return None
+        return max(0.0, s.step_s_per_param * params + s.step_edge_s)
 
     def factor(self, key: str) -> float:
         return dict(self.calibration).get(key, 1.0)
@@ -238,12 +263,30 @@ def profile_to_dict(p: Profile) -> dict:
         "collectives": [_collective_dict(c) for c in p.collectives],
         "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
         "calibration": dict(p.calibration),
-        **({"sharding": [{"group_size": s.group_size, "reshard_after_forward": s.reshard_after_forward,
-                          "overhead": _fit_dict(s.overhead), **({"edge": _fit_dict(s.edge)} if s.edge else {})}
-                         for s in p.sharding]} if p.sharding else {}),
+        **({"sharding": [_sharding_dict(s) for s in p.sharding]} if p.sharding else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
+
+
+def _sharding_dict(s: ShardingFit) -> dict:
+    """One sharding entry; an FSDP2 entry is written as before the impl field existed (older readers load it)."""
+    d = {"group_size": s.group_size, "reshard_after_forward": s.reshard_after_forward, "overhead": _fit_dict(s.overhead),
+         **({"edge": _fit_dict(s.edge)} if s.edge else {})}
+    if s.impl != "fsdp2":
+        d.update({"impl": s.impl, "step_s_per_param": s.step_s_per_param, "step_edge_s": s.step_edge_s})
+    return d
+
+
+def _sharding(s: dict, source: str) -> ShardingFit:
+    fit = ShardingFit(group_size=int(s["group_size"]), reshard_after_forward=bool(s["reshard_after_forward"]),
+                      overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"),
+                      edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None,
+                      impl=str(s.get("impl", "fsdp2")), step_s_per_param=float(s.get("step_s_per_param") or 0.0),
+                      step_edge_s=float(s.get("step_edge_s") or 0.0))
+    require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
+    require(fit.impl in SHARDING_IMPLS, f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}")
+    return fit
 
 
 def _fit(d: dict, where: str, slope_key: str) -> LinearFit:
@@ -299,13 +342,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         )
         collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])
         inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
-        sharding = tuple(
-            ShardingFit(group_size=int(s["group_size"]), reshard_after_forward=bool(s["reshard_after_forward"]),
-                        overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"),
-                        edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None)
-            for s in d.get("sharding") or []
-        )
-        require(all(s.group_size >= 2 for s in sharding), f"{source}: sharding entries need group_size >= 2")
+        sharding = tuple(_sharding(s, source) for s in d.get("sharding") or [])
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}

@@ -213,6 +213,11 @@ class _Rank:
 
                     raw["sharding"] += sharding.measure(s.sharding, group, n, self.device, self.dtype, self.report)
             self.barrier()
+            if s.sharding is not None and s.sharding.deepspeed and n == world:
+                from profilers import sharding
+
+                raw["sharding"] += sharding.measure_deepspeed(s.sharding, n, self.device, self.dtype, self.report)
+                self.barrier()
         if world > local:
             raw["inter_node"] = self.inter_node(local)
         return raw

@@ -98,24 +98,40 @@ def matmul_tflops(n: int, device: torch.device, dtype: torch.dtype, repeats: int
                   loop_s: float = 0.005) -> float:
     """Achieved TFLOP/s of n x n x n matmuls run back to back, as a layer's GEMMs run: each repeat
     times a loop of calls lasting about `loop_s` (a lone small matmul would time its launch gap);
-    median of `repeats` after `warmup`."""
+    median of `repeats` after `warmup`.
+
+    On CUDA the loop is captured once in a CUDA graph and replayed: the GPU's rate, not the host's launch
+    rate. Eager loops at n = 1024 (11-17 us per matmul, about one launch) read 116-183 TFLOP/s from run
+    to run on H200 (benchmarks/results/profile_2xh200.md); what they measured was the CPU."""
     clock = Clock(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(warmup):
-        a @ b
+        torch.matmul(a, b, out=c)
     clock.sync()
     t0 = clock.mark()
-    a @ b
+    torch.matmul(a, b, out=c)
     t1 = clock.mark()
     clock.sync()
     inner = max(1, min(1000, round(loop_s / max(clock.seconds(t0, t1), 1e-7))))
+    if device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                torch.matmul(a, b, out=c)
+        run = graph.replay
+        for _ in range(warmup):
+            run()
+    else:
+        def run():
+            for _ in range(inner):
+                torch.matmul(a, b, out=c)
     times = []
     for _ in range(repeats):
         clock.sync()
         t0 = clock.mark()
-        for _ in range(inner):
-            a @ b
+        run()
         t1 = clock.mark()
         clock.sync()
         times.append(clock.seconds(t0, t1) / inner)

@@ -55,8 +55,16 @@ class Plan:
         comm_points = sum(len(self.comm.sizes_bytes) * sum(1 for op in self.comm.ops if op != "p2p" or n == 2)
                           for n in self.comm.group_sizes)
         ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 2  # + copy, optimizer
-        sharding_points = 4 * len(self.comm.group_sizes)  # 2 stacks x 2 modes if self.comm.sharding is not None else 0
+        sharding_points = 4 * len(self.comm.group_sizes)  # 2 stacks x 2 modes
+        if self.comm.sharding is not None and self.comm.sharding.deepspeed:
+            sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
         return ceilings + comm_points + sharding_points + self.kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def plan_profile(req: ProfileRequest) -> Plan:
@@ -99,8 +107,10 @@ def plan_profile(req: ProfileRequest) -> Plan:
     # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in
     # tokens whose ends are both measured (plans run at micro-batches far above the smallest two)
     ends = tuple(sorted({cs.micro_batches[0], cs.micro_batches[-1]}))
+    # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
-                                                warmup=1 if not cuda or q else 2, trials=cs.repeats))
+                                                warmup=1 if not cuda or q else 2, trials=cs.repeats,
+                                                deepspeed=cuda and _installed("deepspeed")))
     return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms,
                 kinds=len(compute.profiled_kinds(spec)))
 
@@ -245,7 +255,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         optimizer_s_per_param=ceilings.get("optimizer_s_per_param", 0.0),
         overlap_slowdown=overlap["slowdown"] if overlap else None,
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
-        sharding=fit_sharding(raw_comm.get("sharding") or []),
+        sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
         facts=_plain(info), raw=_plain(raw),
     )
 

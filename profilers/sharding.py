@@ -19,6 +19,19 @@ slowest rank's value; overhead = wrapped - plain per micro-batch (gradient reduc
 micro-batch, as ZeRO-2/3 do; the torch engine skips it for all but the last micro-batch of a step, so for
 its ZeRO-1/2 this is an upper bound).
 
+DeepSpeed ZeRO-2 (`measure_deepspeed`, where DeepSpeed is installed; CUDA by default): the same stacks
+through `deepspeed.initialize` with the config `distplan emit` writes (stage 2, overlap_comm,
+contiguous gradients, reduce-scatter, buckets of emitters.deepspeed.BUCKET_ELEMENTS) and the engine's
+AdamW, gradient accumulation 2, timing the first micro-batch (fwd + engine.backward + engine.step, no
+optimizer step) and the second (the accumulation boundary: gradient reduction, optimizer step on the
+fp32 partition, all-gather of the updated weights). Why: DeepSpeed ZeRO-2 ran 17% over a prediction that
+charged FSDP2's measured overhead (gpt2-xl, 2xH200, benchmarks/results/campaign_2xh200.md): its
+per-parameter hooks copy gradients into buckets and it reduces and all-gathers bucket by bucket.
+fit_sharding turns the first into per-block + edge lines as for FSDP2 and the second, less the plain
+AdamW step of the rank's partition (the profile's optimizer_s_per_param), into a per-parameter rate +
+a constant once per optimizer step. DeepSpeed's data-parallel group is the whole world (no mpu is
+passed), so it is measured only at the group size of all ranks.
+
 Why two stacks: a lone block cannot hide its all-gather behind a neighbour's compute, so one block alone
 overstated the cost inside a model: 3.2-3.9 ms per gpt2-xl block on 2xH200 where the 48-block model lost
 about 0.5 ms per block (campaign of 2026-11-21). In a stack FSDP2 prefetches the next block's weights
@@ -29,6 +42,7 @@ all-gather and the last reduce-scatter, which have nothing to hide behind), each
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -48,6 +62,7 @@ class ShardingSettings:
     micro_batches: tuple[int, ...]
     warmup: int = 2
     trials: int = 3
+    deepspeed: bool = False  # also measure DeepSpeed ZeRO-2 (measure_deepspeed) at the whole world's group size
 
 
 def _sync(device: torch.device) -> None:
@@ -116,31 +131,152 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     return points
 
 
-def fit_sharding(points: list[dict]):
-    """ShardingFit per (group size, reshard_after_forward) from the raw points (lines: `_line`).
+def _loss_backward(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. `out` is `grad` (DeepSpeed's engine.backward takes a loss)."""
+    return (out * grad).sum()
+
+
+def _time_plain_loss(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
+                     warmup: int, trials: int) -> float:
+    times = []
+    for i in range(warmup + trials):
+        _sync(device)
+        t0 = time.perf_counter()
+        _loss_backward(module(x), grad).backward()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+    return statistics.median(times)
+
+
+def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype) -> dict:
+    """The ZeRO-2 ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO-2 with
+    overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging,
+    the engine's AdamW), at gradient accumulation 2."""
+    from emitters.deepspeed import BUCKET_ELEMENTS
+
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 2,
+            "train_batch_size": micro_batch * 2 * world, "bf16": {"enabled": dtype == torch.bfloat16},
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                  "reduce_scatter": True, "reduce_bucket_size": BUCKET_ELEMENTS,
+                                  "allgather_bucket_size": BUCKET_ELEMENTS},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+            "wall_clock_breakdown": False}
+
+
+def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, dtype: torch.dtype,
+                      report=lambda label: None) -> list[dict]:
+    """Raw points of DeepSpeed ZeRO-2 over all `n` ranks of the world (every rank calls this; all get the same
+    list): [{impl, group_size, reshard_after_forward, blocks, micro_batch, tokens, params, plain_s, micro_s,
+    boundary_s, overhead_s}] with overhead_s = micro_s - plain_s (see the module docstring)."""
+    from planner.model import load_model
+    from planner.runner.engines.deepspeed_engine import import_deepspeed
+    from planner.runner.parallelize import make_optimizer
+    from profilers.compute import build_layer, make_inputs
+
+    # DeepSpeed reads the launcher's variables even when torch.distributed is up already (spawned ranks have none)
+    rank = dist.get_rank()
+    os.environ.setdefault("LOCAL_RANK", str(device.index if device.type == "cuda" else rank))
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(n))
+    deepspeed = import_deepspeed(device.type)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    spec = load_model(settings.model)
+    kind = "moe_block" if spec.is_moe else "block"
+    world = dist.group.WORLD
+    points = []
+    for blocks in (1, STACK):
+        plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
+        stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
+        params = sum(p.numel() for p in stack.parameters())
+        mbs = settings.micro_batches
+        engine, *_ = deepspeed.initialize(model=stack, optimizer=make_optimizer(stack.parameters(), 1e-5),
+                                          config=deepspeed_config(mbs[0], n, dtype))
+        for mb in mbs:
+            (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
+            t_plain = _slowest(_time_plain_loss(plain, x, grad, device, settings.warmup, settings.trials), world, device)
+            micro, boundary = [], []
+            for i in range(settings.warmup + settings.trials):
+                pair = []
+                for _ in range(2):  # GA 2: the first micro-batch, then the accumulation boundary
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    engine.backward(_loss_backward(engine(x), grad))
+                    engine.step()
+                    _sync(device)
+                    pair.append(time.perf_counter() - t0)
+                    x.grad = None
+                if i >= settings.warmup:
+                    micro.append(pair[0])
+                    boundary.append(pair[1])
+            t_micro = _slowest(statistics.median(micro), world, device)
+            t_boundary = _slowest(statistics.median(boundary), world, device)
+            points.append({"impl": "deepspeed", "group_size": n, "reshard_after_forward": False, "blocks": blocks,
+                           "micro_batch": mb, "tokens": mb * settings.seq_len, "params": params, "plain_s": t_plain,
+                           "micro_s": t_micro, "boundary_s": t_boundary, "overhead_s": t_micro - t_plain})
+        report(f"deepspeed ZeRO-2 {blocks} block(s) n={n}")
+        engine.destroy()
+        del engine, stack, plain
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return points
+
+
+def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
+    """ShardingFit per (impl, group size, reshard_after_forward) from the raw points (lines: `_line`).
 
     Per micro-batch: overhead(k blocks) = edge + k * per_block. With stacks of 1 and STACK blocks,
     per_block = (overhead(STACK) - overhead(1)) / (STACK - 1) and edge = overhead(1) - per_block, each a
     line in tokens (negative differences are noise around zero and count as 0). Points of an older
     profile (one block, no "blocks" key) give per_block = overhead(1) and no edge.
+
+    DeepSpeed points also give the once-per-step part: extra(k) = boundary_s - micro_s - the plain AdamW
+    step of the rank's partition (params / n x `optimizer_s_per_param`), averaged over the micro-batches
+    (it does not depend on tokens), split as extra = step_edge_s + step_s_per_param x params between the
+    two stacks (each clamped at 0).
     """
     from planner.profile import ShardingFit
 
-    keys = sorted({(p["group_size"], p["reshard_after_forward"]) for p in points})
+    keys = sorted({(p.get("impl", "fsdp2"), p["group_size"], p["reshard_after_forward"]) for p in points})
     out = []
-    for n, reshard in keys:
-        pts = [p for p in points if p["group_size"] == n and p["reshard_after_forward"] == reshard]
+    for impl, n, reshard in keys:
+        pts = [p for p in points if p.get("impl", "fsdp2") == impl and p["group_size"] == n
+               and p["reshard_after_forward"] == reshard]
         by = {(p.get("blocks", 1), p["tokens"]): p["overhead_s"] for p in pts}
         tokens = sorted({t for _, t in by})
         if all((STACK, t) in by for t in tokens):
             per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
             edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
-            out.append(ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_line(tokens, per),
-                                   edge=_line(tokens, edge)))
+            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_line(tokens, per),
+                              edge=_line(tokens, edge), impl=impl)
         else:
-            out.append(ShardingFit(group_size=n, reshard_after_forward=reshard,
-                                   overhead=_line(tokens, [max(by[(1, t)], 0.0) for t in tokens])))
+            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, impl=impl,
+                              overhead=_line(tokens, [max(by[(1, t)], 0.0) for t in tokens]))
+        if impl == "deepspeed":
+            per_param, step_edge = _step_split(pts, n, optimizer_s_per_param)
+            fit = ShardingFit(**{**fit.__dict__, "step_s_per_param": per_param, "step_edge_s": step_edge})
+        out.append(fit)
     return tuple(out)
+
+
+def _step_split(pts: list[dict], n: int, optimizer_s_per_param: float) -> tuple[float, float]:
+    """(seconds per parameter, seconds) of the once-per-step extra of DeepSpeed points (fit_sharding)."""
+    extra: dict[int, list[float]] = {}
+    params: dict[int, float] = {}
+    for p in pts:
+        k = p.get("blocks", 1)
+        params[k] = float(p["params"])
+        extra.setdefault(k, []).append(p["boundary_s"] - p["micro_s"] - p["params"] / n * optimizer_s_per_param)
+    mean = {k: max(sum(v) / len(v), 0.0) for k, v in extra.items()}
+    if len(mean) < 2:
+        (k, e), = mean.items()
+        return e / params[k], 0.0
+    lo, hi = min(mean), max(mean)
+    per_param = max((mean[hi] - mean[lo]) / (params[hi] - params[lo]), 0.0)
+    return per_param, max(mean[lo] - per_param * params[lo], 0.0)
 
 
 def _line(xs: list[float], ys: list[float]):

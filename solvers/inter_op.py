@@ -78,13 +78,13 @@ def _step(per_rank: list[float], tails: list[float], m: int, v: int) -> float:
 
 
 def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
-                     profile: Profile | None = None, *, zero1_as_fsdp: bool = False) -> StageSplit | None:
+                     profile: Profile | None = None, *, engine: str = "any") -> StageSplit | None:
     """The layer split of `cfg` (its layer_split ignored) with the least predicted step time whose every
-    stage fits in memory; None when no split fits. `zero1_as_fsdp` as in planner.predict.rank_timer."""
+    stage fits in memory; None when no split fits. `engine` as in planner.predict.rank_timer."""
     L, pp, v, m = model.num_layers, cfg.pp, cfg.vpp, cfg.num_microbatches
     cfg = with_changes(cfg, layer_split=())
     cap_bytes = cluster.usable_memory_gib * GIB / (1 + FRAGMENTATION)
-    timer = rank_timer(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
+    timer = rank_timer(model, cluster, cfg, profile, engine=engine)
     counts = list(range(v, L - (pp - 1) * v + 1, v))  # layers a rank may hold: multiples of v, every rank >= v
     if not counts:
         return None
@@ -209,7 +209,7 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         # interleaved: the DP ranks splits by the closed form; predict() times the chosen one by simulating the
         # schedule with the head and embedding on their own chunks (planner/schedule.pipeline_time_s)
         chosen = with_changes(cfg, layer_split=result.layer_split)
-        step = predict(model, cluster, chosen, profile, zero1_as_fsdp=zero1_as_fsdp).step_time_s
+        step = predict(model, cluster, chosen, profile, engine=engine).step_time_s
         result = StageSplit(layer_split=result.layer_split, step_time_s=step, per_rank_s=result.per_rank_s)
     return result
 

@@ -204,14 +204,14 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
                profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
                flash_attention: bool = True, overlap_grad_reduce: bool = True,
                progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic,
-               engine: str = "any", zero1_as_fsdp: bool = False) -> SearchOutcome:
+               engine: str = "any") -> SearchOutcome:
     """Branch and bound over `search_space`; widens context parallelism when nothing fits without it."""
     start = clock()
     outcome = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine, zero1_as_fsdp=zero1_as_fsdp)
+                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine)
     if not outcome.best and not outcome.timed_out and not model.is_vit:
         wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine, zero1_as_fsdp=zero1_as_fsdp)
+                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine)
         outcome = replace(wide, candidates=wide.candidates + outcome.candidates, evaluated=wide.evaluated + outcome.evaluated,
                           widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit)
     stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
@@ -221,7 +221,7 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
 
 
 def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
-         clock, start, wide_cp: bool, engine: str = "any", zero1_as_fsdp: bool = False) -> SearchOutcome:
+         clock, start, wide_cp: bool, engine: str = "any") -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
                          overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine)
     bounds = _Bounds(model, cluster, profile)
@@ -245,7 +245,7 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
             timed_out = True
             break
         evaluated += 1
-        split = (best_layer_split(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)
+        split = (best_layer_split(model, cluster, cfg, profile, engine=engine)
                  if states_fit(model, cluster, cfg) else None)
         if split is None:
             first_unfit = first_unfit or cfg
@@ -256,7 +256,7 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
     if progress is not None:
         progress(total, total)
     ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))[:keep]
-    best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile, zero1_as_fsdp=zero1_as_fsdp)) for _, _, cfg in ranked)
-    unfit = (Evaluated(first_unfit, predict(model, cluster, first_unfit, profile, zero1_as_fsdp=zero1_as_fsdp))
+    best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile, engine=engine)) for _, _, cfg in ranked)
+    unfit = (Evaluated(first_unfit, predict(model, cluster, first_unfit, profile, engine=engine))
              if first_unfit else None)
     return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out)

@@ -127,7 +127,7 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
     flash_attention = bool(forced_settings(engine, transformer_engine).get("flash_attention", flash_attention))
     outcome = run_search(model, cluster, gpus, global_batch, seq_len, profile, top_k=top_k, time_limit_s=time_limit_s,
                          flash_attention=flash_attention, overlap_grad_reduce=overlap_grad_reduce, progress=progress,
-                         clock=clock, engine=engine, zero1_as_fsdp=engine == "torch")
+                         clock=clock, engine=engine)
     stats = dict(outcome.stats, time_limit_s=time_limit_s)
     if not outcome.best:
         if outcome.timed_out:

@@ -43,7 +43,7 @@ def test_zero1_only_when_the_engine_runs_it_as_fsdp2():
     prof = replace(BASE, sharding=FITS)
     plain = predict(MODEL, CLUSTER, c, prof)
     assert plain.to_dict() == predict(MODEL, CLUSTER, c, BASE).to_dict() | {"sources": plain.to_dict()["sources"]}
-    torch_engine = predict(MODEL, CLUSTER, c, prof, zero1_as_fsdp=True)
+    torch_engine = predict(MODEL, CLUSTER, c, prof, engine="torch")
     expected = MODEL.num_layers * c.num_microbatches * FITS[1].overhead(4096)
     assert torch_engine.step_time_s - plain.step_time_s == pytest.approx(expected, rel=1e-9)
 
@@ -55,7 +55,7 @@ def test_without_a_measurement_the_prediction_is_unchanged(par):
     c = cfg(**par)
     for prof in (None, BASE):
         ref = predict(MODEL, CLUSTER, c, prof).to_dict()
-        assert predict(MODEL, CLUSTER, c, prof, zero1_as_fsdp=True).to_dict() == ref
+        assert predict(MODEL, CLUSTER, c, prof, engine="torch").to_dict() == ref
     other_n = replace(BASE, sharding=(ShardingFit(4, True, LinearFit(1.0, 0.0)), ShardingFit(4, False, LinearFit(1.0, 0.0))))
     got = predict(MODEL, CLUSTER, c, other_n).to_dict()
     ref = predict(MODEL, CLUSTER, c, BASE).to_dict()
@@ -90,6 +90,100 @@ def test_solve_for_the_torch_engine_charges_zero1_as_fsdp2():
     prof = replace(BASE, sharding=(ShardingFit(2, True, LinearFit(0.05, 0.0)), ShardingFit(2, False, LinearFit(0.05, 0.0))))
     result = solve(MODEL, CLUSTER, 2, prof, global_batch=16, engine="torch")
     plan_cfg = result.plan.parallel
-    assert result.prediction.to_dict() == predict(MODEL, CLUSTER, plan_cfg, prof, zero1_as_fsdp=True).to_dict()
+    assert result.prediction.to_dict() == predict(MODEL, CLUSTER, plan_cfg, prof, engine="torch").to_dict()
     # 50 ms per block and micro-batch makes sharded data parallelism lose to plain DDP or a pipeline
     assert not (plan_cfg.dp > 1 and plan_cfg.zero_stage >= 1)
+
+
+# ---- DeepSpeed ZeRO-2's own overhead (profilers/sharding.measure_deepspeed) --------------------------------
+
+DS_FIT = ShardingFit(2, False, LinearFit(4e-3, 0.0), edge=LinearFit(1e-3, 0.0), impl="deepspeed",
+                     step_s_per_param=2e-11, step_edge_s=5e-3)
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_deepspeed_engine_charges_deepspeeds_measured_overhead(microbatches):
+    """ZeRO-2 under the deepspeed engine: per micro-batch layers x DeepSpeed's per-block overhead + its edge,
+    and once per step its measured step part in place of the bandwidth model's weight all-gather."""
+    c = cfg(zero_stage=2, global_batch_size=8 * microbatches)
+    both = replace(BASE, sharding=FITS + (DS_FIT,))
+    ds = predict(MODEL, CLUSTER, c, both, engine="deepspeed")
+    bare = predict(MODEL, CLUSTER, c, BASE, engine="deepspeed")
+    per_mb = MODEL.num_layers * DS_FIT.overhead(4096) + DS_FIT.edge(4096)
+    assert dict(ds.breakdown)["zero_comm"] - dict(bare.breakdown)["zero_comm"] == pytest.approx(microbatches * per_mb, rel=1e-9)
+    step_part = MODEL.total_params() * DS_FIT.step_s_per_param + DS_FIT.step_edge_s
+    assert dict(ds.breakdown)["dp_grad_sync"] == pytest.approx(step_part, rel=1e-6)
+    assert dict(ds.sources)["sharding.step.n2"] == "profile (deepspeed)"
+    # the torch engine (and "any") keep FSDP2's measurement: DeepSpeed's fit changes nothing for them
+    for engine in ("torch", "any"):
+        assert predict(MODEL, CLUSTER, c, both, engine=engine).to_dict() == \
+            predict(MODEL, CLUSTER, c, replace(BASE, sharding=FITS), engine=engine).to_dict()
+
+
+def test_deepspeed_engine_without_its_measurement_uses_fsdp2s_and_says_so():
+    c = cfg(zero_stage=2)
+    prof = replace(BASE, sharding=FITS)
+    ds = predict(MODEL, CLUSTER, c, prof, engine="deepspeed")
+    assert ds.step_time_s == pytest.approx(predict(MODEL, CLUSTER, c, prof).step_time_s, rel=1e-12)
+    assert dict(ds.sources)["sharding.per_layer.n2"] == "profile (fsdp2's: deepspeed not measured)"
+
+
+def test_deepspeed_fit_round_trips_and_older_entries_read_as_fsdp2(tmp_path):
+    prof = replace(BASE, sharding=FITS + (DS_FIT,))
+    save_profile(prof, tmp_path / "p.yaml")
+    back = load_profile(tmp_path / "p.yaml")
+    assert back.sharding == prof.sharding
+    assert [s.get("impl") for s in profile_to_dict(back)["sharding"]] == [None, None, "deepspeed"]
+    assert back.sharding_step_s(2, 1e9, "deepspeed") == pytest.approx(2e-11 * 1e9 + 5e-3)
+    assert back.sharding_step_s(2, 1e9, "fsdp2") is None
+    bad = profile_to_dict(prof)
+    bad["sharding"][2]["impl"] = "horovod"
+    from planner.errors import DistplanError
+    with pytest.raises(DistplanError, match="sharding impl 'horovod' is not one of fsdp2, deepspeed"):
+        profile_from_dict(bad, "p.yaml")
+
+
+def test_deepspeed_step_split_reproduces_the_measured_step_extra():
+    """extra(k) = boundary - micro - params / n x AdamW rate is split exactly into a per-parameter rate and a
+    constant; the per-micro-batch overhead into per-block + edge lines, as for FSDP2."""
+    rate, n, per_param, const = 3e-9, 2, 4e-10, 2e-3
+    pts = []
+    for blocks, params in ((1, 1e6), (4, 4e6)):
+        for tokens in (1024, 4096):
+            micro = 0.01 + tokens * 1e-6
+            boundary = micro + params / n * rate + per_param * params + const
+            pts.append({"impl": "deepspeed", "group_size": n, "reshard_after_forward": False, "blocks": blocks,
+                        "tokens": tokens, "params": params, "plain_s": 0.005, "micro_s": micro,
+                        "boundary_s": boundary, "overhead_s": micro - 0.005 + blocks * 1e-4})
+    (fit,) = fit_sharding(pts, rate)
+    assert fit.impl == "deepspeed"
+    assert fit.step_s_per_param == pytest.approx(per_param, rel=1e-6) and fit.step_edge_s == pytest.approx(const, rel=1e-6)
+    for p in pts:
+        got = fit.edge(p["tokens"]) + p["blocks"] * fit.overhead(p["tokens"])
+        assert got == pytest.approx(p["overhead_s"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_measured_over_gloo(tmp_path):
+    """measure_deepspeed runs deepspeed.initialize (ZeRO-2, the emitted buckets) on 2 gloo processes: points
+    at both stacks and both micro-batches, timed, and a fit with a non-negative step part."""
+    import yaml
+
+    from profilers import comm
+    from profilers.sharding import STACK, ShardingSettings
+
+    pytest.importorskip("deepspeed")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"family": "gpt", "num_layers": 2, "hidden_size": 128, "ffn_hidden_size": 512,
+                                    "num_heads": 4, "num_kv_heads": 4, "vocab_size": 256, "max_seq_len": 64}))
+    ss = ShardingSettings(model=str(path), seq_len=32, micro_batches=(1, 4), warmup=1, trials=2, deepspeed=True)
+    cs = comm.CommSettings(sizes_bytes=(65536,), group_sizes=(2,), dtype="fp32", warmup=1, trials=2,
+                           target_loop_s=0.01, max_iters=5, sharding=ss)
+    raw = comm.measure_spawned(2, False, cs)
+    ds = [p for p in raw["sharding"] if p.get("impl") == "deepspeed"]
+    assert {(p["blocks"], p["micro_batch"]) for p in ds} == {(1, 1), (1, 4), (STACK, 1), (STACK, 4)}
+    assert all(p["micro_s"] > 0 and p["boundary_s"] > 0 and p["plain_s"] > 0 for p in ds)
+    assert {p["params"] for p in ds if p["blocks"] == STACK} == {STACK * ds[0]["params"]}
+    fits = {f.impl: f for f in fit_sharding(raw["sharding"], 1e-9) if not f.reshard_after_forward}
+    assert set(fits) == {"fsdp2", "deepspeed"}
+    assert fits["deepspeed"].step_s_per_param >= 0 and fits["deepspeed"].step_edge_s >= 0

@@ -305,4 +305,4 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torc
     if not Path(profile_path).exists() and calibrate:
         return None, plan.prediction  # --calibrate starts a new profile
     profile = load_profile(profile_path)
-    return profile, predict(plan.model, plan.cluster, plan.parallel, profile, zero1_as_fsdp=engine == "torch").to_dict()
+    return profile, predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine).to_dict()

@@ -141,7 +141,11 @@ def pipeline_layout(plan: Plan) -> str | None:
 
 def config_kwargs(plan: Plan, dtype: str) -> dict:
     """TransformerConfig keyword arguments for `plan` (activation and dtypes by name; see `_resolve`)."""
-    cfg, m = plan.parallel, plan.model
+    return layer_config_kwargs(plan.model, plan.parallel, dtype, pipeline_model_parallel_layout=pipeline_layout(plan))
+
+
+def layer_config_kwargs(m, cfg, dtype: str, pipeline_model_parallel_layout: str | None = None) -> dict:
+    """config_kwargs of a model spec and a ParallelConfig (profilers/megatron_layer.py builds one layer)."""
     kw = {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,
         "num_attention_heads": m.num_heads, "num_query_groups": m.num_kv_heads, "kv_channels": m.head_dim,
@@ -152,7 +156,7 @@ def config_kwargs(plan: Plan, dtype: str) -> dict:
         "add_bias_linear": m.uses_bias, "gated_linear_unit": m.gated_mlp, "activation_func": "silu" if m.gated_mlp else "gelu",
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "init_method_std": INIT_STD,
         "bf16": dtype == "bf16", "params_dtype": dtype, "pipeline_dtype": dtype,
-        "pipeline_model_parallel_layout": pipeline_layout(plan),
+        "pipeline_model_parallel_layout": pipeline_model_parallel_layout,
         "transformer_impl": "local", "persist_layer_norm": False, "bias_activation_fusion": False,
         "masked_softmax_fusion": False, "bias_dropout_fusion": False, "apply_rope_fusion": False,
         "gradient_accumulation_fusion": False, "deallocate_pipeline_outputs": True,
@@ -170,8 +174,12 @@ def config_kwargs(plan: Plan, dtype: str) -> dict:
 
 def model_kwargs(plan: Plan) -> dict:
     """GPTModel keyword arguments besides config, layer spec and pre/post process."""
-    m = plan.model
-    return {"vocab_size": padded_vocab_size(m.vocab_size, plan.parallel.tp), "max_sequence_length": m.max_seq_len,
+    return spec_model_kwargs(plan.model, plan.parallel.tp)
+
+
+def spec_model_kwargs(m, tp: int) -> dict:
+    """model_kwargs of a model spec at tensor-parallel degree `tp`."""
+    return {"vocab_size": padded_vocab_size(m.vocab_size, tp), "max_sequence_length": m.max_seq_len,
             "position_embedding_type": "learned_absolute" if m.learned_positions else "rope",
             "share_embeddings_and_output_weights": m.tie_embeddings, "rotary_base": 10000,
             "parallel_output": True}
