@@ -24,7 +24,7 @@ from planner.cluster import Cluster
 from planner.job import ParallelConfig
 from planner.memory import FRAGMENTATION, GIB, StageMemory, stage_memory, stage_params
 from planner.model import ModelSpec
-from planner.profile import UNFUSED_ATTENTION_KIND, Profile, bus_factor
+from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND, Profile, bus_factor
 
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
@@ -146,9 +146,25 @@ def _attention_core_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, f
     return gemm + softmax, 2 * gemm + 2 * softmax
 
 
+def megatron_layer_delta_s(profile: Profile | None, cfg: ParallelConfig, tokens: float) -> tuple[float, float] | None:
+    """(forward, backward) seconds megatron-core's own layer takes beyond distplan's block at this tp, measured
+    at tp = 1 (profilers/megatron_layer.py) and divided by tp (the difference is in the attention heads and
+    the projections, both sharded by tp); None where the profile did not measure it at this sequence length."""
+    if profile is None or profile.seq_len != cfg.seq_len:
+        return None
+    meg, ours = profile.compute_fit(MEGATRON_BLOCK_KIND, 1), profile.compute_fit("block", 1)
+    if meg is None or ours is None:
+        return None
+    return tuple((meg.time_s(ph, tokens) - ours.time_s(ph, tokens)) / cfg.tp for ph in ("fwd", "bwd"))
+
+
 def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: CommModel,
-               profile: Profile | None) -> LayerTime:
-    """One transformer block (dense or MoE) for one micro-batch."""
+               profile: Profile | None, engine: str = "any") -> LayerTime:
+    """One transformer block (dense or MoE) for one micro-batch.
+
+    `engine` "megatron" with unfused attention (megatron-core's local spec, no Transformer Engine): where the
+    profile timed megatron-core's own layer, distplan's measured block plus that layer's measured
+    difference (`megatron_layer_delta_s`) instead of the unfused-core correction below."""
     t, b = cfg.tp, cfg.micro_batch_size
     s_local = cfg.seq_len / cfg.cp
     tokens = b * s_local
@@ -163,7 +179,10 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         fwd, bwd = fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
-        if not cfg.flash_attention:
+        megatron = megatron_layer_delta_s(profile, cfg, tokens) if engine == "megatron" and not model.is_moe else None
+        if not cfg.flash_attention and megatron is not None:
+            fwd, bwd = max(0.0, fwd + megatron[0] * k), max(0.0, bwd + megatron[1] * k)
+        elif not cfg.flash_attention:
             # the profiler times the block with fused (flash) attention; an unfused plan (megatron without
             # Transformer Engine) pays the s x s scores instead: the measured unfused core where profiled
             # (profilers/compute.UnfusedAttentionCore), else the analytic one, less the analytic flash core

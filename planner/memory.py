@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from planner.job import ParallelConfig
 from planner.model import ModelSpec
-from planner.profile import Profile
+from planner.profile import MEGATRON_BLOCK_KIND, Profile
 
 GIB = 1024**3
 BYTES_BF16 = 2
@@ -120,7 +120,7 @@ def stage_params(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) 
     return dense, expert
 
 
-def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None) -> float:
+def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None, engine: str = "any") -> float:
     """Measured over analytic activation bytes of one block, where the profile measured this block (same
     sequence length and tp; fused attention, which is what the profiler runs), else 1.
 
@@ -128,10 +128,21 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     block stores 1.5-1.6x more (RMSNorm's fp32 intermediates, rotary embeddings, SwiGLU's products):
     on 2xH200 a llama-3-8b pipeline plan peaked 20-24% above the analytic prediction
     (benchmarks/results/campaign_2xh200.md). The profiler's allocator measurement is what these runners
-    store; megatron plans without Transformer Engine (unfused attention) keep the analytic count.
+    store. Megatron plans without Transformer Engine (unfused attention): for the megatron engine, where
+    the profile measured megatron-core's own layer at tp = 1 (profilers/megatron_layer.py), its activations
+    over the analytic unfused count at tp = 1 (a tp = 2 llama-2-13b megatron plan ran out of memory at
+    134.7 GiB allocated against 130.2 predicted from the analytic count: campaign of 2026-11-22); else
+    the analytic count.
     """
-    if profile is None or profile.seq_len != cfg.seq_len or not cfg.flash_attention:
+    if profile is None or profile.seq_len != cfg.seq_len:
         return 1.0
+    if not cfg.flash_attention:
+        meg = profile.compute_fit(MEGATRON_BLOCK_KIND, 1) if engine == "megatron" and not model.is_moe else None
+        if meg is None or meg.peak_activation_bytes_per_token <= 0:
+            return 1.0
+        plain = replace(cfg, tp=1, recompute="none", sequence_parallel=False, cp=1, layer_split=())
+        analytic = activation_bytes_per_layer(model, plain, 1, cfg.seq_len) / cfg.seq_len
+        return meg.peak_activation_bytes_per_token / analytic if analytic > 0 else 1.0
     fit = profile.compute_fit("moe_block" if model.is_moe else "block", cfg.tp)
     if fit is None or fit.peak_activation_bytes_per_token <= 0:
         return 1.0
@@ -141,9 +152,10 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
 
 
 def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
-                 profile: Profile | None = None) -> StageMemory:
+                 profile: Profile | None = None, engine: str = "any") -> StageMemory:
     """Peak bytes on one GPU of pipeline rank `rank` (holding `layers` transformer blocks); a profile that
-    measured the block's activations scales the activation terms to them (activation_scale)."""
+    measured the block's activations scales the activation terms to them (activation_scale, which also
+    takes the engine: megatron-core's own layer for the megatron engine)."""
     dense, expert = stage_params(model, cfg, rank, layers)
     shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
     expert_shard = max(shard // cfg.ep, 1)
@@ -153,7 +165,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
     b, s = cfg.micro_batch_size, cfg.seq_len
-    scale = activation_scale(model, cfg, profile)
+    scale = activation_scale(model, cfg, profile, engine)
     per_layer = activation_bytes_per_layer(model, cfg, b, s) * (scale if cfg.recompute != "full" else 1.0)
     chunks = inflight_microbatch_chunks(cfg, rank)
     acts = per_layer * (layers / cfg.vpp) * chunks

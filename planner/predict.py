@@ -19,6 +19,7 @@ from planner.costmodel import (
     embedding_time,
     head_time,
     measured_fit,
+    megatron_layer_delta_s,
     memory_bound_time_s,
 )
 from planner.job import ParallelConfig
@@ -117,7 +118,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
     v, pp = cfg.vpp, cfg.pp
-    lt = block_time(model, cluster, cfg, comm, profile)
+    lt = block_time(model, cluster, cfg, comm, profile, engine)
     emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
     head_f, head_b = head_time(model, cluster, cfg, profile)
 
@@ -231,7 +232,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
         rt = timer(rank, layers)
         per_rank.append(rt.time_per_microbatch_s)
         terms_per_rank.append(dict(rt.terms))
-        stages.append((rank, ranges[rank], rt.time_per_microbatch_s, stage_memory(model, cfg, rank, layers, profile), rt))
+        stages.append((rank, ranges[rank], rt.time_per_microbatch_s, stage_memory(model, cfg, rank, layers, profile, engine), rt))
 
     t_max = max(per_rank)
     slowest = per_rank.index(t_max)
@@ -310,6 +311,10 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
+    if engine == "megatron" and not cfg.flash_attention and not model.is_moe:
+        tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+        out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)
+                                         else "not measured: block + unfused attention core")
     if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
         out["optimizer"] = "profile"  # said only where measured (older profiles leave the sources as before)
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile

@@ -36,6 +36,8 @@ PHASES = ("fwd", "bwd")
 # the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
 # a compute kind besides the layers, for plans with flash_attention=False
 UNFUSED_ATTENTION_KIND = "attention_unfused"
+# megatron-core's own local-spec layer at tp = 1 (profilers/megatron_layer.py): the megatron engine's block
+MEGATRON_BLOCK_KIND = "megatron_block"
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,11 @@ class _Rank:
             if s.sharding is not None and s.sharding.deepspeed and n == world:
                 from profilers import sharding
 
-                raw["sharding"] += sharding.measure_deepspeed(s.sharding, n, self.device, self.dtype, self.report)
+                try:  # DeepSpeed is optional: a failure there is recorded, the profile goes on
+                    raw["sharding"] += sharding.measure_deepspeed(s.sharding, n, self.device, self.dtype, self.report)
+                except Exception as exc:  # noqa: BLE001
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                    raw["unmeasured"][f"deepspeed_zero2.n{n}"] = f"{type(exc).__name__}: {first}"
                 self.barrier()
         if world > local:
             raw["inter_node"] = self.inter_node(local)

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from planner.errors import require
 from planner.model import ModelSpec
 from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
-from planner.profile import UNFUSED_ATTENTION_KIND
+from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -158,6 +158,10 @@ def _init(module: nn.Module) -> None:
 
 def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The rank-0 shard of one layer of `kind`, on `device` in `dtype`, initialised."""
+    if kind == MEGATRON_BLOCK_KIND:  # megatron-core's own layer (inside profilers.megatron_layer.megatron_state)
+        from profilers.megatron_layer import MegatronLayer
+
+        return MegatronLayer(spec, device, dtype)
     with torch.device("meta"):
         if kind in ("block", "moe_block"):
             layer = shard_block(Block(spec), spec, tp)
@@ -186,6 +190,9 @@ def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: 
         else:
             x = torch.randint(0, math.ceil(spec.vocab_size / tp), (b, seq_len), device=device)
         return (x,), torch.randn(b, seq_len, h, device=device, dtype=dtype)
+    if kind == MEGATRON_BLOCK_KIND:  # megatron's [s, b, h] layout
+        x = torch.randn(seq_len, b, h, device=device, dtype=dtype, requires_grad=True)
+        return (x,), torch.randn(seq_len, b, h, device=device, dtype=dtype)
     if kind == UNFUSED_ATTENTION:
         h = spec.num_heads // tp * spec.head_dim
     x = torch.randn(b, seq_len, h, device=device, dtype=dtype, requires_grad=True)

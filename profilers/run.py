@@ -19,7 +19,7 @@ import torch
 from planner.errors import require
 from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
-from profilers import comm, compute, facts, fit
+from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.sharding import ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
@@ -49,6 +49,7 @@ class Plan:
     compute: compute.ComputeSettings
     comm: comm.CommSettings
     kinds: int = 3  # profiled kinds (compute.profiled_kinds)
+    megatron: bool = False  # also megatron-core's own layer at tp = 1 (profilers/megatron_layer.py)
 
     @property
     def steps(self) -> int:
@@ -58,7 +59,8 @@ class Plan:
         sharding_points = 4 * len(self.comm.group_sizes)  # 2 stacks x 2 modes
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
             sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
-        return ceilings + comm_points + sharding_points + self.kinds * len(self.tps) * len(self.compute.micro_batches) + 1  # + fits
+        layers = (self.kinds * len(self.tps) + int(self.megatron)) * len(self.compute.micro_batches)
+        return ceilings + comm_points + sharding_points + layers + 1  # + fits
 
 
 def _installed(module: str) -> bool:
@@ -112,7 +114,8 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                                 warmup=1 if not cuda or q else 2, trials=cs.repeats,
                                                 deepspeed=cuda and _installed("deepspeed")))
     return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms,
-                kinds=len(compute.profiled_kinds(spec)))
+                kinds=len(compute.profiled_kinds(spec)),
+                megatron=cuda and megatron_layer.available(spec, torch.device("cuda")) is None)
 
 
 # ---- fits ----------------------------------------------------------------------------------------
@@ -214,6 +217,11 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     # 3. compute, layer by layer
     t0 = time.perf_counter()
     results = compute.profile_compute(spec, plan.seq_len, list(plan.tps), device, dtype, plan.compute, tick)
+    megatron = None
+    if plan.cuda:  # megatron-core's own layer, where installed; its points become a compute kind like the rest
+        megatron = megatron_layer.profile(spec, plan.seq_len, device, dtype, plan.compute, tick)
+        if megatron["points"]:
+            results.append(megatron)
     phases["compute_s"] = time.perf_counter() - t0
 
     compute_fits, compute_err = fit_compute(results)
@@ -241,6 +249,8 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
                        "not measured (one node): the cluster preset's inter_node link is used"),
         "unmeasured_collectives": raw_comm.get("unmeasured", {}),
         "infeasible": {f"{r['kind']}.tp{r['tp']}": r["error"] for r in results if r.get("error")},
+        "megatron_layer": ("measured (megatron-core's local-spec layer, tp 1)" if megatron and megatron["points"] else
+                           megatron["error"] if megatron else "not measured: megatron-core trains on CUDA only"),
     })
     raw = {"compute": results, "communication": raw_comm, "ceilings": ceilings,
            "fit_max_relative_error": {"compute": compute_err, "collectives": comm_err},

@@ -95,7 +95,7 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     def max_fitting(rank: int) -> int:
         key = (inflight_microbatch_chunks(cfg, rank), rank == 0, rank == pp - 1)
         if key not in mem_cache:
-            fits = [n for n in (_largest_fitting(model, cfg, rank, counts, cap_bytes, profile),) if n is not None]
+            fits = [n for n in (_largest_fitting(model, cfg, rank, counts, cap_bytes, profile, engine),) if n is not None]
             mem_cache[key] = fits[0] if fits else 0
         return mem_cache[key]
 
@@ -223,16 +223,16 @@ def _result(best, even, times, cls) -> StageSplit | None:
 
 
 def _largest_fitting(model: ModelSpec, cfg: ParallelConfig, rank: int, counts: list[int], cap_bytes: float,
-                     profile: Profile | None = None) -> int | None:
+                     profile: Profile | None = None, engine: str = "any") -> int | None:
     """The largest layer count in `counts` whose stage memory on `rank` fits (memory grows with layers).
 
     Stage memory is affine in the layer count (planner.memory.stage_memory), so two evaluations give
     the answer; a third confirms it with the exact function (a binary search runs if it disagrees)."""
     def fits(n: int) -> bool:
-        return stage_memory(model, cfg, rank, n, profile).total <= cap_bytes
+        return stage_memory(model, cfg, rank, n, profile, engine).total <= cap_bytes
 
-    base = stage_memory(model, cfg, rank, 0, profile).total
-    per = stage_memory(model, cfg, rank, 1, profile).total - base
+    base = stage_memory(model, cfg, rank, 0, profile, engine).total
+    per = stage_memory(model, cfg, rank, 1, profile, engine).total - base
     if per > 0:
         idx = sum(1 for n in counts if n <= (cap_bytes - base) / per) - 1
         if idx >= 0 and fits(counts[idx]):

@@ -142,8 +142,8 @@ def mesh_key(cfg: ParallelConfig) -> tuple[int, ...]:
 class _Bounds:
     """Lower bounds on the step time of a configuration, from the cost model's per-layer times."""
 
-    def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None):
-        self.model, self.cluster, self.profile = model, cluster, profile
+    def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None, engine: str = "any"):
+        self.model, self.cluster, self.profile, self.engine = model, cluster, profile, engine
         self.comm = CommModel(cluster, profile)
         self._block: dict[tuple, float] = {}
         self._ends: dict[tuple, float] = {}
@@ -153,7 +153,7 @@ class _Bounds:
         model, L = self.model, self.model.num_layers
         bkey = (cfg.tp, cfg.cp, cfg.ep, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
         if bkey not in self._block:
-            lt = block_time(model, self.cluster, cfg, self.comm, self.profile)
+            lt = block_time(model, self.cluster, cfg, self.comm, self.profile, self.engine)
             self._block[bkey] = lt.fwd + lt.bwd + lt.recompute + lt.tp_comm + lt.other_comm
         ekey = (cfg.tp, cfg.cp, cfg.micro_batch_size, cfg.sequence_parallel)
         if ekey not in self._ends:
@@ -224,7 +224,7 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
          clock, start, wide_cp: bool, engine: str = "any") -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
                          overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine)
-    bounds = _Bounds(model, cluster, profile)
+    bounds = _Bounds(model, cluster, profile, engine)
     order = sorted(((bounds.step_lower_bound(c), config_key(c), c) for c in space), key=lambda t: (t[0], t[1]))
     total = len(order)
     best_by_mesh: dict[tuple, tuple[float, tuple, ParallelConfig]] = {}

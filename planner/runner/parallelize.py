@@ -327,6 +327,11 @@ def to_bf16_with_masters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Te
     return list(zip(params, masters))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writes reach the parameter), any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class MasterWeightsOptimizer:
     """Mixed-precision AdamW (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.1; ZeRO's 2 + 2 + 12).
 
@@ -366,7 +371,8 @@ class MasterWeightsOptimizer:
                 m.grad = p.grad.to(m.dtype)
             inner.step()
             # round the updated fp32 masters into the bf16 compute weights (one grouped copy per chunk)
-            torch._foreach_copy_([p for p, _ in live], [m for _, m in live])
+            # (on the local shards: DTensor, tensor parallel's parameters, has no sharding rule for it)
+            torch._foreach_copy_([_local(p) for p, _ in live], [_local(m) for _, m in live])
             for _, m in live:
                 m.grad = None  # free the chunk's fp32 gradient before the next chunk
 
