@@ -438,6 +438,15 @@ def _fmt(x, spec=".3g", pct=False) -> str:
     return f"{100 * x:+.1f}%" if pct else format(x, spec)
 
 
+def merge_rows(calls: list[list[dict]]) -> list[dict]:
+    """Rows of several calls, in order; a case that a later call ran again keeps only the later call's rows."""
+    by_case: dict[str, list[dict]] = {}
+    for rows in calls:
+        for case in dict.fromkeys(r["case"] for r in rows):
+            by_case[case] = [r for r in rows if r["case"] == case]
+    return [r for rows in by_case.values() for r in rows]
+
+
 def merged_environment(rows_files: list[str]) -> dict | None:
     """Machine and versions of the run(s) that wrote these rows.json files, read back from the report each run
     wrote beside them (campaign_*.md, "Machine and versions: k v, k v."); None when no report is found."""
@@ -530,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
     ap.add_argument("--machine", default=None, help="names the report campaign_<machine>.md (default from the GPUs)")
     ap.add_argument("--need-profiles", action="store_true", help="print 'model seq_len' of cases with no profile; exit")
-    ap.add_argument("--merge", nargs="+", default=None, help="rows.json files of earlier calls: one report of them all")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="rows.json files of earlier calls: one report of them all (a case a later file has replaces "
+                         "that case's rows from earlier files: the re-run after a fix)")
     a = ap.parse_args(argv)
     names = [c for c in a.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
@@ -547,8 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if a.merge:
-        for f in a.merge:
-            rows += json.loads(Path(f).read_text())
+        rows = merge_rows([json.loads(Path(f).read_text()) for f in a.merge])
         measured_on = merged_environment(a.merge)
         if measured_on:
             env = measured_on  # the machine the rows were measured on, not the one merging them

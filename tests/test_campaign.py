@@ -155,3 +155,11 @@ def test_merge_reports_the_machine_the_rows_were_measured_on(tmp_path):
     assert env["gpu"] == "2x NVIDIA H200" and env["torch"] == "2.11.0+cu130" and env["nccl"] == "2.28.9"
     assert env["date_utc"] == "2026-11-22 00:59 / 2026-11-22 01:08"
     assert merged_environment([str(tmp_path / "nowhere" / "rows.json")]) is None
+
+
+def test_merge_keeps_the_latest_call_of_each_case():
+    merge_rows = campaign.merge_rows
+    first = [{"case": "a", "name": "ddp", "v": 1}, {"case": "b", "name": "ddp", "v": 1}, {"case": "a", "name": "x", "v": 1}]
+    second = [{"case": "a", "name": "ddp", "v": 2}]
+    assert merge_rows([first, second]) == [{"case": "a", "name": "ddp", "v": 2}, {"case": "b", "name": "ddp", "v": 1}]
+    assert merge_rows([first]) == [first[0], first[2], first[1]]  # grouped by case, in order of first appearance
