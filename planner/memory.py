@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from planner.job import ParallelConfig
 from planner.model import ModelSpec
-from planner.profile import MEGATRON_BLOCK_KIND, Profile
+from planner.profile import Profile
 
 GIB = 1024**3
 BYTES_BF16 = 2
@@ -128,21 +128,14 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     block stores 1.5-1.6x more (RMSNorm's fp32 intermediates, rotary embeddings, SwiGLU's products):
     on 2xH200 a llama-3-8b pipeline plan peaked 20-24% above the analytic prediction
     (benchmarks/results/campaign_2xh200.md). The profiler's allocator measurement is what these runners
-    store. Megatron plans without Transformer Engine (unfused attention): for the megatron engine, where
-    the profile measured megatron-core's own layer at tp = 1 (profilers/megatron_layer.py), its activations
-    over the analytic unfused count at tp = 1 (a tp = 2 llama-2-13b megatron plan ran out of memory at
-    134.7 GiB allocated against 130.2 predicted from the analytic count: campaign of 2026-11-22); else
-    the analytic count.
+    store. Megatron plans without Transformer Engine (unfused attention) keep the analytic count, which
+    was within 2.2% for megatron's gpt2-xl runs on 2xH200; megatron-core's own layer measured alone
+    (profilers/megatron_layer.py) stored 1.8x what it stores inside the model (a megatron gpt2-xl plan
+    predicted from it at 92.9 GiB peaked at 57.8: campaign of 2026-11-22), so `engine` changes nothing
+    here yet.
     """
-    if profile is None or profile.seq_len != cfg.seq_len:
+    if profile is None or profile.seq_len != cfg.seq_len or not cfg.flash_attention:
         return 1.0
-    if not cfg.flash_attention:
-        meg = profile.compute_fit(MEGATRON_BLOCK_KIND, 1) if engine == "megatron" and not model.is_moe else None
-        if meg is None or meg.peak_activation_bytes_per_token <= 0:
-            return 1.0
-        plain = replace(cfg, tp=1, recompute="none", sequence_parallel=False, cp=1, layer_split=())
-        analytic = activation_bytes_per_layer(model, plain, 1, cfg.seq_len) / cfg.seq_len
-        return meg.peak_activation_bytes_per_token / analytic if analytic > 0 else 1.0
     fit = profile.compute_fit("moe_block" if model.is_moe else "block", cfg.tp)
     if fit is None or fit.peak_activation_bytes_per_token <= 0:
         return 1.0

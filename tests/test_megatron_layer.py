@@ -112,23 +112,15 @@ def test_cpu_profile_records_why_megatrons_layer_was_not_measured():
     assert "MoE" in megatron_layer.available(moe, torch.device("cuda"))
 
 
-def test_megatron_engine_memory_takes_megatrons_measured_activations():
-    """For the megatron engine's unfused plans the activation terms scale by megatron's measured layer over the
-    analytic unfused count at tp 1; other engines and unmeasured profiles keep the analytic count."""
-    from planner.memory import activation_bytes_per_layer, activation_scale, stage_memory
+def test_megatron_engine_memory_keeps_the_analytic_count():
+    """megatron-core's layer measured alone stored 1.8x what it stores in the model (campaign of 2026-11-22):
+    its activations do not scale the megatron engine's memory, which stays the analytic unfused count."""
+    from planner.memory import activation_scale, stage_memory
 
     model = load_model("llama-3-8b")
     c = ParallelConfig(tp=2, seq_len=SEQ, global_batch_size=8, micro_batch_size=2, flash_attention=False)
     validate_config(model, c, c.gpus)
-    plain = replace(c, tp=1)
-    analytic = activation_bytes_per_layer(model, plain, 1, SEQ) / SEQ
-    meg = replace(fit(MEGATRON_BLOCK_KIND, 1.4e-3, 2.6e-3), peak_activation_bytes_per_token=1.3 * analytic)
+    meg = replace(fit(MEGATRON_BLOCK_KIND, 1.4e-3, 2.6e-3), peak_activation_bytes_per_token=1e6)
     prof = replace(BASE, compute=BLOCK + (meg,))
-    assert activation_scale(model, c, prof, "megatron") == pytest.approx(1.3, rel=1e-12)
-    assert activation_scale(model, c, prof, "torch") == 1.0 and activation_scale(model, c, BASE, "megatron") == 1.0
-    def per_layer(engine):  # the blocks' share: one layer more, same everything else
-        return (stage_memory(model, c, 0, 32, prof, engine).activations
-                - stage_memory(model, c, 0, 31, prof, engine).activations)
-
-    assert per_layer("megatron") == pytest.approx(1.3 * per_layer("torch"), rel=1e-9)
-    assert stage_memory(model, c, 0, 32, prof, "megatron").weights == stage_memory(model, c, 0, 32, prof, "torch").weights
+    assert activation_scale(model, c, prof, "megatron") == 1.0
+    assert stage_memory(model, c, 0, 32, prof, "megatron") == stage_memory(model, c, 0, 32, None, "megatron")
