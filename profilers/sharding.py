@@ -71,14 +71,18 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
-                  warmup: int, trials: int) -> float:
-    """Median wall-clock seconds of one forward + backward (gradients dropped after each run)."""
+                  warmup: int, trials: int, through_loss: bool = False) -> float:
+    """Median wall-clock seconds of one forward + backward (gradients dropped after each run); `through_loss`:
+    backward from the scalar `_loss_backward` gives (as DeepSpeed's engine.backward needs) instead of out.backward."""
     times = []
     for i in range(warmup + trials):
         _sync(device)
         t0 = time.perf_counter()
         out = module(x)
-        out.backward(grad)
+        if through_loss:
+            _loss_backward(out, grad).backward()
+        else:
+            out.backward(grad)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -136,22 +140,6 @@ def _loss_backward(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (out * grad).sum()
 
 
-def _time_plain_loss(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
-                     warmup: int, trials: int) -> float:
-    times = []
-    for i in range(warmup + trials):
-        _sync(device)
-        t0 = time.perf_counter()
-        _loss_backward(module(x), grad).backward()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        for p in module.parameters():
-            p.grad = None
-        x.grad = None
-    return statistics.median(times)
-
-
 def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype) -> dict:
     """The ZeRO-2 ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO-2 with
     overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging,
@@ -197,7 +185,8 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
                                           config=deepspeed_config(mbs[0], n, dtype))
         for mb in mbs:
             (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
-            t_plain = _slowest(_time_plain_loss(plain, x, grad, device, settings.warmup, settings.trials), world, device)
+            t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
+                                             through_loss=True), world, device)
             micro, boundary = [], []
             for i in range(settings.warmup + settings.trials):
                 pair = []
