@@ -1,10 +1,11 @@
 """Independent checks of a `distplan profile` on GPUs: a plain torch matmul loop and an nccl-tests-style
 collective loop, each compared with what the profile fitted (benchmarks/results/profile_*.md).
 
-Matmul, two ways: the plain loop below, and (matmul_queued) the same eager loop queued behind a sleep
+Matmul, three ways: the plain loop below, (matmul_queued) the same eager loop queued behind a sleep
 kernel and timed with CUDA events between its first and last call, so that where one matmul takes about
-as long as its launch (n = 1024) the GPU's rate is measured rather than the host's; the profiler replays
-a CUDA graph instead.
+as long as its launch (n = 1024) the GPU's rate is measured rather than the host's, and (matmul_kernels)
+the kernels' own device time from the CUDA profiler (CUPTI) over a plain loop, without the gaps between
+kernels that a queued eager loop still has; the profiler replays a CUDA graph instead.
 
 The methods differ from the profiler's on purpose: host wall clock around one synchronised loop
 of back-to-back calls (not CUDA events), averaged, no median of trials (nccl-tests' way: -w 5 warm-up
@@ -100,6 +101,33 @@ def matmul_queued(n: int) -> dict:
     return out
 
 
+KERNEL_CALLS = 200  # matmuls under the CUDA profiler
+
+
+def matmul_kernels(n: int) -> dict:
+    """GPU kernel time of a plain eager `a @ b` loop, from the CUDA profiler (CUPTI, torch.profiler): the
+    device time of each kernel the loop ran, summed and divided by the calls. It times what the profiler's
+    CUDA graph times (the matmul kernel, not the launch gaps between kernels or the host), by a third
+    method sharing neither graphs nor CUDA events with it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(WARMUP):
+        a @ b
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(KERNEL_CALLS):
+            a @ b
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.count > 0]
+    device_us = sum(e.self_device_time_total for e in kernels)  # microseconds
+    calls = sum(e.count for e in kernels)
+    return {"n": n, "kernels": {e.key: e.count for e in kernels}, "kernel_calls": calls,
+            "kernel_us_per_matmul": device_us / KERNEL_CALLS, "tflops": 2 * n**3 * KERNEL_CALLS / (device_us / 1e6) / 1e12}
+
+
 def _worker(rank: int, world: int, init: str, q) -> None:
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     torch.cuda.set_device(rank)
@@ -166,9 +194,11 @@ def main() -> None:
         indep = matmul_loop(entry["n"])
         queued = matmul_queued(entry["n"])
         q = queued[f"tflops_{QUEUED[-1]}"]
+        kern = matmul_kernels(entry["n"])
         rows["matmul"].append({"n": entry["n"], "profile_tflops": entry["tflops"], "loop_tflops": indep,
                                "diff_pct": pct(entry["tflops"], indep), "queued": queued, "queued_tflops": q,
-                               "diff_queued_pct": pct(entry["tflops"], q)})
+                               "diff_queued_pct": pct(entry["tflops"], q), "kernels": kern,
+                               "kernel_tflops": kern["tflops"], "diff_kernel_pct": pct(entry["tflops"], kern["tflops"])})
     world = min(torch.cuda.device_count(), 2)
     if world >= 2:
         times = collective_loop(world)
@@ -190,7 +220,9 @@ def main() -> None:
         print(f"matmul n={r['n']}: profile {r['profile_tflops']:.0f} vs loop {r['loop_tflops']:.0f} TFLOP/s "
               f"({r['diff_pct']:+.1f}%), vs queued loop {r['queued_tflops']:.0f} ({r['diff_queued_pct']:+.1f}%; "
               + ", ".join(f"{k}: {r['queued'][f'tflops_{k}']:.0f} TFLOP/s, queued in "
-                          f"{1e3 * r['queued'][f'host_queue_s_{k}']:.1f} ms" for k in QUEUED) + ")")
+                          f"{1e3 * r['queued'][f'host_queue_s_{k}']:.1f} ms" for k in QUEUED) + ")"
+              f", vs CUDA-profiler kernel time {r['kernel_tflops']:.0f} ({r['diff_kernel_pct']:+.1f}%, "
+              f"{r['kernels']['kernel_us_per_matmul']:.2f} us per matmul)")
     for r in rows["collectives"]:
         print(f"{r['op']} n={r['group_size']} {r['bytes'] // MIB} MiB: fit {r['fit_busbw_gb_s']:.0f} vs loop "
               f"{r['loop_busbw_gb_s']:.0f} GB/s busbw ({r['diff_pct']:+.1f}%)")

@@ -10,6 +10,12 @@ Pure functions. Sources:
 - In-flight micro-batches per schedule: Megatron-LM's 1F1B warm-up count
   (get_num_warmup_microbatches): rank i of p holds min(p - i, m) micro-batches; interleaved with v
   chunks holds 2*(p - i - 1) + (v - 1)*p + 1 chunk-forwards; GPipe holds all m.
+- The peak is the largest of four moments of a step (StageMemory.phases), not the sum of every term:
+  the end of the forward (activations and logits, gradients only where they already exist), a layer
+  recomputed in backward, the end of the backward (all gradients, activations gone) and the optimizer
+  step (DeepSpeed's fp32 copy of its gradient partition). On 2xH200 the sum over-predicted FSDP2 with full
+  recompute by 11-13% (its peak is the end of the forward, before any gradient exists) and missed
+  DeepSpeed ZeRO-2's out-of-memory at 13B, which came in the step (campaign of 2026-11-22).
 """
 
 from __future__ import annotations
@@ -30,23 +36,55 @@ DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DD
 FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
 
 
+PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
+
+
 @dataclass(frozen=True)
 class StageMemory:
-    """Bytes on one GPU of a pipeline stage (pipeline rank)."""
+    """Bytes on one GPU of a pipeline stage (pipeline rank), by part; `total` is the peak over the step's
+    moments (`phases`), not the sum of the parts."""
 
     weights: float
     gradients: float
     optimizer: float
-    activations: float
+    activations: float  # stored for backward, at the most micro-batches in flight (and the stage inputs)
     logits: float
-    buffers: float
+    buffers: float  # communication buckets, gathered ZeRO-3 layers
+    recompute: float = 0.0  # one layer's transient in backward: its recomputed activations, unfused attention's scores
+    step_buffers: float = 0.0  # optimizer-step temporaries (DeepSpeed: flat bf16 and fp32 gradient partition)
+    grads_in_forward: bool = True  # gradients exist during a forward: persistent buckets, or accumulated earlier
+
+    def phases(self) -> dict[str, float]:
+        """Bytes live at each moment of a step that can be its peak."""
+        states = self.weights + self.optimizer + self.buffers
+        early = self.gradients if self.grads_in_forward else 0.0
+        return {"forward": states + early + self.activations + self.logits,
+                "recompute": states + early + self.activations + self.recompute,
+                "backward": states + self.gradients + self.recompute,
+                "step": states + self.gradients + self.step_buffers}
+
+    @property
+    def peak_phase(self) -> str:
+        ph = self.phases()
+        return max(ph, key=ph.get)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.buffers
+        return max(self.phases().values())
+
+    def at_peak(self) -> dict[str, float]:
+        """Bytes of each part live at the peak moment (they sum to `total`): a layer being recomputed counts
+        as activations, the step's temporaries as buffers."""
+        phase = self.peak_phase
+        early = phase in ("forward", "recompute") and not self.grads_in_forward
+        return {"weights": self.weights, "gradients": 0.0 if early else self.gradients, "optimizer": self.optimizer,
+                "activations": (self.activations if phase in ("forward", "recompute") else 0.0)
+                + (self.recompute if phase in ("recompute", "backward") else 0.0),
+                "logits": self.logits if phase == "forward" else 0.0,
+                "buffers": self.buffers + (self.step_buffers if phase == "step" else 0.0)}
 
     def as_gib(self) -> dict[str, float]:
-        return {k: getattr(self, k) / GIB for k in ("weights", "gradients", "optimizer", "activations", "logits", "buffers")}
+        return {k: v / GIB for k, v in self.at_peak().items()}
 
 
 def activation_bytes_per_layer(model: ModelSpec, cfg: ParallelConfig, micro_batch: int, seq_len: int) -> float:
@@ -144,17 +182,35 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     return fit.peak_activation_bytes_per_token / analytic if analytic > 0 else 1.0
 
 
+def grads_in_forward(cfg: ParallelConfig, rank: int, engine: str = "any") -> bool:
+    """Whether gradients exist while the stage's activations peak (StageMemory.phases): always where they live
+    in persistent buffers (DDP's bucket views for the torch engine's ZeRO-0 over data parallel, megatron-core's
+    contiguous gradient buffer, DeepSpeed's gradient partition, kept from step to step); otherwise only where a
+    micro-batch's forward runs after an earlier one's backward made them (gradient accumulation, or a pipeline
+    rank with more micro-batches than it holds in flight). The torch engine frees them each step
+    (zero_grad(set_to_none=True)), so one micro-batch per step peaks at the end of its forward without them.
+    "any" (no engine in particular) assumes the persistent buffers of the other engines."""
+    if engine in ("megatron", "deepspeed", "any"):
+        return True
+    if cfg.zero_stage == 0 and cfg.dp * cfg.cp > 1 and cfg.tp == 1:
+        return True  # DistributedDataParallel(gradient_as_bucket_view=True)
+    return cfg.num_microbatches * cfg.vpp > inflight_microbatch_chunks(cfg, rank)
+
+
 def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
                  profile: Profile | None = None, engine: str = "any") -> StageMemory:
     """Peak bytes on one GPU of pipeline rank `rank` (holding `layers` transformer blocks); a profile that
-    measured the block's activations scales the activation terms to them (activation_scale, which also
-    takes the engine: megatron-core's own layer for the megatron engine)."""
+    measured the block's activations scales the activation terms to them (activation_scale). `engine` ("any",
+    "torch", "deepspeed", "megatron"): who runs the plan, for what only it allocates (the torch engine runs ZeRO-1
+    as FSDP2's ZeRO-2, so its gradients are sharded; DeepSpeed's step copies; persistent gradient buffers)."""
     dense, expert = stage_params(model, cfg, rank, layers)
     shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
     expert_shard = max(shard // cfg.ep, 1)
     z = cfg.zero_stage
+    gz = 2 if z == 1 and engine == "torch" else z  # gradients' sharding
+    partition = dense / shard + expert / expert_shard  # parameters of this GPU's ZeRO partition
     weights = WEIGHT_BYTES * (dense / (shard if z >= 3 else 1) + expert / (expert_shard if z >= 3 else 1))
-    grads = GRAD_BYTES * (dense / (shard if z >= 2 else 1) + expert / (expert_shard if z >= 2 else 1))
+    grads = GRAD_BYTES * (dense / (shard if gz >= 2 else 1) + expert / (expert_shard if gz >= 2 else 1))
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
     b, s = cfg.micro_batch_size, cfg.seq_len
@@ -162,10 +218,18 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     per_layer = activation_bytes_per_layer(model, cfg, b, s) * (scale if cfg.recompute != "full" else 1.0)
     chunks = inflight_microbatch_chunks(cfg, rank)
     acts = per_layer * (layers / cfg.vpp) * chunks
+    recompute = 0.0
     if cfg.recompute == "full":
         # while one layer is recomputed its full activations are live (one micro-batch)
-        full = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s) * scale
-        acts += full
+        recompute = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s) * scale
+    if not cfg.flash_attention:
+        # unfused attention's backward of one layer holds score-sized bf16 tensors beside the stored ones: the
+        # gradients of the probabilities and of the scores, and with selective recompute the recomputed scores
+        # and probabilities too. Megatron tp2 llama-2-13b (selective, 4096 tokens) ran out of memory on 2xH200
+        # allocating one such tensor (b * heads/tp * s^2 * 2 bytes = 1.25 GiB) 4.5 GiB above the prediction
+        # without this term (campaign of 2026-11-22).
+        per_score = model.num_heads * (s / cfg.cp) ** 2 * b / cfg.tp
+        recompute += (4 + (4 if cfg.recompute == "selective" else 0)) * per_score
     # stage input kept per in-flight micro-batch (received activation / embedding output)
     acts += 2 * b * (s / cfg.cp) * model.hidden_size * chunks / (cfg.tp if cfg.sequence_parallel else 1)
 
@@ -179,7 +243,16 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         buffers = 2 * layer_bytes + layer_bytes
     else:
         buffers = float(DDP_BUCKET_BYTES)
-    return StageMemory(weights=weights, gradients=grads, optimizer=optim, activations=acts, logits=logits, buffers=buffers)
+    step = 0.0
+    if engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
+        # DeepSpeed's step (stage_1_and_2.py, step()): the partition's bf16 gradients are flattened into a new
+        # tensor and that copied to fp32 (2 + 4 bytes per partition parameter) while the gradient partition
+        # lives; ZeRO-1 first frees the gradients outside its partition. A 13B ZeRO-2 run on 2xH200 ran out of
+        # memory allocating the fp32 copy (24.24 GiB) at 121.3 GiB, the sum of the states and the flat copy.
+        step = max(0.0, (GRAD_BYTES + 4) * partition - (grads - GRAD_BYTES * partition))
+    return StageMemory(weights=weights, gradients=grads, optimizer=optim, activations=acts, logits=logits,
+                       buffers=buffers, recompute=recompute, step_buffers=step,
+                       grads_in_forward=grads_in_forward(cfg, rank, engine))
 
 
 def zero_model_state_bytes(params: float, dp: int, stage: int) -> float:

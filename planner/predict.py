@@ -73,7 +73,9 @@ class Prediction:
             "fits": self.fits,
             "stages": [
                 {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
-                 "memory_breakdown_gib": s.memory.as_gib(), "time_per_microbatch_s": s.time_per_microbatch_s}
+                 "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
+                 "model_states_gib": {k: getattr(s.memory, k) / GIB for k in ("weights", "gradients", "optimizer")},
+                 "time_per_microbatch_s": s.time_per_microbatch_s}
                 for s in self.stages
             ],
             "breakdown": dict(self.breakdown),

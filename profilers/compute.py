@@ -260,10 +260,50 @@ def _saved_bytes(run: Callable[[], torch.Tensor], params: set[int]) -> tuple[tor
     return out, sum(seen.values())
 
 
+class HostAhead:
+    """Lets the host queue a layer's kernels before the GPU runs them (CUDA only).
+
+    Timed from an idle GPU, a layer whose host-side work (Python, launches) outlasts some of its short kernels
+    makes the GPU wait between them, and its events time the host, not the GPU. Inside a model the host runs
+    ahead of the GPU through the long kernels of earlier layers, so the GPU's own time is what a layer costs
+    there unless the host is slower on average: a layer in a model takes max(GPU time, host time). megatron-core's
+    layer timed from an idle GPU took 9.4 ms per gpt2-xl layer (micro-batch 8) where the 48-layer model spends
+    about 7.7 (2xH200, campaign of 2026-11-22).
+
+    `hold()` queues a sleep kernel long enough for the host to queue the whole run behind it; the events after
+    it then time the GPU alone, and the host's wall clock around the same calls times the host."""
+
+    MIN_S = 0.005
+
+    def __init__(self):
+        self.hold_s = 0.05  # the first run's; then twice the last run's host time, at least MIN_S
+        self.cycles_per_s = self._calibrate()
+
+    @staticmethod
+    def _calibrate() -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        torch.cuda._sleep(1_000_000)
+        b.record()
+        torch.cuda.synchronize()
+        return 1_000_000 / max(a.elapsed_time(b) / 1e3, 1e-6)
+
+    def hold(self) -> None:
+        torch.cuda._sleep(int(self.hold_s * self.cycles_per_s))
+
+    def saw_host(self, host_s: float) -> None:
+        self.hold_s = max(self.MIN_S, 2 * host_s)
+
+
 def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings, device: torch.device,
                recompute: bool) -> dict:
-    """Median fwd/bwd(/recompute) seconds and activation bytes of one layer on one micro-batch."""
+    """Median fwd/bwd(/recompute) seconds and activation bytes of one layer on one micro-batch.
+
+    On CUDA each phase is the larger of the GPU's time with the host queued ahead (HostAhead) and the host's
+    own time for the same calls; both are recorded (gpu_*_s, host_*_s)."""
     clock = Clock(device)
+    ahead = HostAhead() if device.type == "cuda" else None
     params = {p.data_ptr() for p in layer.parameters()}
 
     def forward(args, ckpt=False):
@@ -272,7 +312,9 @@ def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings,
     def backward(out, grad):
         out.backward(grad) if grad is not None else out.backward()
 
-    fwd, bwd, bwd_ckpt, memory = [], [], [], {}
+    phases = ("fwd", "bwd", "recompute_bwd")
+    gpu, host = {ph: [] for ph in phases}, {ph: [] for ph in phases}
+    memory = {}
     runs, i = settings.warmup + settings.repeats, 0
     while i < runs:
         args, grad = inputs_fn()
@@ -281,13 +323,16 @@ def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings,
         if measure_memory and device.type == "cuda":
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        wall = time.perf_counter()
+        if ahead is not None and not measure_memory:
+            ahead.hold()
+        wall = h0 = time.perf_counter()
         t0 = clock.mark()
         if measure_memory and device.type != "cuda":
             out, saved = _saved_bytes(lambda: forward(args), params)
         else:
             out = forward(args)
         t1 = clock.mark()
+        h1 = time.perf_counter()
         if measure_memory:
             clock.sync()
             if device.type == "cuda":
@@ -295,33 +340,50 @@ def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings,
                           "fwd_peak_bytes": torch.cuda.max_memory_allocated() - base}
             else:
                 memory = {"activation_bytes": saved + out.numel() * out.element_size()}
+            h1 = time.perf_counter()
         backward(out, grad)
         t2 = clock.mark()
+        h2 = time.perf_counter()
         if recompute:
             del out
             args, grad = inputs_fn()
             out = forward(args, ckpt=True)
             t3 = clock.mark()
+            h3 = time.perf_counter()
             backward(out, grad)
             t4 = clock.mark()
+            h4 = time.perf_counter()
+        if ahead is not None:
+            ahead.saw_host(time.perf_counter() - h0)
         clock.sync()
         if measure_memory and device.type == "cuda":
             memory["peak_bytes"] = torch.cuda.max_memory_allocated() - base
         del out, args, grad
         if i >= settings.warmup:
-            fwd.append(clock.seconds(t0, t1))
-            bwd.append(clock.seconds(t1, t2))
+            gpu["fwd"].append(clock.seconds(t0, t1))
+            gpu["bwd"].append(clock.seconds(t1, t2))
+            host["fwd"].append(h1 - h0)
+            host["bwd"].append(h2 - h1)
             if recompute:
-                bwd_ckpt.append(clock.seconds(t3, t4))
+                gpu["recompute_bwd"].append(clock.seconds(t3, t4))
+                host["recompute_bwd"].append(h4 - h3)
         elif i == settings.warmup - 1:
             # the last warm-up run sets how many repeats fit the budget (at least one)
             per_run = time.perf_counter() - wall
             runs = settings.warmup + max(1, min(settings.repeats, int(settings.point_budget_s / max(per_run, 1e-9))))
         i += 1
     med = lambda xs: float(torch.tensor(xs, dtype=torch.float64).median())  # noqa: E731
-    point = {"fwd_s": med(fwd), "bwd_s": med(bwd), "repeats": len(fwd), **memory}
+    if ahead is None:  # CPU: thread time is the device's own
+        cost = {ph: med(gpu[ph]) for ph in phases if gpu[ph]}
+        point = {"fwd_s": cost["fwd"], "bwd_s": cost["bwd"], "repeats": len(gpu["fwd"]), **memory}
+    else:
+        cost = {ph: med([max(g, h) for g, h in zip(gpu[ph], host[ph])]) for ph in phases if gpu[ph]}
+        point = {"fwd_s": cost["fwd"], "bwd_s": cost["bwd"], "repeats": len(gpu["fwd"]), **memory}
+        for ph in phases:
+            if gpu[ph]:
+                point[f"gpu_{ph}_s"], point[f"host_{ph}_s"] = med(gpu[ph]), med(host[ph])
     if recompute:
-        point["recompute_s"] = max(0.0, med(bwd_ckpt) - point["bwd_s"])
+        point["recompute_s"] = max(0.0, cost["recompute_bwd"] - point["bwd_s"])
     return point
 
 

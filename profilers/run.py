@@ -63,6 +63,9 @@ class Plan:
         return ceilings + comm_points + sharding_points + layers + 1  # + fits
 
 
+QUICK_SHARDING_TOKENS = 16384  # --quick on GPUs: tokens of the largest micro-batch the sharding stacks run
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -109,6 +112,12 @@ def plan_profile(req: ProfileRequest) -> Plan:
     # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in
     # tokens whose ends are both measured (plans run at micro-batches far above the smallest two)
     ends = tuple(sorted({cs.micro_batches[0], cs.micro_batches[-1]}))
+    if q and cuda:
+        # --quick: the larger end at most QUICK_SHARDING_TOKENS (each stack runs fwd+bwd per point and per
+        # mode: llama-2-13b's quick profile at 4096 tokens took 66.5 s on 2xH200 with micro-batch 8, 29 s of
+        # it DeepSpeed's and FSDP2's stacks)
+        small = [m for m in cs.micro_batches if m * seq_len <= QUICK_SHARDING_TOKENS] or [cs.micro_batches[0]]
+        ends = tuple(sorted({cs.micro_batches[0], small[-1]}))
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=cs.repeats,

@@ -226,8 +226,9 @@ def _largest_fitting(model: ModelSpec, cfg: ParallelConfig, rank: int, counts: l
                      profile: Profile | None = None, engine: str = "any") -> int | None:
     """The largest layer count in `counts` whose stage memory on `rank` fits (memory grows with layers).
 
-    Stage memory is affine in the layer count (planner.memory.stage_memory), so two evaluations give
-    the answer; a third confirms it with the exact function (a binary search runs if it disagrees)."""
+    Stage memory is the largest of a few affine functions of the layer count (planner.memory.stage_memory's
+    phases), so convex: the line through 0 and 1 layers lies below it beyond 1 and its answer is an upper
+    bound; a third evaluation confirms it with the exact function (a binary search runs if it disagrees)."""
     def fits(n: int) -> bool:
         return stage_memory(model, cfg, rank, n, profile, engine).total <= cap_bytes
 

@@ -31,7 +31,7 @@ def test_zero_memory_through_distplan_estimate(cli, tmp_path, stage):
     out = parse_json(cli("estimate", "--model", path, "--cluster", "dgx-a100-80gb", "--gpus", 64, "--zero", stage,
                          "--global-batch", 64, "--seq-len", 2048, "--format", "json"), exit_codes=(0, 2))
     assert out["fits"] is (stage > 0)  # 120 GB of model states do not fit an 80 GB A100
-    mem = out["stages"][0]["memory_breakdown_gib"]
+    mem = out["stages"][0]["model_states_gib"]
     states_gb = (mem["weights"] + mem["gradients"] + mem["optimizer"]) * 1024**3 / 1e9
     assert states_gb == pytest.approx(ref["gb_per_gpu"][stage], rel=0.10)
 

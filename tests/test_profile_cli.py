@@ -18,3 +18,20 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model,seq,quick,ends", [("llama-2-13b", 4096, True, (1, 4)), ("gpt2-xl", 1024, True, (1, 8)),
+                                                  ("llama-2-13b", 4096, False, (1, 16))])
+def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, quick, ends):
+    """--quick on GPUs: the sharding stacks stop at 16384 tokens (llama-2-13b's quick profile took 66.5 s on
+    2xH200 with micro-batch 8, past the 1-minute target); a full profile measures up to its largest micro-batch."""
+    import torch
+
+    from profilers import megatron_layer, run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(megatron_layer, "available", lambda spec, device: "not here")
+    plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
+    assert plan.cuda and plan.comm.sharding.micro_batches == ends
+    assert plan.compute.micro_batches[-1] == (8 if quick else 16)

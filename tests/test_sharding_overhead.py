@@ -51,11 +51,13 @@ def test_zero1_only_when_the_engine_runs_it_as_fsdp2():
 @pytest.mark.parametrize("par", [{"zero_stage": 3}, {"zero_stage": 2}, {"zero_stage": 1}, {"zero_stage": 0},
                                  {"dp": 1, "pp": 2, "zero_stage": 1}])
 def test_without_a_measurement_the_prediction_is_unchanged(par):
-    """No profile, a profile without the field, or the field at another group size: the same bytes."""
+    """No profile, a profile without the field, or the field at another group size: the same step time (the
+    torch engine's memory differs from "any" by design: planner.memory.stage_memory)."""
     c = cfg(**par)
     for prof in (None, BASE):
         ref = predict(MODEL, CLUSTER, c, prof).to_dict()
-        assert predict(MODEL, CLUSTER, c, prof, engine="torch").to_dict() == ref
+        got = predict(MODEL, CLUSTER, c, prof, engine="torch").to_dict()
+        assert (got["step_time_s"], got["breakdown"]) == (ref["step_time_s"], ref["breakdown"])
     other_n = replace(BASE, sharding=(ShardingFit(4, True, LinearFit(1.0, 0.0)), ShardingFit(4, False, LinearFit(1.0, 0.0))))
     got = predict(MODEL, CLUSTER, c, other_n).to_dict()
     ref = predict(MODEL, CLUSTER, c, BASE).to_dict()

@@ -1,0 +1,133 @@
+"""Re-predict the peak memory of every campaign run already measured on GPUs, with today's memory model.
+
+The campaign (benchmarks/campaign.py) records each run's plan, its predicted peak memory at the time and the
+peak allocated memory the run measured (or its out-of-memory error). After a change to planner/memory.py this
+script replays those plans through `predict` with the engine that ran them and the profile the plan names,
+so the change is judged against every measurement at once, without a GPU. It is not a new measurement: the
+measured column is the runs' own, from the committed rows; the replayed prediction is only as independent as
+the model change was (say which runs motivated it when reporting).
+
+Usage: python3 benchmarks/memory_replay.py [--results benchmarks/results/campaign_2xh200] [-o OUT.md]
+Each call directory holds rows.json and campaign.tar.gz (the plans). A case re-run by a later call keeps only
+the later call's rows (as `campaign.py --merge`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from planner.memory import FRAGMENTATION  # noqa: E402
+from planner.plan import load_plan  # noqa: E402
+from planner.predict import predict  # noqa: E402
+from planner.profile import load_profile  # noqa: E402
+
+OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
+
+
+def _latest_rows(results: Path) -> list[tuple[Path, dict]]:
+    """(call dir, row) for the last call that ran each case, rows with a run (ran or oom)."""
+    calls = sorted(p for p in results.iterdir() if (p / "rows.json").exists())
+    latest: dict[str, Path] = {}
+    for call in calls:
+        for row in json.loads((call / "rows.json").read_text()):
+            if row.get("status") in ("ran", "oom"):
+                latest[row["case"]] = call
+    out = []
+    for call in calls:
+        for row in json.loads((call / "rows.json").read_text()):
+            if row.get("status") in ("ran", "oom") and latest[row["case"]] == call:
+                out.append((call, row))
+    return out
+
+
+def _flag(command: str, flag: str) -> str:
+    words = command.split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else ""
+
+
+def replay(results: Path) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for call, row in _latest_rows(results):
+            dest = Path(tmp) / call.name
+            if not dest.exists():
+                with tarfile.open(call / "campaign.tar.gz") as tar:
+                    tar.extractall(dest, filter="data")
+            rel = row["plan_path"].split("/campaign/", 1)[1]
+            plan = load_plan(dest / "campaign" / rel)
+            prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
+            profile = load_profile(ROOT / prof_path) if prof_path and (ROOT / prof_path).exists() else None
+            engine = row.get("engine") or "any"
+            pred = predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine)
+            fullest = max(pred.stages, key=lambda s: s.memory.total)
+            measured = row.get("peak_allocated_gib")
+            rows.append({"call": call.name, "case": row["case"], "plan": row["name"], "engine": engine,
+                         "config": row["config"], "status": row["status"], "measured_gib": measured,
+                         "then_gib": row.get("predicted_memory_gib"), "now_gib": pred.peak_memory_gib,
+                         "now_fits": pred.fits, "peak_at": fullest.memory.peak_phase,
+                         "profile": Path(prof_path).name if profile else "-"})
+    return rows
+
+
+def _pct(predicted: float | None, measured: float | None) -> str:
+    """Measured over predicted, as the campaign reports it (-2.6%: the run peaked 2.6% below the prediction)."""
+    if predicted is None or measured is None or not predicted:
+        return "-"
+    return f"{100 * (measured - predicted) / predicted:+.1f}%"
+
+
+def render(rows: list[dict], results: Path) -> str:
+    lines = [f"# Memory replay: {results.name} re-predicted with today's memory model",
+             "", f"Machine: {platform.machine()}, Python {platform.python_version()}; date "
+             f"{datetime.date.today().isoformat()}. Command: `python3 benchmarks/memory_replay.py --results "
+             f"{results.relative_to(ROOT)}`.",
+             "", "Measured: the run's peak allocated memory on its fullest GPU (from the committed rows). Then: the "
+             "prediction when it ran. Error: measured over predicted, as in the campaign. Now: `predict` today, same plan, engine and profile. Peak at: the moment "
+             f"of the step the memory model puts the peak at. An OOM row is caught when today's prediction says it "
+             f"does not fit (fit limit: usable memory / {1 + FRAGMENTATION:.2f}).", "",
+             "| case | plan | engine | config | measured GiB | predicted then | error then | predicted now | error now | peak at | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    within, ran, caught, ooms = 0, 0, 0, 0
+    for r in rows:
+        if r["status"] == "ran":
+            ran += 1
+            err = (r["measured_gib"] - r["now_gib"]) / r["now_gib"]
+            within += abs(err) <= 0.10
+            status = "ran"
+        else:
+            ooms += 1
+            caught += not r["now_fits"]
+            status = "oom: " + ("caught (does not fit now)" if not r["now_fits"] else "missed (fits now)")
+        lines.append(f"| {r['case']} | {r['plan']} | {r['engine']} | {r['config']} | "
+                     f"{'-' if r['measured_gib'] is None else format(r['measured_gib'], '.1f')} | "
+                     f"{r['then_gib']:.1f} | {_pct(r['then_gib'], r['measured_gib'])} | {r['now_gib']:.1f} | "
+                     f"{_pct(r['now_gib'], r['measured_gib'])} | {r['peak_at']} | {status} |")
+    lines += ["", f"Runs within 10% now: {within} of {ran}; out-of-memory runs the model now says do not fit: "
+              f"{caught} of {ooms}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "campaign_2xh200")
+    ap.add_argument("-o", "--out", type=Path, default=None)
+    args = ap.parse_args()
+    results = args.results.resolve()
+    text = render(replay(results), results)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
