@@ -12,6 +12,7 @@ from typing import Callable
 from planner.cluster import Cluster
 from planner.costmodel import (
     ADAM_BYTES_PER_PARAM,
+    MASTER_CAST_BYTES_PER_PARAM,
     OFFLOAD_PCIE_BYTES_PER_PARAM,
     BF16,
     CommModel,
@@ -134,6 +135,10 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
     shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
 
+    # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard (torch_engine: bf16 and
+    # not (dp > 1 and (ZeRO >= 1 or tp > 1)))
+    masters = engine == "torch" and not (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1))
+
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
         bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0)
@@ -186,6 +191,12 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
         else:
             opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
+        if masters and profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
+            # the measured rate is AdamW on fp32 parameters; the torch engine's bf16 layouts without FSDP2
+            # (DDP, pipeline-only) also cast the gradients to the fp32 masters and the masters back to bf16
+            # (parallelize.MasterWeightsOptimizer): gpt2-xl's DDP step measured 24 ms against 20 predicted
+            # without this (2xH200, campaign of 2026-11-22), the 4.5 ms these 12 bytes/parameter take
+            opt += memory_bound_time_s(cluster, opt_params * MASTER_CAST_BYTES_PER_PARAM)
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
                  ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero_comm", z3))
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)

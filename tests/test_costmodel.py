@@ -119,3 +119,24 @@ def test_recompute_costs_time_and_saves_memory():
     full = predict(m, c, ParallelConfig(**base, recompute="full"))
     assert full.peak_memory_gib < none.peak_memory_gib
     assert full.step_time_s == pytest.approx(none.step_time_s * 4 / 3, rel=0.1)  # one extra forward of ~3 passes
+
+
+def test_torch_master_weights_cast_is_charged_where_the_engine_keeps_masters():
+    """The torch engine's DDP and pipeline-only layouts cast gradients to fp32 masters and back (12 bytes per
+    parameter at the profile's memory-bound rate) beside the AdamW step the profile measured on fp32 params;
+    its FSDP2 layouts do not (FSDP2's own casts are in its measured overhead)."""
+    from pathlib import Path
+
+    from planner.profile import cluster_for_profile, load_profile
+
+    prof = load_profile(Path(__file__).resolve().parent.parent / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
+    model = load_model("gpt2-xl")
+    cluster = cluster_for_profile(prof, load_cluster("h200-141gb"))
+    params = model.num_layers * model.block_params() + model.embedding_params() + model.head_params()
+    cast_s = params * 12 / (cluster.gpu.hbm_bandwidth_gb_s * 1e9 * cluster.efficiency.memory_bound_fraction)
+    for par, charged in (({"dp": 2, "zero_stage": 0}, True), ({"dp": 1, "pp": 2}, True), ({"dp": 2, "zero_stage": 3}, False)):
+        cfg = ParallelConfig(global_batch_size=32, micro_batch_size=16, seq_len=1024, **par)
+        torch_opt = dict(predict(model, cluster, cfg, prof, engine="torch").breakdown)["optimizer"]
+        any_opt = dict(predict(model, cluster, cfg, prof).breakdown)["optimizer"]
+        per_rank = 1 / cfg.pp if cfg.pp > 1 else 1.0
+        assert torch_opt - any_opt == pytest.approx(cast_s * per_rank if charged else 0.0, rel=0.1, abs=1e-9)
