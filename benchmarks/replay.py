@@ -1,13 +1,14 @@
-"""Re-predict the peak memory of every campaign run already measured on GPUs, with today's memory model.
+"""Re-predict the step time and peak memory of every campaign run already measured on GPUs, with today's
+cost model.
 
-The campaign (benchmarks/campaign.py) records each run's plan, its predicted peak memory at the time and the
-peak allocated memory the run measured (or its out-of-memory error). After a change to planner/memory.py this
-script replays those plans through `predict` with the engine that ran them and the profile the plan names,
-so the change is judged against every measurement at once, without a GPU. It is not a new measurement: the
-measured column is the runs' own, from the committed rows; the replayed prediction is only as independent as
-the model change was (say which runs motivated it when reporting).
+The campaign (benchmarks/campaign.py) records each run's plan, its predictions at the time and what the run
+measured (median step time; peak allocated memory, or its out-of-memory error). After a change to the cost or
+memory model this script replays those plans through `predict` with the engine that ran them and the profile
+the plan names, so the change is judged against every measurement at once, without a GPU. It is not a new
+measurement: the measured columns are the runs' own, from the committed rows; the replayed prediction is only
+as independent as the model change was (say which runs motivated it when reporting).
 
-Usage: python3 benchmarks/memory_replay.py [--results benchmarks/results/campaign_2xh200] [-o OUT.md]
+Usage: python3 benchmarks/replay.py [--results benchmarks/results/campaign_2xh200] [-o OUT.md]
 Each call directory holds rows.json and campaign.tar.gz (the plans). A case re-run by a later call keeps only
 the later call's rows (as `campaign.py --merge`).
 """
@@ -55,6 +56,17 @@ def _flag(command: str, flag: str) -> str:
     return words[words.index(flag) + 1] if flag in words[:-1] else ""
 
 
+def _find_profile(path: str, call_dir: Path) -> Path | None:
+    """The profile a plan names: in the repository (committed profiles), or one the call measured (the device's
+    out/profiles/, kept in the call's tarball)."""
+    if not path:
+        return None
+    for cand in (ROOT / path, call_dir / "profiles" / Path(path).name):
+        if cand.exists():
+            return cand
+    raise SystemExit(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
+
+
 def replay(results: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,16 +78,20 @@ def replay(results: Path) -> list[dict]:
             rel = row["plan_path"].split("/campaign/", 1)[1]
             plan = load_plan(dest / "campaign" / rel)
             prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
-            profile = load_profile(ROOT / prof_path) if prof_path and (ROOT / prof_path).exists() else None
+            found = _find_profile(prof_path, dest)
+            profile = load_profile(found) if found else None
             engine = row.get("engine") or "any"
             pred = predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine)
             fullest = max(pred.stages, key=lambda s: s.memory.total)
             measured = row.get("peak_allocated_gib")
             rows.append({"call": call.name, "case": row["case"], "plan": row["name"], "engine": engine,
                          "config": row["config"], "status": row["status"], "measured_gib": measured,
+                         "step_measured_s": row.get("measured_step_time_s"),
+                         "step_then_s": row.get("predicted_step_time_s"), "step_now_s": pred.step_time_s,
                          "then_gib": row.get("predicted_memory_gib"), "now_gib": pred.peak_memory_gib,
                          "now_fits": pred.fits, "peak_at": fullest.memory.peak_phase,
-                         "profile": Path(prof_path).name if profile else "-"})
+                         "profile": str(found.relative_to(ROOT)) if found and found.is_relative_to(ROOT) else
+                         (f"{call.name}/profiles/{found.name}" if found else "-")})
     return rows
 
 
@@ -87,33 +103,37 @@ def _pct(predicted: float | None, measured: float | None) -> str:
 
 
 def render(rows: list[dict], results: Path) -> str:
-    lines = [f"# Memory replay: {results.name} re-predicted with today's memory model",
+    lines = [f"# Replay: {results.name} re-predicted with today's cost model",
              "", f"Machine: {platform.machine()}, Python {platform.python_version()}; date "
-             f"{datetime.date.today().isoformat()}. Command: `python3 benchmarks/memory_replay.py --results "
+             f"{datetime.date.today().isoformat()}. Command: `python3 benchmarks/replay.py --results "
              f"{results.relative_to(ROOT)}`.",
-             "", "Measured: the run's peak allocated memory on its fullest GPU (from the committed rows). Then: the "
-             "prediction when it ran. Error: measured over predicted, as in the campaign. Now: `predict` today, same plan, engine and profile. Peak at: the moment "
-             f"of the step the memory model puts the peak at. An OOM row is caught when today's prediction says it "
-             f"does not fit (fit limit: usable memory / {1 + FRAGMENTATION:.2f}).", "",
-             "| case | plan | engine | config | measured GiB | predicted then | error then | predicted now | error now | peak at | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    within, ran, caught, ooms = 0, 0, 0, 0
+             "", "Measured: the run's median step time and peak allocated memory on its fullest GPU (from the committed "
+             "rows; a case re-run by a later call keeps the later call's rows). Then: the prediction when it ran. Now: "
+             "`predict` today, same plan, engine and profile. Errors: measured over predicted, as in the campaign. "
+             "Peak at: the moment of the step the memory model puts the peak at. An OOM row is caught when today's "
+             f"prediction says it does not fit (fit limit: usable memory / {1 + FRAGMENTATION:.2f}).", "",
+             "| case | plan | engine | config | step measured (s) | error then | error now | memory measured (GiB) "
+             "| error then | error now | peak at | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    within, step_within, ran, caught, ooms = 0, 0, 0, 0, 0
     for r in rows:
         if r["status"] == "ran":
             ran += 1
-            err = (r["measured_gib"] - r["now_gib"]) / r["now_gib"]
-            within += abs(err) <= 0.10
+            within += abs(r["measured_gib"] - r["now_gib"]) <= 0.10 * r["now_gib"]
+            step_within += abs(r["step_measured_s"] - r["step_now_s"]) <= 0.10 * r["step_now_s"]
             status = "ran"
         else:
             ooms += 1
             caught += not r["now_fits"]
             status = "oom: " + ("caught (does not fit now)" if not r["now_fits"] else "missed (fits now)")
-        lines.append(f"| {r['case']} | {r['plan']} | {r['engine']} | {r['config']} | "
-                     f"{'-' if r['measured_gib'] is None else format(r['measured_gib'], '.1f')} | "
-                     f"{r['then_gib']:.1f} | {_pct(r['then_gib'], r['measured_gib'])} | {r['now_gib']:.1f} | "
-                     f"{_pct(r['now_gib'], r['measured_gib'])} | {r['peak_at']} | {status} |")
-    lines += ["", f"Runs within 10% now: {within} of {ran}; out-of-memory runs the model now says do not fit: "
-              f"{caught} of {ooms}."]
+        step = "-" if r["step_measured_s"] is None else f"{r['step_measured_s']:.3f}"
+        mem = "-" if r["measured_gib"] is None else f"{r['measured_gib']:.1f}"
+        lines.append(f"| {r['case']} | {r['plan']} | {r['engine']} | {r['config']} | {step} | "
+                     f"{_pct(r['step_then_s'], r['step_measured_s'])} | {_pct(r['step_now_s'], r['step_measured_s'])} | "
+                     f"{mem} | {_pct(r['then_gib'], r['measured_gib'])} | {_pct(r['now_gib'], r['measured_gib'])} | "
+                     f"{r['peak_at']} | {status} |")
+    lines += ["", f"Runs within 10% now: step time {step_within} of {ran}, memory {within} of {ran}; out-of-memory runs "
+              f"the model now says do not fit: {caught} of {ooms}."]
     return "\n".join(lines) + "\n"
 
 
