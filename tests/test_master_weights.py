@@ -105,3 +105,48 @@ def test_tensor_parallel_dtensor_parameters_step_and_round(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT, root], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+DDP_SCRIPT = r"""
+import os, sys, tempfile, torch, torch.distributed as dist
+from contextlib import nullcontext
+from torch import nn
+sys.path.insert(0, sys.argv[1])
+from planner.runner.parallelize import MasterWeightsOptimizer, apply_ddp, to_bf16_with_masters
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "r"), rank=0, world_size=1)
+
+def first_microbatch_grads_are_bucket_views(set_to_none):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    pairs = to_bf16_with_masters(model)
+    ddp = apply_ddp(model, dist.group.WORLD, torch.device("cpu"))
+    opt = MasterWeightsOptimizer(pairs, lr=1e-2)
+    views = []
+    for step in range(3):
+        for j in range(2):  # gradient accumulation: the first micro-batch under no_sync
+            with ddp.no_sync() if j == 0 else nullcontext():
+                ddp(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+            if j == 0:
+                views.append(all(p.grad._base is not None for p, _ in pairs))
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    return views
+
+print(first_microbatch_grads_are_bucket_views(False), first_microbatch_grads_are_bucket_views(True))
+"""
+
+
+def test_ddp_accumulation_reuses_the_bucket_views_when_gradients_are_zeroed():
+    """DDP (gradient_as_bucket_view) under gradient accumulation: zeroed gradients stay views of DDP's buckets, so
+    the no_sync micro-batches accumulate into them; freed ones (set_to_none) make fresh gradient tensors beside
+    the buckets, 2 more bytes per parameter (a llama-3-8b DDP run with 4 micro-batches ran out of memory with them
+    on 2xH200). The torch engine zeroes DDP's gradients (torch_engine: ddp_views)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", DDP_SCRIPT, root], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    zeroed, freed = out.stdout.strip().splitlines()[-1].split("] [")
+    assert zeroed == "[False, True, True" and freed == "False, False, False]"

@@ -22,6 +22,7 @@ from planner.fileio import atomic_write_text
 from planner.plan import Plan
 from planner.runner.engine_api import RankResult
 
+RANK_EXTRAS = ("dp_rank", "tp_rank", "chunks", "optimizer_s", "microbatch_s", "alloc_retries")  # engine extras per rank
 REPORT_VERSION = 1
 GIB = 1024**3
 
@@ -218,7 +219,7 @@ def build_report(plan: Plan, plan_path: str, engine: str, device: str, dtype: st
                        "median_step_time_s": statistics.median(r.step_times_s) if r.step_times_s else None,
                        "peak_allocated_gib": r.peak_allocated_bytes / GIB if r.peak_allocated_bytes else None,
                        "peak_reserved_gib": r.peak_reserved_bytes / GIB if r.peak_reserved_bytes else None,
-                       "losses": list(r.losses), **{k: v for k, v in r.extra.items() if k in ("dp_rank", "tp_rank", "chunks", "optimizer_s")}}
+                       "losses": list(r.losses), **{k: v for k, v in r.extra.items() if k in RANK_EXTRAS}}
                       for r in results)
     all_notes = list(notes)
     for r in results[:1]:

@@ -86,6 +86,11 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         optimizer = MasterWeightsOptimizer(masters, opts.lr)
     else:  # fp32 parameters: FSDP2's sharded masters, or an fp32 run
         optimizer = make_optimizer((p for m in modules for p in m.parameters()), opts.lr)
+    # DDP (gradient_as_bucket_view): keep the gradients as views of its buckets from step to step (zeroed, not
+    # freed). Freed, the no_sync micro-batches of gradient accumulation would build fresh gradient tensors
+    # beside the buckets: 2 more bytes per parameter until the last micro-batch (llama-3-8b, DDP, 4 micro-batches
+    # on 2xH200 ran out of memory with 15 GiB of them; campaign of 2026-11-22).
+    ddp_views = not fsdp and cfg.dp > 1
     tied_group = _tied_embedding_group(mesh, cfg) if tied(spec) and cfg.pp > 1 else None
     tied_params = [p for _, _, _, s in chunks for p in _tied_copy(s)] if tied_group is not None else []
 
@@ -103,15 +108,16 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
 
     data = DataSource(spec, cfg.seq_len, cfg.global_batch_size, seed=opts.seed, path=opts.data_path, dtype=opts.data_dtype)
     dp_group = mesh["dp"].get_group()
-    step_times, losses, optimizer_times = [], [], []
+    step_times, losses, optimizer_times, microbatch_times = [], [], [], []
     for step in range(opts.warmup + opts.steps):
         mark_step(step)
         inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
         inputs, targets = inputs.to(device), targets.to(device)
         _sync(device)
         t0 = time.perf_counter()
+        mb_timers: list = []
         if schedule is None:
-            loss = _accumulate(modules[0], inputs, targets, m, fsdp)
+            loss = _accumulate(modules[0], inputs, targets, m, fsdp, mb_timers)
         else:
             loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
         if tied_group is not None:
@@ -119,12 +125,13 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                 tdist.all_reduce(_local(p.grad), group=tied_group)
         opt_timer = _PhaseTimer(device)  # the optimizer step alone (CUDA events: no extra synchronisation)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not ddp_views)
         opt_timer.stop()
         _sync(device)
         if step >= opts.warmup:
             step_times.append(time.perf_counter() - t0)
             optimizer_times.append(opt_timer.seconds())
+            microbatch_times.append([t.seconds() for t in mb_timers])
         if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
             tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
             loss = loss / cfg.dp
@@ -140,7 +147,11 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         extra={"dp_rank": dp_rank, "tp_rank": mesh.get_local_rank("tp"), "has_loss": is_last,
                "chunks": [[v, first, end] for v, first, end, _ in chunks], "local_params": local_params,
                "schedule": type(schedule).__name__ if schedule is not None else "none (pp=1)",
-               "optimizer_s": statistics.median(optimizer_times) if optimizer_times else None},
+               "optimizer_s": statistics.median(optimizer_times) if optimizer_times else None,
+               # pp = 1: each micro-batch's forward + backward (median over the measured steps), and how often
+               # the caching allocator freed its cache to retry an allocation (slow: it synchronises)
+               "microbatch_s": [statistics.median(ts) for ts in zip(*microbatch_times)] if microbatch_times else None,
+               "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None},
     )
 
 
@@ -204,11 +215,16 @@ def _notes(cfg, device: torch.device, fsdp: bool, dtype: str) -> list[str]:
     return notes
 
 
-def _accumulate(model, inputs, targets, m: int, fsdp: bool) -> torch.Tensor:
-    """pp = 1: m micro-batches, gradients synchronised on the last one only; returns the mean loss."""
+def _accumulate(model, inputs, targets, m: int, fsdp: bool, timers: list | None = None) -> torch.Tensor:
+    """pp = 1: m micro-batches, gradients synchronised on the last one only; returns the mean loss. `timers`
+    gets one _PhaseTimer per micro-batch (forward + backward)."""
     mb = inputs.shape[0] // m
     total = torch.zeros((), device=inputs.device)
     for j in range(m):
+        if timers is not None:
+            if timers:
+                timers[-1].stop()
+            timers.append(_PhaseTimer(inputs.device))
         last = j == m - 1
         if fsdp:
             model.set_requires_gradient_sync(last)
@@ -219,6 +235,8 @@ def _accumulate(model, inputs, targets, m: int, fsdp: bool) -> torch.Tensor:
             loss = lm_loss(model(inputs[j * mb:(j + 1) * mb]), targets[j * mb:(j + 1) * mb]) / m
             loss.backward()
         total += loss.detach().float()
+    if timers:
+        timers[-1].stop()
     return total
 
 
