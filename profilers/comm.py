@@ -191,10 +191,12 @@ class _Rank:
         s, world = self.s, self.world
         local = s.local_size or world
         raw: dict = {"points": [], "unmeasured": {}, "overlap": None, "inter_node": None, "sharding": []}
+        seconds = raw["seconds"] = {}  # where this phase's time goes, per part and group size
         for n in [g for g in s.group_sizes if g <= local]:
             ranks = list(range(n))
             group = dist.new_group(ranks)
             if self.rank in ranks:
+                t0 = time.perf_counter()
                 for op in s.ops:
                     if op == "p2p" and n != 2:
                         continue
@@ -208,19 +210,24 @@ class _Rank:
                         self.report(f"{op} n={n} {_fmt(size)}")
                 if s.overlap and n == 2:
                     raw["overlap"] = self.overlap(group, n)
+                seconds[f"collectives_n{n}"] = round(time.perf_counter() - t0, 3)
                 if s.sharding is not None:
                     from profilers import sharding
 
+                    t0 = time.perf_counter()
                     raw["sharding"] += sharding.measure(s.sharding, group, n, self.device, self.dtype, self.report)
+                    seconds[f"fsdp2_n{n}"] = round(time.perf_counter() - t0, 3)
             self.barrier()
             if s.sharding is not None and s.sharding.deepspeed and n == world:
                 from profilers import sharding
 
+                t0 = time.perf_counter()
                 try:  # DeepSpeed is optional: a failure there is recorded, the profile goes on
                     raw["sharding"] += sharding.measure_deepspeed(s.sharding, n, self.device, self.dtype, self.report)
                 except Exception as exc:  # noqa: BLE001
                     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                     raw["unmeasured"][f"deepspeed_zero2.n{n}"] = f"{type(exc).__name__}: {first}"
+                seconds[f"deepspeed_n{n}"] = round(time.perf_counter() - t0, 3)
                 self.barrier()
         if world > local:
             raw["inter_node"] = self.inter_node(local)

@@ -273,7 +273,7 @@ class HostAhead:
     `hold()` queues a sleep kernel long enough for the host to queue the whole run behind it; the events after
     it then time the GPU alone, and the host's wall clock around the same calls times the host."""
 
-    MIN_S = 0.005
+    MIN_S, MAX_S = 0.005, 0.25  # a host slower than MAX_S / 2 per run is timed as host-bound anyway
 
     def __init__(self):
         self.hold_s = 0.05  # the first run's; then twice the last run's host time, at least MIN_S
@@ -293,7 +293,7 @@ class HostAhead:
         torch.cuda._sleep(int(self.hold_s * self.cycles_per_s))
 
     def saw_host(self, host_s: float) -> None:
-        self.hold_s = max(self.MIN_S, 2 * host_s)
+        self.hold_s = min(max(self.MIN_S, 2 * host_s), self.MAX_S)
 
 
 def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings, device: torch.device,
@@ -323,7 +323,7 @@ def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings,
         if measure_memory and device.type == "cuda":
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        if ahead is not None and not measure_memory:
+        if ahead is not None and i >= settings.warmup:  # timed runs only
             ahead.hold()
         wall = h0 = time.perf_counter()
         t0 = clock.mark()
@@ -394,6 +394,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
 
     Returns {"kind", "tp", "points": [{micro_batch, tokens, fwd_s, bwd_s, ...}], "oom_micro_batch"}.
     """
+    started = time.perf_counter()
     result = {"kind": kind, "tp": tp, "points": [], "oom_micro_batch": 0}
     recompute = settings.recompute and kind in ("block", "moe_block")
     layer = None
@@ -440,6 +441,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
             on_point(f"{kind} tp={tp} micro-batch {mb} (skipped: a smaller one did not fit)")
     del layer
     _free(device)
+    result["wall_s"] = round(time.perf_counter() - started, 3)  # building, inputs and timing: where a profile's time goes
     return result
 
 

@@ -227,8 +227,12 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     t0 = time.perf_counter()
     results = compute.profile_compute(spec, plan.seq_len, list(plan.tps), device, dtype, plan.compute, tick)
     megatron = None
+    parts = dict(raw_comm.get("seconds") or {})
+    parts["ceilings"] = round(phases["ceilings_s"], 3)
     if plan.cuda:  # megatron-core's own layer, where installed; its points become a compute kind like the rest
+        t1 = time.perf_counter()
         megatron = megatron_layer.profile(spec, plan.seq_len, device, dtype, plan.compute, tick)
+        parts["megatron_layer_with_setup"] = round(time.perf_counter() - t1, 3)
         if megatron["points"]:
             results.append(megatron)
     phases["compute_s"] = time.perf_counter() - t0
@@ -244,6 +248,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     info.update({
         "wall_time_s": round(wall, 2),
         "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
+        "part_seconds": {**parts, **{f"{r['kind']}.tp{r['tp']}": r.get("wall_s") for r in results}},
         "quick": req.quick,
         "gpus_per_node": req.gpus_per_node or plan.devices,
         "devices_measured": plan.devices,
