@@ -159,27 +159,40 @@ def stage_params(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) 
 
 
 def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None, engine: str = "any") -> float:
-    """Measured over analytic activation bytes of one block, where the profile measured this block (same
-    sequence length and tp; fused attention, which is what the profiler runs), else 1.
+    """Measured over analytic activation bytes of one block without the attention scores, where the profile
+    measured this block (same sequence length and tp; the profiler runs it with fused attention), else 1.
 
     Korthikanti's enumeration matches gpt2-xl's block as distplan's runners build it to 1%, but a llama
     block stores 1.5-1.6x more (RMSNorm's fp32 intermediates, rotary embeddings, SwiGLU's products):
     on 2xH200 a llama-3-8b pipeline plan peaked 20-24% above the analytic prediction
     (benchmarks/results/campaign_2xh200.md). The profiler's allocator measurement is what these runners
-    store. Megatron plans without Transformer Engine (unfused attention) keep the analytic count, which
-    was within 2.2% for megatron's gpt2-xl runs on 2xH200; megatron-core's own layer measured alone
-    (profilers/megatron_layer.py) stored 1.8x what it stores inside the model (a megatron gpt2-xl plan
-    predicted from it at 92.9 GiB peaked at 57.8: campaign of 2026-11-22), so `engine` changes nothing
-    here yet.
+    store. Unfused attention (megatron without Transformer Engine) stores its score tensors beside that
+    (stage_memory keeps them analytic): megatron-core's llama layers store what distplan's do plus 2 bytes per
+    score (a llama-3-8b megatron plan ran out of memory mid-forward 5 GiB above the analytic count), and its
+    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Megatron's layer
+    measured alone stores 6 bytes per score (its softmax runs in fp32 unless the fused kernel's shape
+    conditions hold, which they do inside the model), so it is not used here; `engine` changes nothing yet.
     """
-    if profile is None or profile.seq_len != cfg.seq_len or not cfg.flash_attention:
+    if profile is None or profile.seq_len != cfg.seq_len:
         return 1.0
     fit = profile.compute_fit("moe_block" if model.is_moe else "block", cfg.tp)
     if fit is None or fit.peak_activation_bytes_per_token <= 0:
         return 1.0
-    plain = replace(cfg, recompute="none", sequence_parallel=False, cp=1, layer_split=())
+    plain = replace(cfg, recompute="none", sequence_parallel=False, cp=1, layer_split=(), flash_attention=True)
     analytic = activation_bytes_per_layer(model, plain, 1, cfg.seq_len) / cfg.seq_len
     return fit.peak_activation_bytes_per_token / analytic if analytic > 0 else 1.0
+
+
+def scaled_activation_bytes(model: ModelSpec, cfg: ParallelConfig, micro_batch: int, seq_len: int, scale: float) -> float:
+    """activation_bytes_per_layer with everything but unfused attention's score tensors scaled by `scale`
+    (activation_scale: measured on a fused-attention block)."""
+    total = activation_bytes_per_layer(model, cfg, micro_batch, seq_len)
+    if cfg.flash_attention or scale == 1.0:
+        return total * scale
+    fused = activation_bytes_per_layer(model, replace(cfg, flash_attention=True), micro_batch, seq_len)
+    lse = 4 * model.num_heads * (seq_len / cfg.cp) * micro_batch / cfg.tp  # flash attention's log-sum-exp
+    rest = fused - lse
+    return rest * scale + (total - rest)
 
 
 def grads_in_forward(cfg: ParallelConfig, rank: int, engine: str = "any") -> bool:
@@ -215,13 +228,13 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
 
     b, s = cfg.micro_batch_size, cfg.seq_len
     scale = activation_scale(model, cfg, profile, engine)
-    per_layer = activation_bytes_per_layer(model, cfg, b, s) * (scale if cfg.recompute != "full" else 1.0)
+    per_layer = scaled_activation_bytes(model, cfg, b, s, scale if cfg.recompute != "full" else 1.0)
     chunks = inflight_microbatch_chunks(cfg, rank)
     acts = per_layer * (layers / cfg.vpp) * chunks
     recompute = 0.0
     if cfg.recompute == "full":
         # while one layer is recomputed its full activations are live (one micro-batch)
-        recompute = activation_bytes_per_layer(model, replace(cfg, recompute="none", layer_split=()), b, s) * scale
+        recompute = scaled_activation_bytes(model, replace(cfg, recompute="none", layer_split=()), b, s, scale)
     if not cfg.flash_attention:
         # unfused attention's backward of one layer holds score-sized bf16 tensors beside the stored ones: the
         # gradients of the probabilities and of the scores, and with selective recompute the recomputed scores
