@@ -24,7 +24,7 @@ from planner.costmodel import (
     memory_bound_time_s,
 )
 from planner.job import ParallelConfig
-from planner.memory import FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, stage_memory, stage_params
+from planner.memory import FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, stage_memory, stage_params
 from planner.model import ModelSpec
 from planner.profile import Profile
 
@@ -57,10 +57,11 @@ class Prediction:
     capacity_gib: float  # usable per GPU after the CUDA context, before the allocator's slack
     fits: bool
     sources: tuple[tuple[str, str], ...]  # which numbers came from a profile, which from the preset
+    allocator_slack: float = FRAGMENTATION  # share of the peak kept free for the allocator (memory.allocator_slack)
 
     @property
     def over_capacity_gib(self) -> float:
-        return max(0.0, self.peak_memory_gib * (1 + FRAGMENTATION) - self.capacity_gib)
+        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) - self.capacity_gib)
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +73,7 @@ class Prediction:
             "peak_memory_gib": self.peak_memory_gib,
             "capacity_gib": self.capacity_gib,
             "fits": self.fits,
+            "allocator_slack": self.allocator_slack,
             "stages": [
                 {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
                  "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
@@ -300,12 +302,13 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
                         for r, rng, t, mem, _ in stages)
     peak = max(s.memory_gib for s in stage_preds)
     capacity = cluster.usable_memory_gib
+    slack = allocator_slack(cfg, engine)
     sources = _sources(model, cfg, profile, engine)
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
-        fits=peak * (1 + FRAGMENTATION) <= capacity, sources=sources,
+        fits=peak * (1 + slack) <= capacity, sources=sources, allocator_slack=slack,
     )
 
 

@@ -134,7 +134,7 @@ def plan_review(plan: Plan) -> dict:
         "prediction": {"step_time_s": step, "tokens_per_s": float(pred["tokens_per_s"]), "mfu": float(pred["mfu"]),
                        "model_tflops_per_gpu": pred.get("model_tflops_per_gpu"),
                        "peak_memory_gib": float(pred["peak_memory_gib"]), "capacity_gib": cap,
-                       "fit_limit_gib": cap / (1 + FRAGMENTATION), "fits": bool(pred["fits"])},
+                       "fit_limit_gib": cap / (1 + float(pred.get("allocator_slack", FRAGMENTATION))), "fits": bool(pred["fits"])},
         "breakdown": breakdown,
         "rationale": [str(r) for r in plan.rationale],
         "alternatives": normalized_alternatives(plan),

@@ -42,7 +42,7 @@ def why_lost(best: Prediction, alt: Prediction) -> str:
     pct = 100 * (alt.step_time_s / best.step_time_s - 1)
     if not alt.fits:
         faster = f"; it would be {-pct:.1f}% faster" if pct < 0 else f"; it would also be {pct:.1f}% slower"
-        return (f"does not fit: needs {alt.peak_memory_gib:.1f} GiB per GPU (+{100 * FRAGMENTATION:.0f}% allocator slack) "
+        return (f"does not fit: needs {alt.peak_memory_gib:.1f} GiB per GPU (+{100 * alt.allocator_slack:.0f}% allocator slack) "
                 f"of {alt.capacity_gib:.1f} GiB usable{faster}")
     a, b = dict(alt.breakdown), dict(best.breakdown)
     term = max(sorted(a), key=lambda k: a[k] - b[k])
@@ -140,7 +140,7 @@ def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[P
         parts = sorted(fullest.memory.as_gib().items(), key=lambda kv: -kv[1])
         terms = ", ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.05)
         why = (f"even the leanest plan ({describe(cfg)}) needs {pred.peak_memory_gib:.1f} GiB on its fullest GPU "
-               f"({terms}) + {100 * FRAGMENTATION:.0f}% allocator slack, above the {pred.capacity_gib:.1f} GiB usable on "
+               f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack, above the {pred.capacity_gib:.1f} GiB usable on "
                f"{cluster.gpu.name}")
     tail = f"the fewest GPUs that would fit is {fewest}" if fewest else f"no cluster of up to {limit} GPUs fits it either"
     return f"{head}: {why}; {tail}"

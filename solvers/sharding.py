@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from planner.cluster import Cluster
 from planner.graph import layer_kinds, trace_op_graph
 from planner.job import ParallelConfig
-from planner.memory import FRAGMENTATION, GIB, inflight_microbatch_chunks, stage_memory
+from planner.memory import GIB, allocator_slack, inflight_microbatch_chunks, stage_memory
 from planner.model import ModelSpec
 from planner.predict import Prediction
 from planner.profile import Profile
@@ -34,7 +34,7 @@ class KindSharding:
 
 
 def _headroom_bytes(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, rank: int, layers: int) -> float:
-    cap = cluster.usable_memory_gib * GIB / (1 + FRAGMENTATION)
+    cap = cluster.usable_memory_gib * GIB / (1 + allocator_slack(cfg))
     return max(0.0, cap - stage_memory(model, cfg, rank, layers).total)
 
 
