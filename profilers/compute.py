@@ -54,6 +54,7 @@ class ComputeSettings:
     point_budget_s: float = 10.0  # fewer repeats (never under one) when one point would take longer
     recompute: bool = True  # also time the checkpointed backward (blocks)
     memory_cap_bytes: float | None = None  # CPU guard: skip a micro-batch that would need more
+    skip_kinds: tuple[str, ...] = ()  # profiled kinds left out (--quick where megatron's own layer is measured)
 
 
 def layer_kinds(spec: ModelSpec) -> tuple[str, ...]:
@@ -450,7 +451,7 @@ def profile_compute(spec: ModelSpec, seq_len: int, tps: list[int], device: torch
     """Every layer kind of `spec` at every TP degree in `tps`: a list of profile_layer results."""
     torch.manual_seed(0)
     return [profile_layer(spec, kind, tp, seq_len, device, dtype, settings, on_point)
-            for kind in profiled_kinds(spec) for tp in tps]
+            for kind in profiled_kinds(spec) if kind not in settings.skip_kinds for tp in tps]
 
 
 def layer_seq_len(spec: ModelSpec, seq_len: int) -> int:

@@ -122,9 +122,13 @@ def plan_profile(req: ProfileRequest) -> Plan:
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=cs.repeats,
                                                 deepspeed=cuda and _installed("deepspeed")))
+    megatron = cuda and megatron_layer.available(spec, torch.device("cuda")) is None
+    if q and megatron:
+        # --quick: megatron-core's own layer replaces the stand-in unfused attention core for the megatron engine;
+        # only torch-engine plans with flash attention off would use the stand-in (they fall back to the model)
+        cs = replace(cs, skip_kinds=(compute.UNFUSED_ATTENTION,))
     return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms,
-                kinds=len(compute.profiled_kinds(spec)),
-                megatron=cuda and megatron_layer.available(spec, torch.device("cuda")) is None)
+                kinds=len([k for k in compute.profiled_kinds(spec) if k not in cs.skip_kinds]), megatron=megatron)
 
 
 # ---- fits ----------------------------------------------------------------------------------------
@@ -263,6 +267,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
                        "not measured (one node): the cluster preset's inter_node link is used"),
         "unmeasured_collectives": raw_comm.get("unmeasured", {}),
         "infeasible": {f"{r['kind']}.tp{r['tp']}": r["error"] for r in results if r.get("error")},
+        "skipped_kinds": {k: "--quick: megatron-core's own layer measured instead" for k in plan.compute.skip_kinds},
         "megatron_layer": ("measured (megatron-core's local-spec layer, tp 1)" if megatron and megatron["points"] else
                            megatron["error"] if megatron else "not measured: megatron-core trains on CUDA only"),
     })

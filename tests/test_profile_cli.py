@@ -35,3 +35,8 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
     assert plan.cuda and plan.comm.sharding.micro_batches == ends
     assert plan.compute.micro_batches[-1] == (8 if quick else 16)
+    assert plan.compute.skip_kinds == () and not plan.megatron
+    # where megatron-core's layer is measured, --quick leaves out the stand-in unfused attention core
+    monkeypatch.setattr(megatron_layer, "available", lambda spec, device: None)
+    plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
+    assert plan.megatron and plan.compute.skip_kinds == (("attention_unfused",) if quick else ())
