@@ -181,9 +181,10 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     store. Unfused attention (megatron without Transformer Engine) stores its score tensors beside that
     (stage_memory keeps them analytic): megatron-core's llama layers store what distplan's do plus 2 bytes per
     score (a llama-3-8b megatron plan ran out of memory mid-forward 5 GiB above the analytic count), and its
-    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Megatron's layer
-    measured alone stores 6 bytes per score (its softmax runs in fp32 unless the fused kernel's shape
-    conditions hold, which they do inside the model), so it is not used here; `engine` changes nothing yet.
+    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Megatron's layer as
+    the profiler built it until session 4 stored 6 bytes per score (TransformerConfig's fp32 softmax, where
+    Megatron-LM's arguments, which the engine parses, leave the softmax in bf16), so it is not used here;
+    `engine` changes nothing yet.
     """
     if profile is None or profile.seq_len != cfg.seq_len:
         return 1.0

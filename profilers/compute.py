@@ -113,8 +113,9 @@ def shard_block(block: Block, spec: ModelSpec, tp: int) -> Block:
 
 class UnfusedAttentionCore(nn.Module):
     """softmax(Q K^T / sqrt(d) + causal mask) V as megatron-core's DotProductAttention runs it without fusion
-    (masked_softmax_fusion off, attention_softmax_in_fp32 on, dropout 0): baddbmm into bf16 scores, an fp32
-    copy, masked_fill of the causal mask, fp32 softmax, a cast back, bmm with V. Input (b, s, heads_local*d)
+    (masked_softmax_fusion off, attention_softmax_in_fp32 off as Megatron-LM's arguments leave it, dropout 0):
+    baddbmm into bf16 scores, masked_fill of the causal mask, softmax in the scores' dtype, bmm with V.
+    Input (b, s, heads_local*d)
     serves as Q, K and V (the projections are timed in the block); output the same shape. Parameter-free."""
 
     def __init__(self, spec: ModelSpec, tp: int):
@@ -127,7 +128,7 @@ class UnfusedAttentionCore(nn.Module):
         scores = torch.baddbmm(torch.empty(b * self.heads, s, s, dtype=x.dtype, device=x.device), q, q.transpose(1, 2),
                                beta=0.0, alpha=1.0 / math.sqrt(self.d))
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu_(1)
-        probs = torch.softmax(scores.float().masked_fill(mask, -10000.0), dim=-1).to(x.dtype)
+        probs = torch.softmax(scores.masked_fill(mask, -10000.0), dim=-1)
         ctx = torch.bmm(probs, q)
         return ctx.view(b, self.heads, s, self.d).permute(0, 2, 1, 3).reshape(b, s, self.heads * self.d)
 

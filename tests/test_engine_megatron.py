@@ -86,6 +86,10 @@ def test_gpt_maps_to_learned_positions_layernorm_gelu_and_a_tied_head():
     assert (kw["recompute_granularity"], kw["recompute_modules"]) == ("selective", ["core_attn"])
     assert kw["bf16"] and kw["params_dtype"] == "bf16" and kw["hidden_dropout"] == kw["attention_dropout"] == 0.0
     assert not any(kw[k] for k in ("persist_layer_norm", "gradient_accumulation_fusion", "apply_rope_fusion", "masked_softmax_fusion"))
+    # softmax in the scores' dtype, as Megatron-LM's arguments leave it (the emitted ones do not turn it on);
+    # TransformerConfig's own default (fp32) made the profiled lone layer store 3x the scores and run slower
+    assert kw["attention_softmax_in_fp32"] is False and "--attention-softmax-in-fp32" not in megatron_argv(plan)
+    assert "attention_softmax_in_fp32" in me.CHECKED_FIELDS
     assert "num_moe_experts" not in kw
     mk = me.model_kwargs(plan)
     assert mk == {"vocab_size": 50304, "max_sequence_length": 1024, "position_embedding_type": "learned_absolute",

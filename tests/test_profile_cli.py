@@ -40,3 +40,6 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     monkeypatch.setattr(megatron_layer, "available", lambda spec, device: None)
     plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
     assert plan.megatron and plan.compute.skip_kinds == (("attention_unfused",) if quick else ())
+    # and its layer at the smallest and largest micro-batch only; the sharding stacks with 2 trials
+    assert run.megatron_settings(plan).micro_batches == ((1, 8) if quick else (1, 2, 4, 8, 16))
+    assert plan.comm.sharding.trials == (2 if quick else plan.compute.repeats)

@@ -68,7 +68,8 @@ DROPPED_FLAGS = {"--use-megatron-fsdp": 0, "--data-parallel-sharding-strategy": 
 CHECKED_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                   "expert_model_parallel_size", "sequence_parallel", "normalization", "gated_linear_unit",
-                  "add_bias_linear", "recompute_granularity", "num_moe_experts", "moe_router_topk")
+                  "add_bias_linear", "recompute_granularity", "num_moe_experts", "moe_router_topk",
+                  "attention_softmax_in_fp32")
 
 
 @contextmanager
@@ -159,6 +160,11 @@ def layer_config_kwargs(m, cfg, dtype: str, pipeline_model_parallel_layout: str 
         "pipeline_model_parallel_layout": pipeline_model_parallel_layout,
         "transformer_impl": "local", "persist_layer_norm": False, "bias_activation_fusion": False,
         "masked_softmax_fusion": False, "bias_dropout_fusion": False, "apply_rope_fusion": False,
+        # Megatron-LM's argument default (--attention-softmax-in-fp32 is off; the emitted arguments leave it off);
+        # TransformerConfig's own default is on. Set here so both paths and the profiled layer agree: with it on,
+        # megatron-core's layer stored 6 bytes per attention score and took longer (a lone layer profiled so
+        # over-predicted megatron's gpt2-xl and llama steps by 17-25% on 2xH200); with it off, 2.
+        "attention_softmax_in_fp32": False,
         "gradient_accumulation_fusion": False, "deallocate_pipeline_outputs": True,
         "recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None,
     }
@@ -262,7 +268,7 @@ def _config_from_parser(plan: Plan, opts: RunOptions, dist: DistInfo, kw: dict):
     # what the local spec needs and the parser leaves at Megatron-LM's defaults
     for key in ("activation_func", "params_dtype", "pipeline_dtype", "bf16", "init_method_std", "layernorm_epsilon",
                 "kv_channels", "persist_layer_norm", "gradient_accumulation_fusion", "apply_rope_fusion",
-                "masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusion"):
+                "masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusion", "attention_softmax_in_fp32"):
         setattr(config, key, kw[key])
     if kw.get("num_query_groups") == plan.model.num_heads and config.num_query_groups is None:
         config.num_query_groups = plan.model.num_heads  # Megatron leaves MHA's groups unset (= heads)
