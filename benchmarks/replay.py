@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
-from planner.profile import load_profile  # noqa: E402
+from planner.cluster import load_cluster  # noqa: E402
+from planner.profile import cluster_for_profile, load_profile  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -67,8 +68,11 @@ def _find_profile(path: str, call_dir: Path) -> Path | None:
     raise SystemExit(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
 
 
-def replay(results: Path) -> list[dict]:
+def replay(results: Path, overrides: dict[str, list[Path]] | None = None) -> list[dict]:
+    """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model and
+    sequence length match the plan's), e.g. a profile re-measured after a profiler fix."""
     rows = []
+    overrides = overrides or {}
     with tempfile.TemporaryDirectory() as tmp:
         for call, row in _latest_rows(results):
             dest = Path(tmp) / call.name
@@ -81,7 +85,13 @@ def replay(results: Path) -> list[dict]:
             found = _find_profile(prof_path, dest)
             profile = load_profile(found) if found else None
             engine = row.get("engine") or "any"
-            pred = predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine)
+            cluster = plan.cluster
+            for cand in overrides.get(engine, []):
+                other = load_profile(cand)
+                if other.model == plan.model.name and other.seq_len == plan.parallel.seq_len:
+                    found, profile = cand.resolve(), other
+                    cluster = cluster_for_profile(other, load_cluster(plan.cluster.name.split("+")[0]))
+            pred = predict(plan.model, cluster, plan.parallel, profile, engine=engine)
             fullest = max(pred.stages, key=lambda s: s.memory.total)
             measured = row.get("peak_allocated_gib")
             rows.append({"call": call.name, "case": row["case"], "plan": row["name"], "engine": engine,
@@ -102,19 +112,19 @@ def _pct(predicted: float | None, measured: float | None) -> str:
     return f"{100 * (measured - predicted) / predicted:+.1f}%"
 
 
-def render(rows: list[dict], results: Path) -> str:
+def render(rows: list[dict], results: Path, overrides: list[str] | None = None) -> str:
     lines = [f"# Replay: {results.name} re-predicted with today's cost model",
              "", f"Machine: {platform.machine()}, Python {platform.python_version()}; date "
              f"{datetime.date.today().isoformat()}. Command: `python3 benchmarks/replay.py --results "
-             f"{results.relative_to(ROOT)}`.",
+             f"{results.relative_to(ROOT)}" + "".join(f" --profile {o}" for o in overrides or []) + "`.",
              "", "Measured: the run's median step time and peak allocated memory on its fullest GPU (from the committed "
              "rows; a case re-run by a later call keeps the later call's rows). Then: the prediction when it ran. Now: "
              "`predict` today, same plan, engine and profile. Errors: measured over predicted, as in the campaign. "
              "Peak at: the moment of the step the memory model puts the peak at. An OOM row is caught when today's "
              f"prediction says it does not fit (fit limit: usable memory / {1 + FRAGMENTATION:.2f}).", "",
              "| case | plan | engine | config | step measured (s) | error then | error now | memory measured (GiB) "
-             "| error then | error now | peak at | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| error then | error now | peak at | status | profile now |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     within, step_within, ran, caught, ooms = 0, 0, 0, 0, 0
     for r in rows:
         if r["status"] == "ran":
@@ -131,7 +141,7 @@ def render(rows: list[dict], results: Path) -> str:
         lines.append(f"| {r['case']} | {r['plan']} | {r['engine']} | {r['config']} | {step} | "
                      f"{_pct(r['step_then_s'], r['step_measured_s'])} | {_pct(r['step_now_s'], r['step_measured_s'])} | "
                      f"{mem} | {_pct(r['then_gib'], r['measured_gib'])} | {_pct(r['now_gib'], r['measured_gib'])} | "
-                     f"{r['peak_at']} | {status} |")
+                     f"{r['peak_at']} | {status} | {r['profile']} |")
     lines += ["", f"Runs within 10% now: step time {step_within} of {ran}, memory {within} of {ran}; out-of-memory runs "
               f"the model now says do not fit: {caught} of {ooms}."]
     return "\n".join(lines) + "\n"
@@ -141,9 +151,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "campaign_2xh200")
     ap.add_argument("-o", "--out", type=Path, default=None)
+    ap.add_argument("--profile", action="append", default=[], metavar="ENGINE:PATH",
+                    help="re-predict ENGINE's rows with this profile (matching model and sequence length) instead of "
+                         "the plan's; repeatable")
     args = ap.parse_args()
     results = args.results.resolve()
-    text = render(replay(results), results)
+    overrides: dict[str, list[Path]] = {}
+    for item in args.profile:
+        engine, sep, path = item.partition(":")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"replay: --profile {item!r}: expected ENGINE:PATH to an existing profile")
+        overrides.setdefault(engine, []).append(Path(path))
+    text = render(replay(results, overrides), results, args.profile)
     print(text)
     if args.out:
         args.out.write_text(text)

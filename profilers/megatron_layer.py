@@ -42,6 +42,19 @@ def available(spec: ModelSpec, device: torch.device) -> str | None:
     return None
 
 
+def preload() -> None:
+    """Import the megatron-core modules the layer needs (slow: seconds), ahead of `profile`; errors are left for
+    `profile` to record."""
+    try:
+        import megatron.core.models.gpt  # noqa: F401
+        import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+        import megatron.core.parallel_state  # noqa: F401
+        import megatron.core.tensor_parallel  # noqa: F401
+        import megatron.core.transformer  # noqa: F401
+    except Exception:  # noqa: BLE001 - profile() imports again and says why it failed
+        pass
+
+
 @contextmanager
 def megatron_state(device: torch.device, seed: int = 0):
     """A single-rank process group (if none is up) and megatron's parallel state at tp = pp = 1."""
