@@ -91,6 +91,11 @@ def test_pp2_1f1b_uneven_split_tied_embedding(tmp_path):
     assert_verified(report, tmp_path, 2)
     assert [r["chunks"] for r in report.ranks] == [[[0, 0, 1]], [[1, 1, 4]]]
     assert math.isnan(report.ranks[0]["losses"][0])  # only the last stage sees the loss
+    # each rank's chunk compute per step, inside its step time; the rank with 3 blocks computes longer
+    for r in report.ranks:
+        c = r["chunk_compute_s"]
+        assert c["fwd"] > 0 and c["bwd"] > 0 and c["fwd"] + c["bwd"] < r["median_step_time_s"]
+    assert sum(report.ranks[1]["chunk_compute_s"].values()) > sum(report.ranks[0]["chunk_compute_s"].values())
 
 
 @pytest.mark.slow

@@ -103,6 +103,9 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                   for (v, *_), mod in zip(chunks, modules)]
         cls = getattr(pipelining, SCHEDULES[cfg.schedule])
         schedule = cls(stages if cfg.schedule == "interleaved" else stages[0], m, loss_fn=lm_loss)
+    # pipelines: chunk compute per step (the schedule's own cost = step - chunks - optimizer)
+    chunk_clock = _ChunkClock(stages, device) if cfg.pp > 1 else None
+    chunk_times: list[dict] = []
     is_first = any(v == 0 for v, *_ in chunks)
     is_last = any(v == n_virtual - 1 for v, *_ in chunks)
 
@@ -132,6 +135,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
             step_times.append(time.perf_counter() - t0)
             optimizer_times.append(opt_timer.seconds())
             microbatch_times.append([t.seconds() for t in mb_timers])
+        if chunk_clock is not None:
+            spans = chunk_clock.take()
+            if step >= opts.warmup:
+                chunk_times.append(spans)
         if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
             tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
             loss = loss / cfg.dp
@@ -151,7 +158,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                # pp = 1: each micro-batch's forward + backward (median over the measured steps), and how often
                # the caching allocator freed its cache to retry an allocation (slow: it synchronises)
                "microbatch_s": [statistics.median(ts) for ts in zip(*microbatch_times)] if microbatch_times else None,
-               "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None},
+               "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None,
+               # pp > 1: this rank's chunk compute per step (median), forward and backward
+               "chunk_compute_s": {k: statistics.median(t[k] for t in chunk_times) for k in ("fwd", "bwd")}
+               if chunk_times else None},
     )
 
 
@@ -310,6 +320,48 @@ def _offload(cfg, device):
 
         return CPUOffloadPolicy()
     return None
+
+
+class _ChunkClock:
+    """Compute time of this rank's pipeline chunks in one step, forward and backward: events (CUDA; CPU: wall
+    clock) around each PipelineStage's forward_one_chunk, backward_one_chunk and backward_weight_one_chunk, the
+    calls the schedule makes once the chunk's inputs have arrived. The step minus these and the optimizer is what
+    the schedule itself cost (waiting for other ranks, transfers, bubbles). The last stage's loss forward is the
+    schedule's (outside), its backward is inside backward_one_chunk."""
+
+    METHODS = (("forward_one_chunk", "fwd"), ("backward_one_chunk", "bwd"), ("backward_weight_one_chunk", "bwd"))
+
+    def __init__(self, stages: list, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+        for stage in stages:
+            for name, kind in self.METHODS:
+                fn = getattr(stage, name, None)
+                if fn is not None:
+                    setattr(stage, name, self._timed(fn, kind))
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _timed(self, fn, kind: str):
+        def call(*args, **kwargs):
+            start = self._mark()
+            out = fn(*args, **kwargs)
+            self.spans.append((kind, start, self._mark()))
+            return out
+        return call
+
+    def take(self) -> dict[str, float]:
+        """Seconds of forward and backward chunk compute since the last take (after the step's sync)."""
+        out = {"fwd": 0.0, "bwd": 0.0}
+        for kind, a, b in self.spans:
+            out[kind] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+        self.spans = []
+        return out
 
 
 class _PhaseTimer:
