@@ -68,6 +68,11 @@ CASES: dict[str, Case] = {
     "llama-2-13b-small": Case("llama-2-13b", 4096, 8, "13B: plain DDP does not fit 2x141 GB (16 B/param = 208 GB)"),
     "llama-2-13b-large": Case("llama-2-13b", 4096, 32, "13B, large global batch; DDP does not fit", 2, 1),
     "tiny": Case("tiny", 32, 8, "4-layer hidden-128 GPT (CPU test of the harness)", 2, 1),
+    # one 8-GPU node (issue 8: nvidia-h200-x8; run with --gpus 8, one case per 10-minute call)
+    "llama-3-8b-8gpu": Case("llama-3-8b", 4096, 32, "llama-3-8b at 4096 tokens on 8 GPUs", 2, 1),
+    "llama-2-13b-8gpu": Case("llama-2-13b", 4096, 32, "13B at 4096 tokens on 8 GPUs", 2, 1),
+    "llama-2-70b-40l-8gpu": Case("llama-2-70b-40l", 4096, 16, "llama-2-70b with 40 of 80 layers (34.8B; stated): "
+                                 "556 GB of model states, so DDP and ZeRO-1/2 do not fit 8 x 141 GB", 2, 1),
 }
 
 
@@ -534,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=None, help="default: the visible GPUs, or 2 on CPU")
     ap.add_argument("--cluster", default=None, help="cluster preset or YAML (default: the profiled GPU's preset)")
     ap.add_argument("--megatron-engine", default="megatron", choices=("megatron", "torch"))
+    ap.add_argument("--distplan-engine", default="torch", choices=("torch", "megatron"),
+                    help="the engine distplan's plan and its alternatives are solved for and run on")
     ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
     ap.add_argument("--check-numerics", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
@@ -572,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=a.cluster,
                                  check_numerics=a.check_numerics, log=lambda m: print(m, flush=True),
-                                 megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine)
+                                 megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
+                                 engine_for_distplan=a.distplan_engine)
             except DistplanError as exc:
                 print(f"error: {name}: {exc}", file=sys.stderr)
                 rows.append({"case": name, "name": "distplan", "role": "distplan", "status": "refused", "why": str(exc)[:300]})

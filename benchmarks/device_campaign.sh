@@ -9,7 +9,8 @@
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
 #   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says;
-#   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute).
+#   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
+#   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1).
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
@@ -17,7 +18,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cases=${CASES:-gpt2-xl-small}
-committed=benchmarks/results/profile_2xh200
+committed=${COMMITTED:-benchmarks/results/profile_2xh200}  # reused where model and sequence length match
 { date -u; nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$log" 2>&1
 
 # 1. profiles: only (model, seq_len) pairs that no committed profile covers (--quick: ~40 s for llama-3-8b)

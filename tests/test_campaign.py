@@ -163,3 +163,22 @@ def test_merge_keeps_the_latest_call_of_each_case():
     second = [{"case": "a", "name": "ddp", "v": 2}]
     assert merge_rows([first, second]) == [{"case": "a", "name": "ddp", "v": 2}, {"case": "b", "name": "ddp", "v": 1}]
     assert merge_rows([first]) == [first[0], first[2], first[1]]  # grouped by case, in order of first appearance
+
+
+def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
+    """Issue 8's cases (one 8-GPU node) make their plans without a GPU: llama-2-70b with 40 of its 80 layers (556 GB
+    of model states) leaves DDP and DeepSpeed ZeRO-2 out as not fitting and keeps FSDP2 ZeRO-3, megatron's heuristic
+    and distplan's plan, all on 8 GPUs."""
+    from planner.plan import load_plan
+
+    spec = load_model("llama-2-70b-40l")
+    params = spec.num_layers * spec.block_params() + spec.embedding_params() + spec.head_params()
+    assert 16 * params / 1e9 == pytest.approx(556, rel=0.01)
+    plans, skipped = campaign.campaign_plans(campaign.CASES["llama-2-70b-40l-8gpu"], None, tmp_path, gpus=8,
+                                             cluster="h200-141gb")
+    names = {p.name for p in plans}
+    assert {"distplan", "fsdp2-full", "megatron-heuristic"} <= names and not {"ddp", "deepspeed-zero2"} & names
+    assert {s["name"] for s in skipped} >= {"ddp", "deepspeed-zero2"}
+    for p in plans:
+        cfg = load_plan(p.plan_path).parallel
+        assert cfg.dp * cfg.tp * cfg.pp * cfg.cp == 8
