@@ -1,0 +1,39 @@
+"""The cost model against every campaign run measured on 2x H200 (benchmarks/replay.py over the committed rows,
+plans and profiles of benchmarks/results/campaign_2xh200/): a regression guard for the memory and step-time
+models, whose references are real measurements (peak allocated memory, median step time, out-of-memory errors)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("replay", ROOT / "benchmarks" / "replay.py")
+replay = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(replay)
+
+RESULTS = ROOT / "benchmarks" / "results" / "campaign_2xh200"
+MEGATRON_PROFILES = [ROOT / "benchmarks/results/profile_2xh200/session4/profile-gpt2-xl-s1024-quick.yaml",
+                     ROOT / "benchmarks/results/profile_2xh200/session4/profile-llama-3-8b-s4096-quick.yaml"]
+
+
+def _rows():
+    return replay.replay(RESULTS, {"megatron": MEGATRON_PROFILES})
+
+
+def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_not_fit():
+    rows = _rows()
+    ran = [r for r in rows if r["status"] == "ran"]
+    ooms = [r for r in rows if r["status"] == "oom"]
+    assert len(ran) >= 19 and len(ooms) >= 2
+    misses = [(r["case"], r["plan"], r["measured_gib"], round(r["now_gib"], 1)) for r in ran
+              if abs(r["measured_gib"] - r["now_gib"]) > 0.10 * r["now_gib"]]
+    assert not misses
+    assert all(not r["now_fits"] for r in ooms), [(r["case"], r["plan"], r["now_gib"]) for r in ooms]
+
+
+def test_step_times_stay_as_close_as_session_4_left_them():
+    """15 of 19 within 10% after session 4 (the misses: torch pipelining +11-15%, gpt2-xl DDP +11.9%); a change
+    that loses any of them fails here."""
+    ran = [r for r in _rows() if r["status"] == "ran"]
+    within = [r for r in ran if abs(r["step_measured_s"] - r["step_now_s"]) <= 0.10 * r["step_now_s"]]
+    assert len(within) >= 15, [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran
+                               if r not in within]
