@@ -6,8 +6,9 @@ What is timed (one layer, one micro-batch of `micro_batch` sequences of `seq_len
 - bwd: its backward, parameter gradients accumulating as they do across micro-batches;
 - recompute (blocks only): backward under full activation checkpointing minus the plain backward,
   i.e. the cost of re-running the forward inside backward (Chen et al. 2016; Megatron "full").
-CUDA: CUDA events on the current stream; CPU: the thread's CPU time, one core (see Clock). Each
-number is the median of `repeats` runs after `warmup` runs (warm up, repeat, take the median).
+How (profilers/timing.py): CUDA events, each phase the larger of the GPU's time with the host queued
+ahead and the host's own time; CPU: the thread's CPU time, one core (timing.Clock). Each number is the
+median of `repeats` runs after `warmup` runs (warm up, repeat, take the median).
 
 Tensor-parallel shards (Megatron-LM, Shoeybi et al. 2019, sec. 3): q/k/v and fc1 (gate/up) are
 split column-wise (heads / tp query heads, max(1, kv_heads / tp) key/value heads, ffn / tp), o_proj
@@ -27,7 +28,6 @@ need exceeds `memory_cap_bytes`) is recorded as infeasible, and larger ones are 
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from collections.abc import Callable
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from planner.errors import require
 from planner.model import ModelSpec
 from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
 from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND
+from profilers.timing import free_memory, is_oom, time_point
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -205,188 +205,7 @@ def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: 
     return (x,), torch.randn(b, seq_len, h, device=device, dtype=dtype)
 
 
-# ---- timing ----------------------------------------------------------------------------------
-
-
-class Clock:
-    """CUDA events on the current stream; on CPU the CPU time of this thread (time.thread_time).
-
-    A CPU 'device' is one core (the profile runs torch single-threaded there, as each gloo rank is),
-    and thread CPU time does not count the time other processes hold the core: a shared CI machine
-    gives the same numbers busy or idle, where wall-clock time would measure its load.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.thread_time()
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _saved_bytes(run: Callable[[], torch.Tensor], params: set[int]) -> tuple[torch.Tensor, int]:
-    """Run a forward counting the bytes of the non-parameter tensors autograd saves (each storage once)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        if t.device.type != "meta" and t.data_ptr() not in params:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return out, sum(seen.values())
-
-
-class HostAhead:
-    """Lets the host queue a layer's kernels before the GPU runs them (CUDA only).
-
-    Timed from an idle GPU, a layer whose host-side work (Python, launches) outlasts some of its short kernels
-    makes the GPU wait between them, and its events time the host, not the GPU. Inside a model the host runs
-    ahead of the GPU through the long kernels of earlier layers, so the GPU's own time is what a layer costs
-    there unless the host is slower on average: a layer in a model takes max(GPU time, host time). megatron-core's
-    layer timed from an idle GPU took 9.4 ms per gpt2-xl layer (micro-batch 8) where the 48-layer model spends
-    about 7.7 (2xH200, campaign of 2026-11-22).
-
-    `hold()` queues a sleep kernel long enough for the host to queue the whole run behind it; the events after
-    it then time the GPU alone, and the host's wall clock around the same calls times the host."""
-
-    MIN_S, MAX_S = 0.005, 0.25  # a host slower than MAX_S / 2 per run is timed as host-bound anyway
-
-    def __init__(self):
-        self.hold_s = 0.05  # the first run's; then twice the last run's host time, at least MIN_S
-        self.cycles_per_s = self._calibrate()
-
-    @staticmethod
-    def _calibrate() -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        torch.cuda._sleep(1_000_000)
-        b.record()
-        torch.cuda.synchronize()
-        return 1_000_000 / max(a.elapsed_time(b) / 1e3, 1e-6)
-
-    def hold(self) -> None:
-        torch.cuda._sleep(int(self.hold_s * self.cycles_per_s))
-
-    def saw_host(self, host_s: float) -> None:
-        self.hold_s = min(max(self.MIN_S, 2 * host_s), self.MAX_S)
-
-
-def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings, device: torch.device,
-               recompute: bool) -> dict:
-    """Median fwd/bwd(/recompute) seconds and activation bytes of one layer on one micro-batch.
-
-    On CUDA each phase is the larger of the GPU's time with the host queued ahead (HostAhead) and the host's
-    own time for the same calls; both are recorded (gpu_*_s, host_*_s)."""
-    clock = Clock(device)
-    ahead = HostAhead() if device.type == "cuda" else None
-    params = {p.data_ptr() for p in layer.parameters()}
-
-    def forward(args, ckpt=False):
-        return checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
-
-    def backward(out, grad):
-        out.backward(grad) if grad is not None else out.backward()
-
-    phases = ("fwd", "bwd", "recompute_bwd")
-    gpu, host = {ph: [] for ph in phases}, {ph: [] for ph in phases}
-    memory = {}
-    runs, i = settings.warmup + settings.repeats, 0
-    while i < runs:
-        args, grad = inputs_fn()
-        measure_memory = i == settings.warmup - 1 or (settings.warmup == 0 and i == 0)
-        clock.sync()
-        if measure_memory and device.type == "cuda":
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        if ahead is not None and i >= settings.warmup:  # timed runs only
-            ahead.hold()
-        wall = h0 = time.perf_counter()
-        t0 = clock.mark()
-        if measure_memory and device.type != "cuda":
-            out, saved = _saved_bytes(lambda: forward(args), params)
-        else:
-            out = forward(args)
-        t1 = clock.mark()
-        h1 = time.perf_counter()
-        if measure_memory:
-            clock.sync()
-            if device.type == "cuda":
-                memory = {"activation_bytes": torch.cuda.memory_allocated() - base,
-                          "fwd_peak_bytes": torch.cuda.max_memory_allocated() - base}
-            else:
-                memory = {"activation_bytes": saved + out.numel() * out.element_size()}
-            h1 = time.perf_counter()
-        backward(out, grad)
-        t2 = clock.mark()
-        h2 = time.perf_counter()
-        if recompute:
-            del out
-            args, grad = inputs_fn()
-            out = forward(args, ckpt=True)
-            t3 = clock.mark()
-            h3 = time.perf_counter()
-            backward(out, grad)
-            t4 = clock.mark()
-            h4 = time.perf_counter()
-        if ahead is not None:
-            ahead.saw_host(time.perf_counter() - h0)
-        clock.sync()
-        if measure_memory and device.type == "cuda":
-            memory["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-        del out, args, grad
-        if i >= settings.warmup:
-            gpu["fwd"].append(clock.seconds(t0, t1))
-            gpu["bwd"].append(clock.seconds(t1, t2))
-            host["fwd"].append(h1 - h0)
-            host["bwd"].append(h2 - h1)
-            if recompute:
-                gpu["recompute_bwd"].append(clock.seconds(t3, t4))
-                host["recompute_bwd"].append(h4 - h3)
-        elif i == settings.warmup - 1:
-            # the last warm-up run sets how many repeats fit the budget (at least one)
-            per_run = time.perf_counter() - wall
-            runs = settings.warmup + max(1, min(settings.repeats, int(settings.point_budget_s / max(per_run, 1e-9))))
-        i += 1
-    med = lambda xs: float(torch.tensor(xs, dtype=torch.float64).median())  # noqa: E731
-    if ahead is None:  # CPU: thread time is the device's own
-        cost = {ph: med(gpu[ph]) for ph in phases if gpu[ph]}
-        point = {"fwd_s": cost["fwd"], "bwd_s": cost["bwd"], "repeats": len(gpu["fwd"]), **memory}
-    else:
-        cost = {ph: med([max(g, h) for g, h in zip(gpu[ph], host[ph])]) for ph in phases if gpu[ph]}
-        point = {"fwd_s": cost["fwd"], "bwd_s": cost["bwd"], "repeats": len(gpu["fwd"]), **memory}
-        for ph in phases:
-            if gpu[ph]:
-                point[f"gpu_{ph}_s"], point[f"host_{ph}_s"] = med(gpu[ph]), med(host[ph])
-    if recompute:
-        point["recompute_s"] = max(0.0, cost["recompute_bwd"] - point["bwd_s"])
-    return point
+# ---- profiling one layer kind (timing: profilers/timing.py) -------------------------------------------
 
 
 def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: torch.device, dtype: torch.dtype,
@@ -406,7 +225,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
         if not is_oom(exc):
             raise
     if layer is None:  # freed outside the except clause: its traceback holds the partial tensors
-        _free(device)
+        free_memory(device)
         result["oom_micro_batch"] = min(settings.micro_batches)
         result["error"] = "out of memory building the layer"
         return result
@@ -431,7 +250,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
             if not is_oom(exc):
                 raise
         if point is None:  # out of memory; freed here, once the exception and its frames are gone
-            _free(device)
+            free_memory(device)
             result["oom_micro_batch"] = mb
             result["error"] = f"out of memory at micro-batch {mb}"
             on_point(label + " (out of memory)")
@@ -442,7 +261,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
         if result["oom_micro_batch"] and mb > result["oom_micro_batch"]:
             on_point(f"{kind} tp={tp} micro-batch {mb} (skipped: a smaller one did not fit)")
     del layer
-    _free(device)
+    free_memory(device)
     result["wall_s"] = round(time.perf_counter() - started, 3)  # building, inputs and timing: where a profile's time goes
     return result
 

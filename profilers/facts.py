@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from profilers.compute import Clock
+from profilers.timing import Clock
 
 GIB = 2**30
 

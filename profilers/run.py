@@ -204,7 +204,7 @@ def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Prof
 
     threads = torch.get_num_threads()
     if not plan.cuda:
-        torch.set_num_threads(1)  # a CPU 'device' is one core, like each gloo rank (compute.Clock)
+        torch.set_num_threads(1)  # a CPU 'device' is one core, like each gloo rank (timing.Clock)
     try:
         return _measure(req, spec, plan, tick, started)
     finally:

@@ -1,6 +1,6 @@
 """`distplan profile` end to end on the CPU (gloo between local processes): the whole path CI can run.
 
-Layer times on the CPU are the measuring thread's CPU time (profilers.compute.Clock), so a busy CI
+Layer times on the CPU are the measuring thread's CPU time (profilers.timing.Clock), so a busy CI
 machine barely moves them; still, the fits are held to a loose bound here (CPU_FIT_TOLERANCE);
 tests/test_profile_fit.py holds the fitting itself to tight bounds on synthetic data, and the GPU
 profiles under benchmarks/results/ record each fit's largest error on real hardware.
