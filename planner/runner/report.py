@@ -163,6 +163,23 @@ def config_summary(plan: Plan) -> str:
             f"{c.schedule} zero={c.zero_stage} recompute={c.recompute}{' sp' if c.sequence_parallel else ''}")
 
 
+def _where_the_step_went(rank_rows) -> list[str]:
+    """One note per pipeline stage (its first rank) that timed its chunks: compute, optimizer, and the rest of the
+    step (the schedule: waiting for other stages, transfers, bubbles)."""
+    out, seen = [], set()
+    for r in rank_rows:
+        chunks, step, opt = r.get("chunk_compute_s"), r.get("median_step_time_s"), r.get("optimizer_s") or 0.0
+        if not chunks or not step or r["pp_rank"] in seen:
+            continue
+        seen.add(r["pp_rank"])
+        compute = chunks["fwd"] + chunks["bwd"]
+        rest = step - compute - opt
+        out.append(f"pipeline stage {r['pp_rank']} (rank {r['rank']}): chunk compute {compute:.4g} s (forward "
+                   f"{chunks['fwd']:.4g}, backward {chunks['bwd']:.4g}), optimizer {opt:.4g} s, the rest of the step "
+                   f"{rest:.4g} s ({100 * rest / step:.0f}%: waiting for other stages, transfers, the bubble)")
+    return out
+
+
 def build_report(plan: Plan, plan_path: str, engine: str, device: str, dtype: str, steps: int, warmup: int,
                  data: str, tolerance: float, prediction: dict, results: list[RankResult], failures: list[Failure],
                  numerics: NumericsResult | None, notes: tuple[str, ...] = (), wall_time_s: float = 0.0,
@@ -224,6 +241,7 @@ def build_report(plan: Plan, plan_path: str, engine: str, device: str, dtype: st
     all_notes = list(notes)
     for r in results[:1]:
         all_notes.extend(r.notes)
+    all_notes.extend(_where_the_step_went(rank_rows))
     return Report(
         plan=str(plan_path), plan_digest=plan.digest(), config=config_summary(plan), engine=engine, device=device,
         dtype=dtype, world_size=plan.parallel.gpus, steps=steps, warmup=warmup, data=data, tolerance=tolerance,
