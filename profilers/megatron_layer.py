@@ -50,7 +50,7 @@ def preload() -> None:
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.tensor_parallel  # noqa: F401
-        import megatron.core.transformer  # noqa: F401
+        import megatron.core.transformer  # noqa: F401 - imported for its load time, not its names
     except Exception:  # noqa: BLE001 - profile() imports again and says why it failed
         pass
 

@@ -42,7 +42,6 @@ def _divisors(n: int) -> list[int]:
 def uniform_configs(model: ModelSpec, gpus: int, global_batch: int, seq_len: int, *, flash_attention: bool = True,
                     overlap_grad_reduce: bool = True):
     """Every valid uniform configuration of `gpus` GPUs (module doc), in canonical order."""
-    L = model.num_layers
     for tp, cp, pp in product(_divisors(gpus), repeat=3):
         if gpus % (tp * cp * pp):
             continue
