@@ -276,7 +276,27 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
         first = next((f for f in fails if f.get("primary")), fails[0])
         row["status"], row["why"] = ("oom" if row["oom"] else "failed"), f"rank {first['rank']}: {first['reason']}"[:300]
     row["wall_s"] = report.get("wall_time_s")
+    row["hints"] = _hints(report)
     return row
+
+
+def _hints(report: dict) -> list[str]:
+    """What the report's per-rank measurements say about a miss: allocator retries (memory pressure) and, for
+    pipelines, the share of the step outside the chunks' compute and the optimizer (the schedule's own cost)."""
+    ranks = report.get("ranks") or []
+    out = []
+    retries = max((r.get("alloc_retries") or 0 for r in ranks), default=0)
+    if retries:
+        out.append(f"allocator retries {retries} (rank max)")
+    shares = []
+    for r in ranks:
+        chunks, step = r.get("chunk_compute_s"), r.get("median_step_time_s")
+        if chunks and step:
+            shares.append((1 - (chunks["fwd"] + chunks["bwd"] + (r.get("optimizer_s") or 0.0)) / step, r["pp_rank"]))
+    if shares:
+        share, stage = max(shares)
+        out.append(f"pipeline schedule {100 * share:.0f}% of the step on stage {stage} (outside chunk compute and optimizer)")
+    return out
 
 
 def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, steps: int | None = None,
@@ -404,7 +424,8 @@ def summarize(rows: list[dict]) -> dict:
         }
         cases[name] = {"speedup_over_best_baseline": speedup, "best_baseline": best["name"] if best else None,
                        "spearman": rho, "plans_ran": len(ran), "plans": len(mine), "targets": targets,
-                       "misses": [{"name": r["name"], "role": r["role"], "what": m} for r in mine if (m := _misses(r))]}
+                       "misses": [{"name": r["name"], "role": r["role"], "what": m, "hints": r.get("hints") or []}
+                                  for r in mine if (m := _misses(r))]}
     speedups = [c["speedup_over_best_baseline"] for c in cases.values() if c["speedup_over_best_baseline"] is not None]
     overall = {"ge_10pct_faster_in_one_case": (max(speedups) >= SPEEDUP_ONE_CASE) if speedups else None,
                "all_targets_met": all(v is not False for c in cases.values() for v in c["targets"].values())}
@@ -506,7 +527,8 @@ def write_markdown(summary: dict, path: str | Path, machine: str, env: dict | No
               "its report YAML and log.", ""]
     misses = [(n, m) for n, c in summary["cases"].items() for m in c["misses"]]
     for case_name, m in misses:
-        lines.append(f"- **{case_name} / {m['name']}** ({m['role']}): {'; '.join(m['what'])}. Cause: _TODO_")
+        hints = f" Measured: {'; '.join(m['hints'])}." if m.get("hints") else ""
+        lines.append(f"- **{case_name} / {m['name']}** ({m['role']}): {'; '.join(m['what'])}.{hints} Cause: _TODO_")
     if not misses:
         lines.append("- none")
     Path(path).parent.mkdir(parents=True, exist_ok=True)

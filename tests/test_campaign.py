@@ -182,3 +182,19 @@ def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
     for p in plans:
         cfg = load_plan(p.plan_path).parallel
         assert cfg.dp * cfg.tp * cfg.pp * cfg.cp == 8
+
+
+def test_hints_read_the_reports_diagnostics():
+    """A miss's report says what it measured: the FSDP2 llama-3-8b run of 2026-11-22 (diagnostic re-run, call 7)
+    retried allocations 6 times; a pipeline stage whose chunks and optimizer took 1.6 of a 2.0 s step spent 20% of
+    it in the schedule."""
+    import tarfile
+
+    import yaml
+
+    with tarfile.open(ROOT / "benchmarks/results/campaign_2xh200/call7-gpt2xl/diag.tar.gz") as tar:
+        report = yaml.safe_load(tar.extractfile("diag-distplan.report.yaml").read())
+    assert campaign._hints(report) == ["allocator retries 6 (rank max)"]
+    pipe = {"ranks": [{"pp_rank": 0, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.5, "bwd": 1.0}},
+                      {"pp_rank": 1, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.6, "bwd": 1.2}}]}
+    assert campaign._hints(pipe) == ["pipeline schedule 20% of the step on stage 0 (outside chunk compute and optimizer)"]
