@@ -140,6 +140,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard (torch_engine: bf16 and
     # not (dp > 1 and (ZeRO >= 1 or tp > 1)))
     masters = engine == "torch" and not (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1))
+    ddp = _ddp_fit(cfg, profile, dp_group, engine)
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
@@ -176,6 +177,13 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             if expert:
                 coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
             sync = _overlap(coll, bwd, slowdown) if cfg.overlap_grad_reduce else coll
+            if ddp is not None and layers:
+                # measured: what DDP's bucketed all-reduce adds to the synchronising micro-batch of `layers` blocks
+                # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,
+                # produced last in the backward and reduced after it
+                emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
+                sync = (layers * max(0.0, ddp.overhead(tokens)) + (max(0.0, ddp.edge(tokens)) if ddp.edge else 0.0)
+                        + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
         elif dp_group > 1 and cfg.zero_stage == 2:
             measured = profile.sharding_step_s(dp_group, dense + expert, impl) if impl == "deepspeed" else None
             # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included), else
@@ -204,6 +212,14 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
 
     return timer
+
+
+def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str):
+    """The profile's measured DDP overhead (ShardingFit, impl "ddp") where the torch engine runs this layout with
+    DistributedDataParallel (ZeRO-0, tp = 1, parallelize.ZERO_MAPPING), else None (the bandwidth model applies)."""
+    if profile is None or engine != "torch" or cfg.zero_stage != 0 or cfg.tp != 1 or dp_group <= 1:
+        return None
+    return profile.sharding_fit(dp_group, False, "ddp")
 
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
@@ -336,6 +352,8 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp
+    if _ddp_fit(cfg, profile, dp_group, engine) is not None:
+        out[f"comm.ddp_overlap.n{dp_group}"] = "profile (DDP on stacks of blocks)"
     if profile is not None and profile.sharding and dp_group > 1 and (
             cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch")):
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp

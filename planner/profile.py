@@ -101,7 +101,7 @@ class CollectiveFit:
     bus_bandwidth_gb_s: float  # nccl-tests "busbw": algbw * factor(op, n)
 
 
-SHARDING_IMPLS = ("fsdp2", "deepspeed")  # who sharded the measured blocks (profilers/sharding.py)
+SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp")  # who wrapped the measured blocks (profilers/sharding.py; ddp: ZeRO-0)
 
 
 @dataclass(frozen=True)

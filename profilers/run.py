@@ -58,6 +58,8 @@ class Plan:
                           for n in self.comm.group_sizes)
         ceilings = len(facts.matmul_sizes(self.cuda, self.quick)) + 2  # + copy, optimizer
         sharding_points = 4 * len(self.comm.group_sizes)  # 2 stacks x 2 modes
+        if self.comm.sharding is not None and self.comm.sharding.ddp:
+            sharding_points += 2 * len(self.comm.group_sizes)  # DDP, 2 stacks
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
             sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
@@ -132,7 +134,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=2 if q else cs.repeats,
-                                                deepspeed=cuda and _installed("deepspeed")))
+                                                deepspeed=cuda and _installed("deepspeed"), ddp=not q))
     megatron = cuda and megatron_layer.available(spec, torch.device("cuda")) is None
     if q and megatron:
         # --quick: megatron-core's own layer replaces the stand-in unfused attention core for the megatron engine;

@@ -63,6 +63,7 @@ class ShardingSettings:
     warmup: int = 2
     trials: int = 3
     deepspeed: bool = False  # also measure DeepSpeed ZeRO-2 (measure_deepspeed) at the whole world's group size
+    ddp: bool = True  # also measure DistributedDataParallel (ZeRO-0 of the torch engine) on the same stacks
 
 
 def _sync(device: torch.device) -> None:
@@ -71,9 +72,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
-                  warmup: int, trials: int, through_loss: bool = False) -> float:
-    """Median wall-clock seconds of one forward + backward (gradients dropped after each run); `through_loss`:
-    backward from the scalar `_loss_backward` gives (as DeepSpeed's engine.backward needs) instead of out.backward."""
+                  warmup: int, trials: int, through_loss: bool = False, zero_grads: bool = False) -> float:
+    """Median wall-clock seconds of one forward + backward (gradients dropped after each run, or zeroed in place
+    with `zero_grads`, as the torch engine keeps DDP's); `through_loss`: backward from the scalar
+    `_loss_backward` gives (as DeepSpeed's engine.backward needs) instead of out.backward."""
     times = []
     for i in range(warmup + trials):
         _sync(device)
@@ -87,7 +89,10 @@ def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         for p in module.parameters():
-            p.grad = None
+            if zero_grads and p.grad is not None:
+                p.grad.zero_()
+            else:
+                p.grad = None
         x.grad = None
     return statistics.median(times)
 
@@ -131,7 +136,34 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
                                "overhead_s": t_wrapped - t_plain})
             report(f"fully_shard {blocks} block(s) n={n} reshard={reshard}")
             del root, stack
+        if settings.ddp:
+            points += _measure_ddp(settings, spec, kind, plain, group, n, blocks, device, dtype)
+            report(f"DDP {blocks} block(s) n={n}")
         del plain
+    return points
+
+
+def _measure_ddp(settings: ShardingSettings, spec, kind: str, plain: nn.Module, group, n: int, blocks: int,
+                 device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """DistributedDataParallel as the torch engine applies it (parallelize.apply_ddp: the stage's dtype,
+    gradient_as_bucket_view, gradients zeroed between steps) on a copy of the plain stack: its bucketed
+    all-reduce runs beside the backward, so `overhead_s` is what it adds to a micro-batch that synchronises."""
+    import copy
+
+    from planner.runner.parallelize import apply_ddp
+    from profilers.compute import make_inputs
+
+    wrapped = apply_ddp(copy.deepcopy(plain), group, device)
+    points = []
+    for mb in settings.micro_batches:
+        (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
+        t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
+        t_ddp = _slowest(_time_fwd_bwd(wrapped, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
+                         group, device)
+        points.append({"impl": "ddp", "group_size": n, "reshard_after_forward": False, "blocks": blocks,
+                       "micro_batch": mb, "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_ddp,
+                       "overhead_s": t_ddp - t_plain})
+    del wrapped
     return points
 
 

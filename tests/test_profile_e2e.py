@@ -129,13 +129,16 @@ def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
 def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
     """profilers/sharding.py over gloo: one block plain vs fully_shard, both reshard modes, raw points kept."""
     prof, _ = tiny_profile
-    assert {(s.group_size, s.reshard_after_forward) for s in prof.sharding} == {(2, True), (2, False)}
+    assert {(s.impl, s.group_size, s.reshard_after_forward) for s in prof.sharding} == {
+        ("fsdp2", 2, True), ("fsdp2", 2, False), ("ddp", 2, False)}  # DDP (ZeRO-0) on the same stacks
     for reshard in (True, False):
         for tokens in (SEQ, 4 * SEQ):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
+    assert prof.sharding_overhead_s(2, False, SEQ, "ddp") >= 0
     pts = prof.raw["communication"]["sharding"]
-    # both ends of the profiled range (1, 2, 4), both modes, stacks of 1 and STACK blocks
-    assert len(pts) == 8 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
+    # both ends of the profiled range (1, 2, 4), FSDP2's two modes and DDP, stacks of 1 and STACK blocks
+    assert len(pts) == 12 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
+    assert sum(p.get("impl") == "ddp" for p in pts) == 4
     assert all(p["plain_s"] > 0 and p["wrapped_s"] > 0 and p["overhead_s"] == p["wrapped_s"] - p["plain_s"] for p in pts)
     # split into a per-block line and an edge line (exactness: test_sharding_fit_splits_per_block_and_edge_exactly)
     assert all(s.edge is not None and prof.sharding_edge_s(2, s.reshard_after_forward, SEQ) >= 0 for s in prof.sharding)

@@ -187,5 +187,21 @@ def test_deepspeed_zero2_measured_over_gloo(tmp_path):
     assert all(p["micro_s"] > 0 and p["boundary_s"] > 0 and p["plain_s"] > 0 for p in ds)
     assert {p["params"] for p in ds if p["blocks"] == STACK} == {STACK * ds[0]["params"]}
     fits = {f.impl: f for f in fit_sharding(raw["sharding"], 1e-9) if not f.reshard_after_forward}
-    assert set(fits) == {"fsdp2", "deepspeed"}
+    assert set(fits) == {"fsdp2", "deepspeed", "ddp"}
     assert fits["deepspeed"].step_s_per_param >= 0 and fits["deepspeed"].step_edge_s >= 0
+
+
+def test_ddp_overhead_replaces_the_bandwidth_model_for_the_torch_engine():
+    """The torch engine's DDP (ZeRO-0, tp 1): the measured overhead per block and once, plus the embedding's
+    gradient all-reduced after the backward, replace slowdown x all-reduce; other engines keep the model."""
+    from planner.costmodel import BF16, CommModel
+
+    ddp = ShardingFit(2, False, LinearFit(1e-3, 0.0), edge=LinearFit(2e-3, 0.0), impl="ddp")
+    prof = replace(BASE, sharding=FITS + (ddp,))
+    c = cfg(zero_stage=0)
+    torch_pred = predict(MODEL, CLUSTER, c, prof, engine="torch")
+    emb = CommModel(CLUSTER, prof).time_s("all_reduce", 2, 1, MODEL.embedding_params() * BF16)
+    assert dict(torch_pred.breakdown)["dp_grad_sync"] == pytest.approx(MODEL.num_layers * 1e-3 + 2e-3 + emb, rel=1e-9)
+    assert dict(torch_pred.sources)["comm.ddp_overlap.n2"] == "profile (DDP on stacks of blocks)"
+    for other in (predict(MODEL, CLUSTER, c, prof), predict(MODEL, CLUSTER, cfg(zero_stage=0), BASE, engine="torch")):
+        assert dict(other.breakdown)["dp_grad_sync"] < 0.01 and "comm.ddp_overlap.n2" not in dict(other.sources)
