@@ -28,13 +28,14 @@ def prediction_tables(pred: Prediction, title: str) -> list[Table]:
         if v > 0:
             time.add_row(k, f"{v:.4f}", f"{100 * v / pred.step_time_s:.1f}%")
 
-    mem = Table(title="memory per pipeline stage (GiB per GPU)", title_justify="left")
-    for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "logits", "buffers", "total"):
+    mem = Table(title="memory per pipeline stage (GiB per GPU, the parts live at the step's peak)", title_justify="left")
+    for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "logits", "buffers", "total", "peak"):
         mem.add_column(col, justify="right")
     for s in pred.stages:
         g = s.memory.as_gib()
         mem.add_row(str(s.rank), f"{s.layers[0]}-{s.layers[1]}", *(f"{g[k]:.2f}" for k in
-                    ("weights", "gradients", "optimizer", "activations", "logits", "buffers")), f"{s.memory_gib:.2f}")
+                    ("weights", "gradients", "optimizer", "activations", "logits", "buffers")), f"{s.memory_gib:.2f}",
+                    s.memory.peak_phase)
     return [summary, time, mem]
 
 
