@@ -41,9 +41,6 @@ FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted pe
 SHARDED_FRAGMENTATION = 0.10
 
 
-PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
-
-
 @dataclass(frozen=True)
 class StageMemory:
     """Bytes on one GPU of a pipeline stage (pipeline rank), by part; `total` is the peak over the step's
