@@ -332,34 +332,28 @@ class _ChunkClock:
     METHODS = (("forward_one_chunk", "fwd"), ("backward_one_chunk", "bwd"), ("backward_weight_one_chunk", "bwd"))
 
     def __init__(self, stages: list, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.spans: list[tuple[str, object, object]] = []
+        self.device = device
+        self.spans: list[tuple[str, _PhaseTimer]] = []
         for stage in stages:
             for name, kind in self.METHODS:
                 fn = getattr(stage, name, None)
                 if fn is not None:
                     setattr(stage, name, self._timed(fn, kind))
 
-    def _mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
     def _timed(self, fn, kind: str):
         def call(*args, **kwargs):
-            start = self._mark()
+            timer = _PhaseTimer(self.device)
             out = fn(*args, **kwargs)
-            self.spans.append((kind, start, self._mark()))
+            timer.stop()
+            self.spans.append((kind, timer))
             return out
         return call
 
     def take(self) -> dict[str, float]:
         """Seconds of forward and backward chunk compute since the last take (after the step's sync)."""
         out = {"fwd": 0.0, "bwd": 0.0}
-        for kind, a, b in self.spans:
-            out[kind] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+        for kind, timer in self.spans:
+            out[kind] += timer.seconds()
         self.spans = []
         return out
 
