@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from planner.cluster import Cluster
 from planner.job import ParallelConfig
-from planner.memory import FRAGMENTATION, GIB, StageMemory, stage_memory, stage_params
 from planner.model import ModelSpec
 from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND, Profile, bus_factor
 

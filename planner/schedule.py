@@ -303,7 +303,7 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     does, unless `extras` (end_chunk_extras) takes them out to be charged to their own chunks.
     `rank_terms`: the per-rank terms already computed (predict passes its own; default rank_timer's).
     """
-    v, pp = cfg.vpp, cfg.pp
+    v = cfg.vpp
     timer = rank_timer(model, cluster, cfg, profile) if rank_terms is None else None  # the terms predict() sums
     passes = 3 if cfg.recompute == "full" else 2
     out = []
