@@ -52,6 +52,12 @@ def _latest_rows(results: Path) -> list[tuple[Path, dict]]:
     return out
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 2 (the project's bad-input convention)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _flag(command: str, flag: str) -> str:
     words = command.split()
     return words[words.index(flag) + 1] if flag in words[:-1] else ""
@@ -65,7 +71,7 @@ def _find_profile(path: str, call_dir: Path) -> Path | None:
     for cand in (ROOT / path, call_dir / "profiles" / Path(path).name):
         if cand.exists():
             return cand
-    raise SystemExit(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
+    _fail(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
 
 
 def replay(results: Path, overrides: dict[str, list[Path]] | None = None) -> list[dict]:
@@ -159,8 +165,9 @@ def main() -> None:
     overrides: dict[str, list[Path]] = {}
     for item in args.profile:
         engine, sep, path = item.partition(":")
-        if not sep or not Path(path).is_file():
-            raise SystemExit(f"replay: --profile {item!r}: expected ENGINE:PATH to an existing profile")
+        if not sep or engine not in ("torch", "deepspeed", "megatron") or not Path(path).is_file():
+            _fail(f"replay: --profile {item!r}: expected ENGINE:PATH to an existing profile (ENGINE: torch, "
+                  f"deepspeed, megatron)")
         overrides.setdefault(engine, []).append(Path(path))
     text = render(replay(results, overrides), results, args.profile)
     print(text)

@@ -19,6 +19,11 @@ slowest rank's value; overhead = wrapped - plain per micro-batch (gradient reduc
 micro-batch, as ZeRO-2/3 do; the torch engine skips it for all but the last micro-batch of a step, so for
 its ZeRO-1/2 this is an upper bound).
 
+DDP (`_measure_ddp`, full profiles): the same stacks wrapped as the torch engine wraps ZeRO-0
+(parallelize.apply_ddp), gradients zeroed between runs as the engine keeps them: what the bucketed all-reduce
+beside the backward adds to a synchronising micro-batch (the cost model's measured replacement for
+slowdown x all-reduce; a gpt2-xl DDP micro-batch ran 9-12% over its layers' times on 2xH200).
+
 DeepSpeed ZeRO-2 (`measure_deepspeed`, where DeepSpeed is installed; CUDA by default): the same stacks
 through `deepspeed.initialize` with the config `distplan emit` writes (stage 2, overlap_comm,
 contiguous gradients, reduce-scatter, buckets of emitters.deepspeed.BUCKET_ELEMENTS) and the engine's
