@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import sys
 import tarfile
 import tempfile
@@ -27,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from campaign import merge_rows  # noqa: E402
 from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
@@ -36,20 +40,18 @@ from planner.profile import cluster_for_profile, load_profile  # noqa: E402
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
 
+def _call_order(call: Path) -> tuple[int, str]:
+    """call2-x before call10-y (the device calls are numbered in the order they ran)."""
+    m = re.match(r"call(\d+)", call.name)
+    return (int(m.group(1)) if m else 0, call.name)
+
+
 def _latest_rows(results: Path) -> list[tuple[Path, dict]]:
-    """(call dir, row) for the last call that ran each case, rows with a run (ran or oom)."""
-    calls = sorted(p for p in results.iterdir() if (p / "rows.json").exists())
-    latest: dict[str, Path] = {}
-    for call in calls:
-        for row in json.loads((call / "rows.json").read_text()):
-            if row.get("status") in ("ran", "oom"):
-                latest[row["case"]] = call
-    out = []
-    for call in calls:
-        for row in json.loads((call / "rows.json").read_text()):
-            if row.get("status") in ("ran", "oom") and latest[row["case"]] == call:
-                out.append((call, row))
-    return out
+    """(call dir, row) of the rows that ran (or ran out of memory), each case from the last call that ran it
+    (campaign.merge_rows, as `campaign.py --merge`)."""
+    calls = sorted((p for p in results.iterdir() if (p / "rows.json").exists()), key=_call_order)
+    tagged = [[{**row, "_call": call} for row in json.loads((call / "rows.json").read_text())] for call in calls]
+    return [(row.pop("_call"), row) for row in merge_rows(tagged) if row.get("status") in ("ran", "oom")]
 
 
 def _fail(message: str) -> None:
