@@ -82,9 +82,10 @@ class HostAhead:
     Timed from an idle GPU, a layer whose host-side work (Python, launches) outlasts some of its short kernels
     makes the GPU wait between them, and its events time the host, not the GPU. Inside a model the host runs
     ahead of the GPU through the long kernels of earlier layers, so the GPU's own time is what a layer costs
-    there unless the host is slower on average: a layer in a model takes max(GPU time, host time). megatron-core's
-    layer timed from an idle GPU took 9.4 ms per gpt2-xl layer (micro-batch 8) where the 48-layer model spends
-    about 7.7 (2xH200, campaign of 2026-11-22).
+    there unless the host is slower on average: a layer in a model takes max(GPU time, host time). On 2xH200
+    gpt2-xl's block is host-bound below micro-batch 8 (forward: 0.58 ms of host, 0.18 ms of GPU at micro-batch
+    1); megatron-core's layer, first suspected, was not (its over-prediction was an fp32 softmax the engine
+    does not run: profiles of 2026-11-22).
 
     `hold()` queues a sleep kernel long enough for the host to queue the whole run behind it; the events after
     it then time the GPU alone, and the host's wall clock around the same calls times the host."""
