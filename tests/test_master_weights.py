@@ -150,3 +150,41 @@ def test_ddp_accumulation_reuses_the_bucket_views_when_gradients_are_zeroed():
     assert out.returncode == 0, out.stderr[-2000:]
     zeroed, freed = out.stdout.strip().splitlines()[-1].split("] [")
     assert zeroed == "[False, True, True" and freed == "False, False, False]"
+
+
+def test_dtensor_and_plain_parameters_never_share_a_fused_adamw(tmp_path, monkeypatch):
+    """tp > 1 without FSDP gives DTensor projections beside plain norms; CUDA's fused AdamW refuses a mixed list
+    (llama-2-13b tp2 dp1 on 2xH200 failed so). Here CPU's fused AdamW, which refuses it the same way."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from planner.runner import parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        ref, model = _model(), _model()
+        pairs = to_bf16_with_masters(model)
+        for i in (0, 2):  # the linears' weights as DTensors (as tensor parallel leaves them), norm and biases plain
+            k = [id(p) for p, _ in pairs].index(id(model[i].weight))
+            placement = [Shard(i // 2)]  # column-wise, then row-wise
+            model[i].weight = nn.Parameter(distribute_tensor(pairs[k][0].detach(), mesh, placement))
+            pairs[k] = (model[i].weight, distribute_tensor(pairs[k][1], mesh, placement))
+        monkeypatch.setattr(parallelize, "make_optimizer", lambda params, lr: torch.optim.AdamW(
+            list(params), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True))
+        opt = MasterWeightsOptimizer(pairs, lr=1e-2)
+        assert all(len({hasattr(m, "to_local") for _, m in chunk}) == 1 for chunk in opt.chunks)
+        ref_opt = make_optimizer(ref.parameters(), lr=1e-2)
+        grads = _grads(ref, 0)
+        for r, (p, _), g in zip(ref.parameters(), pairs, grads):
+            r.grad = g.to(torch.bfloat16).float()
+            gb = g.to(torch.bfloat16)
+            p.grad = distribute_tensor(gb, mesh, p.placements) if hasattr(p, "to_local") else gb
+        ref_opt.step()
+        opt.step()
+        for r, (p, m) in zip(ref.parameters(), pairs):
+            local = m.to_local() if hasattr(m, "to_local") else m
+            torch.testing.assert_close(local, r.detach(), rtol=1e-6, atol=1e-7)  # fused vs per-parameter kernel
+    finally:
+        dist.destroy_process_group()

@@ -327,6 +327,10 @@ def to_bf16_with_masters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Te
     return list(zip(params, masters))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "to_local")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view: writes reach the parameter), any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -350,15 +354,23 @@ class MasterWeightsOptimizer:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
                  chunk_numel: int = MASTER_CHUNK_NUMEL):
         self.pairs = list(pairs)
-        self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
-        size = 0
-        for pair in self.pairs:
-            n = pair[1].numel()
-            if self.chunks[-1] and size + n > chunk_numel:
-                self.chunks.append([])
-                size = 0
-            self.chunks[-1].append(pair)
-            size += n
+        self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        # tensor parallel without FSDP (tp > 1, dp = 1) mixes DTensor parameters (the sharded projections) with
+        # plain ones (norms without sequence parallel); the fused AdamW kernel refuses a mixed list ("got mixed
+        # torch.Tensor and DTensor": llama-2-13b tp2 on 2xH200, campaign of 2026-11-22), so a chunk holds one kind
+        for kind in (False, True):
+            size = 0
+            self.chunks.append([])
+            for pair in self.pairs:
+                if _is_dtensor(pair[1]) != kind:
+                    continue
+                n = pair[1].numel()
+                if self.chunks[-1] and size + n > chunk_numel:
+                    self.chunks.append([])
+                    size = 0
+                self.chunks[-1].append(pair)
+                size += n
+        self.chunks = [c for c in self.chunks if c] or [[]]
         self.inners = [make_optimizer((m for _, m in chunk), lr) for chunk in self.chunks if chunk]
 
     @torch.no_grad()
