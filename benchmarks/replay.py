@@ -48,10 +48,20 @@ def _call_order(call: Path) -> tuple[int, str]:
 
 def _latest_rows(results: Path) -> list[tuple[Path, dict]]:
     """(call dir, row) of the rows that ran (or ran out of memory), each case from the last call that ran it
-    (campaign.merge_rows, as `campaign.py --merge`)."""
+    (campaign.merge_rows, as `campaign.py --merge`), and every earlier out-of-memory run of a plan (case, engine,
+    config) that no later call ran: a later call leaves a plan predicted not to fit unmade, and the replay
+    keeps checking the measurement that says so."""
     calls = sorted((p for p in results.iterdir() if (p / "rows.json").exists()), key=_call_order)
     tagged = [[{**row, "_call": call} for row in json.loads((call / "rows.json").read_text())] for call in calls]
-    return [(row.pop("_call"), row) for row in merge_rows(tagged) if row.get("status") in ("ran", "oom")]
+    latest = [row for row in merge_rows(tagged) if row.get("status") in ("ran", "oom")]
+    key = lambda r: (r["case"], r.get("engine"), r.get("config"))  # noqa: E731
+    seen = {key(r) for r in latest}
+    for rows in reversed(tagged):
+        for row in rows:
+            if row.get("status") == "oom" and key(row) not in seen:
+                latest.append(row)
+                seen.add(key(row))
+    return [(row.pop("_call"), row) for row in latest]
 
 
 def _fail(message: str) -> None:
@@ -65,11 +75,18 @@ def _flag(command: str, flag: str) -> str:
     return words[words.index(flag) + 1] if flag in words[:-1] else ""
 
 
-def _find_profile(path: str, call_dir: Path) -> Path | None:
-    """The profile a plan names: in the repository (committed profiles), or one the call measured (the device's
-    out/profiles/, kept in the call's tarball)."""
+def _find_profile(path: str, call_dir: Path, results_call: Path | None = None) -> Path | None:
+    """The profile a plan names: the version the call ran with where a later session replaced that committed file
+    (the call's profile_map.json: committed path -> the saved copy, profile_2xh200/history/NAME@COMMIT.yaml),
+    else in the repository (committed profiles), or one the call measured (the device's out/profiles/, kept in
+    the call's tarball)."""
     if not path:
         return None
+    mapping = results_call / "profile_map.json" if results_call is not None else None
+    if mapping is not None and mapping.exists():
+        saved = json.loads(mapping.read_text()).get(path)
+        if saved and (ROOT / saved).exists():
+            return ROOT / saved
     for cand in (ROOT / path, call_dir / "profiles" / Path(path).name):
         if cand.exists():
             return cand
@@ -78,7 +95,8 @@ def _find_profile(path: str, call_dir: Path) -> Path | None:
 
 def replay(results: Path, overrides: dict[str, list[Path]] | None = None) -> list[dict]:
     """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model and
-    sequence length match the plan's), e.g. a profile re-measured after a profiler fix."""
+    sequence length match the plan's, where it was measured after the plan's own: facts.date_utc), e.g. a profile
+    re-measured after a profiler fix."""
     rows = []
     overrides = overrides or {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,13 +108,14 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None) -> lis
             rel = row["plan_path"].split("/campaign/", 1)[1]
             plan = load_plan(dest / "campaign" / rel)
             prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
-            found = _find_profile(prof_path, dest)
+            found = _find_profile(prof_path, dest, call)
             profile = load_profile(found) if found else None
             engine = row.get("engine") or "any"
             cluster = plan.cluster
             for cand in overrides.get(engine, []):
                 other = load_profile(cand)
-                if other.model == plan.model.name and other.seq_len == plan.parallel.seq_len:
+                newer = str(other.facts.get("date_utc", "")) > str(profile.facts.get("date_utc", "")) if profile else True
+                if other.model == plan.model.name and other.seq_len == plan.parallel.seq_len and newer:
                     found, profile = cand.resolve(), other
                     cluster = cluster_for_profile(other, load_cluster(plan.cluster.name.split("+")[0]))
             pred = predict(plan.model, cluster, plan.parallel, profile, engine=engine)

@@ -124,8 +124,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
     v, pp = cfg.vpp, cfg.pp
     lt = block_time(model, cluster, cfg, comm, profile, engine)
-    emb_f, emb_b = embedding_time(model, cluster, cfg, profile)
-    head_f, head_b = head_time(model, cluster, cfg, profile)
+    emb_f, emb_b = embedding_time(model, cluster, cfg, profile, engine)
+    head_f, head_b = head_time(model, cluster, cfg, profile, engine)
 
     # pipeline p2p per micro-batch: activations forward, their gradients backward, at every chunk boundary;
     # scatter/gather optimisation (SC'21 sec. 4.1) sends 1/tp of the tensor per rank
@@ -278,7 +278,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
 
         def span(micro: int) -> float:
             c = cfg if micro == m else replace(cfg, global_batch_size=cfg.micro_batch_size * cfg.dp * micro)
-            return pipeline_time_s(model, cluster, c, profile, terms_per_rank)
+            return pipeline_time_s(model, cluster, c, profile, terms_per_rank, engine)
 
         pp = cfg.pp
         if m <= 3 * pp:
@@ -343,6 +343,10 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
+    stack = profile.stack_factor() if profile is not None else 1.0
+    if measured_fit(profile, kind, cfg) is not None and engine != "megatron" and stack != 1.0:
+        out["compute.in_stack"] = (f"profile: measured layer times x {stack:.3f}, a block inside a stack on every "
+                                   f"GPU over one alone (costmodel.fit_factor)")
     if engine == "megatron" and not cfg.flash_attention and not model.is_moe:
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
         out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 
 import re
 from dataclasses import dataclass, field
@@ -159,6 +160,36 @@ class Profile:
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed raw point is skipped; the fits still apply
         object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
+        object.__setattr__(self, "_stack", self._stack_factor(comm))
+
+    def _stack_factor(self, comm) -> tuple[float, float] | None:
+        """(factor, tokens): distplan's block inside a stack, on every GPU at once, over the same block alone.
+
+        The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
+        plain stacks (profilers/sharding.py: STACK blocks, forward + backward, every rank at once, the slowest
+        rank's time, no data parallelism) run the same block as a model does. At compute-bound sizes a block
+        in the stack took 7-10% longer than alone on 2x H200 (gpt2-xl 1.072-1.078 at 16384 tokens, llama-2-13b
+        1.07-1.11, llama-3-8b 1.04-1.10), as the runs did: llama-2-13b pp2's chunks ran 5% (GPU 0) and 10%
+        (GPU 1) over the fits, gpt2-xl pp2 v2's 6-8% (campaign of 2026-11-22, calls 9-10). The factor is the
+        median over the stacks' modes at their largest token count (the least host-bound), at least 1: a
+        stack faster per block than a lone block is the lone block's host time, which the fits already take
+        as max(GPU, host). None where the profile measured no stack (older profiles, one device).
+        """
+        points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1]
+        fit = self.compute_fit("block", 1)
+        if not points or fit is None:
+            return None
+        try:
+            tokens = max(float(p["tokens"]) for p in points)
+            alone = fit.time_s("fwd", tokens) + fit.time_s("bwd", tokens)
+            ratios = [float(p["plain_s"]) / int(p["blocks"]) / alone for p in points if float(p["tokens"]) == tokens]
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None  # malformed raw points: no factor, the fits alone apply
+        return (max(1.0, statistics.median(ratios)), tokens) if ratios and alone > 0 else None
+
+    def stack_factor(self) -> float:
+        """Measured slowdown of distplan's block inside a model on all GPUs (see _stack_factor); 1.0 if none."""
+        return self._stack[0] if self._stack else 1.0
 
     def measured_collective_s(self, op: str, group_size: int, nbytes: float) -> float | None:
         """Seconds for `op` on `nbytes`, interpolated (log-log) between the two measured sizes around it.

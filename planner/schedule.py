@@ -197,11 +197,11 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
 
 
 def end_chunk_extras(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
-                     profile: Profile | None = None) -> dict[tuple[int, int], tuple[float, float]]:
+                     profile: Profile | None = None, engine: str = "any") -> dict[tuple[int, int], tuple[float, float]]:
     """(rank, chunk) -> (forward, backward) seconds per micro-batch of the embedding (rank 0, chunk 0) and of
     the final norm + LM head + loss (last rank, last chunk): where the runners put them."""
-    ef, eb = embedding_time(model, cluster, cfg, profile)
-    hf, hb = head_time(model, cluster, cfg, profile)
+    ef, eb = embedding_time(model, cluster, cfg, profile, engine)
+    hf, hb = head_time(model, cluster, cfg, profile, engine)
     out = {(0, 0): (ef, eb)}
     last = (cfg.pp - 1, cfg.vpp - 1)
     f0, b0 = out.get(last, (0.0, 0.0))
@@ -210,14 +210,14 @@ def end_chunk_extras(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
 
 
 def pipeline_time_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
-                    rank_terms: list[dict[str, float]]) -> float:
+                    rank_terms: list[dict[str, float]], engine: str = "any") -> float:
     """Forward/backward span of one step by simulation, the embedding and head on their own chunks.
 
     With v > 1 chunks per rank the closed form m*t + (p - 1)*t/v assumes every chunk costs t/v, but the
     head sits in one chunk: for gpt2-xl (head = 12 blocks' worth at micro-batch 16) pp2 v6 m2 on 2xH200
     the closed form said 0.419 s and the run took 0.564 s; this simulation says 0.525 s + optimizer.
     `rank_terms`: every rank's per-micro-batch terms (rank_timer(...).terms), as predict sums them."""
-    extras = end_chunk_extras(model, cluster, cfg, profile)
+    extras = end_chunk_extras(model, cluster, cfg, profile, engine)
     stages = stage_op_times(model, cluster, cfg, profile, rank_terms=rank_terms, extras=extras)
     return span_s(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, stages, extras)
 

@@ -157,8 +157,8 @@ class _Bounds:
             self._block[bkey] = lt.fwd + lt.bwd + lt.recompute + lt.tp_comm + lt.other_comm
         ekey = (cfg.tp, cfg.cp, cfg.micro_batch_size, cfg.sequence_parallel)
         if ekey not in self._ends:
-            self._ends[ekey] = sum(embedding_time(model, self.cluster, cfg, self.profile)) + \
-                sum(head_time(model, self.cluster, cfg, self.profile))
+            self._ends[ekey] = sum(embedding_time(model, self.cluster, cfg, self.profile, self.engine)) + \
+                sum(head_time(model, self.cluster, cfg, self.profile, self.engine))
         work = L * self._block[bkey] + self._ends[ekey]
         m, v, pp = cfg.num_microbatches, cfg.vpp, cfg.pp
         # optimizer: the slowest rank updates at least the average share of the parameters

@@ -23,17 +23,25 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
     rows = _rows()
     ran = [r for r in rows if r["status"] == "ran"]
     ooms = [r for r in rows if r["status"] == "oom"]
-    assert len(ran) >= 19 and len(ooms) >= 2
+    assert len(ran) >= 20 and len(ooms) >= 4
     misses = [(r["case"], r["plan"], r["measured_gib"], round(r["now_gib"], 1)) for r in ran
               if abs(r["measured_gib"] - r["now_gib"]) > 0.10 * r["now_gib"]]
     assert not misses
     assert all(not r["now_fits"] for r in ooms), [(r["case"], r["plan"], r["now_gib"]) for r in ooms]
 
 
-def test_step_times_stay_as_close_as_session_4_left_them():
-    """15 of 19 within 10% after session 4 (the misses: torch pipelining +11-15%, gpt2-xl DDP +11.9%); a change
-    that loses any of them fails here."""
+def test_step_times_stay_as_close_as_session_5_left_them():
+    """19 of 20 within 10% and 16 within 5% after session 5 (the block-in-a-stack factor, Profile.stack_factor;
+    the miss: megatron tp2 with selective recompute, +11.9%), and every distplan plan within 5% (the issue's bar
+    for chosen plans); a change that loses any of them fails here."""
     ran = [r for r in _rows() if r["status"] == "ran"]
-    within = [r for r in ran if abs(r["step_measured_s"] - r["step_now_s"]) <= 0.10 * r["step_now_s"]]
-    assert len(within) >= 15, [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran
-                               if r not in within]
+
+    def within(r, tol):
+        return abs(r["step_measured_s"] - r["step_now_s"]) <= tol * r["step_now_s"]
+
+    def misses(tol):
+        return [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran if not within(r, tol)]
+
+    assert sum(within(r, 0.10) for r in ran) >= 19, misses(0.10)
+    assert sum(within(r, 0.05) for r in ran) >= 16, misses(0.05)
+    assert all(within(r, 0.05) for r in ran if r["plan"] == "distplan"), misses(0.05)

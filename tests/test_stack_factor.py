@@ -1,0 +1,61 @@
+"""Profile.stack_factor: distplan's block inside a stack on every GPU over the same block alone (the compute fits),
+and the cost model applying it (costmodel.fit_factor) to the engines that run distplan's layers, not megatron's."""
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import pytest
+
+from planner.job import ParallelConfig
+from planner.costmodel import CommModel, block_time, fit_factor, head_time
+from planner.model import load_model
+from planner.profile import cluster_for_profile, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/session5/profile-gpt2-xl-s1024.yaml"
+
+
+def _ratios_by_hand(profile):
+    """The plain stacks of STACK blocks at their largest token count, per block, over the block fit there."""
+    stacks = [p for p in profile.raw["communication"]["sharding"] if p["blocks"] > 1]
+    n = max(p["tokens"] for p in stacks)
+    raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)
+    alone = next(p["fwd_s"] + p["bwd_s"] for p in raw["points"] if p["tokens"] == n)  # a measured point, no fit
+    return [p["plain_s"] / p["blocks"] / alone for p in stacks if p["tokens"] == n]
+
+
+def test_the_2xh200_gpt2_xl_profile_says_a_block_in_a_stack_is_7_percent_slower():
+    profile = load_profile(GPT2_XL_2XH200)
+    ratios = _ratios_by_hand(profile)
+    assert len(ratios) == 4  # FSDP2 (two modes), DDP and DeepSpeed stacks: the plain stack timed before each
+    assert profile.stack_factor() == pytest.approx(statistics.median(ratios), rel=1e-9)
+    assert 1.05 < profile.stack_factor() < 1.10  # 6.33 ms per block in a stack of 4 against 5.89 alone
+
+
+def test_the_factor_scales_distplan_layers_for_torch_and_deepspeed_not_megatron():
+    profile = load_profile(GPT2_XL_2XH200)
+    model, k = load_model("gpt2-xl"), profile.stack_factor()
+    cluster = cluster_for_profile(profile, None)
+    cfg = ParallelConfig(dp=2, micro_batch_size=16, global_batch_size=32, seq_len=1024)
+    comm = CommModel(cluster, profile)
+    plain = dataclasses.replace(profile, raw={})  # no raw stacks: the fits alone
+    assert plain.stack_factor() == 1.0
+    for engine in ("torch", "deepspeed", "any"):
+        assert fit_factor(profile, engine) == pytest.approx(k)
+        got, ref = block_time(model, cluster, cfg, comm, profile, engine), block_time(model, cluster, cfg, comm, plain, engine)
+        assert got.fwd == pytest.approx(k * ref.fwd) and got.bwd == pytest.approx(k * ref.bwd)
+        assert head_time(model, cluster, cfg, profile, engine)[1] == pytest.approx(k * head_time(model, cluster, cfg, plain, engine)[1])
+    assert fit_factor(profile, "megatron") == 1.0
+    meg = dataclasses.replace(cfg, flash_attention=False)
+    assert block_time(model, cluster, meg, comm, profile, "megatron") == block_time(model, cluster, meg, comm, plain, "megatron")
+
+
+def test_a_stack_faster_than_a_lone_block_gives_no_speed_up():
+    """At host-bound sizes a lone block's time is its host's (the fits take max(GPU, host)); a stack hides it."""
+    profile = load_profile(GPT2_XL_2XH200)
+    raw = dict(profile.raw)
+    comm = dict(raw["communication"])
+    comm["sharding"] = [{**p, "plain_s": p["plain_s"] * 0.5} for p in comm["sharding"]]
+    raw["communication"] = comm
+    assert dataclasses.replace(profile, raw=raw).stack_factor() == 1.0
