@@ -195,9 +195,12 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         fwd, bwd = fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
+        core_fwd = attn_fwd  # the attention core's forward as the plan runs it: what selective recompute repeats
         megatron = megatron_layer_delta_s(profile, cfg, tokens) if engine == "megatron" and not model.is_moe else None
         if not cfg.flash_attention and megatron is not None:
             fwd, bwd = max(0.0, fwd + megatron[0] * k), max(0.0, bwd + megatron[1] * k)
+            # megatron's layer differs from distplan's block by its unfused attention core (the s x s scores)
+            core_fwd = max(attn_fwd, attn_fwd + megatron[0] * k)
         elif not cfg.flash_attention:
             # the profiler times the block with fused (flash) attention; an unfused plan (megatron without
             # Transformer Engine) pays the s x s scores instead: the measured unfused core where profiled
@@ -209,6 +212,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
             else:
                 uf, ub = _attention_core_s(model, cluster, cfg, False)
             fwd, bwd = fwd + max(0.0, uf - ff) * k, bwd + max(0.0, ub - fb) * k
+            core_fwd = attn_fwd + max(0.0, uf - ff) * k
     else:
         gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
         n_mlp = 3 if model.gated_mlp else 2
@@ -251,8 +255,11 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         measured = fit.time_s("recompute", tokens) if fit is not None else None
         recompute = measured * k if measured is not None else fwd
     elif cfg.recompute == "selective" and not cfg.flash_attention:
-        recompute = attn_fwd + (memory_bound_time_s(cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0)
-                                                    * model.num_heads * cfg.seq_len / t * BF16) if fit is None else 0.0)
+        # the unfused core again (Korthikanti et al. 2022 sec. 4.2): measured, its forward (core_fwd: megatron
+        # llama-2-13b tp2 ran 12% over when this charged the flash share of the block instead, 2xH200,
+        # campaign of 2026-11-22); analytic, the per-head GEMMs plus the softmax(-dropout) passes
+        recompute = core_fwd if fit is not None else attn_fwd + memory_bound_time_s(
+            cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0) * model.num_heads * cfg.seq_len / t * BF16)
     else:
         recompute = 0.0  # selective with flash attention: the kernel already recomputes scores
 

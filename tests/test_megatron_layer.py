@@ -124,3 +124,24 @@ def test_megatron_engine_memory_keeps_the_analytic_count():
     prof = replace(BASE, compute=BLOCK + (meg,))
     assert activation_scale(model, c, prof, "megatron") == 1.0
     assert stage_memory(model, c, 0, 32, prof, "megatron") == stage_memory(model, c, 0, 32, None, "megatron")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_selective_recompute_repeats_megatrons_unfused_core_not_the_flash_share(tp):
+    """Megatron's selective recompute runs its unfused attention core forward again: the flash core's share of the
+    block plus megatron's measured extra (its layer minus distplan's block, all in the core), / tp. Charging only
+    the flash share under-predicted llama-2-13b tp2 selective by 12% on 2xH200 (campaign of 2026-11-22)."""
+    from planner.costmodel import CommModel, block_time
+
+    model = load_model("llama-3-8b")  # 32 heads: tp 2 divides them
+    c = ParallelConfig(tp=tp, seq_len=SEQ, global_batch_size=8, micro_batch_size=4, flash_attention=False)
+    validate_config(model, c, c.gpus)
+    comm = CommModel(CLUSTER, WITH_MEGATRON)
+    none = block_time(model, CLUSTER, c, comm, WITH_MEGATRON, "megatron")
+    sel = block_time(model, CLUSTER, replace(c, recompute="selective"), comm, WITH_MEGATRON, "megatron")
+    mm = model.block_matmul_flops_per_token(SEQ)
+    block_fwd = {1: 1e-3, 2: 0.55e-3}[tp] * 4 * SEQ / 1000
+    flash_share = block_fwd * mm["attn_core"] / sum(mm.values())
+    extra = (1.4e-3 - 1e-3) / tp * 4 * SEQ / 1000
+    assert sel.recompute == pytest.approx(flash_share + extra, rel=1e-9)
+    assert (sel.fwd, sel.bwd) == (none.fwd, none.bwd) and none.recompute == 0.0
