@@ -23,7 +23,7 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
     rows = _rows()
     ran = [r for r in rows if r["status"] == "ran"]
     ooms = [r for r in rows if r["status"] == "oom"]
-    assert len(ran) >= 24 and len(ooms) >= 4
+    assert len(ran) >= 28 and len(ooms) >= 4
     misses = [(r["case"], r["plan"], r["measured_gib"], round(r["now_gib"], 1)) for r in ran
               if abs(r["measured_gib"] - r["now_gib"]) > 0.10 * r["now_gib"]]
     assert not misses
@@ -31,10 +31,10 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
 
 
 def test_step_times_stay_as_close_as_session_5_left_them():
-    """All 24 within 10% and 22 within 5% after session 5 (the block-in-a-stack factor, Profile.stack_factor, and
-    selective recompute repeating megatron's unfused core; beyond 5%: gpt2-xl-large megatron -9.3%, its pp2 v2
-    alternative +6.7%), and every distplan plan within 5% (the issue's bar for chosen plans); a change that loses
-    any of them fails here."""
+    """All 28 within 10% and 25 within 5% after session 5 (the block-in-a-stack factor, Profile.stack_factor, and
+    selective recompute repeating megatron's unfused core; beyond 5%: gpt2-xl-large megatron -9.3% and its pp2 v2
+    alternative +6.7%, llama-3-8b-large FSDP2 -8.9%), and every distplan plan within 5% (the issue's bar for chosen
+    plans); a change that loses any of them fails here."""
     ran = [r for r in _rows() if r["status"] == "ran"]
 
     def within(r, tol):
@@ -44,5 +44,5 @@ def test_step_times_stay_as_close_as_session_5_left_them():
         return [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran if not within(r, tol)]
 
     assert all(within(r, 0.10) for r in ran), misses(0.10)
-    assert sum(within(r, 0.05) for r in ran) >= 22, misses(0.05)
+    assert sum(within(r, 0.05) for r in ran) >= 25, misses(0.05)
     assert all(within(r, 0.05) for r in ran if r["plan"] == "distplan"), misses(0.05)
