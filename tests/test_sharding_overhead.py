@@ -1,6 +1,6 @@
 """The measured per-block overhead of sharded data parallelism (miss 1 of benchmarks/results/run_2xh200.md):
 Profile.sharding round-trips, predict() charges exactly layers x micro-batches x overhead where a profile
-measured it, and nothing changes where it did not."""
+measured it (in place of the bandwidth terms), and nothing changes where it did not."""
 
 from dataclasses import replace
 
@@ -26,14 +26,19 @@ def cfg(**par):
 
 
 @pytest.mark.parametrize("zero,reshard", [(3, True), (2, False)])
-def test_adds_layers_times_microbatches_times_the_measured_overhead(zero, reshard):
+def test_the_measured_overhead_replaces_the_bandwidth_terms(zero, reshard):
+    """zero_comm is exactly layers x micro-batches x the measured per-block overhead: the wrapped stacks ran the
+    real collectives beside the compute, so the overlap model's exposed collective time is not added on top
+    (llama-3-8b FSDP2 on 2xH200 ran 8.9% under a prediction that counted both)."""
     c = cfg(zero_stage=zero)
     before = predict(MODEL, CLUSTER, c, BASE)
     after = predict(MODEL, CLUSTER, c, replace(BASE, sharding=FITS))
     per_block = {(f.group_size, f.reshard_after_forward): f.overhead(4 * 1024) for f in FITS}[(2, reshard)]
     expected = MODEL.num_layers * c.num_microbatches * per_block
-    assert after.step_time_s - before.step_time_s == pytest.approx(expected, rel=1e-9)
-    assert dict(after.breakdown)["zero_comm"] - dict(before.breakdown)["zero_comm"] == pytest.approx(expected, rel=1e-9)
+    bandwidth = dict(before.breakdown)["zero_comm"]
+    assert bandwidth > 0  # the bandwidth model charges something without the measurement
+    assert dict(after.breakdown)["zero_comm"] == pytest.approx(expected, rel=1e-9)
+    assert after.step_time_s - before.step_time_s == pytest.approx(expected - bandwidth, rel=1e-9)
     assert dict(after.sources)["sharding.per_layer.n2"] == "profile"
     assert "sharding.per_layer.n2" not in dict(before.sources)
 
@@ -105,14 +110,15 @@ DS_FIT = ShardingFit(2, False, LinearFit(4e-3, 0.0), edge=LinearFit(1e-3, 0.0), 
 
 @pytest.mark.parametrize("microbatches", [1, 4])
 def test_deepspeed_engine_charges_deepspeeds_measured_overhead(microbatches):
-    """ZeRO-2 under the deepspeed engine: per micro-batch layers x DeepSpeed's per-block overhead + its edge,
-    and once per step its measured step part in place of the bandwidth model's weight all-gather."""
+    """ZeRO-2 under the deepspeed engine: per micro-batch layers x DeepSpeed's per-block overhead + its edge (in place
+    of the bandwidth model's reduce-scatter), and once per step its measured step part in place of the bandwidth model's weight all-gather."""
     c = cfg(zero_stage=2, global_batch_size=8 * microbatches)
     both = replace(BASE, sharding=FITS + (DS_FIT,))
     ds = predict(MODEL, CLUSTER, c, both, engine="deepspeed")
     bare = predict(MODEL, CLUSTER, c, BASE, engine="deepspeed")
     per_mb = MODEL.num_layers * DS_FIT.overhead(4096) + DS_FIT.edge(4096)
-    assert dict(ds.breakdown)["zero_comm"] - dict(bare.breakdown)["zero_comm"] == pytest.approx(microbatches * per_mb, rel=1e-9)
+    assert dict(bare.breakdown)["zero_comm"] > 0  # the bandwidth model's reduce-scatter, replaced by the measurement
+    assert dict(ds.breakdown)["zero_comm"] == pytest.approx(microbatches * per_mb, rel=1e-9)
     step_part = MODEL.total_params() * DS_FIT.step_s_per_param + DS_FIT.step_edge_s
     assert dict(ds.breakdown)["dp_grad_sync"] == pytest.approx(step_part, rel=1e-6)
     assert dict(ds.sources)["sharding.step.n2"] == "profile (deepspeed)"
