@@ -169,8 +169,10 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the compute,
             # so what they expose and how much they slow the compute is already in it. Added on top, the overlap
             # model counted it twice: llama-3-8b FSDP2 at 1 x 16 ran 0.496 s per micro-batch against 0.544
-            # predicted (-8.9%), against 0.513 without the bandwidth terms (2xH200, campaign of 2026-11-22, call 12)
-            z3 = layers * shard_overhead + shard_edge
+            # predicted (-8.9%), against 0.513 without the bandwidth terms (2xH200, campaign of 2026-11-22, call 12).
+            # A data-parallel group across nodes keeps them: the stacks measured the group inside one node.
+            measured = layers * shard_overhead + shard_edge
+            z3 = measured if dp_group * cfg.tp <= cluster.gpus_per_node else z3 + measured
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
 
         # once-per-step data-parallel sync and optimizer

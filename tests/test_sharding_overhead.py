@@ -211,3 +211,15 @@ def test_ddp_overhead_replaces_the_bandwidth_model_for_the_torch_engine():
     assert dict(torch_pred.sources)["comm.ddp_overlap.n2"] == "profile (DDP on stacks of blocks)"
     for other in (predict(MODEL, CLUSTER, c, prof), predict(MODEL, CLUSTER, cfg(zero_stage=0), BASE, engine="torch")):
         assert dict(other.breakdown)["dp_grad_sync"] < 0.01 and "comm.ddp_overlap.n2" not in dict(other.sources)
+
+
+def test_a_data_parallel_group_across_nodes_keeps_the_bandwidth_terms():
+    """The stacks measured the group inside one node; where the data-parallel group spans nodes (here 1 GPU per
+    node), the cross-node collectives of the bandwidth model are still charged, the measured overhead beside them."""
+    one_per_node = replace(CLUSTER, gpus_per_node=1)
+    c = cfg(zero_stage=3)
+    before = predict(MODEL, one_per_node, c, BASE)
+    after = predict(MODEL, one_per_node, c, replace(BASE, sharding=FITS))
+    expected = MODEL.num_layers * c.num_microbatches * FITS[0].overhead(4 * 1024)
+    assert dict(before.breakdown)["zero_comm"] > 0
+    assert dict(after.breakdown)["zero_comm"] - dict(before.breakdown)["zero_comm"] == pytest.approx(expected, rel=1e-9)
