@@ -289,3 +289,25 @@ def test_a_wrapped_out_of_memory_is_reported_as_oom_with_its_cause():
         assert _reason(exc) == ("RuntimeError: [Stage 4] failed to run forward (caused by OutOfMemoryError: "
                                 "CUDA out of memory. Tried to allocate 606.00 MiB.)")
     assert not _is_oom(ValueError("bad plan")) and _reason(ValueError("bad plan")) == "ValueError: bad plan"
+
+
+def test_weights_are_drawn_on_the_runs_gpu_and_on_the_cpu_elsewhere(monkeypatch):
+    """Where weights are drawn: a CUDA run on its GPU (the CPU took over a minute per rank for a 13B model), a CPU
+    run, and a host-offloaded shard of a GPU run, as its run computes (draw_on); the same numbers per (seed, name)."""
+    from planner.runner import parallelize
+
+    assert parallelize.draw_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert parallelize.draw_device(torch.device("cpu")) == torch.device("cpu")
+    a = parallelize.draw("layers.0.attn.q_proj.weight", 5, (4, 3), 0.02)
+    assert torch.equal(a, parallelize.draw("layers.0.attn.q_proj.weight", 5, (4, 3), 0.02))
+    assert not torch.equal(a, parallelize.draw("layers.0.attn.k_proj.weight", 5, (4, 3), 0.02))
+    seen = []
+    real = parallelize.draw
+    monkeypatch.setattr(parallelize, "draw", lambda key, seed, shape, std, device="cpu": seen.append(device) or
+                        real(key, seed, shape, std, "cpu"))
+    stage = build_stage(TINY, 0, 1, has_embed=True, has_head=False)
+    materialise(stage, torch.device("cpu"), TINY, seed=5, draw_on=torch.device("cuda", 0))  # an offloaded shard
+    assert seen and set(seen) == {torch.device("cuda", 0)}
+    seen.clear()
+    materialise(build_stage(TINY, 0, 1, has_embed=True, has_head=False), torch.device("cpu"), TINY, seed=5)
+    assert set(seen) == {torch.device("cpu")}

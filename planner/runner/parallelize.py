@@ -98,11 +98,13 @@ def build_full(spec: ModelSpec) -> StageModule:
     return build_stage(spec, 0, spec.num_layers, True, True)
 
 
-def materialise(module: nn.Module, device: torch.device, spec: ModelSpec, seed: int) -> None:
-    """Allocate a meta-device module (possibly TP/FSDP-sharded) on `device` and initialise its weights."""
+def materialise(module: nn.Module, device: torch.device, spec: ModelSpec, seed: int,
+                draw_on: torch.device | None = None) -> None:
+    """Allocate a meta-device module (possibly TP/FSDP-sharded) on `device` and initialise its weights, drawn on
+    `draw_on` (default `device`; an FSDP shard offloaded to the host is drawn on the run's GPU: draw_device)."""
     module.to_empty(device=device)
     tie_head(module, spec)
-    init_weights_by_name(module, spec, seed)
+    init_weights_by_name(module, spec, seed, draw_on or device)
 
 
 def tie_head(module: nn.Module, spec: ModelSpec) -> None:
@@ -123,16 +125,30 @@ def canonical_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def _draw(key: str, seed: int, shape: torch.Size, std: float) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 2_147_483_629 + zlib.crc32(key.encode()))
-    return torch.randn(shape, generator=gen) * std
+def draw_device(device: torch.device) -> torch.device:
+    """Where weights are drawn for a run computing on `device`: its GPU on CUDA, else the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def draw(key: str, seed: int, shape, std: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """N(0, std) of `shape`, from a generator seeded with (seed, key) on `device`: the same numbers for the same
+    (seed, key, shape) on any rank, and on any GPU of one kind and torch version (CUDA's Philox), but not the
+    same numbers on the CPU as on a GPU. Every rank and the single-process reference of one run draw on the same
+    kind of device (draw_device), so the numerics check compares like with like.
+
+    On the GPU because the CPU was the slow part of starting a run: one core draws about 1.7e8 numbers a second,
+    and each FSDP rank draws every full tensor (llama-2-13b: 13e9 numbers, over a minute per rank; a 2xH200
+    campaign spent 50-70 s of each 13B run starting)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed * 2_147_483_629 + zlib.crc32(key.encode()))
+    return torch.randn(tuple(shape), generator=gen, device=device) * std
 
 
 @torch.no_grad()
-def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int) -> None:
+def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int, device: torch.device | str = "cpu") -> None:
     """GPT-2 initialisation (the distribution of planner.modeling.init_weights), drawn per parameter name.
 
-    Each tensor is drawn whole on the CPU from a generator seeded with (seed, its model-level name):
+    Each tensor is drawn whole on `device` (`draw`) from a generator seeded with (seed, its model-level name):
     N(0, 0.02) weights, N(0, 0.02 / sqrt(2 * layers)) for the residual projections, zero biases, unit
     norm scales. A pipeline stage, a tensor-parallel shard or an FSDP shard thus holds exactly the
     values the whole single-process model holds, on any device. A DTensor gets its local shard of the
@@ -156,7 +172,7 @@ def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int) -> None:
             elif isinstance(mod, ClassTokenAndPositions) or isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 leaf = canonical_name(mod_name).rsplit(".", 1)[-1]
                 std = residual_std if leaf in RESIDUAL_PROJECTIONS else INIT_STD
-                full = _draw(name, seed, shape, std)
+                full = draw(name, seed, shape, std, draw_device(torch.device(device)))
             else:
                 raise TypeError(f"init_weights_by_name: no rule for parameter {name} of {type(mod).__name__}")
             _assign(param, full)

@@ -28,7 +28,7 @@ padded table; padded rows are never targets but enter the softmax.
 Weights and numerics: megatron-core initialises from its own RNG streams (per pipeline rank, per TP rank),
 so neither the same seed nor the torch engine's weights carry over. The engine therefore draws every
 parameter from (seed, its model-level Megatron name) - `decoder.layers.<global layer>...`, experts by global
-index - on the CPU and keeps this rank's tensor-parallel shard, as parallelize.init_weights_by_name does
+index - on its GPU (parallelize.draw) and keeps this rank's tensor-parallel shard, as parallelize.init_weights_by_name does
 for the torch engine. Any tp/pp/vpp/ep layout then starts from the same weights, and `--check-numerics`
 for this engine must compare with a single-process megatron run (`reference_plan`: tp = pp = 1), not
 with the torch reference (different weights, Megatron's weight decay skips biases and norms).
@@ -42,7 +42,6 @@ import os
 import re
 import sys
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -436,9 +435,11 @@ def global_name(name: str, layer_numbers: dict[int, int], expert_offset: int) ->
     return _EXPERT.sub(lambda e: f".local_experts.{int(e.group(1)) + expert_offset}.", name)
 
 
-def _draw(key: str, seed: int, shape, std: float) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 2_147_483_629 + zlib.crc32(key.encode()))
-    return torch.randn(tuple(shape), generator=gen) * std
+def _draw(key: str, seed: int, shape, std: float, device: torch.device) -> torch.Tensor:
+    """parallelize.draw where the parameter lives (its GPU in a run; its single-process reference draws there too)."""
+    from planner.runner.parallelize import draw, draw_device
+
+    return draw(key, seed, shape, std, draw_device(device))
 
 
 @torch.no_grad()
@@ -479,13 +480,13 @@ def init_weights_by_name(model, seed: int, num_layers: int, ps) -> None:
             half = list(param.shape)
             half[0] //= 2
             size = tp_size if sharded else 1
-            parts = [_shard(_draw(f"{key}.{part}", seed, _full(half, 0, size), std), 0, tp_rank if sharded else 0, size)
+            parts = [_shard(_draw(f"{key}.{part}", seed, _full(half, 0, size), std, param.device), 0, tp_rank if sharded else 0, size)
                      for part in ("gate", "up")]
             param.copy_(torch.cat(parts, 0))
         elif sharded:
-            param.copy_(_shard(_draw(key, seed, _full(param.shape, dim, tp_size), std), dim, tp_rank, tp_size))
+            param.copy_(_shard(_draw(key, seed, _full(param.shape, dim, tp_size), std, param.device), dim, tp_rank, tp_size))
         else:
-            param.copy_(_draw(key, seed, param.shape, std))
+            param.copy_(_draw(key, seed, param.shape, std, param.device))
 
 
 def _full(shape, dim: int, tp_size: int) -> list[int]:

@@ -187,7 +187,7 @@ def _build(plan: Plan, opts: RunOptions, mesh, device: torch.device, pp_rank: in
         elif fsdp:
             offload = _offload(cfg, device)
             apply_fsdp(stage, mesh["dp"], cfg.zero_stage, _mp_policy(bf16), offload)
-            materialise(stage, torch.device("cpu") if offload else device, spec, opts.seed)  # offloaded shards live on the host
+            materialise(stage, torch.device("cpu") if offload else device, spec, opts.seed, draw_on=device)  # offloaded shards live on the host
         else:
             materialise(stage, device, spec, opts.seed)
             if bf16:  # bf16 weights, fp32 masters in the optimizer; cast before DDP sizes its (bf16) buckets
