@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from campaign import merge_rows  # noqa: E402
+from campaign import merge_rows, spearman  # noqa: E402
 from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
@@ -170,8 +170,31 @@ def render(rows: list[dict], results: Path, overrides: list[str] | None = None) 
                      f"{mem} | {_pct(r['then_gib'], r['measured_gib'])} | {_pct(r['now_gib'], r['measured_gib'])} | "
                      f"{r['peak_at']} | {status} | {r['profile']} |")
     lines += ["", f"Runs within 10% now: step time {step_within} of {ran}, memory {within} of {ran}; out-of-memory runs "
-              f"the model now says do not fit: {caught} of {ooms}."]
+              f"the model now says do not fit: {caught} of {ooms}.", ""]
+    lines += rank_table(rows)
     return "\n".join(lines) + "\n"
+
+
+def case_spearman(rows: list[dict]) -> dict[str, tuple[int, float | None, float | None]]:
+    """case -> (plans that ran, Spearman of the predicted against the measured step times as run, and now)."""
+    out = {}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ran = [r for r in rows if r["case"] == case and r["status"] == "ran"]
+        measured = [r["step_measured_s"] for r in ran]
+        out[case] = (len(ran), spearman([r["step_then_s"] for r in ran], measured),
+                     spearman([r["step_now_s"] for r in ran], measured))
+    return out
+
+
+def rank_table(rows: list[dict]) -> list[str]:
+    """Per case: does the cost model order the plans as they measured (the campaign's Spearman target, >= 0.9)?"""
+    lines = ["Rank agreement per case (Spearman of predicted against measured step time over the plans that ran; a "
+             "reused run counts once per plan, as in the campaign):", "",
+             "| case | plans | Spearman as run | Spearman now |", "|---|---|---|---|"]
+    for case, (n, then, now) in case_spearman(rows).items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {case} | {n} | {fmt(then)} | {fmt(now)} |")
+    return lines
 
 
 def main() -> None:

@@ -47,3 +47,13 @@ def test_step_times_stay_as_close_as_session_5_left_them():
     assert all(within(r, 0.10) for r in ran), misses(0.10)
     assert sum(within(r, 0.05) for r in ran) >= 25, misses(0.05)
     assert all(within(r, 0.05) for r in ran if r["plan"] == "distplan"), misses(0.05)
+
+
+def test_the_predicted_order_of_plans_stays_as_session_5_left_it():
+    """Spearman of predicted against measured step times per case (the campaign's >= 0.9 target) with today's
+    model: at least 0.9 in five cases; gpt2-xl-large (0.714) has four data-parallel plans measured within 4% of
+    each other and predicted within 1%, where the order is run-to-run noise."""
+    rho = {case: now for case, (_, _, now) in replay.case_spearman(_rows()).items()}
+    assert all(rho[c] >= 0.9 for c in ("gpt2-xl-small", "llama-3-8b-small", "llama-3-8b-large", "llama-2-13b-small",
+                                       "llama-2-13b-large")), rho
+    assert rho["gpt2-xl-large"] >= 0.7, rho
