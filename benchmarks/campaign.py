@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -276,13 +277,26 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
         first = next((f for f in fails if f.get("primary")), fails[0])
         row["status"], row["why"] = ("oom" if row["oom"] else "failed"), f"rank {first['rank']}: {first['reason']}"[:300]
     row["wall_s"] = report.get("wall_time_s")
-    row["hints"] = _hints(report)
+    row["hints"] = _hints(report, _stage_times(spec.plan_path))
     return row
 
 
-def _hints(report: dict) -> list[str]:
+def _stage_times(plan_path: str | None) -> dict[int, float] | None:
+    """pipeline rank -> the plan's predicted seconds per micro-batch on it (prediction.stages), or None."""
+    try:
+        from planner.plan import load_plan
+
+        stages = load_plan(plan_path).prediction.get("stages") or []
+        return {int(s["rank"]): float(s["time_per_microbatch_s"]) for s in stages}
+    except Exception:  # noqa: BLE001 - a hint only: no plan file, or an older plan without stage times
+        return None
+
+
+def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[str]:
     """What the report's per-rank measurements say about a miss: allocator retries (memory pressure) and, for
-    pipelines, the share of the step outside the chunks' compute and the optimizer (the schedule's own cost)."""
+    pipelines, the share of the step outside the chunks' compute and the optimizer (the schedule's own cost) and,
+    with the plan's predicted per-micro-batch stage times, the chunks' compute against them (the stage's work: its
+    layers, plus the small p2p time the prediction adds per micro-batch)."""
     ranks = report.get("ranks") or []
     out = []
     retries = max((r.get("alloc_retries") or 0 for r in ranks), default=0)
@@ -296,6 +310,13 @@ def _hints(report: dict) -> list[str]:
     if shares:
         share, stage = max(shares)
         out.append(f"pipeline schedule {100 * share:.0f}% of the step on stage {stage} (outside chunk compute and optimizer)")
+    mb = re.search(r"mb=\d+x(\d+)", str(report.get("config", "")))  # report.config: "... mb=1x8 ..."
+    m = int(mb.group(1)) if mb else 0
+    if stage_times and m:
+        errs = [(r["chunk_compute_s"]["fwd"] + r["chunk_compute_s"]["bwd"]) / (m * stage_times[r["pp_rank"]]) - 1
+                for r in ranks if r.get("chunk_compute_s") and stage_times.get(r.get("pp_rank"))]
+        if errs:
+            out.append("chunk compute against the predicted stage time: " + ", ".join(f"{100 * e:+.1f}%" for e in errs))
     return out
 
 

@@ -198,3 +198,20 @@ def test_hints_read_the_reports_diagnostics():
     pipe = {"ranks": [{"pp_rank": 0, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.5, "bwd": 1.0}},
                       {"pp_rank": 1, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.6, "bwd": 1.2}}]}
     assert campaign._hints(pipe) == ["pipeline schedule 20% of the step on stage 0 (outside chunk compute and optimizer)"]
+
+
+def test_hints_put_a_pipelines_chunk_compute_against_the_predicted_stage_times(tmp_path):
+    """llama-2-13b pp2 1F1B at 1 x 8 (2xH200, call 9): the stages' chunks ran 5.2% and 9.8% over the stage times its
+    plan predicted, which located the miss in the layers' compute, not the schedule (campaign_2xh200.md)."""
+    import tarfile
+
+    import yaml
+
+    with tarfile.open(ROOT / "benchmarks/results/campaign_2xh200/call9-llama13b/campaign.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    case = tmp_path / "campaign" / "llama-2-13b-small"
+    report = yaml.safe_load((case / "distplan.report.yaml").read_text())
+    times = campaign._stage_times(str(case / "distplan.yaml"))
+    assert times == pytest.approx({0: 0.298438, 1: 0.336682}, rel=1e-5)
+    assert campaign._hints(report, times)[-1] == "chunk compute against the predicted stage time: +5.2%, +9.8%"
+    assert campaign._stage_times(str(tmp_path / "missing.yaml")) is None
