@@ -200,7 +200,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         if not cfg.flash_attention and megatron is not None:
             fwd, bwd = max(0.0, fwd + megatron[0] * k), max(0.0, bwd + megatron[1] * k)
             # megatron's layer differs from distplan's block by its unfused attention core (the s x s scores)
-            core_fwd = max(attn_fwd, attn_fwd + megatron[0] * k)
+            core_fwd = attn_fwd + max(0.0, megatron[0] * k)
         elif not cfg.flash_attention:
             # the profiler times the block with fused (flash) attention; an unfused plan (megatron without
             # Transformer Engine) pays the s x s scores instead: the measured unfused core where profiled

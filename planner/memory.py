@@ -89,6 +89,13 @@ class StageMemory:
         return {k: v / GIB for k, v in self.at_peak().items()}
 
 
+def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
+    """Whether the torch engine runs `cfg` through FSDP2's machinery (fully_shard, or replicate for tp > 1):
+    data parallelism with ZeRO >= 1 or tensor parallelism. Otherwise it runs DDP or no data parallelism, with bf16
+    weights and fp32 masters in its optimizer (parallelize.MasterWeightsOptimizer)."""
+    return cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)
+
+
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     """Share of the predicted peak kept free for the caching allocator when checking fit: FRAGMENTATION, or
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""

@@ -24,7 +24,8 @@ from planner.costmodel import (
     memory_bound_time_s,
 )
 from planner.job import ParallelConfig
-from planner.memory import FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, stage_memory, stage_params
+from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, stage_memory, stage_params,
+                            torch_engine_fsdp)
 from planner.model import ModelSpec
 from planner.profile import Profile
 
@@ -137,9 +138,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
     shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
 
-    # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard (torch_engine: bf16 and
-    # not (dp > 1 and (ZeRO >= 1 or tp > 1)))
-    masters = engine == "torch" and not (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1))
+    # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard
+    masters = engine == "torch" and not torch_engine_fsdp(cfg)
     ddp = _ddp_fit(cfg, profile, dp_group, engine)
 
     def timer(rank: int, layers: int) -> RankTime:

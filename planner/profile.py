@@ -162,8 +162,8 @@ class Profile:
         object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
         object.__setattr__(self, "_stack", self._stack_factor(comm))
 
-    def _stack_factor(self, comm) -> tuple[float, float] | None:
-        """(factor, tokens): distplan's block inside a stack, on every GPU at once, over the same block alone.
+    def _stack_factor(self, comm) -> float:
+        """Distplan's block inside a stack, on every GPU at once, over the same block alone (1.0: not measured).
 
         The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
         plain stacks (profilers/sharding.py: STACK blocks, forward + backward, every rank at once, the slowest
@@ -173,23 +173,23 @@ class Profile:
         (GPU 1) over the fits, gpt2-xl pp2 v2's 6-8% (campaign of 2026-11-22, calls 9-10). The factor is the
         median over the stacks' modes at their largest token count (the least host-bound), at least 1: a
         stack faster per block than a lone block is the lone block's host time, which the fits already take
-        as max(GPU, host). None where the profile measured no stack (older profiles, one device).
+        as max(GPU, host). 1.0 where the profile measured no stack (older profiles, one device).
         """
         points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1]
         fit = self.compute_fit("block", 1)
         if not points or fit is None:
-            return None
+            return 1.0
         try:
             tokens = max(float(p["tokens"]) for p in points)
             alone = fit.time_s("fwd", tokens) + fit.time_s("bwd", tokens)
             ratios = [float(p["plain_s"]) / int(p["blocks"]) / alone for p in points if float(p["tokens"]) == tokens]
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            return None  # malformed raw points: no factor, the fits alone apply
-        return (max(1.0, statistics.median(ratios)), tokens) if ratios and alone > 0 else None
+            return 1.0  # malformed raw points: no factor, the fits alone apply
+        return max(1.0, statistics.median(ratios)) if alone > 0 else 1.0
 
     def stack_factor(self) -> float:
         """Measured slowdown of distplan's block inside a model on all GPUs (see _stack_factor); 1.0 if none."""
-        return self._stack[0] if self._stack else 1.0
+        return self._stack
 
     def measured_collective_s(self, op: str, group_size: int, nbytes: float) -> float | None:
         """Seconds for `op` on `nbytes`, interpolated (log-log) between the two measured sizes around it.

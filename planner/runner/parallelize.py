@@ -155,6 +155,7 @@ def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int, device: 
     full draw. An untied copy of a tied LM head (the last pipeline stage) draws the embedding's values.
     """
     residual_std = INIT_STD / math.sqrt(2 * spec.num_layers)
+    where = draw_device(torch.device(device))
     seen: set[int] = set()
     for mod_name, mod in module.named_modules():
         for pname, param in mod.named_parameters(recurse=False):
@@ -172,7 +173,7 @@ def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int, device: 
             elif isinstance(mod, ClassTokenAndPositions) or isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 leaf = canonical_name(mod_name).rsplit(".", 1)[-1]
                 std = residual_std if leaf in RESIDUAL_PROJECTIONS else INIT_STD
-                full = draw(name, seed, shape, std, draw_device(torch.device(device)))
+                full = draw(name, seed, shape, std, where)
             else:
                 raise TypeError(f"init_weights_by_name: no rule for parameter {name} of {type(mod).__name__}")
             _assign(param, full)
@@ -347,9 +348,9 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view: writes reach the parameter), any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 class MasterWeightsOptimizer:
@@ -370,24 +371,22 @@ class MasterWeightsOptimizer:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
                  chunk_numel: int = MASTER_CHUNK_NUMEL):
         self.pairs = list(pairs)
-        self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         # tensor parallel without FSDP (tp > 1, dp = 1) mixes DTensor parameters (the sharded projections) with
         # plain ones (norms without sequence parallel); the fused AdamW kernel refuses a mixed list ("got mixed
         # torch.Tensor and DTensor": llama-2-13b tp2 on 2xH200, campaign of 2026-11-22), so a chunk holds one kind
+        self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for kind in (False, True):
-            size = 0
-            self.chunks.append([])
-            for pair in self.pairs:
-                if _is_dtensor(pair[1]) != kind:
-                    continue
+            size, chunk = 0, []
+            for pair in (p for p in self.pairs if _is_dtensor(p[1]) == kind):
                 n = pair[1].numel()
-                if self.chunks[-1] and size + n > chunk_numel:
-                    self.chunks.append([])
-                    size = 0
-                self.chunks[-1].append(pair)
+                if chunk and size + n > chunk_numel:
+                    self.chunks.append(chunk)
+                    size, chunk = 0, []
+                chunk.append(pair)
                 size += n
-        self.chunks = [c for c in self.chunks if c] or [[]]
-        self.inners = [make_optimizer((m for _, m in chunk), lr) for chunk in self.chunks if chunk]
+            if chunk:
+                self.chunks.append(chunk)
+        self.inners = [make_optimizer((m for _, m in chunk), lr) for chunk in self.chunks]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -400,7 +399,7 @@ class MasterWeightsOptimizer:
             inner.step()
             # round the updated fp32 masters into the bf16 compute weights (one grouped copy per chunk)
             # (on the local shards: DTensor, tensor parallel's parameters, has no sharding rule for it)
-            torch._foreach_copy_([_local(p) for p, _ in live], [_local(m) for _, m in live])
+            torch._foreach_copy_([local_shard(p) for p, _ in live], [local_shard(m) for _, m in live])
             for _, m in live:
                 m.grad = None  # free the chunk's fp32 gradient before the next chunk
 

@@ -46,11 +46,12 @@ from contextlib import nullcontext
 import torch
 
 from planner.errors import require
+from planner.memory import torch_engine_fsdp
 from planner.modeling import lm_loss
 from planner.plan import Plan
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
-from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
+from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
                                         apply_tp, build_stage, make_optimizer, materialise, stage_layers, tied,
                                         to_bf16_with_masters)
 
@@ -80,7 +81,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     bf16 = opts.dtype == "bf16"
     mesh = init_device_mesh(device.type, (cfg.pp, cfg.dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
     pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
-    fsdp = cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)  # FSDP2 machinery: fully_shard, or replicate for tp > 1
+    fsdp = torch_engine_fsdp(cfg)  # FSDP2 machinery: fully_shard, or replicate for tp > 1
     chunks, modules, masters = _build(plan, opts, mesh, device, pp_rank, fsdp, bf16)
     if masters:  # bf16 weights without FSDP: AdamW on fp32 master copies (see Precision above)
         optimizer = MasterWeightsOptimizer(masters, opts.lr)
@@ -125,7 +126,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
             loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
         if tied_group is not None:
             for p in tied_params:  # sum the two stages' gradients of the tied embedding / LM head
-                tdist.all_reduce(_local(p.grad), group=tied_group)
+                tdist.all_reduce(local_shard(p.grad), group=tied_group)
         opt_timer = _PhaseTimer(device)  # the optimizer step alone (CUDA events: no extra synchronisation)
         optimizer.step()
         optimizer.zero_grad(set_to_none=not ddp_views)
@@ -146,7 +147,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
 
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
-    local_params = sum(_local(p).numel() for mod in modules for p in mod.parameters())
+    local_params = sum(local_shard(p).numel() for mod in modules for p in mod.parameters())
     return RankResult(
         rank=dist.rank, pp_rank=pp_rank, step_times_s=tuple(step_times), losses=tuple(losses),
         peak_allocated_bytes=int(peak_alloc), peak_reserved_bytes=int(peak_res), device=dist.device, dtype=opts.dtype,
@@ -300,12 +301,6 @@ def _tied_copy(stage) -> list:
     if stage.head is not None and stage.embed is None:
         return [stage.head.weight]
     return []
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _mp_policy(bf16: bool):
