@@ -247,9 +247,26 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
 
 # ---- running ------------------------------------------------------------------------------------------
 
-# process start, model build and engine set-up per run: an estimate (run_2xh200 walls were 55-90 s for gpt2-xl
-# including 8 steps and a --check-numerics reference run); recalibrate from the campaign's wall_s column
+# process start, model build and engine set-up per run, before the case's first run has measured its own
+# (run_2xh200 walls were 55-90 s for gpt2-xl including 8 steps and a --check-numerics reference run)
 STARTUP_S = {"cpu": 8.0, "cuda": 45.0}
+# the run's steps budgeted at this multiple of their predicted time (predictions are within ~10%); a
+# --check-numerics run also runs a single-process reference, budgeted as much again
+STEP_MARGIN = 1.3
+
+
+def startup_estimate(reports: list[dict], default: float) -> float:
+    """Seconds a run spends outside its timed steps, from this case's runs so far: the largest wall time less
+    (warm-up + measured steps) x median step time; `default` before any run has measured one."""
+    seen = [r["wall_time_s"] - (r["steps"] + r["warmup"]) * r["measured_step_time_s"] for r in reports
+            if r.get("wall_time_s") and r.get("measured_step_time_s") and not r.get("numerics")]
+    return max(seen) if seen else default
+
+
+def budget_need(startup_s: float, steps: int, warmup: int, predicted_step_s: float, check_numerics: bool) -> float:
+    """Wall seconds to budget for one run: start-up plus its steps at STEP_MARGIN x predicted, twice with
+    --check-numerics (the single-process reference runs the same steps)."""
+    return startup_s + (2.0 if check_numerics else 1.0) * STEP_MARGIN * (steps + warmup) * predicted_step_s
 
 
 def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status: str, why: str = "") -> dict:
@@ -350,7 +367,8 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
             rows.append(_row(case_name, case, spec, done[key], "ran", "same plan and engine as an earlier run: reused"))
             continue
         left = time_budget_s - (clock() - start)
-        need = STARTUP_S[device] + 2.0 * (steps + warmup) * spec.predicted_step_time_s
+        need = budget_need(startup_estimate(list(done.values()), STARTUP_S[device]), steps, warmup,
+                           spec.predicted_step_time_s, check_numerics)
         if need > left:
             rows.append(_row(case_name, case, spec, None, "skipped", f"budget: needs ~{need:.0f} s, {left:.0f} s left"))
             continue

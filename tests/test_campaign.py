@@ -215,3 +215,18 @@ def test_hints_put_a_pipelines_chunk_compute_against_the_predicted_stage_times(t
     assert times == pytest.approx({0: 0.298438, 1: 0.336682}, rel=1e-5)
     assert campaign._hints(report, times)[-1] == "chunk compute against the predicted stage time: +5.2%, +9.8%"
     assert campaign._stage_times(str(tmp_path / "missing.yaml")) is None
+
+
+def test_budget_learns_the_start_up_from_the_cases_runs():
+    """Call 12's llama-3-8b-large DDP run: 89.7 s wall, 2 warm-up + 1 measured steps of 8.757 s -> 63.4 s outside
+    the steps; the budget uses the largest such start-up seen, the default before any run, and skips numerics runs
+    (their wall includes the single-process reference)."""
+    ddp = {"wall_time_s": 89.7, "steps": 2, "warmup": 1, "measured_step_time_s": 8.757, "numerics": None}
+    quick = {"wall_time_s": 40.0, "steps": 3, "warmup": 1, "measured_step_time_s": 2.5, "numerics": None}
+    checked = {"wall_time_s": 200.0, "steps": 3, "warmup": 1, "measured_step_time_s": 2.5, "numerics": {"passed": True}}
+    assert campaign.startup_estimate([], 45.0) == 45.0
+    assert campaign.startup_estimate([quick, ddp, checked], 45.0) == pytest.approx(89.7 - 3 * 8.757)
+    assert campaign.startup_estimate([quick], 45.0) == pytest.approx(30.0)
+    need = campaign.budget_need(30.0, 3, 1, 2.0, check_numerics=False)
+    assert need == pytest.approx(30.0 + campaign.STEP_MARGIN * 8.0)
+    assert campaign.budget_need(30.0, 3, 1, 2.0, check_numerics=True) - 30.0 == pytest.approx(2 * (need - 30.0))
