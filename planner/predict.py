@@ -188,7 +188,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                 # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,
                 # produced last in the backward and reduced after it
                 emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
-                sync = (layers * max(0.0, ddp.overhead(tokens)) + (max(0.0, ddp.edge(tokens)) if ddp.edge else 0.0)
+                sync = (layers * ddp.per_block_s(tokens) + ddp.edge_s(tokens)
                         + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
         elif dp_group > 1 and cfg.zero_stage == 2:
             measured = profile.sharding_step_s(dp_group, dense + expert, impl) if impl == "deepspeed" else None

@@ -123,6 +123,22 @@ class ShardingFit:
     impl: str = "fsdp2"  # one of SHARDING_IMPLS
     step_s_per_param: float = 0.0  # deepspeed: once per optimizer step, per parameter held (unsharded count)
     step_edge_s: float = 0.0  # deepspeed: once per optimizer step
+    max_tokens: float = 0.0  # largest tokens per micro-batch measured (0: not recorded)
+
+    def per_block_s(self, tokens: float) -> float:
+        """Seconds one sharded block adds per micro-batch at `tokens` per rank (>= 0)."""
+        return max(0.0, self.overhead(self._x(self.overhead, tokens)))
+
+    def edge_s(self, tokens: float) -> float:
+        """Seconds added once per micro-batch (>= 0; 0 where the edge was not split out)."""
+        return 0.0 if self.edge is None else max(0.0, self.edge(self._x(self.edge, tokens)))
+
+    def _x(self, line: LinearFit, tokens: float) -> float:
+        """A falling line is held at its value at the largest micro-batch measured: more compute hides more of
+        the collectives, but what cannot be hidden (launches, flat-buffer copies, casts) stays. Extrapolated, the
+        fits of two token counts reach 0 just past them: gpt2-xl's ZeRO-1 (FSDP2) line, measured at 1k and 16k
+        tokens, read 0 at 32k where the run paid ~20 ms per micro-batch (2xH200, call 13)."""
+        return min(tokens, self.max_tokens) if self.max_tokens and line.slope_s < 0 else tokens
 
 
 @dataclass(frozen=True)
@@ -231,12 +247,12 @@ class Profile:
                             impl: str = "fsdp2") -> float | None:
         """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured."""
         s = self.sharding_fit(group_size, reshard_after_forward, impl)
-        return None if s is None else max(0.0, s.overhead(tokens))
+        return None if s is None else s.per_block_s(tokens)
 
     def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float, impl: str = "fsdp2") -> float:
         """Measured seconds sharding adds once per micro-batch (unhidden first all-gather / last reduce-scatter)."""
         s = self.sharding_fit(group_size, reshard_after_forward, impl)
-        return 0.0 if s is None or s.edge is None else max(0.0, s.edge(tokens))
+        return 0.0 if s is None else s.edge_s(tokens)
 
     def sharding_step_s(self, group_size: int, params: float, impl: str) -> float | None:
         """Measured seconds the sharded optimizer step adds beyond the plain AdamW step, for `params` parameters
@@ -308,15 +324,22 @@ def _sharding_dict(s: ShardingFit) -> dict:
          **({"edge": _fit_dict(s.edge)} if s.edge else {})}
     if s.impl != "fsdp2":
         d.update({"impl": s.impl, "step_s_per_param": s.step_s_per_param, "step_edge_s": s.step_edge_s})
+    if s.max_tokens:
+        d["max_tokens"] = s.max_tokens
     return d
 
 
-def _sharding(s: dict, source: str) -> ShardingFit:
-    fit = ShardingFit(group_size=int(s["group_size"]), reshard_after_forward=bool(s["reshard_after_forward"]),
+def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingFit:
+    """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points."""
+    impl, n, reshard = str(s.get("impl", "fsdp2")), int(s["group_size"]), bool(s["reshard_after_forward"])
+    measured = [float(p["tokens"]) for p in raw_points or [] if isinstance(p, dict) and "tokens" in p
+                and p.get("impl", "fsdp2") == impl and p.get("group_size") == n and p.get("reshard_after_forward") == reshard]
+    fit = ShardingFit(group_size=n, reshard_after_forward=reshard,
                       overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"),
                       edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None,
-                      impl=str(s.get("impl", "fsdp2")), step_s_per_param=float(s.get("step_s_per_param") or 0.0),
-                      step_edge_s=float(s.get("step_edge_s") or 0.0))
+                      impl=impl, step_s_per_param=float(s.get("step_s_per_param") or 0.0),
+                      step_edge_s=float(s.get("step_edge_s") or 0.0),
+                      max_tokens=float(s.get("max_tokens") or max(measured, default=0.0)))
     require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
     require(fit.impl in SHARDING_IMPLS, f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}")
     return fit
@@ -375,7 +398,9 @@ def profile_from_dict(d: object, source: str) -> Profile:
         )
         collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])
         inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
-        sharding = tuple(_sharding(s, source) for s in d.get("sharding") or [])
+        raw_sharding = ((d.get("raw") or {}).get("communication") or {}).get("sharding")
+        sharding = tuple(_sharding(s, source, raw_sharding if isinstance(raw_sharding, list) else None)
+                         for s in d.get("sharding") or [])
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}

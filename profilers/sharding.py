@@ -277,9 +277,9 @@ def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
             per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
             edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
             fit = ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_line(tokens, per),
-                              edge=_line(tokens, edge), impl=impl)
+                              edge=_line(tokens, edge), impl=impl, max_tokens=float(max(tokens)))
         else:
-            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, impl=impl,
+            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, impl=impl, max_tokens=float(max(tokens)),
                               overhead=_line(tokens, [max(by[(1, t)], 0.0) for t in tokens]))
         if impl == "deepspeed":
             per_param, step_edge = _step_split(pts, n, optimizer_s_per_param)
@@ -307,7 +307,8 @@ def _step_split(pts: list[dict], n: int, optimizer_s_per_param: float) -> tuple[
 
 def _line(xs: list[float], ys: list[float]):
     """Least-squares line through (tokens, seconds); the slope may be negative (a larger micro-batch gives
-    the prefetch more compute to hide behind); users clamp at 0. A constant (the mean) for one token count,
+    the prefetch more compute to hide behind); users clamp at 0 and hold a falling line past the largest
+    token count measured (ShardingFit.max_tokens). A constant (the mean) for one token count,
     or where a point is 0 (noise around no overhead: no trend in tokens to fit)."""
     import numpy as np
 

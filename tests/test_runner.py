@@ -128,6 +128,29 @@ def test_reference_is_deterministic_and_learns():
     assert abs(a[0] - math.log(TINY.vocab_size)) < 0.1  # uniform predictions at init
 
 
+
+def test_numerics_gives_the_references_gpu_memory_back(monkeypatch):
+    """The reference runs in the launching process: its cached GPU memory must be released, on success and on
+    out-of-memory alike, or the campaign's next run finds the GPU held (2xH200, call 13: 86 GiB)."""
+    import planner.runner.numerics as numerics
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    monkeypatch.setattr(numerics, "reference_losses", lambda *a, **k: [4.8, 4.7])
+    assert numerics.check_numerics(make(dp=2), (4.8, 4.7), 1, 1e-3, "bf16", "cuda:0").passed
+    assert released == [True]
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+
+    monkeypatch.setattr(numerics, "reference_losses", oom)
+    res = numerics.check_numerics(make(dp=2), (4.8, 4.7), 1, 1e-3, "bf16", "cuda:0")
+    assert res.checked is False and "does not fit on cuda:0 (OutOfMemoryError)" in res.note
+    assert released == [True, True]
+    numerics.release_device_memory("cpu")  # a CPU reference has no cache to empty
+    assert released == [True, True]
+
 # ---- report ---------------------------------------------------------------------------------------------
 
 def _result(rank, pp_rank, times, losses, alloc=0):
