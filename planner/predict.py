@@ -133,6 +133,13 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
+    measured_op = (profile.pipeline_action_s(cfg.schedule, p2p_bytes)
+                   if pp > 1 and engine == "torch" and profile is not None else None)
+    if measured_op is not None:
+        # the torch engine's pipelining runtime, measured per forward/backward operation beyond the chunk's
+        # compute, its transfer included (profilers/pipeline.py): 1.2-1.3 ms per operation where the p2p
+        # bandwidth said 0.1-0.2 ms (llama-3-8b interleaved v8, gpt2-xl interleaved v2; 2xH200, calls 13-14)
+        p2p_one = measured_op
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
     impl = _sharding_impl(cfg, profile, dp_group, engine)
     shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
@@ -141,12 +148,20 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard
     masters = engine == "torch" and not torch_engine_fsdp(cfg)
     ddp = _ddp_fit(cfg, profile, dp_group, engine)
+    tp_fit = _tp_fit(cfg, profile, engine)
+    tp_tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp  # each tp rank runs the whole micro-batch
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
         bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0)
         rec = layers * lt.recompute
         tpc = layers * lt.tp_comm
+        if tp_fit is not None and layers:
+            # measured: the torch engine's DTensor TP over the local shard's compute, its all-reduces included
+            # (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch;
+            # it replaces the bandwidth model's all-reduces. llama-2-13b tp2 ran 38-46% over those (2xH200, calls 14-15)
+            redo = 1.0 + (lt.recompute / (lt.fwd + lt.bwd) if lt.fwd + lt.bwd > 0 else 0.0)
+            tpc = layers * tp_fit.per_block_s(tp_tokens) * redo + tp_fit.edge_s(tp_tokens)
         oth = layers * lt.other_comm
         p2p = 2 * v * p2p_one if pp > 1 else 0.0
         dense, expert = stage_params(model, cfg, rank, layers)
@@ -226,6 +241,14 @@ def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine
     if profile is None or engine != "torch" or cfg.zero_stage != 0 or cfg.tp != 1 or dp_group <= 1:
         return None
     return profile.sharding_fit(dp_group, False, "ddp")
+
+
+def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
+    """The profile's measured DTensor tensor-parallel overhead (ShardingFit, impl "tp") where the torch engine runs
+    this layout's tp without sequence parallelism at the degree measured, else None (the bandwidth model applies)."""
+    if profile is None or engine != "torch" or cfg.tp <= 1 or cfg.sequence_parallel:
+        return None
+    return profile.sharding_fit(cfg.tp, False, "tp")
 
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
@@ -357,6 +380,11 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
         out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)
                                          else "not measured: block + unfused attention core")
+    if _tp_fit(cfg, profile, engine) is not None:
+        out[f"comm.tp_dtensor.n{cfg.tp}"] = "profile (the torch engine's DTensor TP on stacks of blocks)"
+    if cfg.pp > 1 and engine == "torch" and profile is not None and profile.pipeline_action_s(cfg.schedule, 0.0) is not None:
+        kind_op = "interleaved" if cfg.schedule == "interleaved" else "1f1b"
+        out["comm.pipeline_op"] = f"profile (torch.distributed.pipelining {kind_op}, per operation)"
     if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
         out["optimizer"] = "profile"  # said only where measured (older profiles leave the sources as before)
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile

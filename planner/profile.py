@@ -102,7 +102,9 @@ class CollectiveFit:
     bus_bandwidth_gb_s: float  # nccl-tests "busbw": algbw * factor(op, n)
 
 
-SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp")  # who wrapped the measured blocks (profilers/sharding.py; ddp: ZeRO-0)
+# who wrapped the measured blocks (profilers/sharding.py; ddp: ZeRO-0; tp: the torch engine's DTensor tensor
+# parallelism over group_size ranks, profilers/tensor_parallel.py)
+SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp", "tp")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,22 @@ class ShardingFit:
 
 
 @dataclass(frozen=True)
+class PipelineFit:
+    """Measured cost of one forward or backward operation of torch.distributed.pipelining's `schedule` ("1f1b",
+    "interleaved") between 2 ranks beyond the chunk's compute, its activation transfer included
+    (profilers/pipeline.py): action(bytes sent), held past the largest size measured where it falls."""
+
+    schedule: str
+    group_size: int
+    action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
+    max_bytes: float = 0.0
+
+    def action_s(self, nbytes: float) -> float:
+        x = min(nbytes, self.max_bytes) if self.max_bytes and self.action.slope_s < 0 else nbytes
+        return max(0.0, self.action(x))
+
+
+@dataclass(frozen=True)
 class Profile:
     gpu_name: str
     device: str  # "cuda" or "cpu": what was measured
@@ -161,6 +179,7 @@ class Profile:
     inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
     calibration: tuple[tuple[str, float], ...] = ()  # ("compute", f), ("all_reduce", f), ...
     sharding: tuple[ShardingFit, ...] = ()  # per (impl, group size, reshard); () = not measured
+    pipeline: tuple[PipelineFit, ...] = ()  # per schedule kind (torch engine's pipelining); () = not measured
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
 
@@ -191,7 +210,8 @@ class Profile:
         stack faster per block than a lone block is the lone block's host time, which the fits already take
         as max(GPU, host). 1.0 where the profile measured no stack (older profiles, one device).
         """
-        points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1]
+        points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
+                  and p.get("impl") != "tp"]  # the tp stacks' plain blocks are tp-2 shards, not the tp-1 block
         fit = self.compute_fit("block", 1)
         if not points or fit is None:
             return 1.0
@@ -262,6 +282,13 @@ class Profile:
             return None
         return max(0.0, s.step_s_per_param * params + s.step_edge_s)
 
+    def pipeline_action_s(self, schedule: str, nbytes: float) -> float | None:
+        """Measured seconds per pipeline operation of the torch engine's `schedule` (gpipe runs as 1f1b's
+        operations do), or None where the profile did not measure it."""
+        kind = "interleaved" if schedule == "interleaved" else "1f1b"
+        fit = next((f for f in self.pipeline if f.schedule == kind), None)
+        return None if fit is None else fit.action_s(nbytes)
+
     def factor(self, key: str) -> float:
         return dict(self.calibration).get(key, 1.0)
 
@@ -313,6 +340,9 @@ def profile_to_dict(p: Profile) -> dict:
         "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
         "calibration": dict(p.calibration),
         **({"sharding": [_sharding_dict(s) for s in p.sharding]} if p.sharding else {}),
+        **({"pipeline": [{"schedule": f.schedule, "group_size": f.group_size,
+                          "action": {"intercept_s": f.action.intercept_s, "slope_s_per_byte": f.action.slope_s},
+                          "max_bytes": f.max_bytes} for f in p.pipeline]} if p.pipeline else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
@@ -342,6 +372,15 @@ def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingF
                       max_tokens=float(s.get("max_tokens") or max(measured, default=0.0)))
     require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
     require(fit.impl in SHARDING_IMPLS, f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}")
+    return fit
+
+
+def _pipeline(f: dict, source: str) -> PipelineFit:
+    fit = PipelineFit(schedule=str(f["schedule"]), group_size=int(f["group_size"]),
+                      action=_fit(f["action"], f"{source}: pipeline", "slope_s_per_byte"),
+                      max_bytes=float(f.get("max_bytes") or 0.0))
+    require(fit.schedule in ("1f1b", "interleaved"),
+            f"{source}: pipeline schedule {fit.schedule!r} is not one of 1f1b, interleaved")
     return fit
 
 
@@ -401,6 +440,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         raw_sharding = ((d.get("raw") or {}).get("communication") or {}).get("sharding")
         sharding = tuple(_sharding(s, source, raw_sharding if isinstance(raw_sharding, list) else None)
                          for s in d.get("sharding") or [])
+        pipeline = tuple(_pipeline(f, source) for f in d.get("pipeline") or [])
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}
@@ -419,7 +459,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         optimizer_s_per_param=float(d.get("optimizer_s_per_param") or 0.0),
         overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
         memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
-        sharding=sharding,
+        sharding=sharding, pipeline=pipeline,
         facts=d.get("facts") or {}, raw=d.get("raw") or {},
     )
 

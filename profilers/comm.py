@@ -187,10 +187,21 @@ class _Rank:
         return {"group_size": n, "matmul_dim": dim, "matmul_loop_s": alone, "with_all_reduce_s": together,
                 "all_reduce_bytes": comm_bytes, "slowdown": slowdown}
 
+    @staticmethod
+    def _optional(name: str, raw: dict, measure) -> list[dict]:
+        """Points of a measurement the profile can do without (the torch engine's pipelining and DTensor TP): a
+        failure, raised on every rank alike (an API this torch lacks, out of memory), is recorded and skipped."""
+        try:
+            return measure()
+        except Exception as exc:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raw["unmeasured"][name] = f"{type(exc).__name__}: {first}"
+            return []
+
     def run(self) -> dict:
         s, world = self.s, self.world
         local = s.local_size or world
-        raw: dict = {"points": [], "unmeasured": {}, "overlap": None, "inter_node": None, "sharding": []}
+        raw: dict = {"points": [], "unmeasured": {}, "overlap": None, "inter_node": None, "sharding": [], "pipeline": []}
         seconds = raw["seconds"] = {}  # where this phase's time goes, per part and group size
         for n in [g for g in s.group_sizes if g <= local]:
             ranks = list(range(n))
@@ -217,6 +228,20 @@ class _Rank:
                     t0 = time.perf_counter()
                     raw["sharding"] += sharding.measure(s.sharding, group, n, self.device, self.dtype, self.report)
                     seconds[f"fsdp2_n{n}"] = round(time.perf_counter() - t0, 3)
+                    if n == 2 and s.sharding.pipeline:
+                        from profilers import pipeline
+
+                        t0 = time.perf_counter()
+                        raw["pipeline"] = self._optional("pipeline.n2", raw, lambda: pipeline.measure(
+                            s.sharding, group, self.device, self.dtype, self.report))
+                        seconds["pipeline_n2"] = round(time.perf_counter() - t0, 3)
+                    if n == 2 and s.sharding.tensor_parallel:
+                        from profilers import tensor_parallel
+
+                        t0 = time.perf_counter()
+                        raw["sharding"] += self._optional("tensor_parallel.n2", raw, lambda: tensor_parallel.measure(
+                            s.sharding, group, self.device, self.dtype, self.report))
+                        seconds["tensor_parallel_n2"] = round(time.perf_counter() - t0, 3)
             self.barrier()
             if s.sharding is not None and s.sharding.deepspeed and n == world:
                 from profilers import sharding

@@ -21,6 +21,7 @@ from planner.errors import require
 from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from profilers import comm, compute, facts, fit, megatron_layer
+from profilers.pipeline import fit_pipeline
 from profilers.sharding import ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
@@ -62,6 +63,10 @@ class Plan:
             sharding_points += 2 * len(self.comm.group_sizes)  # DDP, 2 stacks
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
             sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
+        if self.comm.sharding is not None and self.comm.sharding.pipeline and 2 in self.comm.group_sizes:
+            sharding_points += 2 * len(self.comm.sharding.micro_batches)  # 2 pipeline schedules per micro-batch
+        if self.comm.sharding is not None and self.comm.sharding.tensor_parallel and 2 in self.comm.group_sizes:
+            sharding_points += 2  # DTensor TP, 2 stacks
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
         if self.megatron:
             layers += len(megatron_settings(self).micro_batches)
@@ -233,7 +238,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
     else:
         raw_comm = {"points": [], "unmeasured": {"all": "one device: no collective to measure"}, "overlap": None,
-                    "inter_node": None, "sharding": []}
+                    "inter_node": None, "sharding": [], "pipeline": []}
     phases["communication_s"] = time.perf_counter() - t0
     # this process touches its GPU only now: spawned ranks got theirs first, torchrun bound it above
     device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
@@ -302,6 +307,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         overlap_slowdown=overlap["slowdown"] if overlap else None,
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
+        pipeline=fit_pipeline(raw_comm.get("pipeline") or []),
         facts=_plain(info), raw=_plain(raw),
     )
 

@@ -69,6 +69,8 @@ class ShardingSettings:
     trials: int = 3
     deepspeed: bool = False  # also measure DeepSpeed ZeRO-2 (measure_deepspeed) at the whole world's group size
     ddp: bool = True  # also measure DistributedDataParallel (ZeRO-0 of the torch engine) on the same stacks
+    pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
+    tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
 
 
 def _sync(device: torch.device) -> None:

@@ -130,12 +130,13 @@ def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
     """profilers/sharding.py over gloo: one block plain vs fully_shard, both reshard modes, raw points kept."""
     prof, _ = tiny_profile
     assert {(s.impl, s.group_size, s.reshard_after_forward) for s in prof.sharding} == {
-        ("fsdp2", 2, True), ("fsdp2", 2, False), ("ddp", 2, False)}  # DDP (ZeRO-0) on the same stacks
+        ("fsdp2", 2, True), ("fsdp2", 2, False), ("ddp", 2, False),  # DDP (ZeRO-0) on the same stacks
+        ("tp", 2, False)}  # and the torch engine's DTensor TP (tests/test_pipeline_runtime.py)
     for reshard in (True, False):
         for tokens in (SEQ, 4 * SEQ):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
     assert prof.sharding_overhead_s(2, False, SEQ, "ddp") >= 0
-    pts = prof.raw["communication"]["sharding"]
+    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") != "tp"]
     # both ends of the profiled range (1, 2, 4), FSDP2's two modes and DDP, stacks of 1 and STACK blocks
     assert len(pts) == 12 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
     assert sum(p.get("impl") == "ddp" for p in pts) == 4
@@ -204,3 +205,35 @@ def test_unfused_plan_charges_the_measured_unfused_core(tiny_profile):
     tokens = 2 * SEQ
     k = fit_factor(prof)  # measured layers x the profile's block-in-a-stack factor (here the CPU's gloo stacks)
     assert b["compute_fwd"] - a["compute_fwd"] == pytest.approx(TINY["num_layers"] * core.time_s("fwd", tokens) * k, rel=1e-6)
+
+
+def test_cpu_profile_measures_the_pipeline_runtime_per_operation(tiny_profile):
+    """profilers/pipeline.py over gloo: torch's Schedule1F1B and ScheduleInterleaved1F1B of one-block chunks over
+    2 ranks at both ends of the micro-batches, each point's per-operation cost the one that makes the schedule
+    simulation of the measured chunk times span the measured step."""
+    from profilers.pipeline import MICROBATCHES, VPP, solve_action_s
+
+    prof, ticks = tiny_profile
+    pts = prof.raw["communication"]["pipeline"]
+    assert {(p["schedule"], p["micro_batch"]) for p in pts} == {(k, m) for k in ("1f1b", "interleaved") for m in (1, 4)}
+    for p in pts:
+        assert p["chunk_fwd_s"] > 0 and p["chunk_bwd_s"] > 0 and p["step_s"] > 0 and p["action_s"] >= 0
+        assert p["bytes"] == p["micro_batch"] * SEQ * TINY["hidden_size"] * 2  # bf16 activations
+        assert p["vpp"] == (VPP if p["schedule"] == "interleaved" else 1) and p["microbatches"] == MICROBATCHES
+        assert p["action_s"] == pytest.approx(solve_action_s(p["schedule"], p["step_s"], p["chunk_fwd_s"], p["chunk_bwd_s"]))
+    assert {f.schedule for f in prof.pipeline} == {"1f1b", "interleaved"}
+    assert all(prof.pipeline_action_s(k, 2 * SEQ * TINY["hidden_size"]) >= 0 for k in ("1f1b", "interleaved", "gpipe"))
+    assert sum("pipeline" in label for label, *_ in ticks) == 4
+
+
+def test_cpu_profile_measures_the_torch_engines_tensor_parallelism(tiny_profile):
+    """profilers/tensor_parallel.py over gloo: stacks of 1 and STACK blocks under the engine's apply_tp beside the
+    profiled tp-2 shard, at both ends of the micro-batches; fitted like the sharding stacks."""
+    prof, ticks = tiny_profile
+    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") == "tp"]
+    assert {(p["blocks"], p["micro_batch"]) for p in pts} == {(b, m) for b in (1, STACK) for m in (1, 4)}
+    assert all(p["group_size"] == 2 and p["plain_s"] > 0 and p["wrapped_s"] > 0 for p in pts)
+    assert all(p["overhead_s"] == pytest.approx(p["wrapped_s"] - p["plain_s"]) for p in pts)
+    fit = prof.sharding_fit(2, False, "tp")
+    assert fit is not None and fit.per_block_s(SEQ) >= 0 and fit.edge_s(SEQ) >= 0
+    assert sum("tensor parallel" in label for label, *_ in ticks) == 2
