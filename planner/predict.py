@@ -244,11 +244,15 @@ def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine
 
 
 def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
-    """The profile's measured DTensor tensor-parallel overhead (ShardingFit, impl "tp") where the torch engine runs
-    this layout's tp without sequence parallelism at the degree measured, else None (the bandwidth model applies)."""
-    if profile is None or engine != "torch" or cfg.tp <= 1 or cfg.sequence_parallel:
+    """The profile's measured DTensor tensor-parallel overhead (ShardingFit, impl "tp", or "tp-sp" with sequence
+    parallelism) where the torch engine runs this layout's tp at the degree measured, else None (the bandwidth model
+    applies). A sequence-parallel plan takes the plain measurement where the profile has no SP one (profiles of
+    2026-11-22 06:30 and before): SP runs the same DTensor plan plus its norms' (SequenceParallel) and the same
+    collective volume, and left to the bandwidth model it ran 10.9% over (llama-3-8b tp2, 2xH200, call 16)."""
+    if profile is None or engine != "torch" or cfg.tp <= 1:
         return None
-    return profile.sharding_fit(cfg.tp, False, "tp")
+    plain = profile.sharding_fit(cfg.tp, False, "tp")
+    return (profile.sharding_fit(cfg.tp, False, "tp-sp") or plain) if cfg.sequence_parallel else plain
 
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
@@ -381,7 +385,11 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)
                                          else "not measured: block + unfused attention core")
     if _tp_fit(cfg, profile, engine) is not None:
-        out[f"comm.tp_dtensor.n{cfg.tp}"] = "profile (the torch engine's DTensor TP on stacks of blocks)"
+        sp_measured = profile.sharding_fit(cfg.tp, False, "tp-sp") is not None
+        out[f"comm.tp_dtensor.n{cfg.tp}"] = ("profile (the torch engine's DTensor TP on stacks of blocks"
+                                              + ("" if not cfg.sequence_parallel else
+                                                 ", with SP" if sp_measured else "; SP not measured: without SP's")
+                                              + ")")
     if cfg.pp > 1 and engine == "torch" and profile is not None and profile.pipeline_action_s(cfg.schedule, 0.0) is not None:
         kind_op = "interleaved" if cfg.schedule == "interleaved" else "1f1b"
         out["comm.pipeline_op"] = f"profile (torch.distributed.pipelining {kind_op}, per operation)"

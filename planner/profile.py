@@ -103,8 +103,8 @@ class CollectiveFit:
 
 
 # who wrapped the measured blocks (profilers/sharding.py; ddp: ZeRO-0; tp: the torch engine's DTensor tensor
-# parallelism over group_size ranks, profilers/tensor_parallel.py)
-SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp", "tp")
+# parallelism over group_size ranks, profilers/tensor_parallel.py; tp-sp: the same with sequence parallelism)
+SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp", "tp", "tp-sp")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class Profile:
         as max(GPU, host). 1.0 where the profile measured no stack (older profiles, one device).
         """
         points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
-                  and p.get("impl") != "tp"]  # the tp stacks' plain blocks are tp-2 shards, not the tp-1 block
+                  and p.get("impl") not in ("tp", "tp-sp")]  # the tp stacks' plain blocks are tp-2 shards
         fit = self.compute_fit("block", 1)
         if not points or fit is None:
             return 1.0

@@ -133,7 +133,7 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
         fwd, bwd = _chunk_times(block, x, grad, device, settings.warmup, settings.trials)
         fwd, bwd = _slowest(fwd, group, device), _slowest(bwd, group, device)
         del block, x, grad
-        for kind in SCHEDULE_CLASSES:
+        for kind in settings.pipeline_schedules:
             step = _slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
                                        settings.trials), group, device)
             tokens = mb * settings.seq_len

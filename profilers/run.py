@@ -64,9 +64,9 @@ class Plan:
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
             sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
         if self.comm.sharding is not None and self.comm.sharding.pipeline and 2 in self.comm.group_sizes:
-            sharding_points += 2 * len(self.comm.sharding.micro_batches)  # 2 pipeline schedules per micro-batch
+            sharding_points += len(self.comm.sharding.pipeline_schedules) * len(self.comm.sharding.micro_batches)
         if self.comm.sharding is not None and self.comm.sharding.tensor_parallel and 2 in self.comm.group_sizes:
-            sharding_points += 2  # DTensor TP, 2 stacks
+            sharding_points += 4  # DTensor TP without and with SP, 2 stacks each
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
         if self.megatron:
             layers += len(megatron_settings(self).micro_batches)
@@ -139,7 +139,11 @@ def plan_profile(req: ProfileRequest) -> Plan:
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=2 if q else cs.repeats,
-                                                deepspeed=cuda and _installed("deepspeed"), ddp=not q))
+                                                deepspeed=cuda and _installed("deepspeed"), ddp=not q,
+                                                # --quick on GPUs: 1F1B's operations measured 0-0.3 ms on 2xH200 (the
+                                                # p2p bandwidth's 0.1-0.2 ms), interleaved's 0.2-1.4 ms; each schedule
+                                                # took 6-8 s of the 58-65 s quick profiles (session 6)
+                                                pipeline_schedules=("interleaved",) if q and cuda else ("1f1b", "interleaved")))
     megatron = cuda and megatron_layer.available(spec, torch.device("cuda")) is None
     if q and megatron:
         # --quick: megatron-core's own layer replaces the stand-in unfused attention core for the megatron engine;

@@ -70,6 +70,7 @@ class ShardingSettings:
     deepspeed: bool = False  # also measure DeepSpeed ZeRO-2 (measure_deepspeed) at the whole world's group size
     ddp: bool = True  # also measure DistributedDataParallel (ZeRO-0 of the torch engine) on the same stacks
     pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
+    pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
     tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
 
 

@@ -9,9 +9,10 @@ per-operator dispatch and redistribution nor the exposed collectives are in it.
 
 What: inside the communication profiler's processes, over ranks 0..1 (the tp group; NCCL on GPUs, gloo on
 CPUs), stacks of 1 and STACK blocks built and sharded as the torch engine does (build_stage, apply_tp without
-sequence parallelism, materialise, the profile's dtype) run forward + backward on replicated hidden states,
+and with sequence parallelism, materialise, the profile's dtype) run forward + backward on replicated hidden
+states (with SP: each rank's half of the sequence),
 beside plain stacks of the profiled local shard (profilers.compute.build_layer at tp 2). Points go with the
-sharding points (impl "tp", group_size = the tp degree) and profilers.sharding.fit_sharding splits the
+sharding points (impl "tp" / "tp-sp", group_size = the tp degree) and profilers.sharding.fit_sharding splits the
 difference into a per-block line and an edge once per micro-batch, as for FSDP2; the cost model charges them in
 place of the bandwidth model's tensor-parallel all-reduces for the torch engine (planner/predict.rank_timer).
 """
@@ -30,8 +31,9 @@ TP = 2  # the degree measured: the pair group of the communication profiler
 
 def measure(settings: ShardingSettings, group, device: torch.device, dtype: torch.dtype,
             report=lambda label: None) -> list[dict]:
-    """Raw points over the 2 ranks of `group` (both call this; both get the same list): [{impl "tp", group_size,
-    reshard_after_forward False, blocks, micro_batch, tokens, plain_s, wrapped_s, overhead_s}]."""
+    """Raw points over the 2 ranks of `group` (both call this; both get the same list): [{impl "tp" (or "tp-sp":
+    with sequence parallelism), group_size, reshard_after_forward False, blocks, micro_batch, tokens (of the whole
+    micro-batch), plain_s, wrapped_s, overhead_s}]."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from planner.model import load_model
@@ -44,21 +46,31 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
     spec = replace(spec, num_layers=max(spec.num_layers, STACK))  # build_stage takes layers of a whole model
     mesh = DeviceMesh.from_group(group, device.type)
     points = []
+    rank = torch.distributed.get_rank(group)
     for blocks in (1, STACK):
         plain = nn.Sequential(*(build_layer(spec, "block", TP, device, dtype) for _ in range(blocks)))
-        stage = build_stage(spec, 0, blocks, has_embed=False, has_head=False)
-        apply_tp(stage, mesh, spec, sequence_parallel=False)
-        materialise(stage, device, spec, seed=0)
-        stage.to(dtype)
-        for mb in settings.micro_batches:
-            (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden, replicated
-            t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
-            t_tp = _slowest(_time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials), group, device)
-            points.append({"impl": "tp", "group_size": TP, "reshard_after_forward": False, "blocks": blocks,
-                           "micro_batch": mb, "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_tp,
-                           "overhead_s": t_tp - t_plain})
-        report(f"tensor parallel (DTensor) {blocks} block(s) n={TP}")
-        del plain, stage
+        plain_s = {}
+        for sp in (False, True):
+            stage = build_stage(spec, 0, blocks, has_embed=False, has_head=False)
+            apply_tp(stage, mesh, spec, sequence_parallel=sp)
+            materialise(stage, device, spec, seed=0)
+            stage.to(dtype)
+            for mb in settings.micro_batches:
+                (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden states
+                if mb not in plain_s:
+                    plain_s[mb] = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials),
+                                           group, device)
+                if sp:  # the residual stream is sharded over the sequence: this rank's half in and out
+                    part = settings.seq_len // TP
+                    x = x.detach()[:, rank * part:(rank + 1) * part].contiguous().requires_grad_(True)
+                    grad = grad[:, rank * part:(rank + 1) * part].contiguous()
+                t_tp = _slowest(_time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials), group, device)
+                points.append({"impl": "tp-sp" if sp else "tp", "group_size": TP, "reshard_after_forward": False,
+                               "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len,
+                               "plain_s": plain_s[mb], "wrapped_s": t_tp, "overhead_s": t_tp - plain_s[mb]})
+            report(f"tensor parallel (DTensor{', SP' if sp else ''}) {blocks} block(s) n={TP}")
+            del stage
+        del plain
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return points

@@ -91,8 +91,16 @@ def test_measured_dtensor_tp_replaces_the_tp_all_reduces_for_the_torch_engine_on
     assert dict(after.sources)["comm.tp_dtensor.n2"].startswith("profile")
     for engine in ("megatron", "any"):  # megatron-core's own TP, and no engine: the bandwidth model
         assert predict(MODEL, CLUSTER, c, prof, engine=engine).step_time_s == predict(MODEL, CLUSTER, c, BASE, engine=engine).step_time_s
-    sp = cfg(pp=1, tp=2, micro_batch_size=1, sequence_parallel=True)  # measured without SP: not applied to SP
-    assert predict(MODEL, CLUSTER, sp, prof, engine="torch").step_time_s == predict(MODEL, CLUSTER, sp, BASE, engine="torch").step_time_s
+    # sequence parallel: its own measurement where the profile has one, else the plain one (and the sources say so)
+    sp = cfg(pp=1, tp=2, micro_batch_size=1, sequence_parallel=True)
+    with_plain = predict(MODEL, CLUSTER, sp, prof, engine="torch")
+    assert dict(with_plain.breakdown)["tp_comm"] == pytest.approx(expected, rel=1e-9)
+    assert "SP not measured" in dict(with_plain.sources)["comm.tp_dtensor.n2"]
+    tp_sp = replace(tp, impl="tp-sp", overhead=LinearFit(5e-3, 0.0))
+    with_sp = predict(MODEL, CLUSTER, sp, replace(BASE, sharding=(tp, tp_sp)), engine="torch")
+    assert dict(with_sp.breakdown)["tp_comm"] == pytest.approx(c.num_microbatches * (MODEL.num_layers * 5e-3 + 1e-3), rel=1e-9)
+    assert dict(with_sp.sources)["comm.tp_dtensor.n2"].endswith("with SP)")
+    assert predict(MODEL, CLUSTER, c, replace(BASE, sharding=(tp, tp_sp)), engine="torch").step_time_s == after.step_time_s
 
 
 def test_the_stack_factor_ignores_the_tp_stacks():

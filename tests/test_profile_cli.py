@@ -43,3 +43,6 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     # and its layer at the smallest and largest micro-batch only; the sharding stacks with 2 trials
     assert run.megatron_settings(plan).micro_batches == ((1, 8) if quick else (1, 2, 4, 8, 16))
     assert plan.comm.sharding.trials == (2 if quick else plan.compute.repeats)
+    # the pipelining runtime: --quick measures the interleaved schedule only (1F1B's operations cost ~0 there)
+    assert plan.comm.sharding.pipeline_schedules == (("interleaved",) if quick else ("1f1b", "interleaved"))
+    assert plan.comm.sharding.pipeline and plan.comm.sharding.tensor_parallel

@@ -131,12 +131,12 @@ def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
     prof, _ = tiny_profile
     assert {(s.impl, s.group_size, s.reshard_after_forward) for s in prof.sharding} == {
         ("fsdp2", 2, True), ("fsdp2", 2, False), ("ddp", 2, False),  # DDP (ZeRO-0) on the same stacks
-        ("tp", 2, False)}  # and the torch engine's DTensor TP (tests/test_pipeline_runtime.py)
+        ("tp", 2, False), ("tp-sp", 2, False)}  # and the torch engine's DTensor TP (tests/test_pipeline_runtime.py)
     for reshard in (True, False):
         for tokens in (SEQ, 4 * SEQ):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
     assert prof.sharding_overhead_s(2, False, SEQ, "ddp") >= 0
-    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") != "tp"]
+    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") not in ("tp", "tp-sp")]
     # both ends of the profiled range (1, 2, 4), FSDP2's two modes and DDP, stacks of 1 and STACK blocks
     assert len(pts) == 12 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
     assert sum(p.get("impl") == "ddp" for p in pts) == 4
@@ -230,10 +230,12 @@ def test_cpu_profile_measures_the_torch_engines_tensor_parallelism(tiny_profile)
     """profilers/tensor_parallel.py over gloo: stacks of 1 and STACK blocks under the engine's apply_tp beside the
     profiled tp-2 shard, at both ends of the micro-batches; fitted like the sharding stacks."""
     prof, ticks = tiny_profile
-    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") == "tp"]
-    assert {(p["blocks"], p["micro_batch"]) for p in pts} == {(b, m) for b in (1, STACK) for m in (1, 4)}
+    pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") in ("tp", "tp-sp")]
+    assert {(p["impl"], p["blocks"], p["micro_batch"]) for p in pts} == {
+        (i, b, m) for i in ("tp", "tp-sp") for b in (1, STACK) for m in (1, 4)}
     assert all(p["group_size"] == 2 and p["plain_s"] > 0 and p["wrapped_s"] > 0 for p in pts)
     assert all(p["overhead_s"] == pytest.approx(p["wrapped_s"] - p["plain_s"]) for p in pts)
-    fit = prof.sharding_fit(2, False, "tp")
-    assert fit is not None and fit.per_block_s(SEQ) >= 0 and fit.edge_s(SEQ) >= 0
-    assert sum("tensor parallel" in label for label, *_ in ticks) == 2
+    for impl in ("tp", "tp-sp"):
+        fit = prof.sharding_fit(2, False, impl)
+        assert fit is not None and fit.per_block_s(SEQ) >= 0 and fit.edge_s(SEQ) >= 0
+    assert sum("tensor parallel" in label for label, *_ in ticks) == 4

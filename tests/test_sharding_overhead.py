@@ -193,7 +193,7 @@ def test_deepspeed_zero2_measured_over_gloo(tmp_path):
     assert all(p["micro_s"] > 0 and p["boundary_s"] > 0 and p["plain_s"] > 0 for p in ds)
     assert {p["params"] for p in ds if p["blocks"] == STACK} == {STACK * ds[0]["params"]}
     fits = {f.impl: f for f in fit_sharding(raw["sharding"], 1e-9) if not f.reshard_after_forward}
-    assert set(fits) == {"fsdp2", "deepspeed", "ddp", "tp"}  # tp: profilers/tensor_parallel.py
+    assert set(fits) == {"fsdp2", "deepspeed", "ddp", "tp", "tp-sp"}  # tp: profilers/tensor_parallel.py
     assert fits["deepspeed"].step_s_per_param >= 0 and fits["deepspeed"].step_edge_s >= 0
 
 
