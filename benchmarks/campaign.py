@@ -69,6 +69,9 @@ CASES: dict[str, Case] = {
     "llama-2-13b-small": Case("llama-2-13b", 4096, 8, "13B: plain DDP does not fit 2x141 GB (16 B/param = 208 GB)"),
     "llama-2-13b-large": Case("llama-2-13b", 4096, 32, "13B, large global batch; DDP does not fit", 2, 1),
     "tiny": Case("tiny", 32, 8, "4-layer hidden-128 GPT (CPU test of the harness)", 2, 1),
+    # four GPUs of one node (issue 8 at the size lent when nvidia-h200-x8 is not: nvidia-h200-x4)
+    "llama-3-8b-4gpu": Case("llama-3-8b", 4096, 16, "llama-3-8b at 4096 tokens on 4 GPUs", 2, 1),
+    "llama-2-13b-4gpu": Case("llama-2-13b", 4096, 16, "13B at 4096 tokens on 4 GPUs", 2, 1),
     # one 8-GPU node (issue 8: nvidia-h200-x8; run with --gpus 8, one case per 10-minute call)
     "llama-3-8b-8gpu": Case("llama-3-8b", 4096, 32, "llama-3-8b at 4096 tokens on 8 GPUs", 2, 1),
     "llama-2-13b-8gpu": Case("llama-2-13b", 4096, 32, "13B at 4096 tokens on 8 GPUs", 2, 1),

@@ -184,6 +184,21 @@ def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
         assert cfg.dp * cfg.tp * cfg.pp * cfg.cp == 8
 
 
+@pytest.mark.parametrize("case", ["llama-3-8b-4gpu", "llama-2-13b-4gpu"])
+def test_four_gpu_cases_plan_on_the_h200_preset(tmp_path, case):
+    """Issue 8 at 4 GPUs (nvidia-h200-x4): distplan's plan and the baselines that fit, every one over 4 GPUs; the 13B
+    model's DDP (208 GB of model states per GPU) is left out as not fitting."""
+    from planner.plan import load_plan
+
+    plans, skipped = campaign.campaign_plans(campaign.CASES[case], None, tmp_path, gpus=4, cluster="h200-141gb")
+    names = {p.name for p in plans}
+    assert {"distplan", "fsdp2-full", "megatron-heuristic"} <= names
+    assert ("ddp" in {s["name"] for s in skipped}) == (case == "llama-2-13b-4gpu")
+    for p in plans:
+        cfg = load_plan(p.plan_path).parallel
+        assert cfg.dp * cfg.tp * cfg.pp * cfg.cp == 4 and cfg.global_batch_size == 16
+
+
 def test_hints_read_the_reports_diagnostics():
     """A miss's report says what it measured: the FSDP2 llama-3-8b run of 2026-11-22 (diagnostic re-run, call 7)
     retried allocations 6 times; a pipeline stage whose chunks and optimizer took 1.6 of a 2.0 s step spent 20% of
