@@ -330,6 +330,10 @@ def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[st
     if shares:
         share, stage = max(shares)
         out.append(f"pipeline schedule {100 * share:.0f}% of the step on stage {stage} (outside chunk compute and optimizer)")
+    host = [(sum(r["chunk_host_s"].values()) / sum(r["chunk_compute_s"].values()), r["pp_rank"]) for r in ranks
+            if r.get("chunk_host_s") and r.get("chunk_compute_s") and sum(r["chunk_compute_s"].values()) > 0]
+    if host:
+        out.append("chunk host time over chunk GPU time: " + ", ".join(f"{h:.2f} (stage {st})" for h, st in host))
     mb = re.search(r"mb=\d+x(\d+)", str(report.get("config", "")))  # report.config: "... mb=1x8 ..."
     m = int(mb.group(1)) if mb else 0
     if stage_times and m:

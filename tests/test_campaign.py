@@ -213,6 +213,8 @@ def test_hints_read_the_reports_diagnostics():
     pipe = {"ranks": [{"pp_rank": 0, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.5, "bwd": 1.0}},
                       {"pp_rank": 1, "median_step_time_s": 2.0, "optimizer_s": 0.1, "chunk_compute_s": {"fwd": 0.6, "bwd": 1.2}}]}
     assert campaign._hints(pipe) == ["pipeline schedule 20% of the step on stage 0 (outside chunk compute and optimizer)"]
+    pipe["ranks"][0]["chunk_host_s"] = {"fwd": 0.45, "bwd": 0.75}  # the host's time in the same calls: 1.2 of 1.5 s
+    assert campaign._hints(pipe)[1] == "chunk host time over chunk GPU time: 0.80 (stage 0)"
 
 
 def test_hints_put_a_pipelines_chunk_compute_against_the_predicted_stage_times(tmp_path):

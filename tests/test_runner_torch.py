@@ -96,6 +96,9 @@ def test_pp2_1f1b_uneven_split_tied_embedding(tmp_path):
         c = r["chunk_compute_s"]
         assert c["fwd"] > 0 and c["bwd"] > 0 and c["fwd"] + c["bwd"] < r["median_step_time_s"]
     assert sum(report.ranks[1]["chunk_compute_s"].values()) > sum(report.ranks[0]["chunk_compute_s"].values())
+    for r in report.ranks:  # the host's time inside the same calls: on the CPU the work is synchronous, so it is
+        h, c = r["chunk_host_s"], r["chunk_compute_s"]  # the wall clock the chunk timer reads, less its own overhead
+        assert all(0 < h[k] <= c[k] * 1.05 + 1e-3 for k in ("fwd", "bwd")), (h, c)
     where = [n for n in report.notes if n.startswith("pipeline stage")]
     assert len(where) == 2 and "chunk compute" in where[0] and "the rest of the step" in where[1]
 

@@ -107,6 +107,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     # pipelines: chunk compute per step (the schedule's own cost = step - chunks - optimizer)
     chunk_clock = _ChunkClock(stages, device) if cfg.pp > 1 else None
     chunk_times: list[dict] = []
+    chunk_host: list[dict] = []
     is_first = any(v == 0 for v, *_ in chunks)
     is_last = any(v == n_virtual - 1 for v, *_ in chunks)
 
@@ -137,9 +138,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
             optimizer_times.append(opt_timer.seconds())
             microbatch_times.append([t.seconds() for t in mb_timers])
         if chunk_clock is not None:
-            spans = chunk_clock.take()
+            spans, host = chunk_clock.take()
             if step >= opts.warmup:
                 chunk_times.append(spans)
+                chunk_host.append(host)
         if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
             tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
             loss = loss / cfg.dp
@@ -162,7 +164,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None,
                # pp > 1: this rank's chunk compute per step (median), forward and backward
                "chunk_compute_s": {k: statistics.median(t[k] for t in chunk_times) for k in ("fwd", "bwd")}
-               if chunk_times else None},
+               if chunk_times else None,
+               # pp > 1: the host's seconds inside the same chunk calls (median per step)
+               "chunk_host_s": {k: statistics.median(t[k] for t in chunk_host) for k in ("fwd", "bwd")}
+               if chunk_host else None},
     )
 
 
@@ -329,6 +334,7 @@ class _ChunkClock:
     def __init__(self, stages: list, device: torch.device):
         self.device = device
         self.spans: list[tuple[str, _PhaseTimer]] = []
+        self.host: list[tuple[str, float]] = []
         for stage in stages:
             for name, kind in self.METHODS:
                 fn = getattr(stage, name, None)
@@ -338,19 +344,25 @@ class _ChunkClock:
     def _timed(self, fn, kind: str):
         def call(*args, **kwargs):
             timer = _PhaseTimer(self.device)
+            t0 = time.perf_counter()
             out = fn(*args, **kwargs)
+            self.host.append((kind, time.perf_counter() - t0))
             timer.stop()
             self.spans.append((kind, timer))
             return out
         return call
 
-    def take(self) -> dict[str, float]:
-        """Seconds of forward and backward chunk compute since the last take (after the step's sync)."""
-        out = {"fwd": 0.0, "bwd": 0.0}
+    def take(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Seconds of forward and backward chunk compute since the last take (after the step's sync), and the host's
+        seconds inside the same calls (launching their kernels: on a GPU, host >= GPU means the chunks were
+        host-bound, which a pipeline of small chunks exposes whenever the GPU waits for a receive)."""
+        out, host = {"fwd": 0.0, "bwd": 0.0}, {"fwd": 0.0, "bwd": 0.0}
         for kind, timer in self.spans:
             out[kind] += timer.seconds()
-        self.spans = []
-        return out
+        for kind, seconds in self.host:
+            host[kind] += seconds
+        self.spans, self.host = [], []
+        return out, host
 
 
 class _PhaseTimer:
