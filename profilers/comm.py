@@ -235,13 +235,13 @@ class _Rank:
                         raw["pipeline"] = self._optional("pipeline.n2", raw, lambda: pipeline.measure(
                             s.sharding, group, self.device, self.dtype, self.report))
                         seconds["pipeline_n2"] = round(time.perf_counter() - t0, 3)
-                    if n == 2 and s.sharding.tensor_parallel:
+                    if s.sharding.tensor_parallel:
                         from profilers import tensor_parallel
 
                         t0 = time.perf_counter()
-                        raw["sharding"] += self._optional("tensor_parallel.n2", raw, lambda: tensor_parallel.measure(
-                            s.sharding, group, self.device, self.dtype, self.report))
-                        seconds["tensor_parallel_n2"] = round(time.perf_counter() - t0, 3)
+                        raw["sharding"] += self._optional(f"tensor_parallel.n{n}", raw, lambda: tensor_parallel.measure(
+                            s.sharding, group, n, self.device, self.dtype, self.report))
+                        seconds[f"tensor_parallel_n{n}"] = round(time.perf_counter() - t0, 3)
             self.barrier()
             if s.sharding is not None and s.sharding.deepspeed and n == world:
                 from profilers import sharding

@@ -65,8 +65,8 @@ class Plan:
             sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
         if self.comm.sharding is not None and self.comm.sharding.pipeline and 2 in self.comm.group_sizes:
             sharding_points += len(self.comm.sharding.pipeline_schedules) * len(self.comm.sharding.micro_batches)
-        if self.comm.sharding is not None and self.comm.sharding.tensor_parallel and 2 in self.comm.group_sizes:
-            sharding_points += 4  # DTensor TP without and with SP, 2 stacks each
+        if self.comm.sharding is not None and self.comm.sharding.tensor_parallel:
+            sharding_points += 4 * len(self.comm.group_sizes)  # DTensor TP without and with SP, 2 stacks each
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
         if self.megatron:
             layers += len(megatron_settings(self).micro_batches)
