@@ -10,7 +10,8 @@ per-operator dispatch and redistribution nor the exposed collectives are in it.
 What: inside the communication profiler's processes, over each group of ranks 0..n-1 it measures (tp = n; NCCL on
 GPUs, gloo on CPUs), stacks of 1 and STACK blocks built and sharded as the torch engine does (build_stage, apply_tp without
 and with sequence parallelism, materialise, the profile's dtype) run forward + backward on replicated hidden
-states (with SP: each rank's half of the sequence),
+states (with SP: each rank's part of the sequence), gradients accumulating into the previous run's as in all but
+the first micro-batch of the engine's steps,
 beside plain stacks of the profiled local shard (profilers.compute.build_layer at tp n). Points go with the
 sharding points (impl "tp" / "tp-sp", group_size = the tp degree) and profilers.sharding.fit_sharding splits the
 difference into a per-block line and an edge once per micro-batch, as for FSDP2; the cost model charges them in
@@ -55,13 +56,14 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
             for mb in settings.micro_batches:
                 (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden states
                 if mb not in plain_s:
-                    plain_s[mb] = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials),
-                                           group, device)
+                    plain_s[mb] = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
+                                                         zero_grads=True), group, device)
                 if sp:  # the residual stream is sharded over the sequence: this rank's half in and out
                     part = settings.seq_len // n
                     x = x.detach()[:, rank * part:(rank + 1) * part].contiguous().requires_grad_(True)
                     grad = grad[:, rank * part:(rank + 1) * part].contiguous()
-                t_tp = _slowest(_time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials), group, device)
+                t_tp = _slowest(_time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
+                                group, device)
                 points.append({"impl": "tp-sp" if sp else "tp", "group_size": n, "reshard_after_forward": False,
                                "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len,
                                "plain_s": plain_s[mb], "wrapped_s": t_tp, "overhead_s": t_tp - plain_s[mb]})
