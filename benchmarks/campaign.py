@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -346,8 +347,13 @@ def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[st
 
 def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, steps: int | None = None,
              warmup: int | None = None, time_budget_s: float = 540.0, gpus: int = 2, dry_run: bool = False,
-             check_numerics: bool = False, clock=time.monotonic, log=lambda msg: None, **plan_kw) -> list[dict]:
-    """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget."""
+             check_numerics: bool = False, clock=time.monotonic, log=lambda msg: None, repeat: int = 1,
+             **plan_kw) -> list[dict]:
+    """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget.
+
+    `repeat` > 1: then run the plans that ran again, in reverse order, while the budget lasts; a row's measured step
+    time is the median of its runs (`measured_runs_s`), and the case's run-to-run spread is in `summarize`. Plans
+    within a few percent of each other (gpt2-xl-large's data-parallel layouts: 2%) are ordered by that spread."""
     from planner.runner.engine_api import RunOptions
     from planner.runner.launch import run_plan
 
@@ -390,7 +396,59 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
         except DistplanError as exc:
             rows.append(_row(case_name, case, spec, None, "refused", str(exc)[:300]))
         log(f"  -> {rows[-1]['status']} measured {rows[-1].get('measured_step_time_s')} {rows[-1]['why']}")
+    for k in range(1, repeat):
+        _repeat_pass(rows, plans, case_name, case, steps, warmup, start, time_budget_s, clock, log, profile_path,
+                     device, out_dir, k, reverse=k % 2 == 1)
     return rows
+
+
+def _repeat_pass(rows: list[dict], plans: list[PlanSpec], case_name: str, case: Case, steps: int, warmup: int,
+                 start: float, time_budget_s: float, clock, log, profile_path, device: str, out_dir: Path, k: int,
+                 reverse: bool) -> None:
+    """Run again every plan whose row ran itself (not a reused run), updating its row in place (run_case)."""
+    from planner.runner.engine_api import RunOptions
+    from planner.runner.launch import run_plan
+
+    by_name = {spec.name: spec for spec in plans}
+    again = [r for r in rows if r.get("status") == "ran" and not r.get("why") and r["name"] in by_name]
+    for row in (reversed(again) if reverse else again):
+        spec = by_name[row["name"]]
+        left = time_budget_s - (clock() - start)
+        if budget_need(STARTUP_S[device], steps, warmup, spec.predicted_step_time_s, False) > left:
+            log(f"  repeat {k + 1} of {case_name}/{spec.name}: skipped (budget, {left:.0f} s left)")
+            continue
+        path = out_dir / f"{spec.name}.run{k + 1}.report.yaml"
+        opts = RunOptions(engine=spec.engine, steps=steps, warmup=warmup, timeout_s=max(5.0, left - 5.0))
+        try:
+            run_plan(spec.plan_path, opts, out_path=path, tolerance=STEP_TOL_ALL, profile_path=profile_path)
+            rep = yaml.safe_load(path.read_text())
+        except DistplanError as exc:
+            log(f"  repeat {k + 1} of {case_name}/{spec.name}: refused ({str(exc)[:120]})")
+            continue
+        if rep.get("measured_step_time_s") and not rep.get("failures"):
+            add_repeat(row, rep["measured_step_time_s"], case)
+        log(f"  repeat {k + 1} of {case_name}/{spec.name}: measured {rep.get('measured_step_time_s')}")
+    # rows that reused another row's run (the same plan and engine) take its runs too
+    from planner.plan import load_plan
+
+    digest = lambda r: (r.get("engine"), load_plan(r["plan_path"]).digest())  # noqa: E731
+    measured = {digest(r): r for r in again}
+    for r in rows:
+        if r.get("status") == "ran" and r.get("why") and r.get("plan_path") and digest(r) in measured:
+            src = measured[digest(r)]
+            for key in ("measured_runs_s", "measured_step_time_s", "measured_tokens_per_s", "step_time_error"):
+                if key in src:
+                    r[key] = src[key]
+
+
+def add_repeat(row: dict, seconds: float, case: Case) -> None:
+    """Fold one more measured step time into a row: its runs, their median, and the figures derived from it."""
+    runs = row.setdefault("measured_runs_s", [row["measured_step_time_s"]])
+    runs.append(seconds)
+    med = statistics.median(runs)
+    row["measured_step_time_s"] = med
+    row["measured_tokens_per_s"] = case.global_batch * case.seq_len / med
+    row["step_time_error"] = med / row["predicted_step_time_s"] - 1
 
 
 def _cuda() -> bool:
@@ -468,8 +526,10 @@ def summarize(rows: list[dict]) -> dict:
             "spearman_ge_0.9": None if rho is None else rho >= SPEARMAN_MIN,
             "chosen_plan_no_oom": not chosen_oom if chosen and chosen.get("status") in ("ran", "oom", "failed") else None,
         }
+        spreads = [max(r["measured_runs_s"]) / min(r["measured_runs_s"]) - 1 for r in ran if len(r.get("measured_runs_s") or []) > 1]
         cases[name] = {"speedup_over_best_baseline": speedup, "best_baseline": best["name"] if best else None,
                        "spearman": rho, "plans_ran": len(ran), "plans": len(mine), "targets": targets,
+                       "run_spread": max(spreads) if spreads else None,
                        "misses": [{"name": r["name"], "role": r["role"], "what": m, "hints": r.get("hints") or []}
                                   for r in mine if (m := _misses(r))]}
     speedups = [c["speedup_over_best_baseline"] for c in cases.values() if c["speedup_over_best_baseline"] is not None]
@@ -553,11 +613,13 @@ def write_markdown(summary: dict, path: str | Path, machine: str, env: dict | No
              f"step time within {100 * STEP_TOL_ALL:.0f}% (chosen {100 * STEP_TOL_CHOSEN:.0f}%); memory within "
              f"{100 * MEMORY_TOL:.0f}%; Spearman >= {SPEARMAN_MIN} per case; no chosen plan OOMs.", "",
              "## Per case", "",
-             "| case | distplan / best baseline | best baseline | Spearman | plans ran | targets missed |", "|---|---|---|---|---|---|"]
+             "| case | distplan / best baseline | best baseline | Spearman | plans ran | run-to-run spread | targets missed |",
+             "|---|---|---|---|---|---|---|"]
     for name, c in summary["cases"].items():
         missed = [k for k, v in c["targets"].items() if v is False]
+        spread = "-" if c.get("run_spread") is None else f"{100 * c['run_spread']:.1f}%"
         lines.append(f"| {name} | {_fmt(c['speedup_over_best_baseline'])} | {c['best_baseline'] or '-'} | "
-                     f"{_fmt(c['spearman'])} | {c['plans_ran']}/{c['plans']} | {', '.join(missed) or 'none'} |")
+                     f"{_fmt(c['spearman'])} | {c['plans_ran']}/{c['plans']} | {spread} | {', '.join(missed) or 'none'} |")
     ov = summary["overall"]
     lines += ["", f"At least one case >= {100 * (SPEEDUP_ONE_CASE - 1):.0f}% faster: {ov['ge_10pct_faster_in_one_case']}; "
               f"all per-case targets met: {ov['all_targets_met']}.", "", "## Every plan", "",
@@ -611,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engine distplan's plan and its alternatives are solved for and run on")
     ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
     ap.add_argument("--check-numerics", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="run each plan that ran this many times (alternating order, "
+                                                          "within the budget); rows take the median")
     ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
     ap.add_argument("--machine", default=None, help="names the report campaign_<machine>.md (default from the GPUs)")
     ap.add_argument("--need-profiles", action="store_true", help="print 'model seq_len' of cases with no profile; exit")
@@ -618,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rows.json files of earlier calls: one report of them all (a case a later file has replaces "
                          "that case's rows from earlier files: the re-run after a fix)")
     a = ap.parse_args(argv)
+    if a.repeat < 1:
+        print(f"error: --repeat {a.repeat}: must be at least 1 (runs per plan)", file=sys.stderr)
+        return 2
     names = [c for c in a.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
     if unknown:
@@ -646,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             left = a.budget_s - (time.monotonic() - start)
             try:
                 rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=a.cluster,
-                                 check_numerics=a.check_numerics, log=lambda m: print(m, flush=True),
+                                 check_numerics=a.check_numerics, log=lambda m: print(m, flush=True), repeat=a.repeat,
                                  megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
                                  engine_for_distplan=a.distplan_engine)
             except DistplanError as exc:

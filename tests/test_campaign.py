@@ -119,12 +119,20 @@ def test_summarize_targets_missed():
 
 @pytest.mark.slow
 def test_tiny_campaign_end_to_end_on_cpu(tmp_path):
-    rc = campaign.main(["--cases", "tiny", "--out", str(tmp_path), "--budget-s", "120", "--megatron-engine", "torch",
-                        "--machine", "cpu-test", "--steps", "1", "--warmup", "1"])
+    rc = campaign.main(["--cases", "tiny", "--out", str(tmp_path), "--budget-s", "240", "--megatron-engine", "torch",
+                        "--machine", "cpu-test", "--steps", "1", "--warmup", "1", "--repeat", "2"])
     assert rc == 0
     import json
 
     rows = json.loads((tmp_path / "rows.json").read_text())
+    # --repeat 2: each plan that ran itself ran twice (the second pass in reverse order); its row takes the median
+    twice = [r for r in rows if r.get("measured_runs_s")]
+    assert twice and all(len(r["measured_runs_s"]) == 2 for r in twice)
+    reused = [r for r in rows if "reused" in (r.get("why") or "")]  # the same plan and engine as another row
+    for r in reused:
+        src = next(o for o in rows if o["config"] == r["config"] and o["engine"] == r["engine"] and not o.get("why"))
+        assert r["measured_step_time_s"] == src["measured_step_time_s"] and r["measured_runs_s"] == src["measured_runs_s"]
+    assert all(r["measured_step_time_s"] == pytest.approx(sum(r["measured_runs_s"]) / 2) for r in twice)
     ran = [r for r in rows if r["status"] == "ran"]
     assert {r["role"] for r in ran} == {"distplan", "baseline", "alternative"}
     assert {r["name"] for r in ran} >= {"distplan", "ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic"}
@@ -137,6 +145,7 @@ def test_tiny_campaign_end_to_end_on_cpu(tmp_path):
         assert Path(r["plan_path"]).exists() and not r["oom"]
     md = (tmp_path / "campaign_cpu-test.md").read_text()
     assert "| tiny | distplan | distplan | torch |" in md and "## Analysis of misses" in md
+    assert "run-to-run spread" in md
     assert "torch" in md and "python" in md  # versions in the header
 
 
@@ -247,3 +256,20 @@ def test_budget_learns_the_start_up_from_the_cases_runs():
     need = campaign.budget_need(30.0, 3, 1, 2.0, check_numerics=False)
     assert need == pytest.approx(30.0 + campaign.STEP_MARGIN * 8.0)
     assert campaign.budget_need(30.0, 3, 1, 2.0, check_numerics=True) - 30.0 == pytest.approx(2 * (need - 30.0))
+
+
+def test_repeats_fold_into_the_row_and_the_cases_spread():
+    """gpt2-xl-large's FSDP2 baseline measured 3.171 s (call 13) and 3.110 s (call 15): as two runs of one row, the
+    median and a 2.0% run-to-run spread; --repeat 0 is refused (exit 2)."""
+    case = campaign.CASES["gpt2-xl-large"]
+    row = _r("fsdp2-full", "baseline", 80000, 80000)
+    row.update(measured_step_time_s=3.171, predicted_step_time_s=3.225)
+    campaign.add_repeat(row, 3.110, case)
+    assert row["measured_runs_s"] == [3.171, 3.110]
+    assert row["measured_step_time_s"] == pytest.approx(3.1405)
+    assert row["measured_tokens_per_s"] == pytest.approx(256 * 1024 / 3.1405)
+    assert row["step_time_error"] == pytest.approx(3.1405 / 3.225 - 1)
+    other = _r("ddp", "baseline", 80000, 79000)
+    c = campaign.summarize([row, other])["cases"]["c"]
+    assert c["run_spread"] == pytest.approx(3.171 / 3.110 - 1)
+    assert campaign.main(["--cases", "tiny", "--repeat", "0", "--dry-run"]) == 2
