@@ -302,6 +302,12 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
     return row
 
 
+# micro-batches of one step that differ by more than this (slowest over fastest) point at the host or the allocator:
+# the GPU's own compute repeats within 1-4% (the sync micro-batch of DDP/FSDP2 aside); llama-2-13b's DTensor tp2 run
+# spread 0.551-0.676 s (+23%, 2xH200, call 14)
+MICROBATCH_JITTER = 0.15
+
+
 def _stage_times(plan_path: str | None) -> dict[int, float] | None:
     """pipeline rank -> the plan's predicted seconds per micro-batch on it (prediction.stages), or None."""
     try:
@@ -331,6 +337,13 @@ def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[st
     if shares:
         share, stage = max(shares)
         out.append(f"pipeline schedule {100 * share:.0f}% of the step on stage {stage} (outside chunk compute and optimizer)")
+    spread = [(max(mb) / min(mb) - 1, r["rank"]) for r in ranks if (mb := r.get("microbatch_s")) and len(mb) >= 3
+              and min(mb) > 0]
+    if spread and max(spread)[0] > MICROBATCH_JITTER:
+        width, rank = max(spread)
+        mbs = next(r["microbatch_s"] for r in ranks if r["rank"] == rank)
+        out.append(f"micro-batch times vary {min(mbs):.3g}-{max(mbs):.3g} s on rank {rank} (+{100 * width:.0f}%): "
+                   f"host-bound or memory pressure, not the GPU's steady compute")
     host = [(sum(r["chunk_host_s"].values()) / sum(r["chunk_compute_s"].values()), r["pp_rank"]) for r in ranks
             if r.get("chunk_host_s") and r.get("chunk_compute_s") and sum(r["chunk_compute_s"].values()) > 0]
     if host:

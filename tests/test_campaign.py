@@ -224,6 +224,13 @@ def test_hints_read_the_reports_diagnostics():
     assert campaign._hints(pipe) == ["pipeline schedule 20% of the step on stage 0 (outside chunk compute and optimizer)"]
     pipe["ranks"][0]["chunk_host_s"] = {"fwd": 0.45, "bwd": 0.75}  # the host's time in the same calls: 1.2 of 1.5 s
     assert campaign._hints(pipe)[1] == "chunk host time over chunk GPU time: 0.80 (stage 0)"
+    # llama-2-13b tp2 (call 14): its micro-batches spread +23%; call 16's llama-3-8b FSDP2 ZeRO-1 (+13.8%, the last
+    # micro-batch synchronising) stays below the bar
+    tp2 = {"ranks": [{"rank": 0, "pp_rank": 0, "microbatch_s": [0.666, 0.648, 0.6, 0.608, 0.676, 0.564, 0.551, 0.571]}]}
+    assert campaign._hints(tp2) == ["micro-batch times vary 0.551-0.676 s on rank 0 (+23%): host-bound or memory "
+                                    "pressure, not the GPU's steady compute"]
+    fsdp = {"ranks": [{"rank": 0, "pp_rank": 0, "microbatch_s": [0.439, 0.4541, 0.4639, 0.4996]}]}
+    assert campaign._hints(fsdp) == []
 
 
 def test_hints_put_a_pipelines_chunk_compute_against_the_predicted_stage_times(tmp_path):
