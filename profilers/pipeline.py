@@ -4,15 +4,17 @@ Why: on 2x H200 the torch engine's pipelines ran longer than a simulation of the
 own measured compute (CUDA events around every forward_one_chunk / backward_one_chunk): by 0.07-0.08 s on
 llama-3-8b interleaved v8 x 4 micro-batches and gpt2-xl interleaved v2 x 16 (64 operations per rank, about
 1.2-1.3 ms each), and about 0.5 ms per operation on 1F1B (campaign of 2026-11-22, calls 13-14). The cost model
-charged only the activation's transfer at the profiled p2p bandwidth (0.1-0.2 ms). The sends and receives of
-the schedule's runtime, each a separate batched NCCL operation that waits for its peer, cost more than the
-back-to-back transfer loop the collective profiler times.
+charged only the activation's transfer at the profiled p2p bandwidth (0.1-0.2 ms), which the collective
+profiler times as a back-to-back loop of sends. Where the rest goes is not settled (benchmarks/DEVICE_NOTES.md:
+head-of-line blocking of the pair's NCCL stream was simulated and explains little); this measures the runtime as
+it is. Call 16's llama-3-8b profile measured 0.52 ms per operation at that plan's 64 MiB: about half of what the
+run lost at v = 8 (this measures v = VPP).
 
 What: inside the communication profiler's processes, over ranks 0 and 1 (NCCL on GPUs, gloo on CPUs), a
 2-stage pipeline whose every chunk is one transformer block (profilers.compute.build_layer, tp = 1, the
 profile's dtype) runs the engine's schedules (planner/runner/engines/torch_engine.py: Schedule1F1B with one
-chunk per rank, ScheduleInterleaved1F1B with VPP chunks) over MICROBATCHES micro-batches, at the smallest and
-the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
+chunk per rank, ScheduleInterleaved1F1B with VPP chunks; --quick on GPUs the interleaved one only) over
+MICROBATCHES micro-batches, at the smallest and the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
 backward seconds of one chunk. The schedule simulation of the cost model (planner.schedule.span_s) with those
 per-chunk times + `a` per operation is solved for the `a` that matches the measured step: the exposed cost of
 one forward or backward operation of the schedule, transfer included (a point's `action_s`). fit_pipeline
