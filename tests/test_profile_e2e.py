@@ -239,3 +239,30 @@ def test_cpu_profile_measures_the_torch_engines_tensor_parallelism(tiny_profile)
         fit = prof.sharding_fit(2, False, impl)
         assert fit is not None and fit.per_block_s(SEQ) >= 0 and fit.edge_s(SEQ) >= 0
     assert sum("tensor parallel" in label for label, *_ in ticks) == 4
+
+
+def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_path):
+    """A 4-device node (gloo) measures the torch engine's DTensor TP at tp 2 and tp 4, with and without SP, and the
+    pipelining runtime over the first pair; a tp-4 plan of the torch engine is then charged the tp-4 measurement."""
+    from dataclasses import replace as dc_replace
+
+    from planner.job import ParallelConfig, validate_config
+    from planner.model import load_model
+    from planner.predict import predict
+
+    model = tmp_path / "tiny4.yaml"
+    model.write_text(yaml.safe_dump({**TINY, "num_kv_heads": 4}))
+    prof = run_profile(ProfileRequest(model=str(model), seq_len=SEQ, device="cpu", gpus_per_node=4, quick=True),
+                       lambda *a: None)
+    assert {(s.impl, s.group_size) for s in prof.sharding if s.impl.startswith("tp")} == {
+        (i, n) for i in ("tp", "tp-sp") for n in (2, 4)}
+    assert {f.schedule for f in prof.pipeline} == {"1f1b", "interleaved"} and all(f.group_size == 2 for f in prof.pipeline)
+    spec = load_model(str(model))
+    cfg = ParallelConfig(tp=4, seq_len=SEQ, global_batch_size=4, micro_batch_size=1)
+    validate_config(spec, cfg, 4)
+    cluster = cluster_for_profile(prof, None)
+    fit = prof.sharding_fit(4, False, "tp")
+    with_tp = dict(predict(spec, cluster, cfg, prof, engine="torch").breakdown)["tp_comm"]
+    assert with_tp == pytest.approx(cfg.num_microbatches * (spec.num_layers * fit.per_block_s(SEQ) + fit.edge_s(SEQ)))
+    without = dc_replace(prof, sharding=tuple(s for s in prof.sharding if not s.impl.startswith("tp")))
+    assert dict(predict(spec, cluster, cfg, without, engine="torch").breakdown)["tp_comm"] != with_tp
