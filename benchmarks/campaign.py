@@ -364,11 +364,10 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
              **plan_kw) -> list[dict]:
     """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget.
 
-    `repeat` > 1: then run the plans that ran again, in reverse order, while the budget lasts; a row's measured step
-    time is the median of its runs (`measured_runs_s`), and the case's run-to-run spread is in `summarize`. Plans
+    `repeat` > 1: then run the plans that ran again, in alternating order, while the budget lasts; a row's measured
+    step time is the median of its runs (`measured_runs_s`), and the case's run-to-run spread is in `summarize`. Plans
     within a few percent of each other (gpt2-xl-large's data-parallel layouts: 2%) are ordered by that spread."""
-    from planner.runner.engine_api import RunOptions
-    from planner.runner.launch import run_plan
+    from planner.plan import load_plan
 
     start = clock()
     case = CASES[case_name]
@@ -380,78 +379,73 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
     order = {"distplan": 0, "baseline": 1, "alternative": 2}
     device = "cuda" if not dry_run and _cuda() else "cpu"
     done: dict[tuple, dict] = {}  # (engine, plan digest) -> report already measured in this case
+    ran: dict[tuple, tuple[PlanSpec, dict]] = {}  # (engine, plan digest) -> the plan and the row that measured it
+    reused: list[tuple[dict, tuple]] = []  # rows that took another row's run, and its key
+
+    def left() -> float:
+        return time_budget_s - (clock() - start)
+
     for spec in sorted(plans, key=lambda p: order[p.role]):
         log(f"{case_name}/{spec.name} ({spec.engine}): {spec.config}; predicted {spec.predicted_step_time_s:.4g} s, "
             f"{spec.predicted_memory_gib:.1f} GiB")
         if dry_run:
             rows.append(_row(case_name, case, spec, None, "dry-run"))
             continue
-        from planner.plan import load_plan
-
         key = (spec.engine, load_plan(spec.plan_path).digest())
         if key in done:
             rows.append(_row(case_name, case, spec, done[key], "ran", "same plan and engine as an earlier run: reused"))
+            reused.append((rows[-1], key))
             continue
-        left = time_budget_s - (clock() - start)
         need = budget_need(startup_estimate(list(done.values()), STARTUP_S[device]), steps, warmup,
                            spec.predicted_step_time_s, check_numerics)
-        if need > left:
-            rows.append(_row(case_name, case, spec, None, "skipped", f"budget: needs ~{need:.0f} s, {left:.0f} s left"))
+        if need > left():
+            rows.append(_row(case_name, case, spec, None, "skipped", f"budget: needs ~{need:.0f} s, {left():.0f} s left"))
             continue
-        report_path = out_dir / f"{spec.name}.report.yaml"
-        opts = RunOptions(engine=spec.engine, steps=steps, warmup=warmup, timeout_s=max(5.0, left - 5.0))
         try:
-            run_plan(spec.plan_path, opts, out_path=report_path, tolerance=STEP_TOL_ALL, check_numerics=check_numerics,
-                     profile_path=profile_path)
-            rep = yaml.safe_load(report_path.read_text())
+            rep = _run_once(spec, steps, warmup, left(), out_dir / f"{spec.name}.report.yaml", profile_path,
+                            check_numerics)
             done[key] = rep
             rows.append(_row(case_name, case, spec, rep, "ran"))
+            if rows[-1]["status"] == "ran":
+                ran[key] = (spec, rows[-1])
         except DistplanError as exc:
             rows.append(_row(case_name, case, spec, None, "refused", str(exc)[:300]))
         log(f"  -> {rows[-1]['status']} measured {rows[-1].get('measured_step_time_s')} {rows[-1]['why']}")
-    for k in range(1, repeat):
-        _repeat_pass(rows, plans, case_name, case, steps, warmup, start, time_budget_s, clock, log, profile_path,
-                     device, out_dir, k, reverse=k % 2 == 1)
+
+    for k in range(1, repeat):  # the repeats, in reverse order on odd passes, within the budget
+        startup = startup_estimate(list(done.values()), STARTUP_S[device])
+        for spec, row in (reversed(list(ran.values())) if k % 2 else list(ran.values())):
+            tag = f"  repeat {k + 1} of {case_name}/{spec.name}"
+            if budget_need(startup, steps, warmup, spec.predicted_step_time_s, False) > left():
+                log(f"{tag}: skipped (budget, {left():.0f} s left)")
+                continue
+            try:
+                rep = _run_once(spec, steps, warmup, left(), out_dir / f"{spec.name}.run{k + 1}.report.yaml",
+                                profile_path, False)
+            except DistplanError as exc:
+                log(f"{tag}: refused ({str(exc)[:120]})")
+                continue
+            if rep.get("measured_step_time_s") and not rep.get("failures"):
+                add_repeat(row, rep["measured_step_time_s"], case)
+            log(f"{tag}: measured {rep.get('measured_step_time_s')}")
+    for row, key in reused:  # a row that reused another's run takes its repeats too
+        if key in ran:
+            src = ran[key][1]
+            row.update({k: src[k] for k in ("measured_runs_s", "measured_step_time_s", "measured_tokens_per_s",
+                                            "step_time_error") if k in src})
     return rows
 
 
-def _repeat_pass(rows: list[dict], plans: list[PlanSpec], case_name: str, case: Case, steps: int, warmup: int,
-                 start: float, time_budget_s: float, clock, log, profile_path, device: str, out_dir: Path, k: int,
-                 reverse: bool) -> None:
-    """Run again every plan whose row ran itself (not a reused run), updating its row in place (run_case)."""
+def _run_once(spec: PlanSpec, steps: int, warmup: int, left_s: float, report_path: Path, profile_path: str | None,
+              check_numerics: bool) -> dict:
+    """One `distplan run` of the plan within `left_s` seconds; its report (raises DistplanError where refused)."""
     from planner.runner.engine_api import RunOptions
     from planner.runner.launch import run_plan
 
-    by_name = {spec.name: spec for spec in plans}
-    again = [r for r in rows if r.get("status") == "ran" and not r.get("why") and r["name"] in by_name]
-    for row in (reversed(again) if reverse else again):
-        spec = by_name[row["name"]]
-        left = time_budget_s - (clock() - start)
-        if budget_need(STARTUP_S[device], steps, warmup, spec.predicted_step_time_s, False) > left:
-            log(f"  repeat {k + 1} of {case_name}/{spec.name}: skipped (budget, {left:.0f} s left)")
-            continue
-        path = out_dir / f"{spec.name}.run{k + 1}.report.yaml"
-        opts = RunOptions(engine=spec.engine, steps=steps, warmup=warmup, timeout_s=max(5.0, left - 5.0))
-        try:
-            run_plan(spec.plan_path, opts, out_path=path, tolerance=STEP_TOL_ALL, profile_path=profile_path)
-            rep = yaml.safe_load(path.read_text())
-        except DistplanError as exc:
-            log(f"  repeat {k + 1} of {case_name}/{spec.name}: refused ({str(exc)[:120]})")
-            continue
-        if rep.get("measured_step_time_s") and not rep.get("failures"):
-            add_repeat(row, rep["measured_step_time_s"], case)
-        log(f"  repeat {k + 1} of {case_name}/{spec.name}: measured {rep.get('measured_step_time_s')}")
-    # rows that reused another row's run (the same plan and engine) take its runs too
-    from planner.plan import load_plan
-
-    digest = lambda r: (r.get("engine"), load_plan(r["plan_path"]).digest())  # noqa: E731
-    measured = {digest(r): r for r in again}
-    for r in rows:
-        if r.get("status") == "ran" and r.get("why") and r.get("plan_path") and digest(r) in measured:
-            src = measured[digest(r)]
-            for key in ("measured_runs_s", "measured_step_time_s", "measured_tokens_per_s", "step_time_error"):
-                if key in src:
-                    r[key] = src[key]
+    opts = RunOptions(engine=spec.engine, steps=steps, warmup=warmup, timeout_s=max(5.0, left_s - 5.0))
+    run_plan(spec.plan_path, opts, out_path=report_path, tolerance=STEP_TOL_ALL, check_numerics=check_numerics,
+             profile_path=profile_path)
+    return yaml.safe_load(report_path.read_text())
 
 
 def add_repeat(row: dict, seconds: float, case: Case) -> None:
