@@ -149,7 +149,6 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     masters = engine == "torch" and not torch_engine_fsdp(cfg)
     ddp = _ddp_fit(cfg, profile, dp_group, engine)
     tp_fit = _tp_fit(cfg, profile, engine)
-    tp_tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp  # each tp rank runs the whole micro-batch
 
     def timer(rank: int, layers: int) -> RankTime:
         fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
@@ -161,7 +160,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch;
             # it replaces the bandwidth model's all-reduces. llama-2-13b tp2 ran 38-46% over those (2xH200, calls 14-15)
             redo = 1.0 + (lt.recompute / (lt.fwd + lt.bwd) if lt.fwd + lt.bwd > 0 else 0.0)
-            tpc = layers * tp_fit.per_block_s(tp_tokens) * redo + tp_fit.edge_s(tp_tokens)
+            tpc = layers * tp_fit.per_block_s(tokens) * redo + tp_fit.edge_s(tokens)  # each tp rank: the whole micro-batch
         oth = layers * lt.other_comm
         p2p = 2 * v * p2p_one if pp > 1 else 0.0
         dense, expert = stage_params(model, cfg, rank, layers)

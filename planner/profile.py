@@ -51,6 +51,13 @@ class LinearFit:
     def __call__(self, x: float) -> float:
         return self.intercept_s + self.slope_s * x
 
+    def held(self, x: float, x_max: float) -> float:
+        """The line at `x`, at least 0; a falling line stops falling at `x_max`, the largest x measured (0: none
+        recorded). Measured overheads shrink as more work hides them, but not to 0 just past the last point:
+        gpt2-xl's ZeRO-1 (FSDP2) line through 1k and 16k tokens read 0 at 32k, where the run paid ~20 ms per
+        micro-batch (2xH200, call 13)."""
+        return max(0.0, self(min(x, x_max) if x_max and self.slope_s < 0 else x))
+
 
 @dataclass(frozen=True)
 class ComputeFit:
@@ -128,19 +135,12 @@ class ShardingFit:
     max_tokens: float = 0.0  # largest tokens per micro-batch measured (0: not recorded)
 
     def per_block_s(self, tokens: float) -> float:
-        """Seconds one sharded block adds per micro-batch at `tokens` per rank (>= 0)."""
-        return max(0.0, self.overhead(self._x(self.overhead, tokens)))
+        """Seconds one sharded block adds per micro-batch at `tokens` per rank (>= 0; LinearFit.held)."""
+        return self.overhead.held(tokens, self.max_tokens)
 
     def edge_s(self, tokens: float) -> float:
         """Seconds added once per micro-batch (>= 0; 0 where the edge was not split out)."""
-        return 0.0 if self.edge is None else max(0.0, self.edge(self._x(self.edge, tokens)))
-
-    def _x(self, line: LinearFit, tokens: float) -> float:
-        """A falling line is held at its value at the largest micro-batch measured: more compute hides more of
-        the collectives, but what cannot be hidden (launches, flat-buffer copies, casts) stays. Extrapolated, the
-        fits of two token counts reach 0 just past them: gpt2-xl's ZeRO-1 (FSDP2) line, measured at 1k and 16k
-        tokens, read 0 at 32k where the run paid ~20 ms per micro-batch (2xH200, call 13)."""
-        return min(tokens, self.max_tokens) if self.max_tokens and line.slope_s < 0 else tokens
+        return 0.0 if self.edge is None else self.edge.held(tokens, self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,7 @@ class PipelineFit:
     max_bytes: float = 0.0
 
     def action_s(self, nbytes: float) -> float:
-        x = min(nbytes, self.max_bytes) if self.max_bytes and self.action.slope_s < 0 else nbytes
-        return max(0.0, self.action(x))
+        return self.action.held(nbytes, self.max_bytes)
 
 
 @dataclass(frozen=True)
