@@ -189,8 +189,9 @@ class _Rank:
 
     @staticmethod
     def _optional(name: str, raw: dict, measure) -> list[dict]:
-        """Points of a measurement the profile can do without (the torch engine's pipelining and DTensor TP): a
-        failure, raised on every rank alike (an API this torch lacks, out of memory), is recorded and skipped."""
+        """Points of a measurement the profile can do without (DeepSpeed's ZeRO-2, the torch engine's pipelining and
+        DTensor TP): a failure, raised on every rank alike (a missing or older library, out of memory), is recorded
+        in raw["unmeasured"] under `name` and the profile goes on."""
         try:
             return measure()
         except Exception as exc:  # noqa: BLE001
@@ -247,11 +248,8 @@ class _Rank:
                 from profilers import sharding
 
                 t0 = time.perf_counter()
-                try:  # DeepSpeed is optional: a failure there is recorded, the profile goes on
-                    raw["sharding"] += sharding.measure_deepspeed(s.sharding, n, self.device, self.dtype, self.report)
-                except Exception as exc:  # noqa: BLE001
-                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-                    raw["unmeasured"][f"deepspeed_zero2.n{n}"] = f"{type(exc).__name__}: {first}"
+                raw["sharding"] += self._optional(f"deepspeed_zero2.n{n}", raw, lambda: sharding.measure_deepspeed(
+                    s.sharding, n, self.device, self.dtype, self.report))
                 seconds[f"deepspeed_n{n}"] = round(time.perf_counter() - t0, 3)
                 self.barrier()
         if world > local:

@@ -34,7 +34,6 @@ from profilers.sharding import ShardingSettings, _slowest, _sync
 
 VPP = 2  # chunks per rank of the interleaved measurement
 MICROBATCHES = 4  # micro-batches per step (a multiple of the 2 ranks, as the interleaved schedule needs)
-SCHEDULE_CLASSES = {"1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
 def _chunk_times(block: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
@@ -73,7 +72,9 @@ def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
     rank, vpp = dist.get_rank(group), (VPP if kind == "interleaved" else 1)
     chunks = [build_layer(spec, "block", 1, device, dtype) for _ in range(vpp)]
     stages = [pipelining.PipelineStage(mod, c * 2 + rank, 2 * vpp, device, group=group) for c, mod in enumerate(chunks)]
-    cls = getattr(pipelining, SCHEDULE_CLASSES[kind])
+    from planner.runner.engines.torch_engine import SCHEDULES  # the engine's own schedule classes
+
+    cls = getattr(pipelining, SCHEDULES[kind])
     schedule = cls(stages if kind == "interleaved" else stages[0], MICROBATCHES, loss_fn=_loss)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(MICROBATCHES * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
