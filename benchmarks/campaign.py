@@ -355,6 +355,12 @@ def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[st
                 for r in ranks if r.get("chunk_compute_s") and stage_times.get(r.get("pp_rank"))]
         if errs:
             out.append("chunk compute against the predicted stage time: " + ", ".join(f"{100 * e:+.1f}%" for e in errs))
+    traced = [(r["rank"], r["trace"]) for r in ranks if r.get("trace") and r["trace"].get("wall_s")]
+    if traced:  # DISTPLAN_TRACE=1 (planner/runner/trace.py): the GPU's kernels over one extra, profiled step
+        rank, t = max(traced, key=lambda rt: rt[1]["idle_s"] / rt[1]["wall_s"])
+        cats = ", ".join(f"{k} {v:.3g}" for k, v in sorted(t["by_category_s"].items(), key=lambda kv: -kv[1]))
+        out.append(f"traced step on rank {rank}: {t['wall_s']:.3g} s, GPU idle {100 * t['idle_s'] / t['wall_s']:.0f}%, "
+                   f"compute kernels busy {t['compute_busy_s']:.3g} s (kernel seconds: {cats})")
     return out
 
 

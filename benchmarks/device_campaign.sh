@@ -10,7 +10,8 @@
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
 #   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says;
 #   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
-#   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1).
+#   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1);
+#   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it).
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)

@@ -63,22 +63,23 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.device, dtype: torch.dtype,
-               warmup: int, trials: int) -> float:
-    """Median wall-clock seconds of one step of the `kind` schedule over ranks 0 and 1 (this rank's part)."""
+               warmup: int, trials: int, vpp: int = VPP, microbatches: int = MICROBATCHES) -> float:
+    """Median wall-clock seconds of one step of the `kind` schedule over ranks 0 and 1 (this rank's part), with
+    `vpp` one-block chunks per rank (interleaved; 1F1B has one) and `microbatches` micro-batches."""
     from torch.distributed import pipelining
 
     from profilers.compute import build_layer
 
-    rank, vpp = dist.get_rank(group), (VPP if kind == "interleaved" else 1)
+    rank, vpp = dist.get_rank(group), (vpp if kind == "interleaved" else 1)
     chunks = [build_layer(spec, "block", 1, device, dtype) for _ in range(vpp)]
     stages = [pipelining.PipelineStage(mod, c * 2 + rank, 2 * vpp, device, group=group) for c, mod in enumerate(chunks)]
     from planner.runner.engines.torch_engine import SCHEDULES  # the engine's own schedule classes
 
     cls = getattr(pipelining, SCHEDULES[kind])
-    schedule = cls(stages if kind == "interleaved" else stages[0], MICROBATCHES, loss_fn=_loss)
+    schedule = cls(stages if kind == "interleaved" else stages[0], microbatches, loss_fn=_loss)
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(MICROBATCHES * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
-    target = torch.randn(MICROBATCHES * mb, seq_len, spec.hidden_size, generator=g).to(device, torch.float32)
+    x = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
+    target = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, torch.float32)
     times = []
     for i in range(warmup + trials):
         _sync(device)
@@ -98,17 +99,19 @@ def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
     return statistics.median(times)
 
 
-def solve_action_s(kind: str, step_s: float, fwd_s: float, bwd_s: float) -> float:
+def solve_action_s(kind: str, step_s: float, fwd_s: float, bwd_s: float, vpp: int = VPP,
+                   microbatches: int = MICROBATCHES) -> float:
     """Seconds `a` per operation such that the schedule simulation of 2 ranks (each chunk fwd_s + a forward,
-    bwd_s + a backward) spans `step_s`; 0 when the step is no longer than the compute alone."""
+    bwd_s + a backward; `vpp` chunks per rank for interleaved) spans `step_s`; 0 when the step is no longer
+    than the compute alone."""
     from planner.schedule import StageOpTimes, span_s
 
-    vpp = VPP if kind == "interleaved" else 1
+    vpp = vpp if kind == "interleaved" else 1
 
     def span(a: float) -> float:
         stages = [StageOpTimes(rank=r, forward_s=fwd_s + a, backward_s=bwd_s + a, recompute_s=0.0, p2p_s=0.0)
                   for r in range(2)]
-        return span_s(kind, 2, vpp, MICROBATCHES, stages, {})
+        return span_s(kind, 2, vpp, microbatches, stages, {})
 
     if step_s <= span(0.0):
         return 0.0

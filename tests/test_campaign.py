@@ -231,6 +231,13 @@ def test_hints_read_the_reports_diagnostics():
                                     "pressure, not the GPU's steady compute"]
     fsdp = {"ranks": [{"rank": 0, "pp_rank": 0, "microbatch_s": [0.439, 0.4541, 0.4639, 0.4996]}]}
     assert campaign._hints(fsdp) == []
+    # DISTPLAN_TRACE=1: the rank whose GPU idled the largest share of its traced step is the one reported
+    t0 = {"wall_s": 2.0, "busy_s": 1.8, "compute_busy_s": 1.7, "idle_s": 0.2, "by_category_s": {"matmul": 1.5, "other": 0.3}}
+    t1 = {"wall_s": 2.0, "busy_s": 1.0, "compute_busy_s": 0.9, "idle_s": 1.0,
+          "by_category_s": {"matmul": 0.7, "communication": 0.1, "other": 0.2}}
+    traced = {"ranks": [{"rank": 0, "pp_rank": 0, "trace": t0}, {"rank": 1, "pp_rank": 0, "trace": t1}]}
+    assert campaign._hints(traced) == ["traced step on rank 1: 2 s, GPU idle 50%, compute kernels busy 0.9 s "
+                                       "(kernel seconds: matmul 0.7, other 0.2, communication 0.1)"]
 
 
 def test_hints_put_a_pipelines_chunk_compute_against_the_predicted_stage_times(tmp_path):

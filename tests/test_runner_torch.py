@@ -20,6 +20,7 @@ from planner.predict import predict
 from planner.runner.data import write_tokens
 from planner.runner.engine_api import TEST_KILL_ENV, RunOptions
 from planner.runner.launch import run_plan
+from planner.runner.trace import ENV as TRACE_ENV
 from planner.runner.parallelize import ZERO_MAPPING
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4,
@@ -165,3 +166,16 @@ def test_a_hung_rank_is_stopped_at_the_timeout(tmp_path, monkeypatch):
     assert [(f.rank, f.step, f.kind) for f in report.failures] == [(0, 2, "timeout"), (1, 2, "timeout")]
     assert "no result within the 20 s timeout" in report.verdict[0] and not report.passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "report.yaml"]
+
+
+@pytest.mark.slow
+def test_trace_profiles_one_extra_step_outside_the_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRACE_ENV, "1")
+    report = run(tmp_path, tp=2, steps=2, warmup=1)
+    assert_verified(report, tmp_path, 2)  # the traced step adds no loss: numerics still compares 3 steps
+    d = yaml.safe_load((tmp_path / "report.yaml").read_text())
+    for r in d["ranks"]:
+        t = r["trace"]
+        assert len(r["losses"]) == 3 and t["wall_s"] > 0
+        # CPU: no GPU kernels, so the GPU was busy for none of the step
+        assert t["kernels"] == 0 and t["busy_s"] == 0 and t["idle_s"] == pytest.approx(t["wall_s"])

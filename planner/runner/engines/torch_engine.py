@@ -50,6 +50,7 @@ from planner.memory import torch_engine_fsdp
 from planner.modeling import lm_loss
 from planner.plan import Plan
 from planner.runner.data import DataSource, local_batch
+from planner.runner import trace
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
                                         apply_tp, build_stage, make_optimizer, materialise, stage_layers, tied,
@@ -114,38 +115,46 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     data = DataSource(spec, cfg.seq_len, cfg.global_batch_size, seed=opts.seed, path=opts.data_path, dtype=opts.data_dtype)
     dp_group = mesh["dp"].get_group()
     step_times, losses, optimizer_times, microbatch_times = [], [], [], []
-    for step in range(opts.warmup + opts.steps):
-        mark_step(step)
-        inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
-        inputs, targets = inputs.to(device), targets.to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        mb_timers: list = []
-        if schedule is None:
-            loss = _accumulate(modules[0], inputs, targets, m, fsdp, mb_timers)
-        else:
-            loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
-        if tied_group is not None:
-            for p in tied_params:  # sum the two stages' gradients of the tied embedding / LM head
-                tdist.all_reduce(local_shard(p.grad), group=tied_group)
-        opt_timer = _PhaseTimer(device)  # the optimizer step alone (CUDA events: no extra synchronisation)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not ddp_views)
-        opt_timer.stop()
-        _sync(device)
-        if step >= opts.warmup:
-            step_times.append(time.perf_counter() - t0)
-            optimizer_times.append(opt_timer.seconds())
-            microbatch_times.append([t.seconds() for t in mb_timers])
-        if chunk_clock is not None:
-            spans, host = chunk_clock.take()
-            if step >= opts.warmup:
-                chunk_times.append(spans)
-                chunk_host.append(host)
-        if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
-            tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
-            loss = loss / cfg.dp
-        losses.append(float(loss) if loss is not None else math.nan)
+    trace_summary = None  # DISTPLAN_TRACE=1: one more step, profiled (planner/runner/trace.py), not measured
+    for step in range(opts.warmup + opts.steps + (1 if trace.enabled() else 0)):
+        extra = step >= opts.warmup + opts.steps
+        measured = opts.warmup <= step and not extra
+        with (trace.traced(device) if extra else nullcontext()) as kernels:
+            mark_step(step)
+            inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
+            inputs, targets = inputs.to(device), targets.to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            mb_timers: list = []
+            if schedule is None:
+                loss = _accumulate(modules[0], inputs, targets, m, fsdp, mb_timers)
+            else:
+                loss = _pipeline_step(schedule, inputs, targets, is_first, is_last, device)
+            if tied_group is not None:
+                for p in tied_params:  # sum the two stages' gradients of the tied embedding / LM head
+                    tdist.all_reduce(local_shard(p.grad), group=tied_group)
+            opt_timer = _PhaseTimer(device)  # the optimizer step alone (CUDA events: no extra synchronisation)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not ddp_views)
+            opt_timer.stop()
+            _sync(device)
+            step_wall = time.perf_counter() - t0
+            if measured:
+                step_times.append(step_wall)
+                optimizer_times.append(opt_timer.seconds())
+                microbatch_times.append([t.seconds() for t in mb_timers])
+            if chunk_clock is not None:
+                spans, host = chunk_clock.take()
+                if measured:
+                    chunk_times.append(spans)
+                    chunk_host.append(host)
+            if loss is not None and cfg.dp > 1:  # mean over the global batch (every rank of the last stage agrees)
+                tdist.all_reduce(loss, op=tdist.ReduceOp.SUM, group=dp_group)
+                loss = loss / cfg.dp
+            if not extra:
+                losses.append(float(loss) if loss is not None else math.nan)
+        if extra:
+            trace_summary = trace.summarize(kernels, step_wall)
 
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
@@ -167,7 +176,8 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                if chunk_times else None,
                # pp > 1: the host's seconds inside the same chunk calls (median per step)
                "chunk_host_s": {k: statistics.median(t[k] for t in chunk_host) for k in ("fwd", "bwd")}
-               if chunk_host else None},
+               if chunk_host else None,
+               "trace": trace_summary},
     )
 
 
