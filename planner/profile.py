@@ -133,14 +133,21 @@ class ShardingFit:
     step_s_per_param: float = 0.0  # deepspeed: once per optimizer step, per parameter held (unsharded count)
     step_edge_s: float = 0.0  # deepspeed: once per optimizer step
     max_tokens: float = 0.0  # largest tokens per micro-batch measured (0: not recorded)
+    # fsdp2: the same lines for a micro-batch that accumulates gradients without reducing them
+    # (set_requires_gradient_sync(False): every micro-batch of a step but the last); None: not measured
+    accumulate: LinearFit | None = None
+    accumulate_edge: LinearFit | None = None
 
-    def per_block_s(self, tokens: float) -> float:
-        """Seconds one sharded block adds per micro-batch at `tokens` per rank (>= 0; LinearFit.held)."""
-        return self.overhead.held(tokens, self.max_tokens)
+    def per_block_s(self, tokens: float, sync: bool = True) -> float:
+        """Seconds one sharded block adds per micro-batch at `tokens` per rank (>= 0; LinearFit.held); `sync`
+        False: a micro-batch without the gradients' reduce-scatter, where measured (else the synchronising one)."""
+        line = self.overhead if sync or self.accumulate is None else self.accumulate
+        return line.held(tokens, self.max_tokens)
 
-    def edge_s(self, tokens: float) -> float:
+    def edge_s(self, tokens: float, sync: bool = True) -> float:
         """Seconds added once per micro-batch (>= 0; 0 where the edge was not split out)."""
-        return 0.0 if self.edge is None else self.edge.held(tokens, self.max_tokens)
+        line = self.edge if sync or self.accumulate is None else self.accumulate_edge
+        return 0.0 if line is None else line.held(tokens, self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -263,15 +270,17 @@ class Profile:
         return None
 
     def sharding_overhead_s(self, group_size: int, reshard_after_forward: bool, tokens: float,
-                            impl: str = "fsdp2") -> float | None:
-        """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured."""
+                            impl: str = "fsdp2", sync: bool = True) -> float | None:
+        """Measured seconds one sharded block adds per micro-batch at this group size (>= 0); None if not measured.
+        `sync` False: a gradient-accumulating micro-batch (ShardingFit.per_block_s)."""
         s = self.sharding_fit(group_size, reshard_after_forward, impl)
-        return None if s is None else s.per_block_s(tokens)
+        return None if s is None else s.per_block_s(tokens, sync)
 
-    def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float, impl: str = "fsdp2") -> float:
+    def sharding_edge_s(self, group_size: int, reshard_after_forward: bool, tokens: float, impl: str = "fsdp2",
+                        sync: bool = True) -> float:
         """Measured seconds sharding adds once per micro-batch (unhidden first all-gather / last reduce-scatter)."""
         s = self.sharding_fit(group_size, reshard_after_forward, impl)
-        return 0.0 if s is None else s.edge_s(tokens)
+        return 0.0 if s is None else s.edge_s(tokens, sync)
 
     def sharding_step_s(self, group_size: int, params: float, impl: str) -> float | None:
         """Measured seconds the sharded optimizer step adds beyond the plain AdamW step, for `params` parameters
@@ -355,6 +364,10 @@ def _sharding_dict(s: ShardingFit) -> dict:
         d.update({"impl": s.impl, "step_s_per_param": s.step_s_per_param, "step_edge_s": s.step_edge_s})
     if s.max_tokens:
         d["max_tokens"] = s.max_tokens
+    if s.accumulate is not None:
+        d["accumulate"] = _fit_dict(s.accumulate)
+        if s.accumulate_edge is not None:
+            d["accumulate_edge"] = _fit_dict(s.accumulate_edge)
     return d
 
 
@@ -368,7 +381,11 @@ def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingF
                       edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None,
                       impl=impl, step_s_per_param=float(s.get("step_s_per_param") or 0.0),
                       step_edge_s=float(s.get("step_edge_s") or 0.0),
-                      max_tokens=float(s.get("max_tokens") or max(measured, default=0.0)))
+                      max_tokens=float(s.get("max_tokens") or max(measured, default=0.0)),
+                      accumulate=_fit(s["accumulate"], f"{source}: sharding", "slope_s_per_token")
+                      if s.get("accumulate") else None,
+                      accumulate_edge=_fit(s["accumulate_edge"], f"{source}: sharding", "slope_s_per_token")
+                      if s.get("accumulate_edge") else None)
     require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
     require(fit.impl in SHARDING_IMPLS, f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}")
     return fit

@@ -139,9 +139,15 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
                 (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
                 t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
                 t_wrapped = _slowest(_time_fwd_bwd(root, x, grad, device, settings.warmup, settings.trials), group, device)
-                points.append({"group_size": n, "reshard_after_forward": reshard, "blocks": blocks, "micro_batch": mb,
-                               "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_wrapped,
-                               "overhead_s": t_wrapped - t_plain})
+                # a gradient-accumulating micro-batch (the engine's every one but the last of a step): no
+                # reduce-scatter, the unsharded gradients summed in place
+                root.set_requires_gradient_sync(False)
+                t_accum = _slowest(_time_fwd_bwd(root, x, grad, device, settings.warmup, settings.trials), group, device)
+                root.set_requires_gradient_sync(True)
+                for sync, t in ((True, t_wrapped), (False, t_accum)):
+                    points.append({"group_size": n, "reshard_after_forward": reshard, "blocks": blocks,
+                                   "micro_batch": mb, "tokens": mb * settings.seq_len, "sync": sync,
+                                   "plain_s": t_plain, "wrapped_s": t, "overhead_s": t - t_plain})
             report(f"fully_shard {blocks} block(s) n={n} reshard={reshard}")
             del root, stack
         if settings.ddp:
@@ -262,6 +268,9 @@ def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
     line in tokens (negative differences are noise around zero and count as 0). Points of an older
     profile (one block, no "blocks" key) give per_block = overhead(1) and no edge.
 
+    FSDP2 points with "sync" False (a gradient-accumulating micro-batch) give the same lines as `accumulate`
+    and `accumulate_edge`; points without the key synchronised.
+
     DeepSpeed points also give the once-per-step part: extra(k) = boundary_s - micro_s - the plain AdamW
     step of the rank's partition (params / n x `optimizer_s_per_param`), averaged over the micro-batches
     (it does not depend on tokens), split as extra = step_edge_s + step_s_per_param x params between the
@@ -273,22 +282,31 @@ def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
     out = []
     for impl, n, reshard in keys:
         pts = [p for p in points if p.get("impl", "fsdp2") == impl and p["group_size"] == n
-               and p["reshard_after_forward"] == reshard]
-        by = {(p.get("blocks", 1), p["tokens"]): p["overhead_s"] for p in pts}
-        tokens = sorted({t for _, t in by})
-        if all((STACK, t) in by for t in tokens):
-            per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
-            edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
-            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_line(tokens, per),
-                              edge=_line(tokens, edge), impl=impl, max_tokens=float(max(tokens)))
-        else:
-            fit = ShardingFit(group_size=n, reshard_after_forward=reshard, impl=impl, max_tokens=float(max(tokens)),
-                              overhead=_line(tokens, [max(by[(1, t)], 0.0) for t in tokens]))
+               and p["reshard_after_forward"] == reshard and p.get("sync", True)]
+        overhead, edge, tokens = _per_block_and_edge(pts)
+        fit = ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=overhead, edge=edge, impl=impl,
+                          max_tokens=float(max(tokens)))
+        accum = [p for p in points if p.get("impl", "fsdp2") == impl and p["group_size"] == n
+                 and p["reshard_after_forward"] == reshard and not p.get("sync", True)]
+        if accum:
+            a_overhead, a_edge, _ = _per_block_and_edge(accum)
+            fit = ShardingFit(**{**fit.__dict__, "accumulate": a_overhead, "accumulate_edge": a_edge})
         if impl == "deepspeed":
             per_param, step_edge = _step_split(pts, n, optimizer_s_per_param)
             fit = ShardingFit(**{**fit.__dict__, "step_s_per_param": per_param, "step_edge_s": step_edge})
         out.append(fit)
     return tuple(out)
+
+
+def _per_block_and_edge(pts: list[dict]):
+    """(per-block line, edge line or None, tokens measured) of one kind of points (fit_sharding's docstring)."""
+    by = {(p.get("blocks", 1), p["tokens"]): p["overhead_s"] for p in pts}
+    tokens = sorted({t for _, t in by})
+    if all((STACK, t) in by for t in tokens):
+        per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
+        edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
+        return _line(tokens, per), _line(tokens, edge), tokens
+    return _line(tokens, [max(by[(1, t)], 0.0) for t in tokens]), None, tokens
 
 
 def _step_split(pts: list[dict], n: int, optimizer_s_per_param: float) -> tuple[float, float]:

@@ -103,3 +103,17 @@ def test_megatron_llama_stores_the_measured_block_plus_analytic_scores():
     gprof = load_profile(RESULTS / "profile-gpt2-xl-2xh200.yaml")
     gcfg = ParallelConfig(dp=2, zero_stage=1, micro_batch_size=8, global_batch_size=32, seq_len=1024, flash_attention=False)
     assert predict(gpt, H200, gcfg, gprof, engine="megatron").peak_memory_gib == pytest.approx(57.8, rel=0.03)
+
+
+def test_torch_engine_tp_keeps_the_whole_vocabulary_of_logits_per_rank():
+    """The torch engine's TP head gathers full logits on each rank (apply_tp), Megatron's are vocabulary-parallel:
+    llama-3-8b tp2 at micro-batch 8 x 4096 tokens (call 17) peaked 20.4 GiB over the 1/tp logits."""
+    from planner.job import ParallelConfig
+    from planner.memory import LOGIT_BYTES, stage_memory
+    from planner.model import load_model
+
+    model = load_model("llama-3-8b")
+    cfg = ParallelConfig(tp=2, micro_batch_size=8, global_batch_size=8, seq_len=4096, recompute="full")
+    full = LOGIT_BYTES * 8 * 4096 * model.vocab_size
+    assert stage_memory(model, cfg, 0, 32, engine="torch").logits == pytest.approx(full)
+    assert stage_memory(model, cfg, 0, 32, engine="megatron").logits == pytest.approx(full / 2)

@@ -137,9 +137,12 @@ def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0
     assert prof.sharding_overhead_s(2, False, SEQ, "ddp") >= 0
     pts = [p for p in prof.raw["communication"]["sharding"] if p.get("impl") not in ("tp", "tp-sp")]
-    # both ends of the profiled range (1, 2, 4), FSDP2's two modes and DDP, stacks of 1 and STACK blocks
-    assert len(pts) == 12 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
+    # both ends of the profiled range (1, 2, 4), FSDP2's two modes (each synchronising and accumulating) and DDP,
+    # stacks of 1 and STACK blocks
+    assert len(pts) == 20 and {p["micro_batch"] for p in pts} == {1, 4} and {p["blocks"] for p in pts} == {1, STACK}
     assert sum(p.get("impl") == "ddp" for p in pts) == 4
+    assert sum(p.get("sync") is False for p in pts) == 8
+    assert all(s.accumulate is not None for s in prof.sharding if s.impl == "fsdp2")
     assert all(p["plain_s"] > 0 and p["wrapped_s"] > 0 and p["overhead_s"] == p["wrapped_s"] - p["plain_s"] for p in pts)
     # split into a per-block line and an edge line (exactness: test_sharding_fit_splits_per_block_and_edge_exactly)
     assert all(s.edge is not None and prof.sharding_edge_s(2, s.reshard_after_forward, SEQ) >= 0 for s in prof.sharding)
