@@ -133,7 +133,9 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
     p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
-    measured_op = (profile.pipeline_action_s(cfg.schedule, p2p_bytes)
+    # operations per rank of one step: each of the rank's v chunks runs a forward and a backward per micro-batch
+    ops = 2 * v * cfg.num_microbatches
+    measured_op = (profile.pipeline_action_s(cfg.schedule, p2p_bytes, ops)
                    if pp > 1 and engine == "torch" and profile is not None else None)
     if measured_op is not None:
         # the torch engine's pipelining runtime, measured per forward/backward operation beyond the chunk's

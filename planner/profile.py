@@ -21,7 +21,7 @@ import math
 import statistics
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,9 +160,20 @@ class PipelineFit:
     group_size: int
     action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
     max_bytes: float = 0.0
+    # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches): llama-3-8b
+    # interleaved on 2xH200 measured 0.30 ms per operation at 16 per rank, 0.63-0.78 ms at 64 (call 17,
+    # benchmarks/pipeline_grid.py). `action` is at base_ops; slope_s_per_op per operation more, up to max_ops
+    base_ops: int = 0  # 0: measured at one shape only (older profiles)
+    max_ops: int = 0
+    slope_s_per_op: float = 0.0
 
-    def action_s(self, nbytes: float) -> float:
-        return self.action.held(nbytes, self.max_bytes)
+    def action_s(self, nbytes: float, ops: int | None = None) -> float:
+        """Seconds per operation at `nbytes` sent and `ops` operations per rank (None: the base shape's); held at
+        the largest operation count measured."""
+        base = self.action.held(nbytes, self.max_bytes)
+        if ops is None or not self.base_ops:
+            return base
+        return max(base + self.slope_s_per_op * (min(ops, self.max_ops) - self.base_ops), 0.0)
 
 
 @dataclass(frozen=True)
@@ -290,12 +301,12 @@ class Profile:
             return None
         return max(0.0, s.step_s_per_param * params + s.step_edge_s)
 
-    def pipeline_action_s(self, schedule: str, nbytes: float) -> float | None:
+    def pipeline_action_s(self, schedule: str, nbytes: float, ops: int | None = None) -> float | None:
         """Measured seconds per pipeline operation of the torch engine's `schedule` (gpipe runs as 1f1b's
         operations do), or None where the profile did not measure it."""
         kind = "interleaved" if schedule == "interleaved" else "1f1b"
         fit = next((f for f in self.pipeline if f.schedule == kind), None)
-        return None if fit is None else fit.action_s(nbytes)
+        return None if fit is None else fit.action_s(nbytes, ops)
 
     def factor(self, key: str) -> float:
         return dict(self.calibration).get(key, 1.0)
@@ -350,7 +361,9 @@ def profile_to_dict(p: Profile) -> dict:
         **({"sharding": [_sharding_dict(s) for s in p.sharding]} if p.sharding else {}),
         **({"pipeline": [{"schedule": f.schedule, "group_size": f.group_size,
                           "action": {"intercept_s": f.action.intercept_s, "slope_s_per_byte": f.action.slope_s},
-                          "max_bytes": f.max_bytes} for f in p.pipeline]} if p.pipeline else {}),
+                          "max_bytes": f.max_bytes,
+                          **({"ops": {"base": f.base_ops, "max": f.max_ops, "slope_s_per_op": f.slope_s_per_op}}
+                             if f.base_ops else {})} for f in p.pipeline]} if p.pipeline else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
@@ -395,6 +408,14 @@ def _pipeline(f: dict, source: str) -> PipelineFit:
     fit = PipelineFit(schedule=str(f["schedule"]), group_size=int(f["group_size"]),
                       action=_fit(f["action"], f"{source}: pipeline", "slope_s_per_byte"),
                       max_bytes=float(f.get("max_bytes") or 0.0))
+    ops = f.get("ops") or {}
+    if ops:
+        try:
+            fit = replace(fit, base_ops=int(ops["base"]), max_ops=int(ops["max"]), slope_s_per_op=float(ops["slope_s_per_op"]))
+        except (KeyError, TypeError, ValueError):
+            require(False, f"{source}: pipeline ops needs base, max and slope_s_per_op numbers, got {ops!r}")
+        require(0 < fit.base_ops <= fit.max_ops, f"{source}: pipeline ops base {fit.base_ops} and max {fit.max_ops} "
+                "must satisfy 0 < base <= max")
     require(fit.schedule in ("1f1b", "interleaved"),
             f"{source}: pipeline schedule {fit.schedule!r} is not one of 1f1b, interleaved")
     return fit

@@ -14,7 +14,8 @@ What: inside the communication profiler's processes, over ranks 0 and 1 (NCCL on
 2-stage pipeline whose every chunk is one transformer block (profilers.compute.build_layer, tp = 1, the
 profile's dtype) runs the engine's schedules (planner/runner/engines/torch_engine.py: Schedule1F1B with one
 chunk per rank, ScheduleInterleaved1F1B with VPP chunks; --quick on GPUs the interleaved one only) over
-MICROBATCHES micro-batches, at the smallest and the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
+MICROBATCHES micro-batches, and the interleaved one again with LONG_VPP chunks over LONG_MICROBATCHES, at the
+smallest and the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
 backward seconds of one chunk. The schedule simulation of the cost model (planner.schedule.span_s) with those
 per-chunk times + `a` per operation is solved for the `a` that matches the measured step: the exposed cost of
 one forward or backward operation of the schedule, transfer included (a point's `action_s`). fit_pipeline
@@ -34,6 +35,10 @@ from profilers.sharding import ShardingSettings, _slowest, _sync
 
 VPP = 2  # chunks per rank of the interleaved measurement
 MICROBATCHES = 4  # micro-batches per step (a multiple of the 2 ranks, as the interleaved schedule needs)
+# the interleaved schedule again at a longer shape: its cost per operation grows with the operations per rank
+# (llama-3-8b on 2xH200: 0.30 ms at v2 x 4 = 16 per rank, 0.63-0.78 ms at 64: v2 x 16, v4 x 8, v8 x 4; call 17,
+# benchmarks/pipeline_grid.py). fit_pipeline takes the slope between the two shapes.
+LONG_VPP, LONG_MICROBATCHES = 4, 8
 
 
 def _chunk_times(block: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
@@ -140,29 +145,48 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
         fwd, bwd = _slowest(fwd, group, device), _slowest(bwd, group, device)
         del block, x, grad
         for kind in settings.pipeline_schedules:
-            step = _slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
-                                       settings.trials), group, device)
-            tokens = mb * settings.seq_len
-            points.append({"impl": "pipeline", "schedule": kind, "group_size": 2,
-                           "vpp": VPP if kind == "interleaved" else 1, "microbatches": MICROBATCHES, "micro_batch": mb,
-                           "tokens": tokens, "bytes": tokens * spec.hidden_size * torch.tensor([], dtype=dtype).element_size(),
-                           "chunk_fwd_s": fwd, "chunk_bwd_s": bwd, "step_s": step,
-                           "action_s": solve_action_s(kind, step, fwd, bwd)})
+            shapes = [(VPP, MICROBATCHES)] + ([(LONG_VPP, LONG_MICROBATCHES)] if kind == "interleaved" else [])
+            for vpp, m in shapes:
+                vpp = vpp if kind == "interleaved" else 1
+                step = _slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
+                                           settings.trials, vpp, m), group, device)
+                tokens = mb * settings.seq_len
+                points.append({"impl": "pipeline", "schedule": kind, "group_size": 2, "vpp": vpp, "microbatches": m,
+                               "ops_per_rank": 2 * vpp * m, "micro_batch": mb, "tokens": tokens,
+                               "bytes": tokens * spec.hidden_size * torch.tensor([], dtype=dtype).element_size(),
+                               "chunk_fwd_s": fwd, "chunk_bwd_s": bwd, "step_s": step,
+                               "action_s": solve_action_s(kind, step, fwd, bwd, vpp, m)})
             report(f"pipeline {kind} micro-batch {mb}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return points
 
 
+def _ops(p: dict) -> int:
+    """Operations per rank of a point's step (points before the key existed: VPP / 1 chunks x MICROBATCHES)."""
+    return int(p.get("ops_per_rank") or 2 * int(p.get("vpp", VPP if p["schedule"] == "interleaved" else 1))
+               * int(p.get("microbatches", MICROBATCHES)))
+
+
 def fit_pipeline(points: list[dict]):
     """PipelineFit per schedule kind: seconds per operation as a line in the bytes each operation sends (a
-    constant with one size), each point clamped at 0; a falling line is held past the largest size measured."""
+    constant with one size), each point clamped at 0; a falling line is held past the largest size measured.
+    The line is fitted at the shape with the fewest operations per rank; where a longer shape was measured too,
+    the slope per operation more is the mean over the sizes of (longer - base) / (operation counts' difference),
+    at least 0."""
     from planner.profile import LinearFit, PipelineFit
 
     out = []
     for kind in sorted({p["schedule"] for p in points if p.get("impl") == "pipeline"}):
-        pts = sorted((float(p["bytes"]), max(float(p["action_s"]), 0.0)) for p in points
-                     if p.get("impl") == "pipeline" and p["schedule"] == kind)
+        mine = [p for p in points if p.get("impl") == "pipeline" and p["schedule"] == kind]
+        base_ops, max_ops = min(_ops(p) for p in mine), max(_ops(p) for p in mine)
+        per_op = 0.0
+        if max_ops > base_ops:
+            at = {(_ops(p), float(p["bytes"])): max(float(p["action_s"]), 0.0) for p in mine}
+            diffs = [(at[(max_ops, b)] - at[(base_ops, b)]) / (max_ops - base_ops)
+                     for (n, b) in at if n == base_ops and (max_ops, b) in at]
+            per_op = max(sum(diffs) / len(diffs), 0.0) if diffs else 0.0
+        pts = sorted((float(p["bytes"]), max(float(p["action_s"]), 0.0)) for p in mine if _ops(p) == base_ops)
         xs, ys = [b for b, _ in pts], [a for _, a in pts]
         if len(set(xs)) < 2:
             line = LinearFit(intercept_s=sum(ys) / len(ys), slope_s=0.0)
@@ -170,5 +194,8 @@ def fit_pipeline(points: list[dict]):
             (x0, y0), (x1, y1) = (xs[0], ys[0]), (xs[-1], ys[-1])  # the two ends (the profiler measures two)
             slope = (y1 - y0) / (x1 - x0)
             line = LinearFit(intercept_s=y0 - slope * x0, slope_s=slope)
-        out.append(PipelineFit(schedule=kind, group_size=2, action=line, max_bytes=max(xs)))
+        longer = max_ops > base_ops
+        out.append(PipelineFit(schedule=kind, group_size=2, action=line, max_bytes=max(xs),
+                               base_ops=base_ops if longer else 0, max_ops=max_ops if longer else 0,
+                               slope_s_per_op=per_op))
     return tuple(out)

@@ -10,7 +10,8 @@ from planner.cluster import load_cluster
 from planner.job import ParallelConfig, validate_config
 from planner.model import load_model
 from planner.predict import predict
-from planner.profile import LinearFit, PipelineFit, Profile, load_profile, save_profile
+from planner.profile import (LinearFit, PipelineFit, Profile, load_profile, profile_from_dict, profile_to_dict,
+                             save_profile)
 from planner.schedule import StageOpTimes, span_s
 from profilers.pipeline import MICROBATCHES, VPP, fit_pipeline, solve_action_s
 
@@ -46,6 +47,28 @@ def test_fit_is_a_line_in_bytes_per_schedule_and_holds_a_falling_line():
     assert fits["interleaved"].action_s(2**27) == pytest.approx(2.6e-3)  # a rising line extrapolates
     assert fits["1f1b"].action_s(2**26) == 0.0  # the negative point counts as 0
     assert fits["1f1b"].action_s(2**27) == 0.0  # and the falling line is held past the largest size
+
+
+def test_a_longer_shape_gives_the_cost_per_operation_more_and_it_is_held_past_the_longest():
+    """Call 17 (2xH200, llama-3-8b, micro-batch 1): interleaved 0.30 ms per operation at v2 x 4 (16 per rank),
+    0.657 ms at v4 x 8 (64 per rank): a slope of 7.4 us per operation more, held past 64."""
+    pts = [{"impl": "pipeline", "schedule": "interleaved", "vpp": v, "microbatches": m, "bytes": 2**25, "action_s": a}
+           for v, m, a in ((2, 4, 0.300e-3), (4, 8, 0.657e-3))]
+    pts.append({"impl": "pipeline", "schedule": "1f1b", "vpp": 1, "microbatches": 4, "bytes": 2**25, "action_s": 0.1e-3})
+    fits = {f.schedule: f for f in fit_pipeline(pts)}
+    f = fits["interleaved"]
+    assert (f.base_ops, f.max_ops) == (16, 64) and f.slope_s_per_op == pytest.approx(0.357e-3 / 48)
+    assert f.action_s(2**25) == pytest.approx(0.300e-3)  # no count: the base shape's
+    assert f.action_s(2**25, 16) == pytest.approx(0.300e-3) and f.action_s(2**25, 64) == pytest.approx(0.657e-3)
+    assert f.action_s(2**25, 40) == pytest.approx(0.300e-3 + 24 * 0.357e-3 / 48)
+    assert f.action_s(2**25, 256) == pytest.approx(0.657e-3)  # held at the longest shape measured
+    assert fits["1f1b"].base_ops == 0 and fits["1f1b"].action_s(2**25, 64) == pytest.approx(0.1e-3)  # one shape
+    # the fit round-trips, and predict charges the plan's own operations per rank
+    prof = replace(BASE, pipeline=tuple(fits.values()))
+    assert profile_from_dict(profile_to_dict(prof), "x").pipeline == prof.pipeline
+    c = cfg(vpp=8, schedule="interleaved", micro_batch_size=1, global_batch_size=4)  # 2 x 8 x 4 = 64 per rank
+    got = dict(predict(MODEL, CLUSTER, c, prof, engine="torch").breakdown)["pp_p2p"]
+    assert got == pytest.approx(c.num_microbatches * 2 * c.vpp * f.action_s(2**25, 64), rel=1e-9)
 
 
 def test_profile_round_trips_with_the_pipeline_fits(tmp_path):

@@ -214,17 +214,24 @@ def test_cpu_profile_measures_the_pipeline_runtime_per_operation(tiny_profile):
     """profilers/pipeline.py over gloo: torch's Schedule1F1B and ScheduleInterleaved1F1B of one-block chunks over
     2 ranks at both ends of the micro-batches, each point's per-operation cost the one that makes the schedule
     simulation of the measured chunk times span the measured step."""
-    from profilers.pipeline import MICROBATCHES, VPP, solve_action_s
+    from profilers.pipeline import LONG_MICROBATCHES, LONG_VPP, MICROBATCHES, VPP, solve_action_s
 
     prof, ticks = tiny_profile
     pts = prof.raw["communication"]["pipeline"]
-    assert {(p["schedule"], p["micro_batch"]) for p in pts} == {(k, m) for k in ("1f1b", "interleaved") for m in (1, 4)}
+    # 1F1B at one shape; interleaved at VPP x MICROBATCHES and at the longer LONG_VPP x LONG_MICROBATCHES
+    shapes = {("1f1b", 1, MICROBATCHES), ("interleaved", VPP, MICROBATCHES), ("interleaved", LONG_VPP, LONG_MICROBATCHES)}
+    assert {(p["schedule"], p["vpp"], p["microbatches"], p["micro_batch"]) for p in pts} == {
+        (*s, m) for s in shapes for m in (1, 4)}
     for p in pts:
         assert p["chunk_fwd_s"] > 0 and p["chunk_bwd_s"] > 0 and p["step_s"] > 0 and p["action_s"] >= 0
         assert p["bytes"] == p["micro_batch"] * SEQ * TINY["hidden_size"] * 2  # bf16 activations
-        assert p["vpp"] == (VPP if p["schedule"] == "interleaved" else 1) and p["microbatches"] == MICROBATCHES
-        assert p["action_s"] == pytest.approx(solve_action_s(p["schedule"], p["step_s"], p["chunk_fwd_s"], p["chunk_bwd_s"]))
+        assert p["ops_per_rank"] == 2 * p["vpp"] * p["microbatches"]
+        assert p["action_s"] == pytest.approx(solve_action_s(p["schedule"], p["step_s"], p["chunk_fwd_s"], p["chunk_bwd_s"],
+                                                             p["vpp"], p["microbatches"]))
     assert {f.schedule for f in prof.pipeline} == {"1f1b", "interleaved"}
+    inter = next(f for f in prof.pipeline if f.schedule == "interleaved")
+    assert (inter.base_ops, inter.max_ops) == (2 * VPP * MICROBATCHES, 2 * LONG_VPP * LONG_MICROBATCHES)
+    assert inter.slope_s_per_op >= 0
     assert all(prof.pipeline_action_s(k, 2 * SEQ * TINY["hidden_size"]) >= 0 for k in ("1f1b", "interleaved", "gpipe"))
     assert sum("pipeline" in label for label, *_ in ticks) == 4
 
