@@ -8,7 +8,8 @@
 # Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics" or "--repeat 2", MACHINE=2xh200;
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
-#   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says;
+#   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says; PROFILE_TIMEOUT (default 240 s: a
+#   full llama-3-8b profile on 4xH200 did not finish in it, session 7);
 #   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
 #   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1);
 #   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it).
@@ -29,7 +30,7 @@ while read -r model seq; do
   [ -n "$model" ] || continue
   t0=$(date +%s); pargs=${PROFILE_ARGS---quick}
   case " ${QUICK_MODELS:-} " in *" $model "*) pargs=--quick ;; esac
-  timeout 240 python3 -m planner.cli profile -m "$model" --seq-len "$seq" $pargs \
+  timeout "${PROFILE_TIMEOUT:-240}" python3 -m planner.cli profile -m "$model" --seq-len "$seq" $pargs \
     -o "$out/profiles/profile-$model-s$seq.yaml" >"$out/profiles/profile-$model-s$seq.log" 2>&1
   echo "=== profile $model seq $seq: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"
 done <"$out/need.txt"
