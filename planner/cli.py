@@ -280,11 +280,18 @@ def profile(
         raise DistplanError(f"--micro-batches '{micro_batches}' must be comma-separated integers, e.g. 1,2,4,8") from None
     req = ProfileRequest(model=model, seq_len=seq_len, dtype=dtype, gpus_per_node=gpus_per_node, quick=quick,
                          device=device, micro_batches=mbs)
-    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-        prof = run_profile(req, lambda label, done, total: bar.update(task, description=label, completed=done,
-                                                                      total=total))
+    if err.is_terminal:
+        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            prof = run_profile(req, lambda label, done, total: bar.update(task, description=label, completed=done,
+                                                                          total=total))
+    else:  # a log (device calls, CI): one line per step, so a run stopped by a timeout says how far it got
+        import time
+
+        t0 = time.monotonic()
+        prof = run_profile(req, lambda label, done, total: print(
+            f"[{time.monotonic() - t0:6.1f} s] {done}/{total} {label}", file=sys.stderr, flush=True))
     if prof is None:  # a torchrun rank other than 0: rank 0 writes the profile
         return
     save_profile(prof, output)

@@ -111,6 +111,11 @@ def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
     r = cli("profile", "--model", "gpt2", "--quick", "--seq-len", 128, "-o", path)
     assert r.exit_code == 0, r.output
     assert "profile of gpt2" in r.stdout and path.exists()
+    # not a terminal: one progress line per step on stderr ("[  1.2 s] 3/40 label"), the last one complete
+    steps = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and " s] " in ln]
+    assert len(steps) >= 10
+    done, total = steps[-1].split("] ", 1)[1].split()[0].split("/")
+    assert done == total
     prof = load_profile(path)
     assert prof.device == "cpu" and prof.model == "gpt2" and prof.compute_fit("block", 2) is not None
     est = parse_json(cli("estimate", "--model", "gpt2", "--gpus", 2, "--seq-len", 128, "--profile", path,
