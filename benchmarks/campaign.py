@@ -583,13 +583,39 @@ def _fmt(x, spec=".3g", pct=False) -> str:
     return f"{100 * x:+.1f}%" if pct else format(x, spec)
 
 
-def merge_rows(calls: list[list[dict]]) -> list[dict]:
-    """Rows of several calls, in order; a case that a later call ran again keeps only the later call's rows."""
+def merge_rows(calls: list[list[dict]], names: list[str] | None = None) -> list[dict]:
+    """Rows of several calls, in order; a case that a later call ran again keeps only the later call's rows.
+
+    A plan the later call made but skipped for its time budget, whose engine and configuration an earlier call ran
+    in the same case, keeps the later call's prediction (today's model) beside that earlier measurement, marked
+    `measured_in` (the earlier call's name from `names`, else its position): the same plan on the same kind of
+    machine, and without it the case would lose the plans a shorter call could not fit (Spearman over one plan)."""
     by_case: dict[str, list[dict]] = {}
-    for rows in calls:
+    measured: dict[tuple, tuple[dict, str]] = {}  # (case, engine, config) -> (row, call) of earlier runs
+    for i, rows in enumerate(calls):
+        call = names[i] if names else f"call {i + 1}"
         for case in dict.fromkeys(r["case"] for r in rows):
-            by_case[case] = [r for r in rows if r["case"] == case]
+            by_case[case] = [_carried(r, measured) for r in rows if r["case"] == case]
+        for r in rows:
+            if r.get("status") == "ran" and r.get("measured_step_time_s"):
+                measured[(r["case"], r.get("engine"), r.get("config"))] = (r, call)
     return [r for rows in by_case.values() for r in rows]
+
+
+def _carried(row: dict, measured: dict[tuple, tuple[dict, str]]) -> dict:
+    """merge_rows: a budget-skipped row with an earlier measurement of its plan, else the row itself."""
+    key = (row["case"], row.get("engine"), row.get("config"))
+    if row.get("status") != "skipped" or not str(row.get("why", "")).startswith("budget") or key not in measured:
+        return row
+    src, call = measured[key]
+    out = {**row, **{k: src[k] for k in ("measured_step_time_s", "measured_tokens_per_s", "peak_allocated_gib",
+                                         "measured_runs_s", "wall_s", "hints", "oom") if k in src}}
+    pred, pred_mem = row.get("predicted_step_time_s"), row.get("predicted_memory_gib")
+    out["step_time_error"] = out["measured_step_time_s"] / pred - 1 if pred else None
+    peak = out.get("peak_allocated_gib")
+    out["memory_error"] = peak / pred_mem - 1 if peak and pred_mem else src.get("memory_error")
+    out.update(status="ran", measured_in=call, why=f"measured in {call}; skipped here ({row['why']})")
+    return out
 
 
 def merged_environment(rows_files: list[str]) -> dict | None:
@@ -713,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if a.merge:
-        rows = merge_rows([json.loads(Path(f).read_text()) for f in a.merge])
+        rows = merge_rows([json.loads(Path(f).read_text()) for f in a.merge], [Path(f).parent.name for f in a.merge])
         measured_on = merged_environment(a.merge)
         if measured_on:
             env = measured_on  # the machine the rows were measured on, not the one merging them

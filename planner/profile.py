@@ -160,12 +160,13 @@ class PipelineFit:
     group_size: int
     action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
     max_bytes: float = 0.0
-    # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches): llama-3-8b
-    # interleaved on 2xH200 measured 0.30 ms per operation at 16 per rank, 0.63-0.78 ms at 64 (call 17,
-    # benchmarks/pipeline_grid.py). `action` is at base_ops; slope_s_per_op per operation more, up to max_ops
+    # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches), in proportion:
+    # llama-3-8b interleaved on 2xH200 measured 2.7x (micro-batch 1) and 2.3x (micro-batch 4) its cost at 16 per
+    # rank at 64 (call 18; 0.30 ms -> 0.63-0.78 ms at micro-batch 1 over several shapes in call 17,
+    # benchmarks/pipeline_grid.py). `action` is at base_ops; growth_per_op more per operation, up to max_ops
     base_ops: int = 0  # 0: measured at one shape only (older profiles)
     max_ops: int = 0
-    slope_s_per_op: float = 0.0
+    growth_per_op: float = 0.0
 
     def action_s(self, nbytes: float, ops: int | None = None) -> float:
         """Seconds per operation at `nbytes` sent and `ops` operations per rank (None: the base shape's); held at
@@ -173,7 +174,25 @@ class PipelineFit:
         base = self.action.held(nbytes, self.max_bytes)
         if ops is None or not self.base_ops:
             return base
-        return max(base + self.slope_s_per_op * (min(ops, self.max_ops) - self.base_ops), 0.0)
+        return base * max(1.0 + self.growth_per_op * (min(ops, self.max_ops) - self.base_ops), 0.0)
+
+
+GROWTH_FLOOR_S = 20e-6  # a base cost per pipeline operation below this is noise around 0: no ratio from it
+
+
+def pipeline_growth(points: list[tuple[int, float, float]]) -> tuple[int, int, float]:
+    """(base_ops, max_ops, growth_per_op) from one schedule's measured (operations per rank, bytes, seconds per
+    operation) points: the mean over the sizes measured at both the fewest and the most operations of
+    (most / fewest - 1) / (their difference), at least 0; (0, 0, 0.0) where one shape was measured."""
+    if not points:
+        return 0, 0, 0.0
+    base_ops, max_ops = min(n for n, _, _ in points), max(n for n, _, _ in points)
+    if max_ops == base_ops:
+        return 0, 0, 0.0
+    at = {(n, b): max(a, 0.0) for n, b, a in points}
+    ratios = [(at[(max_ops, b)] / at[(base_ops, b)] - 1) / (max_ops - base_ops)
+              for (n, b) in at if n == base_ops and (max_ops, b) in at and at[(base_ops, b)] >= GROWTH_FLOOR_S]
+    return base_ops, max_ops, max(sum(ratios) / len(ratios), 0.0) if ratios else 0.0
 
 
 @dataclass(frozen=True)
@@ -362,7 +381,7 @@ def profile_to_dict(p: Profile) -> dict:
         **({"pipeline": [{"schedule": f.schedule, "group_size": f.group_size,
                           "action": {"intercept_s": f.action.intercept_s, "slope_s_per_byte": f.action.slope_s},
                           "max_bytes": f.max_bytes,
-                          **({"ops": {"base": f.base_ops, "max": f.max_ops, "slope_s_per_op": f.slope_s_per_op}}
+                          **({"ops": {"base": f.base_ops, "max": f.max_ops, "growth_per_op": f.growth_per_op}}
                              if f.base_ops else {})} for f in p.pipeline]} if p.pipeline else {}),
         "facts": p.facts,
         "raw": p.raw,
@@ -404,16 +423,23 @@ def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingF
     return fit
 
 
-def _pipeline(f: dict, source: str) -> PipelineFit:
+def _pipeline(f: dict, source: str, raw_points: list | None = None) -> PipelineFit:
+    """One pipeline entry. An entry of the session-7 format whose growth was additive ("slope_s_per_op") gets the
+    proportional growth from its raw points."""
     fit = PipelineFit(schedule=str(f["schedule"]), group_size=int(f["group_size"]),
                       action=_fit(f["action"], f"{source}: pipeline", "slope_s_per_byte"),
                       max_bytes=float(f.get("max_bytes") or 0.0))
     ops = f.get("ops") or {}
+    if ops and "growth_per_op" not in ops and "slope_s_per_op" in ops:
+        pts = [(int(p["ops_per_rank"]), float(p["bytes"]), float(p["action_s"])) for p in raw_points or []
+               if isinstance(p, dict) and p.get("schedule") == fit.schedule and "ops_per_rank" in p]
+        base, most, growth = pipeline_growth(pts)
+        ops = {"base": base, "max": most, "growth_per_op": growth} if base else {}
     if ops:
         try:
-            fit = replace(fit, base_ops=int(ops["base"]), max_ops=int(ops["max"]), slope_s_per_op=float(ops["slope_s_per_op"]))
+            fit = replace(fit, base_ops=int(ops["base"]), max_ops=int(ops["max"]), growth_per_op=float(ops["growth_per_op"]))
         except (KeyError, TypeError, ValueError):
-            require(False, f"{source}: pipeline ops needs base, max and slope_s_per_op numbers, got {ops!r}")
+            require(False, f"{source}: pipeline ops needs base, max and growth_per_op numbers, got {ops!r}")
         require(0 < fit.base_ops <= fit.max_ops, f"{source}: pipeline ops base {fit.base_ops} and max {fit.max_ops} "
                 "must satisfy 0 < base <= max")
     require(fit.schedule in ("1f1b", "interleaved"),
@@ -477,7 +503,9 @@ def profile_from_dict(d: object, source: str) -> Profile:
         raw_sharding = ((d.get("raw") or {}).get("communication") or {}).get("sharding")
         sharding = tuple(_sharding(s, source, raw_sharding if isinstance(raw_sharding, list) else None)
                          for s in d.get("sharding") or [])
-        pipeline = tuple(_pipeline(f, source) for f in d.get("pipeline") or [])
+        raw_pipeline = ((d.get("raw") or {}).get("communication") or {}).get("pipeline")
+        pipeline = tuple(_pipeline(f, source, raw_pipeline if isinstance(raw_pipeline, list) else None)
+                         for f in d.get("pipeline") or [])
     except (KeyError, TypeError, ValueError) as exc:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}

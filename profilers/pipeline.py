@@ -35,9 +35,10 @@ from profilers.sharding import ShardingSettings, _slowest, _sync
 
 VPP = 2  # chunks per rank of the interleaved measurement
 MICROBATCHES = 4  # micro-batches per step (a multiple of the 2 ranks, as the interleaved schedule needs)
-# the interleaved schedule again at a longer shape: its cost per operation grows with the operations per rank
-# (llama-3-8b on 2xH200: 0.30 ms at v2 x 4 = 16 per rank, 0.63-0.78 ms at 64: v2 x 16, v4 x 8, v8 x 4; call 17,
-# benchmarks/pipeline_grid.py). fit_pipeline takes the slope between the two shapes.
+# the interleaved schedule again at a longer shape, at the smallest micro-batch: its cost per operation grows with
+# the operations per rank (llama-3-8b on 2xH200: 0.30 ms at v2 x 4 = 16 per rank, 0.63-0.78 ms at 64: v2 x 16,
+# v4 x 8, v8 x 4; call 17, benchmarks/pipeline_grid.py), in proportion (2.7x at micro-batch 1, 2.3x at 4; call 18).
+# fit_pipeline takes the relative growth per operation between the two shapes.
 LONG_VPP, LONG_MICROBATCHES = 4, 8
 
 
@@ -145,7 +146,8 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
         fwd, bwd = _slowest(fwd, group, device), _slowest(bwd, group, device)
         del block, x, grad
         for kind in settings.pipeline_schedules:
-            shapes = [(VPP, MICROBATCHES)] + ([(LONG_VPP, LONG_MICROBATCHES)] if kind == "interleaved" else [])
+            longer = kind == "interleaved" and mb == settings.micro_batches[0]
+            shapes = [(VPP, MICROBATCHES)] + ([(LONG_VPP, LONG_MICROBATCHES)] if longer else [])
             for vpp, m in shapes:
                 vpp = vpp if kind == "interleaved" else 1
                 step = _slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
@@ -172,20 +174,15 @@ def fit_pipeline(points: list[dict]):
     """PipelineFit per schedule kind: seconds per operation as a line in the bytes each operation sends (a
     constant with one size), each point clamped at 0; a falling line is held past the largest size measured.
     The line is fitted at the shape with the fewest operations per rank; where a longer shape was measured too,
-    the slope per operation more is the mean over the sizes of (longer - base) / (operation counts' difference),
-    at least 0."""
-    from planner.profile import LinearFit, PipelineFit
+    the growth per operation more is the mean over the sizes measured at both of (longer / base - 1) / (the
+    operation counts' difference), at least 0 (planner.profile.pipeline_growth)."""
+    from planner.profile import LinearFit, PipelineFit, pipeline_growth
 
     out = []
     for kind in sorted({p["schedule"] for p in points if p.get("impl") == "pipeline"}):
         mine = [p for p in points if p.get("impl") == "pipeline" and p["schedule"] == kind]
-        base_ops, max_ops = min(_ops(p) for p in mine), max(_ops(p) for p in mine)
-        per_op = 0.0
-        if max_ops > base_ops:
-            at = {(_ops(p), float(p["bytes"])): max(float(p["action_s"]), 0.0) for p in mine}
-            diffs = [(at[(max_ops, b)] - at[(base_ops, b)]) / (max_ops - base_ops)
-                     for (n, b) in at if n == base_ops and (max_ops, b) in at]
-            per_op = max(sum(diffs) / len(diffs), 0.0) if diffs else 0.0
+        base_ops, max_ops, growth = pipeline_growth([(_ops(p), float(p["bytes"]), float(p["action_s"])) for p in mine])
+        base_ops = base_ops or min(_ops(p) for p in mine)
         pts = sorted((float(p["bytes"]), max(float(p["action_s"]), 0.0)) for p in mine if _ops(p) == base_ops)
         xs, ys = [b for b, _ in pts], [a for _, a in pts]
         if len(set(xs)) < 2:
@@ -197,5 +194,5 @@ def fit_pipeline(points: list[dict]):
         longer = max_ops > base_ops
         out.append(PipelineFit(schedule=kind, group_size=2, action=line, max_bytes=max(xs),
                                base_ops=base_ops if longer else 0, max_ops=max_ops if longer else 0,
-                               slope_s_per_op=per_op))
+                               growth_per_op=growth))
     return tuple(out)

@@ -174,6 +174,32 @@ def test_merge_keeps_the_latest_call_of_each_case():
     assert merge_rows([first]) == [first[0], first[2], first[1]]  # grouped by case, in order of first appearance
 
 
+def test_merge_carries_an_earlier_measurement_into_a_plan_the_later_call_skipped_for_time():
+    """Call 18 re-ran llama-3-8b-large's distplan plan and ran out of budget for the baselines, which call 12 had
+    measured with the same engine and configuration: those keep call 18's prediction beside call 12's measurement."""
+    ddp = {"case": "c", "name": "ddp", "engine": "torch", "config": "dp2 zero0 mb1x16"}
+    old = [{**ddp, "status": "ran", "predicted_step_time_s": 9.0, "predicted_memory_gib": 120.0,
+            "measured_step_time_s": 8.757, "measured_tokens_per_s": 100.0, "peak_allocated_gib": 126.0,
+            "step_time_error": 8.757 / 9.0 - 1, "wall_s": 90.4},
+           {"case": "c", "name": "alt9", "engine": "torch", "config": "dp1 pp2", "status": "ran",
+            "predicted_step_time_s": 5.0, "measured_step_time_s": 5.5}]
+    new = [{**ddp, "status": "skipped", "why": "budget: needs ~77 s, 57 s left", "predicted_step_time_s": 9.205,
+            "predicted_memory_gib": 127.6},
+           {"case": "c", "name": "fsdp2-full", "engine": "torch", "config": "dp2 zero3", "status": "skipped",
+            "why": "budget: needs ~73 s, 57 s left", "predicted_step_time_s": 8.07}]
+    got = campaign.merge_rows([old, new], ["call12", "call18"])
+    assert [r["name"] for r in got] == ["ddp", "fsdp2-full"]  # the later call's rows only (alt9 is not carried)
+    carried, unmeasured = got
+    assert carried["status"] == "ran" and carried["measured_in"] == "call12" and "call12" in carried["why"]
+    assert carried["predicted_step_time_s"] == 9.205 and carried["measured_step_time_s"] == 8.757
+    assert carried["step_time_error"] == pytest.approx(8.757 / 9.205 - 1)
+    assert carried["memory_error"] == pytest.approx(126.0 / 127.6 - 1)
+    assert unmeasured["status"] == "skipped" and "measured_in" not in unmeasured  # never measured: stays skipped
+    # a row skipped for another reason than time is not carried
+    other = [{**new[0], "why": "predicted not to fit"}]
+    assert campaign.merge_rows([old, other])[0]["status"] == "skipped"
+
+
 def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
     """Issue 8's cases (one 8-GPU node) make their plans without a GPU: llama-2-70b with 40 of its 80 layers (556 GB
     of model states) leaves DDP and DeepSpeed ZeRO-2 out as not fitting and keeps FSDP2 ZeRO-3, megatron's heuristic

@@ -49,26 +49,43 @@ def test_fit_is_a_line_in_bytes_per_schedule_and_holds_a_falling_line():
     assert fits["1f1b"].action_s(2**27) == 0.0  # and the falling line is held past the largest size
 
 
-def test_a_longer_shape_gives_the_cost_per_operation_more_and_it_is_held_past_the_longest():
-    """Call 17 (2xH200, llama-3-8b, micro-batch 1): interleaved 0.30 ms per operation at v2 x 4 (16 per rank),
-    0.657 ms at v4 x 8 (64 per rank): a slope of 7.4 us per operation more, held past 64."""
-    pts = [{"impl": "pipeline", "schedule": "interleaved", "vpp": v, "microbatches": m, "bytes": 2**25, "action_s": a}
-           for v, m, a in ((2, 4, 0.300e-3), (4, 8, 0.657e-3))]
+def test_a_longer_shape_grows_the_cost_per_operation_in_proportion_held_past_the_longest():
+    """Call 18 (2xH200, llama-3-8b): interleaved 0.204 ms per operation at v2 x 4 (16 per rank), 0.558 ms at v4 x 8
+    (64) with micro-batch 1: 2.7x, 3.6% per operation more; the longer shape runs at the smallest micro-batch only
+    and the growth applies to the line at every size; held past 64."""
+    pts = [{"impl": "pipeline", "schedule": "interleaved", "vpp": v, "microbatches": m, "bytes": b, "action_s": a}
+           for v, m, b, a in ((2, 4, 2**25, 0.204e-3), (4, 8, 2**25, 0.558e-3), (2, 4, 2**27, 0.817e-3))]
     pts.append({"impl": "pipeline", "schedule": "1f1b", "vpp": 1, "microbatches": 4, "bytes": 2**25, "action_s": 0.1e-3})
     fits = {f.schedule: f for f in fit_pipeline(pts)}
     f = fits["interleaved"]
-    assert (f.base_ops, f.max_ops) == (16, 64) and f.slope_s_per_op == pytest.approx(0.357e-3 / 48)
-    assert f.action_s(2**25) == pytest.approx(0.300e-3)  # no count: the base shape's
-    assert f.action_s(2**25, 16) == pytest.approx(0.300e-3) and f.action_s(2**25, 64) == pytest.approx(0.657e-3)
-    assert f.action_s(2**25, 40) == pytest.approx(0.300e-3 + 24 * 0.357e-3 / 48)
-    assert f.action_s(2**25, 256) == pytest.approx(0.657e-3)  # held at the longest shape measured
+    growth = (0.558 / 0.204 - 1) / 48
+    assert (f.base_ops, f.max_ops) == (16, 64) and f.growth_per_op == pytest.approx(growth)
+    assert f.action_s(2**25) == pytest.approx(0.204e-3)  # no count: the base shape's
+    assert f.action_s(2**25, 64) == pytest.approx(0.558e-3)
+    assert f.action_s(2**27, 64) == pytest.approx(0.817e-3 * (1 + 48 * growth))  # the same proportion at 128 MiB
+    assert f.action_s(2**25, 40) == pytest.approx(0.204e-3 * (1 + 24 * growth))
+    assert f.action_s(2**25, 256) == pytest.approx(0.558e-3)  # held at the longest shape measured
     assert fits["1f1b"].base_ops == 0 and fits["1f1b"].action_s(2**25, 64) == pytest.approx(0.1e-3)  # one shape
+    # a base cost of about 0 gives no ratio
+    flat = [{**p, "action_s": 0.0 if p["vpp"] == 2 else p["action_s"]} for p in pts if p["schedule"] == "interleaved"]
+    assert fit_pipeline(flat)[0].growth_per_op == 0.0
     # the fit round-trips, and predict charges the plan's own operations per rank
     prof = replace(BASE, pipeline=tuple(fits.values()))
     assert profile_from_dict(profile_to_dict(prof), "x").pipeline == prof.pipeline
     c = cfg(vpp=8, schedule="interleaved", micro_batch_size=1, global_batch_size=4)  # 2 x 8 x 4 = 64 per rank
     got = dict(predict(MODEL, CLUSTER, c, prof, engine="torch").breakdown)["pp_p2p"]
     assert got == pytest.approx(c.num_microbatches * 2 * c.vpp * f.action_s(2**25, 64), rel=1e-9)
+
+
+def test_an_additive_ops_entry_of_session_7_reads_as_proportional_growth_from_its_raw_points():
+    """Call 18's profile wrote ops {base, max, slope_s_per_op}; loading it refits the growth from its raw points."""
+    pts = [{"impl": "pipeline", "schedule": "interleaved", "vpp": v, "microbatches": m, "ops_per_rank": 2 * v * m,
+            "bytes": 2**25, "action_s": a} for v, m, a in ((2, 4, 0.2e-3), (4, 8, 0.5e-3))]
+    d = profile_to_dict(replace(BASE, pipeline=fit_pipeline(pts)))
+    d["pipeline"][0]["ops"] = {"base": 16, "max": 64, "slope_s_per_op": 6.25e-6}
+    d["raw"] = {"communication": {"pipeline": pts}}
+    (fit,) = profile_from_dict(d, "x").pipeline
+    assert (fit.base_ops, fit.max_ops) == (16, 64) and fit.growth_per_op == pytest.approx(1.5 / 48)
 
 
 def test_profile_round_trips_with_the_pipeline_fits(tmp_path):

@@ -226,7 +226,7 @@ def test_cpu_profile_measures_the_pipeline_runtime_per_operation(tiny_profile):
     # 1F1B at one shape; interleaved at VPP x MICROBATCHES and at the longer LONG_VPP x LONG_MICROBATCHES
     shapes = {("1f1b", 1, MICROBATCHES), ("interleaved", VPP, MICROBATCHES), ("interleaved", LONG_VPP, LONG_MICROBATCHES)}
     assert {(p["schedule"], p["vpp"], p["microbatches"], p["micro_batch"]) for p in pts} == {
-        (*s, m) for s in shapes for m in (1, 4)}
+        (*s, m) for s in shapes for m in (1, 4) if s[1] != LONG_VPP or m == 1}  # the longer shape at the smallest
     for p in pts:
         assert p["chunk_fwd_s"] > 0 and p["chunk_bwd_s"] > 0 and p["step_s"] > 0 and p["action_s"] >= 0
         assert p["bytes"] == p["micro_batch"] * SEQ * TINY["hidden_size"] * 2  # bf16 activations
@@ -236,7 +236,7 @@ def test_cpu_profile_measures_the_pipeline_runtime_per_operation(tiny_profile):
     assert {f.schedule for f in prof.pipeline} == {"1f1b", "interleaved"}
     inter = next(f for f in prof.pipeline if f.schedule == "interleaved")
     assert (inter.base_ops, inter.max_ops) == (2 * VPP * MICROBATCHES, 2 * LONG_VPP * LONG_MICROBATCHES)
-    assert inter.slope_s_per_op >= 0
+    assert inter.growth_per_op >= 0
     assert all(prof.pipeline_action_s(k, 2 * SEQ * TINY["hidden_size"]) >= 0 for k in ("1f1b", "interleaved", "gpipe"))
     assert sum("pipeline" in label for label, *_ in ticks) == 4
 
