@@ -684,6 +684,26 @@ def write_markdown(summary: dict, path: str | Path, machine: str, env: dict | No
 
 # ---- profiles and CLI ----------------------------------------------------------------------------------
 
+DEFAULT_PRESET = "dgx-h100-80gb"  # what `distplan solve` plans on without --cluster or --profile
+
+
+def local_preset(gpu_name: str | None = None) -> str | None:
+    """The cluster preset of this machine's GPU (or `gpu_name`), the largest in memory where several match; None
+    without a GPU or a matching preset. A case without a profile plans on it: 4xH200 call 1 (session 7), whose
+    profile timed out, planned on the H100 preset and predicted 78 GiB usable on 141 GiB GPUs."""
+    from planner.cluster import cluster_names, load_cluster
+    from planner.profile import gpu_family
+
+    if gpu_name is None:
+        if not _cuda():
+            return None
+        import torch
+
+        gpu_name = torch.cuda.get_device_name(0)
+    same = [load_cluster(n) for n in cluster_names() if gpu_family(load_cluster(n).gpu.name) == gpu_family(gpu_name)]
+    return max(same, key=lambda c: c.gpu.memory_gib).name if same else None
+
+
 def find_profile(case: Case, dirs: list[str | Path]) -> str | None:
     """A profile YAML in `dirs` measured for this case's model at its sequence length (first found)."""
     for d in dirs:
@@ -748,10 +768,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         for name in names:
             prof = find_profile(CASES[name], a.profile_dir)
-            print(f"== {name}: profile {prof or 'none (cluster preset)'}", flush=True)
+            cluster = a.cluster or (None if prof else local_preset())
+            print(f"== {name}: profile {prof or f'none (cluster preset {cluster or DEFAULT_PRESET})'}", flush=True)
             left = a.budget_s - (time.monotonic() - start)
             try:
-                rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=a.cluster,
+                rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=cluster,
                                  check_numerics=a.check_numerics, log=lambda m: print(m, flush=True), repeat=a.repeat,
                                  megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
                                  engine_for_distplan=a.distplan_engine)

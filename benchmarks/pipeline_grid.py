@@ -114,6 +114,7 @@ def _worker(rank: int, args, init_file: str, queue) -> None:
                   f"host {host * 1e3:8.2f} ms  per-op {a * 1e3:6.3f} ms", flush=True)
     if rank == 0:
         queue.put(rows)
+    dist.barrier()  # both ranks done with their pipelines before the group goes (gloo aborted a rank otherwise)
     dist.destroy_process_group()
 
 

@@ -313,3 +313,11 @@ def test_repeats_fold_into_the_row_and_the_cases_spread():
     c = campaign.summarize([row, other])["cases"]["c"]
     assert c["run_spread"] == pytest.approx(3.171 / 3.110 - 1)
     assert campaign.main(["--cases", "tiny", "--repeat", "0", "--dry-run"]) == 2
+
+
+def test_a_case_without_a_profile_plans_on_the_local_gpus_preset():
+    """4xH200 call 1 (session 7): the profile timed out and the campaign planned on the H100 preset (78 GiB usable
+    on 141 GiB GPUs); without a profile the local GPU's preset applies, and none without a GPU or a match."""
+    assert campaign.local_preset("NVIDIA H200") == "h200-141gb"
+    assert campaign.local_preset("NVIDIA H100 80GB HBM3") == "dgx-h100-80gb"
+    assert campaign.local_preset("NVIDIA L4") is None
