@@ -259,7 +259,7 @@ def profile(
     dtype: str = typer.Option("bf16", "--dtype", help="Training dtype of the layers and messages: bf16, fp16 or fp32."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="TP degrees and group sizes up to this (default: the GPUs present; CPU: 2 processes)."),
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="Where to write the profile YAML."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (under a minute on a GPU node)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes)."),
     device: str = typer.Option("auto", "--device", help="auto (GPUs if present), cuda or cpu (gloo between local processes)."),
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
 ):
