@@ -20,7 +20,6 @@ from planner.predict import predict
 from planner.runner.data import write_tokens
 from planner.runner.engine_api import TEST_KILL_ENV, RunOptions
 from planner.runner.launch import run_plan
-from planner.runner.trace import ENV as TRACE_ENV
 from planner.runner.parallelize import ZERO_MAPPING
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4,
@@ -169,13 +168,22 @@ def test_a_hung_rank_is_stopped_at_the_timeout(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_trace_profiles_one_extra_step_outside_the_measurement(tmp_path, monkeypatch):
-    monkeypatch.setenv(TRACE_ENV, "1")
-    report = run(tmp_path, tp=2, steps=2, warmup=1)
-    assert_verified(report, tmp_path, 2)  # the traced step adds no loss: numerics still compares 3 steps
+def test_trace_profiles_one_extra_step_outside_the_measurement(cli, tmp_path):
+    path = plan_file(tmp_path, tp=2)
+    r = cli("run", path, "--steps", 2, "--warmup", 1, "--check-numerics", "--tolerance", HUGE, "--trace", "-o",
+            tmp_path / "report.yaml", "--timeout", 300)
+    assert r.exit_code == 0, r.output
+    assert "traced step" in r.stdout and "no GPU kernels" in r.stdout  # the table, on CPU without kernels
     d = yaml.safe_load((tmp_path / "report.yaml").read_text())
-    for r in d["ranks"]:
-        t = r["trace"]
-        assert len(r["losses"]) == 3 and t["wall_s"] > 0
+    assert d["numerics"]["passed"] is True  # the traced step adds no loss: numerics still compares 3 steps
+    for rank in d["ranks"]:
+        t = rank["trace"]
+        assert len(rank["losses"]) == 3 and t["wall_s"] > 0
         # CPU: no GPU kernels, so the GPU was busy for none of the step
         assert t["kernels"] == 0 and t["busy_s"] == 0 and t["idle_s"] == pytest.approx(t["wall_s"])
+
+
+def test_trace_is_refused_for_other_engines(cli, tmp_path):
+    r = cli("run", plan_file(tmp_path, dp=2), "--engine", "deepspeed", "--trace", "-o", tmp_path / "r.yaml")
+    assert r.exit_code == 2 and "--trace" in r.output and "'deepspeed'" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r.yaml").exists()

@@ -41,6 +41,7 @@ class RunOptions:
     dtype: str = "auto"  # compute dtype bf16 or fp32; "auto": bf16 on CUDA, fp32 on CPU (resolved before engines see it)
     lr: float = 1e-4
     timeout_s: float = 600.0  # a rank that does not finish by then is reported as hung
+    trace: bool = False  # torch engine: profile one extra step (planner/runner/trace.py; sets DISTPLAN_TRACE=1)
 
 
 @dataclass(frozen=True)

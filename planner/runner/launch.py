@@ -34,6 +34,7 @@ from planner.errors import DistplanError, require
 from planner.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
+from planner.runner.trace import ENV as TRACE_ENV
 
 WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
 GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
@@ -117,6 +118,8 @@ def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), **{PROGRESS_ENV: str(tmp / f"rank{rank}.progress")},
                    PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        if opts.trace:
+            env[TRACE_ENV] = "1"
         if device_type == "cpu":
             env["OMP_NUM_THREADS"] = str(threads)
         else:
@@ -235,6 +238,7 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
 
     require(tolerance > 0, f"--tolerance must be positive, got {tolerance}")
     require(not calibrate or profile_path is not None, "--calibrate needs --profile PATH (the profile to write the factors into)")
+    require(not opts.trace or opts.engine == "torch", f"--trace profiles the torch engine's step only; engine is {opts.engine!r}")
     plan = load_plan(plan_path)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     nproc = check_request(plan, opts, nproc, device_type, torch.cuda.device_count() if device_type == "cuda" else 0)

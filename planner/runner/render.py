@@ -49,6 +49,18 @@ def report_tables(r: Report) -> list[Table]:
             num.add_row(str(k), f"{p:.6f}", f"{q:.6f}", f"{abs(p - q) / abs(q):.2e}" if q else "n/a")
         tables.append(num)
 
+    traced = [rk for rk in r.ranks if isinstance(rk.get("trace"), dict) and rk["trace"].get("wall_s")]
+    if traced:  # --trace (planner/runner/trace.py): one extra step, profiled
+        tr = Table(title="traced step (one extra, profiled; not in the step times)", title_justify="left")
+        for col in ("rank", "step (s)", "GPU busy (s)", "compute busy (s)", "GPU idle", "kernel seconds by kind"):
+            tr.add_column(col, justify="left" if col.startswith("kernel") else "right")
+        for rk in traced:
+            t = rk["trace"]
+            kinds = ", ".join(f"{k} {v:.3g}" for k, v in sorted(t["by_category_s"].items(), key=lambda kv: -kv[1]))
+            tr.add_row(str(rk["rank"]), _s(t["wall_s"]), _s(t["busy_s"]), _s(t["compute_busy_s"]),
+                       f"{100 * t['idle_s'] / t['wall_s']:.0f}%", kinds or "no GPU kernels")
+        tables.append(tr)
+
     if r.failures:
         fail = Table(title="failures", title_justify="left")
         for col in ("rank", "step", "kind", "reason"):
