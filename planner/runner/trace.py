@@ -4,7 +4,8 @@ Why: a run that is slower than its prediction can be bound by the GPU's kernels 
 by communication kernels that do not overlap, or by the host (Python, DTensor dispatch, the pipelining
 runtime) leaving the GPU idle. The step's wall clock cannot tell these apart; the kernels' own intervals can.
 
-What: with DISTPLAN_TRACE=1 in the environment, the torch engine runs one more step after the measured ones
+What: with `distplan run --trace` (which sets DISTPLAN_TRACE=1 for the workers; the campaign's device script passes
+the variable through), the torch engine runs one more step after the measured ones
 (not counted in the step times: the profiler slows the host) inside torch.profiler, and each rank's report
 carries `trace`: the traced step's wall seconds; `busy_s`, the union of all kernel intervals on the rank's
 GPU; `compute_busy_s`, the same without communication kernels (NCCL); and the kernels' summed time per
