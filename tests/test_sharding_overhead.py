@@ -263,3 +263,30 @@ def test_a_data_parallel_group_across_nodes_keeps_the_bandwidth_terms():
     expected = MODEL.num_layers * c.num_microbatches * FITS[0].overhead(4 * 1024)
     assert dict(before.breakdown)["zero_comm"] > 0
     assert dict(after.breakdown)["zero_comm"] - dict(before.breakdown)["zero_comm"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_stack_variants_take_turns_trial_by_trial():
+    """profilers.sharding._time_round_robin: each variant's set-up runs right before each of its runs, and the
+    variants alternate, so a drift during the measurement reaches all of them alike."""
+    import torch
+    from torch import nn
+
+    from profilers.sharding import _time_round_robin
+
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x * self.w
+
+    a, b = Probe("a"), Probe("b")
+    x, grad = torch.ones(2, requires_grad=True), torch.ones(2)
+    times = _time_round_robin([(a, lambda: calls.append("setup a")), (b, lambda: calls.append("setup b"))], x, grad,
+                              torch.device("cpu"), warmup=1, trials=2)
+    assert calls == ["setup a", "a", "setup b", "b"] * 3
+    assert len(times) == 2 and all(t > 0 for t in times)
