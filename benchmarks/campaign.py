@@ -737,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
     ap.add_argument("--machine", default=None, help="names the report campaign_<machine>.md (default from the GPUs)")
     ap.add_argument("--need-profiles", action="store_true", help="print 'model seq_len' of cases with no profile; exit")
+    ap.add_argument("--profiled-cases", action="store_true", help="print the comma-separated cases that have a profile; exit")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="rows.json files of earlier calls: one report of them all (a case a later file has replaces "
                          "that case's rows from earlier files: the re-run after a fix)")
@@ -749,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}", file=sys.stderr)
         return 2
+    if a.profiled_cases:
+        print(",".join(c for c in names if CASES[c].model == "tiny" or find_profile(CASES[c], a.profile_dir)))
+        return 0
     if a.need_profiles:
         need = {(CASES[c].model, CASES[c].seq_len) for c in names if CASES[c].model != "tiny" and not find_profile(CASES[c], a.profile_dir)}
         print("\n".join(f"{m} {s}" for m, s in sorted(need)))

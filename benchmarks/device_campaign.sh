@@ -12,7 +12,8 @@
 #   full llama-3-8b profile on 4xH200 did not finish in it, session 7);
 #   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
 #   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1);
-#   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it).
+#   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it);
+#   RUN_WITHOUT_PROFILE=1 (with FRESH=1): run a case whose fresh profile failed, on the local GPU's preset.
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
@@ -42,6 +43,16 @@ if [ "${CHECK:-0}" = 1 ]; then
     t0=$(date +%s)
     timeout 120 python3 benchmarks/profile_check.py "$first" -o "$out/check.json" >"$out/check.log" 2>&1
     echo "=== profile_check $first: exit $?, wall $(( $(date +%s) - t0 )) s" >>"$log"; cat "$out/check.log" >>"$log"
+  fi
+fi
+
+# 1c. FRESH=1: a case whose profile failed here is not run (4xH200 call 1 spent 300 s running a case on a preset after
+#     its profile timed out); RUN_WITHOUT_PROFILE=1 runs it anyway, on the local GPU's preset
+if [ "${FRESH:-0}" = 1 ] && [ "${RUN_WITHOUT_PROFILE:-0}" != 1 ]; then
+  profiled=$(python3 benchmarks/campaign.py --cases "$cases" --profile-dir "$out/profiles" --profiled-cases 2>>"$log")
+  if [ "$profiled" != "$cases" ]; then
+    echo "=== no fresh profile for some of $cases: running only '${profiled}' (RUN_WITHOUT_PROFILE=1 runs all)" >>"$log"
+    cases=$profiled
   fi
 fi
 

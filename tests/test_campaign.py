@@ -321,3 +321,16 @@ def test_a_case_without_a_profile_plans_on_the_local_gpus_preset():
     assert campaign.local_preset("NVIDIA H200") == "h200-141gb"
     assert campaign.local_preset("NVIDIA H100 80GB HBM3") == "dgx-h100-80gb"
     assert campaign.local_preset("NVIDIA L4") is None
+
+
+def test_profiled_cases_lists_only_cases_with_a_profile(tmp_path, capsys):
+    """device_campaign.sh with FRESH=1 runs only the cases whose fresh profile exists (`--profiled-cases`)."""
+    import shutil
+
+    src = ROOT / "benchmarks/results/profile_2xh200/session7/profile-llama-3-8b-s4096.yaml"
+    shutil.copy(src, tmp_path / "p.yaml")
+    assert campaign.main(["--cases", "llama-3-8b-small,llama-2-13b-small,llama-3-8b-large", "--profile-dir",
+                          str(tmp_path), "--profiled-cases"]) == 0
+    assert capsys.readouterr().out.strip() == "llama-3-8b-small,llama-3-8b-large"
+    assert campaign.main(["--cases", "llama-2-13b-small", "--profile-dir", str(tmp_path / "none"), "--profiled-cases"]) == 0
+    assert capsys.readouterr().out.strip() == ""
