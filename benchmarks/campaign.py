@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=None, help="default: the visible GPUs, or 2 on CPU")
     ap.add_argument("--cluster", default=None, help="cluster preset or YAML (default: the profiled GPU's preset)")
     ap.add_argument("--megatron-engine", default="megatron", choices=("megatron", "torch"))
-    ap.add_argument("--distplan-engine", default="torch", choices=("torch", "megatron"),
+    ap.add_argument("--distplan-engine", default="torch", choices=("torch", "megatron", "deepspeed"),
                     help="the engine distplan's plan and its alternatives are solved for and run on")
     ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
     ap.add_argument("--check-numerics", action="store_true")

@@ -334,3 +334,19 @@ def test_profiled_cases_lists_only_cases_with_a_profile(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "llama-3-8b-small,llama-3-8b-large"
     assert campaign.main(["--cases", "llama-2-13b-small", "--profile-dir", str(tmp_path / "none"), "--profiled-cases"]) == 0
     assert capsys.readouterr().out.strip() == ""
+
+
+def test_distplan_solved_for_the_deepspeed_engine_runs_deepspeeds_plans(tmp_path):
+    """`--distplan-engine deepspeed` (issue 6's engine coverage): distplan's plan and alternatives are solved for
+    DeepSpeed and run on it; 13B on 2x H200 needs a pipeline there (DeepSpeed's pipeline engine, ZeRO <= 1), as
+    ZeRO-2 does not fit."""
+    from planner.plan import load_plan
+
+    plans, _ = campaign.campaign_plans(campaign.CASES["llama-2-13b-small"], None, tmp_path, gpus=2,
+                                       cluster="h200-141gb", engine_for_distplan="deepspeed")
+    mine = [p for p in plans if p.role in ("distplan", "alternative")]
+    assert mine and all(p.engine == "deepspeed" for p in mine)
+    for p in mine:
+        cfg = load_plan(p.plan_path).parallel
+        assert cfg.tp == 1 and (cfg.pp == 1 or cfg.zero_stage <= 1)  # what DeepSpeed's engine runs
+    assert any(load_plan(p.plan_path).parallel.pp == 2 for p in mine)
