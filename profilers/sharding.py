@@ -52,6 +52,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -158,8 +159,8 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
                 # plain, wrapped (synchronising) and a gradient-accumulating micro-batch (the engine's every one but
                 # the last of a step: no reduce-scatter, the unsharded gradients summed in place), in turns
                 timed = _time_round_robin([(plain, lambda: None),
-                                           (root, lambda: root.set_requires_gradient_sync(True)),
-                                           (root, lambda: root.set_requires_gradient_sync(False))],
+                                           (root, partial(root.set_requires_gradient_sync, True)),
+                                           (root, partial(root.set_requires_gradient_sync, False))],
                                           x, grad, device, settings.warmup, settings.trials)
                 root.set_requires_gradient_sync(True)
                 t_plain, t_wrapped, t_accum = (_slowest(t, group, device) for t in timed)
