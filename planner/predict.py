@@ -147,7 +147,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
     shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
     m = cfg.num_microbatches
-    if shard_overhead and engine == "torch" and impl == "fsdp2" and m > 1:
+    if shard_overhead and engine == "torch" and impl.startswith("fsdp2") and m > 1:
         # FSDP2 reduce-scatters the gradients on a step's last micro-batch only (the engine's
         # set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
         # micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising
@@ -269,10 +269,15 @@ def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
     """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-2 where the
-    profile measured it (profilers/sharding.measure_deepspeed), FSDP2's otherwise."""
+    profile measured it (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
+    FSDP2's over blocks sharded that way where measured (profilers/tensor_parallel.measure_fsdp_tp: "fsdp2-tp<N>");
+    FSDP2's over whole blocks otherwise."""
     if (engine == "deepspeed" and cfg.zero_stage == 2 and profile is not None
             and profile.sharding_fit(dp_group, False, "deepspeed") is not None):
         return "deepspeed"
+    if (engine == "torch" and cfg.tp > 1 and profile is not None
+            and profile.sharding_fit(dp_group, cfg.zero_stage >= 3, f"fsdp2-tp{cfg.tp}") is not None):
+        return f"fsdp2-tp{cfg.tp}"
     return "fsdp2"
 
 
@@ -425,6 +430,8 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
             out[f"sharding.step.n{dp_group}"] = "profile (deepspeed)"
         elif engine == "deepspeed":
             out[f"sharding.per_layer.n{dp_group}"] = "profile (fsdp2's: deepspeed not measured)"
+        elif impl != "fsdp2":
+            out[f"sharding.per_layer.n{dp_group}"] = f"profile ({impl}: FSDP2 over tp-{cfg.tp} shards)"
         else:
             out[f"sharding.per_layer.n{dp_group}"] = "profile"
     return tuple(sorted(out.items()))

@@ -111,7 +111,7 @@ class CollectiveFit:
 
 # who wrapped the measured blocks (profilers/sharding.py; ddp: ZeRO-0; tp: the torch engine's DTensor tensor
 # parallelism over group_size ranks, profilers/tensor_parallel.py; tp-sp: the same with sequence parallelism)
-SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp", "tp", "tp-sp")
+SHARDING_IMPLS = ("fsdp2", "deepspeed", "ddp", "tp", "tp-sp")  # and "fsdp2-tp<N>": FSDP2 over tp-N-sharded blocks
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ class Profile:
         as max(GPU, host). 1.0 where the profile measured no stack (older profiles, one device).
         """
         points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
-                  and p.get("impl") not in ("tp", "tp-sp")]  # the tp stacks' plain blocks are tp-2 shards
+                  and not str(p.get("impl", "")).startswith(("tp", "fsdp2-tp"))]  # their plain blocks are tp shards
         fit = self.compute_fit("block", 1)
         if not points or fit is None:
             return 1.0
@@ -419,7 +419,8 @@ def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingF
                       accumulate_edge=_fit(s["accumulate_edge"], f"{source}: sharding", "slope_s_per_token")
                       if s.get("accumulate_edge") else None)
     require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
-    require(fit.impl in SHARDING_IMPLS, f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}")
+    require(fit.impl in SHARDING_IMPLS or re.fullmatch(r"fsdp2-tp[1-9][0-9]*", fit.impl) is not None,
+            f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}, fsdp2-tp<N>")
     return fit
 
 

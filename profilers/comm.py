@@ -252,6 +252,16 @@ class _Rank:
                     s.sharding, n, self.device, self.dtype, self.report))
                 seconds[f"deepspeed_n{n}"] = round(time.perf_counter() - t0, 3)
                 self.barrier()
+            if s.sharding is not None and s.sharding.tensor_parallel and n == world and world >= 4:
+                # FSDP2 over TP-sharded blocks on the whole node, at each tp degree that leaves dp >= 2
+                from profilers.tensor_parallel import measure_fsdp_tp
+
+                for t in [g for g in s.group_sizes if 2 <= g <= world // 2 and world % g == 0]:
+                    t0 = time.perf_counter()
+                    raw["sharding"] += self._optional(f"fsdp2_tp{t}.n{n}", raw, lambda t=t: measure_fsdp_tp(
+                        s.sharding, world, t, self.device, self.dtype, self.report))
+                    seconds[f"fsdp2_tp{t}_n{n}"] = round(time.perf_counter() - t0, 3)
+                    self.barrier()
         if world > local:
             raw["inter_node"] = self.inter_node(local)
         return raw

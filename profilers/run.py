@@ -67,6 +67,9 @@ class Plan:
             sharding_points += len(self.comm.sharding.pipeline_schedules) * len(self.comm.sharding.micro_batches)
         if self.comm.sharding is not None and self.comm.sharding.tensor_parallel:
             sharding_points += 4 * len(self.comm.group_sizes)  # DTensor TP without and with SP, 2 stacks each
+            if self.devices >= 4:  # FSDP2 x TP on the whole node: 2 stacks x 2 modes per tp degree leaving dp >= 2
+                sharding_points += 4 * sum(1 for g in self.comm.group_sizes
+                                           if 2 <= g <= self.devices // 2 and self.devices % g == 0)
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
         if self.megatron:
             layers += len(megatron_settings(self).micro_batches)

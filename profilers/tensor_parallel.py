@@ -73,3 +73,67 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return points
+
+
+def measure_fsdp_tp(settings: ShardingSettings, world: int, tp: int, device: torch.device, dtype: torch.dtype,
+                    report=lambda label: None) -> list[dict]:
+    """FSDP2 over the data-parallel ranks of TP-sharded blocks, as the torch engine runs dp > 1 with tp > 1 and
+    ZeRO >= 1 (apply_tp on the 2D mesh's tp dimension, then apply_fsdp on its dp dimension), over all `world`
+    ranks: dp = world / tp groups of tp ranks each, every rank busy as in a run.
+
+    Why: on 4x H200 the torch engine's tp2 x dp2 ZeRO-1 plan (llama-3-8b, SP) ran 3.35 s where dp4 ZeRO-1 ran
+    1.95 s, two GPUs idle 20-38% of the step (4xH200 call 1, session 7); the cost model added the TP stacks'
+    overhead (dp = 1) to FSDP2's on whole blocks (tp = 1), and neither measured the two together.
+
+    What: stacks of 1 and STACK blocks, TP-sharded alone (bf16, as the engine keeps them without FSDP) and TP-sharded
+    then fully_shard per block under the stage (fp32 masters, bf16 compute), with and without resharding after
+    forward, the latter also accumulating gradients (set_requires_gradient_sync(False)); timed in turns
+    (profilers.sharding._time_round_robin). Points: impl "fsdp2-tp<tp>", group_size dp, the TP-only stack as
+    `plain_s`, so fit_sharding's per-block line is what FSDP2 adds to a TP-sharded block.
+    """
+    from functools import partial
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from planner.model import load_model
+    from planner.runner.parallelize import apply_fsdp, apply_tp, build_stage, materialise
+    from profilers.compute import make_inputs
+    from profilers.sharding import _time_round_robin
+
+    spec = load_model(settings.model)
+    dp = world // tp
+    if (dp < 2 or world % tp or spec.is_moe or spec.is_vit or spec.num_heads % tp or spec.ffn_hidden_size % tp):
+        return []
+    spec = replace(spec, num_layers=max(spec.num_layers, STACK))
+    mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+    points = []
+    for blocks in (1, STACK):
+        tp_only = build_stage(spec, 0, blocks, has_embed=False, has_head=False)
+        apply_tp(tp_only, mesh["tp"], spec, sequence_parallel=False)
+        materialise(tp_only, device, spec, seed=0)
+        tp_only.to(dtype)
+        for reshard in (True, False):
+            both = build_stage(spec, 0, blocks, has_embed=False, has_head=False)
+            apply_tp(both, mesh["tp"], spec, sequence_parallel=False)
+            apply_fsdp(both, mesh["dp"], 3 if reshard else 1, policy)
+            materialise(both, device, spec, seed=0)
+            for mb in settings.micro_batches:
+                (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden states
+                timed = _time_round_robin([(tp_only, lambda: None),
+                                           (both, partial(both.set_requires_gradient_sync, True)),
+                                           (both, partial(both.set_requires_gradient_sync, False))],
+                                          x, grad, device, settings.warmup, settings.trials)
+                both.set_requires_gradient_sync(True)
+                t_tp, t_sync, t_accum = (_slowest(t, None, device) for t in timed)
+                for sync, t in ((True, t_sync), (False, t_accum)):
+                    points.append({"impl": f"fsdp2-tp{tp}", "group_size": dp, "reshard_after_forward": reshard,
+                                   "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len, "sync": sync,
+                                   "plain_s": t_tp, "wrapped_s": t, "overhead_s": t - t_tp})
+            del both
+            report(f"FSDP2 x tensor parallel {blocks} block(s) dp={dp} tp={tp} reshard={reshard}")
+        del tp_only
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return points

@@ -257,8 +257,9 @@ def test_cpu_profile_measures_the_torch_engines_tensor_parallelism(tiny_profile)
 
 
 def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_path):
-    """A 4-device node (gloo) measures the torch engine's DTensor TP at tp 2 and tp 4, with and without SP, and the
-    pipelining runtime over the first pair; a tp-4 plan of the torch engine is then charged the tp-4 measurement."""
+    """A 4-device node (gloo) measures the torch engine's DTensor TP at tp 2 and tp 4, with and without SP, FSDP2 over
+    tp-2 shards on all four (dp 2 x tp 2), and the pipelining runtime over the first pair; a tp-4 plan of the torch
+    engine is then charged the tp-4 measurement, a dp2 x tp2 ZeRO-1 plan the FSDP2 x TP one."""
     from dataclasses import replace as dc_replace
 
     from planner.job import ParallelConfig, validate_config
@@ -281,3 +282,17 @@ def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_p
     assert with_tp == pytest.approx(cfg.num_microbatches * (spec.num_layers * fit.per_block_s(SEQ) + fit.edge_s(SEQ)))
     without = dc_replace(prof, sharding=tuple(s for s in prof.sharding if not s.impl.startswith("tp")))
     assert dict(predict(spec, cluster, cfg, without, engine="torch").breakdown)["tp_comm"] != with_tp
+    # FSDP2 over tp-2 shards on the whole node (dp 2 x tp 2), both modes, synchronising and accumulating; a dp2 x
+    # tp2 ZeRO-1 plan of the torch engine is charged it in place of FSDP2's over whole blocks
+    both = {(s.reshard_after_forward, s.accumulate is not None) for s in prof.sharding if s.impl == "fsdp2-tp2"}
+    assert both == {(True, True), (False, True)}
+    assert all(s.group_size == 2 for s in prof.sharding if s.impl == "fsdp2-tp2")
+    cfg2 = ParallelConfig(dp=2, tp=2, zero_stage=1, seq_len=SEQ, global_batch_size=4, micro_batch_size=1)
+    validate_config(spec, cfg2, 4)
+    got = predict(spec, cluster, cfg2, prof, engine="torch")
+    assert dict(got.sources)["sharding.per_layer.n2"] == "profile (fsdp2-tp2: FSDP2 over tp-2 shards)"
+    f2 = prof.sharding_fit(2, False, "fsdp2-tp2")
+    m = cfg2.num_microbatches
+    per_mb = (spec.num_layers * ((m - 1) * f2.per_block_s(SEQ, False) + f2.per_block_s(SEQ)) / m
+              + ((m - 1) * f2.edge_s(SEQ, False) + f2.edge_s(SEQ)) / m)
+    assert dict(got.breakdown)["zero_comm"] == pytest.approx(m * per_mb)
