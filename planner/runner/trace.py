@@ -10,7 +10,8 @@ the variable through), the torch engine runs one more step after the measured on
 carries `trace`: the traced step's wall seconds; `busy_s`, the union of all kernel intervals on the rank's
 GPU; `compute_busy_s`, the same without communication kernels (NCCL); and the kernels' summed time per
 category (matmul, attention, communication, other) with the largest kernels by summed time.
-Idle = wall - busy is time the GPU waited on the host or on another rank.
+Idle = wall - busy is time the GPU waited on the host (queued nothing); a rank waiting for its peers inside a
+collective shows as communication kernel time instead (NCCL's kernels run while they wait).
 """
 
 from __future__ import annotations
