@@ -49,8 +49,8 @@ from planner.errors import require
 from planner.memory import torch_engine_fsdp
 from planner.modeling import lm_loss
 from planner.plan import Plan
-from planner.runner.data import DataSource, local_batch
 from planner.runner import trace
+from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
                                         apply_tp, build_stage, make_optimizer, materialise, stage_layers, tied,
