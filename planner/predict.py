@@ -217,6 +217,9 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                 emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
                 sync = (layers * ddp.per_block_s(tokens) + ddp.edge_s(tokens)
                         + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
+        elif dp_group > 1 and cfg.zero_stage >= 3 and impl == "deepspeed":
+            # DeepSpeed ZeRO-3's measured step beyond the plain AdamW step (profilers/sharding.measure_deepspeed)
+            sync = profile.sharding_step_s(dp_group, dense + expert, impl, True) or 0.0
         elif dp_group > 1 and cfg.zero_stage == 2:
             measured = profile.sharding_step_s(dp_group, dense + expert, impl) if impl == "deepspeed" else None
             # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included), else
@@ -268,12 +271,12 @@ def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
 
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
-    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-2 where the
-    profile measured it (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
+    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-2 and ZeRO-3 where
+    the profile measured it (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
     FSDP2's over blocks sharded that way where measured (profilers/tensor_parallel.measure_fsdp_tp: "fsdp2-tp<N>");
     FSDP2's over whole blocks otherwise."""
-    if (engine == "deepspeed" and cfg.zero_stage == 2 and profile is not None
-            and profile.sharding_fit(dp_group, False, "deepspeed") is not None):
+    if (engine == "deepspeed" and cfg.zero_stage in (2, 3) and profile is not None
+            and profile.sharding_fit(dp_group, cfg.zero_stage == 3, "deepspeed") is not None):
         return "deepspeed"
     if (engine == "torch" and cfg.tp > 1 and profile is not None
             and profile.sharding_fit(dp_group, cfg.zero_stage >= 3, f"fsdp2-tp{cfg.tp}") is not None):

@@ -312,10 +312,11 @@ class Profile:
         s = self.sharding_fit(group_size, reshard_after_forward, impl)
         return 0.0 if s is None else s.edge_s(tokens, sync)
 
-    def sharding_step_s(self, group_size: int, params: float, impl: str) -> float | None:
+    def sharding_step_s(self, group_size: int, params: float, impl: str, reshard_after_forward: bool = False) -> float | None:
         """Measured seconds the sharded optimizer step adds beyond the plain AdamW step, for `params` parameters
-        held by the rank (before sharding); None where not measured (only impl "deepspeed" measures it)."""
-        s = self.sharding_fit(group_size, False, impl)
+        held by the rank (before sharding); None where not measured (only impl "deepspeed" measures it: ZeRO-2, and
+        ZeRO-3 with `reshard_after_forward`)."""
+        s = self.sharding_fit(group_size, reshard_after_forward, impl)
         if s is None or impl == "fsdp2":
             return None
         return max(0.0, s.step_s_per_param * params + s.step_edge_s)

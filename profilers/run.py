@@ -62,7 +62,7 @@ class Plan:
         if self.comm.sharding is not None and self.comm.sharding.ddp:
             sharding_points += 2 * len(self.comm.group_sizes)  # DDP, 2 stacks
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
-            sharding_points += 2  # DeepSpeed ZeRO-2, 2 stacks, at the largest group
+            sharding_points += 4  # DeepSpeed ZeRO-2 and ZeRO-3, 2 stacks each, at the largest group
         if self.comm.sharding is not None and self.comm.sharding.pipeline and 2 in self.comm.group_sizes:
             sharding_points += len(self.comm.sharding.pipeline_schedules) * len(self.comm.sharding.micro_batches)
         if self.comm.sharding is not None and self.comm.sharding.tensor_parallel:

@@ -206,26 +206,28 @@ def _loss_backward(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (out * grad).sum()
 
 
-def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype) -> dict:
-    """The ZeRO-2 ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO-2 with
-    overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging,
-    the engine's AdamW), at gradient accumulation 2."""
+def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype, stage: int = 2, block_params: int = 0) -> dict:
+    """The ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO `stage` (2 or 3) with
+    overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging, the
+    engine's AdamW), at gradient accumulation 2; ZeRO-3 prefetches one block of `block_params` and keeps two live."""
     from emitters.deepspeed import BUCKET_ELEMENTS
 
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+            "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS}
+    if stage >= 3:
+        zero.update({"stage3_prefetch_bucket_size": block_params, "stage3_max_live_parameters": 2 * block_params})
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 2,
             "train_batch_size": micro_batch * 2 * world, "bf16": {"enabled": dtype == torch.bfloat16},
-            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                                  "reduce_scatter": True, "reduce_bucket_size": BUCKET_ELEMENTS,
-                                  "allgather_bucket_size": BUCKET_ELEMENTS},
-            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9,
-            "wall_clock_breakdown": False}
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, dtype: torch.dtype,
                       report=lambda label: None) -> list[dict]:
-    """Raw points of DeepSpeed ZeRO-2 over all `n` ranks of the world (every rank calls this; all get the same
-    list): [{impl, group_size, reshard_after_forward, blocks, micro_batch, tokens, params, plain_s, micro_s,
-    boundary_s, overhead_s}] with overhead_s = micro_s - plain_s (see the module docstring)."""
+    """Raw points of DeepSpeed ZeRO-2 and ZeRO-3 over all `n` ranks of the world (every rank calls this; all get the
+    same list): [{impl, group_size, reshard_after_forward (True: ZeRO-3), blocks, micro_batch, tokens, params,
+    plain_s, micro_s, boundary_s, overhead_s}] with overhead_s = micro_s - plain_s (see the module docstring).
+    ZeRO-3 because the deepspeed engine's ZeRO-3 plans were charged FSDP2's measured overhead in its place."""
     from planner.model import load_model
     from planner.runner.engines.deepspeed_engine import import_deepspeed
     from planner.runner.parallelize import make_optimizer
@@ -242,13 +244,13 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     kind = "moe_block" if spec.is_moe else "block"
     world = dist.group.WORLD
     points = []
-    for blocks in (1, STACK):
+    for stage, blocks in ((st, b) for st in (2, 3) for b in (1, STACK)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())
         mbs = settings.micro_batches
         engine, *_ = deepspeed.initialize(model=stack, optimizer=make_optimizer(stack.parameters(), 1e-5),
-                                          config=deepspeed_config(mbs[0], n, dtype))
+                                          config=deepspeed_config(mbs[0], n, dtype, stage, params // blocks))
         for mb in mbs:
             (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
             t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
@@ -269,10 +271,10 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
                     boundary.append(pair[1])
             t_micro = _slowest(statistics.median(micro), world, device)
             t_boundary = _slowest(statistics.median(boundary), world, device)
-            points.append({"impl": "deepspeed", "group_size": n, "reshard_after_forward": False, "blocks": blocks,
+            points.append({"impl": "deepspeed", "group_size": n, "reshard_after_forward": stage == 3, "blocks": blocks,
                            "micro_batch": mb, "tokens": mb * settings.seq_len, "params": params, "plain_s": t_plain,
                            "micro_s": t_micro, "boundary_s": t_boundary, "overhead_s": t_micro - t_plain})
-        report(f"deepspeed ZeRO-2 {blocks} block(s) n={n}")
+        report(f"deepspeed ZeRO-{stage} {blocks} block(s) n={n}")
         engine.destroy()
         del engine, stack, plain
         if device.type == "cuda":

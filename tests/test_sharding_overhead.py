@@ -168,6 +168,21 @@ def test_deepspeed_engine_charges_deepspeeds_measured_overhead(microbatches):
             predict(MODEL, CLUSTER, c, replace(BASE, sharding=FITS), engine=engine).to_dict()
 
 
+def test_deepspeed_engine_zero3_charges_deepspeeds_zero3_measurement():
+    """ZeRO-3 under the deepspeed engine: DeepSpeed's own ZeRO-3 fit (reshard True) per micro-batch and its step part
+    once per step; without it FSDP2's ZeRO-3 fit stands in, as before."""
+    z3 = replace(DS_FIT, reshard_after_forward=True, overhead=LinearFit(9e-3, 0.0), step_s_per_param=3e-11)
+    c = cfg(zero_stage=3, global_batch_size=32)
+    got = predict(MODEL, CLUSTER, c, replace(BASE, sharding=FITS + (DS_FIT, z3)), engine="deepspeed")
+    m = c.num_microbatches
+    assert dict(got.breakdown)["zero_comm"] == pytest.approx(m * (MODEL.num_layers * 9e-3 + 1e-3), rel=1e-9)
+    assert dict(got.breakdown)["dp_grad_sync"] == pytest.approx(MODEL.total_params() * 3e-11 + 5e-3, rel=1e-6)
+    assert dict(got.sources)["sharding.per_layer.n2"] == "profile (deepspeed)"
+    fallback = predict(MODEL, CLUSTER, c, replace(BASE, sharding=FITS + (DS_FIT,)), engine="deepspeed")
+    assert dict(fallback.breakdown)["zero_comm"] == pytest.approx(m * MODEL.num_layers * FITS[0].overhead(4096))
+    assert dict(fallback.sources)["sharding.per_layer.n2"] == "profile (fsdp2's: deepspeed not measured)"
+
+
 def test_deepspeed_engine_without_its_measurement_uses_fsdp2s_and_says_so():
     c = cfg(zero_stage=2)
     prof = replace(BASE, sharding=FITS)
@@ -212,9 +227,9 @@ def test_deepspeed_step_split_reproduces_the_measured_step_extra():
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_measured_over_gloo(tmp_path):
-    """measure_deepspeed runs deepspeed.initialize (ZeRO-2, the emitted buckets) on 2 gloo processes: points
-    at both stacks and both micro-batches, timed, and a fit with a non-negative step part."""
+def test_deepspeed_zero2_and_zero3_measured_over_gloo(tmp_path):
+    """measure_deepspeed runs deepspeed.initialize (ZeRO-2 and ZeRO-3, the emitted buckets) on 2 gloo processes:
+    points at both stacks and both micro-batches, timed, and fits with a non-negative step part."""
     import yaml
 
     from profilers import comm
@@ -229,12 +244,16 @@ def test_deepspeed_zero2_measured_over_gloo(tmp_path):
                            target_loop_s=0.01, max_iters=5, sharding=ss)
     raw = comm.measure_spawned(2, False, cs)
     ds = [p for p in raw["sharding"] if p.get("impl") == "deepspeed"]
-    assert {(p["blocks"], p["micro_batch"]) for p in ds} == {(1, 1), (1, 4), (STACK, 1), (STACK, 4)}
+    # ZeRO-2 (reshard False) and ZeRO-3 (True), each at both stacks and both micro-batches
+    assert {(p["reshard_after_forward"], p["blocks"], p["micro_batch"]) for p in ds} == {
+        (z3, b, m) for z3 in (False, True) for b in (1, STACK) for m in (1, 4)}
     assert all(p["micro_s"] > 0 and p["boundary_s"] > 0 and p["plain_s"] > 0 for p in ds)
     assert {p["params"] for p in ds if p["blocks"] == STACK} == {STACK * ds[0]["params"]}
     fits = {f.impl: f for f in fit_sharding(raw["sharding"], 1e-9) if not f.reshard_after_forward}
     assert set(fits) == {"fsdp2", "deepspeed", "ddp", "tp", "tp-sp"}  # tp: profilers/tensor_parallel.py
     assert fits["deepspeed"].step_s_per_param >= 0 and fits["deepspeed"].step_edge_s >= 0
+    z3 = {f.impl: f for f in fit_sharding(raw["sharding"], 1e-9) if f.reshard_after_forward}
+    assert set(z3) == {"fsdp2", "deepspeed"} and z3["deepspeed"].step_s_per_param >= 0
 
 
 def test_ddp_overhead_replaces_the_bandwidth_model_for_the_torch_engine():
