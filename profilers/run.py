@@ -62,7 +62,7 @@ class Plan:
         if self.comm.sharding is not None and self.comm.sharding.ddp:
             sharding_points += 2 * len(self.comm.group_sizes)  # DDP, 2 stacks
         if self.comm.sharding is not None and self.comm.sharding.deepspeed:
-            sharding_points += 4  # DeepSpeed ZeRO-2 and ZeRO-3, 2 stacks each, at the largest group
+            sharding_points += 2 * len(self.comm.sharding.deepspeed_stages)  # DeepSpeed, 2 stacks per ZeRO stage, at the largest group
         if self.comm.sharding is not None and self.comm.sharding.pipeline and 2 in self.comm.group_sizes:
             sharding_points += len(self.comm.sharding.pipeline_schedules) * len(self.comm.sharding.micro_batches)
         if self.comm.sharding is not None and self.comm.sharding.tensor_parallel:
@@ -143,6 +143,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
                                                 warmup=1 if not cuda or q else 2, trials=2 if q else cs.repeats,
                                                 deepspeed=cuda and _installed("deepspeed"), ddp=not q,
+                                                deepspeed_stages=(2,) if q else (2, 3),
                                                 # --quick on GPUs: 1F1B's operations measured 0-0.3 ms on 2xH200 (the
                                                 # p2p bandwidth's 0.1-0.2 ms), interleaved's 0.2-1.4 ms; each schedule
                                                 # took 6-8 s of the 58-65 s quick profiles (session 6)

@@ -69,7 +69,8 @@ class ShardingSettings:
     micro_batches: tuple[int, ...]
     warmup: int = 2
     trials: int = 3
-    deepspeed: bool = False  # also measure DeepSpeed ZeRO-2 (measure_deepspeed) at the whole world's group size
+    deepspeed: bool = False  # also measure DeepSpeed (measure_deepspeed) at the whole world's group size
+    deepspeed_stages: tuple[int, ...] = (2, 3)  # its ZeRO stages (--quick: 2 only, the practitioners' baseline)
     ddp: bool = True  # also measure DistributedDataParallel (ZeRO-0 of the torch engine) on the same stacks
     pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
     pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
@@ -244,7 +245,7 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     kind = "moe_block" if spec.is_moe else "block"
     world = dist.group.WORLD
     points = []
-    for stage, blocks in ((st, b) for st in (2, 3) for b in (1, STACK)):
+    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, STACK)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())

@@ -46,3 +46,5 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     # the pipelining runtime: --quick measures the interleaved schedule only (1F1B's operations cost ~0 there)
     assert plan.comm.sharding.pipeline_schedules == (("interleaved",) if quick else ("1f1b", "interleaved"))
     assert plan.comm.sharding.pipeline and plan.comm.sharding.tensor_parallel
+    # DeepSpeed (where installed): ZeRO-2, the practitioners' baseline; a full profile ZeRO-3 too
+    assert plan.comm.sharding.deepspeed_stages == ((2,) if quick else (2, 3))
