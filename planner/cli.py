@@ -262,6 +262,8 @@ def profile(
     quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes)."),
     device: str = typer.Option("auto", "--device", help="auto (GPUs if present), cuda or cpu (gloo between local processes)."),
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base."),
+    base: Optional[Path] = typer.Option(None, "--base", help="With --only: the earlier profile (same model, sequence, dtype and machine) whose other phase is reused."),
 ):
     """Measure per-layer compute, collectives and device ceilings on this node; write profile.yaml.
 
@@ -279,7 +281,7 @@ def profile(
     except ValueError:
         raise DistplanError(f"--micro-batches '{micro_batches}' must be comma-separated integers, e.g. 1,2,4,8") from None
     req = ProfileRequest(model=model, seq_len=seq_len, dtype=dtype, gpus_per_node=gpus_per_node, quick=quick,
-                         device=device, micro_batches=mbs)
+                         device=device, micro_batches=mbs, only=only, base=str(base) if base is not None else None)
     if err.is_terminal:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as bar:

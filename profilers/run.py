@@ -37,6 +37,11 @@ class ProfileRequest:
     quick: bool = False
     device: str = "auto"  # auto | cuda | cpu
     micro_batches: tuple[int, ...] | None = None
+    # measure one phase only ("communication": collectives, sharding, pipelining and TP stacks; "compute": layers,
+    # device ceilings, megatron-core's layer) and take the other's raw points from `base`, an earlier profile of the
+    # same model, sequence length, dtype and machine; every fit is then made again from the merged points
+    only: str | None = None
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,16 +231,50 @@ def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Prof
         torch.set_num_threads(threads)
 
 
+ONLY = ("communication", "compute")
+
+
+def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
+    """The raw points of `req.base` where `req.only` asks for one phase (None otherwise); DistplanError naming the
+    value and what is valid where the request or the base does not fit."""
+    if req.only is None and req.base is None:
+        return None
+    require(req.only is not None, f"--base {req.base} needs --only: one of {', '.join(ONLY)} (the phase to measure)")
+    require(req.only in ONLY, f"--only {req.only!r}: one of {', '.join(ONLY)} (with --base PROFILE)")
+    require(req.base is not None, f"--only {req.only} needs --base PROFILE: the earlier profile that gives the other phase")
+    from planner.profile import load_profile
+
+    base = load_profile(req.base)
+    want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": req.dtype, "device": "cuda" if plan.cuda else "cpu",
+            "device_count": plan.devices}
+    have = {"model": base.model, "seq_len": base.seq_len, "dtype": base.dtype, "device": base.device,
+            "device_count": base.device_count}
+    diff = [f"{k} {have[k]} (here {want[k]})" for k in want if have[k] != want[k]]
+    require(not diff, f"--base {req.base} was measured for another setting: {', '.join(diff)}")
+    raw = base.raw or {}
+    need = "compute" if req.only == "communication" else "communication"
+    require(isinstance(raw.get(need), (list, dict)) and (need != "compute" or raw.get("ceilings")),
+            f"--base {req.base} has no raw {need} points to reuse (profiles keep them under raw.{need})")
+    return {"compute": raw.get("compute"), "ceilings": raw.get("ceilings"), "communication": raw.get("communication"),
+            "path": str(req.base), "date_utc": base.facts.get("date_utc"), "gpu_name": base.gpu_name}
+
+
 def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None], started: float) -> Profile | None:
     dtype = compute.DTYPES[req.dtype]
     phases: dict[str, float] = {}
-    if plan.megatron and not comm.launched() and plan.devices >= 2:
+    base = _base_raw(req, spec, plan)
+    reuse_comm = base is not None and req.only == "compute"  # communication's raw points from the base
+    reuse_compute = base is not None and req.only == "communication"  # compute's and the ceilings' from the base
+    require(base is None or not comm.launched(), "--only runs on one node (not under torchrun)")
+    if plan.megatron and not comm.launched() and plan.devices >= 2 and not reuse_compute:
         # megatron-core's import took 14 of the 16 s its layer cost a llama-3-8b --quick profile on 2xH200; this
         # process only waits while the spawned ranks measure the collectives, so import it meanwhile
         threading.Thread(target=megatron_layer.preload, daemon=True, name="megatron-import").start()
     # 1. communication first: under torchrun the other ranks are waiting for rank 0 to join
     t0 = time.perf_counter()
-    if comm.launched():
+    if reuse_comm:
+        raw_comm = base["communication"]
+    elif comm.launched():
         import torch.distributed as dist
 
         rank, raw_comm = comm.measure_launched(plan.comm, tick)  # binds this rank to its LOCAL_RANK GPU
@@ -254,16 +293,23 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     # 2. device facts and ceilings
     t0 = time.perf_counter()
     info = facts.device_facts(device)
-    ceilings = facts.measure_ceilings(device, dtype, req.quick, tick)
+    if base is not None:
+        here = info.get("gpu_name") or info["cpu"]
+        require(base["gpu_name"] == here, f"--base {base['path']} was measured on {base['gpu_name']!r}, this machine has "
+                                          f"{here!r}: reuse a profile of the same GPU")
+        info["reused"] = {"phase": "compute" if reuse_compute else "communication", "from": base["path"],
+                          "measured_utc": base["date_utc"]}
+    ceilings = base["ceilings"] if reuse_compute else facts.measure_ceilings(device, dtype, req.quick, tick)
     phases["ceilings_s"] = time.perf_counter() - t0
 
     # 3. compute, layer by layer
     t0 = time.perf_counter()
-    results = compute.profile_compute(spec, plan.seq_len, list(plan.tps), device, dtype, plan.compute, tick)
+    results = (list(base["compute"]) if reuse_compute else
+               compute.profile_compute(spec, plan.seq_len, list(plan.tps), device, dtype, plan.compute, tick))
     megatron = None
-    parts = dict(raw_comm.get("seconds") or {})
+    parts = dict(raw_comm.get("seconds") or {}) if not reuse_comm else {}
     parts["ceilings"] = round(phases["ceilings_s"], 3)
-    if plan.cuda:  # megatron-core's own layer, where installed; its points become a compute kind like the rest
+    if plan.cuda and not reuse_compute:  # megatron-core's own layer, where installed; its points become a compute kind
         t1 = time.perf_counter()
         megatron = megatron_layer.profile(spec, plan.seq_len, device, dtype, megatron_settings(plan), tick)
         parts["megatron_layer_with_setup"] = round(time.perf_counter() - t1, 3)
@@ -282,7 +328,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     info.update({
         "wall_time_s": round(wall, 2),
         "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
-        "part_seconds": {**parts, **{f"{r['kind']}.tp{r['tp']}": r.get("wall_s") for r in results}},
+        "part_seconds": {**parts, **({} if reuse_compute else {f"{r['kind']}.tp{r['tp']}": r.get("wall_s") for r in results})},
         "quick": req.quick,
         "gpus_per_node": req.gpus_per_node or plan.devices,
         "devices_measured": plan.devices,
@@ -298,7 +344,8 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         "unmeasured_collectives": raw_comm.get("unmeasured", {}),
         "infeasible": {f"{r['kind']}.tp{r['tp']}": r["error"] for r in results if r.get("error")},
         "skipped_kinds": {k: "--quick: megatron-core's own layer measured instead" for k in plan.compute.skip_kinds},
-        "megatron_layer": ("measured (megatron-core's local-spec layer, tp 1)" if megatron and megatron["points"] else
+        "megatron_layer": ("reused with the compute points (facts.reused)" if reuse_compute else
+                           "measured (megatron-core's local-spec layer, tp 1)" if megatron and megatron["points"] else
                            megatron["error"] if megatron else "not measured: megatron-core trains on CUDA only"),
     })
     raw = {"compute": results, "communication": raw_comm, "ceilings": ceilings,

@@ -11,6 +11,9 @@ import pytest
     (["-m", "gpt2", "--micro-batches", "1,x"], "--micro-batches '1,x' must be comma-separated integers"),
     (["-m", "gpt2", "--micro-batches", "0,2"], "micro-batches must be >= 1"),
     (["-m", "gpt2", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+    (["-m", "gpt2", "--only", "compute"], "--only compute needs --base PROFILE"),
+    (["-m", "gpt2", "--only", "all", "--base", "x.yaml"], "--only 'all': one of communication, compute"),
+    (["-m", "gpt2", "--only", "compute", "--base", "/nonexistent/p.yaml"], "/nonexistent/p.yaml"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     out = tmp_path / "p.yaml"

@@ -296,3 +296,31 @@ def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_p
     per_mb = (spec.num_layers * ((m - 1) * f2.per_block_s(SEQ, False) + f2.per_block_s(SEQ)) / m
               + ((m - 1) * f2.edge_s(SEQ, False) + f2.edge_s(SEQ)) / m)
     assert dict(got.breakdown)["zero_comm"] == pytest.approx(m * per_mb)
+
+
+def test_one_phase_measured_again_reuses_the_other_from_a_base_profile(tiny_profile, tmp_path):
+    """--only communication / compute with --base: the other phase's raw points come from the base and every fit is
+    made again; the result says what it reused. Bad combinations are one-line errors before anything is measured."""
+    from planner.errors import DistplanError
+    from planner.profile import save_profile
+
+    prof, _ = tiny_profile
+    base = tmp_path / "base.yaml"
+    save_profile(prof, base)
+    model = tmp_path / "tiny.yaml"  # the fixture's model, written again (profiles name it by its file)
+    model.write_text(yaml.safe_dump(TINY))
+    req = dict(model=str(model), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4))
+    comm_again = run_profile(ProfileRequest(**req, only="communication", base=str(base)), lambda *a: None)
+    assert comm_again.compute == load_profile(base).compute  # the base's layers, refitted from the same points
+    assert comm_again.raw["compute"] == load_profile(base).raw["compute"]
+    assert comm_again.facts["reused"]["phase"] == "compute" and comm_again.facts["reused"]["from"] == str(base)
+    assert {(c.op, c.group_size) for c in comm_again.collectives} == {(c.op, c.group_size) for c in prof.collectives}
+    assert comm_again.sharding and comm_again.pipeline  # measured again
+    compute_again = run_profile(ProfileRequest(**req, only="compute", base=str(base)), lambda *a: None)
+    assert compute_again.raw["communication"] == load_profile(base).raw["communication"]
+    assert compute_again.collectives == load_profile(base).collectives and compute_again.facts["reused"]["phase"] == "communication"
+    for bad, needle in (({"only": "compute"}, "needs --base"), ({"base": str(base)}, "needs --only"),
+                        ({"only": "everything", "base": str(base)}, "one of communication, compute"),
+                        ({"only": "compute", "base": str(base), "seq_len": 2 * SEQ}, f"seq_len {SEQ} \\(here {2 * SEQ}\\)")):
+        with pytest.raises(DistplanError, match=needle):
+            run_profile(ProfileRequest(**{**req, **bad}), lambda *a: None)
