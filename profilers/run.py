@@ -256,7 +256,8 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     require(isinstance(raw.get(need), (list, dict)) and (need != "compute" or raw.get("ceilings")),
             f"--base {req.base} has no raw {need} points to reuse (profiles keep them under raw.{need})")
     return {"compute": raw.get("compute"), "ceilings": raw.get("ceilings"), "communication": raw.get("communication"),
-            "path": str(req.base), "date_utc": base.facts.get("date_utc"), "gpu_name": base.gpu_name}
+            "settings": raw.get("settings") or {}, "path": str(req.base), "date_utc": base.facts.get("date_utc"),
+            "gpu_name": base.gpu_name}
 
 
 def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None], started: float) -> Profile | None:
@@ -350,7 +351,8 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     })
     raw = {"compute": results, "communication": raw_comm, "ceilings": ceilings,
            "fit_max_relative_error": {"compute": compute_err, "collectives": comm_err},
-           "settings": {"compute": asdict(plan.compute), "communication": asdict(plan.comm)}}
+           "settings": {"compute": base["settings"].get("compute") if reuse_compute else asdict(plan.compute),
+                        "communication": base["settings"].get("communication") if reuse_comm else asdict(plan.comm)}}
     overlap = raw_comm.get("overlap")
     return Profile(
         gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=req.dtype,

@@ -316,6 +316,7 @@ def test_one_phase_measured_again_reuses_the_other_from_a_base_profile(tiny_prof
     assert comm_again.facts["reused"]["phase"] == "compute" and comm_again.facts["reused"]["from"] == str(base)
     assert {(c.op, c.group_size) for c in comm_again.collectives} == {(c.op, c.group_size) for c in prof.collectives}
     assert comm_again.sharding and comm_again.pipeline  # measured again
+    assert comm_again.raw["settings"]["compute"] == load_profile(base).raw["settings"]["compute"]  # what it reused
     compute_again = run_profile(ProfileRequest(**req, only="compute", base=str(base)), lambda *a: None)
     assert compute_again.raw["communication"] == load_profile(base).raw["communication"]
     assert compute_again.collectives == load_profile(base).collectives and compute_again.facts["reused"]["phase"] == "communication"
