@@ -247,11 +247,13 @@ class _Rank:
             if s.sharding is not None and s.sharding.deepspeed and n == world:
                 from profilers import sharding
 
-                t0 = time.perf_counter()
-                raw["sharding"] += self._optional(f"deepspeed_zero2.n{n}", raw, lambda: sharding.measure_deepspeed(
-                    s.sharding, n, self.device, self.dtype, self.report))
-                seconds[f"deepspeed_n{n}"] = round(time.perf_counter() - t0, 3)
-                self.barrier()
+                for stage in s.sharding.deepspeed_stages:  # one at a time: a ZeRO-3 failure keeps ZeRO-2's points
+                    t0 = time.perf_counter()
+                    one = replace(s.sharding, deepspeed_stages=(stage,))
+                    raw["sharding"] += self._optional(f"deepspeed_zero{stage}.n{n}", raw, lambda one=one: sharding.measure_deepspeed(
+                        one, n, self.device, self.dtype, self.report))
+                    seconds[f"deepspeed_zero{stage}_n{n}" if stage != 2 else f"deepspeed_n{n}"] = round(time.perf_counter() - t0, 3)
+                    self.barrier()
             if s.sharding is not None and s.sharding.tensor_parallel and n == world and world >= 4:
                 # FSDP2 over TP-sharded blocks on the whole node, at each tp degree that leaves dp >= 2
                 from profilers.tensor_parallel import measure_fsdp_tp
