@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -45,44 +44,6 @@ def parse_grid(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _host_and_step(kind, spec, mb, seq_len, group, device, dtype, warmup, trials, vpp, microbatches):
-    """Median (host seconds until step() returns, wall seconds to the synchronised end) of one step."""
-    from torch.distributed import pipelining
-
-    from planner.runner.engines.torch_engine import SCHEDULES
-    from profilers.compute import build_layer
-    from profilers.pipeline import _loss
-    from profilers.sharding import _sync
-
-    rank = dist.get_rank(group)
-    chunks = [build_layer(spec, "block", 1, device, dtype) for _ in range(vpp)]
-    stages = [pipelining.PipelineStage(mod, c * 2 + rank, 2 * vpp, device, group=group) for c, mod in enumerate(chunks)]
-    cls = getattr(pipelining, SCHEDULES[kind])
-    schedule = cls(stages if kind == "interleaved" else stages[0], microbatches, loss_fn=_loss)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
-    target = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, torch.float32)
-    host, wall = [], []
-    for i in range(warmup + trials):
-        _sync(device)
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        if rank == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=target, losses=[])
-        t1 = time.perf_counter()
-        _sync(device)
-        if i >= warmup:
-            host.append(t1 - t0)
-            wall.append(time.perf_counter() - t0)
-        for mod in chunks:
-            for p in mod.parameters():
-                p.grad = None
-    del schedule, stages, chunks
-    return statistics.median(host), statistics.median(wall)
-
-
 def _worker(rank: int, args, init_file: str, queue) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
@@ -92,7 +53,7 @@ def _worker(rank: int, args, init_file: str, queue) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     from planner.model import load_model
     from profilers.compute import build_layer, make_inputs
-    from profilers.pipeline import _chunk_times, solve_action_s
+    from profilers.pipeline import _chunk_times, solve_action_s, step_times
     from profilers.sharding import _slowest
 
     spec = load_model(args.model)
@@ -103,8 +64,8 @@ def _worker(rank: int, args, init_file: str, queue) -> None:
     del block, x, grad
     rows = []
     for kind, vpp, m in parse_grid(args.grid):
-        host, wall = _host_and_step(kind, spec, args.micro_batch, args.seq_len, None, device, dtype, args.warmup,
-                                    args.trials, vpp, m)
+        host, wall = step_times(kind, spec, args.micro_batch, args.seq_len, None, device, dtype, args.warmup,
+                                args.trials, vpp, m)
         host, wall = _slowest(host, None, device), _slowest(wall, None, device)
         a = solve_action_s(kind, wall, fwd, bwd, vpp, m)
         rows.append({"schedule": kind, "vpp": vpp, "microbatches": m, "ops_per_rank": 2 * vpp * m,

@@ -72,6 +72,13 @@ def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
                warmup: int, trials: int, vpp: int = VPP, microbatches: int = MICROBATCHES) -> float:
     """Median wall-clock seconds of one step of the `kind` schedule over ranks 0 and 1 (this rank's part), with
     `vpp` one-block chunks per rank (interleaved; 1F1B has one) and `microbatches` micro-batches."""
+    return step_times(kind, spec, mb, seq_len, group, device, dtype, warmup, trials, vpp, microbatches)[1]
+
+
+def step_times(kind: str, spec, mb: int, seq_len: int, group, device: torch.device, dtype: torch.dtype,
+               warmup: int, trials: int, vpp: int = VPP, microbatches: int = MICROBATCHES) -> tuple[float, float]:
+    """Medians (host seconds until schedule.step returns, wall seconds to the synchronised end) of one step of
+    the `kind` schedule over ranks 0 and 1 (_step_time; benchmarks/pipeline_grid.py reads both)."""
     from torch.distributed import pipelining
 
     from profilers.compute import build_layer
@@ -86,7 +93,7 @@ def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
     target = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, torch.float32)
-    times = []
+    host, wall = [], []
     for i in range(warmup + trials):
         _sync(device)
         dist.barrier(group=group)
@@ -95,14 +102,16 @@ def _step_time(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
             schedule.step(x)
         else:
             schedule.step(target=target, losses=[])
+        t1 = time.perf_counter()
         _sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            host.append(t1 - t0)
+            wall.append(time.perf_counter() - t0)
         for mod in chunks:
             for p in mod.parameters():
                 p.grad = None
     del schedule, stages, chunks
-    return statistics.median(times)
+    return statistics.median(host), statistics.median(wall)
 
 
 def solve_action_s(kind: str, step_s: float, fwd_s: float, bwd_s: float, vpp: int = VPP,
