@@ -125,6 +125,22 @@ def _time_round_robin(variants: list[tuple[nn.Module, Callable[[], None]]], x: t
     return [statistics.median(t) for t in times]
 
 
+def fsdp_points(plain: nn.Module, root: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
+                settings: ShardingSettings, group, point: dict) -> list[dict]:
+    """Two raw points of an FSDP2-wrapped `root` against `plain`: a synchronising micro-batch and a gradient-
+    accumulating one (the engine's every one but the last of a step: no reduce-scatter, the unsharded gradients
+    summed in place), the three timed in turns (_time_round_robin), each the slowest rank's over `group`; `point`
+    gives the keys the two share."""
+    timed = _time_round_robin([(plain, lambda: None),
+                               (root, partial(root.set_requires_gradient_sync, True)),
+                               (root, partial(root.set_requires_gradient_sync, False))],
+                              x, grad, device, settings.warmup, settings.trials)
+    root.set_requires_gradient_sync(True)
+    t_plain, t_sync, t_accum = (_slowest(t, group, device) for t in timed)
+    return [{**point, "sync": sync, "plain_s": t_plain, "wrapped_s": t, "overhead_s": t - t_plain}
+            for sync, t in ((True, t_sync), (False, t_accum))]
+
+
 def _slowest(value: float, group, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -157,18 +173,9 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
             fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
             for mb in settings.micro_batches:
                 (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
-                # plain, wrapped (synchronising) and a gradient-accumulating micro-batch (the engine's every one but
-                # the last of a step: no reduce-scatter, the unsharded gradients summed in place), in turns
-                timed = _time_round_robin([(plain, lambda: None),
-                                           (root, partial(root.set_requires_gradient_sync, True)),
-                                           (root, partial(root.set_requires_gradient_sync, False))],
-                                          x, grad, device, settings.warmup, settings.trials)
-                root.set_requires_gradient_sync(True)
-                t_plain, t_wrapped, t_accum = (_slowest(t, group, device) for t in timed)
-                for sync, t in ((True, t_wrapped), (False, t_accum)):
-                    points.append({"group_size": n, "reshard_after_forward": reshard, "blocks": blocks,
-                                   "micro_batch": mb, "tokens": mb * settings.seq_len, "sync": sync,
-                                   "plain_s": t_plain, "wrapped_s": t, "overhead_s": t - t_plain})
+                points += fsdp_points(plain, root, x, grad, device, settings, group,
+                                      {"group_size": n, "reshard_after_forward": reshard, "blocks": blocks,
+                                       "micro_batch": mb, "tokens": mb * settings.seq_len})
             report(f"fully_shard {blocks} block(s) n={n} reshard={reshard}")
             del root, stack
         if settings.ddp:

@@ -88,18 +88,16 @@ def measure_fsdp_tp(settings: ShardingSettings, world: int, tp: int, device: tor
     What: stacks of 1 and STACK blocks, TP-sharded alone (bf16, as the engine keeps them without FSDP) and TP-sharded
     then fully_shard per block under the stage (fp32 masters, bf16 compute), with and without resharding after
     forward, the latter also accumulating gradients (set_requires_gradient_sync(False)); timed in turns
-    (profilers.sharding._time_round_robin). Points: impl "fsdp2-tp<tp>", group_size dp, the TP-only stack as
+    (profilers.sharding.fsdp_points). Points: impl "fsdp2-tp<tp>", group_size dp, the TP-only stack as
     `plain_s`, so fit_sharding's per-block line is what FSDP2 adds to a TP-sharded block.
     """
-    from functools import partial
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from planner.model import load_model
     from planner.runner.parallelize import apply_fsdp, apply_tp, build_stage, materialise
     from profilers.compute import make_inputs
-    from profilers.sharding import _time_round_robin
+    from profilers.sharding import fsdp_points
 
     spec = load_model(settings.model)
     dp = world // tp
@@ -121,16 +119,9 @@ def measure_fsdp_tp(settings: ShardingSettings, world: int, tp: int, device: tor
             materialise(both, device, spec, seed=0)
             for mb in settings.micro_batches:
                 (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden states
-                timed = _time_round_robin([(tp_only, lambda: None),
-                                           (both, partial(both.set_requires_gradient_sync, True)),
-                                           (both, partial(both.set_requires_gradient_sync, False))],
-                                          x, grad, device, settings.warmup, settings.trials)
-                both.set_requires_gradient_sync(True)
-                t_tp, t_sync, t_accum = (_slowest(t, None, device) for t in timed)
-                for sync, t in ((True, t_sync), (False, t_accum)):
-                    points.append({"impl": f"fsdp2-tp{tp}", "group_size": dp, "reshard_after_forward": reshard,
-                                   "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len, "sync": sync,
-                                   "plain_s": t_tp, "wrapped_s": t, "overhead_s": t - t_tp})
+                points += fsdp_points(tp_only, both, x, grad, device, settings, None,
+                                      {"impl": f"fsdp2-tp{tp}", "group_size": dp, "reshard_after_forward": reshard,
+                                       "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len})
             del both
             report(f"FSDP2 x tensor parallel {blocks} block(s) dp={dp} tp={tp} reshard={reshard}")
         del tp_only
