@@ -199,8 +199,9 @@ def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
 
 def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
                    engine_for_distplan: str = "torch", alternatives: int = 3, megatron_engine: str = "megatron",
-                   transformer_engine: bool = False) -> tuple[list[PlanSpec], list[dict]]:
-    """Plan files of one case under out_dir: distplan's top plan, its next `alternatives`, the baselines.
+                   transformer_engine: bool = False, baselines: bool = True) -> tuple[list[PlanSpec], list[dict]]:
+    """Plan files of one case under out_dir: distplan's top plan, its next `alternatives`, the baselines (none with
+    `baselines=False`: an engine-coverage run of distplan's plans alone, issue 6).
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
     from planner.plan import make_plan, save_plan
     from planner.profile import load_profile
@@ -234,6 +235,8 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
         plan = make_plan(model, cluster, gpus, alt.config, alt.prediction, rationale=[f"alternative {i}: {alt.why_lost}"],
                          provenance={"command": req.command(), "profile": profile_path})
         add(name, "alternative", engine_for_distplan, alt.config, alt.prediction, plan)
+    if not baselines:
+        return plans, skipped
     for name, got in baseline_configs(model, cluster, gpus, case.global_batch, case.seq_len, profile,
                                       megatron_engine, transformer_engine).items():
         if isinstance(got, str):
@@ -731,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distplan-engine", default="torch", choices=("torch", "megatron", "deepspeed"),
                     help="the engine distplan's plan and its alternatives are solved for and run on")
     ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="run distplan's plan and its alternatives only (an engine's coverage, with --distplan-engine)")
     ap.add_argument("--check-numerics", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="run each plan that ran this many times (alternating order, "
                                                           "within the budget); rows take the median")
@@ -779,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=cluster,
                                  check_numerics=a.check_numerics, log=lambda m: print(m, flush=True), repeat=a.repeat,
                                  megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
-                                 engine_for_distplan=a.distplan_engine)
+                                 engine_for_distplan=a.distplan_engine, baselines=not a.no_baselines)
             except DistplanError as exc:
                 print(f"error: {name}: {exc}", file=sys.stderr)
                 rows.append({"case": name, "name": "distplan", "role": "distplan", "status": "refused", "why": str(exc)[:300]})

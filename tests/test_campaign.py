@@ -350,3 +350,6 @@ def test_distplan_solved_for_the_deepspeed_engine_runs_deepspeeds_plans(tmp_path
         cfg = load_plan(p.plan_path).parallel
         assert cfg.tp == 1 and (cfg.pp == 1 or cfg.zero_stage <= 1)  # what DeepSpeed's engine runs
     assert any(load_plan(p.plan_path).parallel.pp == 2 for p in mine)
+    none, _ = campaign.campaign_plans(campaign.CASES["llama-2-13b-small"], None, tmp_path / "alone", gpus=2,
+                                      cluster="h200-141gb", engine_for_distplan="deepspeed", baselines=False)
+    assert sorted(p.name for p in none) == sorted(p.name for p in mine)  # --no-baselines: distplan's plans alone
