@@ -373,7 +373,8 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
              **plan_kw) -> list[dict]:
     """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget.
 
-    `repeat` > 1: then run the plans that ran again, in alternating order, while the budget lasts; a row's measured
+    `repeat` > 1: then run again the plans measured within REPEAT_NEAR of another plan (`close_plans`), in alternating
+    order, while the budget lasts; a row's measured
     step time is the median of its runs (`measured_runs_s`), and the case's run-to-run spread is in `summarize`. Plans
     within a few percent of each other (gpt2-xl-large's data-parallel layouts: 2%) are ordered by that spread."""
     from planner.plan import load_plan
@@ -421,9 +422,12 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
             rows.append(_row(case_name, case, spec, None, "refused", str(exc)[:300]))
         log(f"  -> {rows[-1]['status']} measured {rows[-1].get('measured_step_time_s')} {rows[-1]['why']}")
 
+    near = close_plans({key: row["measured_step_time_s"] for key, (_, row) in ran.items()})
+    if repeat > 1:
+        log(f"repeats: {len(near)} of {len(ran)} plans measured within {100 * REPEAT_NEAR:.0f}% of another")
     for k in range(1, repeat):  # the repeats, in reverse order on odd passes, within the budget
         startup = startup_estimate(list(done.values()), STARTUP_S[device])
-        for spec, row in (reversed(list(ran.values())) if k % 2 else list(ran.values())):
+        for spec, row in (reversed([ran[key] for key in near]) if k % 2 else [ran[key] for key in near]):
             tag = f"  repeat {k + 1} of {case_name}/{spec.name}"
             if budget_need(startup, steps, warmup, spec.predicted_step_time_s, False) > left():
                 log(f"{tag}: skipped (budget, {left():.0f} s left)")
@@ -455,6 +459,20 @@ def _run_once(spec: PlanSpec, steps: int, warmup: int, left_s: float, report_pat
     run_plan(spec.plan_path, opts, out_path=report_path, tolerance=STEP_TOL_ALL, check_numerics=check_numerics,
              profile_path=profile_path)
     return yaml.safe_load(report_path.read_text())
+
+
+# --repeat runs again only the plans measured within this of another plan: their order is what run-to-run noise
+# can flip (gpt2-xl-large's data-parallel plans lay within 2% and one moved 2% between calls 13 and 15); plans
+# further apart keep their order, and their repeats would spend the budget the close ones need
+REPEAT_NEAR = 0.05
+
+
+def close_plans(measured: dict, near: float | None = None) -> list:
+    """The keys of `measured` (key -> measured step time, in run order) whose time the slower of it and another
+    plan's exceeds by at most `near` (default REPEAT_NEAR)."""
+    near = REPEAT_NEAR if near is None else near
+    return [k for k, t in measured.items()
+            if any(j != k and max(t, u) / min(t, u) - 1 <= near for j, u in measured.items())]
 
 
 def add_repeat(row: dict, seconds: float, case: Case) -> None:
@@ -737,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baselines", action="store_true",
                     help="run distplan's plan and its alternatives only (an engine's coverage, with --distplan-engine)")
     ap.add_argument("--check-numerics", action="store_true")
-    ap.add_argument("--repeat", type=int, default=1, help="run each plan that ran this many times (alternating order, "
-                                                          "within the budget); rows take the median")
+    ap.add_argument("--repeat", type=int, default=1, help="run this many times each plan measured within 5%% of "
+                    "another (alternating order, within the budget); rows take the median")
     ap.add_argument("--dry-run", action="store_true", help="make the plans and print predictions; run nothing")
     ap.add_argument("--machine", default=None, help="names the report campaign_<machine>.md (default from the GPUs)")
     ap.add_argument("--need-profiles", action="store_true", help="print 'model seq_len' of cases with no profile; exit")
