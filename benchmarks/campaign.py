@@ -370,13 +370,17 @@ def _hints(report: dict, stage_times: dict[int, float] | None = None) -> list[st
 def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, steps: int | None = None,
              warmup: int | None = None, time_budget_s: float = 540.0, gpus: int = 2, dry_run: bool = False,
              check_numerics: bool = False, clock=time.monotonic, log=lambda msg: None, repeat: int = 1,
-             **plan_kw) -> list[dict]:
+             measured: dict | None = None, **plan_kw) -> list[dict]:
     """Make the plans of one case and run each (distplan, baselines, then alternatives) within the budget.
 
     `repeat` > 1: then run again the plans measured within REPEAT_NEAR of another plan (`close_plans`), in alternating
-    order, while the budget lasts; a row's measured
-    step time is the median of its runs (`measured_runs_s`), and the case's run-to-run spread is in `summarize`. Plans
-    within a few percent of each other (gpt2-xl-large's data-parallel layouts: 2%) are ordered by that spread."""
+    order, while the budget lasts; a row's measured step time is the median of its runs (`measured_runs_s`), and the
+    case's run-to-run spread is in `summarize`. Plans within a few percent of each other (gpt2-xl-large's
+    data-parallel layouts: 2%) are ordered by that spread.
+
+    `measured` ((case, engine, config) -> (row, call), from `measured_runs`): a plan an earlier call of this machine
+    ran is not run again; its row carries that measurement beside today's prediction (`measured_in`), as the merge
+    does for a plan skipped for time, so a re-run after a fix spends its time on the plans it has not measured."""
     from planner.plan import load_plan
 
     start = clock()
@@ -402,6 +406,10 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
             rows.append(_row(case_name, case, spec, None, "dry-run"))
             continue
         key = (spec.engine, load_plan(spec.plan_path).digest())
+        if measured and (case_name, spec.engine, spec.config) in measured:
+            rows.append(_carried(_row(case_name, case, spec, None, "skipped", "measured earlier (--measured)"), measured))
+            log(f"  -> measured in {rows[-1]['measured_in']}: {rows[-1]['measured_step_time_s']} s, not run again")
+            continue
         if key in done:
             rows.append(_row(case_name, case, spec, done[key], "ran", "same plan and engine as an earlier run: reused"))
             reused.append((rows[-1], key))
@@ -626,7 +634,8 @@ def merge_rows(calls: list[list[dict]], names: list[str] | None = None) -> list[
 def _carried(row: dict, measured: dict[tuple, tuple[dict, str]]) -> dict:
     """merge_rows: a budget-skipped row with an earlier measurement of its plan, else the row itself."""
     key = (row["case"], row.get("engine"), row.get("config"))
-    if row.get("status") != "skipped" or not str(row.get("why", "")).startswith("budget") or key not in measured:
+    carried = str(row.get("why", "")).startswith(("budget", "measured earlier"))
+    if row.get("status") != "skipped" or not carried or key not in measured:
         return row
     src, call = measured[key]
     out = {**row, **{k: src[k] for k in ("measured_step_time_s", "measured_tokens_per_s", "peak_allocated_gib",
@@ -636,6 +645,17 @@ def _carried(row: dict, measured: dict[tuple, tuple[dict, str]]) -> dict:
     peak = out.get("peak_allocated_gib")
     out["memory_error"] = peak / pred_mem - 1 if peak and pred_mem else src.get("memory_error")
     out.update(status="ran", measured_in=call, why=f"measured in {call}; skipped here ({row['why']})")
+    return out
+
+
+def measured_runs(rows_files: list[str]) -> dict[tuple, tuple[dict, str]]:
+    """(case, engine, config) -> (row, call) of every plan that ran in these rows.json files (the call is the
+    file's folder name; a later file's run of a plan replaces an earlier one's)."""
+    out: dict[tuple, tuple[dict, str]] = {}
+    for f in rows_files:
+        for r in json.loads(Path(f).read_text()):
+            if r.get("status") == "ran" and r.get("measured_step_time_s") and not r.get("measured_in"):
+                out[(r["case"], r.get("engine"), r.get("config"))] = (r, Path(f).parent.name)
     return out
 
 
@@ -754,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transformer-engine", action="store_true", help="Megatron baseline with TE (flash attention, SP)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="run distplan's plan and its alternatives only (an engine's coverage, with --distplan-engine)")
+    ap.add_argument("--measured", nargs="+", default=None, metavar="ROWS_JSON",
+                    help="rows.json files of earlier calls on this machine: plans they ran are not run again; their "
+                         "rows carry that measurement beside today's prediction")
     ap.add_argument("--check-numerics", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="run this many times each plan measured within 5%% of "
                     "another (alternating order, within the budget); rows take the median")
@@ -802,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_case(name, prof, out, a.steps, a.warmup, left, gpus=gpus, dry_run=a.dry_run, cluster=cluster,
                                  check_numerics=a.check_numerics, log=lambda m: print(m, flush=True), repeat=a.repeat,
                                  megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
-                                 engine_for_distplan=a.distplan_engine, baselines=not a.no_baselines)
+                                 engine_for_distplan=a.distplan_engine, baselines=not a.no_baselines,
+                                 measured=measured_runs(a.measured) if a.measured else None)
             except DistplanError as exc:
                 print(f"error: {name}: {exc}", file=sys.stderr)
                 rows.append({"case": name, "name": "distplan", "role": "distplan", "status": "refused", "why": str(exc)[:300]})

@@ -8,7 +8,7 @@ the plan names, so the change is judged against every measurement at once, witho
 measurement: the measured columns are the runs' own, from the committed rows; the replayed prediction is only
 as independent as the model change was (say which runs motivated it when reporting).
 
-Usage: python3 benchmarks/replay.py [--results benchmarks/results/campaign_2xh200] [-o OUT.md]
+Usage: python3 benchmarks/replay.py [--results benchmarks/results/campaign_2xh200] [--every-row] [-o OUT.md]
 Each call directory holds rows.json and campaign.tar.gz (the plans). A case re-run by a later call keeps only
 the later call's rows (as `campaign.py --merge`).
 """
@@ -46,13 +46,17 @@ def _call_order(call: Path) -> tuple[int, str]:
     return (int(m.group(1)) if m else 0, call.name)
 
 
-def _latest_rows(results: Path) -> list[tuple[Path, dict]]:
+def _latest_rows(results: Path, merge: bool = True) -> list[tuple[Path, dict]]:
     """(call dir, row) of the rows that ran (or ran out of memory), each case from the last call that ran it
     (campaign.merge_rows, as `campaign.py --merge`), and every earlier out-of-memory run of a plan (case, engine,
     config) that no later call ran: a later call leaves a plan predicted not to fit unmade, and the replay
-    keeps checking the measurement that says so."""
+    keeps checking the measurement that says so. `merge` False: every call's rows (engine-coverage calls run one
+    case once per engine, campaign_2xh200/engines/)."""
     calls = sorted((p for p in results.iterdir() if (p / "rows.json").exists()), key=_call_order)
     tagged = [[{**row, "_call": call} for row in json.loads((call / "rows.json").read_text())] for call in calls]
+    if not merge:
+        return [(row.pop("_call"), row) for rows in tagged for row in rows
+                if row.get("status") in ("ran", "oom") and not row.get("measured_in")]
     latest = [row for row in merge_rows(tagged) if row.get("status") in ("ran", "oom")]
     key = lambda r: (r["case"], r.get("engine"), r.get("config"))  # noqa: E731
     seen = {key(r) for r in latest}
@@ -93,14 +97,14 @@ def _find_profile(path: str, call_dir: Path, results_call: Path | None = None) -
     _fail(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
 
 
-def replay(results: Path, overrides: dict[str, list[Path]] | None = None) -> list[dict]:
+def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge: bool = True) -> list[dict]:
     """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model and
     sequence length match the plan's, where it was measured after the plan's own: facts.date_utc), e.g. a profile
-    re-measured after a profiler fix."""
+    re-measured after a profiler fix. `merge`: as _latest_rows."""
     rows = []
     overrides = overrides or {}
     with tempfile.TemporaryDirectory() as tmp:
-        for call, row in _latest_rows(results):
+        for call, row in _latest_rows(results, merge):
             dest = Path(tmp) / call.name
             if not dest.exists():
                 with tarfile.open(call / "campaign.tar.gz") as tar:
@@ -139,11 +143,12 @@ def _pct(predicted: float | None, measured: float | None) -> str:
     return f"{100 * (measured - predicted) / predicted:+.1f}%"
 
 
-def render(rows: list[dict], results: Path, overrides: list[str] | None = None) -> str:
+def render(rows: list[dict], results: Path, overrides: list[str] | None = None, every_row: bool = False) -> str:
     lines = [f"# Replay: {results.name} re-predicted with today's cost model",
              "", f"Machine: {platform.machine()}, Python {platform.python_version()}; date "
              f"{datetime.date.today().isoformat()}. Command: `python3 benchmarks/replay.py --results "
-             f"{results.relative_to(ROOT)}" + "".join(f" --profile {o}" for o in overrides or []) + "`.",
+             f"{results.relative_to(ROOT)}" + "".join(f" --profile {o}" for o in overrides or [])
+             + (" --every-row" if every_row else "") + "`.",
              "", "Measured: the run's median step time and peak allocated memory on its fullest GPU (from the committed "
              "rows; a case re-run by a later call keeps the later call's rows). Then: the prediction when it ran. Now: "
              "`predict` today, same plan, engine and profile. Errors: measured over predicted, as in the campaign. "
@@ -204,6 +209,8 @@ def main() -> None:
     ap.add_argument("--profile", action="append", default=[], metavar="ENGINE:PATH",
                     help="re-predict ENGINE's rows with this profile (matching model and sequence length) instead of "
                          "the plan's; repeatable")
+    ap.add_argument("--every-row", action="store_true",
+                    help="every call's rows, no merge by case (campaign_2xh200/engines: one case per engine)")
     args = ap.parse_args()
     results = args.results.resolve()
     overrides: dict[str, list[Path]] = {}
@@ -213,7 +220,7 @@ def main() -> None:
             _fail(f"replay: --profile {item!r}: expected ENGINE:PATH to an existing profile (ENGINE: torch, "
                   f"deepspeed, megatron)")
         overrides.setdefault(engine, []).append(Path(path))
-    text = render(replay(results, overrides), results, args.profile)
+    text = render(replay(results, overrides, merge=not args.every_row), results, args.profile, args.every_row)
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -31,6 +31,12 @@ OFFLOAD_PCIE_BYTES_PER_PARAM = 4  # bf16 gradient to host + bf16 updated weight 
 # the torch engine's MasterWeightsOptimizer around the AdamW step the profile measures on fp32 parameters:
 # bf16 gradient read (2) + fp32 gradient write (4), fp32 master read (4) + bf16 weight write (2)
 MASTER_CAST_BYTES_PER_PARAM = 12
+# DeepSpeed's BF16_Optimizer (bf16 without ZeRO; runtime/bf16_optimizer.py) around the same AdamW step: per
+# micro-batch each parameter's bf16 gradient is added into a flat bf16 accumulation buffer (read 2, read and write
+# 2 + 2); per step that buffer is cast to a fp32 gradient (2 + 4), the fp32 master copied back into the bf16
+# weight (4 + 2), and the buffer and the parameters' gradients zeroed (2 + 2)
+DS_BF16_ACCUMULATE_BYTES_PER_PARAM = 6
+DS_BF16_STEP_BYTES_PER_PARAM = 16
 
 
 # ---- communication primitives (ring algorithms, nccl-tests conventions) -----------------------

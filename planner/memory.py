@@ -96,6 +96,32 @@ def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
     return cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)
 
 
+def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weights: float, grads: float
+                      ) -> tuple[float, float]:
+    """(weights, gradients) bytes of the torch engine's FSDP2 (ZeRO >= 1) where they differ from ZeRO's accounting.
+
+    FSDP2 keeps fp32 parameter shards (the masters, counted in the optimizer's 12 bytes) and reduce-scatters
+    gradients into fp32 shards (torch's foreach_reduce casts them back to the parameter dtype). Between two
+    synchronisations it keeps each parameter's gradient unsharded, in bf16: over a step's m > 1 micro-batches
+    with pp = 1 (set_requires_gradient_sync(False) until the last), and with pp > 1 over every micro-batch,
+    as torch.distributed.pipelining defers the reduce-scatter and the resharding to the step's end
+    (PipelineStage: set_requires_gradient_sync(False), set_reshard_after_backward(False)). So:
+    - gradients accumulating: 2 bytes per unsharded parameter. A llama-2-13b dp2 ZeRO-1 plan at micro-batch 2 x 8
+      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (2xH200, call 19);
+    - ZeRO-3 with pp = 1: no bf16 weights outlive their layer (the gathered ones are the buffers), and a step
+      without accumulation ends with fp32 shards, 4/dp bytes; with pp > 1 the unsharded bf16 weights stay to
+      the step's end. ZeRO-1/2 keep ZeRO's accounting otherwise: their bf16 weights are freed layer by layer in
+      backward as the fp32 shards appear, which the 2 + 2/dp bytes bound (a 13B plan at micro-batch 4 x 1 with
+      its peak in backward measured -2.8%, call 17)."""
+    accumulating = cfg.pp > 1 or cfg.num_microbatches > 1
+    if cfg.zero_stage >= 3:
+        weights = WEIGHT_BYTES * params if cfg.pp > 1 else 0.0
+        grads = 4 * partition
+    if accumulating:
+        grads = max(grads, GRAD_BYTES * params)
+    return weights, grads
+
+
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     """Share of the predicted peak kept free for the caching allocator when checking fit: FRAGMENTATION, or
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""
@@ -241,6 +267,8 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     partition = dense / shard + expert / expert_shard  # parameters of this GPU's ZeRO partition
     weights = WEIGHT_BYTES * (dense / (shard if z >= 3 else 1) + expert / (expert_shard if z >= 3 else 1))
     grads = GRAD_BYTES * (dense / (shard if gz >= 2 else 1) + expert / (expert_shard if gz >= 2 else 1))
+    if engine == "torch" and torch_engine_fsdp(cfg) and z >= 1:
+        weights, grads = torch_fsdp_states(cfg, dense + expert, partition, weights, grads)
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
     b, s = cfg.micro_batch_size, cfg.seq_len
@@ -279,7 +307,16 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     else:
         buffers = float(DDP_BUCKET_BYTES)
     step = 0.0
-    if engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
+    if engine == "deepspeed" and z == 0:
+        # DeepSpeed without ZeRO in bf16 (its BF16_Optimizer; what its pipeline engine runs): a flat bf16 buffer the
+        # parameters' gradients are accumulated into after each backward (grad_acc_dtype bf16), allocated at start
+        # beside the parameters' own gradients, and in the step a fp32 copy of it handed to Adam
+        # (runtime/bf16_optimizer.py, step()). A llama-2-13b pp2 plan at 1 x 8 ran out of memory on its last stage
+        # (6.84e9 parameters) allocating Adam's second moment (25.43 GiB) with 115.16 GiB allocated: 18 bytes per
+        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (2xH200, call 20).
+        buffers += GRAD_BYTES * (dense + expert)
+        step = 4 * (dense + expert)
+    elif engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
         # DeepSpeed's step (stage_1_and_2.py, step()): the partition's bf16 gradients are flattened into a new
         # tensor and that copied to fp32 (2 + 4 bytes per partition parameter) while the gradient partition
         # lives; ZeRO-1 first frees the gradients outside its partition. A 13B ZeRO-2 run on 2xH200 ran out of

@@ -12,6 +12,8 @@ from typing import Callable
 from planner.cluster import Cluster
 from planner.costmodel import (
     ADAM_BYTES_PER_PARAM,
+    DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
+    DS_BF16_STEP_BYTES_PER_PARAM,
     MASTER_CAST_BYTES_PER_PARAM,
     OFFLOAD_PCIE_BYTES_PER_PARAM,
     BF16,
@@ -204,12 +206,22 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
 
         # once-per-step data-parallel sync and optimizer
         sync = 0.0
-        if dp_group > 1 and cfg.zero_stage <= 1:
+        if dp_group > 1 and cfg.zero_stage in (1, 2) and impl == "deepspeed":
+            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included). ZeRO-1 runs
+            # through the same optimizer as ZeRO-2 (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition
+            # copies, the all-gather of updated weights) and is charged its figures: gpt2-xl at 16 x 1 measured
+            # 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where ZeRO-1 charged as an all-reduce predicted 0.399 s
+            # (+20.4%; 2xH200, calls 20 and 10)
+            sync = profile.sharding_step_s(dp_group, dense + expert, impl) or 0.0
+        elif dp_group > 1 and cfg.zero_stage <= 1:
             # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
             coll = comm.time_s("all_reduce", dp_group, cfg.tp, dense * BF16)
             if expert:
                 coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
-            sync = _overlap(coll, bwd, slowdown) if cfg.overlap_grad_reduce else coll
+            # DeepSpeed without ZeRO all-reduces at the accumulation boundary, after the backward
+            # (engine.allreduce_gradients; its overlap_comm applies to ZeRO stages only)
+            overlapped = cfg.overlap_grad_reduce and not (engine == "deepspeed" and cfg.zero_stage == 0)
+            sync = _overlap(coll, bwd, slowdown) if overlapped else coll
             if ddp is not None and layers:
                 # measured: what DDP's bucketed all-reduce adds to the synchronising micro-batch of `layers` blocks
                 # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,
@@ -221,10 +233,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # DeepSpeed ZeRO-3's measured step beyond the plain AdamW step (profilers/sharding.measure_deepspeed)
             sync = profile.sharding_step_s(dp_group, dense + expert, impl, True) or 0.0
         elif dp_group > 1 and cfg.zero_stage == 2:
-            measured = profile.sharding_step_s(dp_group, dense + expert, impl) if impl == "deepspeed" else None
-            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included), else
             # the bandwidth model's all-gather of the updated weight shards
-            sync = measured if measured is not None else comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
+            sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
         if model.tie_embeddings and pp > 1 and rank in (0, pp - 1):
             # tied embedding gradients all-reduced between first and last stage (Megatron)
             sync += comm.time_s("all_reduce", 2, cfg.tp * cfg.cp * cfg.dp * (pp - 1),
@@ -243,6 +253,11 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # (parallelize.MasterWeightsOptimizer): gpt2-xl's DDP step measured 24 ms against 20 predicted
             # without this (2xH200, campaign of 2026-11-22), the 4.5 ms these 12 bytes/parameter take
             opt += memory_bound_time_s(cluster, opt_params * MASTER_CAST_BYTES_PER_PARAM)
+        if engine == "deepspeed" and cfg.zero_stage == 0 and not cfg.offload_optimizer:
+            # DeepSpeed's BF16_Optimizer's copies around the step (costmodel.DS_BF16_*): measured on GPU only with
+            # its pipeline engine (gpt2-xl pp2 at 8 x 4 within 0.7% before these 7 ms; 2xH200, call 20)
+            opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
+                                                                    + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
                  ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero_comm", z3))
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
@@ -271,11 +286,12 @@ def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
 
 
 def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
-    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-2 and ZeRO-3 where
-    the profile measured it (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
+    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-1/2 (its ZeRO-2
+    measurement: one optimizer, stage_1_and_2.py, runs both) and ZeRO-3 where the profile measured it
+    (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
     FSDP2's over blocks sharded that way where measured (profilers/tensor_parallel.measure_fsdp_tp: "fsdp2-tp<N>");
     FSDP2's over whole blocks otherwise."""
-    if (engine == "deepspeed" and cfg.zero_stage in (2, 3) and profile is not None
+    if (engine == "deepspeed" and cfg.zero_stage >= 1 and profile is not None
             and profile.sharding_fit(dp_group, cfg.zero_stage == 3, "deepspeed") is not None):
         return "deepspeed"
     if (engine == "torch" and cfg.tp > 1 and profile is not None
@@ -294,7 +310,7 @@ def _sharding_overhead_s(cfg: ParallelConfig, profile: Profile | None, dp_group:
     `tokens` tokens per micro-batch and rank; `sync` False: a micro-batch that accumulates its gradients
     without reducing them (ShardingFit.per_block_s).
     """
-    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch")
+    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine in ("torch", "deepspeed"))
     if profile is None or not sharded or dp_group <= 1:
         return None
     impl = _sharding_impl(cfg, profile, dp_group, engine)

