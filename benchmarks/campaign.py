@@ -301,6 +301,9 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
         first = next((f for f in fails if f.get("primary")), fails[0])
         row["status"], row["why"] = ("oom" if row["oom"] else "failed"), f"rank {first['rank']}: {first['reason']}"[:300]
     row["wall_s"] = report.get("wall_time_s")
+    num = report.get("numerics") or {}
+    if num.get("checked"):  # --check-numerics: the parallel losses against the single-process reference
+        row["numerics"] = {k: num.get(k) for k in ("passed", "dtype", "max_rel_error")}
     row["hints"] = _hints(report, _stage_times(spec.plan_path))
     return row
 

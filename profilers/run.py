@@ -81,6 +81,11 @@ class Plan:
         return ceilings + comm_points + sharding_points + layers + 1  # + fits
 
 
+# a full profile on GPUs times micro-batches up to at least this many tokens: above its largest point the cost model
+# scales time in proportion to tokens (LayerFit.time_s), which misses what larger kernels gain. gpt2-xl's DDP plan
+# at 32 x 4 (1024 tokens) ran 3.05 s and at 16 x 8 3.14-3.15 s where both were predicted 3.152 s from points up to
+# micro-batch 16, and the solver picked the slower one (2xH200, call 21)
+FULL_PROFILE_TOKENS = 32768
 QUICK_SHARDING_TOKENS = 16384  # --quick on GPUs: tokens of the largest micro-batch the sharding stacks run
 
 
@@ -118,6 +123,8 @@ def plan_profile(req: ProfileRequest) -> Plan:
     q = req.quick
     if cuda:
         mbs = (1, 2, 4, 8) if q else (1, 2, 4, 8, 16)  # up to where large layers are compute-bound
+        while not q and mbs[-1] * 2 * seq_len <= FULL_PROFILE_TOKENS:
+            mbs += (mbs[-1] * 2,)
         cs = compute.ComputeSettings(micro_batches=mbs, warmup=2 if q else 3, repeats=3 if q else 5,
                                      point_budget_s=2.0, recompute=not q)
         sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB, 256 * comm.MIB, comm.GIB) if q else \

@@ -24,7 +24,7 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("model,seq,quick,ends", [("llama-2-13b", 4096, True, (1, 4)), ("gpt2-xl", 1024, True, (1, 8)),
-                                                  ("llama-2-13b", 4096, False, (1, 16))])
+                                                  ("llama-2-13b", 4096, False, (1, 16)), ("gpt2-xl", 1024, False, (1, 32))])
 def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, quick, ends):
     """--quick on GPUs: the sharding stacks stop at 16384 tokens (llama-2-13b's quick profile took 66.5 s on
     2xH200 with micro-batch 8, past the 1-minute target); a full profile measures up to its largest micro-batch."""
@@ -37,14 +37,15 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     monkeypatch.setattr(megatron_layer, "available", lambda spec, device: "not here")
     plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
     assert plan.cuda and plan.comm.sharding.micro_batches == ends
-    assert plan.compute.micro_batches[-1] == (8 if quick else 16)
+    # a full profile reaches 32768 tokens per micro-batch (gpt2-xl: micro-batch 32), and micro-batch 16 at least
+    assert plan.compute.micro_batches[-1] == (8 if quick else max(16, 32768 // seq))
     assert plan.compute.skip_kinds == () and not plan.megatron
     # where megatron-core's layer is measured, --quick leaves out the stand-in unfused attention core
     monkeypatch.setattr(megatron_layer, "available", lambda spec, device: None)
     plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda"))
     assert plan.megatron and plan.compute.skip_kinds == (("attention_unfused",) if quick else ())
     # and its layer at the smallest and largest micro-batch only; the sharding stacks with 2 trials
-    assert run.megatron_settings(plan).micro_batches == ((1, 8) if quick else (1, 2, 4, 8, 16))
+    assert run.megatron_settings(plan).micro_batches == ((1, 8) if quick else plan.compute.micro_batches)
     assert plan.comm.sharding.trials == (2 if quick else plan.compute.repeats)
     # the pipelining runtime: --quick measures the interleaved schedule only (1F1B's operations cost ~0 there)
     assert plan.comm.sharding.pipeline_schedules == (("interleaved",) if quick else ("1f1b", "interleaved"))
