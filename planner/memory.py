@@ -308,13 +308,15 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         buffers = float(DDP_BUCKET_BYTES)
     step = 0.0
     if engine == "deepspeed" and z == 0:
-        # DeepSpeed without ZeRO in bf16 (its BF16_Optimizer; what its pipeline engine runs): a flat bf16 buffer the
+        # DeepSpeed without ZeRO in bf16. Its pipeline engine runs BF16_Optimizer: a flat bf16 buffer the
         # parameters' gradients are accumulated into after each backward (grad_acc_dtype bf16), allocated at start
         # beside the parameters' own gradients, and in the step a fp32 copy of it handed to Adam
         # (runtime/bf16_optimizer.py, step()). A llama-2-13b pp2 plan at 1 x 8 ran out of memory on its last stage
         # (6.84e9 parameters) allocating Adam's second moment (25.43 GiB) with 115.16 GiB allocated: 18 bytes per
-        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (2xH200, call 20).
-        buffers += GRAD_BYTES * (dense + expert)
+        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (2xH200, call 20). Without a pipeline it runs FP16_UnfusedOptimizer
+        # (engine._do_optimizer_sanity_check: DDP_BFLOAT16), which copies each gradient to fp32 in the step only.
+        if cfg.pp > 1:
+            buffers += GRAD_BYTES * (dense + expert)
         step = 4 * (dense + expert)
     elif engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
         # DeepSpeed's step (stage_1_and_2.py, step()): the partition's bf16 gradients are flattened into a new

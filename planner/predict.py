@@ -253,9 +253,11 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # (parallelize.MasterWeightsOptimizer): gpt2-xl's DDP step measured 24 ms against 20 predicted
             # without this (2xH200, campaign of 2026-11-22), the 4.5 ms these 12 bytes/parameter take
             opt += memory_bound_time_s(cluster, opt_params * MASTER_CAST_BYTES_PER_PARAM)
-        if engine == "deepspeed" and cfg.zero_stage == 0 and not cfg.offload_optimizer:
-            # DeepSpeed's BF16_Optimizer's copies around the step (costmodel.DS_BF16_*): measured on GPU only with
-            # its pipeline engine (gpt2-xl pp2 at 8 x 4 within 0.7% before these 7 ms; 2xH200, call 20)
+        if engine == "deepspeed" and cfg.zero_stage == 0 and pp > 1 and not cfg.offload_optimizer:
+            # DeepSpeed's pipeline engine runs BF16_Optimizer: its copies around the step (costmodel.DS_BF16_*).
+            # gpt2-xl pp2 at 8 x 4 measured 0.540 s: 0.536 predicted without these copies, 0.546 with (2xH200,
+            # call 20). Without a pipeline DeepSpeed's bf16 ZeRO-0 runs FP16_UnfusedOptimizer, which the solver
+            # leaves out (solvers.engines.modelled)
             opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
                                                                     + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),

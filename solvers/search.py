@@ -40,7 +40,7 @@ from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
-from solvers.engines import runnable
+from solvers.engines import modelled, runnable
 
 MAX_MICRO_BATCH = 64
 MAX_VPP = 8
@@ -128,7 +128,7 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                                             global_batch_size=global_batch, seq_len=seq_len, schedule=schedule,
                                             recompute=rec, flash_attention=flash_attention,
                                             overlap_grad_reduce=overlap_grad_reduce))
-    return [c for c in out if runnable(engine, c)] if engine != "any" else out
+    return [c for c in out if runnable(engine, c) and modelled(engine, c)] if engine != "any" else out
 
 
 def config_key(cfg: ParallelConfig) -> tuple:

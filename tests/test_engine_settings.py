@@ -64,3 +64,19 @@ def test_torch_pipeline_rule_is_torchs_own():
     assert ok(2, 2, "interleaved", 8) and ok(2, 4, "interleaved", 2)
     assert not ok(2, 5, "interleaved", 2) and not ok(4, 9, "interleaved", 2)  # 5 % 2, 9 % 2
     assert ok(2, 2, "1f1b") and not ok(2, 1, "1f1b") and not ok(4, 3, "1f1b") and ok(1, 1, "1f1b")
+
+
+def test_deepspeed_search_leaves_out_its_unfused_zero0_data_parallelism():
+    """DeepSpeed's bf16 ZeRO-0 over data parallelism runs its unfused fp16 optimizer, +44% over the model on 2xH200
+    (call 22): `solve --engine deepspeed` offers ZeRO >= 1 for data parallelism, and keeps ZeRO-0 where DeepSpeed's
+    pipeline engine (BF16_Optimizer) runs it; other engines keep ZeRO-0 data parallelism."""
+    from planner.job import ParallelConfig
+    from solvers.engines import modelled
+
+    assert not modelled("deepspeed", ParallelConfig(dp=2, zero_stage=0))
+    assert modelled("deepspeed", ParallelConfig(dp=2, zero_stage=1)) and modelled("deepspeed", ParallelConfig(pp=2))
+    assert modelled("torch", ParallelConfig(dp=2, zero_stage=0)) and modelled("megatron", ParallelConfig(dp=2))
+    result = solve(MODEL, CLUSTER, 2, global_batch=32, seq_len=1024, top_k=8, engine="deepspeed")
+    plans = [result.plan.parallel] + [a.config for a in result.alternatives]
+    assert all(c.zero_stage >= 1 or c.dp == 1 for c in plans)
+    assert any(c.dp == 2 for c in plans)
