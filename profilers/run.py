@@ -123,6 +123,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
     q = req.quick
     if cuda:
         mbs = (1, 2, 4, 8) if q else (1, 2, 4, 8, 16)  # up to where large layers are compute-bound
+        stacks_top = mbs[-1]  # the sharding stacks' largest micro-batch (below)
         while not q and mbs[-1] * 2 * seq_len <= FULL_PROFILE_TOKENS:
             mbs += (mbs[-1] * 2,)
         cs = compute.ComputeSettings(micro_batches=mbs, warmup=2 if q else 3, repeats=3 if q else 5,
@@ -133,6 +134,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                trials=3 if q else 5)
     else:
         mbs = (1,) if q else (1, 2)
+        stacks_top = mbs[-1]
         cap = 0.5 * facts.host_memory_gib() * 2**30
         cs = compute.ComputeSettings(micro_batches=mbs, warmup=1, repeats=2 if q else 3, point_budget_s=3.0,
                                      recompute=not q, memory_cap_bytes=cap)
@@ -142,9 +144,14 @@ def plan_profile(req: ProfileRequest) -> Plan:
     if req.micro_batches:
         require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
         cs = replace(cs, micro_batches=tuple(sorted(req.micro_batches)))
+        stacks_top = max(req.micro_batches)  # the user's range: the stacks measure its ends
     # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in
-    # tokens whose ends are both measured (plans run at micro-batches far above the smallest two)
-    ends = tuple(sorted({cs.micro_batches[0], cs.micro_batches[-1]}))
+    # tokens whose ends are both measured (plans run at micro-batches far above the smallest two). The overhead falls
+    # steeply with tokens and then flattens, so a line to micro-batch 32 (gpt2-xl's 32768 tokens) put 3.4 ms per
+    # block at 16384 tokens where the stacks measure 1.0 (2xH200, calls 21-22): the stacks stop at micro-batch 16
+    # (FULL_PROFILE_TOKENS' extra micro-batches are for the layers' compute)
+    top = max([m for m in cs.micro_batches if m <= stacks_top] or [cs.micro_batches[0]])
+    ends = tuple(sorted({cs.micro_batches[0], top}))
     if q and cuda:
         # --quick: the larger end at most QUICK_SHARDING_TOKENS (each stack runs fwd+bwd per point and per
         # mode: llama-2-13b's quick profile at 4096 tokens took 66.5 s on 2xH200 with micro-batch 8, 29 s of
