@@ -28,7 +28,7 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
     rows = _rows()
     ran = [r for r in rows if r["status"] == "ran"]
     ooms = [r for r in rows if r["status"] == "oom"]
-    assert len(ran) >= 32 and len(ooms) >= 4
+    assert len(ran) >= 33 and len(ooms) >= 4
     misses = [(r["case"], r["plan"], r["measured_gib"], round(r["now_gib"], 1)) for r in ran
               if abs(r["measured_gib"] - r["now_gib"]) > 0.10 * r["now_gib"]]
     assert not misses
@@ -36,9 +36,9 @@ def test_every_measured_peak_is_predicted_within_10_percent_and_every_oom_does_n
 
 
 def test_step_times_stay_as_close_as_session_8_left_them():
-    """32 runs after session 8 (call 19 re-ran llama-2-13b-large with today's model: 4 plans, the 5th skipped for
-    time; calls 17-18 re-ran llama-3-8b-small, llama-2-13b-small and llama-3-8b-large's distplan plan; the large
-    case's baselines are call 12's measurements of the same plans): every one within 10% and 28 within 5%, the
+    """33 runs after session 8 (calls 19 and 22 re-ran llama-2-13b-large with today's model; calls 21-22
+    gpt2-xl-large; calls 17-18 re-ran llama-3-8b-small, llama-2-13b-small and llama-3-8b-large's distplan plan; the large
+    case's baselines are call 12's measurements of the same plans): every one within 10% and 29 within 5%, the
     chosen plans within 5% (llama-2-13b-large +3.2% the farthest). Before session 7's fixes FSDP2 ZeRO-3 on
     llama-3-8b at 1 x 4 ran 13% under its prediction (every micro-batch charged the synchronising one's sharding
     cost) and the 13B tp2 plans +24% and +17%. A change that loses any of these fails here."""
@@ -50,20 +50,18 @@ def test_step_times_stay_as_close_as_session_8_left_them():
     def misses(tol):
         return [(r["case"], r["plan"], r["step_measured_s"], round(r["step_now_s"], 3)) for r in ran if not within(r, tol)]
 
-    assert len(ran) >= 32 and all(within(r, 0.10) for r in ran), misses(0.10)
-    assert sum(within(r, 0.05) for r in ran) >= 28, misses(0.05)
+    assert len(ran) >= 33 and all(within(r, 0.10) for r in ran), misses(0.10)
+    assert sum(within(r, 0.05) for r in ran) >= 29, misses(0.05)
     assert all(within(r, 0.05) for r in ran if r["plan"] == "distplan"), misses(0.05)
 
 
-def test_the_predicted_order_of_plans_stays_as_session_7_left_it():
+def test_the_predicted_order_of_plans_stays_as_session_8_left_it():
     """Spearman of predicted against measured step times per case (the campaign's >= 0.9 target) with today's
-    model: 1.0 in four cases, gpt2-xl-small 0.943 and gpt2-xl-large 0.647, whose four data-parallel plans
-    measured within 2% of each other (3.11-3.17 s), within one plan's spread between calls (FSDP2: 3.11, 3.14,
-    3.17 s)."""
+    model: 1.0 in four cases, gpt2-xl-small 0.943 and gpt2-xl-large 0.941. gpt2-xl-large's data-parallel plans
+    measured within 4% of each other (3.05-3.18 s); until its profile timed micro-batch 32 (call 22) DDP at 32 x 4
+    and at 16 x 8 were predicted alike where they ran 3% apart, and Spearman was 0.647."""
     rho = {case: now for case, (_, _, now) in replay.case_spearman(_rows()).items()}
-    assert all(rho[c] >= 0.9 for c in ("gpt2-xl-small", "llama-3-8b-small", "llama-3-8b-large", "llama-2-13b-small",
-                                       "llama-2-13b-large")), rho
-    assert rho["gpt2-xl-large"] >= 0.6, rho
+    assert all(v >= 0.9 for v in rho.values()) and len(rho) == 6, rho
 
 
 ENGINES = RESULTS / "engines"  # issue 6's engine coverage: distplan's plans solved for and run on one engine
