@@ -264,6 +264,7 @@ def profile(
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
     only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --only: the earlier profile (same model, sequence, dtype and machine) whose other phase is reused."),
+    stack_blocks: int = typer.Option(4, "--stack-blocks", help="Blocks in the sharding profiler's larger stack (FSDP2, DDP, DeepSpeed): more measure the per-block overhead with more signal and take longer."),
 ):
     """Measure per-layer compute, collectives and device ceilings on this node; write profile.yaml.
 
@@ -281,7 +282,8 @@ def profile(
     except ValueError:
         raise DistplanError(f"--micro-batches '{micro_batches}' must be comma-separated integers, e.g. 1,2,4,8") from None
     req = ProfileRequest(model=model, seq_len=seq_len, dtype=dtype, gpus_per_node=gpus_per_node, quick=quick,
-                         device=device, micro_batches=mbs, only=only, base=str(base) if base is not None else None)
+                         device=device, micro_batches=mbs, only=only, base=str(base) if base is not None else None,
+                         stack_blocks=stack_blocks)
     if err.is_terminal:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as bar:

@@ -42,6 +42,9 @@ class ProfileRequest:
     # same model, sequence length, dtype and machine; every fit is then made again from the merged points
     only: str | None = None
     base: str | None = None
+    # blocks in the sharding profiler's larger stack (profilers/sharding.py): the per-block figure is the difference
+    # to one block over stack - 1, so a longer stack measures it with more signal (and takes longer)
+    stack_blocks: int = 4
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,10 @@ def plan_profile(req: ProfileRequest) -> Plan:
         small = [m for m in cs.micro_batches if m * seq_len <= QUICK_SHARDING_TOKENS] or [cs.micro_batches[0]]
         ends = tuple(sorted({cs.micro_batches[0], small[-1]}))
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
+    require(req.stack_blocks >= 2, f"--stack-blocks {req.stack_blocks}: must be at least 2 (the per-block figure is "
+            f"the difference between the stack and one block)")
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
+                                                stack=req.stack_blocks,
                                                 warmup=1 if not cuda or q else 2, trials=2 if q else cs.repeats,
                                                 deepspeed=cuda and _installed("deepspeed"), ddp=not q,
                                                 deepspeed_stages=(2,) if q else (2, 3),

@@ -75,6 +75,7 @@ class ShardingSettings:
     pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
     pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
     tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
+    stack: int = STACK  # blocks in the larger FSDP2 / DDP / DeepSpeed stack (distplan profile --stack-blocks)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +163,7 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     mesh = DeviceMesh.from_group(group, device.type)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     points = []
-    for blocks in (1, STACK):
+    for blocks in (1, settings.stack):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         for reshard in (True, False):
             # fp32 shards (the masters, as in the engine), one fully_shard per block under a parameter-less root
@@ -252,7 +253,7 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     kind = "moe_block" if spec.is_moe else "block"
     world = dist.group.WORLD
     points = []
-    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, STACK)):
+    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, settings.stack)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())
@@ -293,8 +294,8 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
 def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
     """ShardingFit per (impl, group size, reshard_after_forward) from the raw points (lines: `_line`).
 
-    Per micro-batch: overhead(k blocks) = edge + k * per_block. With stacks of 1 and STACK blocks,
-    per_block = (overhead(STACK) - overhead(1)) / (STACK - 1) and edge = overhead(1) - per_block, each a
+    Per micro-batch: overhead(k blocks) = edge + k * per_block. With stacks of 1 and K blocks (STACK, or the
+    profile's --stack-blocks), per_block = (overhead(K) - overhead(1)) / (K - 1) and edge = overhead(1) - per_block, each a
     line in tokens (negative differences are noise around zero and count as 0). Points of an older
     profile (one block, no "blocks" key) give per_block = overhead(1) and no edge.
 
@@ -332,8 +333,9 @@ def _per_block_and_edge(pts: list[dict]):
     """(per-block line, edge line or None, tokens measured) of one kind of points (fit_sharding's docstring)."""
     by = {(p.get("blocks", 1), p["tokens"]): p["overhead_s"] for p in pts}
     tokens = sorted({t for _, t in by})
-    if all((STACK, t) in by for t in tokens):
-        per = [max((by[(STACK, t)] - by[(1, t)]) / (STACK - 1), 0.0) for t in tokens]
+    k = max(b for b, _ in by)  # the larger stack's blocks (STACK, or distplan profile --stack-blocks)
+    if k > 1 and all((k, t) in by and (1, t) in by for t in tokens):
+        per = [max((by[(k, t)] - by[(1, t)]) / (k - 1), 0.0) for t in tokens]
         edge = [max(by[(1, t)] - b, 0.0) for t, b in zip(tokens, per)]
         return _line(tokens, per), _line(tokens, edge), tokens
     return _line(tokens, [max(by[(1, t)], 0.0) for t in tokens]), None, tokens

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from planner.cluster import load_cluster
+from planner.errors import DistplanError
 from planner.job import ParallelConfig, validate_config
 from planner.model import load_model
 from planner.predict import predict
@@ -333,3 +334,19 @@ def test_fsdp2_over_tp_shards_round_trips_and_bad_impls_are_refused(tmp_path):
     z3 = replace(c, zero_stage=3)
     got3 = predict(model, CLUSTER, z3, prof, engine="torch")
     assert dict(got3.breakdown)["zero_comm"] == pytest.approx(m * model.num_layers * FITS[0].overhead(4 * 1024))
+
+
+def test_a_longer_stack_gives_the_same_lines_from_its_own_block_count():
+    """distplan profile --stack-blocks 8: points of stacks of 1 and 8 blocks fit per-block = (overhead(8) -
+    overhead(1)) / 7 and the edge, as stacks of 1 and 4 do with / 3; a stack size below 2 is refused (exit 2)."""
+    from profilers.run import ProfileRequest, plan_profile
+
+    for k in (4, 8):
+        pts = [{"group_size": 2, "reshard_after_forward": False, "blocks": b, "tokens": t, "overhead_s": 1e-3 + b * 2e-4}
+               for t in (1024, 16384) for b in (1, k)]
+        (fit,) = fit_sharding(pts)
+        assert fit.per_block_s(16384) == pytest.approx(2e-4) and fit.edge_s(1024) == pytest.approx(1e-3)
+    plan = plan_profile(ProfileRequest(model="gpt2", device="cpu", stack_blocks=8))
+    assert plan.comm.sharding.stack == 8
+    with pytest.raises(DistplanError, match="--stack-blocks 1"):
+        plan_profile(ProfileRequest(model="gpt2", device="cpu", stack_blocks=1))
