@@ -86,8 +86,8 @@ class Plan:
 
 # a full profile on GPUs times micro-batches up to at least this many tokens: above its largest point the cost model
 # scales time in proportion to tokens (LayerFit.time_s), which misses what larger kernels gain. gpt2-xl's DDP plan
-# at 32 x 4 (1024-token sequences) ran 3.05 s and at 16 x 8 3.14-3.15 s where both were predicted 3.152 s from points up to
-# micro-batch 16, and the solver picked the slower one (2xH200, call 21)
+# at 32 x 4 (1024-token sequences) ran 3.05 s and at 16 x 8 3.14-3.15 s where both were predicted 3.152 s from
+# points up to micro-batch 16, and the solver picked the slower one (2xH200, call 21)
 FULL_PROFILE_TOKENS = 32768
 QUICK_SHARDING_TOKENS = 16384  # --quick on GPUs: tokens of the largest micro-batch the sharding stacks run
 
