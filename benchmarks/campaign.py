@@ -651,12 +651,25 @@ def _carried(row: dict, measured: dict[tuple, tuple[dict, str]]) -> dict:
     return out
 
 
+def read_rows(path: str) -> list[dict]:
+    """The rows of a campaign call's rows.json; DistplanError naming the file where it is missing or not rows."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise DistplanError(f"{path}: cannot read it ({exc.strerror}); expected a campaign call's rows.json") from None
+    except ValueError as exc:
+        raise DistplanError(f"{path}: not JSON ({exc}); expected a campaign call's rows.json") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "case" in r for r in rows):
+        raise DistplanError(f"{path}: not a list of campaign rows (each with a 'case'); expected a call's rows.json")
+    return rows
+
+
 def measured_runs(rows_files: list[str]) -> dict[tuple, tuple[dict, str]]:
     """(case, engine, config) -> (row, call) of every plan that ran in these rows.json files (the call is the
     file's folder name; a later file's run of a plan replaces an earlier one's)."""
     out: dict[tuple, tuple[dict, str]] = {}
     for f in rows_files:
-        for r in json.loads(Path(f).read_text()):
+        for r in read_rows(f):
             if r.get("status") == "ran" and r.get("measured_step_time_s") and not r.get("measured_in"):
                 out[(r["case"], r.get("engine"), r.get("config"))] = (r, Path(f).parent.name)
     return out
@@ -794,6 +807,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeat < 1:
         print(f"error: --repeat {a.repeat}: must be at least 1 (runs per plan)", file=sys.stderr)
         return 2
+    try:  # the earlier calls' rows, read before anything runs
+        measured = measured_runs(a.measured) if a.measured else None
+        merged = [read_rows(f) for f in a.merge] if a.merge else None
+    except DistplanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     names = [c for c in a.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
     if unknown:
@@ -812,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if a.merge:
-        rows = merge_rows([json.loads(Path(f).read_text()) for f in a.merge], [Path(f).parent.name for f in a.merge])
+        rows = merge_rows(merged, [Path(f).parent.name for f in a.merge])
         measured_on = merged_environment(a.merge)
         if measured_on:
             env = measured_on  # the machine the rows were measured on, not the one merging them
@@ -829,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                                  check_numerics=a.check_numerics, log=lambda m: print(m, flush=True), repeat=a.repeat,
                                  megatron_engine=a.megatron_engine, transformer_engine=a.transformer_engine,
                                  engine_for_distplan=a.distplan_engine, baselines=not a.no_baselines,
-                                 measured=measured_runs(a.measured) if a.measured else None)
+                                 measured=measured)
             except DistplanError as exc:
                 print(f"error: {name}: {exc}", file=sys.stderr)
                 rows.append({"case": name, "name": "distplan", "role": "distplan", "status": "refused", "why": str(exc)[:300]})

@@ -397,3 +397,17 @@ def test_plans_measured_in_an_earlier_call_are_carried_not_run_again(tmp_path, m
     with pytest.raises(RuntimeError, match="launched"):
         campaign.run_case("tiny", None, tmp_path / "new", measured={("other", "torch", "x"): ({}, "c")},
                           megatron_engine="torch")
+
+
+def test_unreadable_rows_files_are_one_line_errors(tmp_path, capsys):
+    """--measured and --merge read earlier calls' rows.json: a missing file, one that is not JSON and JSON that is
+    not campaign rows each give one line naming the file and exit 2, before anything runs."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("[")
+    other = tmp_path / "other.json"
+    other.write_text("[1]")
+    for args in (["--measured", str(tmp_path / "none.json")], ["--measured", str(bad)], ["--merge", str(other)]):
+        assert campaign.main(["--cases", "tiny", "--dry-run", "--out", str(tmp_path / "out"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and args[1] in err
+    assert not (tmp_path / "out" / "rows.json").exists()
