@@ -628,10 +628,15 @@ def merge_rows(calls: list[list[dict]], names: list[str] | None = None) -> list[
         call = names[i] if names else f"call {i + 1}"
         for case in dict.fromkeys(r["case"] for r in rows):
             by_case[case] = [_carried(r, measured) for r in rows if r["case"] == case]
-        for r in rows:
-            if r.get("status") == "ran" and r.get("measured_step_time_s"):
-                measured[(r["case"], r.get("engine"), r.get("config"))] = (r, call)
+        measured.update(_own_runs(rows, call))
     return [r for rows in by_case.values() for r in rows]
+
+
+def _own_runs(rows: list[dict], call: str) -> dict[tuple, tuple[dict, str]]:
+    """(case, engine, config) -> (row, call) of the plans these rows ran themselves (a row carried from an earlier
+    call, `measured_in`, is that call's run, not this one's)."""
+    return {(r["case"], r.get("engine"), r.get("config")): (r, call) for r in rows
+            if r.get("status") == "ran" and r.get("measured_step_time_s") and not r.get("measured_in")}
 
 
 def _carried(row: dict, measured: dict[tuple, tuple[dict, str]]) -> dict:
@@ -669,9 +674,7 @@ def measured_runs(rows_files: list[str]) -> dict[tuple, tuple[dict, str]]:
     file's folder name; a later file's run of a plan replaces an earlier one's)."""
     out: dict[tuple, tuple[dict, str]] = {}
     for f in rows_files:
-        for r in read_rows(f):
-            if r.get("status") == "ran" and r.get("measured_step_time_s") and not r.get("measured_in"):
-                out[(r["case"], r.get("engine"), r.get("config"))] = (r, Path(f).parent.name)
+        out.update(_own_runs(read_rows(f), Path(f).parent.name))
     return out
 
 
