@@ -206,13 +206,13 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
 
         # once-per-step data-parallel sync and optimizer
         sync = 0.0
-        if dp_group > 1 and cfg.zero_stage in (1, 2) and impl == "deepspeed":
-            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included). ZeRO-1 runs
-            # through the same optimizer as ZeRO-2 (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition
-            # copies, the all-gather of updated weights) and is charged its figures: gpt2-xl at 16 x 1 measured
-            # 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where ZeRO-1 charged as an all-reduce predicted 0.399 s
-            # (+20.4%; 2xH200, calls 20 and 10)
-            sync = profile.sharding_step_s(dp_group, dense + expert, impl) or 0.0
+        if dp_group > 1 and impl == "deepspeed":
+            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included; ZeRO-3's
+            # its own, profilers/sharding.measure_deepspeed). ZeRO-1 runs through the same optimizer as ZeRO-2
+            # (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition copies, the all-gather of updated weights)
+            # and is charged its figures: gpt2-xl at 16 x 1 measured 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where
+            # ZeRO-1 charged as an all-reduce predicted 0.399 s (+20.4%; 2xH200, calls 20 and 10)
+            sync = profile.sharding_step_s(dp_group, dense + expert, impl, cfg.zero_stage >= 3) or 0.0
         elif dp_group > 1 and cfg.zero_stage <= 1:
             # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
             coll = comm.time_s("all_reduce", dp_group, cfg.tp, dense * BF16)
@@ -229,9 +229,6 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                 emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
                 sync = (layers * ddp.per_block_s(tokens) + ddp.edge_s(tokens)
                         + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
-        elif dp_group > 1 and cfg.zero_stage >= 3 and impl == "deepspeed":
-            # DeepSpeed ZeRO-3's measured step beyond the plain AdamW step (profilers/sharding.measure_deepspeed)
-            sync = profile.sharding_step_s(dp_group, dense + expert, impl, True) or 0.0
         elif dp_group > 1 and cfg.zero_stage == 2:
             # the bandwidth model's all-gather of the updated weight shards
             sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
