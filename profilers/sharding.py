@@ -295,8 +295,8 @@ def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
     """ShardingFit per (impl, group size, reshard_after_forward) from the raw points (lines: `_line`).
 
     Per micro-batch: overhead(k blocks) = edge + k * per_block. With stacks of 1 and K blocks (STACK, or the
-    profile's --stack-blocks), per_block = (overhead(K) - overhead(1)) / (K - 1) and edge = overhead(1) - per_block, each a
-    line in tokens (negative differences are noise around zero and count as 0). Points of an older
+    profile's --stack-blocks), per_block = (overhead(K) - overhead(1)) / (K - 1) and edge = overhead(1) - per_block,
+    each a line in tokens (negative differences are noise around zero and count as 0). Points of an older
     profile (one block, no "blocks" key) give per_block = overhead(1) and no edge.
 
     FSDP2 points with "sync" False (a gradient-accumulating micro-batch) give the same lines as `accumulate`
