@@ -328,15 +328,29 @@ def _worker(rank: int, world: int, init_file: str, cuda: bool, settings: CommSet
         raw = _Rank(rank, world, device, settings, report).run()
         if rank == 0:
             q.put(("result", raw))
-        dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - the parent turns it into a DistplanError
         q.put(("error", f"rank {rank}: {traceback.format_exc()}"))
         raise SystemExit(1)
+    # every rank is done (run() ends on a barrier): exit without tearing the groups down, as destroy_process_group
+    # did not return after the FSDP2 x TP points' 2D meshes on 8x H200 (session 9); the queue is flushed first
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
+# Seconds the parent waits for the ranks to exit once rank 0's result is in, then stops them: on 8x H200 (session 9)
+# the ranks did not exit after the FSDP2 x TP points (2D device meshes), and joining them one by one with 60 s each
+# held a llama-3-8b --quick profile past its 300 s limit (as likely on 4x H200 in session 7, 4 x 60 = its 240 s)
+EXIT_GRACE_S = 20.0
+# a rank's progress message at least this often: the longest single point (DeepSpeed's engine start with its
+# first ZeRO-2 op build) takes about 2 minutes; silence beyond this names the last point measured
+STALL_S = 300.0
 
 
 def measure_spawned(world: int, cuda: bool, settings: CommSettings, on_point: Callable[[str], None] = lambda _: None,
-                    timeout_s: float = 900.0) -> dict:
-    """Start `world` local processes, measure, and return rank 0's raw results."""
+                    timeout_s: float = 900.0, stall_s: float = STALL_S) -> dict:
+    """Start `world` local processes, measure, and return rank 0's raw results. DistplanError where a rank fails,
+    exits, falls silent for `stall_s` (naming the last point) or the whole takes over `timeout_s`."""
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="distplan-comm-") as tmp:
@@ -346,13 +360,18 @@ def measure_spawned(world: int, cuda: bool, settings: CommSettings, on_point: Ca
         for p in procs:
             p.start()
         result, deadline = None, time.monotonic() + timeout_s
+        last, last_at = "the start", time.monotonic()
         try:
             while result is None:
                 try:
                     kind, payload = q.get(timeout=1.0)
                 except queue.Empty:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise DistplanError(f"communication profiling took over {timeout_s:.0f} s; stopped") from None
+                    if now - last_at > stall_s:
+                        raise DistplanError(f"communication profiling made no progress for {stall_s:.0f} s after "
+                                            f"{last}; stopped") from None
                     dead = [p for p in procs if p.exitcode not in (None, 0)]
                     if dead:
                         raise DistplanError(f"communication profiling: process {procs.index(dead[0])} exited with "
@@ -360,19 +379,29 @@ def measure_spawned(world: int, cuda: bool, settings: CommSettings, on_point: Ca
                     continue
                 if kind == "progress":
                     on_point(payload)
+                    last, last_at = payload, time.monotonic()
                 elif kind == "error":
                     raise DistplanError(f"communication profiling failed on {payload.strip().splitlines()[-1]} "
                                         f"({payload.splitlines()[0]})")
                 else:
                     result = payload
-            for p in procs:
-                p.join(timeout=60)
         finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=10)
+            reap(procs, EXIT_GRACE_S if result is not None else 0.0)
     return result
+
+
+def reap(procs: list, grace_s: float) -> None:
+    """Wait up to `grace_s` in all for `procs` to exit, then stop the rest (SIGTERM, then SIGKILL)."""
+    end = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def launched() -> bool:

@@ -105,6 +105,42 @@ def test_two_simulated_nodes_measure_the_inter_node_tier():
     assert link is not None and link.bus_bandwidth_gb_s > 0
 
 
+def _hang() -> None:  # a rank that never exits (as after the FSDP2 x TP points on 8x H200, session 9)
+    import time
+
+    while True:
+        time.sleep(1)
+
+
+def test_reap_stops_ranks_that_do_not_exit_within_the_grace():
+    """The parent waits EXIT_GRACE_S in all, not 60 s per rank (4 x 60 s held a 4xH200 profile past its limit)."""
+    import time
+
+    import torch
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hang, daemon=True) for _ in range(4)]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    comm.reap(procs, grace_s=1.0)
+    assert time.monotonic() - t0 < 1.0 + 4 * 1.0  # the grace, then SIGTERM takes each at once
+    assert all(not p.is_alive() and p.exitcode not in (None, 0) for p in procs)
+
+
+def test_spawned_ranks_exit_on_their_own_once_rank_0_reported(monkeypatch):
+    """The workers flush rank 0's result and exit without tearing the groups down: none is left to stop."""
+    import time
+
+    monkeypatch.setattr(comm, "EXIT_GRACE_S", 300.0)  # a rank hung at exit would hold the parent this long
+    settings = comm.CommSettings(sizes_bytes=(64 * comm.KIB,), group_sizes=(2,), ops=("all_reduce",),
+                                 warmup=1, trials=1, max_iters=2, overlap=False)
+    t0 = time.monotonic()
+    raw = comm.measure_spawned(2, False, settings)
+    assert [p["op"] for p in raw["points"]] == ["all_reduce"] and raw["points"][0]["time_s"] > 0
+    assert time.monotonic() - t0 < 120.0
+
+
 def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
     """The issue's CI flow: profile gpt2 on the CPU, then plan 2 'GPUs' of this machine with it."""
     path = tmp_path / "p.yaml"
