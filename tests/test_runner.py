@@ -296,6 +296,28 @@ def test_classify_names_the_failing_rank_its_step_and_why(tmp_path):
     assert "SIGKILL" in next(f.reason for f in failures if f.rank == 3)
 
 
+def test_ranks_that_wrote_their_results_but_do_not_exit_are_stopped_and_kept(tmp_path, monkeypatch):
+    """A rank hung in its teardown after writing rank<r>.json costs EXIT_GRACE_S, not the run's timeout."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from planner.runner import launch
+    from planner.runner.report import rank_result_to_dict
+
+    monkeypatch.setattr(launch, "EXIT_GRACE_S", 0.5)
+    for r in (0, 1):
+        (tmp_path / f"rank{r}.json").write_text(json.dumps(rank_result_to_dict(_result(r, 0, [0.1], [4.0]))))
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+             for _ in range(2)]
+    t0 = time.monotonic()
+    primary, killed, timed_out, reaped = launch._watch(procs, tmp_path, 60.0, 1, None)
+    assert time.monotonic() - t0 < 10.0 and reaped == {0, 1} and not killed and not timed_out and not primary
+    results, failures = launch._classify(procs, tmp_path, primary, killed, timed_out, 60.0, reaped)
+    assert [r.rank for r in results] == [0, 1] and failures == []
+
+
 def test_a_wrapped_out_of_memory_is_reported_as_oom_with_its_cause():
     """torch.distributed.pipelining re-raises a stage's OOM as RuntimeError("[Stage 4] failed to run forward:")."""
     import torch

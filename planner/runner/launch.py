@@ -9,6 +9,8 @@ rank<r>.json (RankResult), rank<r>.error.json (a failure record), rank<r>.progre
 A watchdog bounds the run: when a rank exits non-zero (an exception, an OOM, SIGKILL from the
 kernel's OOM killer) the others get GRACE_S to finish or fail on their own, then their process groups
 are killed; when `opts.timeout_s` passes, every rank still running is killed and reported as hung.
+Once every rank has written its result, the ranks get EXIT_GRACE_S to exit, then are stopped and their
+results kept (a process-group teardown that does not return costs seconds, not the run).
 Either way a report comes back (which rank, which step, why), it is written atomically, and the
 temporary folder is removed.
 """
@@ -38,6 +40,9 @@ from planner.runner.trace import ENV as TRACE_ENV
 
 WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
 GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
+# after every rank wrote its result, time they get to exit: distplan's communication profiler's ranks did not return
+# from destroy_process_group after 2D device meshes on 8x H200 (session 9), and a run must not wait its timeout so
+EXIT_GRACE_S = 20.0
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
 POLL_S = 0.1
 # a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
@@ -169,33 +174,39 @@ def _log_tail(tmp: Path, rank: int, lines: int = 15) -> str:
 
 
 def _watch(procs, tmp: Path, timeout_s: float, total_steps: int, on_progress: ProgressFn | None):
-    """Wait for the workers; returns (primary failed ranks, ranks killed by the watchdog, timed out?)."""
-    start, first_fail, primary = time.monotonic(), None, set()
+    """Wait for the workers; returns (primary failed ranks, ranks killed by the watchdog, timed out?, ranks stopped
+    after writing their results: EXIT_GRACE_S passed since the last one was written)."""
+    start, first_fail, primary, all_written = time.monotonic(), None, set(), None
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
-            return primary, set(), False
+            return primary, set(), False, set()
         now = time.monotonic()
         failed = {r for r, c in enumerate(codes) if c not in (None, 0)}
         if failed and first_fail is None:
             first_fail, primary = now, failed
         if first_fail is not None and now - first_fail > GRACE_S:
-            return primary, _kill(procs), False
+            return primary, _kill(procs), False, set()
+        if first_fail is None and all_written is None and all((tmp / f"rank{r}.json").exists() for r in range(len(procs))):
+            all_written = now
+        if all_written is not None and now - all_written > EXIT_GRACE_S:
+            return primary, set(), False, _kill(procs)
         if now - start > timeout_s:
-            return primary, _kill(procs), True
+            return primary, _kill(procs), True, set()
         if on_progress is not None:
             on_progress(max(0, min(_heartbeat(tmp, r) for r in range(len(procs)))), total_steps)
         time.sleep(POLL_S)
 
 
-def _classify(procs, tmp: Path, primary: set[int], killed: set[int], timed_out: bool, timeout_s: float):
+def _classify(procs, tmp: Path, primary: set[int], killed: set[int], timed_out: bool, timeout_s: float,
+              reaped: frozenset[int] | set[int] = frozenset()):
     results: list[RankResult] = []
     failures: list[Failure] = []
     first = min(primary) if primary else None
     for rank, proc in enumerate(procs):
         code, step = proc.returncode, _heartbeat(tmp, rank)
         ok_file, err_file = tmp / f"rank{rank}.json", tmp / f"rank{rank}.error.json"
-        if code == 0 and ok_file.exists():
+        if ok_file.exists() and (code == 0 or rank in reaped):
             results.append(rank_result_from_dict(json.loads(ok_file.read_text())))
             continue
         tail = _log_tail(tmp, rank)
@@ -252,8 +263,8 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     procs: list[subprocess.Popen] = []
     try:
         procs = _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type)
-        primary, killed, timed_out = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
-        results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s)
+        primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
+        results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s, reaped)
     finally:
         _kill(procs)  # no-op unless interrupted (KeyboardInterrupt) while they ran
         shutil.rmtree(tmp, ignore_errors=True)
