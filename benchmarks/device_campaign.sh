@@ -58,6 +58,9 @@ if [ "${FRESH:-0}" = 1 ] && [ "${RUN_WITHOUT_PROFILE:-0}" != 1 ]; then
     cases=$profiled
   fi
 fi
+if [ -z "$cases" ]; then  # 8xH200 call 1 (session 9) ran the campaign over no case after its profile stalled
+  echo "=== no case left to run: no campaign" >>"$log"; cat "$log"; exit 0
+fi
 
 # 2. the campaign, in what is left of the budget (BUDGET_S counts from the start of this script)
 left=$(( ${BUDGET_S:-500} - ($(date +%s) - t_start) ))

@@ -411,3 +411,18 @@ def test_unreadable_rows_files_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and args[1] in err
     assert not (tmp_path / "out" / "rows.json").exists()
+
+
+def test_nothing_ran_is_not_all_targets_met(tmp_path, capsys):
+    """No case, or a case whose plans all failed to run, checks no target: 'all targets met' is None, not True (8xH200
+    call 1 reported True over an empty campaign); --cases naming no case is a one-line error, exit 2."""
+    assert campaign.summarize([])["overall"] == {"ge_10pct_faster_in_one_case": None, "all_targets_met": None}
+    refused = {**_r("distplan", "distplan", None, None), "status": "refused", "step_time_error": None,
+               "memory_error": None}
+    assert campaign.summarize([refused])["overall"]["all_targets_met"] is None
+    missed = [_r("distplan", "distplan", 130, 120, 0.2)]
+    assert campaign.summarize(missed)["overall"]["all_targets_met"] is False
+    assert campaign.main(["--cases", "", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cases '' names no case") and "\n" not in err
+    assert not (tmp_path / "out").exists()
