@@ -81,6 +81,7 @@ class Cluster:
     links: tuple[tuple[str, Link], ...]
     efficiency: Efficiency
     max_nodes: int = 0  # 0: as many as asked for
+    host_memory_gib: float = 0.0  # CPU memory per node, for optimizer offload (0: unknown, not checked)
 
     def link(self, tier: str) -> Link:
         return dict(self.links)[tier]
@@ -89,6 +90,11 @@ class Cluster:
     def usable_memory_gib(self) -> float:
         return self.gpu.memory_gib - self.gpu.reserved_memory_gib
 
+    @property
+    def host_memory_gib_per_gpu(self) -> float:
+        """Each GPU's share of its node's CPU memory (0: unknown)."""
+        return self.host_memory_gib / self.gpus_per_node
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {
@@ -96,6 +102,7 @@ class Cluster:
             "name": self.name,
             "gpus_per_node": self.gpus_per_node,
             "max_nodes": self.max_nodes,
+            "host_memory_gib": self.host_memory_gib,
             "gpu": d["gpu"],
             "links": {tier: asdict(link) for tier, link in self.links},
             "efficiency": {
@@ -162,8 +169,9 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     require(isinstance(gpn, int) and gpn > 0, f"{source}: gpus_per_node must be a positive integer, got {gpn!r}")
     max_nodes = data.get("max_nodes", 0) or 0
     require(isinstance(max_nodes, int) and max_nodes >= 0, f"{source}: max_nodes must be a non-negative integer")
+    host = _num(data, "host_memory_gib", source, positive=False) if "host_memory_gib" in data else 0.0
     return Cluster(name=str(data.get("name", Path(source).stem)), gpu=gpu, gpus_per_node=gpn,
-                   links=tuple(links), efficiency=eff, max_nodes=max_nodes)
+                   links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host)
 
 
 def cluster_names() -> list[str]:

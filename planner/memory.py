@@ -122,6 +122,29 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
     return weights, grads
 
 
+# CPU memory per offloaded parameter: DeepSpeed's own estimate for ZeRO-Offload (estimate_zero2_model_states_mem_needs,
+# deepspeed/runtime/zero/stage_1_and_2.py: total_params x max(4 x GPUs, 16) x 1.5 "additional buffer factor"): fp32
+# master weights, Adam's two moments and fp32 gradients on the host (16 B), with half again for its pinned buffers.
+# Its 4 x GPUs term is each process loading the whole model into host memory, which distplan's runners do not (they
+# build on the meta device). 13B with pp2 ZeRO-1 offload, 2 x 6.5B x 24 B = 290 GiB, was killed by the kernel's
+# OOM killer on a 2xH200 host of 252 GiB (session 9, call 25).
+OFFLOAD_HOST_BYTES_PER_PARAM = 16 * 1.5
+
+
+def host_memory_per_gpu(model: ModelSpec, cfg: ParallelConfig) -> float:
+    """Bytes of CPU memory one GPU's rank takes for optimizer offload (0 without offload): the offloaded states of the
+    model spread over the GPUs, once per data-parallel replica without ZeRO partitioning."""
+    if not cfg.offload_optimizer:
+        return 0.0
+    replicas = 1 if cfg.zero_stage >= 1 else cfg.dp * cfg.cp
+    return model.total_params() * replicas * OFFLOAD_HOST_BYTES_PER_PARAM / cfg.gpus
+
+
+def host_fits(need_gib: float, capacity_gib: float) -> bool:
+    """Offloaded states fit the host: `need_gib` per GPU within its share `capacity_gib` (0: unknown, not checked)."""
+    return capacity_gib <= 0 or need_gib <= capacity_gib
+
+
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     """Share of the predicted peak kept free for the caching allocator when checking fit: FRAGMENTATION, or
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""

@@ -26,8 +26,8 @@ from planner.costmodel import (
     memory_bound_time_s,
 )
 from planner.job import ParallelConfig
-from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, stage_memory, stage_params,
-                            torch_engine_fsdp)
+from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, host_fits,
+                            host_memory_per_gpu, stage_memory, stage_params, torch_engine_fsdp)
 from planner.model import ModelSpec
 from planner.profile import Profile
 
@@ -61,10 +61,26 @@ class Prediction:
     fits: bool
     sources: tuple[tuple[str, str], ...]  # which numbers came from a profile, which from the preset
     allocator_slack: float = FRAGMENTATION  # share of the peak kept free for the allocator (memory.allocator_slack)
+    host_memory_gib: float = 0.0  # CPU memory per GPU for optimizer offload (memory.host_memory_per_gpu)
+    host_capacity_gib: float = 0.0  # the node's CPU memory per GPU (0: unknown, not checked)
 
     @property
     def over_capacity_gib(self) -> float:
         return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) - self.capacity_gib)
+
+    @property
+    def host_fits(self) -> bool:
+        return host_fits(self.host_memory_gib, self.host_capacity_gib)
+
+    def misfit(self) -> str:
+        """Why it does not fit, one clause ('' where it fits)."""
+        if self.fits:
+            return ""
+        if not self.host_fits:
+            return (f"offloaded optimizer states need {self.host_memory_gib:.1f} GiB of CPU memory per GPU, above the "
+                    f"host's {self.host_capacity_gib:.1f} GiB per GPU")
+        return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) exceeds "
+                f"{self.capacity_gib:.1f} GiB usable by {self.over_capacity_gib:.1f} GiB")
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +93,8 @@ class Prediction:
             "capacity_gib": self.capacity_gib,
             "fits": self.fits,
             "allocator_slack": self.allocator_slack,
+            "host_memory_gib": self.host_memory_gib,
+            "host_capacity_gib": self.host_capacity_gib,
             "stages": [
                 {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
                  "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
@@ -389,11 +407,13 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     capacity = cluster.usable_memory_gib
     slack = allocator_slack(cfg, engine)
     sources = _sources(model, cfg, profile, engine)
+    host = host_memory_per_gpu(model, cfg) / GIB
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
-        fits=peak * (1 + slack) <= capacity, sources=sources, allocator_slack=slack,
+        fits=peak * (1 + slack) <= capacity and host_fits(host, cluster.host_memory_gib_per_gpu), sources=sources,
+        allocator_slack=slack, host_memory_gib=host, host_capacity_gib=cluster.host_memory_gib_per_gpu,
     )
 
 

@@ -60,6 +60,11 @@ from torch import nn
 
 
 STACK = 4  # blocks in the larger stack: per-block cost = the difference to one block, over STACK - 1
+# DeepSpeed ZeRO-2's larger stack: its per-block and per-parameter step figures, differences of stacks taken over
+# 3 blocks, put gpt2-xl's ZeRO-1/2 dp2 step (measured 0.479-0.483 s three times, calls 10, 20 and 24) at 0.433,
+# 0.570 and 0.583 s from three 4-block profiles on 2xH200 (calls 22-23); two 8-block profiles put it at 0.467 and
+# 0.510 s (session 9). ZeRO-3's 4-block figures predicted its 13B runs within 1.5% and stay at STACK.
+DEEPSPEED_ZERO2_STACK = 8
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ class ShardingSettings:
     pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
     pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
     tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
-    stack: int = STACK  # blocks in the larger FSDP2 / DDP / DeepSpeed stack (distplan profile --stack-blocks)
+    stack: int = STACK  # blocks in the larger FSDP2 / DDP / DeepSpeed ZeRO-3 stack (distplan profile --stack-blocks)
+    deepspeed_zero2_stack: int = DEEPSPEED_ZERO2_STACK  # DeepSpeed ZeRO-2's (at least --stack-blocks)
 
 
 def _sync(device: torch.device) -> None:
@@ -253,7 +259,8 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     kind = "moe_block" if spec.is_moe else "block"
     world = dist.group.WORLD
     points = []
-    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, settings.stack)):
+    for stage, blocks in ((st, b) for st in settings.deepspeed_stages
+                          for b in (1, max(settings.stack, settings.deepspeed_zero2_stack) if st == 2 else settings.stack)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())

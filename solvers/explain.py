@@ -42,6 +42,8 @@ def why_lost(best: Prediction, alt: Prediction) -> str:
     pct = 100 * (alt.step_time_s / best.step_time_s - 1)
     if not alt.fits:
         faster = f"; it would be {-pct:.1f}% faster" if pct < 0 else f"; it would also be {pct:.1f}% slower"
+        if not alt.host_fits:
+            return f"does not fit: {alt.misfit()}{faster}"
         return (f"does not fit: needs {alt.peak_memory_gib:.1f} GiB per GPU (+{100 * alt.allocator_slack:.0f}% allocator slack) "
                 f"of {alt.capacity_gib:.1f} GiB usable{faster}")
     a, b = dict(alt.breakdown), dict(best.breakdown)

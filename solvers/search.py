@@ -35,7 +35,7 @@ from planner.cluster import Cluster
 from planner.costmodel import ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel, block_time, \
     embedding_time, head_time, memory_bound_time_s
 from planner.job import ParallelConfig, with_changes
-from planner.memory import FRAGMENTATION, GIB, stage_memory, stage_params
+from planner.memory import FRAGMENTATION, GIB, host_fits, host_memory_per_gpu, stage_memory, stage_params
 from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
@@ -191,13 +191,15 @@ class _Bounds:
 
 def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
     """Necessary for any split: the model states (weights, gradients, optimizer) averaged over the
-    pipeline ranks fit on one GPU (the states summed over ranks do not depend on the split)."""
+    pipeline ranks fit on one GPU (the states summed over ranks do not depend on the split), and offloaded
+    optimizer states fit the host's CPU memory (memory.host_memory_per_gpu)."""
     def states(rank: int, layers: int) -> float:
         mem = stage_memory(model, cfg, rank, layers)
         return mem.weights + mem.gradients + mem.optimizer
 
     total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
-    return total / cfg.pp * (1 + FRAGMENTATION) <= cluster.usable_memory_gib * GIB
+    return (total / cfg.pp * (1 + FRAGMENTATION) <= cluster.usable_memory_gib * GIB
+            and host_fits(host_memory_per_gpu(model, cfg) / GIB, cluster.host_memory_gib_per_gpu))
 
 
 def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
