@@ -23,6 +23,7 @@ import re
 import sys
 import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
 from planner.cluster import load_cluster  # noqa: E402
-from planner.profile import cluster_for_profile, load_profile  # noqa: E402
+from planner.profile import cluster_for_profile, load_profile, measured_host_memory_gib_per_gpu  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -44,6 +45,12 @@ def _call_order(call: Path) -> tuple[int, str]:
     """call2-x before call10-y (the device calls are numbered in the order they ran)."""
     m = re.match(r"call(\d+)", call.name)
     return (int(m.group(1)) if m else 0, call.name)
+
+
+def _out_of_memory(row: dict) -> bool:
+    """A run that ran out of memory: on the GPU (status oom), or on the host, where the kernel's OOM killer stopped a
+    rank (status failed, SIGKILL: DeepSpeed's optimizer offload for 13B on a 252 GiB 2xH200 host, call 25)."""
+    return row.get("status") == "oom" or (row.get("status") == "failed" and "OOM killer" in str(row.get("why", "")))
 
 
 def _latest_rows(results: Path, merge: bool = True) -> list[tuple[Path, dict]]:
@@ -56,13 +63,13 @@ def _latest_rows(results: Path, merge: bool = True) -> list[tuple[Path, dict]]:
     tagged = [[{**row, "_call": call} for row in json.loads((call / "rows.json").read_text())] for call in calls]
     if not merge:
         return [(row.pop("_call"), row) for rows in tagged for row in rows
-                if row.get("status") in ("ran", "oom") and not row.get("measured_in")]
-    latest = [row for row in merge_rows(tagged) if row.get("status") in ("ran", "oom")]
+                if (row.get("status") == "ran" or _out_of_memory(row)) and not row.get("measured_in")]
+    latest = [row for row in merge_rows(tagged) if row.get("status") == "ran" or _out_of_memory(row)]
     key = lambda r: (r["case"], r.get("engine"), r.get("config"))  # noqa: E731
     seen = {key(r) for r in latest}
     for rows in reversed(tagged):
         for row in rows:
-            if row.get("status") == "oom" and key(row) not in seen:
+            if _out_of_memory(row) and key(row) not in seen:
                 latest.append(row)
                 seen.add(key(row))
     return [(row.pop("_call"), row) for row in latest]
@@ -116,6 +123,8 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             profile = load_profile(found) if found else None
             engine = row.get("engine") or "any"
             cluster = plan.cluster
+            if profile is not None and not cluster.host_memory_gib:  # a plan made before the host's memory was modelled
+                cluster = replace(cluster, host_memory_gib=measured_host_memory_gib_per_gpu(profile) * cluster.gpus_per_node)
             for cand in overrides.get(engine, []):
                 other = load_profile(cand)
                 newer = str(other.facts.get("date_utc", "")) > str(profile.facts.get("date_utc", "")) if profile else True
@@ -167,7 +176,8 @@ def render(rows: list[dict], results: Path, overrides: list[str] | None = None, 
         else:
             ooms += 1
             caught += not r["now_fits"]
-            status = "oom: " + ("caught (does not fit now)" if not r["now_fits"] else "missed (fits now)")
+            status = ("oom" if r["status"] == "oom" else "host oom") + ": " + (
+                "caught (does not fit now)" if not r["now_fits"] else "missed (fits now)")
         step = "-" if r["step_measured_s"] is None else f"{r['step_measured_s']:.3f}"
         mem = "-" if r["measured_gib"] is None else f"{r['measured_gib']:.1f}"
         lines.append(f"| {r['case']} | {r['plan']} | {r['engine']} | {r['config']} | {step} | "

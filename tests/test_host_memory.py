@@ -1,0 +1,67 @@
+"""Optimizer offload against the host's CPU memory (memory.host_memory_per_gpu): DeepSpeed's 13B pipeline plan with
+ZeRO-1 offload was killed by the kernel's OOM killer on a 2xH200 host of 252 GiB (session 9, call 25)."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from planner.cluster import load_cluster
+from planner.job import ParallelConfig
+from planner.memory import GIB, OFFLOAD_HOST_BYTES_PER_PARAM, host_memory_per_gpu
+from planner.model import load_model
+from planner.predict import predict
+from planner.profile import cluster_for_profile, load_profile
+from solvers.search import states_fit
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-llama-2-13b-s4096-quick-2xh200.yaml"
+OFFLOAD = ParallelConfig(dp=1, tp=1, pp=2, zero_stage=1, offload_optimizer=True, micro_batch_size=1,
+                         global_batch_size=8, seq_len=4096)
+
+
+def test_deepspeeds_estimate_per_offloaded_parameter():
+    """DeepSpeed's estimate_zero2_model_states_mem_needs with cpu_offload: params x max(4 x GPUs, 16) x 1.5 on the
+    host; distplan takes its 16-byte term (its runners build on the meta device, not a host copy per process)."""
+    model = load_model("llama-2-13b")
+    assert OFFLOAD_HOST_BYTES_PER_PARAM == 24
+    assert host_memory_per_gpu(model, OFFLOAD) == pytest.approx(model.total_params() * 24 / 2)
+    assert host_memory_per_gpu(model, replace(OFFLOAD, offload_optimizer=False)) == 0
+    # without ZeRO partitioning each data-parallel replica offloads its own copy
+    both = replace(OFFLOAD, dp=2, pp=1, zero_stage=0, global_batch_size=8)
+    assert host_memory_per_gpu(model, both) == pytest.approx(model.total_params() * 24 / 2 * 2)
+
+
+def test_the_oom_killed_plan_does_not_fit_the_profiled_host_but_fits_a_dgx():
+    model = load_model("llama-2-13b")
+    prof = load_profile(PROFILE)
+    here = cluster_for_profile(prof, None)
+    assert prof.facts["host_memory_gib"] == pytest.approx(251.77) and prof.facts["gpu_count"] == 2
+    assert here.host_memory_gib_per_gpu == pytest.approx(251.77 / 2)
+    pred = predict(model, here, OFFLOAD, prof, engine="deepspeed")
+    assert pred.host_memory_gib == pytest.approx(model.total_params() * 12 / GIB)  # ~145 GiB per GPU
+    assert not pred.host_fits and not pred.fits and "CPU memory" in pred.misfit()
+    assert not states_fit(model, here, OFFLOAD)  # the solver's prune: never offered
+    dgx = load_cluster("h200-141gb")  # 2 TB per 8 GPUs: 256 GiB per GPU
+    assert dgx.host_memory_gib_per_gpu == 256 and predict(model, dgx, OFFLOAD, engine="deepspeed").host_fits
+    unknown = replace(dgx, host_memory_gib=0.0)  # a cluster file without host_memory_gib: not checked
+    assert predict(model, unknown, OFFLOAD, engine="deepspeed").host_fits
+
+
+def test_estimate_refuses_the_plan_naming_the_host(cli):
+    r = cli("estimate", "-m", "llama-2-13b", "--gpus", 2, "--pp", 2, "--zero", 1, "--offload-optimizer",
+            "--micro-batch", 1, "--global-batch", 8, "--seq-len", 4096, "--profile", PROFILE)
+    assert r.exit_code == 2
+    assert "host memory per GPU (offload)" in r.stdout
+    assert "offloaded optimizer states need 145.5 GiB of CPU memory per GPU, above the host's 125.9 GiB" in r.stderr
+
+
+def test_a_cluster_file_with_a_bad_host_memory_is_one_line_error(tmp_path, cli):
+    import yaml
+
+    data = load_cluster("h200-141gb").to_dict()
+    data["host_memory_gib"] = "lots"
+    bad = tmp_path / "c.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    r = cli("estimate", "-m", "gpt2", "--gpus", 2, "--cluster", bad)
+    assert r.exit_code == 2 and "host_memory_gib" in r.stderr and "Traceback" not in r.output
