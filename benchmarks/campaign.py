@@ -70,6 +70,11 @@ CASES: dict[str, Case] = {
     "llama-2-13b-small": Case("llama-2-13b", 4096, 8, "13B: plain DDP does not fit 2x141 GB (16 B/param = 208 GB)"),
     "llama-2-13b-large": Case("llama-2-13b", 4096, 32, "13B, large global batch; DDP does not fit", 2, 1),
     "tiny": Case("tiny", 32, 8, "4-layer hidden-128 GPT (CPU test of the harness)", 2, 1),
+    # one GPU (issue 7's 1xH100/H200): distplan chooses micro-batch, recompute and optimizer offload where the
+    # baselines take their defaults; llama-3-8b's 16 B/param (120 GiB) fits a 141 GB H200 only just, not an H100
+    "gpt2-xl-1gpu": Case("gpt2-xl", 1024, 32, "gpt2-xl on one GPU (32 x 1024 tokens)", 3, 1),
+    "llama-3-8b-1gpu": Case("llama-3-8b", 4096, 8, "llama-3-8b at 4096 tokens on one GPU: the model states alone "
+                            "take 120 GiB", 2, 1),
     # four GPUs of one node (issue 8 at the size lent when nvidia-h200-x8 is not: nvidia-h200-x4)
     "llama-3-8b-4gpu": Case("llama-3-8b", 4096, 16, "llama-3-8b at 4096 tokens on 4 GPUs", 2, 1),
     "llama-2-13b-4gpu": Case("llama-2-13b", 4096, 16, "13B at 4096 tokens on 4 GPUs", 2, 1),
@@ -197,6 +202,30 @@ def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
     return engine != "torch" or torch_pipeline_ok(cfg)
 
 
+def same_mesh_alternatives(model, cluster, chosen: ParallelConfig, profile, engine: str, k: int,
+                           taken: list[ParallelConfig]) -> list[tuple[ParallelConfig, object, str]]:
+    """The `k` fastest fitting plans on the chosen plan's mesh (dp, tp, pp, cp, ep) other than it and `taken`:
+    micro-batch, recompute, ZeRO stage and offload varied (solve's alternatives are one per mesh, and one GPU
+    has one mesh). (config, prediction, why it lost) each, fastest first."""
+    from solvers.explain import why_lost
+    from solvers.search import search_space
+
+    def key(c: ParallelConfig) -> tuple:  # one plan per (micro-batch, recompute, offload): with one data-parallel
+        return (c.micro_batch_size, c.recompute, c.offload_optimizer)  # rank the ZeRO stages barely differ
+
+    best = predict(model, cluster, chosen, profile, engine=engine)
+    mesh = (chosen.dp, chosen.tp, chosen.pp, chosen.cp, chosen.ep)
+    found: dict[tuple, tuple] = {}
+    for cfg in search_space(model, cluster, chosen.gpus, chosen.global_batch_size, chosen.seq_len,
+                            flash_attention=chosen.flash_attention, engine=engine):
+        if (cfg.dp, cfg.tp, cfg.pp, cfg.cp, cfg.ep) != mesh or key(cfg) in {key(chosen), *map(key, taken)}:
+            continue
+        pred = predict(model, cluster, cfg, profile, engine=engine)
+        if pred.fits and (key(cfg) not in found or pred.step_time_s < found[key(cfg)][1].step_time_s):
+            found[key(cfg)] = (cfg, pred, why_lost(best, pred))
+    return sorted(found.values(), key=lambda t: t[1].step_time_s)[:k]
+
+
 def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
                    engine_for_distplan: str = "torch", alternatives: int = 3, megatron_engine: str = "megatron",
                    transformer_engine: bool = False, baselines: bool = True) -> tuple[list[PlanSpec], list[dict]]:
@@ -226,15 +255,19 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
         plans.append(PlanSpec(name, role, engine, str(path), pred.step_time_s, pred.tokens_per_s, peak, _summary(cfg)))
 
     add("distplan", "distplan", engine_for_distplan, result.plan.parallel, result.prediction, result.plan)
-    for i, alt in enumerate(result.alternatives, 1):
+    alts = [(alt.config, alt.prediction, alt.why_lost) for alt in result.alternatives]
+    if len(alts) < alternatives:  # one mesh (one GPU): the next plans on it
+        alts += same_mesh_alternatives(model, cluster, result.plan.parallel, profile, engine_for_distplan,
+                                       alternatives - len(alts), [c for c, _, _ in alts])
+    for i, (alt_cfg, alt_pred, why_lost) in enumerate(alts, 1):
         name = f"alt{i}"
-        if not alt.prediction.fits or not _pipeline_ok(engine_for_distplan, alt.config):
-            why = "predicted not to fit" if not alt.prediction.fits else "torch pipelining refuses its micro-batch count"
-            skipped.append({"name": name, "role": "alternative", "config": _summary(alt.config), "why": why})
+        if not alt_pred.fits or not _pipeline_ok(engine_for_distplan, alt_cfg):
+            why = "predicted not to fit" if not alt_pred.fits else "torch pipelining refuses its micro-batch count"
+            skipped.append({"name": name, "role": "alternative", "config": _summary(alt_cfg), "why": why})
             continue
-        plan = make_plan(model, cluster, gpus, alt.config, alt.prediction, rationale=[f"alternative {i}: {alt.why_lost}"],
+        plan = make_plan(model, cluster, gpus, alt_cfg, alt_pred, rationale=[f"alternative {i}: {why_lost}"],
                          provenance={"command": req.command(), "profile": profile_path})
-        add(name, "alternative", engine_for_distplan, alt.config, alt.prediction, plan)
+        add(name, "alternative", engine_for_distplan, alt_cfg, alt_pred, plan)
     if not baselines:
         return plans, skipped
     for name, got in baseline_configs(model, cluster, gpus, case.global_batch, case.seq_len, profile,

@@ -118,6 +118,21 @@ def test_summarize_targets_missed():
 # ---- end to end on CPU ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
+def test_tiny_campaign_on_one_process(tmp_path):
+    """The one-GPU campaign's path (issue 7's 1xH100/H200 cases) on one CPU process: every baseline's engine with a
+    world of one (DDP, DeepSpeed, FSDP2) and the same-mesh alternatives run and are measured."""
+    import json
+
+    rc = campaign.main(["--cases", "tiny", "--gpus", "1", "--out", str(tmp_path), "--budget-s", "240",
+                        "--megatron-engine", "torch", "--machine", "cpu-test", "--steps", "1", "--warmup", "1"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    ran = {r["name"]: r for r in rows if r["status"] == "ran"}
+    assert set(ran) == {"distplan", "ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic", "alt1", "alt2", "alt3"}
+    assert all(r["measured_step_time_s"] > 0 and r["config"].startswith("dp1 tp1 pp1") for r in ran.values())
+
+
+@pytest.mark.slow
 def test_tiny_campaign_end_to_end_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "REPEAT_NEAR", 100.0)  # every tiny plan counts as close: each is repeated
     rc = campaign.main(["--cases", "tiny", "--out", str(tmp_path), "--budget-s", "240", "--megatron-engine", "torch",
@@ -426,3 +441,21 @@ def test_nothing_ran_is_not_all_targets_met(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --cases '' names no case") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_gpu_alternatives_vary_micro_batch_recompute_and_offload(tmp_path):
+    """One GPU has one mesh, where solve's alternatives (one per mesh) give none: the campaign takes the next
+    fastest fitting plans on the chosen plan's mesh, one per (micro-batch, recompute, offload), fastest first."""
+    from planner.plan import load_plan
+
+    plans, skipped = campaign.campaign_plans(campaign.CASES["gpt2-xl-1gpu"], None, tmp_path, gpus=1,
+                                             cluster="h200-141gb")
+    chosen = load_plan(next(p.plan_path for p in plans if p.role == "distplan")).parallel
+    alts = [p for p in plans if p.role == "alternative"]
+    assert len(alts) == 3 and not [s for s in skipped if s["role"] == "alternative"]
+    cfgs = [load_plan(p.plan_path).parallel for p in alts]
+    keys = [(c.micro_batch_size, c.recompute, c.offload_optimizer) for c in [chosen, *cfgs]]
+    assert len(set(keys)) == 4 and all(c.gpus == 1 for c in cfgs)
+    times = [p.predicted_step_time_s for p in alts]
+    assert times == sorted(times) and min(times) >= next(p for p in plans if p.role == "distplan").predicted_step_time_s
+    assert {p.name for p in plans if p.role == "baseline"} == {"ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic"}
