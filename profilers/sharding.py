@@ -65,6 +65,20 @@ STACK = 4  # blocks in the larger stack: per-block cost = the difference to one 
 # 0.570 and 0.583 s from three 4-block profiles on 2xH200 (calls 22-23); two 8-block profiles put it at 0.467 and
 # 0.510 s (session 9). ZeRO-3's 4-block figures predicted its 13B runs within 1.5% and stay at STACK.
 DEEPSPEED_ZERO2_STACK = 8
+# ... held to the blocks whose model states (bf16 plain stack 2 B + fp32 weights 4 B + fp32 gradients 4 B + Adam's
+# 8 B sharded, counted whole: 18 B/param) take at most this share of the GPU: 8 llama-2-70b blocks would take 125 GB
+DEEPSPEED_STACK_MEMORY_SHARE = 0.5
+
+
+def deepspeed_zero2_blocks(settings: ShardingSettings, block_params: int, device_bytes: float | None) -> int:
+    """Blocks in DeepSpeed ZeRO-2's larger stack: settings.deepspeed_zero2_stack (at least settings.stack), fewer
+    where their states would pass DEEPSPEED_STACK_MEMORY_SHARE of `device_bytes` (None: no limit, CPU), never fewer
+    than settings.stack."""
+    want = max(settings.stack, settings.deepspeed_zero2_stack)
+    if device_bytes is None:
+        return want
+    fit = int(DEEPSPEED_STACK_MEMORY_SHARE * device_bytes // (18 * block_params))
+    return max(settings.stack, min(want, fit))
 
 
 @dataclass(frozen=True)
@@ -259,8 +273,9 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     kind = "moe_block" if spec.is_moe else "block"
     world = dist.group.WORLD
     points = []
-    for stage, blocks in ((st, b) for st in settings.deepspeed_stages
-                          for b in (1, max(settings.stack, settings.deepspeed_zero2_stack) if st == 2 else settings.stack)):
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    zero2 = deepspeed_zero2_blocks(settings, spec.block_params(), memory)
+    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, zero2 if st == 2 else settings.stack)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())

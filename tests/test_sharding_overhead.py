@@ -353,3 +353,18 @@ def test_a_longer_stack_gives_the_same_lines_from_its_own_block_count():
     assert plan.comm.sharding.stack == 8
     with pytest.raises(DistplanError, match="--stack-blocks 1"):
         plan_profile(ProfileRequest(model="gpt2", device="cpu", stack_blocks=1))
+
+
+def test_deepspeed_zero2_stack_length_is_held_to_half_the_gpu():
+    """8 blocks where their states (18 B/param) take at most half the GPU; a 70B block's would take 125 GB of an
+    H200's 141, so its stack stays at STACK; on a CPU (no device memory to size by) 8."""
+    from planner.model import load_model
+    from profilers.sharding import STACK, ShardingSettings, deepspeed_zero2_blocks
+
+    ss = ShardingSettings(model="gpt2", seq_len=8, micro_batches=(1,))
+    h200 = 139.8 * 2**30
+    assert deepspeed_zero2_blocks(ss, load_model("llama-3-8b").block_params(), h200) == 8
+    assert deepspeed_zero2_blocks(ss, load_model("llama-2-70b-40l").block_params(), h200) == STACK
+    assert deepspeed_zero2_blocks(ss, load_model("llama-2-13b").block_params(), 79.6 * 2**30) == 7
+    assert deepspeed_zero2_blocks(ss, 10**12, h200) == STACK and deepspeed_zero2_blocks(ss, 10**12, None) == 8
+    assert deepspeed_zero2_blocks(replace(ss, stack=12), 1000, h200) == 12  # --stack-blocks above 8 wins
