@@ -133,9 +133,13 @@ def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[P
                     fewest: int | None, limit: int) -> str:
     """The DistplanError text when no plan of `gpus` GPUs fits."""
     head = f"model {model.name} fits on no plan of {gpus} GPUs"
+    tail = f"the fewest GPUs that would fit is {fewest}" if fewest else f"no cluster of up to {limit} GPUs fits it either"
     if lean is None:
         why = (f"no parallel configuration is valid (tp must divide the {model.num_heads} heads and stay within a "
                f"{cluster.gpus_per_node}-GPU node, pp at most {model.num_layers} layers, dp must divide the global batch)")
+    elif lean[1].over_capacity_gib == 0 and not lean[1].host_fits:  # the GPUs hold it, the host not its offload
+        cfg, pred = lean
+        why = f"the leanest plan ({describe(cfg)}) fits its GPUs at {pred.peak_memory_gib:.1f} GiB, but its {pred.misfit()}"
     else:
         cfg, pred = lean
         fullest = max(pred.stages, key=lambda s: s.memory.total)
@@ -144,5 +148,4 @@ def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[P
         why = (f"even the leanest plan ({describe(cfg)}) needs {pred.peak_memory_gib:.1f} GiB on its fullest GPU "
                f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack, above the {pred.capacity_gib:.1f} GiB usable on "
                f"{cluster.gpu.name}")
-    tail = f"the fewest GPUs that would fit is {fewest}" if fewest else f"no cluster of up to {limit} GPUs fits it either"
     return f"{head}: {why}; {tail}"

@@ -65,3 +65,21 @@ def test_a_cluster_file_with_a_bad_host_memory_is_one_line_error(tmp_path, cli):
     bad.write_text(yaml.safe_dump(data))
     r = cli("estimate", "-m", "gpt2", "--gpus", 2, "--cluster", bad)
     assert r.exit_code == 2 and "host_memory_gib" in r.stderr and "Traceback" not in r.output
+
+
+def test_solve_names_the_host_when_only_the_host_is_too_small(tmp_path, cli):
+    """llama-3-8b on one H100 of a host with 128 GiB per GPU (the device tool's 1xH100): the GPU holds the leanest
+    plan (ZeRO-3 with offload, full recompute) but the host not its 179.5 GiB of offloaded states; two GPUs would."""
+    import yaml
+
+    data = load_cluster("dgx-h100-80gb").to_dict()
+    data["host_memory_gib"] = 8 * 128
+    path = tmp_path / "h100.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = cli("solve", "-m", "llama-3-8b", "--gpus", 1, "--cluster", path, "--seq-len", 4096, "--global-batch", 8,
+            "-o", tmp_path / "plan.yaml")
+    assert r.exit_code == 2 and not (tmp_path / "plan.yaml").exists()
+    err = r.stderr.strip()
+    assert "\n" not in err and "fits its GPUs at" in err
+    assert "offloaded optimizer states need 179.5 GiB of CPU memory per GPU, above the host's 128.0 GiB" in err
+    assert err.endswith("the fewest GPUs that would fit is 2")
