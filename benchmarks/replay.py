@@ -23,7 +23,6 @@ import re
 import sys
 import tarfile
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +35,7 @@ from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
 from planner.cluster import load_cluster  # noqa: E402
-from planner.profile import cluster_for_profile, load_profile, measured_host_memory_gib_per_gpu  # noqa: E402
+from planner.profile import cluster_for_profile, load_profile, with_host_memory  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -124,7 +123,7 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             engine = row.get("engine") or "any"
             cluster = plan.cluster
             if profile is not None and not cluster.host_memory_gib:  # a plan made before the host's memory was modelled
-                cluster = replace(cluster, host_memory_gib=measured_host_memory_gib_per_gpu(profile) * cluster.gpus_per_node)
+                cluster = with_host_memory(cluster, profile)
             for cand in overrides.get(engine, []):
                 other = load_profile(cand)
                 newer = str(other.facts.get("date_utc", "")) > str(profile.facts.get("date_utc", "")) if profile else True

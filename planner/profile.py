@@ -611,10 +611,9 @@ def measured_cluster(profile: Profile) -> Cluster:
                      overlap_slowdown=profile.overlap_slowdown if profile.overlap_slowdown is not None else 0.0)
     gpu = GPU(name=profile.gpu_name, peak_bf16_tflops=profile.matmul_tflops, memory_gib=profile.memory_gib,
               hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
-    return Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
-                   links=(("intra_node", intra), ("inter_node", inter), ("host", host)), efficiency=eff,
-                   max_nodes=0 if profile.inter_node else 1,
-                   host_memory_gib=measured_host_memory_gib_per_gpu(profile) * profile.device_count)
+    return with_host_memory(Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
+                                    links=(("intra_node", intra), ("inter_node", inter), ("host", host)),
+                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1), profile)
 
 
 def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
@@ -639,21 +638,25 @@ def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
         links["inter_node"] = _link_from_fit(profile.inter_node)
     if profile.host_bandwidth_gb_s > 0:
         links["host"] = Link(latency_us=links["host"].latency_us, bandwidth_gb_s=profile.host_bandwidth_gb_s)
-    host = measured_host_memory_gib_per_gpu(profile)
-    return replace(cluster, name=f"{cluster.name}+profile", gpu=gpu, efficiency=eff,
-                   links=tuple((t, links[t]) for t, _ in cluster.links),
-                   host_memory_gib=host * cluster.gpus_per_node if host else cluster.host_memory_gib)
+    return with_host_memory(replace(cluster, name=f"{cluster.name}+profile", gpu=gpu, efficiency=eff,
+                                    links=tuple((t, links[t]) for t, _ in cluster.links)), profile)
 
 
 def measured_host_memory_gib_per_gpu(profile: Profile) -> float:
     """The profiled host's CPU memory per GPU (facts host_memory_gib / gpu_count); 0 where not recorded or on a CPU
     profile (there the devices' memory is the host's already). The 2xH200 machines have 252 GiB for their 2 GPUs,
-    an eighth of a DGX H200's 2 TB per GPU: a 13B ZeRO-1 offload plan that fits the preset's host was OOM-killed there."""
+    half a DGX H200's 256 GiB per GPU: a 13B ZeRO-1 offload plan that fits the preset's host was OOM-killed there."""
     facts = profile.facts or {}
     host, gpus = facts.get("host_memory_gib"), facts.get("gpu_count")
     if profile.device == "cpu" or not isinstance(host, (int, float)) or not isinstance(gpus, int) or gpus <= 0:
         return 0.0
     return float(host) / gpus
+
+
+def with_host_memory(cluster: Cluster, profile: Profile) -> Cluster:
+    """`cluster` with the profiled host's CPU memory per GPU on each of its nodes, where the profile recorded it."""
+    host = measured_host_memory_gib_per_gpu(profile)
+    return replace(cluster, host_memory_gib=host * cluster.gpus_per_node) if host else cluster
 
 
 def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:

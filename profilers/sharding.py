@@ -71,10 +71,10 @@ DEEPSPEED_STACK_MEMORY_SHARE = 0.5
 
 
 def deepspeed_zero2_blocks(settings: ShardingSettings, block_params: int, device_bytes: float | None) -> int:
-    """Blocks in DeepSpeed ZeRO-2's larger stack: settings.deepspeed_zero2_stack (at least settings.stack), fewer
+    """Blocks in DeepSpeed ZeRO-2's larger stack: DEEPSPEED_ZERO2_STACK (or settings.stack where larger), fewer
     where their states would pass DEEPSPEED_STACK_MEMORY_SHARE of `device_bytes` (None: no limit, CPU), never fewer
     than settings.stack."""
-    want = max(settings.stack, settings.deepspeed_zero2_stack)
+    want = max(settings.stack, DEEPSPEED_ZERO2_STACK)
     if device_bytes is None:
         return want
     fit = int(DEEPSPEED_STACK_MEMORY_SHARE * device_bytes // (18 * block_params))
@@ -95,7 +95,6 @@ class ShardingSettings:
     pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
     tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
     stack: int = STACK  # blocks in the larger FSDP2 / DDP / DeepSpeed ZeRO-3 stack (distplan profile --stack-blocks)
-    deepspeed_zero2_stack: int = DEEPSPEED_ZERO2_STACK  # DeepSpeed ZeRO-2's (at least --stack-blocks)
 
 
 def _sync(device: torch.device) -> None:
