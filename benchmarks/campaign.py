@@ -204,14 +204,14 @@ def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
 
 def same_mesh_alternatives(model, cluster, chosen: ParallelConfig, profile, engine: str, k: int,
                            taken: list[ParallelConfig]) -> list[tuple[ParallelConfig, object, str]]:
-    """The `k` fastest fitting plans on the chosen plan's mesh (dp, tp, pp, cp, ep) other than it and `taken`:
-    micro-batch, recompute, ZeRO stage and offload varied (solve's alternatives are one per mesh, and one GPU
-    has one mesh). (config, prediction, why it lost) each, fastest first."""
+    """The `k` fastest fitting plans on the chosen plan's mesh (dp, tp, pp, cp, ep), one per (micro-batch,
+    recompute, offload) other than the chosen plan's and `taken`'s, each at its fastest ZeRO stage (solve's
+    alternatives are one per mesh, and one GPU has one mesh). (config, prediction, why it lost), fastest first."""
     from solvers.explain import why_lost
     from solvers.search import search_space
 
-    def key(c: ParallelConfig) -> tuple:  # one plan per (micro-batch, recompute, offload): with one data-parallel
-        return (c.micro_batch_size, c.recompute, c.offload_optimizer)  # rank the ZeRO stages barely differ
+    def key(c: ParallelConfig) -> tuple:  # with one data-parallel rank the ZeRO stages barely differ
+        return (c.micro_batch_size, c.recompute, c.offload_optimizer)
 
     best = predict(model, cluster, chosen, profile, engine=engine)
     mesh = (chosen.dp, chosen.tp, chosen.pp, chosen.cp, chosen.ep)
