@@ -73,7 +73,7 @@ CASES: dict[str, Case] = {
     # one GPU (issue 7's 1xH100/H200): distplan chooses micro-batch, recompute and optimizer offload where the
     # baselines take their defaults; llama-3-8b's 16 B/param (120 GiB) fits a 141 GB H200 only just, not an H100
     "gpt2-xl-1gpu": Case("gpt2-xl", 1024, 32, "gpt2-xl on one GPU (32 x 1024 tokens)", 3, 1),
-    "llama-3-8b-1gpu": Case("llama-3-8b", 4096, 8, "llama-3-8b at 4096 tokens on one GPU: the model states alone "
+    "llama-3-8b-1gpu": Case("llama-3-8b", 2048, 16, "llama-3-8b at 2048 tokens on one GPU: the model states alone "
                             "take 120 GiB", 2, 1),
     # four GPUs of one node (issue 8 at the size lent when nvidia-h200-x8 is not: nvidia-h200-x4)
     "llama-3-8b-4gpu": Case("llama-3-8b", 4096, 16, "llama-3-8b at 4096 tokens on 4 GPUs", 2, 1),
@@ -204,26 +204,38 @@ def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
 
 def same_mesh_alternatives(model, cluster, chosen: ParallelConfig, profile, engine: str, k: int,
                            taken: list[ParallelConfig]) -> list[tuple[ParallelConfig, object, str]]:
-    """The `k` fastest fitting plans on the chosen plan's mesh (dp, tp, pp, cp, ep), one per (micro-batch,
-    recompute, offload) other than the chosen plan's and `taken`'s, each at its fastest ZeRO stage (solve's
-    alternatives are one per mesh, and one GPU has one mesh). (config, prediction, why it lost), fastest first."""
+    """The `k` next plans on the chosen plan's mesh (dp, tp, pp, cp, ep), for a machine with fewer meshes than
+    alternatives (one GPU has one; solve's alternatives are one per mesh). As solve takes the best plan of each
+    mesh, this takes the best of each memory strategy (recompute, optimizer offload) other than the chosen plan's,
+    then the best of each further micro-batch size (plans with one data-parallel rank differ little by ZeRO stage,
+    and the next micro-batch of one strategy is often within noise of the last). Only plans that fit, none of the
+    chosen one's or `taken`'s (micro-batch, recompute, offload). (config, prediction, why it lost), in that order."""
     from solvers.explain import why_lost
     from solvers.search import search_space
 
-    def key(c: ParallelConfig) -> tuple:  # with one data-parallel rank the ZeRO stages barely differ
+    def key(c: ParallelConfig) -> tuple:
         return (c.micro_batch_size, c.recompute, c.offload_optimizer)
 
     best = predict(model, cluster, chosen, profile, engine=engine)
     mesh = (chosen.dp, chosen.tp, chosen.pp, chosen.cp, chosen.ep)
-    found: dict[tuple, tuple] = {}
+    seen = {key(chosen), *map(key, taken)}
+    found: dict[tuple, tuple] = {}  # (micro-batch, recompute, offload) -> its fastest plan
     for cfg in search_space(model, cluster, chosen.gpus, chosen.global_batch_size, chosen.seq_len,
                             flash_attention=chosen.flash_attention, engine=engine):
-        if (cfg.dp, cfg.tp, cfg.pp, cfg.cp, cfg.ep) != mesh or key(cfg) in {key(chosen), *map(key, taken)}:
+        if (cfg.dp, cfg.tp, cfg.pp, cfg.cp, cfg.ep) != mesh or key(cfg) in seen:
             continue
         pred = predict(model, cluster, cfg, profile, engine=engine)
         if pred.fits and (key(cfg) not in found or pred.step_time_s < found[key(cfg)][1].step_time_s):
-            found[key(cfg)] = (cfg, pred, why_lost(best, pred))
-    return sorted(found.values(), key=lambda t: t[1].step_time_s)[:k]
+            found[key(cfg)] = (cfg, pred)
+    ranked = sorted(found.values(), key=lambda t: t[1].step_time_s)
+    strategies = {(c.recompute, c.offload_optimizer) for c in [chosen, *taken]}
+    first = []  # the best plan of each memory strategy not yet taken
+    for cfg, pred in ranked:
+        if (cfg.recompute, cfg.offload_optimizer) not in strategies:
+            strategies.add((cfg.recompute, cfg.offload_optimizer))
+            first.append((cfg, pred))
+    picked = (first + [t for t in ranked if t not in first])[:k]
+    return [(cfg, pred, why_lost(best, pred)) for cfg, pred in picked]
 
 
 def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gpus: int = 2, cluster: str | None = None,
@@ -256,9 +268,11 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
 
     add("distplan", "distplan", engine_for_distplan, result.plan.parallel, result.prediction, result.plan)
     alts = [(alt.config, alt.prediction, alt.why_lost) for alt in result.alternatives]
-    if len(alts) < alternatives:  # one mesh (one GPU): the next plans on it
-        alts += same_mesh_alternatives(model, cluster, result.plan.parallel, profile, engine_for_distplan,
-                                       alternatives - len(alts), [c for c, _, _ in alts])
+    fitting = [a for a in alts if a[1].fits]  # solve adds a faster plan that does not fit, for its explanation
+    if len(fitting) < alternatives:  # fewer meshes than alternatives (one GPU has one): the next plans on the chosen one
+        fitting += same_mesh_alternatives(model, cluster, result.plan.parallel, profile, engine_for_distplan,
+                                          alternatives - len(fitting), [c for c, _, _ in fitting])
+    alts = fitting + [a for a in alts if not a[1].fits]  # the one that does not fit is reported, after them
     for i, (alt_cfg, alt_pred, why_lost) in enumerate(alts, 1):
         name = f"alt{i}"
         if not alt_pred.fits or not _pipeline_ok(engine_for_distplan, alt_cfg):
