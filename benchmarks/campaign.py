@@ -723,11 +723,21 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def call_order(rows_files: list[str]) -> list[str]:
+    """rows.json files in the order their calls ran: by N in their folder's name `callN-...` (a shell glob such as
+    campaign_2xh200/call*/rows.json lists call10 before call2), then as given; a folder without N goes last."""
+    def key(item):
+        i, f = item
+        m = re.match(r"call(\d+)(?:\D|$)", Path(f).parent.name)
+        return (int(m.group(1)) if m else math.inf, i)
+    return [f for _, f in sorted(enumerate(rows_files), key=key)]
+
+
 def measured_runs(rows_files: list[str]) -> dict[tuple, tuple[dict, str]]:
     """(case, engine, config) -> (row, call) of every plan that ran in these rows.json files (the call is the
-    file's folder name; a later file's run of a plan replaces an earlier one's)."""
+    file's folder name; a later call's run of a plan replaces an earlier one's, in `call_order`)."""
     out: dict[tuple, tuple[dict, str]] = {}
-    for f in rows_files:
+    for f in call_order(rows_files):
         out.update(_own_runs(read_rows(f), Path(f).parent.name))
     return out
 

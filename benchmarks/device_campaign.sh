@@ -8,7 +8,8 @@
 # Optional: STEPS=6 WARMUP=2 (default: each case's), EXTRA="--check-numerics" or "--repeat 2" or
 #   "--distplan-engine deepspeed --no-baselines" (an engine's coverage: distplan's plans alone) or
 #   "--measured benchmarks/results/campaign_2xh200/callN-x/rows.json" (plans that call ran are carried, not run
-#   again: a re-run after a fix measures only what is new), MACHINE=2xh200;
+#   again: a re-run after a fix measures only what is new; EXTRA is expanded unquoted, so a glob such as
+#   ".../campaign_2xh200/call*/rows.json" names every call, read in call order), MACHINE=2xh200;
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
 #   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says; PROFILE_TIMEOUT (default 240 s: a

@@ -2,6 +2,7 @@
 end-to-end campaign of the `tiny` case on CPU (2 gloo processes)."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -486,3 +487,19 @@ def test_alternatives_that_fit_come_first_and_number_three(tmp_path):
                for p in alts)
     misfit = [s for s in skipped if s["role"] == "alternative"]
     assert [s["name"] for s in misfit] == ["alt4"] and misfit[0]["why"] == "predicted not to fit"
+
+
+def test_measured_rows_are_read_in_call_order(tmp_path):
+    """--measured takes a shell glob (call*/rows.json lists call10 before call2): a plan two calls ran keeps the
+    later call's measurement, call 10's here, whatever order the files come in."""
+    row = {"case": "tiny", "name": "distplan", "role": "distplan", "engine": "torch", "config": "dp2 mb1x4",
+           "status": "ran", "measured_step_time_s": None, "peak_allocated_gib": 1.0}
+    files = []
+    for call, t in (("call10-x", 2.0), ("call2-x", 1.0)):
+        d = tmp_path / call
+        d.mkdir()
+        (d / "rows.json").write_text(json.dumps([{**row, "measured_step_time_s": t}]))
+        files.append(str(d / "rows.json"))
+    assert campaign.call_order(files) == files[::-1]
+    got = campaign.measured_runs(files)
+    assert [(r["measured_step_time_s"], call) for r, call in got.values()] == [(2.0, "call10-x")]
