@@ -123,18 +123,18 @@ def compute_factor(profile: Profile | None) -> float:
     return profile.factor("compute") if profile is not None else 1.0
 
 
-def fit_factor(profile: Profile | None, engine: str = "any") -> float:
+def fit_factor(profile: Profile | None, engine: str = "any", tokens: float | None = None) -> float:
     """What a measured compute fit of distplan's layers is multiplied by: compute_factor times, for the engines
     that run distplan's own layers (all but megatron), the measured slowdown of distplan's block inside a stack
-    on every GPU (Profile.stack_factor: a lone block on one GPU ran 5-10% faster than the same block in the
-    runs on 2x H200).
+    on every GPU at `tokens` per micro-batch (Profile.stack_factor: a lone block on one GPU ran 5-10% faster than
+    the same block in the runs on 2x H200 where it is compute-bound, slower where its host time bounds it).
 
     Megatron runs megatron-core's layers, measured alone (megatron_layer_delta_s) and never in a stack; its
     runs showed no such slowdown (gpt2-xl -2.6%, llama-3-8b tp2 -1.6%, over-predicted without the factor;
     2xH200, campaign of 2026-11-22), so they keep the lone-layer fits."""
     if profile is None:
         return 1.0
-    return compute_factor(profile) * (profile.stack_factor() if engine != "megatron" else 1.0)
+    return compute_factor(profile) * (profile.stack_factor(tokens) if engine != "megatron" else 1.0)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
 
     # ---- compute: forward, backward, recompute ----
     fit = measured_fit(profile, kind, cfg)
-    k = fit_factor(profile, engine) if fit is not None else compute_factor(profile)
+    k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:
         fwd, bwd = fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
@@ -298,7 +298,7 @@ def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: 
     """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch."""
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     fit = measured_fit(profile, "head", cfg)
-    k = fit_factor(profile, engine) if fit is not None else compute_factor(profile)
+    k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:
         return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
     if model.is_vit:
@@ -313,7 +313,7 @@ def embedding_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
                    engine: str = "any") -> tuple[float, float]:
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     fit = measured_fit(profile, "embedding", cfg)
-    k = fit_factor(profile, engine) if fit is not None else compute_factor(profile)
+    k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:
         return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
     h = model.hidden_size

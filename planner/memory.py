@@ -91,9 +91,11 @@ class StageMemory:
 
 def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
     """Whether the torch engine runs `cfg` through FSDP2's machinery (fully_shard, or replicate for tp > 1):
-    data parallelism with ZeRO >= 1 or tensor parallelism. Otherwise it runs DDP or no data parallelism, with bf16
-    weights and fp32 masters in its optimizer (parallelize.MasterWeightsOptimizer)."""
-    return cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)
+    data parallelism with ZeRO >= 1 or tensor parallelism, and optimizer offload at any data-parallel size (FSDP2's
+    CPUOffloadPolicy is the engine's offload; with one rank it shards nothing and moves the states to the host: on
+    one H200 an offload plan without it ran with every state on the GPU, campaign_1xh200 call 1). Otherwise it runs
+    DDP or no data parallelism, with bf16 weights and fp32 masters in its optimizer (parallelize.MasterWeightsOptimizer)."""
+    return (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)) or (cfg.offload_optimizer and cfg.zero_stage >= 1)
 
 
 def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weights: float, grads: float
@@ -114,6 +116,13 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
       backward as the fp32 shards appear, which the 2 + 2/dp bytes bound (a 13B plan at micro-batch 4 x 1 with
       its peak in backward measured -2.8%, call 17)."""
     accumulating = cfg.pp > 1 or cfg.num_microbatches > 1
+    if cfg.offload_optimizer:
+        # CPUOffloadPolicy: the fp32 parameter and gradient shards live on the host. The GPU holds the unsharded
+        # bf16 weights while they are in use (ZeRO-1/2 from forward to backward; ZeRO-3 one layer at a time with
+        # pp = 1) and unsharded bf16 gradients only while they accumulate; a synchronising backward reduces each
+        # layer's gradients and moves them to the host as it goes
+        weights = WEIGHT_BYTES * params if cfg.zero_stage < 3 or cfg.pp > 1 else 0.0
+        return weights, GRAD_BYTES * params if accumulating else 0.0
     if cfg.zero_stage >= 3:
         weights = WEIGHT_BYTES * params if cfg.pp > 1 else 0.0
         grads = 4 * partition

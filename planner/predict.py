@@ -224,7 +224,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
 
         # once-per-step data-parallel sync and optimizer
         sync = 0.0
-        if dp_group > 1 and impl == "deepspeed":
+        if impl == "deepspeed":  # a deepspeed fit at this group size (one rank included: _sharding_overhead_s)
             # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included; ZeRO-3's
             # its own, profilers/sharding.measure_deepspeed). ZeRO-1 runs through the same optimizer as ZeRO-2
             # (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition copies, the all-gather of updated weights)
@@ -257,7 +257,14 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         opt_params = dense / (dp_group if cfg.zero_stage >= 1 else 1) + expert / (max(dp_group // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)
         if cfg.offload_optimizer:
             host = cluster.link("host")
-            opt = opt_params / cluster.efficiency.cpu_adam_params_per_s + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
+            rate = cluster.efficiency.cpu_adam_params_per_s  # DeepSpeed's CPUAdam
+            if engine == "torch":
+                # the torch engine steps AdamW on the host's fp32 shards (FSDP2's CPUOffloadPolicy): the profile's
+                # measured rate, else the preset's. Not DeepSpeed's: torch's per-parameter loop ran gpt2-xl's 0.78 B
+                # parameters per rank in 20.7 s where 1.0 s was predicted at DeepSpeed's rate (2x H200, call 27)
+                measured = profile.host_optimizer_s_per_param if profile is not None else 0.0
+                rate = 1.0 / measured if measured > 0 else rate
+            opt = opt_params / rate + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
         elif profile is not None and profile.optimizer_s_per_param > 0:
             opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
         else:
@@ -328,9 +335,14 @@ def _sharding_overhead_s(cfg: ParallelConfig, profile: Profile | None, dp_group:
     without reducing them (ShardingFit.per_block_s).
     """
     sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine in ("torch", "deepspeed"))
-    if profile is None or not sharded or dp_group <= 1:
+    if profile is None or not sharded:
         return None
     impl = _sharding_impl(cfg, profile, dp_group, engine)
+    if dp_group <= 1 and impl != "deepspeed":
+        # one data-parallel rank shards nothing; DeepSpeed still runs its ZeRO machinery (flat buffers, hooks, its
+        # own step), which a one-device profile measures on a world of one: gpt2-xl ZeRO-2 on one H200 ran 21.9%
+        # over a prediction without it (campaign_1xh200, call 1)
+        return None
     return profile.sharding_overhead_s(dp_group, cfg.zero_stage >= 3, tokens, impl, sync)
 
 
@@ -432,7 +444,7 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for op, size in (("all_reduce", cfg.tp), ("all_reduce", cfg.dp * cfg.cp), ("p2p", 2)):
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
-    stack = profile.stack_factor() if profile is not None else 1.0
+    stack = profile.stack_factor(cfg.micro_batch_size * cfg.seq_len / cfg.cp) if profile is not None else 1.0
     if measured_fit(profile, kind, cfg) is not None and engine != "megatron" and stack != 1.0:
         out["compute.in_stack"] = (f"profile: measured layer times x {stack:.3f}, a block inside a stack on every "
                                    f"GPU over one alone (costmodel.fit_factor)")

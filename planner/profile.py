@@ -195,6 +195,10 @@ def pipeline_growth(points: list[tuple[int, float, float]]) -> tuple[int, int, f
     return base_ops, max_ops, max(sum(ratios) / len(ratios), 0.0) if ratios else 0.0
 
 
+# a lone block whose GPU time is at least this share of its fit (max(GPU, host)) is GPU-bound (Profile._stack_factor)
+HOST_BOUND_SHARE = 0.99
+
+
 @dataclass(frozen=True)
 class Profile:
     gpu_name: str
@@ -209,6 +213,8 @@ class Profile:
     matmul_tflops_by_gflop: tuple[tuple[float, float], ...] = ()  # (GFLOP per matmul, achieved TFLOP/s), ascending
     host_bandwidth_gb_s: float = 0.0  # pinned host-to-device copy (0: not measured)
     optimizer_s_per_param: float = 0.0  # one mixed-precision AdamW step per parameter (0: not measured)
+    # the torch engine's AdamW step per parameter on the host's fp32 tensors (its optimizer offload; 0: not measured)
+    host_optimizer_s_per_param: float = 0.0
     overlap_slowdown: float | None = None
     device_count: int = 0  # devices the profile saw on the node (CPU: local processes)
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
@@ -233,35 +239,61 @@ class Profile:
         object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
         object.__setattr__(self, "_stack", self._stack_factor(comm))
 
-    def _stack_factor(self, comm) -> float:
-        """Distplan's block inside a stack, on every GPU at once, over the same block alone (1.0: not measured).
+    def _stack_factor(self, comm) -> tuple[tuple[float, float], ...]:
+        """(tokens, factor) per micro-batch size the plain stacks ran at: distplan's block inside a stack, on every
+        GPU at once, over the same block alone (empty: not measured).
 
         The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
         plain stacks (profilers/sharding.py: STACK blocks, forward + backward, every rank at once, the slowest
-        rank's time, no data parallelism) run the same block as a model does. At compute-bound sizes a block
-        in the stack took 7-10% longer than alone on 2x H200 (gpt2-xl 1.072-1.078 at 16384 tokens, llama-2-13b
-        1.07-1.11, llama-3-8b 1.04-1.10), as the runs did: llama-2-13b pp2's chunks ran 5% (GPU 0) and 10%
-        (GPU 1) over the fits, gpt2-xl pp2 v2's 6-8% (campaign of 2026-11-22, calls 9-10). The factor is the
-        median over the stacks' modes at their largest token count (the least host-bound), at least 1: a
-        stack faster per block than a lone block is the lone block's host time, which the fits already take
-        as max(GPU, host). 1.0 where the profile measured no stack (older profiles, one device).
+        rank's time, no data parallelism; a world of one on one device) run the same block as a model does. At
+        compute-bound sizes a block in the stack took 4-13% longer than alone on 2x H200 (gpt2-xl 1.07 at 16384
+        tokens, llama-2-13b 1.06-1.08, llama-3-8b 1.06-1.12), as the runs did: llama-2-13b pp2's chunks ran 5%
+        (GPU 0) and 10% (GPU 1) over the fits, gpt2-xl pp2 v2's 6-8% (campaign of 2026-11-22, calls 9-10). Where
+        the lone block is host-bound (its fit is max(GPU, host)), a stack runs faster per block than it, as a
+        model does: the host's fixed cost per call overlaps the GPU's work of the blocks before (gpt2-xl at 1024
+        tokens 0.84 on 2x H200; llama-3-8b at micro-batch 1 x 2048 on one H200 ran 9% under a prediction from
+        its lone block's host time, campaign_1xh200 call 2). So: at token counts where the lone block's GPU time
+        is its fit (from the smallest raw compute point that is GPU-bound up), the factor at the largest token
+        count (the median over the stacks' modes there, at least 1: the runs at llama-3-8b's micro-batch 1 x 4096
+        on 2x H200 matched it, 1.12, not the 1.06 its short stacks measured at 4096 tokens); below, where the
+        host's time is the fit, the median of the host-bound stacks nearest in tokens, at least the GPU's share of
+        the fit (a block cannot beat its GPU time). Returns (compute-bound factor, tokens from which the lone block
+        is GPU-bound, ((tokens, factor) of the host-bound stacks)); () where nothing was measured.
         """
         points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
                   and not str(p.get("impl", "")).startswith(("tp", "fsdp2-tp"))]  # their plain blocks are tp shards
         fit = self.compute_fit("block", 1)
         if not points or fit is None:
-            return 1.0
+            return ()
+        alone = lambda t: fit.time_s("fwd", t) + fit.time_s("bwd", t)  # noqa: E731
+        share = {}  # tokens -> the GPU's share of the lone block's fit, where the raw compute points have it
+        for entry in (self.raw or {}).get("compute") or [] if isinstance(self.raw, dict) else []:
+            if isinstance(entry, dict) and entry.get("kind") == "block" and entry.get("tp") == 1:
+                for q in entry.get("points") or []:
+                    if isinstance(q, dict) and "gpu_fwd_s" in q and "gpu_bwd_s" in q and alone(float(q["tokens"])) > 0:
+                        share[float(q["tokens"])] = (float(q["gpu_fwd_s"]) + float(q["gpu_bwd_s"])) / alone(float(q["tokens"]))
         try:
-            tokens = max(float(p["tokens"]) for p in points)
-            alone = fit.time_s("fwd", tokens) + fit.time_s("bwd", tokens)
-            ratios = [float(p["plain_s"]) / int(p["blocks"]) / alone for p in points if float(p["tokens"]) == tokens]
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            return 1.0  # malformed raw points: no factor, the fits alone apply
-        return max(1.0, statistics.median(ratios)) if alone > 0 else 1.0
+            ratios = {t: statistics.median(float(p["plain_s"]) / int(p["blocks"]) / alone(t) for p in points
+                                           if float(p["tokens"]) == t)
+                      for t in sorted({float(p["tokens"]) for p in points}) if alone(t) > 0}
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError):
+            return ()  # malformed raw points: no factor, the fits alone apply
+        if not ratios:
+            return ()
+        compute_bound = max(1.0, ratios[max(ratios)])
+        gpu_from = min([t for t, g in share.items() if g >= HOST_BOUND_SHARE] or [0.0])
+        host = tuple((t, max(share.get(t, 0.0), r)) for t, r in ratios.items() if t < gpu_from)
+        return compute_bound, gpu_from, host
 
-    def stack_factor(self) -> float:
-        """Measured slowdown of distplan's block inside a model on all GPUs (see _stack_factor); 1.0 if none."""
-        return self._stack
+    def stack_factor(self, tokens: float | None = None) -> float:
+        """Measured slowdown of distplan's block inside a model on all GPUs (see _stack_factor) at `tokens` per
+        micro-batch; without `tokens`, the compute-bound one. 1.0 where none was measured."""
+        if not self._stack:
+            return 1.0
+        compute_bound, gpu_from, host = self._stack
+        if tokens is None or tokens >= gpu_from or not host:
+            return compute_bound
+        return min(host, key=lambda p: abs(math.log(tokens / p[0])))[1]
 
     def measured_collective_s(self, op: str, group_size: int, nbytes: float) -> float | None:
         """Seconds for `op` on `nbytes`, interpolated (log-log) between the two measured sizes around it.
@@ -373,6 +405,7 @@ def profile_to_dict(p: Profile) -> dict:
         "matmul_tflops_by_gflop": [[g, t] for g, t in p.matmul_tflops_by_gflop],
         "host_bandwidth_gb_s": p.host_bandwidth_gb_s,
         "optimizer_s_per_param": p.optimizer_s_per_param,
+        **({"host_optimizer_s_per_param": p.host_optimizer_s_per_param} if p.host_optimizer_s_per_param else {}),
         "overlap_slowdown": p.overlap_slowdown,
         "compute": compute,
         "collectives": [_collective_dict(c) for c in p.collectives],
@@ -512,7 +545,8 @@ def profile_from_dict(d: object, source: str) -> Profile:
         raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
     calib = d.get("calibration") or {}
     require(isinstance(calib, dict), f"{source}: calibration must be a mapping of name: factor")
-    scalars = ("matmul_tflops", "hbm_bandwidth_gb_s", "host_bandwidth_gb_s", "optimizer_s_per_param", "memory_gib")
+    scalars = ("matmul_tflops", "hbm_bandwidth_gb_s", "host_bandwidth_gb_s", "optimizer_s_per_param",
+               "host_optimizer_s_per_param", "memory_gib")
     for key in scalars:
         v = d.get(key)
         require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
@@ -524,6 +558,7 @@ def profile_from_dict(d: object, source: str) -> Profile:
         matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in d.get("matmul_tflops_by_gflop") or [])),
         host_bandwidth_gb_s=float(d.get("host_bandwidth_gb_s") or 0.0),
         optimizer_s_per_param=float(d.get("optimizer_s_per_param") or 0.0),
+        host_optimizer_s_per_param=float(d.get("host_optimizer_s_per_param") or 0.0),
         overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
         memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
         sharding=sharding, pipeline=pipeline,

@@ -173,6 +173,14 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                                 # p2p bandwidth's 0.1-0.2 ms), interleaved's 0.2-1.4 ms; each schedule
                                                 # took 6-8 s of the 58-65 s quick profiles (session 6)
                                                 pipeline_schedules=("interleaved",) if q and cuda else ("1f1b", "interleaved")))
+    if devices == 1:
+        # one device: no collective to time, but the stacks still say what a model's blocks cost beside a lone
+        # block (Profile.stack_factor), and DeepSpeed runs its ZeRO machinery on a world of one (the deepspeed
+        # engine's single-GPU runs): a world of one process. gpt2-xl on one H200 ran 6.7% over a profile without
+        # them, DeepSpeed ZeRO-2 21.9% (campaign_1xh200, call 1)
+        ms = replace(ms, group_sizes=(1,), ops=(), overlap=False,
+                     sharding=replace(ms.sharding, ddp=False, pipeline=False, tensor_parallel=False,
+                                      deepspeed_stages=(2,)))
     megatron = cuda and megatron_layer.available(spec, torch.device("cuda")) is None
     if q and megatron:
         # --quick: megatron-core's own layer replaces the stand-in unfused attention core for the megatron engine;
@@ -302,11 +310,10 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         dist.destroy_process_group()
         if rank != 0:
             return None
-    elif plan.devices >= 2:
+    else:  # one device: a world of one, for the stacks alone (plan_profile)
         raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
-    else:
-        raw_comm = {"points": [], "unmeasured": {"all": "one device: no collective to measure"}, "overlap": None,
-                    "inter_node": None, "sharding": [], "pipeline": []}
+        if plan.devices == 1:
+            raw_comm["unmeasured"]["all"] = "one device: no collective to measure"
     phases["communication_s"] = time.perf_counter() - t0
     # this process touches its GPU only now: spawned ranks got theirs first, torchrun bound it above
     device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
@@ -381,6 +388,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         matmul_tflops_by_gflop=tuple((p["gflop"], p["tflops"]) for p in sweep),
         host_bandwidth_gb_s=ceilings.get("host_to_device_gb_s", 0.0),
         optimizer_s_per_param=ceilings.get("optimizer_s_per_param", 0.0),
+        host_optimizer_s_per_param=ceilings.get("host_optimizer_s_per_param", 0.0),
         overlap_slowdown=overlap["slowdown"] if overlap else None,
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),

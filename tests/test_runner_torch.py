@@ -118,6 +118,16 @@ def test_fsdp2_zero3_with_full_recompute(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_rank_offload_runs_through_fsdp2(tmp_path):
+    """Optimizer offload on one GPU is FSDP2's CPUOffloadPolicy over a data-parallel group of one (without FSDP2 the
+    engine had nothing to offload with, and an offload plan on one H200 ran with every state on the GPU); on the
+    CPU the policy itself is dropped (notes say so), the FSDP2 path still runs and matches one process."""
+    report = run(tmp_path, dp=1, zero_stage=1, offload_optimizer=True)
+    assert_verified(report, tmp_path, 1)
+    assert any(n.startswith("offload_optimizer: FSDP2 without CPUOffloadPolicy on the CPU") for n in report.notes)
+
+
+@pytest.mark.slow
 def test_4_ranks_fsdp2_zero2_by_tp2_sp_selective_recompute(tmp_path):
     report = run(tmp_path, steps=1, dp=2, tp=2, zero_stage=2, sequence_parallel=True, recompute="selective",
                  flash_attention=False, micro_batch_size=2)  # unfused plan: selective checkpoints the attention core

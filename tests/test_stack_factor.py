@@ -59,3 +59,34 @@ def test_a_stack_faster_than_a_lone_block_gives_no_speed_up():
     comm["sharding"] = [{**p, "plain_s": p["plain_s"] * 0.5} for p in comm["sharding"]]
     raw["communication"] = comm
     assert dataclasses.replace(profile, raw=raw).stack_factor() == 1.0
+
+
+GPT2_XL_CALL26 = ROOT / "benchmarks/results/profile_2xh200/session9/call26/profile-gpt2-xl-s1024.yaml"
+
+
+def test_host_bound_sizes_take_the_stacks_own_figure():
+    """Below the smallest micro-batch whose lone block is GPU-bound, a block in a model costs what the stacks
+    measured there (the host's fixed cost per call overlaps the blocks before): gpt2-xl at 1024 tokens on 2x H200,
+    1.72 ms per block in a stack against 2.04 ms alone (its host time; 0.70 ms of GPU). From there up, the
+    compute-bound factor of the largest stacks."""
+    profile = load_profile(GPT2_XL_CALL26)
+    raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)["points"]
+    fit = profile.compute_fit("block", 1)
+    alone = lambda t: fit.time_s("fwd", t) + fit.time_s("bwd", t)  # noqa: E731
+    gpu_bound = sorted(p["tokens"] for p in raw if (p["gpu_fwd_s"] + p["gpu_bwd_s"]) / alone(p["tokens"]) >= 0.99)
+    assert gpu_bound[0] == 8192 and gpu_bound == [p["tokens"] for p in raw if p["tokens"] >= 8192]
+    small = [p for p in profile.raw["communication"]["sharding"]
+             if p["blocks"] > 1 and p["tokens"] == 1024 and not str(p.get("impl", "")).startswith("tp")]
+    want = statistics.median(p["plain_s"] / p["blocks"] / alone(1024) for p in small)
+    assert 0.8 < want < 0.9
+    for tokens in (1024, 2048, 4096):
+        assert profile.stack_factor(tokens) == pytest.approx(want)
+    for tokens in (8192, 16384, 32768):
+        assert profile.stack_factor(tokens) == profile.stack_factor() > 1.05
+    # and the cost model takes it per micro-batch: gpt2-xl at 1 x 1024 runs its blocks at the stacks' figure
+    model, cluster = load_model("gpt2-xl"), cluster_for_profile(profile, None)
+    cfg = ParallelConfig(dp=2, micro_batch_size=1, global_batch_size=32, seq_len=1024)
+    plain = dataclasses.replace(profile, raw={})
+    comm = CommModel(cluster, profile)
+    got, ref = block_time(model, cluster, cfg, comm, profile, "torch"), block_time(model, cluster, cfg, comm, plain, "torch")
+    assert got.fwd == pytest.approx(want * ref.fwd) and fit_factor(profile, "torch", 1024) == pytest.approx(want)

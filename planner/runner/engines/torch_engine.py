@@ -87,7 +87,8 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     if masters:  # bf16 weights without FSDP: AdamW on fp32 master copies (see Precision above)
         optimizer = MasterWeightsOptimizer(masters, opts.lr)
     else:  # fp32 parameters: FSDP2's sharded masters, or an fp32 run
-        optimizer = make_optimizer((p for m in modules for p in m.parameters()), opts.lr)
+        optimizer = make_optimizer((p for m in modules for p in m.parameters()), opts.lr,
+                                   offloaded=_offload(cfg, device) is not None and fsdp)
     # DDP (gradient_as_bucket_view): keep the gradients as views of its buckets from step to step (zeroed, not
     # freed). Freed, the no_sync micro-batches of gradient accumulation would build fresh gradient tensors
     # beside the buckets: 2 more bytes per parameter until the last micro-batch (llama-3-8b, DDP, 4 micro-batches
@@ -234,8 +235,9 @@ def _notes(cfg, device: torch.device, fsdp: bool, dtype: str) -> list[str]:
         notes.append("flash_attention false: the run still uses torch SDPA (fused where available); the plan's memory "
                      "assumes stored seq x seq scores")
     if cfg.offload_optimizer:
-        notes.append("offload_optimizer: FSDP2 CPUOffloadPolicy (parameters, gradients and optimizer states on the host)"
-                     if fsdp and device.type == "cuda" else "offload_optimizer ignored (needs FSDP on CUDA)")
+        notes.append(("offload_optimizer: FSDP2 CPUOffloadPolicy (parameters, gradients and optimizer states on the host)"
+                      if device.type == "cuda" else "offload_optimizer: FSDP2 without CPUOffloadPolicy on the CPU "
+                      "(the states are on the host already)") if fsdp else "offload_optimizer ignored (needs FSDP2)")
     if device.type != "cuda":
         notes.append("CPU: peak memory is not measured (no caching allocator statistics)")
     return notes
