@@ -452,7 +452,8 @@ def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingF
                       if s.get("accumulate") else None,
                       accumulate_edge=_fit(s["accumulate_edge"], f"{source}: sharding", "slope_s_per_token")
                       if s.get("accumulate_edge") else None)
-    require(fit.group_size >= 2, f"{source}: sharding entries need group_size >= 2, got {fit.group_size}")
+    # group size 1: a one-device profile's stacks (a world of one: DeepSpeed's ZeRO machinery, FSDP2's wrapping)
+    require(fit.group_size >= 1, f"{source}: sharding entries need group_size >= 1, got {fit.group_size}")
     require(fit.impl in SHARDING_IMPLS or re.fullmatch(r"fsdp2-tp[1-9][0-9]*", fit.impl) is not None,
             f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}, fsdp2-tp<N>")
     return fit

@@ -201,19 +201,20 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool,
         out["host_to_device_gb_s"] = host_to_device_gb_s(256 * 2**20, device)
     out["optimizer_s_per_param"] = optimizer_s_per_param(2**28 if cuda else 2**20, device, repeats=10 if cuda else 3)
     on_point("optimizer step")
-    if cuda:  # the torch engine's offloaded step: make_optimizer's AdamW on fp32 tensors in host memory
-        out["host_optimizer_s_per_param"] = host_optimizer_s_per_param(2**26 if not quick else 2**25)
+    if cuda:  # the torch engine's offloaded step: make_optimizer's AdamW on fp32 tensors in host memory, with the
+        # threads `distplan run` gives each rank (launch._spawn: the host's cores over the node's GPUs)
+        threads = max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))
+        out["host_optimizer_s_per_param"] = host_optimizer_s_per_param(2**26 if not quick else 2**25, threads=threads)
     return out
 
 
-def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16) -> float:
+def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16, threads: int | None = None) -> float:
     """Seconds per parameter of the torch engine's AdamW step (parallelize.make_optimizer) on fp32 parameters and
     gradients in host memory, as FSDP2's CPUOffloadPolicy leaves them (the engine's optimizer offload), over
-    `numel` parameters in `tensors` tensors, with this process's CPU threads. Median of `repeats` after a warm-up.
+    `numel` parameters in `tensors` tensors, with `threads` CPU threads (default: this process's). Median of
+    `repeats` after a warm-up.
     The per-parameter loop took 26 ns per parameter on the 2x H200 host (gpt2-xl ZeRO-3 with offload: a 20.7 s
     step of 0.78 B parameters, call 27); the engine runs the fused CPU kernel."""
-    import time
-
     from planner.runner.parallelize import make_optimizer
 
     per = max(1, numel // tensors)
@@ -221,12 +222,16 @@ def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16) 
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
     opt = make_optimizer(params, lr=1e-4, offloaded=True)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
+    times, before = [], torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     del opt, params
     return sorted(times)[len(times) // 2] / (per * tensors)
 

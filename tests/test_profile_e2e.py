@@ -11,7 +11,7 @@ import yaml
 
 from conftest import parse_json
 from planner.cluster import load_cluster
-from planner.profile import cluster_for_profile, load_profile
+from planner.profile import cluster_for_profile, load_profile, save_profile
 from profilers import comm
 from profilers.fit import collective_time_s
 from profilers.run import ProfileRequest, run_profile
@@ -387,3 +387,8 @@ def test_one_device_measures_the_stacks_in_a_world_of_one(tmp_path):
     med = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
     assert prof.stack_factor() == pytest.approx(max(1.0, med))
     assert ticks and ticks[-1][1] <= ticks[-1][2]
+    # and it round-trips through its file (the loader once refused group size 1: the H200 campaign's first try)
+    save_profile(prof, tmp_path / "p1.yaml")
+    again = load_profile(tmp_path / "p1.yaml")
+    assert again.stack_factor() == pytest.approx(prof.stack_factor())
+    assert {(s.group_size, s.impl) for s in again.sharding} == {(1, "fsdp2")}

@@ -356,3 +356,26 @@ def test_weights_are_drawn_on_the_runs_gpu_and_on_the_cpu_elsewhere(monkeypatch)
     seen.clear()
     materialise(build_stage(TINY, 0, 1, has_embed=True, has_head=False), torch.device("cpu"), TINY, seed=5)
     assert set(seen) == {torch.device("cpu")}
+
+
+@pytest.mark.parametrize("device_type,preset,want", [("cuda", None, "16"), ("cuda", "3", "3"), ("cpu", "3", "16")])
+def test_each_rank_gets_its_share_of_the_host_cores(monkeypatch, tmp_path, device_type, preset, want):
+    """`distplan run` gives each rank cores / ranks OpenMP threads on GPUs too (a user's OMP_NUM_THREADS wins there):
+    with every rank's pool on all cores the torch engine's offloaded AdamW ran 37x slower than one process measured
+    (2x H200, call 29). On the CPU each rank's share always (a rank is a device)."""
+    import planner.runner.launch as launch
+
+    seen = []
+
+    class FakePopen:
+        def __init__(self, argv, env, **kw):
+            seen.append(env)
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 32)
+    if preset is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    launch._spawn(str(tmp_path / "plan.yaml"), RunOptions(), 2, tmp_path, device_type)
+    assert [e["OMP_NUM_THREADS"] for e in seen] == [want, want]
