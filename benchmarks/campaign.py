@@ -301,6 +301,22 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
 
 # ---- running ------------------------------------------------------------------------------------------
 
+
+def run_key(spec: PlanSpec) -> tuple[str, str]:
+    """(engine, digest of the program it runs): two plans with one key are one run. The torch engine without
+    data parallelism and without offload builds the same program at every ZeRO stage (nothing to shard: the
+    runner's note "dp=1: no data parallelism"); on one H200 FSDP2's baseline at ZeRO-3 and DDP's at ZeRO-0 were that
+    one program, measured twice 0.03% and 0.45% apart (campaign_1xh200, calls 5-6)."""
+    from planner.memory import torch_engine_fsdp
+    from planner.plan import load_plan
+
+    plan = load_plan(spec.plan_path)
+    cfg = plan.parallel
+    if spec.engine == "torch" and cfg.dp * cfg.cp == 1 and not torch_engine_fsdp(cfg):
+        plan = replace(plan, parallel=replace(cfg, zero_stage=0))
+    return spec.engine, plan.digest()
+
+
 # process start, model build and engine set-up per run, before the case's first run has measured its own
 # (run_2xh200 walls were 55-90 s for gpt2-xl including 8 steps and a --check-numerics reference run)
 STARTUP_S = {"cpu": 8.0, "cuda": 45.0}
@@ -431,7 +447,6 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
     `measured` ((case, engine, config) -> (row, call), from `measured_runs`): a plan an earlier call of this machine
     ran is not run again; its row carries that measurement beside today's prediction (`measured_in`), as the merge
     does for a plan skipped for time, so a re-run after a fix spends its time on the plans it has not measured."""
-    from planner.plan import load_plan
 
     start = clock()
     case = CASES[case_name]
@@ -455,7 +470,7 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
         if dry_run:
             rows.append(_row(case_name, case, spec, None, "dry-run"))
             continue
-        key = (spec.engine, load_plan(spec.plan_path).digest())
+        key = run_key(spec)
         if measured and (case_name, spec.engine, spec.config) in measured:
             rows.append(_carried(_row(case_name, case, spec, None, "skipped", "measured earlier (--measured)"), measured))
             log(f"  -> measured in {rows[-1]['measured_in']}: {rows[-1]['measured_step_time_s']} s, not run again")

@@ -131,6 +131,32 @@ def test_tiny_campaign_on_one_process(tmp_path):
     ran = {r["name"]: r for r in rows if r["status"] == "ran"}
     assert set(ran) == {"distplan", "ddp", "deepspeed-zero2", "fsdp2-full", "megatron-heuristic", "alt1", "alt2", "alt3"}
     assert all(r["measured_step_time_s"] > 0 and r["config"].startswith("dp1 tp1 pp1") for r in ran.values())
+    # FSDP2's baseline without data parallelism is DDP's program (run_key): measured once
+    if ran["fsdp2-full"]["config"].replace("zero3", "zero0") == ran["ddp"]["config"]:
+        assert "reused" in ran["fsdp2-full"]["why"]
+        assert ran["fsdp2-full"]["measured_step_time_s"] == ran["ddp"]["measured_step_time_s"]
+
+
+def test_plans_the_engine_runs_alike_share_one_run(tmp_path):
+    """run_key: the torch engine without data parallelism or offload runs every ZeRO stage as one program (nothing
+    to shard), so such plans are one run; data parallelism, offload or another engine make them different runs."""
+    from planner.plan import make_plan, save_plan
+
+    model, cluster = load_model("gpt2-xl"), load_cluster("h200-141gb")
+
+    def spec(name, engine="torch", **par):
+        cfg = ParallelConfig(**{"micro_batch_size": 8, "global_batch_size": 32, "seq_len": 1024, **par})
+        path = tmp_path / f"{name}.yaml"
+        save_plan(make_plan(model, cluster, cfg.gpus, cfg, predict(model, cluster, cfg)), path)
+        return campaign.PlanSpec(name, "baseline", engine, str(path), 1.0, 1.0, 1.0, "")
+
+    one = campaign.run_key(spec("z0", zero_stage=0))
+    assert campaign.run_key(spec("z3", zero_stage=3)) == one == campaign.run_key(spec("z1", zero_stage=1))
+    assert campaign.run_key(spec("off", zero_stage=1, offload_optimizer=True)) != one  # FSDP2 with CPU offload
+    assert campaign.run_key(spec("ds", engine="deepspeed", zero_stage=3))[0] == "deepspeed"
+    assert campaign.run_key(spec("ds2", engine="deepspeed", zero_stage=2)) != campaign.run_key(spec("ds3", engine="deepspeed", zero_stage=3))
+    two = dict(dp=2, micro_batch_size=4)
+    assert campaign.run_key(spec("dp2z0", zero_stage=0, **two)) != campaign.run_key(spec("dp2z3", zero_stage=3, **two))
 
 
 @pytest.mark.slow
