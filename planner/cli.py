@@ -101,6 +101,7 @@ def estimate(
     no_flash: bool = typer.Option(False, "--no-flash-attention", help="Unfused attention (stores s*s scores)."),
     no_overlap: bool = typer.Option(False, "--no-overlap-grad-reduce", help="Data-parallel reduce after backward."),
     profile: Optional[str] = ProfileOpt,
+    engine: str = typer.Option("any", "--engine", help="Who runs it (distplan run's engines): any, torch, deepspeed, megatron; their measured costs apply."),
     fmt: str = FormatOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write this configuration as a plan file (for run, emit, show)."),
@@ -121,7 +122,7 @@ def estimate(
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
-                          overlap_grad_reduce=not no_overlap, profile=profile)
+                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine)
     result = run_estimate(req)
     if fmt == "json":
         print(json.dumps(result.to_json(), indent=2))

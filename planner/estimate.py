@@ -35,6 +35,7 @@ class EstimateRequest:
     flash_attention: bool = True
     overlap_grad_reduce: bool = True
     profile: str | None = None
+    engine: str = "any"  # who runs it: its measured costs apply (FSDP2's, DeepSpeed's, megatron-core's layer)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ class EstimateResult:
     config: ParallelConfig
     prediction: Prediction
     profile_path: str | None
+    engine: str = "any"
 
     def to_json(self) -> dict:
-        return {"model": self.model.name, "cluster": self.cluster.name, "gpus": self.config.gpus,
+        return {"model": self.model.name, "cluster": self.cluster.name, "gpus": self.config.gpus, "engine": self.engine,
                 "parallel": self.config.to_dict(), "num_microbatches": self.config.num_microbatches,
                 **self.prediction.to_dict(), "profile": self.profile_path}
 
@@ -93,8 +95,17 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
                          recompute=req.recompute, layer_split=parse_layer_split(req.layer_split),
                          flash_attention=req.flash_attention, overlap_grad_reduce=req.overlap_grad_reduce)
     validate_config(model, cfg, req.gpus)
-    return EstimateResult(model=model, cluster=cluster, config=cfg, prediction=predict(model, cluster, cfg, prof),
-                          profile_path=req.profile)
+    from solvers.engines import ENGINE_CHOICES, runnable
+
+    require(req.engine in ENGINE_CHOICES, f"--engine '{req.engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+    shape = (f"tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} schedule={cfg.schedule} "
+             f"zero={cfg.zero_stage}{' offload' if cfg.offload_optimizer else ''}{' sp' if cfg.sequence_parallel else ''}")
+    require(runnable(req.engine, cfg), f"--engine {req.engine} does not run {shape} (distplan run's engines: "
+            f"torch has no cp/ep; deepspeed no tp/cp/ep, its pipeline only 1f1b with ZeRO <= 1; megatron no sequence "
+            f"parallel without Transformer Engine, no cp, no offload, ZeRO <= 1); --engine any prices it anyway")
+    return EstimateResult(model=model, cluster=cluster, config=cfg,
+                          prediction=predict(model, cluster, cfg, prof, engine=req.engine), profile_path=req.profile,
+                          engine=req.engine)
 
 
 def plan_from_estimate(result: EstimateResult, command: str):

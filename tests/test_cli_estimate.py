@@ -42,6 +42,9 @@ def test_table_output(cli):
     (["-m", "gpt2", "-n", 8, "--format", "xml"], "--format 'xml' is unknown"),
     (["-m", "gpt2", "-n", 8, "--pp", 2, "--layer-split", "5,5"], "sums to 10"),
     (["-m", "gpt2", "-n", 8, "--pp", 2, "--layer-split", "a,b"], "comma-separated integers"),
+    (["-m", "gpt2", "-n", 8, "--engine", "jax"], "--engine 'jax' is unknown; valid: any, torch, deepspeed, megatron"),
+    (["-m", "llama-3-8b", "-n", 8, "--tp", 2, "--engine", "deepspeed"], "--engine deepspeed does not run tp=2"),
+    (["-m", "gpt2", "-n", 8, "--zero", 1, "--offload-optimizer", "--engine", "megatron"], "--engine megatron does not run"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, needle):
     r = cli("estimate", *args)
@@ -73,3 +76,28 @@ def test_unwritable_output_is_one_line_exit_2(cli, tmp_path):
         r = cli(*cmd, "-o", blocker / "plan.yaml")
         assert r.exit_code == 2 and "cannot write" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not (blocker.parent / "plan.yaml").exists()
+
+
+def test_engine_prices_what_that_engine_runs(cli):
+    """--engine: the engine's own measured costs apply, as `solve --engine` and `distplan run` use them. gpt2-xl ZeRO-1
+    at dp2 on the committed 2xH200 profile: the torch engine runs it as FSDP2 and pays its measured per-block cost,
+    DeepSpeed its own ZeRO optimizer; 'any' (the default) charges the bandwidth model's reduce-scatter and all-gather."""
+    from pathlib import Path
+
+    from planner.model import load_model
+    from planner.predict import predict
+    from planner.profile import load_profile
+    from planner.estimate import EstimateRequest, run_estimate
+
+    prof = str(Path(__file__).resolve().parents[1] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
+    args = ["-m", "gpt2-xl", "-n", 2, "--micro-batch", 16, "--global-batch", 32, "--seq-len", 1024, "--zero", 1,
+            "--profile", prof, "--format", "json"]
+    got = {e: parse_json(cli("estimate", *args, "--engine", e)) for e in ("any", "torch", "deepspeed")}
+    assert got["any"] == parse_json(cli("estimate", *args))
+    res = run_estimate(EstimateRequest(model="gpt2-xl", cluster="", gpus=2, micro_batch=16, global_batch=32,
+                                       seq_len=1024, zero=1, profile=prof))
+    for engine, out in got.items():
+        want = predict(load_model("gpt2-xl"), res.cluster, res.config, load_profile(prof), engine=engine)
+        assert out["step_time_s"] == pytest.approx(want.step_time_s, rel=1e-6)
+    assert len({round(out["step_time_s"], 4) for out in got.values()}) == 3
+    assert [out["engine"] for out in got.values()] == ["any", "torch", "deepspeed"]
