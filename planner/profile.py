@@ -239,9 +239,10 @@ class Profile:
         object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
         object.__setattr__(self, "_stack", self._stack_factor(comm))
 
-    def _stack_factor(self, comm) -> tuple[tuple[float, float], ...]:
-        """(tokens, factor) per micro-batch size the plain stacks ran at: distplan's block inside a stack, on every
-        GPU at once, over the same block alone (empty: not measured).
+    def _stack_factor(self, comm) -> tuple:
+        """Distplan's block inside a stack, on every GPU at once, over the same block alone, as stack_factor reads
+        it: (compute-bound factor, tokens from which the lone block is GPU-bound, ((tokens, factor), ...) of the
+        host-bound stacks), or () where the profile measured no stack (older profiles).
 
         The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
         plain stacks (profilers/sharding.py: STACK blocks, forward + backward, every rank at once, the slowest
@@ -257,9 +258,7 @@ class Profile:
         count (the median over the stacks' modes there, at least 1: the runs at llama-3-8b's micro-batch 1 x 4096
         on 2x H200 matched it, 1.12, not the 1.06 its short stacks measured at 4096 tokens); below, where the
         host's time is the fit, the median of the stacks at that token count, at least the GPU's share of
-        the fit (a block cannot beat its GPU time); between the two, stack_factor interpolates. Returns (compute-bound
-        factor, tokens from which the lone block is GPU-bound, ((tokens, factor) of the host-bound stacks)); () where
-        nothing was measured.
+        the fit (a block cannot beat its GPU time); between the two, stack_factor interpolates.
         """
         points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
                   and not str(p.get("impl", "")).startswith(("tp", "fsdp2-tp"))]  # their plain blocks are tp shards

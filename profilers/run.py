@@ -310,7 +310,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         dist.destroy_process_group()
         if rank != 0:
             return None
-    else:  # one device: a world of one, for the stacks alone (plan_profile)
+    else:  # spawned local ranks; on one device a world of one, for the stacks alone (plan_profile)
         raw_comm = comm.measure_spawned(plan.devices, plan.cuda, plan.comm, tick)
         if plan.devices == 1:
             raw_comm["unmeasured"]["all"] = "one device: no collective to measure"
