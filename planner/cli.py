@@ -348,6 +348,7 @@ def run(
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (the numerics check compares the updates it makes)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds before unfinished ranks are killed and reported as hung."),
     trace: bool = typer.Option(False, "--trace", help="torch engine: profile one extra step and report where it went on the GPU (busy, idle, kernel time per kind)."),
+    memory_peak: bool = typer.Option(False, "--memory-peak", help="torch engine on CUDA: record one extra step's allocations and report what is live at its peak, by where it was allocated."),
 ):
     """Run a plan for real, measure step time, memory and loss, and verify the prediction.
 
@@ -361,7 +362,8 @@ def run(
     from planner.runner.render import render_report
 
     opts = RunOptions(engine=engine, steps=steps, warmup=warmup, seed=seed, data_path=data, data_dtype=data_dtype,
-                      dtype=dtype, lr=lr, timeout_s=timeout, trace=trace)
+                      dtype=dtype, lr=lr, timeout_s=timeout, trace=trace,
+                      memory_peak=memory_peak)
     report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:

@@ -42,6 +42,7 @@ class RunOptions:
     lr: float = 1e-4
     timeout_s: float = 600.0  # a rank that does not finish by then is reported as hung
     trace: bool = False  # torch engine: profile one extra step (planner/runner/trace.py; sets DISTPLAN_TRACE=1)
+    memory_peak: bool = False  # torch engine on CUDA: what is live at one extra step's peak (runner/memory_peak.py)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from planner.errors import DistplanError, require
 from planner.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
+from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV
 from planner.runner.trace import ENV as TRACE_ENV
 
 WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
@@ -125,6 +126,8 @@ def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type:
                    PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         if opts.trace:
             env[TRACE_ENV] = "1"
+        if opts.memory_peak:
+            env[MEMORY_PEAK_ENV] = "1"
         if device_type == "cpu":
             env["OMP_NUM_THREADS"] = str(threads)
         else:
@@ -255,8 +258,12 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     require(tolerance > 0, f"--tolerance must be positive, got {tolerance}")
     require(not calibrate or profile_path is not None, "--calibrate needs --profile PATH (the profile to write the factors into)")
     require(not opts.trace or opts.engine == "torch", f"--trace profiles the torch engine's step only; engine is {opts.engine!r}")
-    plan = load_plan(plan_path)
+    require(not opts.memory_peak or opts.engine == "torch",
+            f"--memory-peak records the torch engine's step only; engine is {opts.engine!r}")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    require(not opts.memory_peak or device_type == "cuda",
+            "--memory-peak needs CUDA (it replays the caching allocator's history); no CUDA device is visible")
+    plan = load_plan(plan_path)
     nproc = check_request(plan, opts, nproc, device_type, torch.cuda.device_count() if device_type == "cuda" else 0)
     from planner.runner.worker import resolve_dtype
 

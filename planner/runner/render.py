@@ -61,6 +61,17 @@ def report_tables(r: Report) -> list[Table]:
                        f"{100 * t['idle_s'] / t['wall_s']:.0f}%", kinds or "no GPU kernels")
         tables.append(tr)
 
+    peaks = [rk for rk in r.ranks if isinstance(rk.get("memory_peak"), dict)]
+    if peaks:  # --memory-peak (planner/runner/memory_peak.py): one extra step, the allocator's history recorded
+        mp = Table(title="memory at one extra step's peak (GiB; allocated in the step, by where)", title_justify="left")
+        for col in ("rank", "before the step", "step peak", "largest places live at the peak"):
+            mp.add_column(col, justify="left" if col.startswith("largest") else "right")
+        for rk in peaks:
+            m = rk["memory_peak"]
+            places = "; ".join(f"{p['gib']:.2f} {escape(p['where'])}" for p in m["live_at_peak"][:3])
+            mp.add_row(str(rk["rank"]), f"{m['before_step_gib']:.2f}", f"{m['step_peak_gib']:.2f}", places or "none")
+        tables.append(mp)
+
     if r.failures:
         fail = Table(title="failures", title_justify="left")
         for col in ("rank", "step", "kind", "reason"):

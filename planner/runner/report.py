@@ -23,7 +23,7 @@ from planner.plan import Plan
 from planner.runner.engine_api import RankResult
 
 RANK_EXTRAS = ("dp_rank", "tp_rank", "chunks", "optimizer_s", "microbatch_s", "alloc_retries", "chunk_compute_s",
-               "chunk_host_s", "trace")  # engine extras per rank
+               "chunk_host_s", "trace", "memory_peak")  # engine extras per rank
 REPORT_VERSION = 1
 GIB = 1024**3
 

@@ -49,7 +49,7 @@ from planner.errors import require
 from planner.memory import torch_engine_fsdp
 from planner.modeling import lm_loss
 from planner.plan import Plan
-from planner.runner import trace
+from planner.runner import memory_peak, trace
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
@@ -116,11 +116,15 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     data = DataSource(spec, cfg.seq_len, cfg.global_batch_size, seed=opts.seed, path=opts.data_path, dtype=opts.data_dtype)
     dp_group = mesh["dp"].get_group()
     step_times, losses, optimizer_times, microbatch_times = [], [], [], []
-    trace_summary = None  # DISTPLAN_TRACE=1: one more step, profiled (planner/runner/trace.py), not measured
-    for step in range(opts.warmup + opts.steps + (1 if trace.enabled() else 0)):
-        extra = step >= opts.warmup + opts.steps
+    # one more step each, not measured: DISTPLAN_TRACE=1 profiled (planner/runner/trace.py), DISTPLAN_MEMORY_PEAK=1
+    # with the allocator's history recorded (planner/runner/memory_peak.py; CUDA only)
+    extras = (["trace"] if trace.enabled() else []) + (["memory"] if memory_peak.enabled() and device.type == "cuda" else [])
+    trace_summary, peak_summary = None, None
+    for step in range(opts.warmup + opts.steps + len(extras)):
+        extra = extras[step - opts.warmup - opts.steps] if step >= opts.warmup + opts.steps else None
         measured = opts.warmup <= step and not extra
-        with (trace.traced(device) if extra else nullcontext()) as kernels:
+        recorder = trace.traced(device) if extra == "trace" else memory_peak.recorded(device) if extra else nullcontext()
+        with recorder as kernels:
             mark_step(step)
             inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
             inputs, targets = inputs.to(device), targets.to(device)
@@ -154,8 +158,10 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                 loss = loss / cfg.dp
             if not extra:
                 losses.append(float(loss) if loss is not None else math.nan)
-        if extra:
+        if extra == "trace":
             trace_summary = trace.summarize(kernels, step_wall)
+        elif extra == "memory":
+            peak_summary = dict(kernels)
 
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
@@ -178,7 +184,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                # pp > 1: the host's seconds inside the same chunk calls (median per step)
                "chunk_host_s": {k: statistics.median(t[k] for t in chunk_host) for k in ("fwd", "bwd")}
                if chunk_host else None,
-               "trace": trace_summary},
+               "trace": trace_summary, "memory_peak": peak_summary},
     )
 
 
