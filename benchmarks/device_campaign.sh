@@ -17,6 +17,7 @@
 #   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
 #   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1);
 #   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it);
+#   DISTPLAN_MEMORY_PEAK=1: torch-engine runs record one extra step's allocations (planner/runner/memory_peak.py);
 #   RUN_WITHOUT_PROFILE=1 (with FRESH=1): run a case whose fresh profile failed, on the local GPU's preset.
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
