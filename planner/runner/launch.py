@@ -36,6 +36,7 @@ from planner.errors import DistplanError, require
 from planner.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
+from planner.runner import gpu_clocks
 from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV
 from planner.runner.trace import ENV as TRACE_ENV
 
@@ -273,11 +274,18 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
     procs: list[subprocess.Popen] = []
+    sampler, clocks = None, {}
     try:
+        if device_type == "cuda":  # the GPUs' clocks and power beside the run (planner/runner/gpu_clocks.py)
+            sampler = gpu_clocks.start(tmp / "gpu_clocks.csv")
         procs = _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type)
         primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
         results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s, reaped)
+        if sampler is not None:
+            gpu_clocks.stop(sampler)
+            clocks = gpu_clocks.summarize((tmp / "gpu_clocks.csv").read_text(errors="replace"))
     finally:
+        gpu_clocks.stop(sampler)
         _kill(procs)  # no-op unless interrupted (KeyboardInterrupt) while they ran
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -291,7 +299,8 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
             numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
                                  "cuda:0" if device_type == "cuda" else "cpu", opts.data_path, opts.data_dtype)
     where = f"{device_type} ({torch.cuda.get_device_name(0)})" if device_type == "cuda" else device_type
-    notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {where}",)
+    clock_note = gpu_clocks.note(clocks)
+    notes = (f"launched {nproc} worker processes ({WORKER_MODULE}) on {where}",) + ((clock_note,) if clock_note else ())
     data = (f"file {opts.data_path} ({opts.data_dtype})" if opts.data_path else f"synthetic (seed {opts.seed})")
     report = build_report(plan, str(plan_path), opts.engine, device_type, opts.dtype,
                           opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
