@@ -48,6 +48,10 @@ def render_prediction(console: Console, result) -> None:
     cfg = result.config
     title = (f"{result.model.name} on {cfg.gpus} x {result.cluster.gpu.name}: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} "
              f"cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} mb={cfg.micro_batch_size} x {cfg.num_microbatches} "
-             f"{cfg.schedule} zero={cfg.zero_stage} recompute={cfg.recompute}{' sp' if cfg.sequence_parallel else ''}")
+             f"{cfg.schedule} zero={cfg.zero_stage} recompute={cfg.recompute}{' sp' if cfg.sequence_parallel else ''}"
+             f"{' offload' if cfg.offload_optimizer else ''}")
+    engine = getattr(result, "engine", "any")
+    if engine != "any":
+        title += f", as the {engine} engine runs it"
     for t in prediction_tables(result.prediction, title):
         console.print(t)

@@ -101,3 +101,5 @@ def test_engine_prices_what_that_engine_runs(cli):
         assert out["step_time_s"] == pytest.approx(want.step_time_s, rel=1e-6)
     assert len({round(out["step_time_s"], 4) for out in got.values()}) == 3
     assert [out["engine"] for out in got.values()] == ["any", "torch", "deepspeed"]
+    table = " ".join(cli("estimate", *args[:-2], "--engine", "deepspeed").stdout.split())  # rich wraps the title
+    assert "as the deepspeed engine runs it" in table and "engine runs it" not in " ".join(cli("estimate", *args[:-2]).stdout.split())
