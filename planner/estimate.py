@@ -95,14 +95,12 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
                          recompute=req.recompute, layer_split=parse_layer_split(req.layer_split),
                          flash_attention=req.flash_attention, overlap_grad_reduce=req.overlap_grad_reduce)
     validate_config(model, cfg, req.gpus)
-    from solvers.engines import ENGINE_CHOICES, runnable
+    from solvers.engines import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
 
-    require(req.engine in ENGINE_CHOICES, f"--engine '{req.engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
     shape = (f"tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} schedule={cfg.schedule} "
              f"zero={cfg.zero_stage}{' offload' if cfg.offload_optimizer else ''}{' sp' if cfg.sequence_parallel else ''}")
-    require(runnable(req.engine, cfg), f"--engine {req.engine} does not run {shape} (distplan run's engines: "
-            f"torch has no cp/ep; deepspeed no tp/cp/ep, its pipeline only 1f1b with ZeRO <= 1; megatron no sequence "
-            f"parallel without Transformer Engine, no cp, no offload, ZeRO <= 1); --engine any prices it anyway")
+    require(runnable(req.engine, cfg), f"--engine {req.engine} does not run {shape} ({req.engine}: "
+            f"{ENGINE_LIMITS.get(req.engine, '')}); --engine any prices it anyway")
     return EstimateResult(model=model, cluster=cluster, config=cfg,
                           prediction=predict(model, cluster, cfg, prof, engine=req.engine), profile_path=req.profile,
                           engine=req.engine)

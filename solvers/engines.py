@@ -11,22 +11,27 @@ from planner.errors import DistplanError
 from planner.job import ParallelConfig
 
 ENGINE_CHOICES = ("any", "torch", "deepspeed", "megatron")
+# what `runnable` allows per engine, in words (for refusals such as `estimate --engine`)
+ENGINE_LIMITS = {
+    "torch": "DDP/FSDP2, DTensor TP+SP and torch.distributed.pipelining: no cp or ep, and pipelining needs at least "
+             "pp micro-batches (interleaved: a multiple of its rounds)",
+    "deepspeed": "ZeRO 0-3 and offload, no tp, cp or ep; its pipeline engine 1f1b without vpp and with ZeRO <= 1",
+    "megatron": "megatron-core's local layer spec: no sequence parallel (needs Transformer Engine), no cp, no offload, "
+                "ZeRO <= 1, no gpipe, not ep with tp",
+}
 
 
 def runnable(engine: str, cfg: ParallelConfig) -> bool:
-    """True when `engine` runs `cfg` (for "any": every configuration the cost model knows)."""
+    """True when `engine` runs `cfg` (for "any": every configuration the cost model knows); ENGINE_LIMITS in words."""
     if engine == "any":
         return True
     if engine == "torch":
-        # PyTorch-native runner: DDP/FSDP2, DTensor TP+SP, torch.distributed.pipelining; no CP or EP
         return cfg.cp == 1 and cfg.ep == 1 and torch_pipeline_ok(cfg)
     if engine == "deepspeed":
-        # DeepSpeed engine: ZeRO 0-3 and offload; its pipeline engine only with ZeRO <= 1, 1F1B, no TP/CP/EP
         return (cfg.tp == 1 and cfg.cp == 1 and cfg.ep == 1 and cfg.vpp == 1 and cfg.schedule == "1f1b"
                 and (cfg.pp == 1 or cfg.zero_stage <= 1))
     if engine == "megatron":
-        # megatron-core with the local layer spec: no sequence parallel without Transformer Engine, no CP,
-        # no optimizer offload; ZeRO-2/3 would run as the distributed optimizer (ZeRO-1), so only 0/1
+        # ZeRO-2/3 would run as the distributed optimizer (ZeRO-1), so only 0/1
         return (not cfg.sequence_parallel and cfg.cp == 1 and not cfg.offload_optimizer and cfg.zero_stage <= 1
                 and cfg.schedule != "gpipe" and not (cfg.ep > 1 and cfg.tp > 1))
     raise DistplanError(f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
