@@ -281,11 +281,10 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
         procs = _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type)
         primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
         results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s, reaped)
+    finally:
         if sampler is not None:
             gpu_clocks.stop(sampler)
             clocks = gpu_clocks.summarize((tmp / "gpu_clocks.csv").read_text(errors="replace"))
-    finally:
-        gpu_clocks.stop(sampler)
         _kill(procs)  # no-op unless interrupted (KeyboardInterrupt) while they ran
         shutil.rmtree(tmp, ignore_errors=True)
 

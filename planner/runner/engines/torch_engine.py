@@ -124,7 +124,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
         extra = extras[step - opts.warmup - opts.steps] if step >= opts.warmup + opts.steps else None
         measured = opts.warmup <= step and not extra
         recorder = trace.traced(device) if extra == "trace" else memory_peak.recorded(device) if extra else nullcontext()
-        with recorder as kernels:
+        with recorder as recorded:  # the trace's kernels, or the memory record's summary
             mark_step(step)
             inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
             inputs, targets = inputs.to(device), targets.to(device)
@@ -159,9 +159,9 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
             if not extra:
                 losses.append(float(loss) if loss is not None else math.nan)
         if extra == "trace":
-            trace_summary = trace.summarize(kernels, step_wall)
+            trace_summary = trace.summarize(recorded, step_wall)
         elif extra == "memory":
-            peak_summary = dict(kernels)
+            peak_summary = dict(recorded)
 
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
