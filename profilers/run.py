@@ -22,7 +22,7 @@ from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
-from profilers.sharding import ShardingSettings, fit_sharding
+from profilers.sharding import STACK, ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
 DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine without any
@@ -44,7 +44,7 @@ class ProfileRequest:
     base: str | None = None
     # blocks in the sharding profiler's larger stack (profilers/sharding.py): the per-block figure is the difference
     # to one block over stack - 1, so a longer stack measures it with more signal (and takes longer)
-    stack_blocks: int = 4
+    stack_blocks: int = STACK
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import planner
 from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
 from planner.errors import DistplanError, require
 from planner.plan import Plan, load_plan
-from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
+from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
 from planner.runner import gpu_clocks
 from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV
@@ -119,7 +119,7 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str) -> list[subprocess.Popen]:
     port = _free_port()
     root = str(Path(planner.__file__).resolve().parents[1])
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = host_threads_per_rank(nproc)
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
