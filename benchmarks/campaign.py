@@ -738,14 +738,16 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def call_number(folder: str) -> float:
+    """N of a call's folder `callN-...` (the device calls are numbered in the order they ran); inf without one."""
+    m = re.match(r"call(\d+)(?:\D|$)", folder)
+    return int(m.group(1)) if m else math.inf
+
+
 def call_order(rows_files: list[str]) -> list[str]:
-    """rows.json files in the order their calls ran: by N in their folder's name `callN-...` (a shell glob such as
+    """rows.json files in the order their calls ran: by `call_number` of their folder (a shell glob such as
     campaign_2xh200/call*/rows.json lists call10 before call2), then as given; a folder without N goes last."""
-    def key(item):
-        i, f = item
-        m = re.match(r"call(\d+)(?:\D|$)", Path(f).parent.name)
-        return (int(m.group(1)) if m else math.inf, i)
-    return [f for _, f in sorted(enumerate(rows_files), key=key)]
+    return [f for _, f in sorted(enumerate(rows_files), key=lambda t: (call_number(Path(t[1]).parent.name), t[0]))]
 
 
 def measured_runs(rows_files: list[str]) -> dict[tuple, tuple[dict, str]]:

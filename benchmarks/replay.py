@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import sys
 import tarfile
 import tempfile
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from campaign import merge_rows, spearman  # noqa: E402
+from campaign import call_number, merge_rows, spearman  # noqa: E402
 from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
@@ -40,10 +39,9 @@ from planner.profile import cluster_for_profile, load_profile, with_host_memory 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
 
-def _call_order(call: Path) -> tuple[int, str]:
-    """call2-x before call10-y (the device calls are numbered in the order they ran)."""
-    m = re.match(r"call(\d+)", call.name)
-    return (int(m.group(1)) if m else 0, call.name)
+def _call_order(call: Path) -> tuple[float, str]:
+    """call2-x before call10-y (campaign.call_number)."""
+    return (call_number(call.name), call.name)
 
 
 def _out_of_memory(row: dict) -> bool:
