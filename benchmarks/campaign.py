@@ -196,8 +196,8 @@ def _summary(cfg: ParallelConfig) -> str:
 
 
 def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
-    """torch.distributed.pipelining's micro-batch rule (solvers.engines.torch_pipeline_ok) for torch plans."""
-    from solvers.engines import torch_pipeline_ok
+    """torch.distributed.pipelining's micro-batch rule (planner.engine_support.torch_pipeline_ok) for torch plans."""
+    from planner.engine_support import torch_pipeline_ok
 
     return engine != "torch" or torch_pipeline_ok(cfg)
 
@@ -246,7 +246,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
     from planner.plan import make_plan, save_plan
     from planner.profile import load_profile
-    from solvers.engines import runnable
+    from planner.engine_support import runnable
     from solvers.request import SolveRequest, run_solve
 
     out_dir = Path(out_dir)

@@ -95,7 +95,7 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
                          recompute=req.recompute, layer_split=parse_layer_split(req.layer_split),
                          flash_attention=req.flash_attention, overlap_grad_reduce=req.overlap_grad_reduce)
     validate_config(model, cfg, req.gpus)
-    from solvers.engines import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
+    from planner.engine_support import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
 
     shape = (f"tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} schedule={cfg.schedule} "
              f"zero={cfg.zero_stage}{' offload' if cfg.offload_optimizer else ''}{' sp' if cfg.sequence_parallel else ''}")

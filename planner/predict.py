@@ -279,7 +279,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # DeepSpeed's pipeline engine runs BF16_Optimizer: its copies around the step (costmodel.DS_BF16_*).
             # gpt2-xl pp2 at 8 x 4 measured 0.540 s: 0.536 predicted without these copies, 0.546 with (2xH200,
             # call 20). Without a pipeline DeepSpeed's bf16 ZeRO-0 runs FP16_UnfusedOptimizer, which the solver
-            # leaves out (solvers.engines.modelled)
+            # leaves out (planner.engine_support.modelled)
             opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
                                                                     + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),

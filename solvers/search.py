@@ -40,7 +40,7 @@ from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
-from solvers.engines import modelled, runnable
+from planner.engine_support import modelled, runnable
 
 MAX_MICRO_BATCH = 64
 MAX_VPP = 8

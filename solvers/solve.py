@@ -18,7 +18,7 @@ from planner.model import ModelSpec
 from planner.plan import Plan, make_plan
 from planner.predict import Prediction, predict
 from planner.profile import Profile, gpu_family
-from solvers.engines import ENGINE_CHOICES, forced_settings
+from planner.engine_support import ENGINE_CHOICES, forced_settings
 from solvers.explain import alternative_entry, leanest_message, rationale, why_lost
 from solvers.inter_op import best_layer_split
 from solvers.intra_op import BACKENDS
@@ -115,8 +115,8 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
     with why each lost. `time_limit_s` bounds the search: the best plan found so far is returned and the
     plan says so; DistplanError when nothing was found in time. `progress(done, total)` is called as
     candidates are evaluated. flash_attention / overlap_grad_reduce are fixed settings, not searched.
-    `engine` keeps only plans that `distplan run --engine` can execute (solvers/engines.py); "any" keeps all.
-    The engine's forced settings override the arguments (solvers.engines.forced_settings: megatron without
+    `engine` keeps only plans that `distplan run --engine` can execute (planner/engine_support.py); "any" keeps all.
+    The engine's forced settings override the arguments (planner.engine_support.forced_settings: megatron without
     `transformer_engine` plans unfused attention, flash_attention=False).
     """
     start = clock()

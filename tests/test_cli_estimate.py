@@ -103,3 +103,16 @@ def test_engine_prices_what_that_engine_runs(cli):
     assert [out["engine"] for out in got.values()] == ["any", "torch", "deepspeed"]
     table = " ".join(cli("estimate", *args[:-2], "--engine", "deepspeed").stdout.split())  # rich wraps the title
     assert "as the deepspeed engine runs it" in table and "engine runs it" not in " ".join(cli("estimate", *args[:-2]).stdout.split())
+
+
+def test_estimate_does_not_import_the_solver():
+    """`estimate --engine` checks what the engine runs (planner.engine_support) without the solver package, whose
+    import (ILP backends, the operator graph) took 1.4 s of estimate's 1.7 s (benchmarks/results/estimate_accuracy.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from planner.estimate import EstimateRequest, run_estimate; "
+            "run_estimate(EstimateRequest(model='gpt2-xl', cluster='h200-141gb', gpus=2, zero=1, engine='torch')); "
+            "print(sorted(m for m in sys.modules if m == 'solvers' or m.startswith('solvers.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
