@@ -32,6 +32,12 @@ WEIGHT_BYTES = 2  # bf16 weights
 GRAD_BYTES = 2  # bf16 gradients (ZeRO paper's accounting)
 OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + variance (ZeRO's K = 12)
 LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad
+# ... where the logits are a temporary of the loss call (the torch and deepspeed engines without a pipeline:
+# lm_loss(model(x), y)): the bf16 logits and their fp32 copy are freed once log-softmax has its output, and its
+# backward holds the output, its gradient and the input's gradient (4 + 4 + 4). gpt2-xl at 32 x 1024 tokens peaked
+# 2.9-3.0 GiB (2 bytes x b x s x vocabulary) under the 14-byte term with and without full recompute (one H200,
+# calls 5-6; 2xH200 rc=full, calls 27-28); a pipeline stage keeps its output for backward (14).
+LOGIT_BYTES_TEMPORARY = 4 + 4 + 4
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
 FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
 # sharded data parallelism (FSDP2, DeepSpeed ZeRO-2/3) allocates and frees gathered and reduced buffers of many
@@ -330,7 +336,8 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # loss on it: llama-3-8b tp2 at micro-batch 8 (128k vocabulary) peaked 20.4 GiB above the 1/tp term
         # (108.4 against 88.0 GiB predicted; 2xH200, call 17).
         vocab_split = 1 if engine == "torch" else cfg.tp
-        logits = LOGIT_BYTES * b * (s / cfg.cp) * model.vocab_size / vocab_split
+        per_logit = LOGIT_BYTES_TEMPORARY if engine in ("torch", "deepspeed") and cfg.pp == 1 else LOGIT_BYTES
+        logits = per_logit * b * (s / cfg.cp) * model.vocab_size / vocab_split
 
     if z >= 3:
         # gathered full weights of the current and the prefetched layer, and one layer's unsharded grads

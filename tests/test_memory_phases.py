@@ -10,8 +10,9 @@ from planner.job import ParallelConfig
 from planner.memory import GIB, grads_in_forward, stage_memory
 from planner.model import load_model
 from planner.predict import predict
-from planner.profile import load_profile
+from planner.profile import cluster_for_profile, load_profile
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profile_2xh200"
 H200 = load_cluster("h200-141gb")
 
@@ -112,11 +113,27 @@ def test_torch_engine_tp_keeps_the_whole_vocabulary_of_logits_per_rank():
     """The torch engine's TP head gathers full logits on each rank (apply_tp), Megatron's are vocabulary-parallel:
     llama-3-8b tp2 at micro-batch 8 x 4096 tokens (call 17) peaked 20.4 GiB over the 1/tp logits."""
     from planner.job import ParallelConfig
-    from planner.memory import LOGIT_BYTES, stage_memory
+    from planner.memory import LOGIT_BYTES, LOGIT_BYTES_TEMPORARY, stage_memory
     from planner.model import load_model
 
     model = load_model("llama-3-8b")
     cfg = ParallelConfig(tp=2, micro_batch_size=8, global_batch_size=8, seq_len=4096, recompute="full")
     full = LOGIT_BYTES * 8 * 4096 * model.vocab_size
-    assert stage_memory(model, cfg, 0, 32, engine="torch").logits == pytest.approx(full)
+    # without a pipeline the torch engine's logits are the loss call's temporary (12 bytes, not 14)
+    assert stage_memory(model, cfg, 0, 32, engine="torch").logits == pytest.approx(full * LOGIT_BYTES_TEMPORARY / LOGIT_BYTES)
     assert stage_memory(model, cfg, 0, 32, engine="megatron").logits == pytest.approx(full / 2)
+    # a pipeline's last stage keeps its output (the logits) for backward: all 14 bytes
+    piped = ParallelConfig(tp=2, pp=2, micro_batch_size=8, global_batch_size=16, seq_len=4096, recompute="full")
+    assert stage_memory(model, piped, 1, 16, engine="torch").logits == pytest.approx(full)
+
+
+def test_logits_of_a_loss_temporary_match_one_h200():
+    """gpt2-xl at 32 x 1024 tokens on one H200 (campaign_1xh200, call 5), the torch engine without a pipeline:
+    with full recompute and optimizer offload the peak is the logits' (the end of the forward), 26.25 GiB
+    allocated; the 14-byte logits term put it at 29.2 GiB (-10.1%), the loss temporary's 12 bytes within 1%."""
+    gpt = load_model("gpt2-xl")
+    prof = load_profile(ROOT / "benchmarks/results/campaign_1xh200/call5-gpt2xl/profiles/profile-gpt2-xl-s1024.yaml")
+    h200 = cluster_for_profile(prof, load_cluster("h200-141gb"))
+    cfg = ParallelConfig(dp=1, zero_stage=1, micro_batch_size=32, global_batch_size=32, seq_len=1024,
+                         recompute="full", offload_optimizer=True)
+    assert predict(gpt, h200, cfg, prof, engine="torch").peak_memory_gib == pytest.approx(26.25, rel=0.01)

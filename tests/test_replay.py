@@ -141,8 +141,8 @@ def test_four_gpu_campaign_stays_as_session_9_measured_it():
 def test_one_gpu_campaign_stays_as_session_10_measured_it():
     """gpt2-xl and llama-3-8b on one H200, each with a fresh profile of it (session 10, calls 5-6): every step within
     10% of today's prediction, the chosen plans within 5% (+0.9%, +1.3%), the offload plans within 3% (the torch
-    engine's FSDP2 offload at dp = 1 with the fused host AdamW), every peak within 10% but gpt2-xl's alt3 (-10.1%:
-    the full-recompute transient, open); DeepSpeed at dp = 1 charged its measured ZeRO machinery (-8.5%; +21.9%
+    engine's FSDP2 offload at dp = 1 with the fused host AdamW), every peak within 10% and the torch engine's within 2%
+    (gpt2-xl's alt3 was -10.1% with 14 bytes per logit where the loss call's temporary holds 12, session 11); DeepSpeed at dp = 1 charged its measured ZeRO machinery (-8.5%; +21.9%
     without it, call 1) and llama-3-8b at micro-batch 1 x 2048, host-bound alone, within 6% (-9.2% with its lone
     block's host time, call 2). A change that loses any of these fails here."""
     rows = replay.replay(RESULTS.parent / "campaign_1xh200")
@@ -153,4 +153,5 @@ def test_one_gpu_campaign_stays_as_session_10_measured_it():
     assert abs(err[("gpt2-xl-1gpu", "distplan")]) <= 0.05 and abs(err[("llama-3-8b-1gpu", "distplan")]) <= 0.05
     assert abs(err[("gpt2-xl-1gpu", "alt2")]) <= 0.03 and abs(err[("gpt2-xl-1gpu", "alt3")]) <= 0.03
     assert abs(err[("llama-3-8b-1gpu", "alt1")]) <= 0.06
-    assert [k for k, e in mem.items() if abs(e) > 0.10] == [("gpt2-xl-1gpu", "alt3")]
+    assert all(abs(e) <= 0.10 for e in mem.values()), mem
+    assert all(abs(mem[k]) <= 0.02 for k in err if k[1] not in ("deepspeed-zero2", "megatron-heuristic")), mem
