@@ -263,7 +263,7 @@ def profile(
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
     only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --only: the earlier profile (same model, sequence, dtype and machine) whose other phase is reused."),
-    stack_blocks: int = typer.Option(4, "--stack-blocks", help="Blocks in the sharding profiler's larger stack (FSDP2, DDP, DeepSpeed ZeRO-3; its ZeRO-2 takes at least 8): more measure the per-block overhead with more signal and take longer."),
+    stack_blocks: Optional[int] = typer.Option(None, "--stack-blocks", help="Blocks in the sharding profiler's larger stack (FSDP2, DDP, DeepSpeed ZeRO-3; its ZeRO-2 takes at least 8; default: 8 on GPUs, fewer where they would not fit, 4 on CPUs): more measure the per-block overhead with more signal and take longer."),
 ):
     """Measure per-layer compute, collectives and device ceilings on this node; write profile.yaml.
 

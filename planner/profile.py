@@ -245,7 +245,7 @@ class Profile:
         host-bound stacks), or () where the profile measured no stack (older profiles).
 
         The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
-        plain stacks (profilers/sharding.py: STACK blocks, forward + backward, every rank at once, the slowest
+        plain stacks (profilers/sharding.py: 4-8 blocks, forward + backward, every rank at once, the slowest
         rank's time, no data parallelism; a world of one on one device) run the same block as a model does. At
         compute-bound sizes a block in the stack took 4-13% longer than alone on 2x H200 (gpt2-xl 1.07 at 16384
         tokens, llama-2-13b 1.06-1.08, llama-3-8b 1.06-1.12), as the runs did: llama-2-13b pp2's chunks ran 5%

@@ -22,7 +22,7 @@ from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
-from profilers.sharding import STACK, ShardingSettings, fit_sharding
+from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
 DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine without any
@@ -43,8 +43,9 @@ class ProfileRequest:
     only: str | None = None
     base: str | None = None
     # blocks in the sharding profiler's larger stack (profilers/sharding.py): the per-block figure is the difference
-    # to one block over stack - 1, so a longer stack measures it with more signal (and takes longer)
-    stack_blocks: int = STACK
+    # to one block over stack - 1, so a longer stack measures it with more signal (and takes longer); None: GPU_STACK
+    # on GPUs (held to what fits), STACK on CPUs
+    stack_blocks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,11 @@ def plan_profile(req: ProfileRequest) -> Plan:
         small = [m for m in cs.micro_batches if m * seq_len <= QUICK_SHARDING_TOKENS] or [cs.micro_batches[0]]
         ends = tuple(sorted({cs.micro_batches[0], small[-1]}))
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
-    require(req.stack_blocks >= 2, f"--stack-blocks {req.stack_blocks}: must be at least 2 (the per-block figure is "
+    stack = req.stack_blocks if req.stack_blocks is not None else GPU_STACK if cuda else STACK
+    require(stack >= 2, f"--stack-blocks {stack}: must be at least 2 (the per-block figure is "
             f"the difference between the stack and one block)")
     ms = replace(ms, sharding=ShardingSettings(model=req.model, seq_len=seq_len, micro_batches=ends,
-                                                stack=req.stack_blocks,
+                                                stack=stack,
                                                 warmup=1 if not cuda or q else 2, trials=2 if q else cs.repeats,
                                                 deepspeed=cuda and _installed("deepspeed"), ddp=not q,
                                                 deepspeed_stages=(2,) if q else (2, 3),

@@ -7,8 +7,8 @@ per-layer collective launches, copy-in/copy-out of the flat buffers and the bf16
 every layer's parameters and gradients, none of which a bandwidth fit sees.
 
 What: inside the communication profiler's processes (NCCL on GPUs, gloo between CPU processes), over
-the group of ranks 0..n-1, a stack of 1 and of STACK transformer blocks (profilers.compute.build_layer,
-tp = 1, the profile's dtype) runs forward + backward
+the group of ranks 0..n-1, a stack of 1 and of GPU_STACK transformer blocks on GPUs, STACK on CPUs
+(stack_blocks; profilers.compute.build_layer, tp = 1, the profile's dtype) runs forward + backward
   - plain (the blocks in the compute dtype, what the profile's compute fit times), and
   - wrapped as the torch engine wraps them (planner/runner/parallelize.apply_fsdp): fp32 parameters
     sharded by `fully_shard` per block with MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype),
@@ -59,7 +59,13 @@ import torch.distributed as dist
 from torch import nn
 
 
-STACK = 4  # blocks in the larger stack: per-block cost = the difference to one block, over STACK - 1
+STACK = 4  # blocks in the larger stack on CPUs (and the least on GPUs): per-block cost = the difference to one block, over STACK - 1
+# ... on GPUs, for FSDP2, DDP and DeepSpeed ZeRO-3: the per-block figure is a difference of two stack timings over
+# the blocks between them, so its noise shrinks with the stack. FSDP2 ZeRO-3's per-block overhead of gpt2-xl at
+# 16384 tokens spread 0.46-1.69 ms over six 4-block profiles on 2xH200 where its 48-block runs lost about 0.4 ms
+# per block: call 30's 1.69 ms put its dp2 step at 0.481 s against 0.416 measured (-13.4%), and the solver chose
+# DDP, 2.3% slower (calls 10, 30).
+GPU_STACK = 8
 # DeepSpeed ZeRO-2's larger stack: its per-block and per-parameter step figures, differences of stacks taken over
 # 3 blocks, put gpt2-xl's ZeRO-1/2 dp2 step (measured 0.479-0.483 s three times, calls 10, 20 and 24) at 0.433,
 # 0.570 and 0.583 s from three 4-block profiles on 2xH200 (calls 22-23); two 8-block profiles put it at 0.467 and
@@ -70,15 +76,27 @@ DEEPSPEED_ZERO2_STACK = 8
 DEEPSPEED_STACK_MEMORY_SHARE = 0.5
 
 
-def deepspeed_zero2_blocks(settings: ShardingSettings, block_params: int, device_bytes: float | None) -> int:
-    """Blocks in DeepSpeed ZeRO-2's larger stack: DEEPSPEED_ZERO2_STACK (or settings.stack where larger), fewer
-    where their states would pass DEEPSPEED_STACK_MEMORY_SHARE of `device_bytes` (None: no limit, CPU), never fewer
-    than settings.stack."""
-    want = max(settings.stack, DEEPSPEED_ZERO2_STACK)
+def blocks_that_fit(want: int, least: int, block_params: int, device_bytes: float | None) -> int:
+    """`want` blocks, fewer where their model states (18 B/param, as DeepSpeed's stacks hold them; FSDP2's and
+    DDP's hold less) would pass DEEPSPEED_STACK_MEMORY_SHARE of `device_bytes` (None: no limit, CPU), never fewer
+    than `least`."""
     if device_bytes is None:
         return want
     fit = int(DEEPSPEED_STACK_MEMORY_SHARE * device_bytes // (18 * block_params))
-    return max(settings.stack, min(want, fit))
+    return max(min(least, want), min(want, fit))
+
+
+def deepspeed_zero2_blocks(settings: ShardingSettings, block_params: int, device_bytes: float | None) -> int:
+    """Blocks in DeepSpeed ZeRO-2's larger stack: DEEPSPEED_ZERO2_STACK (or settings.stack where larger), fewer
+    where they would not fit (blocks_that_fit), never fewer than settings.stack."""
+    return blocks_that_fit(max(settings.stack, DEEPSPEED_ZERO2_STACK), settings.stack, block_params, device_bytes)
+
+
+def stack_blocks(settings: ShardingSettings, block_params: int, device: torch.device) -> int:
+    """Blocks in the larger FSDP2 / DDP / DeepSpeed ZeRO-3 stack: settings.stack (GPU_STACK on GPUs unless the
+    profile asked otherwise), fewer where they would not fit the GPU (blocks_that_fit), never fewer than STACK."""
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return blocks_that_fit(settings.stack, STACK, block_params, memory)
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,9 @@ class ShardingSettings:
     pipeline: bool = True  # also measure torch.distributed.pipelining's cost per operation over 2 ranks (profilers/pipeline.py)
     pipeline_schedules: tuple[str, ...] = ("1f1b", "interleaved")  # the schedules it runs (--quick: interleaved only)
     tensor_parallel: bool = True  # also measure the torch engine's DTensor TP over 2 ranks (profilers/tensor_parallel.py)
-    stack: int = STACK  # blocks in the larger FSDP2 / DDP / DeepSpeed ZeRO-3 stack (distplan profile --stack-blocks)
+    # blocks in the larger FSDP2 / DDP / DeepSpeed ZeRO-3 stack (distplan profile --stack-blocks; profilers/run.py
+    # asks GPU_STACK on GPUs), held to what fits the GPU (stack_blocks)
+    stack: int = STACK
 
 
 def _sync(device: torch.device) -> None:
@@ -182,7 +202,7 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     mesh = DeviceMesh.from_group(group, device.type)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     points = []
-    for blocks in (1, settings.stack):
+    for blocks in (1, stack_blocks(settings, spec.block_params(), device)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         for reshard in (True, False):
             # fp32 shards (the masters, as in the engine), one fully_shard per block under a parameter-less root
@@ -274,7 +294,8 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     points = []
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     zero2 = deepspeed_zero2_blocks(settings, spec.block_params(), memory)
-    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, zero2 if st == 2 else settings.stack)):
+    zero3 = stack_blocks(settings, spec.block_params(), device)
+    for stage, blocks in ((st, b) for st in settings.deepspeed_stages for b in (1, zero2 if st == 2 else zero3)):
         plain = nn.Sequential(*(build_layer(spec, kind, 1, device, dtype) for _ in range(blocks)))
         stack = nn.Sequential(*(build_layer(spec, kind, 1, device, torch.float32) for _ in range(blocks)))
         params = sum(p.numel() for p in stack.parameters())

@@ -53,3 +53,8 @@ def test_gpu_plan_keeps_quick_sharding_stacks_small(monkeypatch, model, seq, qui
     assert plan.comm.sharding.pipeline and plan.comm.sharding.tensor_parallel
     # DeepSpeed (where installed): ZeRO-2, the practitioners' baseline; a full profile ZeRO-3 too
     assert plan.comm.sharding.deepspeed_stages == ((2,) if quick else (2, 3))
+    # FSDP2's, DDP's and ZeRO-3's larger stack: GPU_STACK blocks on GPUs (held to what fits by the profiler),
+    # unless --stack-blocks says otherwise
+    assert plan.comm.sharding.stack == 8
+    plan = run.plan_profile(run.ProfileRequest(model=model, seq_len=seq, quick=quick, device="cuda", stack_blocks=4))
+    assert plan.comm.sharding.stack == 4

@@ -368,3 +368,23 @@ def test_deepspeed_zero2_stack_length_is_held_to_half_the_gpu():
     assert deepspeed_zero2_blocks(ss, load_model("llama-2-13b").block_params(), 79.6 * 2**30) == 7
     assert deepspeed_zero2_blocks(ss, 10**12, h200) == STACK and deepspeed_zero2_blocks(ss, 10**12, None) == 8
     assert deepspeed_zero2_blocks(replace(ss, stack=12), 1000, h200) == 12  # --stack-blocks above 8 wins
+
+
+def test_fsdp2_stack_is_eight_blocks_on_gpus_where_they_fit_and_four_on_cpus():
+    """FSDP2's / DDP's / ZeRO-3's larger stack: GPU_STACK (8) on GPUs, held to half the GPU like DeepSpeed's but never
+    below STACK (4), the CPU profile's (a CPU has no device memory to size by and its tests stay short)."""
+    import torch
+
+    from planner.model import load_model
+    from profilers.run import ProfileRequest, plan_profile
+    from profilers.sharding import GPU_STACK, STACK, ShardingSettings, blocks_that_fit, stack_blocks
+
+    h200 = 139.8 * 2**30
+    assert GPU_STACK == 8 and STACK == 4
+    assert blocks_that_fit(GPU_STACK, STACK, load_model("llama-3-8b").block_params(), h200) == 8
+    assert blocks_that_fit(GPU_STACK, STACK, load_model("llama-2-70b-40l").block_params(), h200) == STACK
+    assert blocks_that_fit(GPU_STACK, STACK, load_model("llama-2-13b").block_params(), 79.6 * 2**30) == 7
+    assert blocks_that_fit(2, STACK, 10**12, h200) == 2  # --stack-blocks 2 asked: never raised to STACK
+    ss = ShardingSettings(model="gpt2", seq_len=8, micro_batches=(1,), stack=8)
+    assert stack_blocks(ss, 10**12, torch.device("cpu")) == 8  # no device memory to hold it to
+    assert plan_profile(ProfileRequest(model="gpt2", device="cpu")).comm.sharding.stack == STACK
