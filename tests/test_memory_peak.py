@@ -29,7 +29,8 @@ def test_the_peak_is_the_highest_running_total_and_its_live_blocks_are_grouped_b
     assert got["before_step_gib"] == 10 and got["step_peak_gib"] == pytest.approx(13.75)
     places = {p["where"]: (p["gib"], p["blocks"]) for p in got["live_at_peak"]}
     own = os.path.join("planner", "runner", "parallelize.py")
-    assert places == {f"{own}:10 forward": (2.5, 2), f"{own}:20 attn": (1.25, 2)}
+    torch_frame = "functional.py:1 linear"  # the innermost frame, outside distplan: the call that allocated
+    assert places == {f"{own}:10 forward <- {torch_frame}": (2.5, 2), f"{own}:20 attn <- {torch_frame}": (1.25, 2)}
     assert [p["gib"] for p in got["live_at_peak"]] == [2.5, 1.25] and got["live_at_peak_other_gib"] == 0
 
 

@@ -9,7 +9,7 @@ CUDA runs one more step after the measured ones (and after `--trace`'s) with the
 (torch.cuda.memory._record_memory_history), replays it to the moment the most memory was allocated, and each
 rank's report carries `memory_peak`: the bytes allocated before the step (weights, optimizer states, anything
 kept from earlier steps), the step's peak, and the blocks live at that peak that the step allocated, summed by
-where they were allocated (the innermost frame in distplan's own code, else the innermost frame), largest first.
+where they were allocated (the innermost frame in distplan's own code and the innermost frame), largest first.
 """
 
 from __future__ import annotations
@@ -28,14 +28,21 @@ def enabled() -> bool:
 
 
 def _where(frames: list[dict]) -> str:
-    """file:line function of the innermost frame in distplan's code (planner/), else of the innermost frame."""
+    """The innermost frame in distplan's code (planner/) as file:line function, then after "<-" the innermost frame
+    where that is outside it (the torch call that allocated: a checkpoint's recompute, a pipeline's receive buffer);
+    the innermost frame alone where no frame is distplan's."""
     if not frames:
         return "(no frame recorded)"
     own = [f for f in frames if f"{os.sep}planner{os.sep}" in str(f.get("filename", ""))]
-    f = (own or frames)[0]
-    path = str(f.get("filename", "?"))
-    short = path[path.rfind(f"{os.sep}planner{os.sep}") + 1:] if own else os.path.basename(path)
-    return f"{short}:{f.get('line', '?')} {f.get('name', '?')}"
+
+    def name(f: dict, mine: bool) -> str:
+        path = str(f.get("filename", "?"))
+        short = path[path.rfind(f"{os.sep}planner{os.sep}") + 1:] if mine else os.path.basename(path)
+        return f"{short}:{f.get('line', '?')} {f.get('name', '?')}"
+
+    if not own:
+        return name(frames[0], False)
+    return name(own[0], True) + ("" if frames[0] is own[0] else f" <- {name(frames[0], False)}")
 
 
 def summarize(events: list[dict], before_bytes: int, top: int = TOP) -> dict:
