@@ -224,6 +224,23 @@ def inflight_microbatch_chunks(cfg: ParallelConfig, rank: int) -> int:
     return min(cfg.pp - rank, m)
 
 
+def torch_pipeline_recv_bytes(model: ModelSpec, cfg: ParallelConfig, rank: int) -> float:
+    """Receive buffers torch.distributed.pipelining keeps on pipeline rank `rank` (the torch engine's pp > 1): each
+    of its stages allocates, once and for every step, one activation buffer per micro-batch for its input (all
+    stages but the first) and one for its output's gradient (all but the last) (PipelineStage's forward and
+    backward set-up: `_make_tensor_from_meta` per micro-batch), bf16 b x s x h each (sharded by SP). The received
+    input is that buffer, so the in-flight micro-batches' inputs live in it. llama-3-8b pp2 v4 interleaved at
+    2 x 16 (4096 tokens) peaked 6.8-7.1 GiB over the prediction on both ranks, 7 buffers x 16 micro-batches x 64 MiB
+    = 7.0 GiB; llama-2-13b v5 at 1 x 8 +2.6 GiB (2.8) and v2 at 1 x 32 +3.9 GiB (3.75) (2xH200, calls 27-28)."""
+    if cfg.pp == 1:
+        return 0.0
+    stages = cfg.pp * cfg.vpp
+    ids = [j * cfg.pp + rank for j in range(cfg.vpp)]  # global stage ids of this rank's chunks (Megatron order)
+    buffers = sum((i > 0) + (i < stages - 1) for i in ids)
+    act = BYTES_BF16 * cfg.micro_batch_size * (cfg.seq_len / cfg.cp) * model.hidden_size
+    return cfg.num_microbatches * buffers * act / (cfg.tp if cfg.sequence_parallel else 1)
+
+
 def stage_params(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int) -> tuple[float, float]:
     """(non-expert, expert) parameters on one GPU of pipeline rank `rank` holding `layers` blocks."""
     expert = model.expert_params_per_block() * layers / (cfg.ep * cfg.tp)
@@ -345,6 +362,8 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         buffers = 2 * layer_bytes + layer_bytes
     else:
         buffers = float(DDP_BUCKET_BYTES)
+    if engine == "torch":
+        buffers += torch_pipeline_recv_bytes(model, cfg, rank)
     step = 0.0
     if engine == "deepspeed" and z == 0:
         # DeepSpeed without ZeRO in bf16. Its pipeline engine runs BF16_Optimizer: a flat bf16 buffer the
