@@ -28,6 +28,7 @@ from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND, Profile
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
 OFFLOAD_PCIE_BYTES_PER_PARAM = 4  # bf16 gradient to host + bf16 updated weight back (ZeRO-Offload sec. 4)
+TORCH_OFFLOAD_H2D_BYTES_PER_PARAM = 4  # the torch engine's offload: the fp32 shard to the GPU for each further micro-batch
 # the torch engine's MasterWeightsOptimizer around the AdamW step the profile measures on fp32 parameters:
 # bf16 gradient read (2) + fp32 gradient write (4), fp32 master read (4) + bf16 weight write (2)
 MASTER_CAST_BYTES_PER_PARAM = 12

@@ -94,3 +94,22 @@ def test_host_bound_sizes_take_the_stacks_own_figure():
     comm = CommModel(cluster, profile)
     got, ref = block_time(model, cluster, cfg, comm, profile, "torch"), block_time(model, cluster, cfg, comm, plain, "torch")
     assert got.fwd == pytest.approx(want * ref.fwd) and fit_factor(profile, "torch", 1024) == pytest.approx(want)
+
+
+def test_a_nearly_gpu_bound_block_is_charged_at_least_its_gpu_share_of_the_compute_bound_factor():
+    """One H200's gpt2-xl profile (campaign_1xh200, call 7): alone, the block at 8192 tokens is just host-bound (GPU
+    share 0.973 of its fit), so the first GPU-bound micro-batch is 16384 and the interpolation from the 8-block
+    stacks' 0.51 at 1024 tokens gave 0.933 at 8192; the solver chose 8 x 4 and it ran 8.9% over (0.838 s). The
+    floor is the GPU share times the compute-bound factor: 1.045 at 8192, and the solver chooses 32 x 1 again (call 5
+    ran it 0.762 s)."""
+    profile = load_profile(ROOT / "benchmarks/results/campaign_1xh200/call7-both/profiles/profile-gpt2-xl-s1024.yaml")
+    raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)["points"]
+    fit = profile.compute_fit("block", 1)
+    share = {p["tokens"]: (p["gpu_fwd_s"] + p["gpu_bwd_s"]) / (fit.time_s("fwd", p["tokens"]) + fit.time_s("bwd", p["tokens"]))
+             for p in raw}
+    top = profile.stack_factor()
+    assert 0.95 < share[8192] < 0.99 and top > 1.05
+    assert profile.stack_factor(8192) == pytest.approx(share[8192] * top)
+    assert profile.stack_factor(16384) == top
+    # where the interpolation is above the floor it stands: 1024 tokens keeps the stacks' own figure
+    assert share[1024] * top < 0.3 and profile.stack_factor(1024) == pytest.approx(0.51, abs=0.01)
