@@ -339,7 +339,8 @@ def budget_need(startup_s: float, steps: int, warmup: int, predicted_step_s: flo
     return startup_s + (2.0 if check_numerics else 1.0) * STEP_MARGIN * (steps + warmup) * predicted_step_s
 
 
-def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status: str, why: str = "") -> dict:
+def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status: str, why: str = "",
+         reused: bool = False) -> dict:
     tokens = case.global_batch * case.seq_len
     row = {"case": case_name, **asdict(spec), "status": status, "why": why, "measured_step_time_s": None,
            "measured_tokens_per_s": None, "step_time_error": None, "peak_allocated_gib": None, "memory_error": None,
@@ -364,6 +365,16 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
         first = next((f for f in fails if f.get("primary")), fails[0])
         row["status"], row["why"] = ("oom" if row["oom"] else "failed"), f"rank {first['rank']}: {first['reason']}"[:300]
     row["wall_s"] = report.get("wall_time_s")
+    if reused:
+        # another plan's run of the same program (run_key: at dp = 1 every ZeRO stage of the torch engine is DDP's):
+        # the measurement is that run's, the prediction this plan's own (its memory model may differ, ZeRO-3's
+        # gathered layers), and the errors against it
+        row["predicted_step_time_s"], row["predicted_memory_gib"] = spec.predicted_step_time_s, spec.predicted_memory_gib
+        row["predicted_tokens_per_s"] = tokens / spec.predicted_step_time_s
+        if meas:
+            row["step_time_error"] = meas / spec.predicted_step_time_s - 1
+        if row.get("peak_allocated_gib") is not None and spec.predicted_memory_gib:
+            row["memory_error"] = row["peak_allocated_gib"] / spec.predicted_memory_gib - 1
     num = report.get("numerics") or {}
     if num.get("checked"):  # --check-numerics: the parallel losses against the single-process reference
         row["numerics"] = {k: num.get(k) for k in ("passed", "dtype", "max_rel_error")}
@@ -476,7 +487,8 @@ def run_case(case_name: str, profile_path: str | None, out_dir: str | Path, step
             log(f"  -> measured in {rows[-1]['measured_in']}: {rows[-1]['measured_step_time_s']} s, not run again")
             continue
         if key in done:
-            rows.append(_row(case_name, case, spec, done[key], "ran", "same plan and engine as an earlier run: reused"))
+            rows.append(_row(case_name, case, spec, done[key], "ran", "same program as an earlier run: reused",
+                             reused=True))
             reused.append((rows[-1], key))
             continue
         need = budget_need(startup_estimate(list(done.values()), STARTUP_S[device]), steps, warmup,

@@ -159,6 +159,22 @@ def test_plans_the_engine_runs_alike_share_one_run(tmp_path):
     assert campaign.run_key(spec("dp2z0", zero_stage=0, **two)) != campaign.run_key(spec("dp2z3", zero_stage=3, **two))
 
 
+def test_a_row_that_reuses_another_plans_run_keeps_its_own_prediction():
+    """FSDP2 ZeRO-3 at dp = 1 reuses DDP's run (run_key) but is predicted on its own (114.9 GiB against DDP's 114.8
+    on one H200, call 8): its errors are the shared measurement against its own prediction."""
+    case = campaign.CASES["gpt2-xl-1gpu"]
+    z3 = campaign.PlanSpec("fsdp2-full", "baseline", "torch", "unused.yaml", 0.80, 40000.0, 120.0, "dp1 zero3")
+    report = {"predicted_step_time_s": 0.78, "measured_step_time_s": 0.76, "step_time_error": 0.76 / 0.78 - 1,
+              "stages": [{"predicted_memory_gib": 115.0, "peak_allocated_gib": 114.0, "memory_error": 114 / 115 - 1}],
+              "failures": [], "wall_time_s": 20.0}
+    own = campaign._row("gpt2-xl-1gpu", case, z3, report, "ran", "reused", reused=True)
+    assert own["predicted_step_time_s"] == 0.80 and own["predicted_memory_gib"] == 120.0
+    assert own["step_time_error"] == pytest.approx(0.76 / 0.80 - 1) and own["memory_error"] == pytest.approx(114 / 120 - 1)
+    assert own["measured_step_time_s"] == 0.76 and own["peak_allocated_gib"] == 114.0
+    ran = campaign._row("gpt2-xl-1gpu", case, z3, report, "ran")  # the plan's own run: the run's re-prediction
+    assert ran["predicted_step_time_s"] == 0.78 and ran["step_time_error"] == pytest.approx(0.76 / 0.78 - 1)
+
+
 @pytest.mark.slow
 def test_tiny_campaign_end_to_end_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "REPEAT_NEAR", 100.0)  # every tiny plan counts as close: each is repeated
