@@ -113,7 +113,7 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             if not dest.exists():
                 with tarfile.open(call / "campaign.tar.gz") as tar:
                     tar.extractall(dest, filter="data")
-            rel = row["plan_path"].split("/campaign/", 1)[1]
+            rel = row["plan_path"].rsplit("/campaign/", 1)[1]  # OUT may itself end in campaign/ (call 32)
             plan = load_plan(dest / "campaign" / rel)
             prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
             found = _find_profile(prof_path, dest, call)
