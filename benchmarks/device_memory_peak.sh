@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What is live at the peak of a plan's step on this node: `distplan run PLAN --memory-peak` (torch engine, CUDA;
 # planner/runner/memory_peak.py) for each plan in PLANS (space-separated paths), one step after one warm-up step.
-# Writes OUT/<plan name>.report.yaml (each rank's `memory_peak`: bytes before the step, the step's peak, what is live
+# Writes OUT/reports.tar.gz (<plan name>.report.yaml: each rank's `memory_peak`: bytes before the step, the step's peak, what is live
 # at it by where it was allocated) and OUT/<plan name>.log, and prints each rank's summary.
 # Usage, from the repository root with .whl carried (as device_campaign.sh):
 #   PLANS="benchmarks/results/campaign_2xh200/diagnostics/memory-peak/llama-3-8b-large-alt3.yaml" \
@@ -34,3 +34,6 @@ for r in rep.get("ranks") or []:
     print(f"   {mp.get('live_at_peak_other_gib', 0):8.3f} GiB elsewhere")
 PY
 done
+# one file back instead of a report per plan: the device tool returns a limited number of files per call (call 32's
+# report was left out)
+( cd "$out" && ls ./*.report.yaml >/dev/null 2>&1 && tar -czf reports.tar.gz ./*.report.yaml && rm -f ./*.report.yaml )
