@@ -152,3 +152,17 @@ def test_one_gpu_campaign_stays_as_session_10_measured_it():
     assert abs(err[("llama-3-8b-1gpu", "alt1")]) <= 0.06
     assert all(abs(e) <= 0.10 for e in mem.values()), mem
     assert all(abs(mem[k]) <= 0.02 for k in err if k[1] not in ("deepspeed-zero2", "megatron-heuristic")), mem
+
+
+def test_one_h100_campaign_stays_as_session_11_measured_it():
+    """gpt2-xl on one H100 80GB with a fresh profile of it (session 11, call 1): every step within 10% of today's
+    prediction (offload at 16 x 2 -8.7% the farthest: its per-micro-batch shard copies are charged whole), the chosen
+    plan within 5% (-0.4%), every peak within 2%, Spearman >= 0.9. A change that loses any of these fails here."""
+    rows = replay.replay(RESULTS.parent / "campaign_1xh100")
+    ran = [r for r in rows if r["status"] == "ran"]
+    err = {r["plan"]: r["step_measured_s"] / r["step_now_s"] - 1 for r in ran}
+    assert len(ran) == 8 and all(abs(e) <= 0.10 for e in err.values()), err
+    assert abs(err["distplan"]) <= 0.05
+    assert all(abs(r["measured_gib"] / r["now_gib"] - 1) <= 0.02 for r in ran)
+    rho = replay.spearman([-r["step_now_s"] for r in ran], [-r["step_measured_s"] for r in ran])
+    assert rho >= 0.9
