@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from planner.cluster import Cluster
 from planner.job import ParallelConfig
 from planner.model import ModelSpec
-from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND, Profile, bus_factor
+from planner.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile, bus_factor
 
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
@@ -181,6 +181,21 @@ def megatron_layer_delta_s(profile: Profile | None, cfg: ParallelConfig, tokens:
     return tuple((meg.time_s(ph, tokens) - ours.time_s(ph, tokens)) / cfg.tp for ph in ("fwd", "bwd"))
 
 
+def megatron_head_s(profile: Profile | None, cfg: ParallelConfig, tokens: float) -> tuple[float, float] | None:
+    """(forward, backward) seconds of megatron-core's head (final norm, output layer, its vocabulary-parallel
+    cross-entropy and the engine's mean), measured at tp = 1 as its last stage with one layer less that layer
+    (profilers/megatron_layer.profile_head) and divided by tp (the output layer and the loss are vocabulary-parallel);
+    None where the profile did not measure both at this sequence length. Why: megatron-core's plans ran 2.3-8.6%
+    under predictions that charged distplan's measured head, the more so the more micro-batches passed it (gpt2-xl on
+    2xH200, calls 20-22)."""
+    if profile is None or profile.seq_len != cfg.seq_len:
+        return None
+    head, layer = profile.compute_fit(MEGATRON_HEAD_KIND, 1), profile.compute_fit(MEGATRON_BLOCK_KIND, 1)
+    if head is None or layer is None:
+        return None
+    return tuple(max(0.0, head.time_s(ph, tokens) - layer.time_s(ph, tokens)) / cfg.tp for ph in ("fwd", "bwd"))
+
+
 def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: CommModel,
                profile: Profile | None, engine: str = "any") -> LayerTime:
     """One transformer block (dense or MoE) for one micro-batch.
@@ -296,8 +311,13 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
 
 def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
               engine: str = "any") -> tuple[float, float]:
-    """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch."""
+    """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch. `engine` "megatron":
+    megatron-core's own head and vocabulary-parallel loss where the profile measured them (megatron_head_s)."""
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    own = megatron_head_s(profile, cfg, tokens) if engine == "megatron" and not model.is_vit else None
+    if own is not None:
+        k = fit_factor(profile, engine, tokens)
+        return own[0] * k, own[1] * k
     fit = measured_fit(profile, "head", cfg)
     k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:

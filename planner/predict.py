@@ -22,6 +22,7 @@ from planner.costmodel import (
     block_time,
     embedding_time,
     head_time,
+    megatron_head_s,
     measured_fit,
     megatron_layer_delta_s,
     memory_bound_time_s,
@@ -459,6 +460,11 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
         out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)
                                          else "not measured: block + unfused attention core")
+    if engine == "megatron" and not model.is_vit:
+        tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+        out["compute.megatron_head"] = ("profile (megatron-core's head and loss, tp 1)"
+                                        if megatron_head_s(profile, cfg, tokens) is not None
+                                        else "not measured: distplan's head")
     if _tp_fit(cfg, profile, engine) is not None:
         sp_measured = profile.sharding_fit(cfg.tp, False, "tp-sp") is not None
         out[f"comm.tp_dtensor.n{cfg.tp}"] = ("profile (the torch engine's DTensor TP on stacks of blocks"

@@ -39,6 +39,9 @@ PHASES = ("fwd", "bwd")
 UNFUSED_ATTENTION_KIND = "attention_unfused"
 # megatron-core's own local-spec layer at tp = 1 (profilers/megatron_layer.py): the megatron engine's block
 MEGATRON_BLOCK_KIND = "megatron_block"
+# megatron-core's last pipeline stage holding one of its layers: that layer, the final norm, the output layer and its
+# vocabulary-parallel cross-entropy (profilers/megatron_layer.py); less MEGATRON_BLOCK_KIND, megatron's head
+MEGATRON_HEAD_KIND = "megatron_head"
 
 
 @dataclass(frozen=True)

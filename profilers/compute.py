@@ -39,7 +39,7 @@ from torch import nn
 from planner.errors import require
 from planner.model import ModelSpec
 from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
-from planner.profile import MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND
+from planner.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND
 from profilers.timing import free_memory, is_oom, time_point
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -164,6 +164,10 @@ def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype
         from profilers.megatron_layer import MegatronLayer
 
         return MegatronLayer(spec, device, dtype)
+    if kind == MEGATRON_HEAD_KIND:  # its last stage with one layer (the same state)
+        from profilers.megatron_layer import MegatronHead
+
+        return MegatronHead(spec, device, dtype)
     with torch.device("meta"):
         if kind in ("block", "moe_block"):
             layer = shard_block(Block(spec), spec, tp)
@@ -195,6 +199,9 @@ def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: 
     if kind == MEGATRON_BLOCK_KIND:  # megatron's [s, b, h] layout
         x = torch.randn(seq_len, b, h, device=device, dtype=dtype, requires_grad=True)
         return (x,), torch.randn(seq_len, b, h, device=device, dtype=dtype)
+    if kind == MEGATRON_HEAD_KIND:  # [s, b, h] in, labels [b, s], a loss out
+        x = torch.randn(seq_len, b, h, device=device, dtype=dtype, requires_grad=True)
+        return (x, torch.randint(0, spec.vocab_size, (b, seq_len), device=device)), None
     if kind == UNFUSED_ATTENTION:
         h = spec.num_heads // tp * spec.head_dim
     x = torch.randn(b, seq_len, h, device=device, dtype=dtype, requires_grad=True)

@@ -81,7 +81,7 @@ class Plan:
                                            if 2 <= g <= self.devices // 2 and self.devices % g == 0)
         layers = self.kinds * len(self.tps) * len(self.compute.micro_batches)
         if self.megatron:
-            layers += len(megatron_settings(self).micro_batches)
+            layers += 2 * len(megatron_settings(self).micro_batches)  # its layer, then its last stage
         return ceilings + comm_points + sharding_points + layers + 1  # + fits
 
 
@@ -345,6 +345,14 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         parts["megatron_layer_with_setup"] = round(time.perf_counter() - t1, 3)
         if megatron["points"]:
             results.append(megatron)
+            # and its last stage (the layer + megatron's head and loss), where the layer was measured
+            t1 = time.perf_counter()
+            head = megatron_layer.profile_head(spec, plan.seq_len, device, dtype, megatron_settings(plan), tick)
+            parts["megatron_head"] = round(time.perf_counter() - t1, 3)
+            if head["points"]:
+                results.append(head)
+            else:
+                megatron = {**megatron, "head_error": head.get("error")}
     phases["compute_s"] = time.perf_counter() - t0
 
     compute_fits, compute_err = fit_compute(results)
@@ -377,6 +385,8 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         "megatron_layer": ("reused with the compute points (facts.reused)" if reuse_compute else
                            "measured (megatron-core's local-spec layer, tp 1)" if megatron and megatron["points"] else
                            megatron["error"] if megatron else "not measured: megatron-core trains on CUDA only"),
+        **({"megatron_head": ("measured (megatron-core's last stage with one layer, tp 1)" if not megatron.get("head_error")
+                              else megatron["head_error"])} if megatron and megatron["points"] else {}),
     })
     raw = {"compute": results, "communication": raw_comm, "ceilings": ceilings,
            "fit_max_relative_error": {"compute": compute_err, "collectives": comm_err},

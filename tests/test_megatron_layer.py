@@ -10,7 +10,7 @@ from planner.cluster import load_cluster
 from planner.job import ParallelConfig, validate_config
 from planner.model import load_model
 from planner.predict import predict
-from planner.profile import (MEGATRON_BLOCK_KIND, UNFUSED_ATTENTION_KIND, ComputeFit, LinearFit, Profile,
+from planner.profile import (MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, ComputeFit, LinearFit, Profile,
                              load_profile, save_profile)
 from profilers import megatron_layer
 
@@ -145,3 +145,47 @@ def test_selective_recompute_repeats_megatrons_unfused_core_not_the_flash_share(
     extra = (1.4e-3 - 1e-3) / tp * 4 * SEQ / 1000
     assert sel.recompute == pytest.approx(flash_share + extra, rel=1e-9)
     assert (sel.fwd, sel.bwd) == (none.fwd, none.bwd) and none.recompute == 0.0
+
+
+WITH_HEAD = replace(WITH_MEGATRON, compute=WITH_MEGATRON.compute + (fit("head", 2e-3, 4e-3), fit("head", 1e-3, 2e-3, tp=2),
+                                                                    fit(MEGATRON_HEAD_KIND, 2.9e-3, 5.6e-3)))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_engine_takes_megatrons_measured_head(tp):
+    """The megatron engine's head is megatron's measured last stage (one layer, norm, output layer, loss) less its
+    measured layer, over tp (vocabulary-parallel); the other engines keep distplan's head, and a profile without
+    megatron's last stage keeps distplan's head for megatron too."""
+    from planner.costmodel import head_time
+
+    model = load_model("llama-3-8b")  # 32 heads: tp 2 divides them
+    c = ParallelConfig(tp=tp, seq_len=SEQ, global_batch_size=8, micro_batch_size=4, flash_attention=False, zero_stage=1)
+    validate_config(model, c, c.gpus)
+    per_1000 = 4 * SEQ / 1000
+    fwd, bwd = head_time(model, CLUSTER, c, WITH_HEAD, "megatron")
+    assert fwd == pytest.approx((2.9e-3 - 1.4e-3) / tp * per_1000, rel=1e-9)
+    assert bwd == pytest.approx((5.6e-3 - 2.6e-3) / tp * per_1000, rel=1e-9)
+    ours = {1: (2e-3, 4e-3), 2: (1e-3, 2e-3)}[tp]
+    assert head_time(model, CLUSTER, c, WITH_HEAD, "torch") == pytest.approx(tuple(x * per_1000 for x in ours))
+    assert head_time(model, CLUSTER, c, replace(WITH_HEAD, compute=WITH_HEAD.compute[:-1]), "megatron") == \
+        pytest.approx(tuple(x * per_1000 for x in ours))
+    src = dict(predict(model, CLUSTER, c, WITH_HEAD, engine="megatron").sources)
+    assert src["compute.megatron_head"] == "profile (megatron-core's head and loss, tp 1)"
+    assert dict(predict(model, CLUSTER, c, WITH_MEGATRON, engine="megatron").sources)["compute.megatron_head"] == \
+        "not measured: distplan's head"
+
+
+def test_cpu_profile_records_why_megatrons_head_was_not_measured():
+    spec = load_model("gpt2")
+    out = megatron_layer.profile_head(spec, 64, torch.device("cpu"), torch.float32, None, lambda _: None)
+    assert out == {"kind": MEGATRON_HEAD_KIND, "tp": 1, "points": [], "oom_micro_batch": 0,
+                   "error": "megatron-core trains on CUDA only"}
+
+
+def test_megatron_head_inputs_are_megatrons_layout_and_labels():
+    from profilers.compute import make_inputs
+
+    spec = load_model("gpt2")
+    (x, labels), grad = make_inputs(spec, MEGATRON_HEAD_KIND, 1, 3, 16, torch.device("cpu"), torch.float32)
+    assert x.shape == (16, 3, spec.hidden_size) and x.requires_grad and grad is None
+    assert labels.shape == (3, 16) and labels.dtype == torch.int64 and int(labels.max()) < spec.vocab_size
