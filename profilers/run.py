@@ -297,10 +297,12 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     reuse_comm = base is not None and req.only == "compute"  # communication's raw points from the base
     reuse_compute = base is not None and req.only == "communication"  # compute's and the ceilings' from the base
     require(base is None or not comm.launched(), "--only runs on one node (not under torchrun)")
-    if plan.megatron and not comm.launched() and plan.devices >= 2 and not reuse_compute:
+    preload = None
+    if plan.megatron and not comm.launched() and plan.devices >= 2 and not reuse_compute and not reuse_comm:
         # megatron-core's import took 14 of the 16 s its layer cost a llama-3-8b --quick profile on 2xH200; this
         # process only waits while the spawned ranks measure the collectives, so import it meanwhile
-        threading.Thread(target=megatron_layer.preload, daemon=True, name="megatron-import").start()
+        preload = threading.Thread(target=megatron_layer.preload, daemon=True, name="megatron-import")
+        preload.start()
     # 1. communication first: under torchrun the other ranks are waiting for rank 0 to join
     t0 = time.perf_counter()
     if reuse_comm:
@@ -320,7 +322,13 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     # this process touches its GPU only now: spawned ranks got theirs first, torchrun bound it above
     device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
 
-    # 2. device facts and ceilings
+    # 2. device facts and ceilings, once the import is done: beside it (it holds the GIL) the optimizer step's timed
+    # host work ran 8x slow, 1.15e-10 s per parameter against 1.37e-11 (gpt2-xl --only compute on 2xH200, session
+    # 11, where no collectives ran first to overlap the import)
+    if preload is not None:
+        t0 = time.perf_counter()
+        preload.join()
+        phases["megatron_import_wait_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     info = facts.device_facts(device)
     if base is not None:
