@@ -22,9 +22,7 @@
 set -u
 out=${OUT:-out}; mkdir -p "$out/profiles"; log="$out/summary.txt"; : >"$log"
 t_start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/device_env.sh || exit 1
 cases=${CASES:-gpt2-xl-small}
 committed=${COMMITTED:-benchmarks/results/profile_2xh200}  # reused where model and sequence length match
 { date -u; nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$log" 2>&1

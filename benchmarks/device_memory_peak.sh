@@ -8,9 +8,7 @@
 #     bash benchmarks/device_memory_peak.sh
 set -u
 out=${OUT:-out}; mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/device_env.sh || exit 1
 for plan in ${PLANS:?PLANS=<plan.yaml ...>}; do
   name=$(basename "$plan" .yaml); t0=$(date +%s)
   timeout "${RUN_TIMEOUT:-240}" python3 -m planner.cli run "$plan" --steps "${STEPS:-1}" --warmup "${WARMUP:-1}" \

@@ -6,9 +6,7 @@
 #   GROUP=frameworks bash benchmarks/device_verify.sh # deepspeed and megatron engines
 set -u
 out=${OUT:-out}; work="$out/work"; mkdir -p "$work"; log="$out/summary.txt"; : >"$log"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/device_env.sh || exit 1
 P=benchmarks/results/profile_2xh200
 GP=$P/profile-gpt2-xl-2xh200.yaml; LP=$P/profile-llama-3-8b-2xh200.yaml
 dp() { python3 -m planner.cli "$@"; }

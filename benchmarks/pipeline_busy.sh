@@ -14,9 +14,7 @@
 # Optional: STEPS (default 4) WARMUP (default 2), PROFILE (default call 2's llama-3-8b profile).
 set -u
 out=${OUT:-out}; mkdir -p "$out/work"; log="$out/log.txt"; : >"$log"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/device_env.sh || exit 1
 prof=${PROFILE:-benchmarks/results/campaign_4xh200/call2-session9/profiles/profile-llama-3-8b-s4096.yaml}
 steps=${STEPS:-4}; warm=${WARMUP:-2}
 { date -u; nvidia-smi -L; nproc; lscpu | grep -E "^Model name|^CPU\(s\)|^Thread|^Socket|MHz"; uptime;

@@ -78,26 +78,33 @@ def megatron_state(device: torch.device, seed: int = 0):
             dist.destroy_process_group()
 
 
+def _one_layer_chunk(spec: ModelSpec, device: torch.device, dtype: torch.dtype, post_process: bool) -> nn.Module:
+    """A GPTModel chunk without embedding holding one layer, built from the same TransformerConfig keywords and
+    layer spec as the megatron engine (tp = pp = 1, no recompute); with `post_process` its final norm, output layer
+    (its own: a lone last stage has no embedding to share with; the matmul is the same) and loss too."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from planner.runner.engines.megatron_engine import _resolve, layer_config_kwargs, spec_model_kwargs
+
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    kw = _resolve(layer_config_kwargs(spec, ParallelConfig(flash_attention=False), name))
+    kw["num_layers"] = 1
+    fields = set(TransformerConfig.__dataclass_fields__)
+    config = TransformerConfig(**{k: v for k, v in kw.items() if k in fields})
+    layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    model_kw = {**spec_model_kwargs(spec, 1), **({"share_embeddings_and_output_weights": False} if post_process else {})}
+    return GPTModel(config=config, transformer_layer_spec=layer_spec, pre_process=False, post_process=post_process,
+                    **model_kw).to(device=device, dtype=dtype)
+
+
 class MegatronLayer(nn.Module):
     """One megatron-core layer as a middle pipeline stage: forward(x [s, b, h]) -> [s, b, h]."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.transformer import TransformerConfig
-
-        from planner.runner.engines.megatron_engine import _resolve, layer_config_kwargs, spec_model_kwargs
-
-        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        cfg = ParallelConfig(flash_attention=False)  # tp = pp = 1, no recompute: what the layer's keywords need
-        kw = _resolve(layer_config_kwargs(spec, cfg, name))
-        kw["num_layers"] = 1
-        fields = set(TransformerConfig.__dataclass_fields__)
-        config = TransformerConfig(**{k: v for k, v in kw.items() if k in fields})
-        layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
-        self.chunk = GPTModel(config=config, transformer_layer_spec=layer_spec, pre_process=False, post_process=False,
-                              **spec_model_kwargs(spec, 1)).to(device=device, dtype=dtype)
+        self.chunk = _one_layer_chunk(spec, device, dtype, post_process=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.chunk.set_input_tensor(x)
@@ -106,27 +113,12 @@ class MegatronLayer(nn.Module):
 
 class MegatronHead(nn.Module):
     """megatron-core's last pipeline stage holding one layer: forward(x [s, b, h], labels [b, s]) -> the mean of its
-    per-token losses, as the megatron engine's loss function takes them (`_loss`). The output layer is its own
-    (share_embeddings_and_output_weights off: a lone last stage has no embedding to share with; the matmul is the
-    same). Its time less MEGATRON_BLOCK_KIND's is megatron's head (costmodel.head_time)."""
+    per-token losses, as the megatron engine's loss function takes them (`_loss`). Its time less
+    MEGATRON_BLOCK_KIND's is megatron's head (costmodel.megatron_head_s)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.transformer import TransformerConfig
-
-        from planner.runner.engines.megatron_engine import _resolve, layer_config_kwargs, spec_model_kwargs
-
-        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        kw = _resolve(layer_config_kwargs(spec, ParallelConfig(flash_attention=False), name))
-        kw["num_layers"] = 1
-        fields = set(TransformerConfig.__dataclass_fields__)
-        config = TransformerConfig(**{k: v for k, v in kw.items() if k in fields})
-        layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
-        model_kw = {**spec_model_kwargs(spec, 1), "share_embeddings_and_output_weights": False}
-        self.chunk = GPTModel(config=config, transformer_layer_spec=layer_spec, pre_process=False, post_process=True,
-                              **model_kw).to(device=device, dtype=dtype)
+        self.chunk = _one_layer_chunk(spec, device, dtype, post_process=True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.chunk.set_input_tensor(x)
@@ -136,16 +128,7 @@ class MegatronHead(nn.Module):
 def profile(spec: ModelSpec, seq_len: int, device: torch.device, dtype: torch.dtype, settings, on_point) -> dict:
     """profilers.compute.profile_layer's result for MEGATRON_BLOCK_KIND at tp = 1, or one with no points and
     an "error" saying why it was not measured."""
-    from profilers import compute
-
-    why = available(spec, device)
-    if why is not None:
-        return {"kind": MEGATRON_BLOCK_KIND, "tp": 1, "points": [], "oom_micro_batch": 0, "error": why}
-    try:
-        with megatron_state(device):
-            return compute.profile_layer(spec, MEGATRON_BLOCK_KIND, 1, seq_len, device, dtype, settings, on_point)
-    except Exception as exc:  # noqa: BLE001 - the profile goes on without this kind, saying why
-        return _failed(MEGATRON_BLOCK_KIND, "megatron layer", exc)
+    return _profile_kind(MEGATRON_BLOCK_KIND, "megatron layer", spec, seq_len, device, dtype, settings, on_point)
 
 
 def profile_head(spec: ModelSpec, seq_len: int, device: torch.device, dtype: torch.dtype, settings, on_point) -> dict:
@@ -153,19 +136,22 @@ def profile_head(spec: ModelSpec, seq_len: int, device: torch.device, dtype: tor
     points and an "error" saying why it was not measured. Why: megatron-core's plans ran 2.3-8.6% under predictions
     that charged distplan's measured head (unfused cross-entropy with fp32 copies), the more so the more
     micro-batches passed the head (gpt2-xl on 2xH200, calls 20-22)."""
+    return _profile_kind(MEGATRON_HEAD_KIND, "megatron head", spec, seq_len, device, dtype, settings, on_point)
+
+
+def _profile_kind(kind: str, what: str, spec: ModelSpec, seq_len: int, device: torch.device, dtype: torch.dtype,
+                  settings, on_point) -> dict:
+    """One megatron kind at tp = 1 inside megatron's parallel state; anything going wrong is the result's "error"
+    (the profile goes on without the kind)."""
     from profilers import compute
 
     why = available(spec, device)
     if why is not None:
-        return {"kind": MEGATRON_HEAD_KIND, "tp": 1, "points": [], "oom_micro_batch": 0, "error": why}
+        return {"kind": kind, "tp": 1, "points": [], "oom_micro_batch": 0, "error": why}
     try:
         with megatron_state(device):
-            return compute.profile_layer(spec, MEGATRON_HEAD_KIND, 1, seq_len, device, dtype, settings, on_point)
+            return compute.profile_layer(spec, kind, 1, seq_len, device, dtype, settings, on_point)
     except Exception as exc:  # noqa: BLE001 - the profile goes on without this kind, saying why
-        return _failed(MEGATRON_HEAD_KIND, "megatron head", exc)
-
-
-def _failed(kind: str, what: str, exc: Exception) -> dict:
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return {"kind": kind, "tp": 1, "points": [], "oom_micro_batch": 0,
-            "error": f"{what} not measured: {type(exc).__name__}: {first}"}
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return {"kind": kind, "tp": 1, "points": [], "oom_micro_batch": 0,
+                "error": f"{what} not measured: {type(exc).__name__}: {first}"}
