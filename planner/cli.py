@@ -255,7 +255,7 @@ def diff(
 def profile(
     model: str = ModelOpt,
     seq_len: Optional[int] = SeqLenOpt,
-    dtype: str = typer.Option("bf16", "--dtype", help="Training dtype of the layers and messages: bf16, fp16 or fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="Training dtype of the layers and messages: auto (bf16 on GPUs, fp32 on CPUs, as `distplan run` trains), bf16, fp16 or fp32."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="TP degrees and group sizes up to this (default: the GPUs present; CPU: 2 processes)."),
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="Where to write the profile YAML."),
     quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes)."),

@@ -32,7 +32,7 @@ DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine with
 class ProfileRequest:
     model: str
     seq_len: int | None = None
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto: bf16 on GPUs, fp32 on CPUs (what `distplan run --dtype auto` trains in there)
     gpus_per_node: int | None = None  # default: the GPUs present (CPU: 2 processes)
     quick: bool = False
     device: str = "auto"  # auto | cuda | cpu
@@ -57,6 +57,7 @@ class Plan:
     devices: int  # processes for communication (GPUs present, or CPU processes)
     tps: tuple[int, ...]
     seq_len: int
+    dtype: str  # bf16, fp16 or fp32: the request's, "auto" resolved for the device
     compute: compute.ComputeSettings
     comm: comm.CommSettings
     kinds: int = 3  # profiled kinds (compute.profiled_kinds)
@@ -111,10 +112,12 @@ def plan_profile(req: ProfileRequest) -> Plan:
     """Validate the request and choose sizes: few micro-batches and message sizes, so that one model
     on one 8-GPU node takes under 3 minutes (--quick: under 1) and the CPU path stays CI-sized."""
     spec = load_model(req.model)
-    require(req.dtype in compute.DTYPES, f"--dtype '{req.dtype}' is unknown; valid: {', '.join(compute.DTYPES)}")
+    require(req.dtype == "auto" or req.dtype in compute.DTYPES,
+            f"--dtype '{req.dtype}' is unknown; valid: auto, {', '.join(compute.DTYPES)}")
     require(req.device in ("auto", "cuda", "cpu"), f"--device '{req.device}' is unknown; valid: auto, cuda, cpu")
     cuda = req.device == "cuda" or (req.device == "auto" and torch.cuda.is_available())
     require(not cuda or torch.cuda.is_available(), "--device cuda: no CUDA device is visible to torch")
+    dtype = req.dtype if req.dtype != "auto" else "bf16" if cuda else "fp32"
     seq_len = compute.layer_seq_len(spec, req.seq_len or spec.seq_len)
     require(seq_len > 0, f"--seq-len must be positive, got {seq_len}")
     require(not spec.learned_positions or spec.is_vit or seq_len <= spec.max_seq_len,
@@ -134,7 +137,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                      point_budget_s=2.0, recompute=not q)
         sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB, 256 * comm.MIB, comm.GIB) if q else \
             comm.sizes_between(64 * comm.KIB, comm.GIB, 4)
-        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=req.dtype,
+        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=dtype,
                                trials=3 if q else 5)
     else:
         mbs = (1,) if q else (1, 2)
@@ -143,7 +146,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
         cs = compute.ComputeSettings(micro_batches=mbs, warmup=1, repeats=2 if q else 3, point_budget_s=3.0,
                                      recompute=not q, memory_cap_bytes=cap)
         sizes = (64 * comm.KIB, comm.MIB, 16 * comm.MIB) if q else comm.sizes_between(64 * comm.KIB, 16 * comm.MIB, 4)
-        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=req.dtype,
+        ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=dtype,
                                warmup=1, trials=2 if q else 3, target_loop_s=0.01, max_iters=10)
     if req.micro_batches:
         require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
@@ -188,7 +191,7 @@ def plan_profile(req: ProfileRequest) -> Plan:
         # --quick: megatron-core's own layer replaces the stand-in unfused attention core for the megatron engine;
         # only torch-engine plans with flash attention off would use the stand-in (they fall back to the model)
         cs = replace(cs, skip_kinds=(compute.UNFUSED_ATTENTION,))
-    return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, compute=cs, comm=ms,
+    return Plan(cuda=cuda, quick=q, devices=devices, tps=tps, seq_len=seq_len, dtype=dtype, compute=cs, comm=ms,
                 kinds=len([k for k in compute.profiled_kinds(spec) if k not in cs.skip_kinds]), megatron=megatron)
 
 
@@ -275,7 +278,7 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     from planner.profile import load_profile
 
     base = load_profile(req.base)
-    want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": req.dtype, "device": "cuda" if plan.cuda else "cpu",
+    want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": plan.dtype, "device": "cuda" if plan.cuda else "cpu",
             "device_count": plan.devices}
     have = {"model": base.model, "seq_len": base.seq_len, "dtype": base.dtype, "device": base.device,
             "device_count": base.device_count}
@@ -291,7 +294,7 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
 
 
 def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None], started: float) -> Profile | None:
-    dtype = compute.DTYPES[req.dtype]
+    dtype = compute.DTYPES[plan.dtype]
     phases: dict[str, float] = {}
     base = _base_raw(req, spec, plan)
     reuse_comm = base is not None and req.only == "compute"  # communication's raw points from the base
@@ -402,7 +405,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
                         "communication": base["settings"].get("communication") if reuse_comm else asdict(plan.comm)}}
     overlap = raw_comm.get("overlap")
     return Profile(
-        gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=req.dtype,
+        gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=plan.dtype,
         compute=tuple(compute_fits), collectives=tuple(coll_fits),
         matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
         matmul_tflops_by_gflop=tuple((p["gflop"], p["tflops"]) for p in sweep),

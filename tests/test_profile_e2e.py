@@ -38,7 +38,7 @@ def tiny_profile(tmp_path_factory):
 
 def test_cpu_profile_has_every_part(tiny_profile):
     prof, ticks = tiny_profile
-    assert prof.device == "cpu" and prof.device_count == 2 and prof.dtype == "bf16" and prof.seq_len == SEQ
+    assert prof.device == "cpu" and prof.device_count == 2 and prof.dtype == "fp32" and prof.seq_len == SEQ
     kinds = ("embedding", "block", "head", "attention_unfused")
     assert {(c.kind, c.tp) for c in prof.compute} == {(k, t) for k in kinds for t in (1, 2)}
     assert prof.compute_fit("block", 1).recompute is not None
@@ -265,7 +265,7 @@ def test_cpu_profile_measures_the_pipeline_runtime_per_operation(tiny_profile):
         (*s, m) for s in shapes for m in (1, 4) if s[1] != LONG_VPP or m == 1}  # the longer shape at the smallest
     for p in pts:
         assert p["chunk_fwd_s"] > 0 and p["chunk_bwd_s"] > 0 and p["step_s"] > 0 and p["action_s"] >= 0
-        assert p["bytes"] == p["micro_batch"] * SEQ * TINY["hidden_size"] * 2  # bf16 activations
+        assert p["bytes"] == p["micro_batch"] * SEQ * TINY["hidden_size"] * 4  # fp32 activations: a CPU profile's dtype
         assert p["ops_per_rank"] == 2 * p["vpp"] * p["microbatches"]
         assert p["action_s"] == pytest.approx(solve_action_s(p["schedule"], p["step_s"], p["chunk_fwd_s"], p["chunk_bwd_s"],
                                                              p["vpp"], p["microbatches"]))
