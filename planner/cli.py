@@ -13,20 +13,38 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
+from planner.cli_usage import NoArgsIsHelpError, UsageError, usage_line
 from planner.errors import DistplanError
-
+from planner.fileio import check_output
 
 
 class _Group(TyperGroup):
-    """Turns DistplanError from any command into one line on stderr and exit code 2."""
+    """Turns DistplanError from any command, and every usage error (a bad option value, a missing or unknown option
+    or command), into one line on stderr and exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)  # click consumes `args` as it parses
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            fail(usage_line(exc, argv))
+        ctx.meta["distplan.argv"] = argv
+        return ctx
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DistplanError as exc:
             fail(str(exc))
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            fail(usage_line(exc, ctx.meta.get("distplan.argv", [])))
 
 
 app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,7 +74,8 @@ FormatOpt = typer.Option("table", "--format", help="Output format: table or json
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print `message` as one line on stderr (its newlines folded, no markup read in it) and exit with code 2."""
+    err.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -118,6 +137,8 @@ def estimate(
     from planner.render import render_prediction
 
     check_format(fmt)
+    if output is not None:
+        check_output(output, "--output")
     req = EstimateRequest(model=model, cluster=cluster_arg(ctx, cluster, profile), gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp,
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
@@ -136,7 +157,7 @@ def estimate(
         from planner.plan import save_plan
 
         save_plan(plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]])), output)
-        err.print(f"wrote {output}", highlight=False)
+        err.print(f"wrote {output}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- solve ---------------------------------------------------------------------------------------
@@ -167,7 +188,9 @@ def solve(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from planner.plan import save_plan
+    from planner.errors import require
+    from planner.fileio import atomic_write_texts
+    from planner.plan import plan_to_yaml
     from planner.render_solve import render_solve, solve_json
     from solvers.request import SolveRequest, run_solve
 
@@ -175,23 +198,27 @@ def solve(
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
                        ilp_backend=ilp_backend, engine=engine, transformer_engine=te)
-    if report is not None and report.suffix.lower() not in (".html", ".htm"):
-        raise DistplanError(f"--report '{report}' must be an .html file")
+    check_output(output, "--output")
+    if report is not None:
+        require(report.suffix.lower() in (".html", ".htm"), f"--report '{report}' must be an .html file")
+        check_output(report, "--report")
+        require(report.absolute() != output.absolute(), f"--report '{report}' and --output name the same file")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(f"solving {model} on {gpus} GPUs", total=None)
+        task = bar.add_task(escape(f"solving {model} on {gpus} GPUs"), total=None)
         result = run_solve(req, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    save_plan(result.plan, output)
+    files = {output: plan_to_yaml(result.plan)}
+    if report is not None:
+        from planner.htmlreport import report_html
+
+        files[report] = report_html(result.plan)
+    atomic_write_texts(files)  # both or neither
     if fmt == "json":
         print(json.dumps(solve_json(result), indent=2))
     else:
         render_solve(out, result, str(output))
-    err.print(f"wrote {output}", highlight=False, soft_wrap=True)
-    if report is not None:
-        from planner.htmlreport import write_report
-
-        write_report(result.plan, report)
-        err.print(f"wrote {report}", highlight=False, soft_wrap=True)
+    for path in files:
+        err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- show / diff ---------------------------------------------------------------------------------
@@ -223,7 +250,7 @@ def show(
     else:
         print(dumps(result.review, fmt))
     for path in result.written:
-        err.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -276,6 +303,7 @@ def profile(
     from planner.profile import save_profile
     from profilers.run import ProfileRequest, run_profile
 
+    check_output(output, "--output")  # before the measurement, which takes minutes
     try:
         mbs = tuple(int(x) for x in micro_batches.split(",")) if micro_batches else None
     except ValueError:
@@ -323,7 +351,7 @@ def _render_profile(prof, path: Path) -> None:
     t.add_row("inter-node", str(f.get("inter_node")))
     t.add_row("wall time", f"{f.get('wall_time_s')} s")
     out.print(t)
-    err.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- run -----------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from planner.errors import DistplanError, require
+from planner.fields import integer, is_number, listing, mapping, number, text
+from planner.fileio import parse_yaml, read_yaml
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 TIERS = ("intra_node", "inter_node", "host")
@@ -118,29 +118,27 @@ class Cluster:
 
 # ---- loading --------------------------------------------------------------------------------
 
+MAX_GPUS = 2**20  # largest GPU count planned (1,048,576): 10x the largest training clusters built (~100k GPUs)
 
-def _num(d: dict, key: str, where: str, positive: bool = True) -> float:
-    require(key in d, f"{where}: missing key '{key}'")
-    v = d[key]
-    require(isinstance(v, (int, float)) and not isinstance(v, bool), f"{where}: key '{key}' must be a number, got {v!r}")
-    require(v > 0 if positive else v >= 0, f"{where}: key '{key}' must be {'positive' if positive else '>= 0'}, got {v}")
-    return float(v)
+
+def _num(d: dict, key: str, where: str, positive: bool = True, fraction: bool = False) -> float:
+    """d[key]: a finite number > 0 (`positive`) or >= 0; a `fraction` of a peak is at most 1."""
+    return number(d, key, where, 0, above=positive, maximum=1.0 if fraction else None)
 
 
 def _map(d: dict, key: str, where: str) -> dict:
-    require(isinstance(d.get(key), dict), f"{where}: key '{key}' must be a mapping")
-    return d[key]
+    return mapping(d, key, where)
 
 
 def cluster_from_dict(data: object, source: str) -> Cluster:
     require(isinstance(data, dict), f"{source}: expected a mapping with keys name, gpu, gpus_per_node, links, efficiency")
     g = _map(data, "gpu", source)
     gpu = GPU(
-        name=str(g.get("name") or require(False, f"{source}: gpu is missing key 'name'")),
+        name=text(g, "name", f"{source}: gpu"),
         peak_bf16_tflops=_num(g, "peak_bf16_tflops", f"{source}: gpu"),
         memory_gib=_num(g, "memory_gib", f"{source}: gpu"),
         hbm_bandwidth_gb_s=_num(g, "hbm_bandwidth_gb_s", f"{source}: gpu"),
-        reserved_memory_gib=_num(g, "reserved_memory_gib", f"{source}: gpu", positive=False) if "reserved_memory_gib" in g else 1.0,
+        reserved_memory_gib=number(g, "reserved_memory_gib", f"{source}: gpu", 0, default=1.0),
     )
     links_raw = _map(data, "links", source)
     links = []
@@ -149,28 +147,29 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
         links.append((tier, Link(_num(lk, "latency_us", f"{source}: links.{tier}", positive=False),
                                  _num(lk, "bandwidth_gb_s", f"{source}: links.{tier}"))))
     e = _map(data, "efficiency", source)
-    pts = e.get("matmul_gflop_fraction")
-    require(isinstance(pts, list) and len(pts) >= 1 and all(isinstance(p, list) and len(p) == 2 for p in pts),
-            f"{source}: efficiency.matmul_gflop_fraction must be a list of [gflop, fraction] pairs")
+    pts = listing(e, "matmul_gflop_fraction", f"{source}: efficiency")
+    require(len(pts) >= 1 and all(isinstance(p, list) and len(p) == 2 and is_number(p[0]) and is_number(p[1])
+                                  and p[0] > 0 and 0 < p[1] <= 1 for p in pts),
+            f"{source}: efficiency.matmul_gflop_fraction must be a list of [gflop > 0, 0 < fraction <= 1] pairs, "
+            f"got {str(pts)[:60]}")
     pts = sorted((float(a), float(b)) for a, b in pts)
-    require(all(a > 0 and 0 < b <= 1 for a, b in pts), f"{source}: efficiency.matmul_gflop_fraction needs gflop > 0 and 0 < fraction <= 1")
     coll = _map(e, "collective_fraction", f"{source}: efficiency")
     missing = [c for c in COLLECTIVES if c not in coll]
     require(not missing, f"{source}: efficiency.collective_fraction is missing {', '.join(missing)}")
     eff = Efficiency(
         matmul_gflop_fraction=tuple(pts),
-        memory_bound_fraction=_num(e, "memory_bound_fraction", f"{source}: efficiency"),
-        attention_fraction=_num(e, "attention_fraction", f"{source}: efficiency"),
-        collective_fraction=tuple((c, _num(coll, c, f"{source}: efficiency.collective_fraction")) for c in COLLECTIVES),
+        memory_bound_fraction=_num(e, "memory_bound_fraction", f"{source}: efficiency", fraction=True),
+        attention_fraction=_num(e, "attention_fraction", f"{source}: efficiency", fraction=True),
+        collective_fraction=tuple((c, _num(coll, c, f"{source}: efficiency.collective_fraction", fraction=True))
+                                  for c in COLLECTIVES),
         overlap_slowdown=_num(e, "overlap_slowdown", f"{source}: efficiency", positive=False),
         cpu_adam_params_per_s=_num(e, "cpu_adam_params_per_s", f"{source}: efficiency"),
     )
-    gpn = data.get("gpus_per_node")
-    require(isinstance(gpn, int) and gpn > 0, f"{source}: gpus_per_node must be a positive integer, got {gpn!r}")
-    max_nodes = data.get("max_nodes", 0) or 0
-    require(isinstance(max_nodes, int) and max_nodes >= 0, f"{source}: max_nodes must be a non-negative integer")
-    host = _num(data, "host_memory_gib", source, positive=False) if "host_memory_gib" in data else 0.0
-    return Cluster(name=str(data.get("name", Path(source).stem)), gpu=gpu, gpus_per_node=gpn,
+    gpn = integer(data, "gpus_per_node", source, 1, MAX_GPUS)
+    max_nodes = integer(data, "max_nodes", source, 0, MAX_GPUS, default=0)
+    host = number(data, "host_memory_gib", source, 0, default=0.0)
+    name = data.get("name", Path(source).stem)
+    return Cluster(name=name if isinstance(name, str) else str(name), gpu=gpu, gpus_per_node=gpn,
                    links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host)
 
 
@@ -182,20 +181,19 @@ def cluster_names() -> list[str]:
 def load_cluster(name_or_path: str) -> Cluster:
     """A preset name (configs/clusters/) or a path to a cluster YAML file."""
     if name_or_path in cluster_names():
-        text = (resources.files("configs") / "clusters" / f"{name_or_path}.yaml").read_text()
-        return cluster_from_dict(yaml.safe_load(text), f"cluster preset '{name_or_path}'")
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DistplanError(f"cluster file '{path}' is malformed: {str(exc).splitlines()[0]}") from None
-        return cluster_from_dict(data, str(path))
-    raise DistplanError(f"unknown cluster '{name_or_path}': not a preset nor an existing .yaml file; presets: {', '.join(cluster_names())}")
+        source = f"cluster preset '{name_or_path}'"
+        return cluster_from_dict(parse_yaml((resources.files("configs") / "clusters" / f"{name_or_path}.yaml").read_text(),
+                                            source), source)
+    presets = f"presets: {', '.join(cluster_names())}"
+    if Path(name_or_path).suffix not in (".yaml", ".yml"):
+        raise DistplanError(f"unknown cluster '{name_or_path}': not a preset nor a .yaml file; {presets}")
+    data = read_yaml(name_or_path, "cluster file", hint=f" (unknown cluster: not a preset nor an existing .yaml file; {presets})")
+    return cluster_from_dict(data, str(name_or_path))
 
 
 def check_gpu_count(cluster: Cluster, gpus: int) -> None:
-    require(isinstance(gpus, int) and gpus > 0, f"--gpus must be a positive integer, got {gpus}")
+    require(isinstance(gpus, int) and not isinstance(gpus, bool) and 0 < gpus <= MAX_GPUS,
+            f"--gpus must be a positive integer of at most {MAX_GPUS} (2**20), got {gpus}")
     if cluster.max_nodes:
         most = cluster.max_nodes * cluster.gpus_per_node
         require(gpus <= most, f"--gpus {gpus} exceeds cluster '{cluster.name}': {cluster.max_nodes} nodes x {cluster.gpus_per_node} GPUs = {most}")

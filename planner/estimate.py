@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from planner.cluster import Cluster, check_gpu_count, load_cluster
 from planner.errors import DistplanError, require
-from planner.job import ParallelConfig, validate_config
+from planner.job import MAX_DEGREE, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
 from planner.model import ModelSpec, load_model
 from planner.predict import Prediction, predict
 from planner.profile import Profile, load_profile
@@ -73,6 +73,9 @@ def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Pr
 
 
 def run_estimate(req: EstimateRequest) -> EstimateResult:
+    for name, value, most in (("--seq-len", req.seq_len, MAX_SEQ_LEN), ("--global-batch", req.global_batch, MAX_GLOBAL_BATCH),
+                              ("--dp", req.dp, MAX_DEGREE)):
+        require(value is None or 1 <= value <= most, f"{name} must be a positive integer of at most {most}, got {value}")
     model = load_model(req.model)
     cluster, prof = resolve_cluster(req.cluster, req.profile)
     require(isinstance(req.gpus, int) and req.gpus > 0, f"--gpus must be a positive integer, got {req.gpus}")
@@ -86,8 +89,8 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
         dp = req.gpus // denom
     else:
         dp = req.dp
-    seq_len = req.seq_len or model.seq_len
-    global_batch = req.global_batch or model.default_global_batch
+    seq_len = model.seq_len if req.seq_len is None else req.seq_len
+    global_batch = model.default_global_batch if req.global_batch is None else req.global_batch
     cfg = ParallelConfig(dp=dp, tp=req.tp, pp=req.pp, cp=req.cp, ep=req.ep, vpp=req.vpp,
                          sequence_parallel=req.sequence_parallel, zero_stage=req.zero,
                          offload_optimizer=req.offload_optimizer, micro_batch_size=req.micro_batch,

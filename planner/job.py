@@ -14,6 +14,11 @@ from planner.model import ModelSpec
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
+MAX_DEGREE = 2**20  # largest parallel degree: the largest GPU count planned (planner.cluster.MAX_GPUS)
+MAX_GLOBAL_BATCH = 2**20  # sequences per step: 16x the largest published (BERT with LAMB: 65536; GPT-3: 1536)
+MAX_SEQ_LEN = 2**24  # tokens per sequence: beyond the longest context trained (10M, Llama 4 Scout)
+LIMITS = {"dp": MAX_DEGREE, "tp": MAX_DEGREE, "pp": MAX_DEGREE, "cp": MAX_DEGREE, "ep": MAX_DEGREE, "vpp": MAX_DEGREE,
+          "micro_batch_size": MAX_GLOBAL_BATCH, "global_batch_size": MAX_GLOBAL_BATCH, "seq_len": MAX_SEQ_LEN}
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def config_from_dict(data: dict, source: str = "parallel") -> ParallelConfig:
     data = dict(data)
     if "layer_split" in data:
         ls = data["layer_split"] or []
-        require(isinstance(ls, (list, tuple)) and all(isinstance(x, int) for x in ls),
+        require(isinstance(ls, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in ls),
                 f"{source}: layer_split must be a list of integers, got {ls!r}")
         data["layer_split"] = tuple(ls)
     for key, value in data.items():
@@ -96,8 +101,9 @@ def config_from_dict(data: dict, source: str = "parallel") -> ParallelConfig:
 
 def validate_config(model: ModelSpec, cfg: ParallelConfig, gpus: int | None = None) -> None:
     """Raise DistplanError naming the first rule `cfg` breaks for `model` (Megatron-LM's rules)."""
-    for key in ("dp", "tp", "pp", "cp", "ep", "vpp", "micro_batch_size", "global_batch_size", "seq_len"):
+    for key, most in LIMITS.items():
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+        require(getattr(cfg, key) <= most, f"{key} must be at most {most}, got {getattr(cfg, key)}")
     if gpus is not None:
         require(gpus >= 1, f"--gpus must be a positive integer, got {gpus}")
         require(cfg.gpus == gpus,

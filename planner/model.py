@@ -11,14 +11,13 @@ Analytic counts here follow the published formulas:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from planner.errors import DistplanError, require
+from planner.fields import REQUIRED, check_integer, flag, integer, is_number, short, text
+from planner.fileio import parse_yaml, read_json, read_yaml
 
 FAMILIES = ("gpt", "llama", "mixtral", "vit")
 
@@ -179,12 +178,21 @@ class ModelSpec:
 # ---- loading --------------------------------------------------------------------------------
 
 _REQUIRED = ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len")
+# (smallest, largest) of each integer field: the largest are 10x-100x the largest published models (Llama-3.1-405B:
+# 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256, 128k context; Megatron's 1T GPT: hidden 25600),
+# so that no loop or traced tensor over a model's numbers runs away
+BOUNDS = {"num_layers": (1, 2**12), "hidden_size": (1, 2**18), "ffn_hidden_size": (1, 2**20), "num_heads": (1, 2**12),
+          "num_kv_heads": (1, 2**12), "vocab_size": (1, 2**24), "max_seq_len": (1, 2**24), "num_experts": (1, 2**12),
+          "top_k": (1, 2**12), "default_seq_len": (0, 2**24), "default_global_batch": (1, 2**20),
+          "image_size": (0, 2**16), "patch_size": (0, 2**16), "num_channels": (1, 2**10)}
 
 
 def _validate(spec: ModelSpec) -> ModelSpec:
     require(spec.family in FAMILIES, f"model '{spec.name}': family '{spec.family}' is unknown; valid: {', '.join(FAMILIES)}")
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "vocab_size", "max_seq_len"):
-        require(getattr(spec, key) > 0, f"model '{spec.name}': {key} must be a positive integer, got {getattr(spec, key)}")
+    for key, (low, high) in BOUNDS.items():
+        value = getattr(spec, key)
+        require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+                f"model '{spec.name}': {key} must be an integer from {low} to {high}, got {value!r}")
     require(spec.hidden_size % spec.num_heads == 0,
             f"model '{spec.name}': hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
     require(spec.num_heads % spec.num_kv_heads == 0,
@@ -192,8 +200,10 @@ def _validate(spec: ModelSpec) -> ModelSpec:
     require(1 <= spec.top_k <= spec.num_experts,
             f"model '{spec.name}': top_k {spec.top_k} must be between 1 and num_experts {spec.num_experts}")
     if spec.is_vit:
-        require(spec.patch_size > 0 and spec.image_size % spec.patch_size == 0,
+        require(spec.patch_size > 0 and spec.image_size > 0 and spec.image_size % spec.patch_size == 0,
                 f"model '{spec.name}': image_size {spec.image_size} must be a positive multiple of patch_size {spec.patch_size}")
+        require(spec.seq_len <= spec.max_seq_len, f"model '{spec.name}': {spec.seq_len} patches + 1 exceed max_seq_len "
+                f"{spec.max_seq_len}")
     return spec
 
 
@@ -203,7 +213,7 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
         raise DistplanError(f"{source}: expected a mapping of model fields, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k != "version"}
     valid = {f.name for f in fields(ModelSpec)}
-    unknown = sorted(set(data) - valid)
+    unknown = sorted(map(str, set(data) - valid))
     require(not unknown, f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
     data.setdefault("name", name)
     for key in _REQUIRED:
@@ -211,26 +221,22 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
     data.setdefault("family", "gpt")
     data.setdefault("num_kv_heads", data["num_heads"])
     data.setdefault("ffn_hidden_size", 4 * data["hidden_size"])
+    types = {f.name: f.type for f in fields(ModelSpec)}
     for key, value in data.items():
-        expected = {f.name: f.type for f in fields(ModelSpec)}[key]
-        if expected == "int":
-            require(isinstance(value, int) and not isinstance(value, bool), f"{source}: key '{key}' must be an integer, got {value!r}")
-        elif expected == "bool":
-            require(isinstance(value, bool), f"{source}: key '{key}' must be true or false, got {value!r}")
-        elif expected == "str":
-            require(isinstance(value, str), f"{source}: key '{key}' must be a string, got {value!r}")
-        elif expected == "float":
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
-                    f"{source}: key '{key}' must be a number in [0, 1), got {value!r}")
+        if types[key] == "int":
+            check_integer(value, key, source)
+        elif types[key] == "bool":
+            flag(data, key, source)
+        elif types[key] == "str":
+            text(data, key, source)
+        elif types[key] == "float":
+            require(is_number(value) and 0 <= value < 1, f"{source}: '{key}' must be a number in [0, 1), got {short(value)}")
     return _validate(ModelSpec(**data))
 
 
-def _hf_int(cfg: dict, key: str, source: str) -> int:
-    require(key in cfg, f"{source}: Hugging Face config is missing key '{key}'")
-    value = cfg[key]
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{source}: key '{key}' must be a positive integer, got {value!r}")
-    return value
+def _hf_int(cfg: dict, key: str, source: str, default: object = REQUIRED) -> int:
+    require(key in cfg or default is not REQUIRED, f"{source}: Hugging Face config is missing key '{key}'")
+    return integer(cfg, key, source, 1, default=default)
 
 
 def spec_from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
@@ -239,24 +245,25 @@ def spec_from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
         raise DistplanError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     model_type = str(cfg.get("model_type", ""))
     if "n_layer" in cfg or model_type == "gpt2":
-        h = _hf_int(cfg, "n_embd", source)
+        h, heads = _hf_int(cfg, "n_embd", source), _hf_int(cfg, "n_head", source)
         spec = ModelSpec(
             name=name, family="gpt", num_layers=_hf_int(cfg, "n_layer", source), hidden_size=h,
-            ffn_hidden_size=cfg.get("n_inner") or 4 * h, num_heads=_hf_int(cfg, "n_head", source),
-            num_kv_heads=_hf_int(cfg, "n_head", source), vocab_size=_hf_int(cfg, "vocab_size", source),
-            max_seq_len=_hf_int(cfg, "n_positions", source), tie_embeddings=True,
+            ffn_hidden_size=_hf_int(cfg, "n_inner", source, 4 * h), num_heads=heads, num_kv_heads=heads,
+            vocab_size=_hf_int(cfg, "vocab_size", source), max_seq_len=_hf_int(cfg, "n_positions", source),
+            tie_embeddings=True,
         )
         return _validate(spec)
     if "num_hidden_layers" in cfg:
-        experts = cfg.get("num_local_experts") or 1
+        experts = _hf_int(cfg, "num_local_experts", source, 1)
         heads = _hf_int(cfg, "num_attention_heads", source)
         spec = ModelSpec(
             name=name, family="mixtral" if experts > 1 else "llama",
             num_layers=_hf_int(cfg, "num_hidden_layers", source), hidden_size=_hf_int(cfg, "hidden_size", source),
             ffn_hidden_size=_hf_int(cfg, "intermediate_size", source), num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=_hf_int(cfg, "vocab_size", source),
-            max_seq_len=cfg.get("max_position_embeddings") or 4096, num_experts=experts,
-            top_k=cfg.get("num_experts_per_tok") or 1, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            num_kv_heads=_hf_int(cfg, "num_key_value_heads", source, heads), vocab_size=_hf_int(cfg, "vocab_size", source),
+            max_seq_len=_hf_int(cfg, "max_position_embeddings", source, 4096), num_experts=experts,
+            top_k=_hf_int(cfg, "num_experts_per_tok", source, 1),
+            tie_embeddings=flag(cfg, "tie_word_embeddings", source, default=False),
         )
         return _validate(spec)
     raise DistplanError(
@@ -271,36 +278,20 @@ def zoo_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_file(path: Path) -> object:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise DistplanError(f"cannot read model file '{path}': {exc.strerror}") from None
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0]
-        raise DistplanError(f"model file '{path}' is malformed: {first}") from None
-
-
 def load_model(name_or_path: str) -> ModelSpec:
     """A zoo name (see configs/models/), a Hugging Face config.json, or a zoo-format YAML file."""
     if name_or_path in zoo_names():
-        text = (resources.files("configs") / "models" / f"{name_or_path}.yaml").read_text()
-        return spec_from_dict(yaml.safe_load(text), name_or_path, f"zoo model '{name_or_path}'")
+        source = f"zoo model '{name_or_path}'"
+        zoo = (resources.files("configs") / "models" / f"{name_or_path}.yaml").read_text()
+        return spec_from_dict(parse_yaml(zoo, source), name_or_path, source)
     path = Path(name_or_path)
-    if path.suffix in (".json", ".yaml", ".yml") and path.exists():
-        data = _read_file(path)
-        name = path.parent.name if path.name == "config.json" else path.stem
-        if path.suffix == ".json":
-            return spec_from_hf_config(data, name, str(path))
-        return spec_from_dict(data, name, str(path))
-    raise DistplanError(
-        f"unknown model '{name_or_path}': not a zoo name nor an existing .json/.yaml file; "
-        f"zoo models: {', '.join(zoo_names())}"
-    )
+    unknown = f"unknown model '{name_or_path}': not a zoo name nor an existing .json/.yaml file; zoo models: {', '.join(zoo_names())}"
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise DistplanError(unknown)
+    name = path.parent.name if path.name == "config.json" else path.stem
+    if path.suffix == ".json":
+        return spec_from_hf_config(read_json(path, "model file", hint=f" ({unknown})"), name, str(path))
+    return spec_from_dict(read_yaml(path, "model file", hint=f" ({unknown})"), name, str(path))
 
 
 def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:

@@ -15,10 +15,11 @@ from pathlib import Path
 import yaml
 
 from planner import __version__
-from planner.cluster import Cluster, cluster_from_dict
-from planner.errors import DistplanError, require
-from planner.fileio import atomic_write_text
-from planner.job import ParallelConfig, config_from_dict, validate_config
+from planner.cluster import MAX_GPUS, Cluster, cluster_from_dict
+from planner.errors import require
+from planner.fields import flag, integer, listing, mapping, number, short, text
+from planner.fileio import atomic_write_text, read_yaml
+from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, config_from_dict, validate_config
 from planner.model import ModelSpec, spec_from_dict
 from planner.predict import Prediction
 
@@ -121,34 +122,79 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 def plan_from_dict(d: object, source: str) -> Plan:
     require(isinstance(d, dict), f"{source}: a plan file must be a mapping with keys {', '.join(TOP_LEVEL)}")
-    require(d.get("version") == PLAN_VERSION, f"{source}: plan version {d.get('version')!r} is not supported; expected {PLAN_VERSION}")
-    unknown = sorted(set(d) - set(TOP_LEVEL))
-    require(not unknown, f"{source}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL)}")
+    require(d.get("version") == PLAN_VERSION, f"{source}: plan version {short(d.get('version'))} is not supported; expected {PLAN_VERSION}")
+    unknown = sorted(map(str, set(d) - set(TOP_LEVEL)))
+    require(not unknown, f"{source}: unknown top-level key(s) {', '.join(unknown)[:80]}; valid: {', '.join(TOP_LEVEL)}")
     for key in ("model", "cluster", "job", "parallel", "stages", "prediction"):
         require(key in d, f"{source}: missing top-level key '{key}'")
     model = spec_from_dict(d["model"], str(d["model"].get("name", "model")) if isinstance(d["model"], dict) else "model", f"{source}: model")
-    require(isinstance(d["cluster"], dict), f"{source}: 'cluster' must be a mapping")
-    cl = dict(d["cluster"])
-    gpus = cl.pop("gpus", None)
+    cl = dict(mapping(d, "cluster", source))
+    gpus = integer(cl, "gpus", f"{source}: cluster", 1, MAX_GPUS)
+    cl.pop("gpus", None)
     cl.pop("nodes", None)
-    require(isinstance(gpus, int) and gpus > 0, f"{source}: cluster.gpus must be a positive integer, got {gpus!r}")
     cluster = cluster_from_dict({**cl, "version": 1}, f"{source}: cluster")
-    job = d["job"]
-    require(isinstance(job, dict), f"{source}: 'job' must be a mapping")
-    for key in ("global_batch_size", "seq_len"):
-        require(isinstance(job.get(key), int), f"{source}: job.{key} must be an integer")
-    par = d["parallel"]
-    require(isinstance(par, dict), f"{source}: 'parallel' must be a mapping")
-    cfg = config_from_dict({**par, "global_batch_size": job["global_batch_size"], "seq_len": job["seq_len"]}, f"{source}: parallel")
+    job = mapping(d, "job", source)
+    par = mapping(d, "parallel", source)
+    cfg = config_from_dict({**par, "global_batch_size": integer(job, "global_batch_size", f"{source}: job", 1, MAX_GLOBAL_BATCH),
+                            "seq_len": integer(job, "seq_len", f"{source}: job", 1, MAX_SEQ_LEN)}, f"{source}: parallel")
     validate_config(model, cfg, gpus)
     _check_stages(d["stages"], model, cfg, source)
-    pred = d["prediction"]
-    require(isinstance(pred, dict) and "step_time_s" in pred, f"{source}: prediction must be a mapping with step_time_s")
-    prov = dict(d.get("provenance") or {})
+    pred = _checked_prediction(d["prediction"], cfg, f"{source}: prediction")
+    rationale = listing(d, "rationale", source, default=[])
+    require(all(isinstance(r, str) for r in rationale), f"{source}: rationale must be a list of text lines")
+    alternatives = listing(d, "alternatives", source, default=[])
+    for i, alt in enumerate(alternatives):
+        _check_alternative(alt, f"{source}: alternatives[{i}]")
+    prov = dict(mapping(d, "provenance", source, default={}))
     prov.pop("distplan_version", None)
-    return Plan(model=model, cluster=cluster, gpus=gpus, parallel=cfg, prediction=pred,
-                rationale=tuple(d.get("rationale") or ()), alternatives=tuple(d.get("alternatives") or ()),
-                sharding=d.get("sharding") or {}, provenance=prov)
+    command = text(prov, "command", f"{source}: provenance", default="")
+    require("\n" not in command and "\r" not in command, f"{source}: provenance.command must be one line")
+    return Plan(model=model, cluster=cluster, gpus=gpus, parallel=cfg, prediction=pred, rationale=tuple(rationale),
+                alternatives=tuple(alternatives), sharding=mapping(d, "sharding", source, default={}), provenance=prov)
+
+
+PREDICTION_NUMBERS = ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "capacity_gib")
+
+
+def _checked_prediction(pred: object, cfg: ParallelConfig, where: str) -> dict:
+    """The prediction as show, diff, emit and the reports read it: the keys they need, each of its type."""
+    require(isinstance(pred, dict), f"{where} must be a mapping with {', '.join(PREDICTION_NUMBERS)}")
+    for key in (*PREDICTION_NUMBERS, "fits", "breakdown", "stages"):
+        require(key in pred, f"{where}: plan prediction lacks '{key}'; regenerate the plan with `distplan solve` or "
+                             "`distplan estimate`")
+    for key in PREDICTION_NUMBERS:
+        number(pred, key, where, 0)
+    for key in ("model_tflops_per_gpu", "hardware_tflops_per_gpu", "allocator_slack", "host_memory_gib", "host_capacity_gib"):
+        if key in pred:
+            number(pred, key, where, 0)
+    flag(pred, "fits", where)
+    for term in mapping(pred, "breakdown", where):
+        number(pred["breakdown"], term, f"{where}.breakdown")
+    stages = listing(pred, "stages", where)
+    require(len(stages) == cfg.pp, f"{where}: plan prediction.stages must list {cfg.pp} stages (pp = {cfg.pp})")
+    for i, st in enumerate(stages):
+        at = f"{where}.stages[{i}]"
+        require(isinstance(st, dict), f"{at} must be a mapping")
+        integer(st, "rank", at, 0)
+        number(st, "time_per_microbatch_s", at, 0)
+        number(st, "memory_gib", at, 0)
+        for part in mapping(st, "memory_breakdown_gib", at):
+            number(st["memory_breakdown_gib"], part, f"{at}.memory_breakdown_gib")
+    return pred
+
+
+def _check_alternative(alt: object, where: str) -> None:
+    """A runner-up as show and the reports read it (solvers.explain.alternative_entry writes it)."""
+    require(isinstance(alt, dict), f"{where} must be a mapping (parallel, step_time_s, why_lost, ...)")
+    pred = mapping(alt, "prediction", where, default={})
+    for d, at in ((alt, where), (pred, f"{where}.prediction")):
+        for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib"):
+            number(d, key, at, 0, default=None)
+        flag(d, "fits", at, default=None)
+    for key in ("name", "summary", "why_lost", "why", "reason", "lost_because"):
+        text(alt, key, where, default=None)
+    if not isinstance(alt.get("parallel"), dict):
+        text(alt, "parallel", where, default=None)
 
 
 def _check_stages(stages: object, model: ModelSpec, cfg: ParallelConfig, source: str) -> None:
@@ -157,11 +203,12 @@ def _check_stages(stages: object, model: ModelSpec, cfg: ParallelConfig, source:
             f"{source}: 'stages' must list {cfg.pp} pipeline stages (pp = {cfg.pp})")
     expect = 0
     for i, st in enumerate(stages):
-        require(isinstance(st, dict) and isinstance(st.get("layers"), list) and len(st["layers"]) == 2,
-                f"{source}: stages[{i}].layers must be [first, last]")
-        first, last = st["layers"]
+        layers = st.get("layers") if isinstance(st, dict) else None
+        require(isinstance(layers, list) and len(layers) == 2 and all(type(x) is int for x in layers),
+                f"{source}: stages[{i}].layers must be [first, last], two integers")
+        first, last = layers
         require(first == expect and last >= first,
-                f"{source}: stages[{i}].layers {st['layers']} must start at layer {expect} (ranges cover the model once, in order)")
+                f"{source}: stages[{i}].layers {layers} must start at layer {expect} (ranges cover the model once, in order)")
         expect = last + 1
     require(expect == model.num_layers, f"{source}: stages cover layers 0-{expect - 1}, but {model.name} has {model.num_layers} layers")
     ranges = cfg.stage_layer_ranges(model.num_layers)
@@ -171,10 +218,5 @@ def _check_stages(stages: object, model: ModelSpec, cfg: ParallelConfig, source:
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    require(path.exists(), f"plan file '{path}' does not exist; create one with `distplan solve -o {path}`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DistplanError(f"plan file '{path}' is malformed YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path, "plan file", hint=f"; create one with `distplan solve -o {path}`")
     return plan_from_dict(data, str(path))

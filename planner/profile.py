@@ -27,12 +27,16 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from planner.cluster import MAX_GPUS
 from planner.errors import DistplanError, require
+from planner.fields import check_number, flag, integer, is_number, listing, mapping, number, text
+from planner.fileio import read_yaml
 
 if TYPE_CHECKING:
     from planner.cluster import Cluster
 
 PROFILE_VERSION = 1
+MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
 PHASES = ("fwd", "bwd")
 # the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
 # a compute kind besides the layers, for plans with flash_attention=False
@@ -466,63 +470,70 @@ def _sharding_dict(s: ShardingFit) -> dict:
     return d
 
 
-def _sharding(s: dict, source: str, raw_points: list | None = None) -> ShardingFit:
+def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
     """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points."""
-    impl, n, reshard = str(s.get("impl", "fsdp2")), int(s["group_size"]), bool(s["reshard_after_forward"])
-    measured = [float(p["tokens"]) for p in raw_points or [] if isinstance(p, dict) and "tokens" in p
-                and p.get("impl", "fsdp2") == impl and p.get("group_size") == n and p.get("reshard_after_forward") == reshard]
-    fit = ShardingFit(group_size=n, reshard_after_forward=reshard,
-                      overhead=_fit(s["overhead"], f"{source}: sharding", "slope_s_per_token"),
-                      edge=_fit(s["edge"], f"{source}: sharding", "slope_s_per_token") if s.get("edge") else None,
-                      impl=impl, step_s_per_param=float(s.get("step_s_per_param") or 0.0),
-                      step_edge_s=float(s.get("step_edge_s") or 0.0),
-                      max_tokens=float(s.get("max_tokens") or max(measured, default=0.0)),
-                      accumulate=_fit(s["accumulate"], f"{source}: sharding", "slope_s_per_token")
-                      if s.get("accumulate") else None,
-                      accumulate_edge=_fit(s["accumulate_edge"], f"{source}: sharding", "slope_s_per_token")
-                      if s.get("accumulate_edge") else None)
-    # group size 1: a one-device profile's stacks (a world of one: DeepSpeed's ZeRO machinery, FSDP2's wrapping)
-    require(fit.group_size >= 1, f"{source}: sharding entries need group_size >= 1, got {fit.group_size}")
-    require(fit.impl in SHARDING_IMPLS or re.fullmatch(r"fsdp2-tp[1-9][0-9]*", fit.impl) is not None,
-            f"{source}: sharding impl {fit.impl!r} is not one of {', '.join(SHARDING_IMPLS)}, fsdp2-tp<N>")
-    return fit
+    impl = text(s, "impl", where, default="fsdp2")
+    n = integer(s, "group_size", where, 1, MAX_GROUP)  # 1: a one-device profile's stacks (a world of one)
+    reshard = flag(s, "reshard_after_forward", where)
+    require(impl in SHARDING_IMPLS or re.fullmatch(r"fsdp2-tp[1-9][0-9]*", impl) is not None,
+            f"{where}: sharding impl {impl!r} is not one of {', '.join(SHARDING_IMPLS)}, fsdp2-tp<N>")
+    measured = [float(p["tokens"]) for p in raw_points if "tokens" in p and p.get("impl", "fsdp2") == impl
+                and p.get("group_size") == n and p.get("reshard_after_forward") == reshard]
+    line = lambda key: _fit(s[key], f"{where}.{key}", "slope_s_per_token") if s.get(key) else None  # noqa: E731
+    return ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_fit(mapping(s, "overhead", where),
+                                                                                  f"{where}.overhead", "slope_s_per_token"),
+                       edge=line("edge"), impl=impl, step_s_per_param=number(s, "step_s_per_param", where, default=0.0),
+                       step_edge_s=number(s, "step_edge_s", where, default=0.0),
+                       max_tokens=number(s, "max_tokens", where, 0, default=max(measured, default=0.0)),
+                       accumulate=line("accumulate"), accumulate_edge=line("accumulate_edge"))
 
 
-def _pipeline(f: dict, source: str, raw_points: list | None = None) -> PipelineFit:
+def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
     """One pipeline entry. An entry of the session-7 format whose growth was additive ("slope_s_per_op") gets the
     proportional growth from its raw points."""
-    fit = PipelineFit(schedule=str(f["schedule"]), group_size=int(f["group_size"]),
-                      action=_fit(f["action"], f"{source}: pipeline", "slope_s_per_byte"),
-                      max_bytes=float(f.get("max_bytes") or 0.0))
-    ops = f.get("ops") or {}
+    fit = PipelineFit(schedule=text(f, "schedule", where, ("1f1b", "interleaved")),
+                      group_size=integer(f, "group_size", where, 1, MAX_GROUP),
+                      action=_fit(mapping(f, "action", where), f"{where}.action", "slope_s_per_byte"),
+                      max_bytes=number(f, "max_bytes", where, 0, default=0.0))
+    ops = mapping(f, "ops", where, default={})
     if ops and "growth_per_op" not in ops and "slope_s_per_op" in ops:
-        pts = [(int(p["ops_per_rank"]), float(p["bytes"]), float(p["action_s"])) for p in raw_points or []
-               if isinstance(p, dict) and p.get("schedule") == fit.schedule and "ops_per_rank" in p]
+        pts = [(int(p["ops_per_rank"]), float(p["bytes"]), float(p["action_s"])) for p in raw_points
+               if p.get("schedule") == fit.schedule and {"ops_per_rank", "bytes", "action_s"} <= set(p)]
         base, most, growth = pipeline_growth(pts)
         ops = {"base": base, "max": most, "growth_per_op": growth} if base else {}
     if ops:
-        try:
-            fit = replace(fit, base_ops=int(ops["base"]), max_ops=int(ops["max"]), growth_per_op=float(ops["growth_per_op"]))
-        except (KeyError, TypeError, ValueError):
-            require(False, f"{source}: pipeline ops needs base, max and growth_per_op numbers, got {ops!r}")
-        require(0 < fit.base_ops <= fit.max_ops, f"{source}: pipeline ops base {fit.base_ops} and max {fit.max_ops} "
+        fit = replace(fit, base_ops=integer(ops, "base", f"{where}.ops", 1), max_ops=integer(ops, "max", f"{where}.ops", 1),
+                      growth_per_op=number(ops, "growth_per_op", f"{where}.ops", 0))
+        require(fit.base_ops <= fit.max_ops, f"{where}.ops: base {fit.base_ops} and max {fit.max_ops} "
                 "must satisfy 0 < base <= max")
-    require(fit.schedule in ("1f1b", "interleaved"),
-            f"{source}: pipeline schedule {fit.schedule!r} is not one of 1f1b, interleaved")
     return fit
 
 
-def _fit(d: dict, where: str, slope_key: str) -> LinearFit:
-    require(isinstance(d, dict) and "intercept_s" in d and slope_key in d, f"{where}: needs intercept_s and {slope_key}")
-    return LinearFit(float(d["intercept_s"]), float(d[slope_key]))
+def _fit(d: object, where: str, slope_key: str, nonnegative: bool = False) -> LinearFit:
+    """A line from {intercept_s, <slope_key>}; `nonnegative`: both >= 0 (a measured time cannot fall with size)."""
+    floor = 0.0 if nonnegative else None
+    return LinearFit(number(d, "intercept_s", where, floor), number(d, slope_key, where, floor))
 
 
-def _collective(c: dict, where: str) -> CollectiveFit:
-    fit = CollectiveFit(op=str(c["op"]), group_size=int(c["group_size"]), latency_s=float(c["latency_s"]),
-                        bus_bandwidth_gb_s=float(c["bus_bandwidth_gb_s"]))
-    require(fit.bus_bandwidth_gb_s > 0 and fit.latency_s >= 0,
-            f"{where}: collective {fit.op} n={fit.group_size} needs bus_bandwidth_gb_s > 0 and latency_s >= 0")
-    return fit
+def _collective(c: object, where: str) -> CollectiveFit:
+    return CollectiveFit(op=text(c, "op", where), group_size=integer(c, "group_size", where, 1, MAX_GROUP),
+                         latency_s=number(c, "latency_s", where, 0),
+                         bus_bandwidth_gb_s=number(c, "bus_bandwidth_gb_s", where, 0, above=True))
+
+
+def _compute(c: object, where: str, raw: dict) -> ComputeFit:
+    """One layer fit: its lines are times, so >= 0, and forward and backward take time at some size."""
+    kind, tp = text(c, "kind", where), integer(c, "tp", where, 1, MAX_GROUP)
+    line = lambda key: _fit(mapping(c, key, where), f"{where}.{key}", "slope_s_per_token", nonnegative=True)  # noqa: E731
+    fwd, bwd = line("fwd"), line("bwd")
+    for phase, fit in (("fwd", fwd), ("bwd", bwd)):
+        require(fit.intercept_s > 0 or fit.slope_s > 0, f"{where}.{phase}: a layer's time cannot be 0 at every size "
+                f"(intercept_s and slope_s_per_token are both 0)")
+    return ComputeFit(kind=kind, tp=tp, fwd=fwd, bwd=bwd,
+                      peak_activation_bytes_per_token=number(c, "peak_activation_bytes_per_token", where, 0, default=0.0),
+                      recompute=line("recompute") if c.get("recompute") else None,
+                      oom_micro_batch=integer(c, "oom_micro_batch", where, 0, default=0),
+                      points=compute_points(_raw_compute(raw, kind, tp)))
 
 
 def compute_points(raw_points: list) -> tuple[tuple[float, tuple[tuple[str, float], ...]], ...]:
@@ -540,69 +551,98 @@ def compute_points(raw_points: list) -> tuple[tuple[float, tuple[tuple[str, floa
     return tuple(sorted(out))
 
 
-def _raw_compute(d: dict, kind: str, tp: int) -> list:
-    raw = d.get("raw") if isinstance(d.get("raw"), dict) else {}
-    for r in raw.get("compute") or [] if isinstance(raw, dict) else []:
-        if isinstance(r, dict) and r.get("kind") == kind and r.get("tp") == tp:
+# the raw points each part of the profile reads: (path under raw, its number keys, text keys, true/false keys)
+RAW_POINTS = (
+    (("communication", "points"), ("group_size", "bytes", "time_s"), ("op",), ()),
+    (("communication", "sharding"), ("group_size", "blocks", "tokens", "plain_s"), ("impl",), ("reshard_after_forward",)),
+    (("communication", "pipeline"), ("ops_per_rank", "bytes", "action_s"), ("schedule",), ()),
+    (("ceilings", "matmul"), ("gflop", "tflops"), (), ()),
+)
+COMPUTE_POINT_NUMBERS = ("tokens", "fwd_s", "bwd_s", "recompute_s", "gpu_fwd_s", "gpu_bwd_s", "activation_bytes")
+
+
+def _points(items: object, where: str, numbers: tuple, texts: tuple = (), flags: tuple = ()) -> list[dict]:
+    """A list of raw points whose keys among `numbers`, `texts` and `flags` hold values of that type where present
+    (recompute_s may be null: not measured)."""
+    require(isinstance(items, list), f"{where} must be a list of points, got {type(items).__name__}")
+    for i, p in enumerate(items):
+        at = f"{where}[{i}]"
+        require(isinstance(p, dict), f"{at} must be a mapping, got {type(p).__name__}")
+        for key in (k for k in numbers if k in p and not (p[k] is None and k == "recompute_s")):
+            check_number(p[key], key, at)
+        for key in (k for k in texts if k in p):
+            text(p, key, at)
+        for key in (k for k in flags if k in p):
+            flag(p, key, at)
+    return items
+
+
+def _raw(d: dict, source: str) -> dict:
+    """The profile's raw section with the parts it reads checked: RAW_POINTS and the compute points."""
+    raw = mapping(d, "raw", source, default={})
+    for path, numbers, texts, flags in RAW_POINTS:
+        part = mapping(raw, path[0], f"{source}: raw", default={})
+        _points(part.get(path[1]) or [], f"{source}: raw.{'.'.join(path)}", numbers, texts, flags)
+    mapping(raw, "settings", f"{source}: raw", default={})
+    _points(raw.get("calibration_runs") or [], f"{source}: raw.calibration_runs", ())
+    entries = _points(raw.get("compute") or [], f"{source}: raw.compute", ("tp",), ("kind",))
+    for i, entry in enumerate(entries):
+        where = f"{source}: raw.compute[{i}].points"
+        for j, p in enumerate(_points(entry.get("points") or [], where, COMPUTE_POINT_NUMBERS)):
+            require("tokens" in p, f"{where}[{j}]: missing key 'tokens'")
+    return raw
+
+
+def _raw_compute(raw: dict, kind: str, tp: int) -> list:
+    for r in raw.get("compute") or []:
+        if r.get("kind") == kind and r.get("tp") == tp:
             return r.get("points") or []
     return []
+
+
+def _entries(d: dict, key: str, source: str) -> list:
+    return [(item, f"{source}: {key}[{i}]") for i, item in enumerate(listing(d, key, source, default=[]))]
 
 
 def profile_from_dict(d: object, source: str) -> Profile:
     require(isinstance(d, dict), f"{source}: expected a mapping")
     require(d.get("version") == PROFILE_VERSION, f"{source}: profile version {d.get('version')!r} is not supported; expected {PROFILE_VERSION}")
-    for key in ("gpu_name", "device", "model", "seq_len", "dtype"):
-        require(key in d, f"{source}: missing key '{key}'")
-    try:
-        compute = tuple(
-            ComputeFit(kind=str(c["kind"]), tp=int(c["tp"]), fwd=_fit(c["fwd"], f"{source}: compute", "slope_s_per_token"),
-                       bwd=_fit(c["bwd"], f"{source}: compute", "slope_s_per_token"),
-                       peak_activation_bytes_per_token=float(c.get("peak_activation_bytes_per_token", 0.0)),
-                       recompute=_fit(c["recompute"], f"{source}: compute", "slope_s_per_token") if c.get("recompute") else None,
-                       oom_micro_batch=int(c.get("oom_micro_batch") or 0),
-                       points=compute_points(_raw_compute(d, str(c["kind"]), int(c["tp"]))))
-            for c in d.get("compute") or []
-        )
-        collectives = tuple(_collective(c, source) for c in d.get("collectives") or [])
-        inter_node = _collective(d["inter_node"], source) if d.get("inter_node") else None
-        raw_sharding = ((d.get("raw") or {}).get("communication") or {}).get("sharding")
-        sharding = tuple(_sharding(s, source, raw_sharding if isinstance(raw_sharding, list) else None)
-                         for s in d.get("sharding") or [])
-        raw_pipeline = ((d.get("raw") or {}).get("communication") or {}).get("pipeline")
-        pipeline = tuple(_pipeline(f, source, raw_pipeline if isinstance(raw_pipeline, list) else None)
-                         for f in d.get("pipeline") or [])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DistplanError(f"{source}: malformed compute/collectives entry ({type(exc).__name__}: {exc})") from None
-    calib = d.get("calibration") or {}
-    require(isinstance(calib, dict), f"{source}: calibration must be a mapping of name: factor")
-    scalars = ("matmul_tflops", "hbm_bandwidth_gb_s", "host_bandwidth_gb_s", "optimizer_s_per_param",
-               "host_optimizer_s_per_param", "memory_gib")
-    for key in scalars:
-        v = d.get(key)
-        require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-                f"{source}: '{key}' must be a number >= 0, got {v!r}")
+    raw = _raw(d, source)
+    comm = raw.get("communication") or {}
+    compute = tuple(_compute(c, where, raw) for c, where in _entries(d, "compute", source))
+    collectives = tuple(_collective(c, where) for c, where in _entries(d, "collectives", source))
+    inter_node = _collective(d["inter_node"], f"{source}: inter_node") if d.get("inter_node") is not None else None
+    sharding = tuple(_sharding(s, where, comm.get("sharding") or []) for s, where in _entries(d, "sharding", source))
+    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or []) for f, where in _entries(d, "pipeline", source))
+    calib = mapping(d, "calibration", source, default={})
+    sweep = listing(d, "matmul_tflops_by_gflop", source, default=[])
+    for i, pair in enumerate(sweep):
+        require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair) and pair[0] > 0,
+                f"{source}: matmul_tflops_by_gflop[{i}] must be a [GFLOP > 0, TFLOP/s >= 0] pair, got {pair!r}")
+    facts = mapping(d, "facts", source, default={})
+    number(facts, "host_memory_gib", f"{source}: facts", 0, default=None)
+    integer(facts, "gpu_count", f"{source}: facts", 0, default=None)
+    overlap = d.get("overlap_slowdown")
     return Profile(
-        gpu_name=str(d["gpu_name"]), device=str(d["device"]), model=str(d["model"]), seq_len=int(d["seq_len"]),
-        dtype=str(d["dtype"]), compute=compute, collectives=collectives,
-        matmul_tflops=float(d.get("matmul_tflops") or 0.0), hbm_bandwidth_gb_s=float(d.get("hbm_bandwidth_gb_s") or 0.0),
-        matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in d.get("matmul_tflops_by_gflop") or [])),
-        host_bandwidth_gb_s=float(d.get("host_bandwidth_gb_s") or 0.0),
-        optimizer_s_per_param=float(d.get("optimizer_s_per_param") or 0.0),
-        host_optimizer_s_per_param=float(d.get("host_optimizer_s_per_param") or 0.0),
-        overlap_slowdown=d.get("overlap_slowdown"), device_count=int(d.get("device_count") or 0),
-        memory_gib=float(d.get("memory_gib") or 0.0), inter_node=inter_node, calibration=tuple(sorted((str(k), float(v)) for k, v in calib.items())),
-        sharding=sharding, pipeline=pipeline,
-        facts=d.get("facts") or {}, raw=d.get("raw") or {},
+        gpu_name=text(d, "gpu_name", source), device=text(d, "device", source, ("cuda", "cpu")),
+        model=text(d, "model", source), seq_len=integer(d, "seq_len", source, 1), dtype=text(d, "dtype", source),
+        compute=compute, collectives=collectives,
+        matmul_tflops=number(d, "matmul_tflops", source, 0, default=0.0),
+        hbm_bandwidth_gb_s=number(d, "hbm_bandwidth_gb_s", source, 0, default=0.0),
+        matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in sweep)),
+        host_bandwidth_gb_s=number(d, "host_bandwidth_gb_s", source, 0, default=0.0),
+        optimizer_s_per_param=number(d, "optimizer_s_per_param", source, 0, default=0.0),
+        host_optimizer_s_per_param=number(d, "host_optimizer_s_per_param", source, 0, default=0.0),
+        overlap_slowdown=None if overlap is None else number(d, "overlap_slowdown", source, 0),
+        device_count=integer(d, "device_count", source, 0, MAX_GROUP, default=0),
+        memory_gib=number(d, "memory_gib", source, 0, default=0.0), inter_node=inter_node,
+        calibration=tuple(sorted((k, number(calib, k, f"{source}: calibration", 0, above=True)) for k in calib)),
+        sharding=sharding, pipeline=pipeline, facts=facts, raw=raw,
     )
 
 
 def load_profile(path: str | Path) -> Profile:
-    path = Path(path)
-    require(path.exists(), f"profile file '{path}' does not exist; create one with `distplan profile -o {path}`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DistplanError(f"profile file '{path}' is malformed: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path, "profile file", hint=f"; create one with `distplan profile -o {path}`")
     return profile_from_dict(data, str(path))
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from planner.errors import require
+from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
 from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from profilers import comm, compute, facts, fit, megatron_layer
@@ -26,6 +27,8 @@ from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
 
 ProgressFn = Callable[[str, int, int], None]
 DEFAULT_CPU_DEVICES = 2  # gloo processes standing in for GPUs on a machine without any
+MAX_GPUS_PER_NODE = 1024  # beyond any node built (GB200 NVL72: 72 GPUs in one NVLink domain); on CPUs, processes
+MAX_STACK_BLOCKS = 256  # the sharding stacks hold this many blocks at most (default 8; each is a layer's weights)
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,18 @@ def plan_profile(req: ProfileRequest) -> Plan:
     cuda = req.device == "cuda" or (req.device == "auto" and torch.cuda.is_available())
     require(not cuda or torch.cuda.is_available(), "--device cuda: no CUDA device is visible to torch")
     dtype = req.dtype if req.dtype != "auto" else "bf16" if cuda else "fp32"
-    seq_len = compute.layer_seq_len(spec, req.seq_len or spec.seq_len)
-    require(seq_len > 0, f"--seq-len must be positive, got {seq_len}")
+    require(req.seq_len is None or 1 <= req.seq_len <= MAX_SEQ_LEN,
+            f"--seq-len must be a positive integer of at most {MAX_SEQ_LEN}, got {req.seq_len}")
+    require(req.gpus_per_node is None or 1 <= req.gpus_per_node <= MAX_GPUS_PER_NODE,
+            f"--gpus-per-node must be >= 1 and at most {MAX_GPUS_PER_NODE}, got {req.gpus_per_node}")
+    require(req.stack_blocks is None or 2 <= req.stack_blocks <= MAX_STACK_BLOCKS,
+            f"--stack-blocks {req.stack_blocks}: must be at least 2 (the per-block figure is the difference between "
+            f"the stack and one block) and at most {MAX_STACK_BLOCKS}")
+    require(not req.micro_batches or all(1 <= m <= MAX_GLOBAL_BATCH for m in req.micro_batches),
+            f"micro-batches must be >= 1 and at most {MAX_GLOBAL_BATCH}, got {req.micro_batches}")
+    seq_len = compute.layer_seq_len(spec, spec.seq_len if req.seq_len is None else req.seq_len)
     require(not spec.learned_positions or spec.is_vit or seq_len <= spec.max_seq_len,
             f"--seq-len {seq_len} exceeds the {spec.max_seq_len} learned positions of '{spec.name}'")
-    require(req.gpus_per_node is None or req.gpus_per_node >= 1, f"--gpus-per-node must be >= 1, got {req.gpus_per_node}")
     present = torch.cuda.device_count() if cuda else (req.gpus_per_node or DEFAULT_CPU_DEVICES)
     gpn = req.gpus_per_node or present
     devices = min(present, gpn)
@@ -149,7 +159,6 @@ def plan_profile(req: ProfileRequest) -> Plan:
         ms = comm.CommSettings(sizes_bytes=sizes, group_sizes=comm.power_of_two_groups(devices), dtype=dtype,
                                warmup=1, trials=2 if q else 3, target_loop_s=0.01, max_iters=10)
     if req.micro_batches:
-        require(all(m >= 1 for m in req.micro_batches), f"micro-batches must be >= 1, got {req.micro_batches}")
         cs = replace(cs, micro_batches=tuple(sorted(req.micro_batches)))
         stacks_top = max(req.micro_batches)  # the user's range: the stacks measure its ends
     # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in

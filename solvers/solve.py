@@ -7,13 +7,14 @@ that is hit makes the result depend on the clock, and then the plan and `stats` 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from planner.cluster import Cluster, check_gpu_count
 from planner.errors import DistplanError, require
-from planner.job import ParallelConfig, validate_config
+from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
 from planner.model import ModelSpec
 from planner.plan import Plan, make_plan
 from planner.predict import Prediction, predict
@@ -26,6 +27,7 @@ from solvers.search import run_search, search_space, states_fit
 from solvers.sharding import KindSharding, shard_layers, sharding_dict, sharding_rationale
 
 MAX_GPUS_TRIED = 2**20  # the "fewest GPUs that would fit" search stops here
+MAX_TOP_K = 100  # runners-up kept: the branch and bound keeps top_k + 1 meshes, so a larger k prunes little
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,19 @@ def check_inputs(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                  time_limit_s: float | None, ilp_backend: str, profile: Profile | None) -> None:
     """Everything `estimate` rejects about these inputs, plus the solver's own options."""
     check_gpu_count(cluster, gpus)
-    require(isinstance(global_batch, int) and global_batch >= 1, f"--global-batch must be a positive integer, got {global_batch}")
-    require(isinstance(seq_len, int) and seq_len >= 1, f"--seq-len must be a positive integer, got {seq_len}")
+    require(isinstance(global_batch, int) and 1 <= global_batch <= MAX_GLOBAL_BATCH,
+            f"--global-batch must be a positive integer of at most {MAX_GLOBAL_BATCH}, got {global_batch}")
+    require(isinstance(seq_len, int) and 1 <= seq_len <= MAX_SEQ_LEN,
+            f"--seq-len must be a positive integer of at most {MAX_SEQ_LEN}, got {seq_len}")
     if model.is_vit:
         require(seq_len == model.seq_len, f"{model.name} is a ViT: its sequence is {model.seq_len} patches, got --seq-len {seq_len}")
     validate_config(model, ParallelConfig(global_batch_size=global_batch, seq_len=seq_len))  # sequence vs positions
     require(model.is_vit or seq_len <= model.max_seq_len,
             f"--seq-len {seq_len} exceeds the {model.max_seq_len}-token context of {model.name} (the solver traces "
             "its layers at the training sequence length)")
-    require(isinstance(top_k, int) and top_k >= 0, f"--top-k must be >= 0, got {top_k}")
-    require(time_limit_s is None or time_limit_s > 0, f"--time-limit must be positive seconds, got {time_limit_s}")
+    require(isinstance(top_k, int) and 0 <= top_k <= MAX_TOP_K, f"--top-k must be >= 0 and at most {MAX_TOP_K}, got {top_k}")
+    require(time_limit_s is None or (math.isfinite(time_limit_s) and time_limit_s > 0),
+            f"--time-limit must be positive seconds (a finite number), got {time_limit_s}")
     require(ilp_backend in BACKENDS, f"--ilp-backend '{ilp_backend}' is unknown; valid: {', '.join(BACKENDS)}")
     if profile is not None and gpu_family(profile.gpu_name) != gpu_family(cluster.gpu.name):
         raise DistplanError(f"profile was measured on '{profile.gpu_name}' but cluster '{cluster.name}' has "
