@@ -32,7 +32,7 @@ class _Group(TyperGroup):
         except NoArgsIsHelpError:
             raise
         except UsageError as exc:
-            fail(usage_line(exc, argv))
+            fail(usage_line(exc, argv, info_name or "distplan"))
         ctx.meta["distplan.argv"] = argv
         return ctx
 
@@ -44,7 +44,7 @@ class _Group(TyperGroup):
         except NoArgsIsHelpError:
             raise
         except UsageError as exc:
-            fail(usage_line(exc, ctx.meta.get("distplan.argv", [])))
+            fail(usage_line(exc, ctx.meta.get("distplan.argv", []), ctx.command_path))
 
 
 app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,

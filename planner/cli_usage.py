@@ -58,10 +58,11 @@ def _plain(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
-def usage_line(exc: UsageError, argv: list[str]) -> str:
-    """One line for a usage error raised while parsing `argv`."""
+def usage_line(exc: UsageError, argv: list[str], prog: str = "distplan") -> str:
+    """One line for a usage error raised while parsing `argv` (the arguments after `prog`, the program's name)."""
     ctx = getattr(exc, "ctx", None)
-    where = f"`{ctx.command_path} --help`" if ctx is not None else "`--help`"
+    command = next((a for a in argv if not a.startswith("-")), "")
+    where = f"`{ctx.command_path if ctx is not None else f'{prog} {command}'.strip()} --help`"
     param = getattr(exc, "param", None)
     if isinstance(exc, exceptions.MissingParameter) and param is not None:
         what = "option" if _name(param).startswith("-") else "argument"

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from planner.errors import DistplanError, require
-from planner.fields import integer, is_number, listing, mapping, number, text
+from planner.fields import integer, is_number, listing, mapping, name, number
 from planner.fileio import parse_yaml, read_yaml
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
@@ -134,7 +134,7 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     require(isinstance(data, dict), f"{source}: expected a mapping with keys name, gpu, gpus_per_node, links, efficiency")
     g = _map(data, "gpu", source)
     gpu = GPU(
-        name=text(g, "name", f"{source}: gpu"),
+        name=name(g, "name", f"{source}: gpu"),
         peak_bf16_tflops=_num(g, "peak_bf16_tflops", f"{source}: gpu"),
         memory_gib=_num(g, "memory_gib", f"{source}: gpu"),
         hbm_bandwidth_gb_s=_num(g, "hbm_bandwidth_gb_s", f"{source}: gpu"),
@@ -168,8 +168,7 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     gpn = integer(data, "gpus_per_node", source, 1, MAX_GPUS)
     max_nodes = integer(data, "max_nodes", source, 0, MAX_GPUS, default=0)
     host = number(data, "host_memory_gib", source, 0, default=0.0)
-    name = data.get("name", Path(source).stem)
-    return Cluster(name=name if isinstance(name, str) else str(name), gpu=gpu, gpus_per_node=gpn,
+    return Cluster(name=name(data, "name", source, default=Path(source).stem), gpu=gpu, gpus_per_node=gpn,
                    links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host)
 
 
@@ -187,7 +186,7 @@ def load_cluster(name_or_path: str) -> Cluster:
     presets = f"presets: {', '.join(cluster_names())}"
     if Path(name_or_path).suffix not in (".yaml", ".yml"):
         raise DistplanError(f"unknown cluster '{name_or_path}': not a preset nor a .yaml file; {presets}")
-    data = read_yaml(name_or_path, "cluster file", hint=f" (unknown cluster: not a preset nor an existing .yaml file; {presets})")
+    data = read_yaml(name_or_path, "cluster file", hint=f" (nor is it a preset; {presets})")
     return cluster_from_dict(data, str(name_or_path))
 
 

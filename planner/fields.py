@@ -11,10 +11,15 @@ A `default` makes the key optional: absent or null, the default is returned.
 from __future__ import annotations
 
 import math
+import re
 
 from planner.errors import DistplanError
 
 REQUIRED = object()
+# a name (model, cluster, GPU, time term): printed in titles and one-line messages, so one line, no brackets (the
+# console reads [..] as markup) and no control characters
+NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,200}")
+NAME_RULE = "a name: 1-200 characters on one line, without brackets"
 
 
 def short(value: object, limit: int = 60) -> str:
@@ -102,6 +107,13 @@ def text(d: dict, key: str, where: str, choices: tuple[str, ...] = (), default: 
         return value
     if not isinstance(value, str) or (choices and value not in choices):
         raise _fail(where, key, f"one of {', '.join(choices)}" if choices else "text", value)
+    return value
+
+
+def name(d: dict, key: str, where: str, default: object = REQUIRED) -> str:
+    present, value = _get(d, key, where, default)
+    if present and not (isinstance(value, str) and NAME.fullmatch(value)):
+        raise _fail(where, key, NAME_RULE, value)
     return value
 
 

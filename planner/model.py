@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from planner.errors import DistplanError, require
-from planner.fields import REQUIRED, check_integer, flag, integer, is_number, short, text
+from planner.fields import NAME, NAME_RULE, REQUIRED, check_integer, flag, integer, is_number, short, text
 from planner.fileio import parse_yaml, read_json, read_yaml
 
 FAMILIES = ("gpt", "llama", "mixtral", "vit")
@@ -188,6 +188,8 @@ BOUNDS = {"num_layers": (1, 2**12), "hidden_size": (1, 2**18), "ffn_hidden_size"
 
 
 def _validate(spec: ModelSpec) -> ModelSpec:
+    require(isinstance(spec.name, str) and NAME.fullmatch(spec.name) is not None,
+            f"model name {short(spec.name)} must be {NAME_RULE}")
     require(spec.family in FAMILIES, f"model '{spec.name}': family '{spec.family}' is unknown; valid: {', '.join(FAMILIES)}")
     for key, (low, high) in BOUNDS.items():
         value = getattr(spec, key)
@@ -285,13 +287,14 @@ def load_model(name_or_path: str) -> ModelSpec:
         zoo = (resources.files("configs") / "models" / f"{name_or_path}.yaml").read_text()
         return spec_from_dict(parse_yaml(zoo, source), name_or_path, source)
     path = Path(name_or_path)
-    unknown = f"unknown model '{name_or_path}': not a zoo name nor an existing .json/.yaml file; zoo models: {', '.join(zoo_names())}"
+    zoo = f"zoo models: {', '.join(zoo_names())}"
     if path.suffix not in (".json", ".yaml", ".yml"):
-        raise DistplanError(unknown)
+        raise DistplanError(f"unknown model '{name_or_path}': not a zoo name nor an existing .json/.yaml file; {zoo}")
     name = path.parent.name if path.name == "config.json" else path.stem
+    hint = f" (nor is it a zoo name; {zoo})"
     if path.suffix == ".json":
-        return spec_from_hf_config(read_json(path, "model file", hint=f" ({unknown})"), name, str(path))
-    return spec_from_dict(read_yaml(path, "model file", hint=f" ({unknown})"), name, str(path))
+        return spec_from_hf_config(read_json(path, "model file", hint), name, str(path))
+    return spec_from_dict(read_yaml(path, "model file", hint), name, str(path))
 
 
 def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:

@@ -17,7 +17,7 @@ import yaml
 from planner import __version__
 from planner.cluster import MAX_GPUS, Cluster, cluster_from_dict
 from planner.errors import require
-from planner.fields import flag, integer, listing, mapping, number, short, text
+from planner.fields import NAME, NAME_RULE, flag, integer, listing, mapping, number, short, text
 from planner.fileio import atomic_write_text, read_yaml
 from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, config_from_dict, validate_config
 from planner.model import ModelSpec, spec_from_dict
@@ -169,6 +169,7 @@ def _checked_prediction(pred: object, cfg: ParallelConfig, where: str) -> dict:
             number(pred, key, where, 0)
     flag(pred, "fits", where)
     for term in mapping(pred, "breakdown", where):
+        require(NAME.fullmatch(term) is not None, f"{where}.breakdown: term {short(term)} must be {NAME_RULE}")
         number(pred["breakdown"], term, f"{where}.breakdown")
     stages = listing(pred, "stages", where)
     require(len(stages) == cfg.pp, f"{where}: plan prediction.stages must list {cfg.pp} stages (pp = {cfg.pp})")

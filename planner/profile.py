@@ -29,7 +29,7 @@ import yaml
 
 from planner.cluster import MAX_GPUS
 from planner.errors import DistplanError, require
-from planner.fields import check_number, flag, integer, is_number, listing, mapping, number, text
+from planner.fields import check_number, flag, integer, is_number, listing, mapping, name, number, text
 from planner.fileio import read_yaml
 
 if TYPE_CHECKING:
@@ -624,8 +624,8 @@ def profile_from_dict(d: object, source: str) -> Profile:
     integer(facts, "gpu_count", f"{source}: facts", 0, default=None)
     overlap = d.get("overlap_slowdown")
     return Profile(
-        gpu_name=text(d, "gpu_name", source), device=text(d, "device", source, ("cuda", "cpu")),
-        model=text(d, "model", source), seq_len=integer(d, "seq_len", source, 1), dtype=text(d, "dtype", source),
+        gpu_name=name(d, "gpu_name", source), device=text(d, "device", source, ("cuda", "cpu")),
+        model=name(d, "model", source), seq_len=integer(d, "seq_len", source, 1), dtype=text(d, "dtype", source),
         compute=compute, collectives=collectives,
         matmul_tflops=number(d, "matmul_tflops", source, 0, default=0.0),
         hbm_bandwidth_gb_s=number(d, "hbm_bandwidth_gb_s", source, 0, default=0.0),

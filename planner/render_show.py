@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -95,41 +96,41 @@ def render_review(console: Console, rv: dict) -> None:
     if rv["rationale"]:
         console.print("[bold]why this plan[/]")
         for line in rv["rationale"]:
-            console.print(f"  - {line}", highlight=False, soft_wrap=True)
+            console.print(f"  - {line}", highlight=False, markup=False, soft_wrap=True)
     if rv["alternatives"]:
         alts = Table(title="alternatives considered (why each lost: below)", title_justify="left")
         for col in ("#", "configuration", "step s", "vs chosen", "peak GiB", "fits"):
             alts.add_column(col, justify="left" if col == "configuration" else "right")
         for i, a in enumerate(rv["alternatives"], 1):
-            alts.add_row(str(i), a["name"], _fmt(a["step_time_s"], ".3f"),
+            alts.add_row(str(i), escape(a["name"]), _fmt(a["step_time_s"], ".3f"),
                          _fmt(a["slower_pct"], "+.1f") + ("%" if a["slower_pct"] is not None else ""),
                          _fmt(a["peak_memory_gib"], ".1f"), "-" if a["fits"] is None else ("yes" if a["fits"] else "no"))
         console.print(alts)
         for i, a in enumerate(rv["alternatives"], 1):
-            console.print(f"  {i}. {a['why_lost'] or '(no reason recorded)'}", highlight=False, soft_wrap=True)
+            console.print(f"  {i}. {a['why_lost'] or '(no reason recorded)'}", highlight=False, markup=False, soft_wrap=True)
     if rv.get("measured"):
         meas = Table(title="predicted vs measured", title_justify="left")
         for col in ("plan", "pred step s", "meas step s", "pred GiB", "meas GiB"):
             meas.add_column(col, justify="right")
         for r in rv["measured"]:
-            meas.add_row(str(r["name"]), _fmt(r["predicted_step_s"], ".3f"), _fmt(r["measured_step_s"], ".3f"),
+            meas.add_row(escape(str(r["name"])), _fmt(r["predicted_step_s"], ".3f"), _fmt(r["measured_step_s"], ".3f"),
                          _fmt(r["predicted_mem_gib"], ".1f"), _fmt(r["measured_mem_gib"], ".1f"))
         console.print(meas)
 
 
 def render_diff(console: Console, d: dict) -> None:
     if d["identical"]:
-        console.print(f"[green]{d['verdict']}[/]", highlight=False)
+        console.print(f"[green]{escape(d['verdict'])}[/]", highlight=False)
         return
     if not d["same_workload"]:
         console.print("[yellow]note:[/] the plans train different workloads (model, batch or sequence length differ); "
                       "their times are not like for like", highlight=False, soft_wrap=True)
-    changes = Table(title=f"what differs: {d['a']} -> {d['b']}", title_justify="left")
+    changes = Table(title=escape(f"what differs: {d['a']} -> {d['b']}"), title_justify="left")
     changes.add_column("key")
-    changes.add_column(d["a"], justify="right")
-    changes.add_column(d["b"], justify="right")
+    changes.add_column(escape(d["a"]), justify="right")
+    changes.add_column(escape(d["b"]), justify="right")
     for c in d["changes"]:
-        changes.add_row(c["key"], str(c["a"]), str(c["b"]))
+        changes.add_row(c["key"], escape(str(c["a"])), escape(str(c["b"])))
     console.print(changes)
 
     cons = Table(title="predicted consequence", title_justify="left")
@@ -159,4 +160,4 @@ def render_diff(console: Console, d: dict) -> None:
     for s in d["stage_memory"]:
         mem.add_row(str(s["rank"]), _fmt(s["a"], ".2f"), _fmt(s["b"], ".2f"))
     console.print(mem)
-    console.print(f"[bold]verdict:[/] {d['verdict']}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]verdict:[/] {escape(d['verdict'])}", highlight=False, soft_wrap=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from planner.errors import DistplanError, require
+from planner.errors import require
+from planner.fileio import read_yaml
 from planner.memory import FRAGMENTATION, inflight_microbatch_chunks
 from planner.plan import Plan, load_plan
 from planner.predict import BREAKDOWN_KEYS
@@ -244,11 +245,7 @@ def load_measurements(*paths: str | Path) -> list[dict]:
     """
     out = []
     for path in map(Path, paths):
-        require(path.exists(), f"measurements file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as exc:
-            raise DistplanError(f"measurements file '{path}' is malformed: {str(exc).splitlines()[0]}") from None
+        data = read_yaml(path, "measurements file", mapping=False)  # YAML is a superset of JSON
         if isinstance(data, dict) and "predicted_step_time_s" in data:
             data = [record_from_run_report(data, str(path))]
         elif isinstance(data, dict):
