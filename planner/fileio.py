@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -133,6 +134,18 @@ def _require_mapping(data: object, source: str) -> dict:
     return data
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """safe_dump that writes an object met twice in full (never an anchor and alias, which parse_yaml refuses)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def dump_yaml(data: object, **options) -> str:
+    """yaml.safe_dump without anchors or aliases (options: sort_keys, width, ...)."""
+    return yaml.dump(data, Dumper=_PlainDumper, **options)
+
+
 def read_yaml(path: str | Path, what: str, hint: str = "", mapping: bool = True) -> object:
     """The YAML document in the file at `path`, a mapping unless `mapping` is False (see read_text)."""
     source = f"{what} '{path}'"
@@ -198,8 +211,10 @@ def _check_parent(path: Path, option: str) -> None:
 
 def atomic_write_texts(files: dict[Path, str]) -> None:
     """Write every `path: text` of `files`, all or none: each goes to a temporary file in its folder and is
-    fsynced; only when all are staged are they renamed over their paths."""
+    fsynced; only when all are staged are they renamed over their paths, and if a rename fails the ones
+    done are undone (a replaced file comes back from a hard link kept until the end)."""
     staged: list[tuple[str, Path]] = []
+    kept: list[tuple[Path, Path | None]] = []  # renamed so far: (path, the link to the file it replaced)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -221,12 +236,39 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
                 raise DistplanError(f"cannot write '{path}': {exc.strerror or exc}") from None
         for tmp, path in staged:
             try:
+                old = _keep(path) if len(staged) > 1 else None
+                kept.append((path, old))
                 os.replace(tmp, path)
             except OSError as exc:
+                kept.pop()
+                _undo(kept)
                 raise DistplanError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
+        for _, old in kept:
+            if old is not None:
+                old.unlink(missing_ok=True)
+
+
+def _keep(path: Path) -> Path | None:
+    """A hard link to the file at `path` (None where there is none), to put it back if a later write fails."""
+    if not path.is_file():
+        return None
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        os.link(path, old)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, old)
+    return old
+
+
+def _undo(kept: list[tuple[Path, Path | None]]) -> None:
+    for path, old in reversed(kept):
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.replace(old, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

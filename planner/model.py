@@ -220,9 +220,6 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
     data.setdefault("name", name)
     for key in _REQUIRED:
         require(key in data, f"{source}: missing key '{key}'")
-    data.setdefault("family", "gpt")
-    data.setdefault("num_kv_heads", data["num_heads"])
-    data.setdefault("ffn_hidden_size", 4 * data["hidden_size"])
     types = {f.name: f.type for f in fields(ModelSpec)}
     for key, value in data.items():
         if types[key] == "int":
@@ -233,6 +230,9 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
             text(data, key, source)
         elif types[key] == "float":
             require(is_number(value) and 0 <= value < 1, f"{source}: '{key}' must be a number in [0, 1), got {short(value)}")
+    data.setdefault("family", "gpt")
+    data.setdefault("num_kv_heads", data["num_heads"])
+    data.setdefault("ffn_hidden_size", 4 * data["hidden_size"])
     return _validate(ModelSpec(**data))
 
 

@@ -18,7 +18,7 @@ from planner import __version__
 from planner.cluster import MAX_GPUS, Cluster, cluster_from_dict
 from planner.errors import require
 from planner.fields import NAME, NAME_RULE, flag, integer, listing, mapping, number, short, text
-from planner.fileio import atomic_write_text, read_yaml
+from planner.fileio import atomic_write_text, dump_yaml, read_yaml
 from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, config_from_dict, validate_config
 from planner.model import ModelSpec, spec_from_dict
 from planner.predict import Prediction
@@ -113,7 +113,7 @@ HEADER = """\
 
 def plan_to_yaml(plan: Plan) -> str:
     cmd = plan.provenance.get("command", "distplan solve ...")
-    return HEADER.format(version=PLAN_VERSION, command=cmd) + yaml.safe_dump(plan.to_dict(), sort_keys=False, width=110)
+    return HEADER.format(version=PLAN_VERSION, command=cmd) + dump_yaml(plan.to_dict(), sort_keys=False, width=110)
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

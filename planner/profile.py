@@ -25,8 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from planner.cluster import MAX_GPUS
 from planner.errors import DistplanError, require
 from planner.fields import check_number, flag, integer, is_number, listing, mapping, name, number, text
@@ -647,9 +645,9 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def save_profile(p: Profile, path: str | Path) -> None:
-    from planner.fileio import atomic_write_text
+    from planner.fileio import atomic_write_text, dump_yaml
 
-    atomic_write_text(Path(path), yaml.safe_dump(profile_to_dict(p), sort_keys=False))
+    atomic_write_text(Path(path), dump_yaml(profile_to_dict(p), sort_keys=False))
 
 
 # ---- the cluster a profile describes ------------------------------------------------------------
