@@ -100,8 +100,10 @@ def parse_json(text: str, source: str) -> object:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DistplanError(f"{source} is malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise DistplanError(f"{source} is malformed JSON: {str(exc).splitlines()[0] if str(exc) else 'nested too deeply'}") from None
+    except RecursionError:
+        raise DistplanError(f"{source} nests lists and objects deeper than {MAX_NESTING} levels") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DistplanError(f"{source} is malformed JSON: {str(exc).splitlines()[0]}") from None
     _check_plain(data, source)
     return data
 
