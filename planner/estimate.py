@@ -81,7 +81,9 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
     require(isinstance(req.gpus, int) and req.gpus > 0, f"--gpus must be a positive integer, got {req.gpus}")
     check_gpu_count(cluster, req.gpus)
     for name in ("tp", "pp", "cp", "ep", "vpp", "micro_batch"):
-        require(getattr(req, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(req, name)}")
+        most = MAX_GLOBAL_BATCH if name == "micro_batch" else MAX_DEGREE
+        require(1 <= getattr(req, name) <= most, f"--{name.replace('_', '-')} must be >= 1 and at most {most}, "
+                                                 f"got {getattr(req, name)}")
     denom = req.tp * req.pp * req.cp
     if req.dp is None:
         require(req.gpus % denom == 0,
