@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -335,7 +336,7 @@ def run(
     engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
     steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
     warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed)."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes on this node (default: the plan's GPUs; must equal its world size)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes on this node; must equal the plan's world size. Default: that, refused on a CPU host with too few cores or too little memory for them; given explicitly it starts them anyway."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
     check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),
@@ -352,28 +353,53 @@ def run(
 ):
     """Run a plan for real, measure step time, memory and loss, and verify the prediction.
 
-    Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input.
+    Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input;
+    128 + N: signal N (SIGINT, SIGTERM, SIGHUP) stopped the run, and every worker with it.
     Example: distplan run plan.yaml --steps 20 --check-numerics -o report.yaml
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from planner.runner.engine_api import RunOptions
-    from planner.runner.launch import run_plan
+    from planner.runner.launch import RunStopped, run_plan
     from planner.runner.render import render_report
 
     opts = RunOptions(engine=engine, steps=steps, warmup=warmup, seed=seed, data_path=data, data_dtype=data_dtype,
                       dtype=dtype, lr=lr, timeout_s=timeout, trace=trace,
                       memory_peak=memory_peak)
     report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(f"running {plan.name} ({engine})", total=warmup + steps)
-        report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
-                          check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
-                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    try:
+        with _run_progress(f"running {plan.name} ({engine})") as on_progress:
+            report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
+                              check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
+                              on_progress=on_progress)
+    except RunStopped as stop:
+        err.print(str(stop), highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
     render_report(out, report, str(report_path))
     if not report.passed:
         raise typer.Exit(1)
+
+
+@contextmanager
+def _run_progress(label: str):
+    """The run's progress callback: a rich bar on a terminal; in a log (CI, a batch job, a device call) one
+    timestamped line each time the slowest rank begins another step, as `distplan profile` prints."""
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(label)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    import time
+
+    t0, last = time.monotonic(), [None]
+
+    def line(done: int, total: int) -> None:
+        if (done, total) != last[0]:
+            last[0] = (done, total)
+            print(f"[{time.monotonic() - t0:6.1f} s] {done}/{total} steps, {label}", file=sys.stderr, flush=True)
+
+    yield line
 
 
 # ---- emit ----------------------------------------------------------------------------------------
