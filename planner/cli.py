@@ -366,7 +366,7 @@ def run(
                       memory_peak=memory_peak)
     report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
     try:
-        with _run_progress(f"running {plan.name} ({engine})") as on_progress:
+        with _run_progress(f"running {plan.name} ({engine})", warmup + steps) as on_progress:
             report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
                               check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
                               on_progress=on_progress)
@@ -379,7 +379,7 @@ def run(
 
 
 @contextmanager
-def _run_progress(label: str):
+def _run_progress(label: str, total: int):
     """The run's progress callback: a rich bar on a terminal; in a log (CI, a batch job, a device call) one
     timestamped line each time the slowest rank begins another step, as `distplan profile` prints."""
     if err.is_terminal:
@@ -387,7 +387,7 @@ def _run_progress(label: str):
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task(label)
+            task = bar.add_task(label, total=total)
             yield lambda done, total: bar.update(task, completed=done, total=total)
         return
     import time
