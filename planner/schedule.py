@@ -83,7 +83,7 @@ class Schedule:
     events: tuple[Event, ...]
     pipeline_s: float  # end of the last forward/backward/p2p on any rank
     step_s: float  # end of the last rank's gradient sync and optimizer step
-    stretch: float = 1.0  # drawn / simulated pipeline time: fitted() scales a simulation to a plan's prediction
+    stretch: float = 1.0  # drawn / simulated pipeline time (fitted() fits a simulation to a plan's prediction)
 
     def rank_events(self, rank: int, phases: tuple[str, ...] = PHASES) -> list[Event]:
         return [e for e in self.events if e.rank == rank and e.phase in phases]
@@ -173,18 +173,24 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
 
 
 def fitted(schedule: Schedule, pipeline_s: float, grad_sync_s: float, optimizer_s: float) -> Schedule:
-    """`schedule` with its pipeline part scaled in time to last `pipeline_s`, then each rank's gradient sync
-    and optimizer step: the drawn step then equals pipeline_s + grad_sync_s + optimizer_s exactly."""
+    """`schedule` made to last `pipeline_s` until its pipeline ends, then each rank's gradient sync and optimizer
+    step: the step then equals pipeline_s + grad_sync_s + optimizer_s exactly.
+
+    A longer `pipeline_s` keeps every operation where the simulation put it and idles each rank for the
+    difference before its gradient sync, so each rank's busy time stays its own; a shorter one scales the
+    pipeline's times down. `stretch` records pipeline_s / the simulated pipeline time.
+    """
     require(schedule.pipeline_s > 0 and pipeline_s > 0,
             f"cannot fit a pipeline of {schedule.pipeline_s} s to {pipeline_s} s (both must be > 0)")
     k = pipeline_s / schedule.pipeline_s
-    events = [Event(e.rank, e.phase, e.microbatch, e.chunk, e.start_s * k, e.end_s * k) for e in schedule.events
+    scale, pad = (1.0, pipeline_s - schedule.pipeline_s) if k >= 1 else (k, 0.0)
+    events = [Event(e.rank, e.phase, e.microbatch, e.chunk, e.start_s * scale, e.end_s * scale) for e in schedule.events
               if e.phase not in ("bubble", "grad_sync", "optimizer")]
     free = [0.0] * schedule.pp
     for e in events:
         free[e.rank] = max(free[e.rank], e.end_s)
-    out = _with_tail(schedule.kind, schedule.pp, schedule.vpp, schedule.num_microbatches, events, free,
-                     grad_sync_s, optimizer_s)
+    out = _with_tail(schedule.kind, schedule.pp, schedule.vpp, schedule.num_microbatches, events,
+                     [f + pad for f in free], grad_sync_s, optimizer_s)
     return replace(out, stretch=schedule.stretch * k)
 
 

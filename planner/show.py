@@ -18,6 +18,7 @@ from planner.plan import Plan, load_plan
 from planner.predict import BREAKDOWN_KEYS
 
 MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
+STRETCH_NOTED = 0.005  # the timeline says so when the plan's pipeline time and its simulation differ by more
 MEASURED_KEYS = ("name", "predicted_step_s", "measured_step_s", "predicted_mem_gib", "measured_mem_gib")
 
 
@@ -274,8 +275,33 @@ class ShowResult:
     written: tuple[Path, ...]  # pictures and report files written, in order
 
 
+def stage_idle_shares(plan: Plan) -> list[float]:
+    """Each stage's idle share of the step, from the plan's prediction: (pipeline - m * t_i) / step, where the
+    pipeline is the step less the gradient sync and optimizer. The slowest stage's is the pipeline bubble's
+    share; faster stages wait on it for the rest."""
+    pred = _checked_prediction(plan)
+    step = float(pred["step_time_s"])
+    br = pred["breakdown"]
+    pipeline = step - float(br.get("dp_grad_sync", 0.0)) - float(br.get("optimizer", 0.0))
+    m = plan.parallel.num_microbatches
+    times = [float(s["time_per_microbatch_s"]) for s in pred["stages"]]
+    return [max(0.0, pipeline - m * t) / step if step > 0 else 0.0 for t in times]
+
+
 def stage_labels(plan: Plan) -> list[str]:
-    return [f"stage {s['rank']}\nGPUs {s['devices']}" for s in plan.stages()]
+    idle = stage_idle_shares(plan) if plan.parallel.pp > 1 else None
+    return [f"stage {s['rank']}\nGPUs {s['devices']}" + (f"\nidle {100 * idle[s['rank']]:.1f}%" if idle else "")
+            for s in plan.stages()]
+
+
+def timeline_numbers(review: dict) -> str:
+    """The step time and bubble the timeline prints: the plan's prediction, in `distplan show`'s precision."""
+    pr, sc = review["prediction"], review["schedule"]
+    times = [s["time_per_microbatch_s"] for s in review["stages"]]
+    slowest = times.index(max(times))
+    where = f" on stage {slowest}, the slowest" if len(times) > 1 else ""
+    return (f"predicted step {pr['step_time_s']:.3f} s, bubble {sc['bubble_s']:.3f} s "
+            f"({100 * sc['bubble_share']:.1f}% of the step){where}")
 
 
 def timeline_of(plan: Plan):
@@ -283,7 +309,14 @@ def timeline_of(plan: Plan):
     from planner.schedule import plan_schedule
 
     title = f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}"
-    return timeline_figure(plan_schedule(plan), title=title, stage_labels=stage_labels(plan))
+    sched = plan_schedule(plan)
+    numbers = timeline_numbers(plan_review(plan))
+    if sched.stretch - 1 > STRETCH_NOTED:
+        numbers += (f"\nthe plan's pipeline is {100 * (sched.stretch - 1):.1f}% longer than this schedule's simulation: "
+                    "the difference is drawn as idle before the gradient sync")
+    elif 1 - sched.stretch > STRETCH_NOTED:
+        numbers += f"\nthe schedule's simulation is drawn {100 * (1 - sched.stretch):.1f}% shorter, to the plan's pipeline time"
+    return timeline_figure(sched, title=title, stage_labels=stage_labels(plan), numbers=numbers)
 
 
 def memory_chart_of(plan: Plan):
