@@ -200,13 +200,16 @@ def timeline_figure(schedule: Schedule, title: str = "", stage_labels: list[str]
     return fig
 
 
-def memory_figure(stages: list[dict], capacity_gib: float, title: str = "") -> Figure:
-    """Stacked memory per GPU of each pipeline stage against the usable capacity.
+def memory_figure(stages: list[dict], capacity_gib: float, title: str = "",
+                  allocator_slack: float = FRAGMENTATION, headline: str = "") -> Figure:
+    """Stacked memory per GPU of each pipeline stage against the usable capacity and the fit limit.
 
-    `stages`: the plan's prediction.stages entries (rank, layers, memory_breakdown_gib).
+    `stages`: the plan's prediction.stages entries (rank, layers, memory_breakdown_gib, memory_gib);
+    `allocator_slack`: the plan's (its fit limit is capacity / (1 + slack)); `headline`: the numbers to
+    print after the chart's name (planner/show.py passes the plan's peak and verdict).
     """
     require(stages, "memory chart: the plan has no stages")
-    fig = Figure(figsize=(min(18.0, max(9.0, 3.5 + 0.75 * len(stages))), 4.8), dpi=110, layout="constrained")
+    fig = Figure(figsize=(min(18.0, max(9.0, 3.5 + 0.75 * len(stages))), 5.2), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = list(range(len(stages)))
@@ -217,14 +220,15 @@ def memory_figure(stages: list[dict], capacity_gib: float, title: str = "") -> F
             continue
         ax.bar(xs, vals, bottom=bottoms, color=MEMORY_COLORS[part], label=part, width=0.65, edgecolor="white", linewidth=0.5)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
-    limit = capacity_gib / (1 + FRAGMENTATION)
+    limit = capacity_gib / (1 + allocator_slack)
     ax.axhline(capacity_gib, color="#B22222", linewidth=1.4, label=f"usable capacity {capacity_gib:.1f} GiB")
     ax.axhline(limit, color="#B22222", linewidth=1.0, linestyle="--",
-               label=f"fit limit {limit:.1f} GiB ({100 * FRAGMENTATION:.0f}% allocator slack)")
+               label=f"fit limit {limit:.1f} GiB ({100 * allocator_slack:.0f}% allocator slack)")
+    totals = [float(s.get("memory_gib", b)) for s, b in zip(stages, bottoms)]
     top = max(max(bottoms), capacity_gib)
-    for x, total in zip(xs, bottoms):
+    for x, bar, total in zip(xs, bottoms, totals):
         over = total > limit
-        ax.text(x, total + top * 0.01, f"{total:.1f}", ha="center", va="bottom", fontsize=8,
+        ax.text(x, bar + top * 0.01, f"{total:.1f}", ha="center", va="bottom", fontsize=8,
                 color="#B22222" if over else "black", fontweight="bold" if over else "normal")
     ax.set_ylim(0, top * 1.12)
     many = len(stages) > 8
@@ -237,8 +241,8 @@ def memory_figure(stages: list[dict], capacity_gib: float, title: str = "") -> F
     ax.grid(axis="y", color="#DDDDDD", linewidth=0.5)
     ax.set_axisbelow(True)
     handles, names = ax.get_legend_handles_labels()
-    fig.legend(handles[::-1], names[::-1], loc="outside right upper", fontsize=8, frameon=False)
-    head = "predicted peak memory per GPU, by pipeline stage"
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    head = "predicted peak memory per GPU, by pipeline stage" + (f": {headline}" if headline else "")
     ax.set_title(f"{head}\n{title}" if title else head, fontsize=10, loc="left")
     return fig
 

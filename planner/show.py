@@ -323,7 +323,11 @@ def memory_chart_of(plan: Plan):
     from planner.pictures import memory_figure
 
     pred = _checked_prediction(plan)
-    return memory_figure(pred["stages"], float(pred["capacity_gib"]),
+    pr = plan_review(plan)["prediction"]
+    headline = (f"peak {pr['peak_memory_gib']:.2f} GiB of {pr['capacity_gib']:.1f} usable, "
+                + ("fits" if pr["fits"] else "does not fit"))
+    return memory_figure(pred["stages"], pr["capacity_gib"], headline=headline,
+                         allocator_slack=float(pred.get("allocator_slack", FRAGMENTATION)),
                          title=f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}")
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
+from matplotlib.text import Text
 from review_plans import review_plan
 
 from planner.errors import DistplanError
@@ -195,3 +196,32 @@ def test_aggregated_timeline_keeps_each_ranks_time_shares():
     for phase in ("forward", "backward", "recompute"):
         seconds = sum(e.duration_s for e in sched.events if e.phase == phase)
         assert area[tuple(np.round(to_rgb(PHASE_COLORS[phase]), 3))] / 0.8 == pytest.approx(seconds * scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(model="llama-2-7b", dp=1, pp=16, micro_batch_size=1, global_batch_size=64,
+                                            schedule="interleaved", vpp=2, recompute="full")])
+def test_memory_chart_legend_stays_clear_of_the_title_and_the_bars(kw):
+    fig = memory_chart_of(review_plan(**kw))
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    legend = fig.legends[0].get_window_extent(renderer)
+    ax = fig.axes[0]
+    title = next(t for t in ax.get_children() if isinstance(t, Text) and t.get_text() == ax.get_title(loc="left"))
+    assert title.get_text() and not legend.overlaps(title.get_window_extent(renderer))
+    assert not legend.overlaps(ax.get_window_extent(renderer))
+    page = fig.bbox
+    assert page.x0 <= legend.x0 and legend.x1 <= page.x1 and page.y0 <= legend.y0 and legend.y1 <= page.y1
+
+
+def test_memory_chart_numbers_are_the_plans():
+    plan = review_plan(zero_stage=3)  # sharded data parallelism keeps 10% allocator slack, not 5%
+    pred = plan.prediction
+    fig = memory_chart_of(plan)
+    limit = pred["capacity_gib"] / (1 + pred["allocator_slack"])
+    assert pred["allocator_slack"] != 0.05
+    names = fig.legends[0].get_texts()
+    assert any(t.get_text() == f"fit limit {limit:.1f} GiB ({100 * pred['allocator_slack']:.0f}% allocator slack)"
+               for t in names), [t.get_text() for t in names]
+    assert f"peak {pred['peak_memory_gib']:.2f} GiB of {pred['capacity_gib']:.1f} usable, fits" in fig.axes[0].get_title(loc="left")
+    totals = [t.get_text() for t in fig.axes[0].texts]
+    assert totals == [f"{s['memory_gib']:.1f}" for s in pred["stages"]]
