@@ -59,7 +59,8 @@ def _checked_prediction(plan: Plan) -> dict:
 
 
 def parallel_layout(plan: Plan) -> list[dict]:
-    """Which GPU holds which pipeline stage and tensor-parallel shard (Megatron rank order: tp, cp, dp, pp)."""
+    """Which GPU holds which pipeline stage, data-parallel replica, context-parallel rank and tensor-parallel
+    shard (Megatron rank order: tp innermost, then cp, dp, pp), and its expert-parallel rank when ep > 1."""
     p = plan.parallel
     gpn = plan.cluster.gpus_per_node
     out = []
@@ -69,11 +70,25 @@ def parallel_layout(plan: Plan) -> list[dict]:
         for d in range(p.dp):
             for c in range(p.cp):
                 first = base + (d * p.cp + c) * p.tp
-                replicas.append({"dp": d, "cp": c, "gpus": list(range(first, first + p.tp))})
+                rep = {"dp": d, "cp": c, "gpus": list(range(first, first + p.tp))}
+                if p.ep > 1:  # experts split over consecutive dp*cp ranks after tp (Megatron's tp-ep-dp expert order)
+                    rep["ep"] = (d * p.cp + c) % p.ep
+                replicas.append(rep)
         devs = plan.stage_devices(stage["rank"])
         nodes = sorted({g // gpn for g in devs})
         out.append({"stage": stage["rank"], "layers": stage["layers"], "gpus": stage["devices"],
                     "nodes": f"{nodes[0]}-{nodes[-1]}" if len(nodes) > 1 else str(nodes[0]), "replicas": replicas})
+    return out
+
+
+def gpu_indices(layout: list[dict]) -> dict[int, dict]:
+    """GPU -> its index on every axis: {"stage", "dp", "cp", "tp"} and "ep" where the plan has ep > 1."""
+    out = {}
+    for st in layout:
+        for rep in st["replicas"]:
+            for t, g in enumerate(rep["gpus"]):
+                out[g] = {"stage": st["stage"], "dp": rep["dp"], "cp": rep["cp"], "tp": t,
+                          **({"ep": rep["ep"]} if "ep" in rep else {})}
     return out
 
 
