@@ -149,9 +149,9 @@ def _gpu_grid(rv: dict) -> str:
         title = f"node {node}, GPUs {gpus[0]}-{gpus[-1]}: " + ", ".join(
             f"{AXIS_NAMES[k]} {_span(w[k] for w in group)}" for k in keys)
         cells.append(f'<div class="gpu" data-node="{node}" style="background:{background}" title="{escape(title)}">'
-                     f"node {node} · GPUs {gpus[0]}-{gpus[-1]}<br>{_axes_label(group, keys)}</div>")
+                     f"node {node}<br>GPUs {gpus[0]}-{gpus[-1]}<br>{_axes_label(group, keys)}</div>")
     columns = (f"70px repeat({gpn},minmax(64px,1fr))" if per_gpu
-               else f"repeat({min(plan['nodes'], NODE_COLUMNS)},minmax(150px,1fr))")
+               else f"repeat({min(plan['nodes'], NODE_COLUMNS)},minmax(110px,1fr))")
     grid = f'<div class="grid" style="grid-template-columns:{columns}">{"".join(cells)}</div>'
     letters = ", ".join(f"<b>{AXIS_LETTERS[k]}</b> {AXIS_NAMES[k]}" for k in keys)
     unit = ("Each box is one GPU: its global rank, then " if per_gpu else

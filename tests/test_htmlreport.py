@@ -47,5 +47,5 @@ def test_gpu_map_of_512_gpus_draws_one_labelled_box_per_node():
     assert len(boxes) == 64  # every node, none left out
     texts = [text for _, text in boxes]
     assert len(set(texts)) == 64
-    assert texts[0] == "node 0 · GPUs 0-7 | s0 d0 c0-7 t0" and texts[9] == "node 9 · GPUs 72-79 | s1 d0 c8-15 t0"
-    assert texts[-1] == "node 63 · GPUs 504-511 | s7 d3 c8-15 t0"
+    assert texts[0] == "node 0 | GPUs 0-7 | s0 d0 c0-7 t0" and texts[9] == "node 9 | GPUs 72-79 | s1 d0 c8-15 t0"
+    assert texts[-1] == "node 63 | GPUs 504-511 | s7 d3 c8-15 t0"
