@@ -11,7 +11,8 @@ import base64
 from html import escape
 from pathlib import Path
 
-from planner.fileio import atomic_write_text
+from planner.errors import require
+from planner.fileio import atomic_write_text, check_writable
 from planner.plan import Plan, plan_to_yaml
 from planner.show import gpu_indices, memory_chart_of, plan_review, timeline_of
 
@@ -238,6 +239,15 @@ def report_html(plan: Plan, measured: list[dict] | None = None) -> str:
 
 def write_report(plan: Plan, path: str | Path, measured: list[dict] | None = None) -> Path:
     """Write the self-contained HTML report of `plan` to `path` (atomically); returns the path."""
-    path = Path(path)
+    path = check_report_path(path)
     atomic_write_text(path, report_html(plan, measured))
+    return path
+
+
+def check_report_path(path: str | Path, what: str = "report") -> Path:
+    """`path` if the report can be written there (suffix .html or .htm, see fileio.check_writable)."""
+    path = Path(path)
+    check_writable(path, what)
+    require(path.suffix.lower() in (".html", ".htm"),
+            f"{what} '{path}': the suffix must be .html or .htm, got '{path.suffix or '(none)'}'")
     return path

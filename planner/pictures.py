@@ -16,7 +16,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from planner.errors import DistplanError, require
+from planner.errors import require
+from planner.fileio import atomic_write_bytes, check_writable
 from planner.memory import FRAGMENTATION
 from planner.schedule import Schedule
 
@@ -299,15 +300,17 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as PNG or SVG, chosen by the file's suffix."""
+def check_picture_path(path: str | Path, what: str = "picture") -> Path:
+    """`path` if a picture can be written there (suffix .png or .svg, see fileio.check_writable); else a DistplanError."""
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise DistplanError(f"picture '{path}': the suffix must be .png or .svg, got '{path.suffix or '(none)'}'")
-    data = figure_bytes(fig, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    check_writable(path, what)
+    require(path.suffix.lower().lstrip(".") in FORMATS,
+            f"{what} '{path}': the suffix must be .png or .svg, got '{path.suffix or '(none)'}'")
+    return path
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as PNG or SVG, chosen by the file's suffix, atomically."""
+    path = check_picture_path(path)
+    atomic_write_bytes(path, figure_bytes(fig, path.suffix.lower().lstrip(".")))
     return path

@@ -348,28 +348,38 @@ def memory_chart_of(plan: Plan):
 
 def show_plan(path: str | Path, timeline: str | Path | None = None, memory_chart: str | Path | None = None,
               report: str | Path | None = None, measured: list[str | Path] | tuple = ()) -> ShowResult:
-    """Load a plan, review it, and write the pictures and the HTML report asked for."""
-    from planner.pictures import save_figure
+    """Load a plan, review it, and write the pictures and the HTML report asked for.
+
+    Every output is checked (suffix, a file not a folder, a writable folder, no two the same) and everything
+    is drawn before the first file is written, each atomically: a bad output writes nothing at all.
+    """
+    from planner.fileio import atomic_write_bytes, atomic_write_text
+    from planner.htmlreport import check_report_path, report_html
+    from planner.pictures import check_picture_path, figure_bytes
 
     plan = load_plan(path)
     review = plan_review(plan)
     records = load_measurements(*measured) if measured else None
     if records:
         review["measured"] = records
-    written = []
-    for target in (timeline, memory_chart, report):  # check every suffix before any (slow) drawing
-        if target is not None and target is not report:
-            require(Path(target).suffix.lower() in (".png", ".svg"),
-                    f"picture '{target}': the suffix must be .png or .svg, got '{Path(target).suffix or '(none)'}'")
-    if timeline is not None:
-        written.append(save_figure(timeline_of(plan), timeline))
-    if memory_chart is not None:
-        written.append(save_figure(memory_chart_of(plan), memory_chart))
-    if report is not None:
-        from planner.htmlreport import write_report
-
-        written.append(write_report(plan, report, measured=records))
-    return ShowResult(review=review, written=tuple(written))
+    targets: dict[str, Path] = {}
+    for flag, target in (("--timeline", timeline), ("--memory-chart", memory_chart), ("--report", report)):
+        if target is None:
+            continue
+        checked = check_report_path(target, flag) if flag == "--report" else check_picture_path(target, flag)
+        same = next((f for f, p in targets.items() if p.resolve() == checked.resolve()), None)
+        require(same is None, f"{flag} '{target}' is also the {same} file; give each output its own file")
+        targets[flag] = checked
+    outputs: list[tuple[Path, str | bytes]] = []
+    for flag, target in targets.items():
+        if flag == "--report":
+            outputs.append((target, report_html(plan, records)))
+        else:
+            fig = timeline_of(plan) if flag == "--timeline" else memory_chart_of(plan)
+            outputs.append((target, figure_bytes(fig, target.suffix.lower().lstrip("."))))
+    for target, data in outputs:
+        (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(target, data)
+    return ShowResult(review=review, written=tuple(target for target, _ in outputs))
 
 
 def diff_plan_files(a: str | Path, b: str | Path) -> dict:
