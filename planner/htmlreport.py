@@ -219,7 +219,8 @@ def report_html(plan: Plan, measured: list[dict] | None = None) -> str:
         ("timeline", "Pipeline schedule", _picture(timeline_of(plan), "pipeline schedule timeline")
          + '<p class="muted">Each row is one pipeline rank; blocks are forward, backward and recompute passes per '
            "micro-batch, red slivers pipeline send/receive, hatched grey the bubble (idle), then the data-parallel "
-           "gradient sync and the optimizer step.</p>"),
+           "gradient sync and the optimizer step. With many micro-batches, runs of passes are drawn as one block each "
+           "(the picture's title says so). The step time and bubble in its title are the plan's prediction.</p>"),
         ("memory", "Memory per GPU against capacity", _picture(memory_chart_of(plan), "memory per stage")),
     ]
     if measured:

@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 from planner.errors import require
 from planner.fileio import atomic_write_bytes, check_writable
 from planner.memory import FRAGMENTATION
-from planner.schedule import Schedule
+from planner.schedule import PHASES, Schedule
 
 PHASE_COLORS = {
     "forward": "#4C72B0",  # blue
@@ -43,7 +43,6 @@ MAX_LABELS = 400  # micro-batch numbers are written into blocks only while they 
 FIG_WIDTH_IN, DPI = 13, 110  # timeline size: 1430 px wide, fits a laptop screen and the report's 1180 px column
 AXES_PX = FIG_WIDTH_IN * DPI * 0.85  # the time axis's width in pixels (the rest: stage labels and margins)
 MIN_BLOCK_PX = 3  # below this a block is a hairline: passes are merged into runs (timeline_figure's aggregation)
-PHASES_DRAWN = ("forward", "backward", "recompute", "p2p", "grad_sync", "optimizer", "bubble")
 
 
 def _shade(color: str, chunk: int, vpp: int) -> tuple[float, float, float]:
@@ -94,7 +93,7 @@ def _draw_aggregated(ax, schedule: Schedule, scale: float, height: float, min_ga
     """Each run (see _op_runs) as one block whose bands, top to bottom, are its forward, recompute, backward and
     p2p time and its idle time, each as tall as its share of the run; idle gaps of at least `min_gap_s` and
     the gradient sync and optimizer step as themselves."""
-    rects: dict[str, list] = {p: [] for p in PHASES_DRAWN}
+    rects: dict[str, list] = {p: [] for p in PHASES}
     for rank in range(schedule.pp):
         for run in _op_runs(schedule, rank, min_gap_s):
             x0, span = run["start_s"] * scale, (run["end_s"] - run["start_s"]) * scale
@@ -180,7 +179,7 @@ def timeline_figure(schedule: Schedule, title: str = "", stage_labels: list[str]
     ax.set_axisbelow(True)
     present = {e.phase for e in schedule.events}
     handles = []
-    for phase in PHASES_DRAWN:
+    for phase in PHASES:
         if phase not in present:
             continue
         if phase in ("forward", "backward") and v > 1 and not aggregated:
