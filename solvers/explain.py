@@ -129,14 +129,19 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
     return lines
 
 
+def no_configuration_reason(model: ModelSpec, cluster: Cluster) -> str:
+    """The rules a GPU count must meet for the search to have a configuration on it."""
+    return (f"tp must divide the {model.num_heads} heads and stay within a {cluster.gpus_per_node}-GPU node, pp at most "
+            f"{model.num_layers} layers, dp must divide the global batch")
+
+
 def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[ParallelConfig, Prediction] | None,
                     fewest: int | None, limit: int) -> str:
     """The DistplanError text when no plan of `gpus` GPUs fits."""
     head = f"model {model.name} fits on no plan of {gpus} GPUs"
     tail = f"the fewest GPUs that would fit is {fewest}" if fewest else f"no cluster of up to {limit} GPUs fits it either"
     if lean is None:
-        why = (f"no parallel configuration is valid (tp must divide the {model.num_heads} heads and stay within a "
-               f"{cluster.gpus_per_node}-GPU node, pp at most {model.num_layers} layers, dp must divide the global batch)")
+        why = f"no parallel configuration is valid ({no_configuration_reason(model, cluster)})"
     elif lean[1].over_capacity_gib == 0 and not lean[1].host_fits:  # the GPUs hold it, the host not its offload
         cfg, pred = lean
         why = f"the leanest plan ({describe(cfg)}) fits its GPUs at {pred.peak_memory_gib:.1f} GiB, but its {pred.misfit()}"
