@@ -88,8 +88,13 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
     dpg = cfg.dp * cfg.cp
     fullest = max(pred.stages, key=lambda s: s.memory.total)
     layers = fullest.layers[1] - fullest.layers[0] + 1
-    if cfg.zero_stage == 0:
+    if cfg.zero_stage == 0 and dpg == 1:
         lines.append("no ZeRO: with one data-parallel rank there is nothing to partition")
+    elif cfg.zero_stage == 0:
+        sharded = stage_memory(model, replace(cfg, zero_stage=1), fullest.rank, layers)
+        lines.append(f"no ZeRO (plain data parallelism): each of the {dpg} data-parallel ranks keeps the whole optimizer "
+                     f"state ({fullest.memory.optimizer / GIB:.1f} GiB on the fullest stage); it fits, and sharding it "
+                     f"(ZeRO-1) would save {(fullest.memory.total - sharded.total) / GIB:.1f} GiB per GPU")
     else:
         plain = stage_memory(model, replace(cfg, zero_stage=0, offload_optimizer=False), fullest.rank, layers)
         saved = (plain.total - fullest.memory.total) / GIB
