@@ -323,12 +323,13 @@ def show(
     Example: distplan show plan.yaml --timeline timeline.png --report report.html
     """
     from planner.show import dumps, show_plan
-    from planner.training import check_training_inputs
+    from planner.training import training_estimate
 
     check_format(fmt, ("table", "json", "yaml"))
-    check_training_inputs(train_tokens, gpu_hour_price)
+    train_tokens, gpu_hour_price = _training_inputs(plan, train_tokens, gpu_hour_price)
     result = show_plan(plan, timeline=timeline, memory_chart=memory_chart, report=report, measured=measured or ())
-    training = _plan_training(result.review, plan, train_tokens, gpu_hour_price)
+    training = (training_estimate(float(result.review["prediction"]["tokens_per_s"]), int(result.review["plan"]["gpus"]), train_tokens,
+                                  gpu_hour_price) if train_tokens is not None else None)
     if fmt == "table":
         from planner.render_show import render_review
         from planner.training import training_line
@@ -342,18 +343,18 @@ def show(
         err.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
-def _plan_training(review: dict, plan_path: Path, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
-    """Training time of a reviewed plan: from --train-tokens, else from the inputs solve/estimate kept in the plan."""
+def _training_inputs(plan_path: Path, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
+    """--train-tokens / --gpu-hour-price for `show`, each defaulting to what solve or estimate kept in the plan
+    (provenance.training), validated; (None, None) where neither gives the tokens."""
     from planner.plan import load_plan
-    from planner.training import training_estimate
+    from planner.training import check_training_inputs
 
-    plan = load_plan(plan_path)
-    if train_tokens is None:
-        kept = plan.provenance.get("training")
-        if not isinstance(kept, dict) or "train_tokens" not in kept:
-            return None
-        train_tokens, gpu_hour_price = kept.get("train_tokens"), kept.get("gpu_hour_price", gpu_hour_price)
-    return training_estimate(float(review["prediction"]["tokens_per_s"]), plan.gpus, train_tokens, gpu_hour_price)
+    kept = load_plan(plan_path).provenance.get("training")
+    kept = kept if isinstance(kept, dict) else {}
+    train_tokens = kept.get("train_tokens") if train_tokens is None else train_tokens
+    gpu_hour_price = kept.get("gpu_hour_price") if gpu_hour_price is None else gpu_hour_price
+    check_training_inputs(train_tokens, gpu_hour_price)
+    return train_tokens, gpu_hour_price
 
 
 @app.command(cls=_Command)
