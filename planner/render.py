@@ -17,10 +17,13 @@ def prediction_tables(pred: Prediction, title: str, training: dict | None = None
     summary.add_row("model TFLOP/s per GPU", f"{pred.model_tflops_per_gpu:.1f}")
     summary.add_row("hardware TFLOP/s per GPU", f"{pred.hardware_tflops_per_gpu:.1f} (counts recompute)")
     summary.add_row("MFU", f"{100 * pred.mfu:.1f}%")
-    over = pred.over_capacity_gib  # the GPU's part of `fits` (the host's is the offload line below)
+    over = pred.over_capacity_gib  # the GPU's part of `fits` (the host's is the offload line below; one on a CPU)
     fit = "[green]fits[/]" if over == 0 else f"[red]does not fit (+{over:.1f} GiB)[/]"
     summary.add_row("peak memory per GPU", f"{pred.peak_memory_gib:.2f} / {pred.capacity_gib:.1f} GiB  {fit}")
-    if pred.host_memory_gib > 0:
+    if pred.host_memory_gib > 0 and pred.host_is_device:
+        summary.add_row("host memory per rank (offload)", f"{pred.host_memory_gib:.2f} GiB, in the same memory as the "
+                        "peak above (the device is this host's CPU)")
+    elif pred.host_memory_gib > 0:
         host_fit = "[green]fits[/]" if pred.host_fits else "[red]does not fit[/]"
         cap = f"{pred.host_capacity_gib:.1f} GiB" if pred.host_capacity_gib > 0 else "? (host memory unknown)"
         summary.add_row("host memory per GPU (offload)", f"{pred.host_memory_gib:.2f} / {cap}  {host_fit}")

@@ -155,7 +155,9 @@ def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[P
         fullest = max(pred.stages, key=lambda s: s.memory.total)
         parts = sorted(fullest.memory.as_gib().items(), key=lambda kv: -kv[1])
         terms = ", ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.05)
+        shared = (f" and {pred.host_memory_gib:.1f} GiB of offloaded optimizer states in the same memory (the device "
+                  f"is this host's CPU)" if pred.host_is_device and pred.host_memory_gib > 0 else "")
         why = (f"even the leanest plan ({describe(cfg)}) needs {pred.peak_memory_gib:.1f} GiB on its fullest GPU "
-               f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack, above the {pred.capacity_gib:.1f} GiB usable on "
-               f"{cluster.gpu.name}")
+               f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack{shared}, above the {pred.capacity_gib:.1f} "
+               f"GiB usable on {cluster.gpu.name}")
     return f"{head}: {why}; {tail}"

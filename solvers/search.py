@@ -35,7 +35,8 @@ from planner.cluster import Cluster
 from planner.costmodel import ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel, block_time, \
     embedding_time, head_time, memory_bound_time_s
 from planner.job import ParallelConfig, with_changes
-from planner.memory import FRAGMENTATION, GIB, host_fits, host_memory_per_gpu, stage_memory, stage_params
+from planner.memory import (FRAGMENTATION, GIB, device_budget_bytes, host_fits, host_memory_per_gpu, stage_memory,
+                            stage_params)
 from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
@@ -289,8 +290,9 @@ def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
         return mem.weights + mem.gradients + mem.optimizer
 
     total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
-    return (total / cfg.pp * (1 + FRAGMENTATION) <= cluster.usable_memory_gib * GIB
-            and host_fits(host_memory_per_gpu(model, cfg) / GIB, cluster.host_memory_gib_per_gpu))
+    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu  # a CPU: one pool (predict)
+    return (total / cfg.pp * (1 + FRAGMENTATION) <= device_budget_bytes(cluster, model, cfg)
+            and host_fits(host_memory_per_gpu(model, cfg) / GIB, host_capacity))
 
 
 def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,

@@ -104,7 +104,8 @@ def no_fit_error(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
     lean = None
     if leans:
         preds = [(predict(model, cluster, c, profile), c) for c in leans]
-        pred, cfg = min(preds, key=lambda pc: (pc[0].peak_memory_gib, leans.index(pc[1])))
+        pred, cfg = min(preds, key=lambda pc: (pc[0].peak_memory_gib + (pc[0].host_memory_gib if pc[0].host_is_device
+                                                                         else 0.0), leans.index(pc[1])))
         lean = (cfg, pred)
     gpn = cluster.gpus_per_node
     limit = cluster.max_nodes * gpn if cluster.max_nodes else MAX_GPUS_TRIED
