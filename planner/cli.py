@@ -9,19 +9,60 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from planner.errors import DistplanError
 
 
 
+def _metavar(param) -> str:
+    """What help shows for a parameter's value: its name for arguments, the kind of value for options, nothing for
+    flags (typer's default shows Python type names such as <bool> and <list[Path]>)."""
+    if param.param_type_name == "argument":
+        return param.name.upper()
+    if getattr(param, "is_flag", False):
+        return ""
+    kind = param.bare_type()
+    return "PATH" if "Path" in kind else {"int": "INTEGER", "float": "NUMBER"}.get(kind, "TEXT")
+
+
+class _Command(TyperCommand):
+    """A command whose help names values in plain words (_metavar): `Usage: distplan show [OPTIONS] PLAN`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None:
+                param.metavar = _metavar(param)
+            if param.param_type_name == "argument":
+                param.display_type_rich = lambda ctx: None  # the name says it; typer would add <path>
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        args = [p.metavar if p.required else f"[{p.metavar}]" for p in self.params if p.param_type_name == "argument"]
+        return [self.options_metavar, *args]
+
+
 class _Group(TyperGroup):
     """Turns DistplanError from any command into one line on stderr and exit code 2."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:  # --version, --install-completion, --show-completion, --help: flags
+            if param.metavar is None:
+                param.metavar = _metavar(param)
+        return params
 
     def invoke(self, ctx):
         try:
@@ -36,14 +77,18 @@ app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_
 out = Console()
 err = Console(stderr=True)
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    """distplan: profile, solve, estimate, emit and run parallel training plans."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from planner import __version__
 
         out.print(f"distplan {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")):
+    """distplan: profile, solve, estimate, emit and run parallel training plans."""
 
 
 # ---- options declared once ---------------------------------------------------------------------
@@ -54,6 +99,14 @@ ProfileOpt = typer.Option(None, "--profile", help="profile.yaml from `distplan p
 SeqLenOpt = typer.Option(None, "--seq-len", help="Sequence length (default: the model's).")
 GlobalBatchOpt = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: the model's).")
 FormatOpt = typer.Option("table", "--format", help="Output format: table or json.")
+TrainTokensOpt = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 2e12: adds training days and GPU-hours.")
+GpuHourPriceOpt = typer.Option(None, "--gpu-hour-price", help="Price per GPU-hour, with --train-tokens: adds the cost.")
+
+
+def _axis(flag: str, what: str):
+    """A solve constraint: the values one axis may take, as a comma-separated list (None: any)."""
+    return typer.Option(None, flag, help=f"{what} the search may use, e.g. {'1,2,4' if 'degree' in what else 'no'} "
+                                          "(default: any).")
 
 
 def fail(message: str) -> None:
@@ -64,6 +117,14 @@ def fail(message: str) -> None:
 def check_format(fmt: str, valid=("table", "json")) -> None:
     if fmt not in valid:
         raise DistplanError(f"--format '{fmt}' is unknown; valid: {', '.join(valid)}")
+
+
+def with_training(plan, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
+    """The plan with --train-tokens / --gpu-hour-price kept in its provenance, so `show` prices the same run."""
+    if train_tokens is None:
+        return plan
+    keep = {"train_tokens": train_tokens, **({"gpu_hour_price": gpu_hour_price} if gpu_hour_price is not None else {})}
+    return replace(plan, provenance={**plan.provenance, "training": keep})
 
 
 def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Optional[str]:
@@ -78,7 +139,7 @@ def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Opt
 # ---- estimate ------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def estimate(
     ctx: typer.Context,
     model: str = ModelOpt,
@@ -106,6 +167,8 @@ def estimate(
     fmt: str = FormatOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write this configuration as a plan file (for run, emit, show)."),
+    train_tokens: Optional[float] = TrainTokensOpt,
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
 ):
     """Predict step time, memory and throughput of a configuration you fix by hand.
 
@@ -117,18 +180,22 @@ def estimate(
     """
     from planner.estimate import EstimateRequest, run_estimate
     from planner.render import render_prediction
+    from planner.training import check_training_inputs, training_estimate
 
     check_format(fmt)
+    check_training_inputs(train_tokens, gpu_hour_price)
     req = EstimateRequest(model=model, cluster=cluster_arg(ctx, cluster, profile), gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp,
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
                           overlap_grad_reduce=not no_overlap, profile=profile, engine=engine)
     result = run_estimate(req)
+    training = (training_estimate(result.prediction.tokens_per_s, result.config.gpus, train_tokens, gpu_hour_price)
+                if train_tokens is not None else None)
     if fmt == "json":
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), **({"training": training} if training else {})}, indent=2))
     else:
-        render_prediction(out, result)
+        render_prediction(out, result, training)
     if not result.prediction.fits:
         err.print(f"[bold yellow]warning:[/] does not fit: {result.prediction.misfit()}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -136,14 +203,15 @@ def estimate(
         from planner.estimate import plan_from_estimate
         from planner.plan import save_plan
 
-        save_plan(plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]])), output)
+        plan = plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]]))
+        save_plan(with_training(plan, train_tokens, gpu_hour_price), output)
         err.print(f"wrote {output}", highlight=False)
 
 
 # ---- solve ---------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def solve(
     ctx: typer.Context,
     model: str = ModelOpt,
@@ -161,10 +229,29 @@ def solve(
     te: bool = typer.Option(False, "--te", help="With --engine megatron: Transformer Engine is installed (fused attention); "
                                                 "without it megatron's local spec runs unfused attention and plans assume that."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
+    dp: Optional[str] = _axis("--dp", "Data-parallel degrees"),
+    tp: Optional[str] = _axis("--tp", "Tensor-parallel degrees"),
+    pp: Optional[str] = _axis("--pp", "Pipeline-parallel degrees"),
+    cp: Optional[str] = _axis("--cp", "Context-parallel degrees"),
+    ep: Optional[str] = _axis("--ep", "Expert-parallel degrees"),
+    vpp: Optional[str] = _axis("--vpp", "Virtual pipeline stages per rank (degrees)"),
+    micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Micro-batch sizes the search may use, e.g. 1,2,4 (default: powers of two up to 64)."),
+    max_micro_batch: Optional[int] = typer.Option(None, "--max-micro-batch", help="Largest micro-batch size the search may use."),
+    zero: Optional[str] = typer.Option(None, "--zero", help="ZeRO stages the search may use, e.g. 1,3 (default: any)."),
+    offload_optimizer: Optional[str] = _axis("--offload-optimizer", "Optimizer offload (yes, no)"),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="Recompute settings the search may use: none, selective, full, e.g. none,full."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedules the search may use: 1f1b, gpipe, interleaved."),
+    sequence_parallel: Optional[str] = _axis("--sequence-parallel", "Sequence parallelism (yes, no)"),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="Also write every configuration considered, ranked, with its prediction and why it lost (.csv or .json)."),
+    train_tokens: Optional[float] = TrainTokensOpt,
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
 
     Example: distplan solve --model gpt2-xl --gpus 64 -o plan.yaml --report report.html
+
+    Pin what your stack supports: distplan solve -m llama-3-8b -n 64 --tp 1,2,4 --pp 1 --cp 1 --zero 1,3
+    --max-micro-batch 8 --candidates candidates.csv --train-tokens 2e12 --gpu-hour-price 2.5
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -172,22 +259,43 @@ def solve(
     from planner.render_solve import render_solve, solve_json
     from solvers.request import SolveRequest, run_solve
 
+    from planner.training import check_training_inputs, training_estimate
+    from solvers.candidates import FORMATS, candidates_text
+    from solvers.request import parse_constraints
+
     check_format(fmt)
+    check_training_inputs(train_tokens, gpu_hour_price)
+    constraints = parse_constraints(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, micro_batch=micro_batch,
+                                    max_micro_batch=max_micro_batch, zero=zero, offload_optimizer=offload_optimizer,
+                                    recompute=recompute, schedule=schedule, sequence_parallel=sequence_parallel)
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
-                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te)
+                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te, constraints=constraints,
+                       candidates=candidates is not None)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise DistplanError(f"--report '{report}' must be an .html file")
+    if candidates is not None and candidates.suffix.lower() not in FORMATS:
+        raise DistplanError(f"--candidates '{candidates}' must end in {' or '.join(FORMATS)}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"solving {model} on {gpus} GPUs", total=None)
         result = run_solve(req, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    training = (training_estimate(result.prediction.tokens_per_s, result.plan.gpus, train_tokens, gpu_hour_price)
+                if train_tokens is not None else None)
+    result = replace(result, plan=with_training(result.plan, train_tokens, gpu_hour_price))
     save_plan(result.plan, output)
     if fmt == "json":
-        print(json.dumps(solve_json(result), indent=2))
+        print(json.dumps({**solve_json(result), **({"training": training} if training else {})}, indent=2))
     else:
-        render_solve(out, result, str(output))
+        render_solve(out, result, str(output), training)
+    for warning in result.warnings:
+        err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     err.print(f"wrote {output}", highlight=False, soft_wrap=True)
+    if candidates is not None:
+        from planner.fileio import atomic_write_text
+
+        atomic_write_text(candidates, candidates_text(list(result.candidates), candidates.suffix.lower()))
+        err.print(f"wrote {candidates} ({len(result.candidates)} configurations)", highlight=False, soft_wrap=True)
     if report is not None:
         from planner.htmlreport import write_report
 
@@ -200,7 +308,7 @@ def solve(
 ReviewFormatOpt = typer.Option("table", "--format", help="Output format: table, json or yaml.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def show(
     plan: Path = typer.Argument(..., help="A plan file written by `distplan solve` (plan.yaml).", show_default=False),
     fmt: str = ReviewFormatOpt,
@@ -208,26 +316,49 @@ def show(
     memory_chart: Optional[Path] = typer.Option(None, "--memory-chart", help="Draw memory per stage vs capacity to this .png or .svg."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write one self-contained HTML report (plan, pictures, rationale) here."),
     measured: Optional[list[Path]] = typer.Option(None, "--measured", help="A `distplan run` report (or records file) to compare with; repeatable."),
+    train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 2e12: adds training days and GPU-hours (default: the plan's, if solved with --train-tokens)."),
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
 ):
     """Review a plan: GPU layout, stages, micro-batching, schedule, time breakdown, memory against capacity.
 
     Example: distplan show plan.yaml --timeline timeline.png --report report.html
     """
     from planner.show import dumps, show_plan
+    from planner.training import training_estimate
 
     check_format(fmt, ("table", "json", "yaml"))
+    train_tokens, gpu_hour_price = _training_inputs(plan, train_tokens, gpu_hour_price)
     result = show_plan(plan, timeline=timeline, memory_chart=memory_chart, report=report, measured=measured or ())
+    training = (training_estimate(float(result.review["prediction"]["tokens_per_s"]), int(result.review["plan"]["gpus"]), train_tokens,
+                                  gpu_hour_price) if train_tokens is not None else None)
     if fmt == "table":
         from planner.render_show import render_review
+        from planner.training import training_line
 
         render_review(out, result.review)
+        if training:
+            out.print(f"[bold]training time[/] {training_line(training)}", highlight=False, soft_wrap=True)
     else:
-        print(dumps(result.review, fmt))
+        print(dumps({**result.review, **({"training": training} if training else {})}, fmt))
     for path in result.written:
         err.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+def _training_inputs(plan_path: Path, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
+    """--train-tokens / --gpu-hour-price for `show`, each defaulting to what solve or estimate kept in the plan
+    (provenance.training), validated; (None, None) where neither gives the tokens."""
+    from planner.plan import load_plan
+    from planner.training import check_training_inputs
+
+    kept = load_plan(plan_path).provenance.get("training")
+    kept = kept if isinstance(kept, dict) else {}
+    train_tokens = kept.get("train_tokens") if train_tokens is None else train_tokens
+    gpu_hour_price = kept.get("gpu_hour_price") if gpu_hour_price is None else gpu_hour_price
+    check_training_inputs(train_tokens, gpu_hour_price)
+    return train_tokens, gpu_hour_price
+
+
+@app.command(cls=_Command)
 def diff(
     a: Path = typer.Argument(..., help="The plan to compare from.", show_default=False),
     b: Path = typer.Argument(..., help="The plan to compare to.", show_default=False),
@@ -252,7 +383,7 @@ def diff(
 # ---- profile -------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
     model: str = ModelOpt,
     seq_len: Optional[int] = SeqLenOpt,
@@ -330,7 +461,7 @@ def _render_profile(prof, path: Path) -> None:
 # ---- run -----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve` (or hand-made with estimate's options)."),
     engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
@@ -405,7 +536,7 @@ def _run_progress(label: str, total: int):
 # ---- emit ----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def emit(
     plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve`."),
     target: str = typer.Option(..., "--target", "-t", help="deepspeed, megatron, torchrun or slurm."),

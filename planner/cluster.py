@@ -82,6 +82,9 @@ class Cluster:
     efficiency: Efficiency
     max_nodes: int = 0  # 0: as many as asked for
     host_memory_gib: float = 0.0  # CPU memory per node, for optimizer offload (0: unknown, not checked)
+    # the "GPU" is the host's CPU (a CPU + gloo profile): device memory and host memory are one pool, so a rank's
+    # offloaded optimizer states come out of its share of the device memory
+    host_is_device: bool = False
 
     def link(self, tier: str) -> Link:
         return dict(self.links)[tier]
@@ -103,6 +106,7 @@ class Cluster:
             "gpus_per_node": self.gpus_per_node,
             "max_nodes": self.max_nodes,
             "host_memory_gib": self.host_memory_gib,
+            **({"host_is_device": True} if self.host_is_device else {}),
             "gpu": d["gpu"],
             "links": {tier: asdict(link) for tier, link in self.links},
             "efficiency": {
@@ -170,8 +174,11 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     max_nodes = data.get("max_nodes", 0) or 0
     require(isinstance(max_nodes, int) and max_nodes >= 0, f"{source}: max_nodes must be a non-negative integer")
     host = _num(data, "host_memory_gib", source, positive=False) if "host_memory_gib" in data else 0.0
+    unified = data.get("host_is_device", False)
+    require(isinstance(unified, bool), f"{source}: host_is_device must be true or false, got {unified!r}")
     return Cluster(name=str(data.get("name", Path(source).stem)), gpu=gpu, gpus_per_node=gpn,
-                   links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host)
+                   links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host,
+                   host_is_device=unified)
 
 
 def cluster_names() -> list[str]:

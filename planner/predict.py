@@ -65,10 +65,12 @@ class Prediction:
     allocator_slack: float = FRAGMENTATION  # share of the peak kept free for the allocator (memory.allocator_slack)
     host_memory_gib: float = 0.0  # CPU memory per GPU for optimizer offload (memory.host_memory_per_gpu)
     host_capacity_gib: float = 0.0  # the node's CPU memory per GPU (0: unknown, not checked)
+    host_is_device: bool = False  # the device is the host's CPU: offloaded states share capacity_gib (Cluster)
 
     @property
     def over_capacity_gib(self) -> float:
-        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) - self.capacity_gib)
+        shared = self.host_memory_gib if self.host_is_device else 0.0
+        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) + shared - self.capacity_gib)
 
     @property
     def host_fits(self) -> bool:
@@ -81,6 +83,10 @@ class Prediction:
         if not self.host_fits:
             return (f"offloaded optimizer states need {self.host_memory_gib:.1f} GiB of CPU memory per GPU, above the "
                     f"host's {self.host_capacity_gib:.1f} GiB per GPU")
+        if self.host_is_device and self.host_memory_gib > 0:
+            return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) and "
+                    f"{self.host_memory_gib:.1f} GiB of offloaded optimizer states share this CPU's "
+                    f"{self.capacity_gib:.1f} GiB per rank (the device is the host): over by {self.over_capacity_gib:.1f} GiB")
         return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) exceeds "
                 f"{self.capacity_gib:.1f} GiB usable by {self.over_capacity_gib:.1f} GiB")
 
@@ -97,6 +103,7 @@ class Prediction:
             "allocator_slack": self.allocator_slack,
             "host_memory_gib": self.host_memory_gib,
             "host_capacity_gib": self.host_capacity_gib,
+            **({"host_is_device": True} if self.host_is_device else {}),
             "stages": [
                 {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
                  "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
@@ -428,12 +435,15 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     slack = allocator_slack(cfg, engine)
     sources = _sources(model, cfg, profile, engine)
     host = host_memory_per_gpu(model, cfg) / GIB
+    shared = host if cluster.host_is_device else 0.0  # a CPU "device": offloaded states in the same memory
+    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
-        fits=peak * (1 + slack) <= capacity and host_fits(host, cluster.host_memory_gib_per_gpu), sources=sources,
-        allocator_slack=slack, host_memory_gib=host, host_capacity_gib=cluster.host_memory_gib_per_gpu,
+        fits=peak * (1 + slack) + shared <= capacity and host_fits(host, host_capacity), sources=sources,
+        allocator_slack=slack, host_memory_gib=host, host_capacity_gib=host_capacity,
+        host_is_device=cluster.host_is_device,
     )
 
 

@@ -678,7 +678,8 @@ def measured_cluster(profile: Profile) -> Cluster:
               hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
     return with_host_memory(Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
                                     links=(("intra_node", intra), ("inter_node", inter), ("host", host)),
-                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1), profile)
+                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1,
+                                    host_is_device=profile.device == "cpu"), profile)
 
 
 def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
