@@ -467,7 +467,7 @@ def run(
     engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
     steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
     warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed)."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes on this node; must equal the plan's world size. Default: that, refused on a CPU host with too few cores or too little memory for them; given explicitly it starts them anyway."),
+    nproc: Optional[int] = typer.Option(None, "--gpus", "-n", "--nproc", help="GPUs (on a CPU host: processes) to start on this node, as --gpus of solve and estimate; must equal the plan's world size. Default: that, refused on a CPU host with too few cores or too little memory for them; given explicitly it starts them anyway."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
     check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),

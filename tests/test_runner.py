@@ -235,8 +235,8 @@ def test_recalibrated_prediction_moves_toward_the_measurement(tmp_path):
 
 @pytest.mark.parametrize("par,nproc,match", [
     ({"dp": 1, "cp": 2}, None, "context parallel cp=2 is not supported by the torch engine on CPU"),
-    ({"dp": 2}, 4, "--nproc 4 does not match the plan's world size .* = 2"),
-    ({"dp": 2}, 0, "--nproc 0 does not match"),
+    ({"dp": 2}, 4, "--gpus 4 does not match the plan's world size .* = 2"),
+    ({"dp": 2}, 0, "--gpus 0 does not match"),
 ])
 def test_check_request_rejects(par, nproc, match):
     with pytest.raises(DistplanError, match=match):
@@ -259,7 +259,7 @@ def test_moe_with_ep_is_rejected_by_the_torch_engine():
 @pytest.mark.parametrize("args,needle", [
     (["missing.yaml"], "plan file 'missing.yaml' does not exist"),
     (["{cp}"], "context parallel cp=2 is not supported by the torch engine on CPU"),
-    (["{dp}", "--nproc", "3"], "--nproc 3 does not match the plan's world size"),
+    (["{dp}", "-n", "3"], "--gpus 3 does not match the plan's world size"),
     (["{dp}", "--data", "nope.bin"], "--data 'nope.bin' does not exist"),
     (["{dp}", "--calibrate"], "--calibrate needs --profile PATH"),
 ])
@@ -297,8 +297,8 @@ def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, monkeypatch, args, n
     (["--data", "missing.bin"], "--data 'missing.bin' does not exist or is not a file"),
     (["--data", "empty.bin"], "--data 'empty.bin' holds 0 tokens, fewer than one sample"),
     (["--data-dtype", "int8"], "--data-dtype 'int8' is unknown; valid: uint16, uint32"),
-    (["--nproc", 0], "--nproc 0 does not match the plan's world size dp*tp*pp*cp = 2*1*1*1 = 2"),
-    (["--nproc", -2], "--nproc -2 does not match the plan's world size"),
+    (["--nproc", 0], "--gpus 0 does not match the plan's world size dp*tp*pp*cp = 2*1*1*1 = 2"),
+    (["--nproc", -2], "--gpus -2 does not match the plan's world size"),
     (["-o", "."], "--output '.' is a folder"),
     (["-o", "/proc/distplan-missing/report.yaml"],  # /proc takes no new files, not even root's
      "--output '/proc/distplan-missing/report.yaml' cannot be written: no file can be created in '/proc'"),
@@ -333,7 +333,7 @@ def test_a_plan_needing_more_cpu_ranks_than_the_host_holds_is_refused_unless_npr
     monkeypatch.setattr(preflight, "host_memory_available_gib", lambda: 100.0)
     wide = make(dp=64, global_batch_size=64)
     with pytest.raises(DistplanError, match=r"the plan needs 64 ranks, but this host can run 8 CPU ranks \(2 cores x 4 "
-                                            r"ranks per core = 8; .*\); `--nproc 64` starts them anyway"):
+                                            r"ranks per core = 8; .*\); `--gpus 64` starts them anyway"):
         check_request(wide, RunOptions(), None, "cpu")
     assert check_request(wide, RunOptions(), 64, "cpu") == 64  # asked for explicitly
     assert check_request(make(dp=4), RunOptions(), None, "cpu") == 4  # the tests' 4 ranks on 2 cores
@@ -352,7 +352,7 @@ def test_cli_refuses_a_too_wide_cpu_plan_in_one_line_before_starting_anything(cl
     save_plan(make(dp=64, global_batch_size=64), tmp_path / "wide.yaml")
     r = cli("run", tmp_path / "wide.yaml")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
-    assert "needs 64 ranks" in r.stderr and "`--nproc 64` starts them anyway" in r.stderr
+    assert "needs 64 ranks" in r.stderr and "`--gpus 64` starts them anyway" in r.stderr
     assert not list(tmp_path.glob("*.report.yaml"))
 
 

@@ -1,6 +1,6 @@
 """What `distplan run` refuses before it starts a worker, each as one line (DistplanError, exit 2).
 
-Option values (ranges below), the engine, the data, the plan against this node (its world size against --nproc,
+Option values (ranges below), the engine, the data, the plan against this node (its world size against --gpus,
 the GPUs visible, or on a CPU host the ranks it can run), and every file the run writes at its end: a run must not
 spend its measurement and then fail, or start more processes than the host can hold.
 """
@@ -55,9 +55,9 @@ def check_request(plan: Plan, opts: RunOptions, nproc: int | None, device_type: 
     nproc = world if nproc is None else nproc
     where = "on CPU each rank is one process and " if device_type == "cpu" else ""
     require(nproc == world,
-            f"--nproc {nproc} does not match the plan's world size dp*tp*pp*cp = {plan.parallel.dp}*{plan.parallel.tp}*"
+            f"--gpus {nproc} does not match the plan's world size dp*tp*pp*cp = {plan.parallel.dp}*{plan.parallel.tp}*"
             f"{plan.parallel.pp}*{plan.parallel.cp} = {world}: {where}`distplan run` launches one node, so it needs "
-            f"--nproc {world} (for several nodes use the torchrun line of `distplan emit`)")
+            f"--gpus {world} (for several nodes use the torchrun line of `distplan emit`)")
     if device_type == "cuda":
         require(nproc <= cuda_count, f"the plan needs {nproc} GPUs on this node, but {cuda_count} are visible")
     engine = _engine_module(opts.engine)
@@ -114,7 +114,7 @@ def _check_cpu_capacity(plan: Plan, world: int) -> None:
     per_rank = RANK_BASE_GIB + float(pred.get("peak_memory_gib") or 0.0) + float(pred.get("host_memory_gib") or 0.0)
     possible, why = cpu_ranks_possible(per_rank)
     require(world <= possible,
-            f"the plan needs {world} ranks, but this host can run {possible} CPU ranks ({why}); `--nproc {world}` "
+            f"the plan needs {world} ranks, but this host can run {possible} CPU ranks ({why}); `--gpus {world}` "
             f"starts them anyway")
 
 
