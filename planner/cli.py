@@ -53,6 +53,8 @@ ProfileOpt = typer.Option(None, "--profile", help="profile.yaml from `distplan p
 SeqLenOpt = typer.Option(None, "--seq-len", help="Sequence length (default: the model's).")
 GlobalBatchOpt = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: the model's).")
 FormatOpt = typer.Option("table", "--format", help="Output format: table or json.")
+ProfileFallbackOpt = typer.Option(False, "--profile-fallback", help="With a --profile of another model shape or sequence length: price the layers from the preset and keep only its model-independent numbers (sources say which), instead of refusing.")
+CalibrationOpt = typer.Option(None, "--calibration", help="Calibration file from `distplan run --calibrate`: the factors of this engine, GPU, model shape and profile apply (shown in the output).")
 
 
 def fail(message: str) -> None:
@@ -102,6 +104,8 @@ def estimate(
     no_overlap: bool = typer.Option(False, "--no-overlap-grad-reduce", help="Data-parallel reduce after backward."),
     profile: Optional[str] = ProfileOpt,
     engine: str = typer.Option("any", "--engine", help="Who runs it (distplan run's engines): any, torch, deepspeed, megatron; their measured costs apply."),
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
     fmt: str = FormatOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write this configuration as a plan file (for run, emit, show)."),
@@ -122,7 +126,8 @@ def estimate(
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
-                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine)
+                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine,
+                          profile_fallback=profile_fallback, calibration=calibration)
     result = run_estimate(req)
     if fmt == "json":
         print(json.dumps(result.to_json(), indent=2))
@@ -160,6 +165,8 @@ def solve(
     te: bool = typer.Option(False, "--te", help="With --engine megatron: Transformer Engine is installed (fused attention); "
                                                 "without it megatron's local spec runs unfused attention and plans assume that."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
 
@@ -174,7 +181,8 @@ def solve(
     check_format(fmt)
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
-                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te)
+                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te,
+                       profile_fallback=profile_fallback, calibration=calibration)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise DistplanError(f"--report '{report}' must be an .html file")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -339,8 +347,10 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
     check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Write measured/predicted correction factors into --profile."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile; with --calibrate, the profile to update (created if missing)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Record measured/predicted correction factors for this engine and model shape in --calibration (default: the --profile's .calibration.yaml beside it); the profile is never written."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile (it must have measured the plan's model shape and sequence length, or see --profile-fallback)."),
+    calibration: Optional[str] = CalibrationOpt,
+    profile_fallback: bool = ProfileFallbackOpt,
     data: Optional[str] = typer.Option(None, "--data", help="Tokenized binary file (flat uint16/uint32 tokens); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token type of --data: uint16 or uint32."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
@@ -370,7 +380,8 @@ def run(
         task = bar.add_task(f"running {plan.name} ({engine})", total=warmup + steps)
         report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
                           check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
-                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+                          on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                          calibration=calibration, profile_fallback=profile_fallback)
     render_report(out, report, str(report_path))
     if not report.passed:
         raise typer.Exit(1)

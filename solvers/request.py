@@ -6,12 +6,12 @@ model, cluster and profile files (the CLI makes one call to `run_solve`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from planner.cluster import load_cluster
 from planner.errors import require
-from planner.estimate import resolve_cluster
+from planner.estimate import job_profile, resolve_cluster
 from planner.model import load_model
 from solvers.solve import SolveResult, solve
 
@@ -31,6 +31,8 @@ class SolveRequest:
     ilp_backend: str = "ortools"
     engine: str = "any"  # keep only plans this `distplan run` engine executes
     transformer_engine: bool = False  # --te: megatron runs with Transformer Engine (fused attention)
+    profile_fallback: bool = False  # a profile of another model shape: price its layers from the preset
+    calibration: str | None = None  # calibration file: the factors of this engine, GPU, shape and profile apply
 
     def command(self) -> str:
         """The command line that reproduces this request (written into the plan's header)."""
@@ -44,6 +46,8 @@ class SolveRequest:
         parts += [f"--ilp-backend {self.ilp_backend}"] if self.ilp_backend != "ortools" else []
         parts += [f"--engine {self.engine}"] if self.engine != "any" else []
         parts += ["--te"] if self.transformer_engine else []
+        parts += ["--profile-fallback"] if self.profile_fallback else []
+        parts += [f"--calibration {self.calibration}"] if self.calibration else []
         return " ".join(parts)
 
 
@@ -54,6 +58,12 @@ def run_solve(req: SolveRequest, progress: Callable[[int, int], None] | None = N
         cluster, prof = load_cluster(req.cluster or DEFAULT_CLUSTER), None
     else:
         cluster, prof = resolve_cluster(req.cluster or "", req.profile)
-    return solve(model, cluster, req.gpus, prof, global_batch=req.global_batch, seq_len=req.seq_len, top_k=req.top_k,
-                 time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress, command=req.command(),
-                 engine=req.engine, transformer_engine=req.transformer_engine)
+    job = job_profile(prof, req.profile, model, req.seq_len or model.seq_len, cluster, engine=req.engine,
+                      fallback=req.profile_fallback, calibration=req.calibration)
+    result = solve(model, cluster, req.gpus, job.profile, global_batch=req.global_batch, seq_len=req.seq_len,
+                   top_k=req.top_k, time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress,
+                   command=req.command(), engine=req.engine, transformer_engine=req.transformer_engine)
+    if not job.notes:
+        return result
+    plan = replace(result.plan, provenance={**result.plan.provenance, "notes": list(job.notes)})
+    return replace(result, plan=plan)
