@@ -97,7 +97,8 @@ def _record(r: object, where: str) -> CalibrationRecord:
     require(isinstance(factors, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                                               for v in factors.values()),
             f"{where}: factors must map a term to a positive number, got {factors!r}")
-    require(isinstance(runs, list) and all(isinstance(x, dict) for x in runs), f"{where}: runs must be a list of mappings")
+    require(isinstance(runs, list) and all(isinstance(x, dict) for x in runs),
+            f"{where}: runs must be a list of mappings")
     require(isinstance(r["seq_len"], int) and r["seq_len"] > 0, f"{where}: seq_len must be a positive integer")
     return CalibrationRecord(engine=str(r["engine"]), gpu=str(r["gpu"]), model=str(r["model"]),
                              model_shape=tuple(shape.items()), seq_len=int(r["seq_len"]), profile=str(r["profile"]),
@@ -162,8 +163,8 @@ def apply_calibration(profile: Profile | None, path: str | Path | None, *, engin
         return profile, (f"calibration: none applied from {path}: no record for {engine} "
                          f"{describe(model.name, model_shape(model), seq_len)} on {gpu_family(gpu_name)} against "
                          f"{against}" + (f" (it holds {held})" if held else " (it is empty)"))
-    carrier = profile if profile is not None else Profile(
-        gpu_name=gpu_name, device="cuda", model=model.name, seq_len=seq_len, dtype="bf16", model_shape=model_shape(model))
+    carrier = profile if profile is not None else Profile(gpu_name=gpu_name, device="cuda", model=model.name,
+                                                          seq_len=seq_len, dtype="bf16", model_shape=model_shape(model))
     source = f"{len(rec.runs)} {engine} run{'s' if len(rec.runs) != 1 else ''} of this shape ({path})"
     factors = ", ".join(f"{k} x{v:.3f}" for k, v in rec.factors)
     return replace(carrier, calibration=rec.factors, calibration_source=source), f"calibration: {factors} from {source}"

@@ -27,11 +27,11 @@ from planner.costmodel import (
     megatron_layer_delta_s,
     memory_bound_time_s,
 )
+from planner.errors import require
 from planner.job import ParallelConfig
 from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, host_fits,
                             host_memory_per_gpu, stage_memory, stage_params, torch_engine_fsdp)
 from planner.model import ModelSpec
-from planner.errors import require
 from planner.profile import Profile
 from planner.profile_job import describe_profile, dropped_note, mismatch
 

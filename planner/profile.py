@@ -36,7 +36,6 @@ from planner.errors import DistplanError, require
 
 if TYPE_CHECKING:
     from planner.cluster import Cluster
-    from planner.model import ModelSpec
 
 PROFILE_VERSION = 1
 PHASES = ("fwd", "bwd")

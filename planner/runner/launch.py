@@ -348,6 +348,7 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torc
     from planner.profile import load_profile
     from planner.runner.calibrate import machine_gpu
 
+    require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")
     if calibrate and calibration is None:
         calibration = default_calibration_path(profile_path)
     # a calibration file --calibrate has yet to create applies nothing
