@@ -59,14 +59,13 @@ def describe_profile(profile: Profile) -> str:
 def mismatch(profile: Profile, model: ModelSpec, seq_len: int) -> str | None:
     """Why `profile`'s model-specific measurements do not apply to `model` at `seq_len`, or None where they do
     (or where the profile no longer holds any: without_model_specific)."""
-    if profile.model_specific_dropped:
+    shape = model_shape(model)
+    if profile.model_specific_dropped or (profile.model_shape == shape and profile.seq_len == seq_len):
         return None
-    job = describe(model.name, model_shape(model), seq_len)
+    job = describe(model.name, shape, seq_len)
     if not profile.model_shape:
         return (f"measured {profile.model} at seq {profile.seq_len} without recording its shape (written before "
                 f"profiles did, and '{profile.model}' is not a zoo model); the job is {job}")
-    if profile.model_shape == model_shape(model) and profile.seq_len == seq_len:
-        return None
     return f"measured {describe_profile(profile)}; the job is {job}"
 
 
