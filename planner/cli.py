@@ -107,6 +107,8 @@ def _axis(flag: str, what: str):
     """A solve constraint: the values one axis may take, as a comma-separated list (None: any)."""
     return typer.Option(None, flag, help=f"{what} the search may use, e.g. {'1,2,4' if 'degree' in what else 'no'} "
                                           "(default: any).")
+ProfileFallbackOpt = typer.Option(False, "--profile-fallback", help="With a --profile of another model shape or sequence length: price the layers from the preset and keep only its model-independent numbers (sources say which), instead of refusing.")
+CalibrationOpt = typer.Option(None, "--calibration", help="Calibration file from `distplan run --calibrate`: the factors of this engine, GPU, model shape and profile apply (shown in the output).")
 
 
 def fail(message: str) -> None:
@@ -164,6 +166,8 @@ def estimate(
     no_overlap: bool = typer.Option(False, "--no-overlap-grad-reduce", help="Data-parallel reduce after backward."),
     profile: Optional[str] = ProfileOpt,
     engine: str = typer.Option("any", "--engine", help="Who runs it (distplan run's engines): any, torch, deepspeed, megatron; their measured costs apply."),
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
     fmt: str = FormatOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write this configuration as a plan file (for run, emit, show)."),
@@ -188,7 +192,8 @@ def estimate(
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
-                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine)
+                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine,
+                          profile_fallback=profile_fallback, calibration=calibration)
     result = run_estimate(req)
     training = (training_estimate(result.prediction.tokens_per_s, result.config.gpus, train_tokens, gpu_hour_price)
                 if train_tokens is not None else None)
@@ -245,6 +250,8 @@ def solve(
     candidates: Optional[Path] = typer.Option(None, "--candidates", help="Also write every configuration considered, ranked, with its prediction and why it lost (.csv or .json)."),
     train_tokens: Optional[float] = TrainTokensOpt,
     gpu_hour_price: Optional[float] = GpuHourPriceOpt,
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
 
@@ -271,7 +278,7 @@ def solve(
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
                        ilp_backend=ilp_backend, engine=engine, transformer_engine=te, constraints=constraints,
-                       candidates=candidates is not None)
+                       candidates=candidates is not None, profile_fallback=profile_fallback, calibration=calibration)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise DistplanError(f"--report '{report}' must be an .html file")
     if candidates is not None and candidates.suffix.lower() not in FORMATS:
@@ -471,8 +478,10 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
     check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Write measured/predicted correction factors into --profile."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile; with --calibrate, the profile to update (created if missing)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Record measured/predicted correction factors for this engine and model shape in --calibration (default: the --profile's .calibration.yaml beside it); the profile is never written."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile (it must have measured the plan's model shape and sequence length, or see --profile-fallback)."),
+    calibration: Optional[str] = CalibrationOpt,
+    profile_fallback: bool = ProfileFallbackOpt,
     data: Optional[str] = typer.Option(None, "--data", help="Tokenized binary file (flat uint16/uint32 tokens); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token type of --data: uint16 or uint32."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
@@ -500,7 +509,7 @@ def run(
         with _run_progress(f"running {plan.name} ({engine})", warmup + steps) as on_progress:
             report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
                               check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
-                              on_progress=on_progress)
+                              on_progress=on_progress, calibration=calibration, profile_fallback=profile_fallback)
     except RunStopped as stop:
         err.print(str(stop), highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_code) from None

@@ -27,11 +27,13 @@ from planner.costmodel import (
     megatron_layer_delta_s,
     memory_bound_time_s,
 )
+from planner.errors import require
 from planner.job import ParallelConfig
 from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, host_fits,
                             host_memory_per_gpu, stage_memory, stage_params, torch_engine_fsdp)
 from planner.model import ModelSpec
 from planner.profile import Profile
+from planner.profile_job import describe_profile, dropped_note, mismatch
 
 BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero_comm",
                   "pipeline_bubble", "dp_grad_sync", "optimizer")
@@ -150,6 +152,10 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     invented and the bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
     (benchmarks/results/run_2xh200.md, miss 1).
     """
+    if profile is not None and profile.model_shape:
+        why = mismatch(profile, model, cfg.seq_len)
+        require(why is None, f"profile {why}: planner.profile_job.profile_for_job refuses it or drops its "
+                             "model-specific measurements")
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
     v, pp = cfg.vpp, cfg.pp
@@ -455,6 +461,8 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for k in (kind, "embedding", "head"):
         if measured_fit(profile, k, cfg) is not None:
             out[f"compute.{k}.tp{cfg.tp}"] = "profile"
+        elif profile is not None and profile.model_specific_dropped:
+            out[f"compute.{k}.tp{cfg.tp}"] = f"preset (profile measured {describe_profile(profile)})"
         elif profile is not None and profile.compute_fit(k, cfg.tp) is not None:
             out[f"compute.{k}.tp{cfg.tp}"] = f"preset (profile measured seq_len {profile.seq_len}, job has {cfg.seq_len})"
         else:
@@ -486,6 +494,10 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         out["comm.pipeline_op"] = f"profile (torch.distributed.pipelining {kind_op}, per operation)"
     if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
         out["optimizer"] = "profile"  # said only where measured (older profiles leave the sources as before)
+    if profile is not None and profile.model_specific_dropped:
+        out["profile.model_specific"] = dropped_note(profile)
+    for key, factor in profile.calibration if profile is not None else ():
+        out[f"calibration.{key}"] = f"x{factor:.3f} from {profile.calibration_source or 'the profile'}"
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp

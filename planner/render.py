@@ -62,3 +62,5 @@ def render_prediction(console: Console, result, training: dict | None = None) ->
         title += f", as the {engine} engine runs it"
     for t in prediction_tables(result.prediction, title, training):
         console.print(t)
+    for line in getattr(result, "notes", ()):  # what --profile and --calibration contributed (estimate.job_profile)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)

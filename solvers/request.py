@@ -6,12 +6,12 @@ model, cluster and profile files (the CLI makes one call to `run_solve`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from planner.cluster import load_cluster
 from planner.errors import DistplanError, require
-from planner.estimate import resolve_cluster
+from planner.estimate import job_profile, resolve_cluster
 from planner.job import RECOMPUTE, SCHEDULES
 from planner.model import load_model
 from planner.training import check_training_inputs
@@ -40,6 +40,8 @@ class SolveRequest:
     transformer_engine: bool = False  # --te: megatron runs with Transformer Engine (fused attention)
     constraints: Constraints = NO_CONSTRAINTS  # the values each axis may take (parse_constraints)
     candidates: bool = False  # also return every configuration considered
+    profile_fallback: bool = False  # a profile of another model shape: price its layers from the preset
+    calibration: str | None = None  # calibration file: the factors of this engine, GPU, shape and profile apply
 
     def command(self) -> str:
         """The command line that reproduces this request (written into the plan's header)."""
@@ -54,6 +56,8 @@ class SolveRequest:
         parts += [f"--engine {self.engine}"] if self.engine != "any" else []
         parts += ["--te"] if self.transformer_engine else []
         parts += [self.constraints.describe()] if self.constraints.given() else []
+        parts += ["--profile-fallback"] if self.profile_fallback else []
+        parts += [f"--calibration {self.calibration}"] if self.calibration else []
         return " ".join(parts)
 
 
@@ -64,10 +68,16 @@ def run_solve(req: SolveRequest, progress: Callable[[int, int], None] | None = N
         cluster, prof = load_cluster(req.cluster or DEFAULT_CLUSTER), None
     else:
         cluster, prof = resolve_cluster(req.cluster or "", req.profile)
-    return solve(model, cluster, req.gpus, prof, global_batch=req.global_batch, seq_len=req.seq_len, top_k=req.top_k,
-                 time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress, command=req.command(),
-                 engine=req.engine, transformer_engine=req.transformer_engine, constraints=req.constraints,
-                 candidates=req.candidates)
+    job = job_profile(prof, req.profile, model, req.seq_len or model.seq_len, cluster, engine=req.engine,
+                      fallback=req.profile_fallback, calibration=req.calibration)
+    result = solve(model, cluster, req.gpus, job.profile, global_batch=req.global_batch, seq_len=req.seq_len,
+                   top_k=req.top_k, time_limit_s=req.time_limit_s, ilp_backend=req.ilp_backend, progress=progress,
+                   command=req.command(), engine=req.engine, transformer_engine=req.transformer_engine,
+                   constraints=req.constraints, candidates=req.candidates)
+    if not job.notes:
+        return result
+    plan = replace(result.plan, provenance={**result.plan.provenance, "notes": list(job.notes)})
+    return replace(result, plan=plan)
 
 
 def _values(option: str, text: str, parse, valid: str) -> tuple:

@@ -154,6 +154,11 @@ def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
     assert done == total
     prof = load_profile(path)
     assert prof.device == "cpu" and prof.model == "gpt2" and prof.compute_fit("block", 2) is not None
+    from planner.model import load_model
+    from planner.profile_job import model_shape
+
+    assert prof.model_shape == model_shape(load_model("gpt2"))  # what it measured, written by the profiler
+    assert yaml.safe_load(path.read_text())["model_shape"]["hidden_size"] == 768
     est = parse_json(cli("estimate", "--model", "gpt2", "--gpus", 2, "--seq-len", 128, "--profile", path,
                          "--format", "json"))
     assert est["cluster"] == "measured-cpu" and est["sources"]["compute.block.tp1"] == "profile"
@@ -163,8 +168,11 @@ def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
 
     if "solve" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
         pytest.skip("`distplan solve` is not in planner.cli yet (the solver engineer adds it)")
-    solved = cli("solve", "--model", "gpt2", "--gpus", 2, "--profile", path)
+    solved = cli("solve", "--model", "gpt2", "--gpus", 2, "--seq-len", 128, "--profile", path)
     assert solved.exit_code == 0, solved.output
+    # at gpt2's own 1024 tokens the profile's fits do not apply: refused, naming both sequence lengths
+    other = cli("solve", "--model", "gpt2", "--gpus", 2, "--profile", path, "-o", tmp_path / "plan.yaml")
+    assert other.exit_code == 2 and "profile it at --seq-len 1024" in " ".join(other.stderr.split())
 
 
 def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):

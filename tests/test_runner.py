@@ -14,8 +14,10 @@ from planner.job import ParallelConfig, validate_config
 from planner.model import ModelSpec
 from planner.plan import make_plan, save_plan
 from planner.predict import predict
-from planner.profile import ComputeFit, LinearFit, Profile, load_profile, save_profile
-from planner.runner.calibrate import attribute, calibrate_profile, fit_factors
+from planner.calibration import load_calibration
+from planner.profile import ComputeFit, LinearFit, Profile, save_profile
+from planner.profile_job import model_shape
+from planner.runner.calibrate import attribute, calibrate_run, fit_factors
 from planner.runner.data import DataSource, local_batch, write_tokens
 from planner.runner.engine_api import RankResult, RunOptions
 from planner.runner.launch import check_request
@@ -208,27 +210,32 @@ def test_attribute_splits_the_breakdown_by_collective():
 def _profile(tp):
     fit = LinearFit(1e-5, 1e-8)
     compute = tuple(ComputeFit(kind=k, tp=tp, fwd=fit, bwd=fit) for k in ("block", "embedding", "head"))
-    return Profile(gpu_name="H100-SXM-80GB", device="cuda", model="tiny-gpt", seq_len=32, dtype="bf16", compute=compute)
+    return Profile(gpu_name="H100-SXM-80GB", device="cuda", model="tiny-gpt", seq_len=32, dtype="bf16",
+                   model_shape=model_shape(TINY), compute=compute)
 
 
 def test_recalibrated_prediction_moves_toward_the_measurement(tmp_path):
     plan = make(dp=2)
     profile = _profile(1)
     save_profile(profile, tmp_path / "profile.yaml")
-    before = predict(plan.model, plan.cluster, plan.parallel, profile).step_time_s
+    written = (tmp_path / "profile.yaml").read_bytes()
+    before = predict(plan.model, plan.cluster, plan.parallel, profile, engine="torch").step_time_s
     measured = 3.0 * before
 
-    class Measured:  # the fields calibrate_profile reads from a Report
-        measured_step_time_s, device, dtype, config = measured, "cuda:0", "bf16", "dp=2"
+    class Measured:  # the fields calibrate_run reads from a Report
+        measured_step_time_s, device, dtype, config, engine = measured, "cuda:0", "bf16", "dp=2", "torch"
 
-    summary = calibrate_profile(plan, profile, Measured, tmp_path / "profile.yaml")
-    updated = load_profile(tmp_path / "profile.yaml")
-    after = predict(plan.model, plan.cluster, plan.parallel, updated).step_time_s
+    cal = tmp_path / "profile.calibration.yaml"
+    summary = calibrate_run(plan, profile, Measured, cal, tmp_path / "profile.yaml")
+    (record,) = load_calibration(cal).records
+    after = predict(plan.model, plan.cluster, plan.parallel, replace(profile, calibration=record.factors),
+                    engine="torch").step_time_s
     assert abs(after - measured) < 0.1 * abs(before - measured)  # most of the gap closed by one run
-    assert summary["predicted_after_s"] == pytest.approx(after) and "note" not in summary
-    assert updated.factor("compute") > 2 and len(updated.raw["calibration_runs"]) == 1
-    calibrate_profile(plan, updated, Measured, tmp_path / "profile.yaml")  # same plan again: replaces its run
-    assert len(load_profile(tmp_path / "profile.yaml").raw["calibration_runs"]) == 1
+    assert summary["predicted_after_s"] == pytest.approx(after)
+    assert dict(record.factors)["compute"] > 2 and len(record.runs) == 1 and record.engine == "torch"
+    assert (tmp_path / "profile.yaml").read_bytes() == written  # the profile is never written
+    calibrate_run(plan, profile, Measured, cal, tmp_path / "profile.yaml")  # same plan again: replaces its run
+    assert [len(r.runs) for r in load_calibration(cal).records] == [1]
 
 
 # ---- bad inputs (nothing is started) --------------------------------------------------------------------
@@ -261,7 +268,8 @@ def test_moe_with_ep_is_rejected_by_the_torch_engine():
     (["{cp}"], "context parallel cp=2 is not supported by the torch engine on CPU"),
     (["{dp}", "-n", "3"], "--gpus 3 does not match the plan's world size"),
     (["{dp}", "--data", "nope.bin"], "--data 'nope.bin' does not exist"),
-    (["{dp}", "--calibrate"], "--calibrate needs --profile PATH"),
+    (["{dp}", "--calibrate"], "--calibrate needs --calibration FILE (or --profile PATH"),
+    (["{dp}", "--calibration", "none.yaml"], "calibration file 'none.yaml' does not exist"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -271,13 +271,15 @@ def _demote_consequences(failures: list[Failure]) -> list[Failure]:
 
 def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, out_path: str | Path | None = None,
              tolerance: float = 0.10, check_numerics: bool = False, profile_path: str | Path | None = None,
-             calibrate: bool = False, on_progress: ProgressFn | None = None) -> Report:
+             calibrate: bool = False, on_progress: ProgressFn | None = None, calibration: str | Path | None = None,
+             profile_fallback: bool = False) -> Report:
     """Run the plan for real with `opts.engine`, measure, verify against the prediction; see the module docstring."""
     import torch
 
     require(math.isfinite(tolerance) and tolerance > 0,
             f"--tolerance {tolerance:g} is not a relative error; valid: a finite number > 0, e.g. 0.1 for 10%")
-    require(not calibrate or profile_path is not None, "--calibrate needs --profile PATH (the profile to write the factors into)")
+    require(not calibrate or profile_path is not None or calibration is not None,
+            "--calibrate needs --calibration FILE (or --profile PATH: then PATH's .calibration.yaml beside it)")
     require(not opts.trace or opts.engine == "torch", f"--trace profiles the torch engine's step only; engine is {opts.engine!r}")
     require(not opts.memory_peak or opts.engine == "torch",
             f"--memory-peak records the torch engine's step only; engine is {opts.engine!r}")
@@ -295,9 +297,10 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
         check_writable(out_path, "--output")
     if profile_path is not None:
         require(not Path(profile_path).is_dir(), f"--profile '{profile_path}' is a folder; give a profile YAML file")
+    profile, prediction, calibration, applied = _load_profile(plan, profile_path, calibrate, opts.engine, calibration,
+                                                              profile_fallback)
     if calibrate:
-        check_writable(profile_path, "--profile")
-    profile, prediction = _load_profile(plan, profile_path, calibrate, opts.engine)
+        check_writable(calibration, "--calibration")
 
     start = time.monotonic()
     procs: list[subprocess.Popen] = []
@@ -336,9 +339,11 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
                           opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
                           wall_time_s=time.monotonic() - start)
     if calibrate and report.measured_step_time_s is not None:
-        from planner.runner.calibrate import calibrate_profile
+        from planner.runner.calibrate import calibrate_run
 
-        report = replace(report, calibration=calibrate_profile(plan, profile, report, profile_path))
+        report = replace(report, calibration=calibrate_run(plan, profile, report, calibration, profile_path, applied))
+    elif applied:
+        report = replace(report, calibration={"applied": list(applied)})
     if out_path is not None:
         save_report(report, out_path)
     return report
@@ -360,15 +365,29 @@ def _megatron_numerics(plan: Plan, parallel_losses: tuple[float, ...], opts: Run
     return compare(parallel_losses[:steps], list(ref.losses[:steps]), opts.dtype)
 
 
-def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torch"):
-    """The profile (if any) and the prediction to verify: the plan's own, or re-predicted with --profile
-    (the torch engine runs ZeRO-1 as FSDP2: its measured per-block sharding overhead applies, predict.rank_timer)."""
-    if profile_path is None:
-        return None, plan.prediction
+def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torch", calibration=None,
+                  fallback: bool = False):
+    """(profile, prediction to verify, calibration file, notes): the plan's own prediction without a profile or a
+    calibration file, else re-predicted with the profile as it applies to the plan's model and sequence length
+    (planner.estimate.job_profile: refused where it measured another shape, unless `fallback`) and the calibration
+    factors of this engine, this machine's GPU, shape and profile (the torch engine runs ZeRO-1 as FSDP2: its
+    measured per-block sharding overhead applies, predict.rank_timer). With `calibrate` the calibration file defaults
+    to the profile's (planner.calibration.default_calibration_path), created by the run if missing."""
+    from planner.calibration import default_calibration_path
+    from planner.estimate import job_profile
     from planner.predict import predict
     from planner.profile import load_profile
+    from planner.runner.calibrate import machine_gpu
 
-    if not Path(profile_path).exists() and calibrate:
-        return None, plan.prediction  # --calibrate starts a new profile
-    profile = load_profile(profile_path)
-    return profile, predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine).to_dict()
+    require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")
+    if calibrate and calibration is None:
+        calibration = default_calibration_path(profile_path)
+    # a calibration file --calibrate has yet to create applies nothing
+    existing = None if calibration is None or (calibrate and not Path(calibration).exists()) else calibration
+    if profile_path is None and existing is None:
+        return None, plan.prediction, calibration, ()
+    profile = load_profile(profile_path) if profile_path is not None else None
+    job = job_profile(profile, profile_path, plan.model, plan.parallel.seq_len, plan.cluster, engine=engine,
+                      fallback=fallback, calibration=existing, gpu_name=machine_gpu(profile))
+    return job.profile, predict(plan.model, plan.cluster, plan.parallel, job.profile, engine=engine).to_dict(), \
+        calibration, job.notes
