@@ -313,8 +313,9 @@ def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, monkeypatch, args, n
     (["-o", "/proc/report.yaml"], "--output '/proc/report.yaml' cannot be written: no file can be created in '/proc'"),
     (["-o", "dp.yaml/report.yaml"], "--output 'dp.yaml/report.yaml' cannot be written: 'dp.yaml' is a file, not a folder"),
     (["-o", "dp.yaml"], "--output 'dp.yaml' is the plan itself"),
-    (["--calibrate", "--profile", "/proc/distplan/profile.yaml"],
-     "--profile '/proc/distplan/profile.yaml' cannot be written: no file can be created in '/proc'"),
+    (["--calibrate", "--calibration", "/proc/distplan/calibration.yaml"],
+     "--calibration '/proc/distplan/calibration.yaml' cannot be written: no file can be created in '/proc'"),
+    (["--calibrate", "--profile", "/proc/distplan/profile.yaml"], "profile file '/proc/distplan/profile.yaml' does not exist"),
     (["--profile", "."], "--profile '.' is a folder"),
 ])
 def test_every_bad_run_option_is_refused_before_a_worker_starts(cli, tmp_path, monkeypatch, args, needle):
