@@ -353,7 +353,8 @@ def test_one_phase_measured_again_reuses_the_other_from_a_base_profile(tiny_prof
     save_profile(prof, base)
     model = tmp_path / "tiny.yaml"  # the fixture's model, written again (profiles name it by its file)
     model.write_text(yaml.safe_dump(TINY))
-    req = dict(model=str(model), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4))
+    # --quick re-measures (fewer message sizes and repeats): what is checked is what is reused and refitted
+    req = dict(model=str(model), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4), quick=True)
     comm_again = run_profile(ProfileRequest(**req, only="communication", base=str(base)), lambda *a: None)
     assert comm_again.compute == load_profile(base).compute  # the base's layers, refitted from the same points
     assert comm_again.raw["compute"] == load_profile(base).raw["compute"]
