@@ -179,10 +179,12 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         p2p_one = measured_op
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
     impl = _sharding_impl(cfg, profile, dp_group, engine)
-    shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
-    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
+    measured_sharding = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine)  # None: not measured; 0: held
+    shard_overhead = measured_sharding or 0.0
+    shard_edge = (profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl)
+                  if measured_sharding is not None else 0.0)
     m = cfg.num_microbatches
-    if shard_overhead and engine == "torch" and impl.startswith("fsdp2") and m > 1:
+    if measured_sharding is not None and engine == "torch" and impl.startswith("fsdp2") and m > 1:
         # FSDP2 reduce-scatters the gradients on a step's last micro-batch only (the engine's
         # set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
         # micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising
@@ -226,7 +228,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
             z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
-        if shard_overhead and layers:
+        if measured_sharding is not None and layers:
             # measured cost of sharding (profile only; see docstring): per block, and once per micro-batch. It
             # replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the compute,
             # so what they expose and how much they slow the compute is already in it. Added on top, the overlap
