@@ -246,6 +246,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
     from planner.plan import make_plan, save_plan
     from planner.profile import load_profile
+    from planner.profile_job import profile_for_job
     from planner.engine_support import runnable
     from solvers.request import SolveRequest, run_solve
 
@@ -256,7 +257,9 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
                        seq_len=case.seq_len, top_k=alternatives, engine=engine_for_distplan)
     result = run_solve(req)
     model, cluster = result.plan.model, result.plan.cluster
-    profile = load_profile(profile_path) if profile_path else None  # the cluster above already has its numbers
+    # the cluster above already has its numbers; run_solve refused the profile had it measured another shape
+    profile = (profile_for_job(load_profile(profile_path), model, result.plan.parallel.seq_len, source=profile_path)
+               if profile_path else None)
 
     plans, skipped = [], []
 

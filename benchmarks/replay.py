@@ -34,7 +34,9 @@ from planner.memory import FRAGMENTATION  # noqa: E402
 from planner.plan import load_plan  # noqa: E402
 from planner.predict import predict  # noqa: E402
 from planner.cluster import load_cluster  # noqa: E402
+from planner.errors import DistplanError  # noqa: E402
 from planner.profile import cluster_for_profile, load_profile, with_host_memory  # noqa: E402
+from planner.profile_job import mismatch, profile_for_job  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -101,9 +103,18 @@ def _find_profile(path: str, call_dir: Path, results_call: Path | None = None) -
     _fail(f"replay: profile {path} named by a plan of {call_dir.name} is neither committed nor in the tarball")
 
 
+def _job_profile(path: Path, plan, call: Path):
+    """The profile at `path` as it applies to the plan's model and sequence length (planner.profile_job: a profile of
+    another shape is refused, as estimate, solve and run refuse it)."""
+    try:
+        return profile_for_job(load_profile(path), plan.model, plan.parallel.seq_len, source=str(path))
+    except DistplanError as exc:
+        _fail(f"replay: {call.name}: {exc}")
+
+
 def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge: bool = True) -> list[dict]:
-    """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model and
-    sequence length match the plan's, where it was measured after the plan's own: facts.date_utc), e.g. a profile
+    """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model shape
+    and sequence length match the plan's (planner.profile_job.mismatch), where it was measured after the plan's own: facts.date_utc), e.g. a profile
     re-measured after a profiler fix. `merge`: as _latest_rows."""
     rows = []
     overrides = overrides or {}
@@ -117,7 +128,7 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             plan = load_plan(dest / "campaign" / rel)
             prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
             found = _find_profile(prof_path, dest, call)
-            profile = load_profile(found) if found else None
+            profile = _job_profile(found, plan, call) if found else None
             engine = row.get("engine") or "any"
             cluster = plan.cluster
             if profile is not None and not cluster.host_memory_gib:  # a plan made before the host's memory was modelled
@@ -125,7 +136,7 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             for cand in overrides.get(engine, []):
                 other = load_profile(cand)
                 newer = str(other.facts.get("date_utc", "")) > str(profile.facts.get("date_utc", "")) if profile else True
-                if other.model == plan.model.name and other.seq_len == plan.parallel.seq_len and newer:
+                if mismatch(other, plan.model, plan.parallel.seq_len) is None and newer:
                     found, profile = cand.resolve(), other
                     cluster = cluster_for_profile(other, load_cluster(plan.cluster.name.split("+")[0]))
             pred = predict(plan.model, cluster, plan.parallel, profile, engine=engine)

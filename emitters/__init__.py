@@ -17,7 +17,7 @@ from emitters.megatron import emit_megatron
 from emitters.slurm import WRAPPABLE, emit_slurm
 from emitters.torchrun import RUNNER_WORKER, emit_torchrun, runner_worker_argv
 from planner.errors import DistplanError, require
-from planner.fileio import check_output_folder
+from planner.fileio import check_writable_folder
 from planner.plan import Plan, load_plan
 
 TARGETS = {"deepspeed": emit_deepspeed, "megatron": emit_megatron, "torchrun": emit_torchrun, "slurm": emit_slurm}
@@ -70,7 +70,7 @@ def _options(req: EmitRequest) -> EmitOptions:
 def run_emit(req: EmitRequest) -> EmitResult:
     """`distplan emit`: load and validate the plan, emit, check if asked, then write the folder all at once."""
     opts = _options(req)
-    out = check_output_folder(req.out, "--output")
+    out = check_writable_folder(req.out, "--output")
     if out.exists() and not req.force:
         raise DistplanError(f"output folder '{out}' exists; pass --force to replace it, or choose another -o")
     plan = load_plan(req.plan)

@@ -172,9 +172,13 @@ def check_deepspeed(plan: Plan, cfg: dict) -> list[CheckResult]:
 
 
 def check_torchrun(plan: Plan, plan_text: str, launch_sh: str) -> list[CheckResult]:
-    from emitters.torchrun import RUNNER_WORKER
+    """The plan reloads, the launch line starts the runner's worker on the plan's GPUs, and the runner accepts it."""
+    from emitters.torchrun import RUNNER_WORKER, runner_refusal
 
     errors = []
+    why = runner_refusal(plan)
+    if why is not None:
+        errors.append(f"distplan's torch engine refuses the plan: {why}")
     try:
         again = plan_from_dict(yaml.safe_load(plan_text), "emitted plan.yaml")
         if again.digest() != plan.digest():
@@ -188,7 +192,7 @@ def check_torchrun(plan: Plan, plan_text: str, launch_sh: str) -> list[CheckResu
     nnodes = re.search(r"--nnodes (\d+)", launch_sh)
     if not nproc or not nnodes or int(nproc.group(1)) * int(nnodes.group(1)) != plan.gpus:
         errors.append(f"torchrun's nnodes x nproc-per-node does not equal the plan's {plan.gpus} GPUs")
-    return [check_result("torchrun: plan reload and launch geometry", errors)]
+    return [check_result("torchrun: the runner accepts the plan; plan reload and launch geometry", errors)]
 
 
 def check_slurm(plan: Plan, sbatch: str) -> list[CheckResult]:

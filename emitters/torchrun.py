@@ -21,6 +21,7 @@ from emitters.common import (
     torchrun_prefix,
     torchrun_shell,
 )
+from planner.errors import DistplanError
 from planner.plan import Plan, plan_to_yaml
 
 TARGET = "torchrun"
@@ -36,6 +37,18 @@ def runner_worker_argv(plan_file: str) -> list[str]:
     return [arg.replace("{plan}", plan_file) for arg in RUNNER_WORKER]
 
 
+def runner_refusal(plan: Plan) -> str | None:
+    """Why the worker this target launches (distplan's torch engine, on GPUs) would refuse `plan`; None if it runs it."""
+    from planner.engine_support import ENGINE_LIMITS, runnable
+    from planner.runner.engines.torch_engine import check_supported
+
+    try:
+        check_supported(plan, "cuda")
+    except DistplanError as exc:
+        return str(exc)
+    return None if runnable("torch", plan.parallel) else f"the torch engine runs {ENGINE_LIMITS['torch']}"
+
+
 def emit_torchrun(plan: Plan, opts: EmitOptions) -> Emission:
     nodes, _ = launch_geometry(plan)
     worker = runner_worker_argv(PLAN_FILE)
@@ -46,5 +59,8 @@ def emit_torchrun(plan: Plan, opts: EmitOptions) -> Emission:
     plan_text = commented(header_lines(plan, opts, TARGET)) + plan_to_yaml(plan)
     files = {PLAN_FILE: plan_text, "launch.sh": shell_script(plan, opts, TARGET, body, purpose)}
     notes = [f"{PLAN_FILE} is the plan the workers run; its digest is {plan.digest()}."]
+    why = runner_refusal(plan)
+    if why is not None:  # `emit --check` fails on it
+        notes.append(f"distplan's torch engine refuses this plan ({why}): re-plan with `distplan solve --engine torch`")
     return Emission(target=TARGET, files=files, launch=shell_line(torchrun_prefix(plan) + worker),
                     executable=("launch.sh",), notes=tuple(notes))

@@ -8,17 +8,53 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from planner.cli_usage import NoArgsIsHelpError, UsageError, usage_line
 from planner.errors import DistplanError
-from planner.fileio import check_output
+from planner.fileio import check_writable
+
+
+
+def _metavar(param) -> str:
+    """What help shows for a parameter's value: its name for arguments, the kind of value for options, nothing for
+    flags (typer's default shows Python type names such as <bool> and <list[Path]>)."""
+    if param.param_type_name == "argument":
+        return param.name.upper()
+    if getattr(param, "is_flag", False):
+        return ""
+    kind = param.bare_type()
+    return "PATH" if "Path" in kind else {"int": "INTEGER", "float": "NUMBER"}.get(kind, "TEXT")
+
+
+class _Command(TyperCommand):
+    """A command whose help names values in plain words (_metavar): `Usage: distplan show [OPTIONS] PLAN`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None:
+                param.metavar = _metavar(param)
+            if param.param_type_name == "argument":
+                param.display_type_rich = lambda ctx: None  # the name says it; typer would add <path>
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        args = [p.metavar if p.required else f"[{p.metavar}]" for p in self.params if p.param_type_name == "argument"]
+        return [self.options_metavar, *args]
 
 
 class _Group(TyperGroup):
@@ -35,6 +71,13 @@ class _Group(TyperGroup):
             fail(usage_line(exc, argv, info_name or "distplan"))
         ctx.meta["distplan.argv"] = argv
         return ctx
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:  # --version, --install-completion, --show-completion, --help: flags
+            if param.metavar is None:
+                param.metavar = _metavar(param)
+        return params
 
     def invoke(self, ctx):
         try:
@@ -53,14 +96,18 @@ app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_
 out = Console()
 err = Console(stderr=True)
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    """distplan: profile, solve, estimate, emit and run parallel training plans."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from planner import __version__
 
         out.print(f"distplan {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")):
+    """distplan: profile, solve, estimate, emit and run parallel training plans."""
 
 
 # ---- options declared once ---------------------------------------------------------------------
@@ -71,6 +118,16 @@ ProfileOpt = typer.Option(None, "--profile", help="profile.yaml from `distplan p
 SeqLenOpt = typer.Option(None, "--seq-len", help="Sequence length (default: the model's).")
 GlobalBatchOpt = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: the model's).")
 FormatOpt = typer.Option("table", "--format", help="Output format: table or json.")
+TrainTokensOpt = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 2e12: adds training days and GPU-hours.")
+GpuHourPriceOpt = typer.Option(None, "--gpu-hour-price", help="Price per GPU-hour, with --train-tokens: adds the cost.")
+
+
+def _axis(flag: str, what: str):
+    """A solve constraint: the values one axis may take, as a comma-separated list (None: any)."""
+    return typer.Option(None, flag, help=f"{what} the search may use, e.g. {'1,2,4' if 'degree' in what else 'no'} "
+                                          "(default: any).")
+ProfileFallbackOpt = typer.Option(False, "--profile-fallback", help="With a --profile of another model shape or sequence length: price the layers from the preset and keep only its model-independent numbers (sources say which), instead of refusing.")
+CalibrationOpt = typer.Option(None, "--calibration", help="Calibration file from `distplan run --calibrate`: the factors of this engine, GPU, model shape and profile apply (shown in the output).")
 
 
 def fail(message: str) -> None:
@@ -82,6 +139,14 @@ def fail(message: str) -> None:
 def check_format(fmt: str, valid=("table", "json")) -> None:
     if fmt not in valid:
         raise DistplanError(f"--format '{fmt}' is unknown; valid: {', '.join(valid)}")
+
+
+def with_training(plan, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
+    """The plan with --train-tokens / --gpu-hour-price kept in its provenance, so `show` prices the same run."""
+    if train_tokens is None:
+        return plan
+    keep = {"train_tokens": train_tokens, **({"gpu_hour_price": gpu_hour_price} if gpu_hour_price is not None else {})}
+    return replace(plan, provenance={**plan.provenance, "training": keep})
 
 
 def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Optional[str]:
@@ -96,7 +161,7 @@ def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Opt
 # ---- estimate ------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def estimate(
     ctx: typer.Context,
     model: str = ModelOpt,
@@ -121,9 +186,13 @@ def estimate(
     no_overlap: bool = typer.Option(False, "--no-overlap-grad-reduce", help="Data-parallel reduce after backward."),
     profile: Optional[str] = ProfileOpt,
     engine: str = typer.Option("any", "--engine", help="Who runs it (distplan run's engines): any, torch, deepspeed, megatron; their measured costs apply."),
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
     fmt: str = FormatOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write this configuration as a plan file (for run, emit, show)."),
+    train_tokens: Optional[float] = TrainTokensOpt,
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
 ):
     """Predict step time, memory and throughput of a configuration you fix by hand.
 
@@ -135,20 +204,25 @@ def estimate(
     """
     from planner.estimate import EstimateRequest, run_estimate
     from planner.render import render_prediction
+    from planner.training import check_training_inputs, training_estimate
 
     check_format(fmt)
+    check_training_inputs(train_tokens, gpu_hour_price)
     if output is not None:
-        check_output(output, "--output")
+        check_writable(output, "--output")
     req = EstimateRequest(model=model, cluster=cluster_arg(ctx, cluster, profile), gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp,
                           micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len, schedule=schedule,
                           recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
                           offload_optimizer=offload_optimizer, layer_split=layer_split, flash_attention=not no_flash,
-                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine)
+                          overlap_grad_reduce=not no_overlap, profile=profile, engine=engine,
+                          profile_fallback=profile_fallback, calibration=calibration)
     result = run_estimate(req)
+    training = (training_estimate(result.prediction.tokens_per_s, result.config.gpus, train_tokens, gpu_hour_price)
+                if train_tokens is not None else None)
     if fmt == "json":
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), **({"training": training} if training else {})}, indent=2))
     else:
-        render_prediction(out, result)
+        render_prediction(out, result, training)
     if not result.prediction.fits:
         err.print(f"[bold yellow]warning:[/] does not fit: {result.prediction.misfit()}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -156,14 +230,15 @@ def estimate(
         from planner.estimate import plan_from_estimate
         from planner.plan import save_plan
 
-        save_plan(plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]])), output)
+        plan = plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]]))
+        save_plan(with_training(plan, train_tokens, gpu_hour_price), output)
         err.print(f"wrote {output}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- solve ---------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def solve(
     ctx: typer.Context,
     model: str = ModelOpt,
@@ -181,44 +256,87 @@ def solve(
     te: bool = typer.Option(False, "--te", help="With --engine megatron: Transformer Engine is installed (fused attention); "
                                                 "without it megatron's local spec runs unfused attention and plans assume that."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
+    dp: Optional[str] = _axis("--dp", "Data-parallel degrees"),
+    tp: Optional[str] = _axis("--tp", "Tensor-parallel degrees"),
+    pp: Optional[str] = _axis("--pp", "Pipeline-parallel degrees"),
+    cp: Optional[str] = _axis("--cp", "Context-parallel degrees"),
+    ep: Optional[str] = _axis("--ep", "Expert-parallel degrees"),
+    vpp: Optional[str] = _axis("--vpp", "Virtual pipeline stages per rank (degrees)"),
+    micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Micro-batch sizes the search may use, e.g. 1,2,4 (default: powers of two up to 64)."),
+    max_micro_batch: Optional[int] = typer.Option(None, "--max-micro-batch", help="Largest micro-batch size the search may use."),
+    zero: Optional[str] = typer.Option(None, "--zero", help="ZeRO stages the search may use, e.g. 1,3 (default: any)."),
+    offload_optimizer: Optional[str] = _axis("--offload-optimizer", "Optimizer offload (yes, no)"),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="Recompute settings the search may use: none, selective, full, e.g. none,full."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedules the search may use: 1f1b, gpipe, interleaved."),
+    sequence_parallel: Optional[str] = _axis("--sequence-parallel", "Sequence parallelism (yes, no)"),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="Also write every configuration considered, ranked, with its prediction and why it lost (.csv or .json)."),
+    train_tokens: Optional[float] = TrainTokensOpt,
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
+    profile_fallback: bool = ProfileFallbackOpt,
+    calibration: Optional[str] = CalibrationOpt,
 ):
     """Search the fastest plan that fits: inter-op stage DP + intra-op sharding ILP (Alpa-style).
 
     Example: distplan solve --model gpt2-xl --gpus 64 -o plan.yaml --report report.html
+
+    Pin what your stack supports: distplan solve -m llama-3-8b -n 64 --tp 1,2,4 --pp 1 --cp 1 --zero 1,3
+    --max-micro-batch 8 --candidates candidates.csv --train-tokens 2e12 --gpu-hour-price 2.5
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from planner.errors import require
-    from planner.fileio import atomic_write_texts
+    from planner.fileio import atomic_write_files
     from planner.plan import plan_to_yaml
     from planner.render_solve import render_solve, solve_json
     from solvers.request import SolveRequest, run_solve
 
+    from planner.training import check_training_inputs, training_estimate
+    from solvers.candidates import FORMATS, candidates_text
+    from solvers.request import parse_constraints
+
     check_format(fmt)
+    check_training_inputs(train_tokens, gpu_hour_price)
+    constraints = parse_constraints(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, micro_batch=micro_batch,
+                                    max_micro_batch=max_micro_batch, zero=zero, offload_optimizer=offload_optimizer,
+                                    recompute=recompute, schedule=schedule, sequence_parallel=sequence_parallel)
     req = SolveRequest(model=model, gpus=gpus, cluster=cluster_arg(ctx, cluster, profile), profile=profile,
                        global_batch=global_batch, seq_len=seq_len, top_k=top_k, time_limit_s=time_limit,
-                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te)
-    check_output(output, "--output")
-    if report is not None:
-        require(report.suffix.lower() in (".html", ".htm"), f"--report '{report}' must be an .html file")
-        check_output(report, "--report")
-        require(report.absolute() != output.absolute(), f"--report '{report}' and --output name the same file")
+                       ilp_backend=ilp_backend, engine=engine, transformer_engine=te, constraints=constraints,
+                       candidates=candidates is not None, profile_fallback=profile_fallback, calibration=calibration)
+    if report is not None and report.suffix.lower() not in (".html", ".htm"):
+        raise DistplanError(f"--report '{report}' must be an .html file")
+    if candidates is not None and candidates.suffix.lower() not in FORMATS:
+        raise DistplanError(f"--candidates '{candidates}' must end in {' or '.join(FORMATS)}")
+    outputs = {"--output": output, "--candidates": candidates, "--report": report}
+    named = {option: path for option, path in outputs.items() if path is not None}
+    for option, path in named.items():  # all checked before the search, written together after it
+        check_writable(path, option)
+    same = [option for option, path in named.items() if [p.absolute() for p in named.values()].count(path.absolute()) > 1]
+    if same:
+        raise DistplanError(f"{' and '.join(same)} name the same file '{named[same[0]]}'; give each its own")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(escape(f"solving {model} on {gpus} GPUs"), total=None)
         result = run_solve(req, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    training = (training_estimate(result.prediction.tokens_per_s, result.plan.gpus, train_tokens, gpu_hour_price)
+                if train_tokens is not None else None)
+    result = replace(result, plan=with_training(result.plan, train_tokens, gpu_hour_price))
     files = {output: plan_to_yaml(result.plan)}
+    if candidates is not None:
+        files[candidates] = candidates_text(list(result.candidates), candidates.suffix.lower())
     if report is not None:
         from planner.htmlreport import report_html
 
         files[report] = report_html(result.plan)
-    atomic_write_texts(files)  # both or neither
+    atomic_write_files(files)  # all or none
     if fmt == "json":
-        print(json.dumps(solve_json(result), indent=2))
+        print(json.dumps({**solve_json(result), **({"training": training} if training else {})}, indent=2))
     else:
-        render_solve(out, result, str(output))
+        render_solve(out, result, str(output), training)
+    for warning in result.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     for path in files:
-        err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+        what = f" ({len(result.candidates)} configurations)" if path == candidates else ""
+        err.print(f"wrote {path}{what}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- show / diff ---------------------------------------------------------------------------------
@@ -226,7 +344,7 @@ def solve(
 ReviewFormatOpt = typer.Option("table", "--format", help="Output format: table, json or yaml.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def show(
     plan: Path = typer.Argument(..., help="A plan file written by `distplan solve` (plan.yaml).", show_default=False),
     fmt: str = ReviewFormatOpt,
@@ -234,26 +352,49 @@ def show(
     memory_chart: Optional[Path] = typer.Option(None, "--memory-chart", help="Draw memory per stage vs capacity to this .png or .svg."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write one self-contained HTML report (plan, pictures, rationale) here."),
     measured: Optional[list[Path]] = typer.Option(None, "--measured", help="A `distplan run` report (or records file) to compare with; repeatable."),
+    train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 2e12: adds training days and GPU-hours (default: the plan's, if solved with --train-tokens)."),
+    gpu_hour_price: Optional[float] = GpuHourPriceOpt,
 ):
     """Review a plan: GPU layout, stages, micro-batching, schedule, time breakdown, memory against capacity.
 
     Example: distplan show plan.yaml --timeline timeline.png --report report.html
     """
     from planner.show import dumps, show_plan
+    from planner.training import training_estimate
 
     check_format(fmt, ("table", "json", "yaml"))
+    train_tokens, gpu_hour_price = _training_inputs(plan, train_tokens, gpu_hour_price)
     result = show_plan(plan, timeline=timeline, memory_chart=memory_chart, report=report, measured=measured or ())
+    training = (training_estimate(float(result.review["prediction"]["tokens_per_s"]), int(result.review["plan"]["gpus"]), train_tokens,
+                                  gpu_hour_price) if train_tokens is not None else None)
     if fmt == "table":
         from planner.render_show import render_review
+        from planner.training import training_line
 
         render_review(out, result.review)
+        if training:
+            out.print(f"[bold]training time[/] {training_line(training)}", highlight=False, soft_wrap=True)
     else:
-        print(dumps(result.review, fmt))
+        print(dumps({**result.review, **({"training": training} if training else {})}, fmt))
     for path in result.written:
         err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+def _training_inputs(plan_path: Path, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
+    """--train-tokens / --gpu-hour-price for `show`, each defaulting to what solve or estimate kept in the plan
+    (provenance.training), validated; (None, None) where neither gives the tokens."""
+    from planner.plan import load_plan
+    from planner.training import check_training_inputs
+
+    kept = load_plan(plan_path).provenance.get("training")
+    kept = kept if isinstance(kept, dict) else {}
+    train_tokens = kept.get("train_tokens") if train_tokens is None else train_tokens
+    gpu_hour_price = kept.get("gpu_hour_price") if gpu_hour_price is None else gpu_hour_price
+    check_training_inputs(train_tokens, gpu_hour_price)
+    return train_tokens, gpu_hour_price
+
+
+@app.command(cls=_Command)
 def diff(
     a: Path = typer.Argument(..., help="The plan to compare from.", show_default=False),
     b: Path = typer.Argument(..., help="The plan to compare to.", show_default=False),
@@ -278,7 +419,7 @@ def diff(
 # ---- profile -------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
     model: str = ModelOpt,
     seq_len: Optional[int] = SeqLenOpt,
@@ -303,7 +444,7 @@ def profile(
     from planner.profile import save_profile
     from profilers.run import ProfileRequest, run_profile
 
-    check_output(output, "--output")  # before the measurement, which takes minutes
+    check_writable(output, "--output")  # before the measurement, which takes minutes
     try:
         mbs = tuple(int(x) for x in micro_batches.split(",")) if micro_batches else None
     except ValueError:
@@ -357,18 +498,20 @@ def _render_profile(prof, path: Path) -> None:
 # ---- run -----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve` (or hand-made with estimate's options)."),
     engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
     steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
     warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed)."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes on this node (default: the plan's GPUs; must equal its world size)."),
+    nproc: Optional[int] = typer.Option(None, "--gpus", "-n", "--nproc", help="GPUs (on a CPU host: processes) to start on this node, as --gpus of solve and estimate; must equal the plan's world size. Default: that, refused on a CPU host with too few cores or too little memory for them; given explicitly it starts them anyway."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
     check_numerics: bool = typer.Option(False, "--check-numerics", help="Compare the first steps' losses with a single-process run."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Write measured/predicted correction factors into --profile."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile; with --calibrate, the profile to update (created if missing)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Record measured/predicted correction factors for this engine and model shape in --calibration (default: the --profile's .calibration.yaml beside it); the profile is never written."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Predict with this profile (it must have measured the plan's model shape and sequence length, or see --profile-fallback)."),
+    calibration: Optional[str] = CalibrationOpt,
+    profile_fallback: bool = ProfileFallbackOpt,
     data: Optional[str] = typer.Option(None, "--data", help="Tokenized binary file (flat uint16/uint32 tokens); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token type of --data: uint16 or uint32."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
@@ -380,34 +523,59 @@ def run(
 ):
     """Run a plan for real, measure step time, memory and loss, and verify the prediction.
 
-    Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input.
+    Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input;
+    128 + N: signal N (SIGINT, SIGTERM, SIGHUP) stopped the run, and every worker with it.
     Example: distplan run plan.yaml --steps 20 --check-numerics -o report.yaml
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from planner.runner.engine_api import RunOptions
-    from planner.runner.launch import run_plan
+    from planner.runner.launch import RunStopped, run_plan
     from planner.runner.render import render_report
 
     opts = RunOptions(engine=engine, steps=steps, warmup=warmup, seed=seed, data_path=data, data_dtype=data_dtype,
                       dtype=dtype, lr=lr, timeout_s=timeout, trace=trace,
                       memory_peak=memory_peak)
     report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(f"running {plan.name} ({engine})", total=warmup + steps)
-        report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
-                          check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
-                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    try:
+        with _run_progress(f"running {plan.name} ({engine})", warmup + steps) as on_progress:
+            report = run_plan(plan, opts, nproc=nproc, out_path=report_path, tolerance=tolerance,
+                              check_numerics=check_numerics, profile_path=profile, calibrate=calibrate,
+                              on_progress=on_progress, calibration=calibration, profile_fallback=profile_fallback)
+    except RunStopped as stop:
+        err.print(str(stop), highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
     render_report(out, report, str(report_path))
     if not report.passed:
         raise typer.Exit(1)
 
 
+@contextmanager
+def _run_progress(label: str, total: int):
+    """The run's progress callback: a rich bar on a terminal; in a log (CI, a batch job, a device call) one
+    timestamped line each time the slowest rank begins another step, as `distplan profile` prints."""
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    import time
+
+    t0, last = time.monotonic(), [None]
+
+    def line(done: int, total: int) -> None:
+        if (done, total) != last[0]:
+            last[0] = (done, total)
+            print(f"[{time.monotonic() - t0:6.1f} s] {done}/{total} steps, {label}", file=sys.stderr, flush=True)
+
+    yield line
+
+
 # ---- emit ----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def emit(
     plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve`."),
     target: str = typer.Option(..., "--target", "-t", help="deepspeed, megatron, torchrun or slurm."),

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from planner.errors import DistplanError, require
-from planner.fields import integer, is_number, listing, mapping, name, number
+from planner.fields import flag, integer, is_number, listing, mapping, name, number
 from planner.fileio import parse_yaml, read_yaml
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
@@ -82,6 +82,9 @@ class Cluster:
     efficiency: Efficiency
     max_nodes: int = 0  # 0: as many as asked for
     host_memory_gib: float = 0.0  # CPU memory per node, for optimizer offload (0: unknown, not checked)
+    # the "GPU" is the host's CPU (a CPU + gloo profile): device memory and host memory are one pool, so a rank's
+    # offloaded optimizer states come out of its share of the device memory
+    host_is_device: bool = False
 
     def link(self, tier: str) -> Link:
         return dict(self.links)[tier]
@@ -103,6 +106,7 @@ class Cluster:
             "gpus_per_node": self.gpus_per_node,
             "max_nodes": self.max_nodes,
             "host_memory_gib": self.host_memory_gib,
+            **({"host_is_device": True} if self.host_is_device else {}),
             "gpu": d["gpu"],
             "links": {tier: asdict(link) for tier, link in self.links},
             "efficiency": {
@@ -169,7 +173,8 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     max_nodes = integer(data, "max_nodes", source, 0, MAX_GPUS, default=0)
     host = number(data, "host_memory_gib", source, 0, default=0.0)
     return Cluster(name=name(data, "name", source, default=Path(source).stem), gpu=gpu, gpus_per_node=gpn,
-                   links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host)
+                   links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host,
+                   host_is_device=flag(data, "host_is_device", source, default=False))
 
 
 def cluster_names() -> list[str]:

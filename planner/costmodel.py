@@ -110,9 +110,11 @@ def fused_attention_time_s(cluster: Cluster, executed_flops: float) -> float:
 def measured_fit(profile: Profile | None, kind: str, cfg: ParallelConfig):
     """The profile's compute fit for `kind` at this tp, if it applies to this job.
 
-    Fits are time vs tokens at the profile's sequence length; attention grows with s^2, so a fit
-    measured at another sequence length is not used (the preset's analytic model is, and
-    `predict`'s sources say so).
+    Fits are time vs tokens of one layer of the profiled model at its sequence length (attention grows
+    with s^2). Whether a profile applies to a job's model and sequence length is decided once, by
+    planner.profile_job.profile_for_job (refused, or the model-specific fits dropped), and `predict`
+    refuses a profile of another recorded shape; a hand-built profile without a recorded shape still
+    gets no fit at another sequence length here.
     """
     if profile is None or profile.seq_len != cfg.seq_len:
         return None
@@ -120,7 +122,8 @@ def measured_fit(profile: Profile | None, kind: str, cfg: ParallelConfig):
 
 
 def compute_factor(profile: Profile | None) -> float:
-    """Measured/predicted correction for compute written by `distplan run --calibrate` (1.0 if none)."""
+    """Measured/predicted correction for compute from the job's calibration record (planner.calibration,
+    carried as Profile.calibration; 1.0 if none)."""
     return profile.factor("compute") if profile is not None else 1.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from planner.cluster import Cluster, check_gpu_count, load_cluster
 from planner.errors import DistplanError, require
@@ -36,6 +37,8 @@ class EstimateRequest:
     overlap_grad_reduce: bool = True
     profile: str | None = None
     engine: str = "any"  # who runs it: its measured costs apply (FSDP2's, DeepSpeed's, megatron-core's layer)
+    profile_fallback: bool = False  # a profile of another model shape: price its layers from the preset (profile_job)
+    calibration: str | None = None  # calibration file: the factors of this engine, GPU, shape and profile apply
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,15 @@ class EstimateResult:
     prediction: Prediction
     profile_path: str | None
     engine: str = "any"
+    notes: tuple[str, ...] = ()  # what the profile and the calibration file contributed (JobProfile.notes)
+    calibration_path: str | None = None
 
     def to_json(self) -> dict:
         return {"model": self.model.name, "cluster": self.cluster.name, "gpus": self.config.gpus, "engine": self.engine,
                 "parallel": self.config.to_dict(), "num_microbatches": self.config.num_microbatches,
-                **self.prediction.to_dict(), "profile": self.profile_path}
+                **self.prediction.to_dict(), "profile": self.profile_path,
+                **({"calibration": self.calibration_path} if self.calibration_path else {}),
+                **({"notes": list(self.notes)} if self.notes else {})}
 
 
 def parse_layer_split(text: str | None) -> tuple[int, ...]:
@@ -70,6 +77,34 @@ def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Pr
 
     prof = load_profile(profile_path)
     return cluster_for_profile(prof, load_cluster(cluster) if cluster else None), prof
+
+
+@dataclass(frozen=True)
+class JobProfile:
+    """The profile a job is priced with: `profile_for_job`'s verdict, with the calibration factors that apply."""
+
+    profile: Profile | None
+    notes: tuple[str, ...]  # one line each: model-specific measurements dropped, calibration applied or not
+
+
+def job_profile(profile: Profile | None, profile_path: str | Path | None, model: ModelSpec, seq_len: int,
+                cluster: Cluster, *, engine: str, fallback: bool = False, calibration: str | Path | None = None,
+                gpu_name: str | None = None) -> JobProfile:
+    """`profile` for `model` at `seq_len` (planner.profile_job.profile_for_job: refused if it measured another
+    shape, unless `fallback`), then the factors of `calibration` for this `engine`, GPU (`gpu_name`, default the
+    cluster's), shape and profile file (planner.calibration.apply_calibration). Estimate, solve and run call this."""
+    from planner.calibration import apply_calibration
+    from planner.profile_job import FALLBACK_FLAG, describe_profile, profile_for_job
+
+    require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
+    prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
+    notes = []
+    if prof is not None and prof.model_specific_dropped:
+        notes.append(f"profile: {profile_path} measured {describe_profile(prof)}: its layer fits, stack factor and per-block "
+                     "sharding/TP fits do not apply; those terms come from the preset (see sources)")
+    prof, line = apply_calibration(prof, calibration, engine=engine, gpu_name=gpu_name or cluster.gpu.name,
+                                   model=model, seq_len=seq_len, profile_path=profile_path)
+    return JobProfile(prof, tuple(notes + ([line] if line else [])))
 
 
 def run_estimate(req: EstimateRequest) -> EstimateResult:
@@ -100,6 +135,8 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
                          recompute=req.recompute, layer_split=parse_layer_split(req.layer_split),
                          flash_attention=req.flash_attention, overlap_grad_reduce=req.overlap_grad_reduce)
     validate_config(model, cfg, req.gpus)
+    job = job_profile(prof, req.profile, model, seq_len, cluster, engine=req.engine, fallback=req.profile_fallback,
+                      calibration=req.calibration)
     from planner.engine_support import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
 
     shape = (f"tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} schedule={cfg.schedule} "
@@ -107,8 +144,9 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
     require(runnable(req.engine, cfg), f"--engine {req.engine} does not run {shape} ({req.engine}: "
             f"{ENGINE_LIMITS.get(req.engine, '')}); --engine any prices it anyway")
     return EstimateResult(model=model, cluster=cluster, config=cfg,
-                          prediction=predict(model, cluster, cfg, prof, engine=req.engine), profile_path=req.profile,
-                          engine=req.engine)
+                          prediction=predict(model, cluster, cfg, job.profile, engine=req.engine),
+                          profile_path=req.profile, engine=req.engine, notes=job.notes,
+                          calibration_path=req.calibration)
 
 
 def plan_from_estimate(result: EstimateResult, command: str):
@@ -117,4 +155,6 @@ def plan_from_estimate(result: EstimateResult, command: str):
 
     return make_plan(result.model, result.cluster, result.config.gpus, result.config, result.prediction,
                      rationale=["configuration fixed by hand (distplan estimate); not searched by the solver"],
-                     provenance={"command": command, "profile": result.profile_path})
+                     provenance={"command": command, "profile": result.profile_path,
+                                 **({"calibration": result.calibration_path} if result.calibration_path else {}),
+                                 **({"notes": list(result.notes)} if result.notes else {})})

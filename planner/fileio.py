@@ -7,9 +7,9 @@ MAX_NESTING, YAML aliases (a few lines of nested aliases expand to billions of n
 writes them: yaml.safe_dump of its plain dicts has no shared objects), and values other than text,
 numbers, true/false, null, lists and mappings with text keys.
 
-Writing: `atomic_write_texts` stages every file beside its target and renames them into place only once
+Writing: `atomic_write_files` stages every file beside its target and renames them into place only once
 all are written, so a reader (or a crash) never sees a half-written file and a failed write leaves
-nothing behind; `check_output` refuses an output path before any work is done.
+nothing behind; `check_writable` refuses an output path before any work is done.
 """
 
 from __future__ import annotations
@@ -164,55 +164,55 @@ def read_json(path: str | Path, what: str, hint: str = "", mapping: bool = True)
 # ---- writing --------------------------------------------------------------------------------------------
 
 
-def check_output(path: str | Path, option: str) -> Path:
+def check_writable(path: str | Path, what: str = "output") -> Path:
     """Refuse `path` as an output file before any work: a folder, something other than a file, or a place
     that cannot be written (its nearest existing folder is not writable, or a parent is a file)."""
     path = Path(path)
     if not path.name or path.name in (".", ".."):
-        raise DistplanError(f"cannot write {option} '{path}': it names a folder; name a file")
+        raise DistplanError(f"cannot write {what} '{path}': it names a folder; name a file")
     try:
         if path.exists() or path.is_symlink():
             st = path.stat()
             if stat.S_ISDIR(st.st_mode):
-                raise DistplanError(f"cannot write {option} '{path}': it is a folder; name a file")
+                raise DistplanError(f"cannot write {what} '{path}': it is a folder; name a file")
             if not stat.S_ISREG(st.st_mode):
-                raise DistplanError(f"cannot write {option} '{path}': it exists and is not a regular file")
-        _check_parent(path, option)
+                raise DistplanError(f"cannot write {what} '{path}': it exists and is not a regular file")
+        _check_parent(path, what)
     except OSError as exc:
-        raise DistplanError(f"cannot write {option} '{path}': {exc.strerror or exc}") from None
+        raise DistplanError(f"cannot write {what} '{path}': {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. an embedded NUL
-        raise DistplanError(f"cannot write {option} '{path}': {exc}") from None
+        raise DistplanError(f"cannot write {what} '{path}': {exc}") from None
     return path
 
 
-def check_output_folder(path: str | Path, option: str) -> Path:
+def check_writable_folder(path: str | Path, what: str = "output folder") -> Path:
     """Refuse `path` as an output folder (to be created or replaced) before any work."""
     path = Path(path)
     try:
         if path.exists() and not path.is_dir():
-            raise DistplanError(f"cannot write {option} '{path}': it exists and is not a folder")
-        _check_parent(path, option)
+            raise DistplanError(f"cannot write {what} '{path}': it exists and is not a folder")
+        _check_parent(path, what)
     except OSError as exc:
-        raise DistplanError(f"cannot write {option} '{path}': {exc.strerror or exc}") from None
+        raise DistplanError(f"cannot write {what} '{path}': {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise DistplanError(f"cannot write {option} '{path}': {exc}") from None
+        raise DistplanError(f"cannot write {what} '{path}': {exc}") from None
     return path
 
 
-def _check_parent(path: Path, option: str) -> None:
+def _check_parent(path: Path, what: str) -> None:
     parent = path.absolute().parent
     while not parent.exists():  # created on writing: its nearest existing ancestor must take new folders
         if parent.is_symlink():
-            raise DistplanError(f"cannot write {option} '{path}': '{parent}' is a broken link")
+            raise DistplanError(f"cannot write {what} '{path}': '{parent}' is a broken link")
         parent = parent.parent
     if not parent.is_dir():
-        raise DistplanError(f"cannot write {option} '{path}': '{parent}' is a file, not a folder")
+        raise DistplanError(f"cannot write {what} '{path}': '{parent}' is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DistplanError(f"cannot write {option} '{path}': folder '{parent}' is not writable")
+        raise DistplanError(f"cannot write {what} '{path}': folder '{parent}' is not writable")
 
 
-def atomic_write_texts(files: dict[Path, str]) -> None:
-    """Write every `path: text` of `files`, all or none: each goes to a temporary file in its folder and is
+def atomic_write_files(files: dict[Path, str | bytes]) -> None:
+    """Write every `path: text or bytes` of `files`, all or none: each goes to a temporary file in its folder and is
     fsynced; only when all are staged are they renamed over their paths, and if a rename fails the ones
     done are undone (a replaced file comes back from a hard link kept until the end)."""
     staged: list[tuple[str, Path]] = []
@@ -220,7 +220,7 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        for path, text in files.items():
+        for path, data in files.items():
             path = Path(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +230,8 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
             staged.append((tmp, path))
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data.encode() if isinstance(data, str) else data)
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as exc:
@@ -275,4 +275,9 @@ def _undo(kept: list[tuple[Path, Path | None]]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    atomic_write_texts({Path(path): text})
+    atomic_write_files({Path(path): text})
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """atomic_write_text for bytes (pictures)."""
+    atomic_write_files({Path(path): data})

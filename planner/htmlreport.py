@@ -11,12 +11,17 @@ import base64
 from html import escape
 from pathlib import Path
 
-from planner.fileio import atomic_write_text
+from planner.errors import require
+from planner.fileio import atomic_write_text, check_writable
 from planner.plan import Plan, plan_to_yaml
-from planner.show import memory_chart_of, plan_review, timeline_of
+from planner.show import gpu_indices, memory_chart_of, plan_review, timeline_of
 
 MAX_SVG_BYTES = 2_500_000  # beyond this (many thousands of blocks) the timeline is embedded as PNG
-MAX_GRID_NODES = 16  # GPU map rows drawn; larger clusters repeat the same pattern per stage
+MAX_GPU_CELLS = 128  # GPU map: one box per GPU up to 16 nodes of 8; beyond, one per node (thousands would not read)
+NODE_COLUMNS = 8  # GPU map boxes per row when it draws one per node
+AXIS_LETTERS = {"stage": "s", "dp": "d", "cp": "c", "tp": "t", "ep": "e"}
+AXIS_NAMES = {"stage": "pipeline stage", "dp": "data-parallel replica", "cp": "context-parallel rank",
+              "tp": "tensor-parallel shard", "ep": "expert-parallel rank"}
 STAGE_HUES = (210, 140, 30, 280, 0, 180, 60, 320, 100, 240)
 
 CSS = """
@@ -32,7 +37,9 @@ th,td{padding:5px 8px;border-bottom:1px solid #eef0f3;text-align:right;vertical-
 td:not(.l){white-space:nowrap}
 td.l,th.l{text-align:left} .bar{background:#4C72B0;height:10px;border-radius:2px;display:inline-block}
 .grid{display:grid;gap:3px;font-size:.72rem;margin:8px 0} .gpu{border-radius:4px;padding:4px 2px;text-align:center;color:#111}
-.node{font-size:.75rem;color:#5a6272;align-self:center} img.pic{max-width:100%;height:auto;border:1px solid #eef0f3}
+.node{font-size:.75rem;color:#5a6272;align-self:center}
+.swatches{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:.78rem;color:#5a6272}
+.sw i{display:inline-block;width:12px;height:12px;border-radius:3px;margin-right:4px;vertical-align:-2px} img.pic{max-width:100%;height:auto;border:1px solid #eef0f3}
 ul.why li{margin:4px 0} pre{background:#f3f5f8;padding:10px;overflow:auto;font-size:.78rem;max-height:480px}
 .muted{color:#5a6272;font-size:.85rem} code{background:#f3f5f8;padding:1px 4px;border-radius:3px}
 """
@@ -97,37 +104,69 @@ def _why(rv: dict) -> str:
     return "".join(parts)
 
 
+def _stage_colour(stage: int) -> str:
+    return f"hsl({STAGE_HUES[stage % len(STAGE_HUES)]},60%,{88 - 14 * (stage // len(STAGE_HUES) % 3)}%)"
+
+
+def _span(values) -> str:
+    """'3' for one value, '0-7' for a contiguous run, else the values (at most 4, then '...')."""
+    vs = sorted(set(values))
+    if len(vs) == 1:
+        return str(vs[0])
+    if vs == list(range(vs[0], vs[-1] + 1)):
+        return f"{vs[0]}-{vs[-1]}"
+    return ",".join(map(str, vs[:4])) + (",..." if len(vs) > 4 else "")
+
+
+def _axes_label(cells: list[dict], keys: tuple[str, ...]) -> str:
+    """'s0 d1 c0 t3' for one GPU; each axis's span ('s0 d0 c0-7 t0') for a node."""
+    return " ".join(f"{AXIS_LETTERS[k]}{_span(c[k] for c in cells)}" for k in keys)
+
+
 def _gpu_grid(rv: dict) -> str:
-    plan, layout = rv["plan"], rv["layout"]
-    gpn, pp = plan["gpus_per_node"], rv["parallel"]["pp"]
-    where = {}
-    for st in layout:
-        for rep in st["replicas"]:
-            for t, g in enumerate(rep["gpus"]):
-                where[g] = (st["stage"], st["layers"], rep["dp"], rep["cp"], t)
+    plan, layout, par = rv["plan"], rv["layout"], rv["parallel"]
+    gpn, pp = plan["gpus_per_node"], par["pp"]
+    where = gpu_indices(layout)
+    keys = ("stage", "dp", "cp", "tp") + (("ep",) if par.get("ep", 1) > 1 else ())
+    layers = {st["stage"]: st["layers"] for st in layout}
+    per_gpu = plan["gpus"] <= MAX_GPU_CELLS
     cells = []
-    shown = min(plan["nodes"], MAX_GRID_NODES)
-    for node in range(shown):
-        cells.append(f'<div class="node">node {node}</div>')
-        for g in range(node * gpn, min((node + 1) * gpn, plan["gpus"])):
-            stage, layers, d, c, t = where[g]
-            hue = STAGE_HUES[stage % len(STAGE_HUES)]
-            light = 88 - 14 * (stage // len(STAGE_HUES) % 3)
-            cp = f", cp {c}" if rv["parallel"]["cp"] > 1 else ""
-            title = f"GPU {g}: stage {stage} (layers {layers[0]}-{layers[1]}), dp replica {d}{cp}, tp shard {t}"
-            cells.append(f'<div class="gpu" style="background:hsl({hue},60%,{light}%)" title="{escape(title)}">'
-                         f"{g}<br>s{stage} d{d} t{t}</div>")
-    more = (f'<p class="muted">{plan["nodes"] - shown} more nodes follow the same pattern.</p>'
-            if plan["nodes"] > shown else "")
-    grid = (f'<div class="grid" style="grid-template-columns:70px repeat({gpn},minmax(40px,1fr))">{"".join(cells)}</div>')
-    legend = (f'<p class="muted">Each box is one GPU: its global rank, pipeline stage <b>s</b> and tensor-parallel shard '
-              f'<b>t</b>, data-parallel replica <b>d</b> (rank order: tp innermost, then cp, dp, pp outermost, as Megatron-LM). {pp} stage(s), '
-              f'{rv["parallel"]["dp"]} data-parallel replica(s) of each. Hover a box for details.</p>')
+    for node in range(plan["nodes"]):
+        gpus = [g for g in range(node * gpn, min((node + 1) * gpn, plan["gpus"])) if g in where]
+        if per_gpu:
+            cells.append(f'<div class="node">node {node}</div>')
+            for g in gpus:
+                w = where[g]
+                stage = w["stage"]
+                title = (f"GPU {g} (node {node}): stage {stage} (layers {layers[stage][0]}-{layers[stage][1]}), "
+                         + ", ".join(f"{AXIS_NAMES[k]} {w[k]}" for k in keys[1:]))
+                cells.append(f'<div class="gpu" data-gpu="{g}" style="background:{_stage_colour(stage)}" '
+                             f'title="{escape(title)}">{g}<br>{_axes_label([w], keys)}</div>')
+            continue
+        group = [where[g] for g in gpus]
+        stages = sorted({w["stage"] for w in group})
+        colours = [_stage_colour(st) for st in stages]
+        background = colours[0] if len(colours) == 1 else f"linear-gradient(90deg,{','.join(colours)})"
+        title = f"node {node}, GPUs {gpus[0]}-{gpus[-1]}: " + ", ".join(
+            f"{AXIS_NAMES[k]} {_span(w[k] for w in group)}" for k in keys)
+        cells.append(f'<div class="gpu" data-node="{node}" style="background:{background}" title="{escape(title)}">'
+                     f"node {node}<br>GPUs {gpus[0]}-{gpus[-1]}<br>{_axes_label(group, keys)}</div>")
+    columns = (f"70px repeat({gpn},minmax(64px,1fr))" if per_gpu
+               else f"repeat({min(plan['nodes'], NODE_COLUMNS)},minmax(110px,1fr))")
+    grid = f'<div class="grid" style="grid-template-columns:{columns}">{"".join(cells)}</div>'
+    letters = ", ".join(f"<b>{AXIS_LETTERS[k]}</b> {AXIS_NAMES[k]}" for k in keys)
+    unit = ("Each box is one GPU: its global rank, then " if per_gpu else
+            f"{plan['gpus']} GPUs: each box is one node of {gpn} GPUs, with the range of each index it holds: ")
+    legend = (f'<p class="muted">{unit}{letters}. Rank order: tp innermost, then cp, dp, pp outermost, as '
+              f'Megatron-LM{" (ep: consecutive dp x cp ranks)" if "ep" in keys else ""}. {pp} stage(s), '
+              f'{par["dp"]} data-parallel replica(s) of each. Colour: pipeline stage. Hover a box for details.</p>')
+    swatches = "".join(f'<span class="sw"><i style="background:{_stage_colour(st["stage"])}"></i>stage {st["stage"]}: '
+                       f'layers {st["layers"][0]}-{st["layers"][1]}, GPUs {st["gpus"]}</span>' for st in layout)
     rows = [[f"{st['stage']}", f"{st['layers'][0]}-{st['layers'][1]}", st["gpus"], st["nodes"],
              escape("; ".join(" ".join(str(g) for g in r["gpus"]) for r in st["replicas"][:4])
                     + ("; ..." if len(st["replicas"]) > 4 else ""))] for st in layout]
     table = _table(["stage", "layers", "GPUs", "nodes", "tensor-parallel groups (GPUs sharing one layer)"], rows, left=0, last_left=True)
-    return legend + grid + more + table
+    return legend + f'<div class="swatches">{swatches}</div>' + grid + table
 
 
 def _stages(rv: dict) -> str:
@@ -180,7 +219,8 @@ def report_html(plan: Plan, measured: list[dict] | None = None) -> str:
         ("timeline", "Pipeline schedule", _picture(timeline_of(plan), "pipeline schedule timeline")
          + '<p class="muted">Each row is one pipeline rank; blocks are forward, backward and recompute passes per '
            "micro-batch, red slivers pipeline send/receive, hatched grey the bubble (idle), then the data-parallel "
-           "gradient sync and the optimizer step.</p>"),
+           "gradient sync and the optimizer step. With many micro-batches, runs of passes are drawn as one block each "
+           "(the picture's title says so). The step time and bubble in its title are the plan's prediction.</p>"),
         ("memory", "Memory per GPU against capacity", _picture(memory_chart_of(plan), "memory per stage")),
     ]
     if measured:
@@ -200,6 +240,15 @@ def report_html(plan: Plan, measured: list[dict] | None = None) -> str:
 
 def write_report(plan: Plan, path: str | Path, measured: list[dict] | None = None) -> Path:
     """Write the self-contained HTML report of `plan` to `path` (atomically); returns the path."""
-    path = Path(path)
+    path = check_report_path(path)
     atomic_write_text(path, report_html(plan, measured))
+    return path
+
+
+def check_report_path(path: str | Path, what: str = "report") -> Path:
+    """`path` if the report can be written there (suffix .html or .htm, see fileio.check_writable)."""
+    path = Path(path)
+    check_writable(path, what)
+    require(path.suffix.lower() in (".html", ".htm"),
+            f"{what} '{path}': the suffix must be .html or .htm, got '{path.suffix or '(none)'}'")
     return path

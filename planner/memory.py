@@ -155,6 +155,13 @@ def host_memory_per_gpu(model: ModelSpec, cfg: ParallelConfig) -> float:
     return model.total_params() * replicas * OFFLOAD_HOST_BYTES_PER_PARAM / cfg.gpus
 
 
+def device_budget_bytes(cluster, model: ModelSpec, cfg: ParallelConfig) -> float:
+    """Bytes a rank's device tensors may take (before the allocator's slack): the GPU's usable memory, less the rank's
+    offloaded optimizer states where the device is the host's own memory (Cluster.host_is_device: a CPU)."""
+    shared = host_memory_per_gpu(model, cfg) if cluster.host_is_device else 0.0
+    return cluster.usable_memory_gib * GIB - shared
+
+
 def host_fits(need_gib: float, capacity_gib: float) -> bool:
     """Offloaded states fit the host: `need_gib` per GPU within its share `capacity_gib` (0: unknown, not checked)."""
     return capacity_gib <= 0 or need_gib <= capacity_gib

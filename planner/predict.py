@@ -27,11 +27,13 @@ from planner.costmodel import (
     megatron_layer_delta_s,
     memory_bound_time_s,
 )
+from planner.errors import require
 from planner.job import ParallelConfig
 from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, host_fits,
                             host_memory_per_gpu, stage_memory, stage_params, torch_engine_fsdp)
 from planner.model import ModelSpec
 from planner.profile import Profile
+from planner.profile_job import describe_profile, dropped_note, mismatch
 
 BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero_comm",
                   "pipeline_bubble", "dp_grad_sync", "optimizer")
@@ -65,10 +67,12 @@ class Prediction:
     allocator_slack: float = FRAGMENTATION  # share of the peak kept free for the allocator (memory.allocator_slack)
     host_memory_gib: float = 0.0  # CPU memory per GPU for optimizer offload (memory.host_memory_per_gpu)
     host_capacity_gib: float = 0.0  # the node's CPU memory per GPU (0: unknown, not checked)
+    host_is_device: bool = False  # the device is the host's CPU: offloaded states share capacity_gib (Cluster)
 
     @property
     def over_capacity_gib(self) -> float:
-        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) - self.capacity_gib)
+        shared = self.host_memory_gib if self.host_is_device else 0.0
+        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) + shared - self.capacity_gib)
 
     @property
     def host_fits(self) -> bool:
@@ -81,6 +85,10 @@ class Prediction:
         if not self.host_fits:
             return (f"offloaded optimizer states need {self.host_memory_gib:.1f} GiB of CPU memory per GPU, above the "
                     f"host's {self.host_capacity_gib:.1f} GiB per GPU")
+        if self.host_is_device and self.host_memory_gib > 0:
+            return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) and "
+                    f"{self.host_memory_gib:.1f} GiB of offloaded optimizer states share this CPU's "
+                    f"{self.capacity_gib:.1f} GiB per rank (the device is the host): over by {self.over_capacity_gib:.1f} GiB")
         return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) exceeds "
                 f"{self.capacity_gib:.1f} GiB usable by {self.over_capacity_gib:.1f} GiB")
 
@@ -97,6 +105,7 @@ class Prediction:
             "allocator_slack": self.allocator_slack,
             "host_memory_gib": self.host_memory_gib,
             "host_capacity_gib": self.host_capacity_gib,
+            **({"host_is_device": True} if self.host_is_device else {}),
             "stages": [
                 {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
                  "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
@@ -143,6 +152,10 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     invented and the bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
     (benchmarks/results/run_2xh200.md, miss 1).
     """
+    if profile is not None and profile.model_shape:
+        why = mismatch(profile, model, cfg.seq_len)
+        require(why is None, f"profile {why}: planner.profile_job.profile_for_job refuses it or drops its "
+                             "model-specific measurements")
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
     v, pp = cfg.vpp, cfg.pp
@@ -166,10 +179,12 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         p2p_one = measured_op
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
     impl = _sharding_impl(cfg, profile, dp_group, engine)
-    shard_overhead = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) or 0.0
-    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if shard_overhead else 0.0
+    measured_sharding = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine)  # None: not measured; 0: held
+    shard_overhead = measured_sharding or 0.0
+    shard_edge = (profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl)
+                  if measured_sharding is not None else 0.0)
     m = cfg.num_microbatches
-    if shard_overhead and engine == "torch" and impl.startswith("fsdp2") and m > 1:
+    if measured_sharding is not None and engine == "torch" and impl.startswith("fsdp2") and m > 1:
         # FSDP2 reduce-scatters the gradients on a step's last micro-batch only (the engine's
         # set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
         # micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising
@@ -213,7 +228,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
             rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
             z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
-        if shard_overhead and layers:
+        if measured_sharding is not None and layers:
             # measured cost of sharding (profile only; see docstring): per block, and once per micro-batch. It
             # replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the compute,
             # so what they expose and how much they slow the compute is already in it. Added on top, the overlap
@@ -428,12 +443,15 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     slack = allocator_slack(cfg, engine)
     sources = _sources(model, cfg, profile, engine)
     host = host_memory_per_gpu(model, cfg) / GIB
+    shared = host if cluster.host_is_device else 0.0  # a CPU "device": offloaded states in the same memory
+    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
-        fits=peak * (1 + slack) <= capacity and host_fits(host, cluster.host_memory_gib_per_gpu), sources=sources,
-        allocator_slack=slack, host_memory_gib=host, host_capacity_gib=cluster.host_memory_gib_per_gpu,
+        fits=peak * (1 + slack) + shared <= capacity and host_fits(host, host_capacity), sources=sources,
+        allocator_slack=slack, host_memory_gib=host, host_capacity_gib=host_capacity,
+        host_is_device=cluster.host_is_device,
     )
 
 
@@ -445,6 +463,8 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     for k in (kind, "embedding", "head"):
         if measured_fit(profile, k, cfg) is not None:
             out[f"compute.{k}.tp{cfg.tp}"] = "profile"
+        elif profile is not None and profile.model_specific_dropped:
+            out[f"compute.{k}.tp{cfg.tp}"] = f"preset (profile measured {describe_profile(profile)})"
         elif profile is not None and profile.compute_fit(k, cfg.tp) is not None:
             out[f"compute.{k}.tp{cfg.tp}"] = f"preset (profile measured seq_len {profile.seq_len}, job has {cfg.seq_len})"
         else:
@@ -476,6 +496,10 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         out["comm.pipeline_op"] = f"profile (torch.distributed.pipelining {kind_op}, per operation)"
     if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
         out["optimizer"] = "profile"  # said only where measured (older profiles leave the sources as before)
+    if profile is not None and profile.model_specific_dropped:
+        out["profile.model_specific"] = dropped_note(profile)
+    for key, factor in profile.calibration if profile is not None else ():
+        out[f"calibration.{key}"] = f"x{factor:.3f} from {profile.calibration_source or 'the profile'}"
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp

@@ -11,7 +11,12 @@ block per micro-batch of FSDP2 fully_shard over the plain block, and `sharding_e
 micro-batch; the same for DeepSpeed ZeRO-2 (impl "deepspeed") plus its once-per-step part
 `sharding_step_s` (profilers/sharding.py). Profiles written before these have no `sharding` key (or no
 `impl`: FSDP2) and load unchanged (same version: the keys are optional).
-`calibration` holds measured/predicted correction factors written by `distplan run --calibrate`.
+A profile records the shape it measured (`model_shape`: family, widths, heads, vocabulary, experts, image and patch
+sizes) beside `model`, `seq_len` and `dtype`; `profile_for_job` decides whether it applies to a job (same shape and
+sequence length), refuses it naming both shapes, or with the explicit fallback keeps only what does not depend on
+the model (`without_model_specific`). Profiles written before `model_shape` take it from the zoo on load.
+Calibration factors (`distplan run --calibrate`) live apart, in a calibration file (planner/calibration.py); a
+Profile carries the factors that apply to one job only in memory (`calibration`), and they are never written into it.
 """
 
 from __future__ import annotations
@@ -237,11 +242,17 @@ class Profile:
     device_count: int = 0  # devices the profile saw on the node (CPU: local processes)
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
     inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
-    calibration: tuple[tuple[str, float], ...] = ()  # ("compute", f), ("all_reduce", f), ...
+    # the job's calibration factors ("compute", f), ("all_reduce", f), ... (planner.calibration.apply_calibration);
+    # in memory only, never written into a profile file
+    calibration: tuple[tuple[str, float], ...] = ()
     sharding: tuple[ShardingFit, ...] = ()  # per (impl, group size, reshard); () = not measured
     pipeline: tuple[PipelineFit, ...] = ()  # per schedule kind (torch engine's pipelining); () = not measured
     facts: dict = field(default_factory=dict, hash=False, compare=False)  # versions, topology, timings
     raw: dict = field(default_factory=dict, hash=False, compare=False)  # raw measured points
+    model_shape: tuple[tuple[str, object], ...] = ()  # the measured model's shape (model_shape()); (): not recorded
+    # True: the model-specific measurements were dropped for a job of another shape (without_model_specific)
+    model_specific_dropped: bool = False
+    calibration_source: str = field(default="", compare=False)  # where `calibration` came from, for the sources
 
     def __post_init__(self):
         # measured collective points by (op, group size), sorted by size, for interpolation (derived from raw)
@@ -429,6 +440,7 @@ def profile_to_dict(p: Profile) -> dict:
         "model": p.model,
         "seq_len": p.seq_len,
         "dtype": p.dtype,
+        **({"model_shape": dict(p.model_shape)} if p.model_shape else {}),
         "device_count": p.device_count,
         "memory_gib": p.memory_gib,
         "matmul_tflops": p.matmul_tflops,
@@ -441,7 +453,6 @@ def profile_to_dict(p: Profile) -> dict:
         "compute": compute,
         "collectives": [_collective_dict(c) for c in p.collectives],
         "inter_node": _collective_dict(p.inter_node) if p.inter_node else None,
-        "calibration": dict(p.calibration),
         **({"sharding": [_sharding_dict(s) for s in p.sharding]} if p.sharding else {}),
         **({"pipeline": [{"schedule": f.schedule, "group_size": f.group_size,
                           "action": {"intercept_s": f.action.intercept_s, "slope_s_per_byte": f.action.slope_s},
@@ -612,7 +623,6 @@ def profile_from_dict(d: object, source: str) -> Profile:
     inter_node = _collective(d["inter_node"], f"{source}: inter_node") if d.get("inter_node") is not None else None
     sharding = tuple(_sharding(s, where, comm.get("sharding") or []) for s, where in _entries(d, "sharding", source))
     pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or []) for f, where in _entries(d, "pipeline", source))
-    calib = mapping(d, "calibration", source, default={})
     sweep = listing(d, "matmul_tflops_by_gflop", source, default=[])
     for i, pair in enumerate(sweep):
         require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair) and pair[0] > 0,
@@ -621,10 +631,12 @@ def profile_from_dict(d: object, source: str) -> Profile:
     number(facts, "host_memory_gib", f"{source}: facts", 0, default=None)
     integer(facts, "gpu_count", f"{source}: facts", 0, default=None)
     overlap = d.get("overlap_slowdown")
+    model = name(d, "model", source)
+    _refuse_legacy_calibration(d.get("calibration"), source)
+    shape, facts = _model_shape(d, source)
     return Profile(
-        gpu_name=name(d, "gpu_name", source), device=text(d, "device", source, ("cuda", "cpu")),
-        model=name(d, "model", source), seq_len=integer(d, "seq_len", source, 1), dtype=text(d, "dtype", source),
-        compute=compute, collectives=collectives,
+        gpu_name=name(d, "gpu_name", source), device=text(d, "device", source, ("cuda", "cpu")), model=model,
+        seq_len=integer(d, "seq_len", source, 1), dtype=text(d, "dtype", source), compute=compute, collectives=collectives,
         matmul_tflops=number(d, "matmul_tflops", source, 0, default=0.0),
         hbm_bandwidth_gb_s=number(d, "hbm_bandwidth_gb_s", source, 0, default=0.0),
         matmul_tflops_by_gflop=tuple(sorted((float(g), float(t)) for g, t in sweep)),
@@ -634,9 +646,47 @@ def profile_from_dict(d: object, source: str) -> Profile:
         overlap_slowdown=None if overlap is None else number(d, "overlap_slowdown", source, 0),
         device_count=integer(d, "device_count", source, 0, MAX_GROUP, default=0),
         memory_gib=number(d, "memory_gib", source, 0, default=0.0), inter_node=inter_node,
-        calibration=tuple(sorted((k, number(calib, k, f"{source}: calibration", 0, above=True)) for k in calib)),
-        sharding=sharding, pipeline=pipeline, facts=facts, raw=raw,
+        sharding=sharding, pipeline=pipeline, facts=facts, raw=raw, model_shape=shape,
     )
+
+
+def _refuse_legacy_calibration(calib: object, source: str) -> None:
+    """Profiles used to hold `distplan run --calibrate`'s factors, one set for every engine and model: refused with
+    the way out (an empty mapping, as every committed profile has, loads as before)."""
+    require(calib is None or isinstance(calib, dict), f"{source}: calibration must be a mapping of name: factor")
+    if calib:
+        from planner.calibration import default_calibration_path
+
+        factors = ", ".join(f"{k} x{v}" for k, v in sorted(calib.items()))
+        raise DistplanError(f"{source}: holds calibration factors ({factors}) that an older `distplan run --calibrate` "
+                            "wrote into the profile, where they applied to every engine and model: delete its "
+                            "'calibration' key to use the profile, and re-run `distplan run --calibrate` to record them "
+                            f"per engine and model shape in {default_calibration_path(source)}")
+
+
+def _model_shape(d: dict, source: str) -> tuple[tuple, dict]:
+    """(Profile.model_shape, facts): the recorded shape, checked; for a profile written before shapes were recorded,
+    the zoo model of its name (said in facts["model_shape"]), or () where its name is no zoo model (a file's)."""
+    from planner.model import FAMILIES, load_model, zoo_names
+    from planner.profile_job import SHAPE_KEYS, VIT_SHAPE_KEYS, model_shape
+
+    facts = dict(d.get("facts") or {})
+    raw = d.get("model_shape")
+    if raw is None:
+        name = str(d["model"])
+        if name not in zoo_names():
+            return (), facts
+        facts["model_shape"] = f"derived on load from the zoo model '{name}' (the profile predates recorded shapes)"
+        return model_shape(load_model(name)), facts
+    require(isinstance(raw, dict), f"{source}: model_shape must be a mapping of {', '.join(SHAPE_KEYS)}")
+    require(raw.get("family") in FAMILIES, f"{source}: model_shape family {raw.get('family')!r} is not one of "
+                                           f"{', '.join(FAMILIES)}")
+    keys = SHAPE_KEYS + (VIT_SHAPE_KEYS if raw["family"] == "vit" else ())
+    for key in keys[1:]:
+        v = raw.get(key)
+        require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{source}: model_shape needs {key} as a positive integer, got {v!r}")
+    return tuple((k, raw[k]) for k in keys), facts
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -716,7 +766,8 @@ def measured_cluster(profile: Profile) -> Cluster:
               hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
     return with_host_memory(Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
                                     links=(("intra_node", intra), ("inter_node", inter), ("host", host)),
-                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1), profile)
+                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1,
+                                    host_is_device=profile.device == "cpu"), profile)
 
 
 def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:

@@ -8,7 +8,7 @@ from rich.table import Table
 from planner.predict import Prediction
 
 
-def prediction_tables(pred: Prediction, title: str) -> list[Table]:
+def prediction_tables(pred: Prediction, title: str, training: dict | None = None) -> list[Table]:
     summary = Table(title=title, show_header=False, title_justify="left")
     summary.add_column("metric", style="bold")
     summary.add_column("value", justify="right")
@@ -17,13 +17,20 @@ def prediction_tables(pred: Prediction, title: str) -> list[Table]:
     summary.add_row("model TFLOP/s per GPU", f"{pred.model_tflops_per_gpu:.1f}")
     summary.add_row("hardware TFLOP/s per GPU", f"{pred.hardware_tflops_per_gpu:.1f} (counts recompute)")
     summary.add_row("MFU", f"{100 * pred.mfu:.1f}%")
-    over = pred.over_capacity_gib  # the GPU's part of `fits` (the host's is the offload line below)
+    over = pred.over_capacity_gib  # the GPU's part of `fits` (the host's is the offload line below; one on a CPU)
     fit = "[green]fits[/]" if over == 0 else f"[red]does not fit (+{over:.1f} GiB)[/]"
     summary.add_row("peak memory per GPU", f"{pred.peak_memory_gib:.2f} / {pred.capacity_gib:.1f} GiB  {fit}")
-    if pred.host_memory_gib > 0:
+    if pred.host_memory_gib > 0 and pred.host_is_device:
+        summary.add_row("host memory per rank (offload)", f"{pred.host_memory_gib:.2f} GiB, in the same memory as the "
+                        "peak above (the device is this host's CPU)")
+    elif pred.host_memory_gib > 0:
         host_fit = "[green]fits[/]" if pred.host_fits else "[red]does not fit[/]"
         cap = f"{pred.host_capacity_gib:.1f} GiB" if pred.host_capacity_gib > 0 else "? (host memory unknown)"
         summary.add_row("host memory per GPU (offload)", f"{pred.host_memory_gib:.2f} / {cap}  {host_fit}")
+    if training:
+        from planner.training import training_line
+
+        summary.add_row("training time", training_line(training))
 
     time = Table(title="step time breakdown (critical path)", title_justify="left")
     time.add_column("term")
@@ -44,7 +51,7 @@ def prediction_tables(pred: Prediction, title: str) -> list[Table]:
     return [summary, time, mem]
 
 
-def render_prediction(console: Console, result) -> None:
+def render_prediction(console: Console, result, training: dict | None = None) -> None:
     cfg = result.config
     title = (f"{result.model.name} on {cfg.gpus} x {result.cluster.gpu.name}: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} "
              f"cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} mb={cfg.micro_batch_size} x {cfg.num_microbatches} "
@@ -53,5 +60,7 @@ def render_prediction(console: Console, result) -> None:
     engine = getattr(result, "engine", "any")
     if engine != "any":
         title += f", as the {engine} engine runs it"
-    for t in prediction_tables(result.prediction, title):
+    for t in prediction_tables(result.prediction, title, training):
         console.print(t)
+    for line in getattr(result, "notes", ()):  # what --profile and --calibration contributed (estimate.job_profile)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)

@@ -8,6 +8,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from planner.show import gpu_indices
+
 STAGE_STYLES = ("bold white on blue", "bold black on green", "bold black on yellow", "bold white on magenta",
                 "bold black on cyan", "bold white on red", "bold black on bright_green", "bold black on bright_yellow")
 MAX_MAP_NODES = 8  # GPU map rows printed; larger clusters repeat the same pattern
@@ -18,31 +20,31 @@ def _fmt(x, spec: str) -> str:
 
 
 def _gpu_map(rv: dict) -> Table:
-    """One row per node, one cell per GPU: its pipeline stage s and tensor-parallel shard t."""
+    """One row per node, one cell per GPU: its pipeline stage s, data-parallel replica d, tensor-parallel shard t,
+    and its context-parallel rank c and expert-parallel rank e where the plan has cp or ep > 1."""
     plan, par = rv["plan"], rv["parallel"]
-    where = {}
-    for st in rv["layout"]:
-        for rep in st["replicas"]:
-            for t, g in enumerate(rep["gpus"]):
-                where[g] = (st["stage"], rep["dp"], rep["cp"], t)
+    where = gpu_indices(rv["layout"])
+    extra = [k for k in ("cp", "ep") if par.get(k, 1) > 1]
     gpn = plan["gpus_per_node"]
     shown = min(plan["nodes"], MAX_MAP_NODES)
     more = f"; first {shown} of {plan['nodes']} nodes" if plan["nodes"] > shown else ""
-    table = Table(title=f"GPU map (s = pipeline stage, d = data-parallel replica, t = tensor-parallel shard{more})",
-                  title_justify="left", box=None, padding=(0, 1))
-    table.add_column("node (GPUs)", style="dim")
+    names = {"cp": "c = context-parallel rank", "ep": "e = expert-parallel rank"}
+    table = Table(title="GPU map (s = pipeline stage, d = data-parallel replica, "
+                        + "".join(f"{names[k]}, " for k in extra) + f"t = tensor-parallel shard{more})",
+                  title_justify="left", box=None, padding=(0, 1), collapse_padding=True)
+    table.add_column("node", style="dim", no_wrap=True)
     for i in range(gpn):
-        table.add_column(f"+{i}", justify="center")
+        table.add_column(f"+{i}", justify="center", no_wrap=True)
     for node in range(shown):
         cells = []
         for g in range(node * gpn, (node + 1) * gpn):
             if g not in where:
                 cells.append("")
                 continue
-            s, d, c, t = where[g]
-            cp = f"c{c}" if par["cp"] > 1 else ""
-            cells.append(Text(f"s{s}d{d}{cp}t{t}", style=STAGE_STYLES[s % len(STAGE_STYLES)]))
-        table.add_row(f"{node} ({node * gpn}-{(node + 1) * gpn - 1})", *cells)
+            w = where[g]
+            label = f"s{w['stage']}d{w['dp']}" + "".join(f"{k[0]}{w[k]}" for k in extra) + f"t{w['tp']}"
+            cells.append(Text(label, style=STAGE_STYLES[w["stage"] % len(STAGE_STYLES)]))
+        table.add_row(str(node), *cells)
     return table
 
 

@@ -73,10 +73,10 @@ def _sharding_table(result) -> Table:
     return t
 
 
-def render_solve(console: Console, result, path: str) -> None:
+def render_solve(console: Console, result, path: str, training: dict | None = None) -> None:
     console.print(_plan_table(result, path))
     console.print(_stages_table(result))
-    for table in prediction_tables(result.prediction, "predicted"):
+    for table in prediction_tables(result.prediction, "predicted", training):
         console.print(table)
     console.print(_sharding_table(result))
     if result.alternatives:

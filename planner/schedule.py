@@ -25,7 +25,7 @@ length equals planner/costmodel.py's m*t + (p - 1)*t/v (tests/test_schedule.py c
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.cluster import Cluster
 from planner.costmodel import embedding_time, head_time
@@ -83,6 +83,7 @@ class Schedule:
     events: tuple[Event, ...]
     pipeline_s: float  # end of the last forward/backward/p2p on any rank
     step_s: float  # end of the last rank's gradient sync and optimizer step
+    stretch: float = 1.0  # drawn / simulated pipeline time (fitted() fits a simulation to a plan's prediction)
 
     def rank_events(self, rank: int, phases: tuple[str, ...] = PHASES) -> list[Event]:
         return [e for e in self.events if e.rank == rank and e.phase in phases]
@@ -168,10 +169,39 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
                 if dur > 0:
                     events.append(Event(r, phase, op.microbatch, op.chunk, t, t + dur))
                     t += dur
+    return _with_tail(kind, pp, vpp, m, events, free, grad_sync_s, optimizer_s)
+
+
+def fitted(schedule: Schedule, pipeline_s: float, grad_sync_s: float, optimizer_s: float) -> Schedule:
+    """`schedule` made to last `pipeline_s` until its pipeline ends, then each rank's gradient sync and optimizer
+    step: the step then equals pipeline_s + grad_sync_s + optimizer_s exactly.
+
+    A longer `pipeline_s` keeps every operation where the simulation put it and idles each rank for the
+    difference before its gradient sync, so each rank's busy time stays its own; a shorter one scales the
+    pipeline's times down. `stretch` records pipeline_s / the simulated pipeline time.
+    """
+    require(schedule.pipeline_s > 0 and pipeline_s > 0,
+            f"cannot fit a pipeline of {schedule.pipeline_s} s to {pipeline_s} s (both must be > 0)")
+    k = pipeline_s / schedule.pipeline_s
+    scale, pad = (1.0, pipeline_s - schedule.pipeline_s) if k >= 1 else (k, 0.0)
+    events = [Event(e.rank, e.phase, e.microbatch, e.chunk, e.start_s * scale, e.end_s * scale) for e in schedule.events
+              if e.phase not in ("bubble", "grad_sync", "optimizer")]
+    free = [0.0] * schedule.pp
+    for e in events:
+        free[e.rank] = max(free[e.rank], e.end_s)
+    out = _with_tail(schedule.kind, schedule.pp, schedule.vpp, schedule.num_microbatches, events,
+                     [f + pad for f in free], grad_sync_s, optimizer_s)
+    return replace(out, stretch=schedule.stretch * k)
+
+
+def _with_tail(kind: str, pp: int, vpp: int, m: int, events: list[Event], free: list[float],
+               grad_sync_s: float, optimizer_s: float) -> Schedule:
+    """The Schedule of pipeline `events` (per rank in start order; `free`: each rank's end) plus, per rank, the
+    gradient sync and optimizer step after its last backward and the idle gaps up to the step's end."""
     pipeline = max(free)
     per_rank: list[list[Event]] = [[] for _ in range(pp)]
     for e in events:
-        per_rank[e.rank].append(e)  # already in start order: each rank's events are appended in its op order
+        per_rank[e.rank].append(e)
     step = pipeline
     for r in range(pp):  # once per step, after the rank's last backward (the cost model puts it after the pipeline)
         t = free[r]
@@ -180,6 +210,7 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
                 per_rank[r].append(Event(r, phase, -1, 0, t, t + dur))
                 t += dur
         step = max(step, t)
+    out = list(events)
     for r in range(pp):  # idle gaps within the step
         t, gaps = 0.0, []
         for e in per_rank[r]:
@@ -188,9 +219,9 @@ def simulate(kind: str, pp: int, vpp: int, m: int, stages: list[StageOpTimes] | 
             t = max(t, e.end_s)
         if step > t + 1e-12:
             gaps.append(Event(r, "bubble", -1, 0, t, step))
-        events.extend(gaps + [e for e in per_rank[r] if e.phase in ("grad_sync", "optimizer")])
-    events.sort(key=lambda e: (e.rank, e.start_s))
-    return Schedule(kind=kind, pp=pp, vpp=vpp, num_microbatches=m, events=tuple(events), pipeline_s=pipeline, step_s=step)
+        out.extend(gaps + [e for e in per_rank[r] if e.phase in ("grad_sync", "optimizer")])
+    out.sort(key=lambda e: (e.rank, e.start_s))
+    return Schedule(kind=kind, pp=pp, vpp=vpp, num_microbatches=m, events=tuple(out), pipeline_s=pipeline, step_s=step)
 
 
 # ---- durations from the cost model ------------------------------------------------------------------
@@ -317,19 +348,26 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
         rec = t["recompute"] + (coll if cfg.recompute == "full" else 0.0)
         p2p = t["pp_p2p"] / (2 * v)  # predict charges 2 * v sends per micro-batch (forward and backward, per chunk)
         if per_microbatch_s is not None:
-            derived = fwd + bwd + rec + 2 * p2p
-            target = per_microbatch_s[rank]
+            derived = fwd + bwd + rec + 2 * v * p2p  # the rank's time per micro-batch, less its end-chunk extras
+            target = per_microbatch_s[rank] - own_f - own_b
             if target >= derived:
                 bwd += target - derived
             elif derived > 0:
-                k = target / derived
+                k = max(target, 0.0) / derived
                 fwd, bwd, rec, p2p = fwd * k, bwd * k, rec * k, p2p * k
         out.append(StageOpTimes(rank=rank, forward_s=fwd / v, backward_s=bwd / v, recompute_s=rec / v, p2p_s=p2p))
     return tuple(out)
 
 
 def plan_schedule(plan) -> Schedule:
-    """The timeline of a Plan (planner.plan.Plan): cost-model durations calibrated to its recorded stage times."""
+    """The timeline of a Plan (planner.plan.Plan), agreeing with its prediction.
+
+    The simulation places every operation: cost-model durations calibrated to the plan's recorded stage
+    times, the embedding and head on their own chunks (as predict charges them). predict extrapolates long
+    interleaved schedules and keeps the closed form where it is longer, so the simulated pipeline can differ
+    from the plan's by a little; fitted() scales it to the plan's pipeline time (step - dp_grad_sync -
+    optimizer), so the drawn step is the plan's step_time_s. `stretch` says by how much.
+    """
     cfg = plan.parallel
     pred = plan.prediction
     stages = pred.get("stages") or []
@@ -337,7 +375,12 @@ def plan_schedule(plan) -> Schedule:
     if len(stages) == cfg.pp and all(isinstance(s, dict) and isinstance(s.get("time_per_microbatch_s"), (int, float))
                                      for s in stages):
         recorded = [float(s["time_per_microbatch_s"]) for s in sorted(stages, key=lambda s: s.get("rank", 0))]
-    times = stage_op_times(plan.model, plan.cluster, cfg, None, recorded)
+    extras = end_chunk_extras(plan.model, plan.cluster, cfg)
+    times = stage_op_times(plan.model, plan.cluster, cfg, None, recorded, extras=extras)
     br = pred.get("breakdown") or {}
-    return simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times,
-                    grad_sync_s=float(br.get("dp_grad_sync", 0.0)), optimizer_s=float(br.get("optimizer", 0.0)))
+    sync, opt = float(br.get("dp_grad_sync", 0.0)), float(br.get("optimizer", 0.0))
+    sim = simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times, extras=extras)
+    step = pred.get("step_time_s")
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or step <= sync + opt or sim.pipeline_s <= 0:
+        return simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times, sync, opt, extras)
+    return fitted(sim, float(step) - sync - opt, sync, opt)

@@ -19,6 +19,7 @@ from planner.plan import Plan, load_plan
 from planner.predict import BREAKDOWN_KEYS
 
 MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
+STRETCH_NOTED = 0.005  # the timeline says so when the plan's pipeline time and its simulation differ by more
 MEASURED_KEYS = ("name", "predicted_step_s", "measured_step_s", "predicted_mem_gib", "measured_mem_gib")
 
 
@@ -59,7 +60,8 @@ def _checked_prediction(plan: Plan) -> dict:
 
 
 def parallel_layout(plan: Plan) -> list[dict]:
-    """Which GPU holds which pipeline stage and tensor-parallel shard (Megatron rank order: tp, cp, dp, pp)."""
+    """Which GPU holds which pipeline stage, data-parallel replica, context-parallel rank and tensor-parallel
+    shard (Megatron rank order: tp innermost, then cp, dp, pp), and its expert-parallel rank when ep > 1."""
     p = plan.parallel
     gpn = plan.cluster.gpus_per_node
     out = []
@@ -69,11 +71,25 @@ def parallel_layout(plan: Plan) -> list[dict]:
         for d in range(p.dp):
             for c in range(p.cp):
                 first = base + (d * p.cp + c) * p.tp
-                replicas.append({"dp": d, "cp": c, "gpus": list(range(first, first + p.tp))})
+                rep = {"dp": d, "cp": c, "gpus": list(range(first, first + p.tp))}
+                if p.ep > 1:  # experts split over consecutive dp*cp ranks after tp (Megatron's tp-ep-dp expert order)
+                    rep["ep"] = (d * p.cp + c) % p.ep
+                replicas.append(rep)
         devs = plan.stage_devices(stage["rank"])
         nodes = sorted({g // gpn for g in devs})
         out.append({"stage": stage["rank"], "layers": stage["layers"], "gpus": stage["devices"],
                     "nodes": f"{nodes[0]}-{nodes[-1]}" if len(nodes) > 1 else str(nodes[0]), "replicas": replicas})
+    return out
+
+
+def gpu_indices(layout: list[dict]) -> dict[int, dict]:
+    """GPU -> its index on every axis: {"stage", "dp", "cp", "tp"} and "ep" where the plan has ep > 1."""
+    out = {}
+    for st in layout:
+        for rep in st["replicas"]:
+            for t, g in enumerate(rep["gpus"]):
+                out[g] = {"stage": st["stage"], "dp": rep["dp"], "cp": rep["cp"], "tp": t,
+                          **({"ep": rep["ep"]} if "ep" in rep else {})}
     return out
 
 
@@ -271,8 +287,33 @@ class ShowResult:
     written: tuple[Path, ...]  # pictures and report files written, in order
 
 
+def stage_idle_shares(plan: Plan) -> list[float]:
+    """Each stage's idle share of the step, from the plan's prediction: (pipeline - m * t_i) / step, where the
+    pipeline is the step less the gradient sync and optimizer. The slowest stage's is the pipeline bubble's
+    share; faster stages wait on it for the rest."""
+    pred = _checked_prediction(plan)
+    step = float(pred["step_time_s"])
+    br = pred["breakdown"]
+    pipeline = step - float(br.get("dp_grad_sync", 0.0)) - float(br.get("optimizer", 0.0))
+    m = plan.parallel.num_microbatches
+    times = [float(s["time_per_microbatch_s"]) for s in pred["stages"]]
+    return [max(0.0, pipeline - m * t) / step if step > 0 else 0.0 for t in times]
+
+
 def stage_labels(plan: Plan) -> list[str]:
-    return [f"stage {s['rank']}\nGPUs {s['devices']}" for s in plan.stages()]
+    idle = stage_idle_shares(plan) if plan.parallel.pp > 1 else None
+    return [f"stage {s['rank']}\nGPUs {s['devices']}" + (f"\nidle {100 * idle[s['rank']]:.1f}%" if idle else "")
+            for s in plan.stages()]
+
+
+def timeline_numbers(review: dict) -> str:
+    """The step time and bubble the timeline prints: the plan's prediction, in `distplan show`'s precision."""
+    pr, sc = review["prediction"], review["schedule"]
+    times = [s["time_per_microbatch_s"] for s in review["stages"]]
+    slowest = times.index(max(times))
+    where = f" on stage {slowest}, the slowest" if len(times) > 1 else ""
+    return (f"predicted step {pr['step_time_s']:.3f} s, bubble {sc['bubble_s']:.3f} s "
+            f"({100 * sc['bubble_share']:.1f}% of the step){where}")
 
 
 def timeline_of(plan: Plan):
@@ -280,41 +321,62 @@ def timeline_of(plan: Plan):
     from planner.schedule import plan_schedule
 
     title = f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}"
-    return timeline_figure(plan_schedule(plan), title=title, stage_labels=stage_labels(plan))
+    sched = plan_schedule(plan)
+    numbers = timeline_numbers(plan_review(plan))
+    if sched.stretch - 1 > STRETCH_NOTED:
+        numbers += (f"\nthe plan's pipeline is {100 * (sched.stretch - 1):.1f}% longer than this schedule's simulation: "
+                    "the difference is drawn as idle before the gradient sync")
+    elif 1 - sched.stretch > STRETCH_NOTED:
+        numbers += f"\nthe schedule's simulation is drawn {100 * (1 - sched.stretch):.1f}% shorter, to the plan's pipeline time"
+    return timeline_figure(sched, title=title, stage_labels=stage_labels(plan), numbers=numbers)
 
 
 def memory_chart_of(plan: Plan):
     from planner.pictures import memory_figure
 
     pred = _checked_prediction(plan)
-    return memory_figure(pred["stages"], float(pred["capacity_gib"]),
+    pr = plan_review(plan)["prediction"]
+    headline = (f"peak {pr['peak_memory_gib']:.2f} GiB of {pr['capacity_gib']:.1f} usable, "
+                + ("fits" if pr["fits"] else "does not fit"))
+    return memory_figure(pred["stages"], pr["capacity_gib"], headline=headline,
+                         allocator_slack=float(pred.get("allocator_slack", FRAGMENTATION)),
                          title=f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}")
 
 
 def show_plan(path: str | Path, timeline: str | Path | None = None, memory_chart: str | Path | None = None,
               report: str | Path | None = None, measured: list[str | Path] | tuple = ()) -> ShowResult:
-    """Load a plan, review it, and write the pictures and the HTML report asked for."""
-    from planner.pictures import save_figure
+    """Load a plan, review it, and write the pictures and the HTML report asked for.
+
+    Every output is checked (suffix, a file not a folder, a writable folder, no two the same) and everything
+    is drawn before the first file is written, each atomically: a bad output writes nothing at all.
+    """
+    from planner.fileio import atomic_write_bytes, atomic_write_text
+    from planner.htmlreport import check_report_path, report_html
+    from planner.pictures import check_picture_path, figure_bytes
 
     plan = load_plan(path)
     review = plan_review(plan)
     records = load_measurements(*measured) if measured else None
     if records:
         review["measured"] = records
-    written = []
-    for target in (timeline, memory_chart, report):  # check every suffix before any (slow) drawing
-        if target is not None and target is not report:
-            require(Path(target).suffix.lower() in (".png", ".svg"),
-                    f"picture '{target}': the suffix must be .png or .svg, got '{Path(target).suffix or '(none)'}'")
-    if timeline is not None:
-        written.append(save_figure(timeline_of(plan), timeline))
-    if memory_chart is not None:
-        written.append(save_figure(memory_chart_of(plan), memory_chart))
-    if report is not None:
-        from planner.htmlreport import write_report
-
-        written.append(write_report(plan, report, measured=records))
-    return ShowResult(review=review, written=tuple(written))
+    targets: dict[str, Path] = {}
+    for flag, target in (("--timeline", timeline), ("--memory-chart", memory_chart), ("--report", report)):
+        if target is None:
+            continue
+        checked = check_report_path(target, flag) if flag == "--report" else check_picture_path(target, flag)
+        same = next((f for f, p in targets.items() if p.resolve() == checked.resolve()), None)
+        require(same is None, f"{flag} '{target}' is also the {same} file; give each output its own file")
+        targets[flag] = checked
+    outputs: list[tuple[Path, str | bytes]] = []
+    for flag, target in targets.items():
+        if flag == "--report":
+            outputs.append((target, report_html(plan, records)))
+        else:
+            fig = timeline_of(plan) if flag == "--timeline" else memory_chart_of(plan)
+            outputs.append((target, figure_bytes(fig, target.suffix.lower().lstrip("."))))
+    for target, data in outputs:
+        (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(target, data)
+    return ShowResult(review=review, written=tuple(target for target, _ in outputs))
 
 
 def diff_plan_files(a: str | Path, b: str | Path) -> dict:

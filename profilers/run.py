@@ -21,6 +21,7 @@ from planner.errors import require
 from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
 from planner.model import load_model
 from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
+from planner.profile_job import describe, model_shape
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
 from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
@@ -292,6 +293,9 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     have = {"model": base.model, "seq_len": base.seq_len, "dtype": base.dtype, "device": base.device,
             "device_count": base.device_count}
     diff = [f"{k} {have[k]} (here {want[k]})" for k in want if have[k] != want[k]]
+    if base.model_shape and base.model_shape != model_shape(spec):
+        diff.append(f"model shape {describe(base.model, base.model_shape, base.seq_len)} (here "
+                    f"{describe(spec.name, model_shape(spec), plan.seq_len)})")
     require(not diff, f"--base {req.base} was measured for another setting: {', '.join(diff)}")
     raw = base.raw or {}
     need = "compute" if req.only == "communication" else "communication"
@@ -415,7 +419,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     overlap = raw_comm.get("overlap")
     return Profile(
         gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=plan.dtype,
-        compute=tuple(compute_fits), collectives=tuple(coll_fits),
+        model_shape=model_shape(spec), compute=tuple(compute_fits), collectives=tuple(coll_fits),
         matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
         matmul_tflops_by_gflop=tuple((p["gflop"], p["tflops"]) for p in sweep),
         host_bandwidth_gb_s=ceilings.get("host_to_device_gb_s", 0.0),

@@ -88,8 +88,13 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
     dpg = cfg.dp * cfg.cp
     fullest = max(pred.stages, key=lambda s: s.memory.total)
     layers = fullest.layers[1] - fullest.layers[0] + 1
-    if cfg.zero_stage == 0:
+    if cfg.zero_stage == 0 and dpg == 1:
         lines.append("no ZeRO: with one data-parallel rank there is nothing to partition")
+    elif cfg.zero_stage == 0:
+        sharded = stage_memory(model, replace(cfg, zero_stage=1), fullest.rank, layers)
+        lines.append(f"no ZeRO (plain data parallelism): each of the {dpg} data-parallel ranks keeps the whole optimizer "
+                     f"state ({fullest.memory.optimizer / GIB:.1f} GiB on the fullest stage); it fits, and sharding it "
+                     f"(ZeRO-1) would save {(fullest.memory.total - sharded.total) / GIB:.1f} GiB per GPU")
     else:
         plain = stage_memory(model, replace(cfg, zero_stage=0, offload_optimizer=False), fullest.rank, layers)
         saved = (plain.total - fullest.memory.total) / GIB
@@ -129,14 +134,19 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
     return lines
 
 
+def no_configuration_reason(model: ModelSpec, cluster: Cluster) -> str:
+    """The rules a GPU count must meet for the search to have a configuration on it."""
+    return (f"tp must divide the {model.num_heads} heads and stay within a {cluster.gpus_per_node}-GPU node, pp at most "
+            f"{model.num_layers} layers, dp must divide the global batch")
+
+
 def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[ParallelConfig, Prediction] | None,
                     fewest: int | None, limit: int) -> str:
     """The DistplanError text when no plan of `gpus` GPUs fits."""
     head = f"model {model.name} fits on no plan of {gpus} GPUs"
     tail = f"the fewest GPUs that would fit is {fewest}" if fewest else f"no cluster of up to {limit} GPUs fits it either"
     if lean is None:
-        why = (f"no parallel configuration is valid (tp must divide the {model.num_heads} heads and stay within a "
-               f"{cluster.gpus_per_node}-GPU node, pp at most {model.num_layers} layers, dp must divide the global batch)")
+        why = f"no parallel configuration is valid ({no_configuration_reason(model, cluster)})"
     elif lean[1].over_capacity_gib == 0 and not lean[1].host_fits:  # the GPUs hold it, the host not its offload
         cfg, pred = lean
         why = f"the leanest plan ({describe(cfg)}) fits its GPUs at {pred.peak_memory_gib:.1f} GiB, but its {pred.misfit()}"
@@ -145,7 +155,9 @@ def leanest_message(model: ModelSpec, cluster: Cluster, gpus: int, lean: tuple[P
         fullest = max(pred.stages, key=lambda s: s.memory.total)
         parts = sorted(fullest.memory.as_gib().items(), key=lambda kv: -kv[1])
         terms = ", ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.05)
+        shared = (f" and {pred.host_memory_gib:.1f} GiB of offloaded optimizer states in the same memory (the device "
+                  f"is this host's CPU)" if pred.host_is_device and pred.host_memory_gib > 0 else "")
         why = (f"even the leanest plan ({describe(cfg)}) needs {pred.peak_memory_gib:.1f} GiB on its fullest GPU "
-               f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack, above the {pred.capacity_gib:.1f} GiB usable on "
-               f"{cluster.gpu.name}")
+               f"({terms}) + {100 * pred.allocator_slack:.0f}% allocator slack{shared}, above the {pred.capacity_gib:.1f} "
+               f"GiB usable on {cluster.gpu.name}")
     return f"{head}: {why}; {tail}"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from planner.cluster import Cluster
 from planner.job import ParallelConfig, with_changes
-from planner.memory import GIB, allocator_slack, inflight_microbatch_chunks, stage_memory
+from planner.memory import allocator_slack, device_budget_bytes, inflight_microbatch_chunks, stage_memory
 from planner.model import ModelSpec
 from planner.predict import predict, rank_timer
 from planner.profile import Profile
@@ -83,7 +83,7 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     stage fits in memory; None when no split fits. `engine` as in planner.predict.rank_timer."""
     L, pp, v, m = model.num_layers, cfg.pp, cfg.vpp, cfg.num_microbatches
     cfg = with_changes(cfg, layer_split=())
-    cap_bytes = cluster.usable_memory_gib * GIB / (1 + allocator_slack(cfg, engine))
+    cap_bytes = device_budget_bytes(cluster, model, cfg) / (1 + allocator_slack(cfg, engine))
     timer = rank_timer(model, cluster, cfg, profile, engine=engine)
     counts = list(range(v, L - (pp - 1) * v + 1, v))  # layers a rank may hold: multiples of v, every rank >= v
     if not counts:

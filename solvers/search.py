@@ -27,7 +27,6 @@ it is not overlapped) being affine in the rank's parameters.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -36,7 +35,8 @@ from planner.cluster import Cluster
 from planner.costmodel import ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel, block_time, \
     embedding_time, head_time, memory_bound_time_s
 from planner.job import ParallelConfig, with_changes
-from planner.memory import FRAGMENTATION, GIB, host_fits, host_memory_per_gpu, stage_memory, stage_params
+from planner.memory import (FRAGMENTATION, GIB, device_budget_bytes, host_fits, host_memory_per_gpu, stage_memory,
+                            stage_params)
 from planner.model import ModelSpec
 from planner.predict import Prediction, predict
 from planner.profile import Profile
@@ -50,6 +50,7 @@ MIN_CP_CHUNK = 512  # context parallelism keeps >= 512 tokens per rank unless no
 # partition); stage 3 differs in its buffers, offload in where the optimizer runs
 ZERO_ONE_RANK = ((0, False), (3, False), (1, True), (3, True))
 ZERO_MANY_RANKS = ((1, False), (2, False), (3, False), (1, True), (2, True), (3, True))
+ZERO_ALL = ((0, False), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True))
 KEY_FIELDS = ("dp", "tp", "pp", "cp", "ep", "vpp", "schedule", "sequence_parallel", "zero_stage",
               "offload_optimizer", "micro_batch_size", "recompute")
 
@@ -63,6 +64,22 @@ class Evaluated:
 
 
 @dataclass(frozen=True)
+class Considered:
+    """What the search did with one configuration of its space (for `distplan solve --candidates`)."""
+
+    config: ParallelConfig  # with the layer split the stage DP chose, where it ran
+    lower_bound_s: float
+    status: str  # one of STATUSES
+    step_time_s: float | None = None  # the stage DP's step time ("fits")
+    bound_to_beat_s: float | None = None  # the step time the lower bound could not beat ("pruned", "mesh_pruned")
+
+
+# what the search did with a configuration: evaluated and fits; evaluated, states or every layer split over memory;
+# not evaluated: its bound could not beat the (k+1)-th best mesh, or its own mesh's best; the time limit came first
+STATUSES = ("fits", "states_do_not_fit", "no_split_fits", "pruned", "mesh_pruned", "timed_out")
+
+
+@dataclass(frozen=True)
 class SearchOutcome:
     best: tuple[Evaluated, ...]  # best per mesh (dp, tp, pp, cp, ep), fastest first; at most top_k + 1
     fastest_unfit: Evaluated | None  # the lowest-bound candidate that fits no split (for "why not")
@@ -71,12 +88,19 @@ class SearchOutcome:
     timed_out: bool = False
     widened_cp: bool = False
     stats: dict = field(default_factory=dict, hash=False)
+    considered: tuple[Considered, ...] = field(default=(), hash=False)  # every configuration of the space, in order
 
 
 def _divisors(n: int) -> list[int]:
-    """The divisors of n, ascending, in O(sqrt(n)) steps."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return small + [n // d for d in reversed(small) if d * d != n]
+    """Divisors of n in ascending order, in O(sqrt n) steps."""
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -87,18 +111,63 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, *,
-                 flash_attention: bool = True, overlap_grad_reduce: bool = True, wide_cp: bool = False,
-                 engine: str = "any") -> list[ParallelConfig]:
-    """Every configuration the solver considers (module doc) that `engine` can run, in canonical order."""
-    L, gpn = model.num_layers, cluster.gpus_per_node
-    out = []
+@dataclass(frozen=True)
+class Constraints:
+    """Values the search may use, per axis (None: every value the search would consider). `distplan solve --tp 1,2,4
+    --pp 1 --zero 1,3 --max-micro-batch 8 ...` pins what an engineer's stack supports. An axis pinned by the user
+    also lifts the search's own shortcuts on it: ZeRO-0 (dominated by ZeRO-1 when dp*cp > 1), GPipe (dominated by
+    1F1B), selective recompute under flash attention (equal to none), context-parallel chunks under MIN_CP_CHUNK."""
+
+    dp: tuple[int, ...] | None = None
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    cp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    vpp: tuple[int, ...] | None = None
+    micro_batch: tuple[int, ...] | None = None
+    max_micro_batch: int | None = None
+    zero: tuple[int, ...] | None = None
+    offload_optimizer: tuple[bool, ...] | None = None
+    recompute: tuple[str, ...] | None = None
+    schedule: tuple[str, ...] | None = None
+    sequence_parallel: tuple[bool, ...] | None = None
+
+    def given(self) -> dict[str, object]:
+        """The pinned axes, by field name."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) is not None}
+
+    def describe(self) -> str:
+        """The pinned axes as solve's options, e.g. '--tp 1,2,4 --zero 1,3' ('' when nothing is pinned)."""
+        def text(v) -> str:
+            if isinstance(v, tuple):
+                return ",".join(("yes" if x else "no") if isinstance(x, bool) else str(x) for x in v)
+            return str(v)
+        return " ".join(f"--{f.replace('_', '-')} {text(v)}" for f, v in self.given().items())
+
+    def admits(self, cfg: ParallelConfig) -> bool:
+        pairs = (("dp", cfg.dp), ("tp", cfg.tp), ("pp", cfg.pp), ("cp", cfg.cp), ("ep", cfg.ep), ("vpp", cfg.vpp),
+                 ("micro_batch", cfg.micro_batch_size), ("zero", cfg.zero_stage),
+                 ("offload_optimizer", cfg.offload_optimizer), ("recompute", cfg.recompute),
+                 ("schedule", cfg.schedule), ("sequence_parallel", cfg.sequence_parallel))
+        if any(getattr(self, name) is not None and value not in getattr(self, name) for name, value in pairs):
+            return False
+        return self.max_micro_batch is None or cfg.micro_batch_size <= self.max_micro_batch
+
+
+NO_CONSTRAINTS = Constraints()
+
+
+def meshes(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, *, wide_cp: bool = False,
+           constraints: Constraints = NO_CONSTRAINTS) -> list[tuple[int, int, int, int]]:
+    """The (dp, tp, pp, cp) meshes of `gpus` GPUs the search considers (module doc), in canonical order."""
+    c, L, gpn = constraints, model.num_layers, cluster.gpus_per_node
     tps = [t for t in _divisors(gpus) if gpn % t == 0 and model.num_heads % t == 0
            and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)]
     cps = [1]
     if not model.is_vit:
-        cps += [c for c in _pow2_upto(gpus)[1:] if seq_len % (2 * c) == 0 and (seq_len // c >= MIN_CP_CHUNK or wide_cp)]
-    recomputes = ("none", "full") if flash_attention else ("none", "selective", "full")
+        cps += [k for k in _pow2_upto(gpus)[1:] if seq_len % (2 * k) == 0
+                and (seq_len // k >= MIN_CP_CHUNK or wide_cp or (c.cp is not None and k in c.cp))]
+    out = []
     for tp in tps:
         for cp in cps:
             if gpus % (tp * cp):
@@ -107,31 +176,51 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                 dp = gpus // (tp * cp * pp)
                 if pp > L or global_batch % dp or not stage_submesh_ok(gpus, pp, gpn):
                     continue
-                eps = [e for e in _divisors(model.num_experts) if (dp * cp) % e == 0] if model.is_moe else [1]
-                zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
-                if dp * cp > 1 and engine != "any":
-                    # an engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
-                    # per-layer collectives; DeepSpeed's partitions in buckets), so DDP stays a candidate
-                    zeros = ((0, False),) + zeros
-                for mb in _pow2_upto(MAX_MICRO_BATCH):
-                    if (global_batch // dp) % mb:
-                        continue
-                    m = global_batch // (dp * mb)
-                    scheds = [("1f1b", 1)]
-                    if pp > 1 and m % pp == 0:
-                        scheds += [("interleaved", v) for v in range(2, MAX_VPP + 1) if L % v == 0 and L >= pp * v]
-                    for ep in eps:
-                        for schedule, vpp in scheds:
-                            for sp in ((False, True) if tp > 1 else (False,)):
-                                for zero, offload in zeros:
-                                    for rec in recomputes:
-                                        out.append(ParallelConfig(
-                                            dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, sequence_parallel=sp,
-                                            zero_stage=zero, offload_optimizer=offload, micro_batch_size=mb,
-                                            global_batch_size=global_batch, seq_len=seq_len, schedule=schedule,
-                                            recompute=rec, flash_attention=flash_attention,
-                                            overlap_grad_reduce=overlap_grad_reduce))
-    return [c for c in out if runnable(engine, c) and modelled(engine, c)] if engine != "any" else out
+                if all(v is None or x in v for v, x in ((c.dp, dp), (c.tp, tp), (c.pp, pp), (c.cp, cp))):
+                    out.append((dp, tp, pp, cp))
+    return out
+
+
+def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int, *,
+                 flash_attention: bool = True, overlap_grad_reduce: bool = True, wide_cp: bool = False,
+                 engine: str = "any", constraints: Constraints = NO_CONSTRAINTS) -> list[ParallelConfig]:
+    """Every configuration the solver considers (module doc) that `engine` can run and `constraints` admit, in
+    canonical order."""
+    c = constraints
+    L = model.num_layers
+    out = []
+    recomputes = ("none", "full") if flash_attention and c.recompute is None else ("none", "selective", "full")
+    micro_batches = sorted(set(c.micro_batch)) if c.micro_batch else _pow2_upto(MAX_MICRO_BATCH)
+    for dp, tp, pp, cp in meshes(model, cluster, gpus, global_batch, seq_len, wide_cp=wide_cp, constraints=c):
+        eps = [e for e in _divisors(model.num_experts) if (dp * cp) % e == 0] if model.is_moe else [1]
+        zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
+        if c.zero is not None or c.offload_optimizer is not None:
+            zeros = ZERO_ALL  # pinned by the user: no shortcut on this axis
+        elif dp * cp > 1 and engine != "any":
+            # an engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
+            # per-layer collectives; DeepSpeed's partitions in buckets), so DDP stays a candidate
+            zeros = ((0, False),) + zeros
+        for mb in micro_batches:
+            if (global_batch // dp) % mb:
+                continue
+            m = global_batch // (dp * mb)
+            scheds = [("1f1b", 1)] + ([("gpipe", 1)] if c.schedule is not None and "gpipe" in c.schedule and pp > 1 else [])
+            if pp > 1 and m % pp == 0:
+                scheds += [("interleaved", v) for v in range(2, MAX_VPP + 1) if L % v == 0 and L >= pp * v]
+            for ep in eps:
+                for schedule, vpp in scheds:
+                    for sp in ((False, True) if tp > 1 else (False,)):
+                        for zero, offload in zeros:
+                            for rec in recomputes:
+                                out.append(ParallelConfig(
+                                    dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp, sequence_parallel=sp,
+                                    zero_stage=zero, offload_optimizer=offload, micro_batch_size=mb,
+                                    global_batch_size=global_batch, seq_len=seq_len, schedule=schedule,
+                                    recompute=rec, flash_attention=flash_attention,
+                                    overlap_grad_reduce=overlap_grad_reduce))
+    if c.given():
+        out = [cfg for cfg in out if c.admits(cfg)]
+    return [cfg for cfg in out if runnable(engine, cfg) and modelled(engine, cfg)] if engine != "any" else out
 
 
 def config_key(cfg: ParallelConfig) -> tuple:
@@ -201,24 +290,28 @@ def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
         return mem.weights + mem.gradients + mem.optimizer
 
     total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
-    return (total / cfg.pp * (1 + FRAGMENTATION) <= cluster.usable_memory_gib * GIB
-            and host_fits(host_memory_per_gpu(model, cfg) / GIB, cluster.host_memory_gib_per_gpu))
+    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu  # a CPU: one pool (predict)
+    return (total / cfg.pp * (1 + FRAGMENTATION) <= device_budget_bytes(cluster, model, cfg)
+            and host_fits(host_memory_per_gpu(model, cfg) / GIB, host_capacity))
 
 
 def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
                profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
                flash_attention: bool = True, overlap_grad_reduce: bool = True,
                progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.monotonic,
-               engine: str = "any") -> SearchOutcome:
+               engine: str = "any", constraints: Constraints = NO_CONSTRAINTS) -> SearchOutcome:
     """Branch and bound over `search_space`; widens context parallelism when nothing fits without it."""
     start = clock()
     outcome = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine)
+                   overlap_grad_reduce, progress, clock, start, wide_cp=False, engine=engine, constraints=constraints)
     if not outcome.best and not outcome.timed_out and not model.is_vit:
         wide = _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash_attention,
-                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine)
+                    overlap_grad_reduce, progress, clock, start, wide_cp=True, engine=engine, constraints=constraints)
+        narrow = {config_key(c.config) for c in outcome.considered}
+        considered = outcome.considered + tuple(c for c in wide.considered if config_key(c.config) not in narrow)
         outcome = replace(wide, candidates=wide.candidates + outcome.candidates, evaluated=wide.evaluated + outcome.evaluated,
-                          widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit)
+                          widened_cp=True, fastest_unfit=wide.fastest_unfit or outcome.fastest_unfit,
+                          considered=considered)
     stats = {"candidates": outcome.candidates, "evaluated_with_stage_dp": outcome.evaluated,
              "pruned_by_bound": outcome.candidates - outcome.evaluated, "timed_out": outcome.timed_out,
              "context_parallel_widened": outcome.widened_cp, "search_seconds": clock() - start}
@@ -226,9 +319,9 @@ def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int,
 
 
 def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit_s, flash, overlap, progress,
-         clock, start, wide_cp: bool, engine: str = "any") -> SearchOutcome:
+         clock, start, wide_cp: bool, engine: str = "any", constraints: Constraints = NO_CONSTRAINTS) -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
-                         overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine)
+                         overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine, constraints=constraints)
     bounds = _Bounds(model, cluster, profile, engine)
     order = sorted(((bounds.step_lower_bound(c), config_key(c), c) for c in space), key=lambda t: (t[0], t[1]))
     total = len(order)
@@ -236,26 +329,35 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
     keep = top_k + 1
     first_unfit: ParallelConfig | None = None
     evaluated, timed_out = 0, False
+    considered: list[Considered] = []
     for i, (lb, key, cfg) in enumerate(order):
         if progress is not None and i % 64 == 0:
             progress(i, total)
         ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))
         kth = ranked[keep - 1][0] if len(ranked) >= keep else float("inf")
-        if lb >= kth:
-            break  # sorted by bound: nothing later can enter the top k + 1
+        if lb >= kth:  # sorted by bound: nothing from here on can enter the top k + 1
+            considered += [Considered(c, b, "pruned", bound_to_beat_s=kth) for b, _, c in order[i:]]
+            break
         mesh = mesh_key(cfg)
         if mesh in best_by_mesh and lb >= best_by_mesh[mesh][0]:
+            considered.append(Considered(cfg, lb, "mesh_pruned", bound_to_beat_s=best_by_mesh[mesh][0]))
             continue
         if time_limit_s is not None and clock() - start > time_limit_s:
             timed_out = True
+            considered += [Considered(c, b, "timed_out") for b, _, c in order[i:]]
             break
         evaluated += 1
-        split = (best_layer_split(model, cluster, cfg, profile, engine=engine)
-                 if states_fit(model, cluster, cfg) else None)
+        if not states_fit(model, cluster, cfg):
+            first_unfit = first_unfit or cfg
+            considered.append(Considered(cfg, lb, "states_do_not_fit"))
+            continue
+        split = best_layer_split(model, cluster, cfg, profile, engine=engine)
         if split is None:
             first_unfit = first_unfit or cfg
+            considered.append(Considered(cfg, lb, "no_split_fits"))
             continue
         cand = (split.step_time_s, key, with_changes(cfg, layer_split=split.layer_split))
+        considered.append(Considered(cand[2], lb, "fits", step_time_s=split.step_time_s))
         if mesh not in best_by_mesh or (cand[0], cand[1]) < (best_by_mesh[mesh][0], best_by_mesh[mesh][1]):
             best_by_mesh[mesh] = cand
     if progress is not None:
@@ -264,4 +366,5 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
     best = tuple(Evaluated(cfg, predict(model, cluster, cfg, profile, engine=engine)) for _, _, cfg in ranked)
     unfit = (Evaluated(first_unfit, predict(model, cluster, first_unfit, profile, engine=engine))
              if first_unfit else None)
-    return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out)
+    return SearchOutcome(best=best, fastest_unfit=unfit, candidates=total, evaluated=evaluated, timed_out=timed_out,
+                         considered=tuple(considered))

@@ -26,14 +26,13 @@ from planner.errors import DistplanError
 HUGE = str(10**18)
 GENERIC = ("0", "-1", HUGE, "abc", "")
 FLOATS = ("nan", "inf")
-INPUT_FILES = {"model", "cluster", "profile", "plan", "a", "b", "base", "measured"}  # options naming a file to read
+INPUT_FILES = {"model", "cluster", "profile", "plan", "a", "b", "base", "measured", "calibration"}  # files read
 OUTPUT_SUFFIX = {("estimate", "output"): ".yaml", ("solve", "output"): ".yaml", ("profile", "output"): ".yaml",
-                 ("solve", "report"): ".html", ("show", "report"): ".html", ("show", "timeline"): ".png",
+                 ("solve", "report"): ".html", ("solve", "candidates"): ".csv", ("show", "report"): ".html",
+                 ("show", "timeline"): ".png",
                  ("show", "memory_chart"): ".png", ("emit", "output"): ""}
 MEASURING = "measurement started"
 SOLVE = importlib.import_module("solvers.solve")  # the module (the package exports its function `solve`)
-# show's pictures are written by planner/pictures.save_figure, which the show/pictures work makes atomic
-PICTURES_PENDING = {("show", "timeline"), ("show", "memory_chart")}
 
 COMMAND = typer.main.get_command(app)
 BASE = {  # the cheapest valid invocation of each command, as (parameter, tokens) pairs
@@ -68,11 +67,7 @@ def _cases():
     for command, base in BASE.items():
         for param in COMMAND.commands[command].params:
             for value in _values(command, param):
-                marks = []
-                if (command, param.name) in PICTURES_PENDING and value and "{fx}" in value:
-                    marks.append(pytest.mark.xfail(reason="show's pictures: save_figure is made atomic by the "
-                                                          "pictures work (a .tmp or a traceback is left)", strict=False))
-                yield pytest.param(command, param.name, value, marks=marks, id=f"{command}-{param.name}-{value}")
+                yield pytest.param(command, param.name, value, id=f"{command}-{param.name}-{value}")
 
 
 def _argv(command: str, name: str, value: str | None) -> list[str]:
@@ -100,7 +95,7 @@ def fixtures(tmp_path_factory):
     r = runner.invoke(app, ["estimate", "-m", "gpt2", "-n", "2", "-o", str(fx / "plan.yaml"), "--format", "json"])
     assert r.exit_code == 0, r.output
     (fx / "folder.yaml").mkdir()
-    for suffix in (".yaml", ".html", ".png", ""):
+    for suffix in set(OUTPUT_SUFFIX.values()):
         (fx / f"outfolder{suffix}").mkdir()
     (fx / "afile").write_text("a file, not a folder\n")
     (fx / "garbage.yaml").write_bytes(bytes(range(256)) * 8)

@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 import planner.fileio
+from planner.calibration import load_calibration
 from planner.cluster import load_cluster
 from planner.errors import DistplanError
-from planner.fileio import MAX_INPUT_BYTES, atomic_write_texts, check_output, dump_yaml, read_yaml
+from planner.fileio import MAX_INPUT_BYTES, atomic_write_files, check_writable, dump_yaml, read_yaml
 from planner.model import load_model
 from planner.plan import load_plan, plan_from_dict
 from planner.profile import load_profile, profile_from_dict, profile_to_dict
@@ -24,6 +25,7 @@ PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml"
 LOADERS = {  # name: (loader, file suffix)
     "plan": (load_plan, ".yaml"), "profile": (load_profile, ".yaml"), "cluster": (load_cluster, ".yaml"),
     "model": (load_model, ".yaml"), "hf-config": (load_model, ".json"), "measurements": (load_measurements, ".yaml"),
+    "calibration": (load_calibration, ".yaml"),
 }
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(15))
@@ -76,7 +78,7 @@ def test_yaml_loaders_refuse_aliases_odd_types_and_odd_documents_at_once(tmp_pat
     assert time.monotonic() - start < 2
 
 
-@pytest.mark.parametrize("kind", ["plan", "profile", "cluster", "model"])
+@pytest.mark.parametrize("kind", ["plan", "profile", "cluster", "model", "calibration"])
 def test_a_top_level_that_is_not_a_mapping_is_refused(tmp_path, kind):
     loader, _ = LOADERS[kind]
     for text, needle in (("- 1\n- 2\n", "got list"), ("", "an empty document"), ("just text\n", "got str")):
@@ -142,7 +144,7 @@ def profile_dict():
     (lambda d: d.update(matmul_tflops=float("nan")), "'matmul_tflops' must be a number >= 0, got nan"),
     (lambda d: d.update(matmul_tflops=True), "'matmul_tflops' must be a number >= 0, got True"),
     (lambda d: d.update(matmul_tflops_by_gflop=[[1, "x"]]), "matmul_tflops_by_gflop[0] must be a [GFLOP > 0"),
-    (lambda d: d.update(calibration={"compute": -1}), "calibration.compute must be a number > 0"),
+    (lambda d: d.update(calibration=[1]), "calibration must be a mapping"),
     (lambda d: d.update(seq_len=0), "'seq_len' must be an integer >= 1"),
     (lambda d: d.update(device="tpu"), "'device' must be one of cuda, cpu"),
     (lambda d: d.update(gpu_name="[/]"), "'gpu_name' must be a name"),
@@ -230,12 +232,12 @@ def test_plan_values_are_checked_as_show_and_emit_read_them(cli, tmp_path, edit,
 # ---- writing ---------------------------------------------------------------------------------------------
 
 
-def test_atomic_write_texts_writes_all_or_none(tmp_path):
+def test_atomic_write_files_writes_all_or_none(tmp_path):
     (tmp_path / "blocker").write_text("a file")
     with pytest.raises(DistplanError, match="cannot write"):
-        atomic_write_texts({tmp_path / "a.yaml": "a", tmp_path / "blocker" / "b.html": "b"})
+        atomic_write_files({tmp_path / "a.yaml": "a", tmp_path / "blocker" / "b.html": "b"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
-    atomic_write_texts({tmp_path / "a.yaml": "a", tmp_path / "sub" / "b.html": "b"})
+    atomic_write_files({tmp_path / "a.yaml": "a", tmp_path / "sub" / "b.html": "b"})
     assert (tmp_path / "a.yaml").read_text() == "a" and (tmp_path / "sub" / "b.html").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "blocker", "sub"]
 
@@ -246,13 +248,13 @@ def test_atomic_write_texts_writes_all_or_none(tmp_path):
     (lambda t: t / "blocker" / "deeper" / "x.yaml", "is a file, not a folder"),
     (lambda t: Path("/dev/null"), "not a regular file"),
 ])
-def test_check_output_refuses_before_any_work(tmp_path, make, needle):
+def test_check_writable_refuses_before_any_work(tmp_path, make, needle):
     (tmp_path / "folder").mkdir()
     (tmp_path / "blocker").write_text("a file")
     with pytest.raises(DistplanError, match="cannot write --output") as info:
-        check_output(make(tmp_path), "--output")
+        check_writable(make(tmp_path), "--output")
     assert needle in str(info.value)
-    check_output(tmp_path / "new" / "deeper" / "x.yaml", "--output")  # created on writing
+    check_writable(tmp_path / "new" / "deeper" / "x.yaml", "--output")  # created on writing
     assert not (tmp_path / "new").exists()
 
 

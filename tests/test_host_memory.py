@@ -145,3 +145,65 @@ def test_offloaded_optimizer_is_the_fused_cpu_kernel_and_its_rate_is_measured():
     assert make_optimizer([torch.nn.Parameter(torch.ones(4))], lr=1e-2).defaults["foreach"] is False
     rate = host_optimizer_s_per_param(2**18, repeats=2)
     assert 0 < rate < 1e-6  # seconds per parameter: under a microsecond on any host
+
+
+def cpu_machine(memory_gib_per_rank: float = 11.8):
+    """The measured cluster of a 2-process CPU + gloo profile (what `distplan profile` writes on a machine without
+    GPUs): each rank's "device" is its share of the host's memory."""
+    from planner.cluster import Link
+    from planner.profile import CollectiveFit, Profile, measured_cluster
+
+    prof = Profile(gpu_name="AMD EPYC", device="cpu", model="gpt2-xl", seq_len=1024, dtype="fp32",
+                   collectives=(CollectiveFit("all_reduce", 2, 1e-4, 2.0), CollectiveFit("p2p", 2, 5e-5, 4.0)),
+                   matmul_tflops=0.5, hbm_bandwidth_gb_s=10.0, matmul_tflops_by_gflop=((0.03, 0.2), (2.1, 0.5)),
+                   overlap_slowdown=0.5, device_count=2, memory_gib=memory_gib_per_rank)
+    return measured_cluster(prof)
+
+
+def test_on_a_cpu_the_offloaded_states_share_the_ranks_memory():
+    """A 2-rank gpt2-xl plan with ZeRO-1 offload on a CPU host of 2 x 11.8 GiB: its device peak alone fits, but the
+    offloaded states live in the same RAM, so together they do not (the kernel killed such a rank at step 0)."""
+    model = load_model("gpt2-xl")
+    here = cpu_machine()
+    assert here.host_is_device and here.host_memory_gib_per_gpu == 0
+    cfg = ParallelConfig(dp=2, zero_stage=1, offload_optimizer=True, micro_batch_size=1, global_batch_size=8,
+                         seq_len=1024, recompute="full")
+    pred = predict(model, here, cfg)
+    host = model.total_params() * OFFLOAD_HOST_BYTES_PER_PARAM / 2 / GIB
+    assert pred.host_memory_gib == pytest.approx(host)
+    assert pred.peak_memory_gib * (1 + pred.allocator_slack) < pred.capacity_gib  # the device part alone "fits"
+    assert pred.peak_memory_gib * (1 + pred.allocator_slack) + host > pred.capacity_gib
+    assert not pred.fits and "share this CPU's" in pred.misfit()
+    assert pred.over_capacity_gib == pytest.approx(pred.peak_memory_gib * (1 + pred.allocator_slack) + host
+                                                   - pred.capacity_gib)
+    assert not states_fit(model, here, cfg)
+
+
+def test_a_solve_on_a_cpu_never_returns_a_plan_over_the_machines_memory():
+    from planner.errors import DistplanError
+    from solvers import solve
+
+    model = load_model("gpt2-xl")
+    with pytest.raises(DistplanError, match=r"offloaded optimizer states in the same memory.*above the 11.8 GiB"):
+        solve(model, cpu_machine(), 2, global_batch=8, top_k=0)  # 16 bytes per parameter over 2 x 11.8 GiB: none
+    here = cpu_machine(24.0)
+    result = solve(model, here, 2, global_batch=8, top_k=0)
+    pred = result.prediction
+    used = pred.peak_memory_gib * (1 + pred.allocator_slack) + pred.host_memory_gib
+    assert pred.fits and used <= pred.capacity_gib
+    # with the same memory split as two "GPUs" and a separate host (the old reading), offload looked free
+    gpu_like = replace(here, host_is_device=False)
+    offload = ParallelConfig(dp=2, zero_stage=1, offload_optimizer=True, micro_batch_size=1, global_batch_size=8,
+                             seq_len=1024, recompute="full")
+    assert predict(model, gpu_like, offload).fits and not predict(model, here, offload).fits
+
+
+def test_the_cpu_flag_survives_the_plan_file(tmp_path):
+    from planner.plan import load_plan, make_plan, save_plan
+
+    model = load_model("gpt2-medium")
+    here = cpu_machine()
+    cfg = ParallelConfig(dp=2, zero_stage=1, micro_batch_size=1, global_batch_size=8, seq_len=1024)
+    save_plan(make_plan(model, here, 2, cfg, predict(model, here, cfg)), tmp_path / "p.yaml")
+    again = load_plan(tmp_path / "p.yaml")
+    assert again.cluster.host_is_device and again.cluster == here

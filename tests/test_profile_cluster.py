@@ -7,10 +7,13 @@ import pytest
 from conftest import parse_json
 from planner.cluster import check_gpu_count, load_cluster
 from planner.errors import DistplanError
+from planner.model import load_model
 from planner.profile import (CollectiveFit, ComputeFit, LinearFit, Profile, cluster_for_profile, gpu_family,
                              load_profile, profile_from_dict, profile_to_dict, save_profile)
+from planner.profile_job import model_shape
 
 SEQ = 1024
+GPT2 = model_shape(load_model("gpt2"))
 
 
 def gpu_profile(gpu_name="NVIDIA H100 80GB HBM3", memory_gib=79.1, slope=4e-7) -> Profile:
@@ -22,7 +25,8 @@ def gpu_profile(gpu_name="NVIDIA H100 80GB HBM3", memory_gib=79.1, slope=4e-7) -
         for k, s in (("embedding", slope / 20), ("block", slope), ("head", 3 * slope)) for t in (1, 2, 4, 8))
     colls = tuple(CollectiveFit(op, n, 20e-6, 150.0) for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
                   for n in (2, 4, 8)) + (CollectiveFit("p2p", 2, 10e-6, 300.0),)
-    return Profile(gpu_name=gpu_name, device="cuda", model="gpt2", seq_len=SEQ, dtype="bf16", compute=compute,
+    return Profile(gpu_name=gpu_name, device="cuda", model="gpt2", seq_len=SEQ, dtype="bf16", model_shape=GPT2,
+                   compute=compute,
                    collectives=colls, matmul_tflops=700.0, hbm_bandwidth_gb_s=2900.0,
                    matmul_tflops_by_gflop=((2.1, 300.0), (17.2, 600.0), (137.4, 690.0), (1099.5, 700.0)),
                    host_bandwidth_gb_s=50.0, overlap_slowdown=0.07, device_count=8, memory_gib=memory_gib,
@@ -31,6 +35,7 @@ def gpu_profile(gpu_name="NVIDIA H100 80GB HBM3", memory_gib=79.1, slope=4e-7) -
 
 def cpu_profile() -> Profile:
     return Profile(gpu_name="Intel(R) Xeon(R) Processor", device="cpu", model="gpt2", seq_len=SEQ, dtype="bf16",
+                   model_shape=GPT2,
                    compute=gpu_profile().compute, collectives=(CollectiveFit("all_reduce", 2, 1e-4, 2.0),
                                                               CollectiveFit("p2p", 2, 5e-5, 4.0)),
                    matmul_tflops=0.5, hbm_bandwidth_gb_s=10.0, matmul_tflops_by_gflop=((0.03, 0.2), (2.1, 0.5)),

@@ -27,13 +27,33 @@ SEQ = 128
 
 
 @pytest.fixture(scope="module")
-def tiny_profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
+def tiny_cli(tmp_path_factory):
+    """The tiny model profiled once for this module, through `distplan profile` as a user runs it (stderr is not a
+    terminal here, so progress comes as one timestamped line per step): (CLI result, model file, profile file)."""
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    folder = tmp_path_factory.mktemp("model")
+    model, out = folder / "tiny.yaml", folder / "profile.yaml"
+    model.write_text(yaml.safe_dump(TINY))
+    r = CliRunner().invoke(app, ["profile", "--model", str(model), "--seq-len", str(SEQ), "--device", "cpu",
+                                 "--micro-batches", "1,2,4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return r, model, out
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_cli):
+    """(the profile as written, its progress ticks (label, done, total) read back from the progress lines)."""
+    r, _, out = tiny_cli
     ticks = []
-    prof = run_profile(ProfileRequest(model=str(path), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4)),
-                       lambda label, done, total: ticks.append((label, done, total)))
-    return prof, ticks
+    for line in r.stderr.splitlines():
+        if line.startswith("[") and " s] " in line:
+            count, label = line.split("] ", 1)[1].split(" ", 1)
+            done, total = count.split("/")
+            ticks.append((label, int(done), int(total)))
+    return load_profile(out), ticks
 
 
 def test_cpu_profile_has_every_part(tiny_profile):
@@ -141,30 +161,30 @@ def test_spawned_ranks_exit_on_their_own_once_rank_0_reported(monkeypatch):
     assert time.monotonic() - t0 < 120.0
 
 
-def test_cli_profile_then_estimate_and_solve(cli, tmp_path):
-    """The issue's CI flow: profile gpt2 on the CPU, then plan 2 'GPUs' of this machine with it."""
-    path = tmp_path / "p.yaml"
-    r = cli("profile", "--model", "gpt2", "--quick", "--seq-len", 128, "-o", path)
-    assert r.exit_code == 0, r.output
-    assert "profile of gpt2" in r.stdout and path.exists()
-    # not a terminal: one progress line per step on stderr ("[  1.2 s] 3/40 label"), the last one complete
-    steps = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and " s] " in ln]
-    assert len(steps) >= 10
-    done, total = steps[-1].split("] ", 1)[1].split()[0].split("/")
-    assert done == total
+def test_cli_profile_then_estimate_and_solve(cli, tiny_cli, tiny_profile):
+    """The issue's CI flow: profile a model on the CPU (the module's profile, made with `distplan profile`), then
+    plan 2 'GPUs' of this machine with it."""
+    r, model, path = tiny_cli
+    assert "profile of tiny" in r.stdout and path.exists()
+    _, ticks = tiny_profile
+    assert len(ticks) >= 10 and ticks[-1][1] == ticks[-1][2]  # one progress line per step, the last one complete
     prof = load_profile(path)
-    assert prof.device == "cpu" and prof.model == "gpt2" and prof.compute_fit("block", 2) is not None
-    est = parse_json(cli("estimate", "--model", "gpt2", "--gpus", 2, "--seq-len", 128, "--profile", path,
+    assert prof.device == "cpu" and prof.model == "tiny" and prof.compute_fit("block", 2) is not None
+    from planner.model import load_model
+    from planner.profile_job import model_shape
+
+    assert prof.model_shape == model_shape(load_model(str(model)))  # what it measured, written by the profiler
+    assert yaml.safe_load(path.read_text())["model_shape"]["hidden_size"] == TINY["hidden_size"]
+    est = parse_json(cli("estimate", "--model", model, "--gpus", 2, "--seq-len", SEQ, "--profile", path,
                          "--format", "json"))
     assert est["cluster"] == "measured-cpu" and est["sources"]["compute.block.tp1"] == "profile"
     assert est["sources"]["comm.all_reduce.n2"] == "profile"
-
-    from planner.cli import app
-
-    if "solve" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
-        pytest.skip("`distplan solve` is not in planner.cli yet (the solver engineer adds it)")
-    solved = cli("solve", "--model", "gpt2", "--gpus", 2, "--profile", path)
+    solved = cli("solve", "--model", model, "--gpus", 2, "--profile", path, "-o", path.parent / "plan.yaml")
     assert solved.exit_code == 0, solved.output
+    # at another sequence length the profile's fits do not apply: refused, naming both sequence lengths
+    other = cli("solve", "--model", model, "--gpus", 2, "--seq-len", SEQ // 2, "--profile", path,
+                "-o", path.parent / "other.yaml")
+    assert other.exit_code == 2 and f"profile it at --seq-len {SEQ // 2}" in " ".join(other.stderr.split())
 
 
 def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
@@ -345,7 +365,8 @@ def test_one_phase_measured_again_reuses_the_other_from_a_base_profile(tiny_prof
     save_profile(prof, base)
     model = tmp_path / "tiny.yaml"  # the fixture's model, written again (profiles name it by its file)
     model.write_text(yaml.safe_dump(TINY))
-    req = dict(model=str(model), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4))
+    # --quick re-measures (fewer message sizes and repeats): what is checked is what is reused and refitted
+    req = dict(model=str(model), seq_len=SEQ, device="cpu", micro_batches=(1, 2, 4), quick=True)
     comm_again = run_profile(ProfileRequest(**req, only="communication", base=str(base)), lambda *a: None)
     assert comm_again.compute == load_profile(base).compute  # the base's layers, refitted from the same points
     assert comm_again.raw["compute"] == load_profile(base).raw["compute"]

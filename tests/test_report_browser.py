@@ -119,3 +119,19 @@ def test_report_screenshot_is_not_blank_and_shows_the_timeline(chromium, report,
     assert rgb.std() > 0.05 and (rgb.min(axis=-1) < 0.8).mean() > 0.02
     green = (np.abs(rgb - np.array(to_rgb(PHASE_COLORS["backward"]))).max(axis=-1) < 0.04).mean()
     assert green > 0.001, "the timeline's backward blocks are not on the page"
+
+
+def test_gpu_map_of_512_gpus_fits_the_page(chromium, tmp_path):
+    """One box per node, each inside its section and wide enough for its text, at a laptop's window width."""
+    plan = review_plan(model="llama-3-70b", dp=4, tp=1, pp=8, cp=16, micro_batch_size=2, global_batch_size=64,
+                       seq_len=8192, zero_stage=1)
+    html = write_report(plan, tmp_path / "big.html").read_text()
+    probe = ("<script>addEventListener('load',()=>{const s=document.getElementById('layout').getBoundingClientRect();"
+             "const b=[...document.querySelectorAll('#layout .gpu')];document.body.setAttribute('data-map',b.length+'/'"
+             "+b.filter(x=>{const r=x.getBoundingClientRect();return r.left<s.left||r.right>s.right"
+             "||x.scrollWidth>x.clientWidth}).length)})</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+                    .replace("</body>", probe))
+    r = run_chromium(chromium, tmp_path, page, "--window-size=1280,2400", "--dump-dom")
+    assert 'data-map="64/0"' in r.stdout, re.findall(r'data-map="[^"]*"', r.stdout)

@@ -14,8 +14,10 @@ from planner.job import ParallelConfig, validate_config
 from planner.model import ModelSpec
 from planner.plan import make_plan, save_plan
 from planner.predict import predict
-from planner.profile import ComputeFit, LinearFit, Profile, load_profile, save_profile
-from planner.runner.calibrate import attribute, calibrate_profile, fit_factors
+from planner.calibration import load_calibration
+from planner.profile import ComputeFit, LinearFit, Profile, save_profile
+from planner.profile_job import model_shape
+from planner.runner.calibrate import attribute, calibrate_run, fit_factors
 from planner.runner.data import DataSource, local_batch, write_tokens
 from planner.runner.engine_api import RankResult, RunOptions
 from planner.runner.launch import check_request
@@ -208,35 +210,40 @@ def test_attribute_splits_the_breakdown_by_collective():
 def _profile(tp):
     fit = LinearFit(1e-5, 1e-8)
     compute = tuple(ComputeFit(kind=k, tp=tp, fwd=fit, bwd=fit) for k in ("block", "embedding", "head"))
-    return Profile(gpu_name="H100-SXM-80GB", device="cuda", model="tiny-gpt", seq_len=32, dtype="bf16", compute=compute)
+    return Profile(gpu_name="H100-SXM-80GB", device="cuda", model="tiny-gpt", seq_len=32, dtype="bf16",
+                   model_shape=model_shape(TINY), compute=compute)
 
 
 def test_recalibrated_prediction_moves_toward_the_measurement(tmp_path):
     plan = make(dp=2)
     profile = _profile(1)
     save_profile(profile, tmp_path / "profile.yaml")
-    before = predict(plan.model, plan.cluster, plan.parallel, profile).step_time_s
+    written = (tmp_path / "profile.yaml").read_bytes()
+    before = predict(plan.model, plan.cluster, plan.parallel, profile, engine="torch").step_time_s
     measured = 3.0 * before
 
-    class Measured:  # the fields calibrate_profile reads from a Report
-        measured_step_time_s, device, dtype, config = measured, "cuda:0", "bf16", "dp=2"
+    class Measured:  # the fields calibrate_run reads from a Report
+        measured_step_time_s, device, dtype, config, engine = measured, "cuda:0", "bf16", "dp=2", "torch"
 
-    summary = calibrate_profile(plan, profile, Measured, tmp_path / "profile.yaml")
-    updated = load_profile(tmp_path / "profile.yaml")
-    after = predict(plan.model, plan.cluster, plan.parallel, updated).step_time_s
+    cal = tmp_path / "profile.calibration.yaml"
+    summary = calibrate_run(plan, profile, Measured, cal, tmp_path / "profile.yaml")
+    (record,) = load_calibration(cal).records
+    after = predict(plan.model, plan.cluster, plan.parallel, replace(profile, calibration=record.factors),
+                    engine="torch").step_time_s
     assert abs(after - measured) < 0.1 * abs(before - measured)  # most of the gap closed by one run
-    assert summary["predicted_after_s"] == pytest.approx(after) and "note" not in summary
-    assert updated.factor("compute") > 2 and len(updated.raw["calibration_runs"]) == 1
-    calibrate_profile(plan, updated, Measured, tmp_path / "profile.yaml")  # same plan again: replaces its run
-    assert len(load_profile(tmp_path / "profile.yaml").raw["calibration_runs"]) == 1
+    assert summary["predicted_after_s"] == pytest.approx(after)
+    assert dict(record.factors)["compute"] > 2 and len(record.runs) == 1 and record.engine == "torch"
+    assert (tmp_path / "profile.yaml").read_bytes() == written  # the profile is never written
+    calibrate_run(plan, profile, Measured, cal, tmp_path / "profile.yaml")  # same plan again: replaces its run
+    assert [len(r.runs) for r in load_calibration(cal).records] == [1]
 
 
 # ---- bad inputs (nothing is started) --------------------------------------------------------------------
 
 @pytest.mark.parametrize("par,nproc,match", [
     ({"dp": 1, "cp": 2}, None, "context parallel cp=2 is not supported by the torch engine on CPU"),
-    ({"dp": 2}, 4, "--nproc 4 does not match the plan's world size .* = 2"),
-    ({"dp": 2}, 0, "--nproc 0 does not match"),
+    ({"dp": 2}, 4, "--gpus 4 does not match the plan's world size .* = 2"),
+    ({"dp": 2}, 0, "--gpus 0 does not match"),
 ])
 def test_check_request_rejects(par, nproc, match):
     with pytest.raises(DistplanError, match=match):
@@ -259,9 +266,10 @@ def test_moe_with_ep_is_rejected_by_the_torch_engine():
 @pytest.mark.parametrize("args,needle", [
     (["missing.yaml"], "plan file 'missing.yaml' does not exist"),
     (["{cp}"], "context parallel cp=2 is not supported by the torch engine on CPU"),
-    (["{dp}", "--nproc", "3"], "--nproc 3 does not match the plan's world size"),
+    (["{dp}", "-n", "3"], "--gpus 3 does not match the plan's world size"),
     (["{dp}", "--data", "nope.bin"], "--data 'nope.bin' does not exist"),
-    (["{dp}", "--calibrate"], "--calibrate needs --profile PATH"),
+    (["{dp}", "--calibrate"], "--calibrate needs --calibration FILE (or --profile PATH"),
+    (["{dp}", "--calibration", "none.yaml"], "calibration file 'none.yaml' does not exist"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
@@ -272,6 +280,104 @@ def test_cli_bad_input_exits_2_with_one_line(cli, tmp_path, monkeypatch, args, n
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.glob("*.report.yaml"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--steps", 0], "--steps 0 is out of range; valid: 1 to 1,000,000"),
+    (["--steps", -3], "--steps -3 is out of range"),
+    (["--steps", 10**7], "--steps 10000000 is out of range; valid: 1 to 1,000,000"),
+    (["--warmup", -1], "--warmup -1 is out of range; valid: 0 to 1,000,000"),
+    (["--warmup", 10**7], "--warmup 10000000 is out of range"),
+    (["--timeout", 0], "--timeout 0 is out of range; valid: seconds above 0, at most 604800"),
+    (["--timeout", -5], "--timeout -5 is out of range"),
+    (["--timeout", "inf"], "--timeout inf is out of range"),
+    (["--timeout", "nan"], "--timeout nan is out of range"),
+    (["--tolerance", 0], "--tolerance 0 is not a relative error; valid: a finite number > 0"),
+    (["--tolerance", -0.1], "--tolerance -0.1 is not a relative error"),
+    (["--tolerance", "nan"], "--tolerance nan is not a relative error"),
+    (["--tolerance", "inf"], "--tolerance inf is not a relative error"),
+    (["--lr", "nan"], "--lr nan is not a learning rate; valid: a finite number > 0"),
+    (["--lr", "inf"], "--lr inf is not a learning rate"),
+    (["--lr", 0], "--lr 0 is not a learning rate"),
+    (["--seed", -1], "--seed -1 is out of range; valid: 0 to 4294967295"),
+    (["--seed", 2**64], f"--seed {2**64} is out of range"),
+    (["--data", "."], "--data '.' does not exist or is not a file"),
+    (["--data", "missing.bin"], "--data 'missing.bin' does not exist or is not a file"),
+    (["--data", "empty.bin"], "--data 'empty.bin' holds 0 tokens, fewer than one sample"),
+    (["--data-dtype", "int8"], "--data-dtype 'int8' is unknown; valid: uint16, uint32"),
+    (["--nproc", 0], "--gpus 0 does not match the plan's world size dp*tp*pp*cp = 2*1*1*1 = 2"),
+    (["--nproc", -2], "--gpus -2 does not match the plan's world size"),
+    (["-o", "."], "--output '.' is a folder"),
+    (["-o", "/proc/distplan-missing/report.yaml"],  # /proc takes no new files, not even root's
+     "--output '/proc/distplan-missing/report.yaml' cannot be written: no file can be created in '/proc'"),
+    (["-o", "/proc/report.yaml"], "--output '/proc/report.yaml' cannot be written: no file can be created in '/proc'"),
+    (["-o", "dp.yaml/report.yaml"], "--output 'dp.yaml/report.yaml' cannot be written: 'dp.yaml' is a file, not a folder"),
+    (["-o", "dp.yaml"], "--output 'dp.yaml' is the plan itself"),
+    (["--calibrate", "--calibration", "/proc/distplan/calibration.yaml"],
+     "--calibration '/proc/distplan/calibration.yaml' cannot be written: no file can be created in '/proc'"),
+    (["--calibrate", "--profile", "/proc/distplan/profile.yaml"], "profile file '/proc/distplan/profile.yaml' does not exist"),
+    (["--profile", "."], "--profile '.' is a folder"),
+])
+def test_every_bad_run_option_is_refused_before_a_worker_starts(cli, tmp_path, monkeypatch, args, needle):
+    """One line naming the value and what is valid, exit 2, nothing started and nothing written."""
+    from planner.runner import launch
+
+    def no_spawn(*a, **k):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(launch, "_spawn", no_spawn)
+    monkeypatch.chdir(tmp_path)
+    save_plan(make(dp=2), tmp_path / "dp.yaml")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    r = cli("run", "dp.yaml", *args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp.yaml", "empty.bin"]
+
+
+def test_a_plan_needing_more_cpu_ranks_than_the_host_holds_is_refused_unless_nproc_asks(monkeypatch):
+    from planner.runner import preflight
+
+    monkeypatch.setattr(preflight, "host_cores", lambda: 2)
+    monkeypatch.setattr(preflight, "host_memory_available_gib", lambda: 100.0)
+    wide = make(dp=64, global_batch_size=64)
+    with pytest.raises(DistplanError, match=r"the plan needs 64 ranks, but this host can run 8 CPU ranks \(2 cores x 4 "
+                                            r"ranks per core = 8; .*\); `--gpus 64` starts them anyway"):
+        check_request(wide, RunOptions(), None, "cpu")
+    assert check_request(wide, RunOptions(), 64, "cpu") == 64  # asked for explicitly
+    assert check_request(make(dp=4), RunOptions(), None, "cpu") == 4  # the tests' 4 ranks on 2 cores
+    monkeypatch.setattr(preflight, "host_memory_available_gib", lambda: 1.0)  # memory, not cores, is the limit
+    with pytest.raises(DistplanError, match=r"needs 4 ranks, but this host can run 2 CPU ranks .*1\.0 GiB of memory "
+                                            r"available / 0\.3\d GiB per rank = 2"):
+        check_request(make(dp=4), RunOptions(), None, "cpu")
+    assert check_request(make(dp=4), RunOptions(), None, "cuda", cuda_count=4) == 4  # GPUs: counted, not cores
+
+
+def test_cli_refuses_a_too_wide_cpu_plan_in_one_line_before_starting_anything(cli, tmp_path, monkeypatch):
+    from planner.runner import launch, preflight
+
+    monkeypatch.setattr(preflight, "host_cores", lambda: 2)
+    monkeypatch.setattr(launch, "_spawn", lambda *a, **k: pytest.fail("a worker was started"))
+    save_plan(make(dp=64, global_batch_size=64), tmp_path / "wide.yaml")
+    r = cli("run", tmp_path / "wide.yaml")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "needs 64 ranks" in r.stderr and "`--gpus 64` starts them anyway" in r.stderr
+    assert not list(tmp_path.glob("*.report.yaml"))
+
+
+def test_host_memory_is_the_smaller_of_memavailable_and_the_cgroups_room(tmp_path):
+    from planner.runner.preflight import host_memory_available_gib
+
+    (tmp_path / "meminfo").write_text("MemTotal:       32000000 kB\nMemAvailable:   8388608 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert host_memory_available_gib(str(tmp_path / "meminfo"), str(cgroup)) == pytest.approx(8.0)
+    (cgroup / "memory.max").write_text("max\n")
+    assert host_memory_available_gib(str(tmp_path / "meminfo"), str(cgroup)) == pytest.approx(8.0)
+    (cgroup / "memory.max").write_text(f"{4 * 1024**3}\n")
+    (cgroup / "memory.current").write_text(f"{1024**3}\n")
+    assert host_memory_available_gib(str(tmp_path / "meminfo"), str(cgroup)) == pytest.approx(3.0)
+    assert host_memory_available_gib(str(tmp_path / "none"), str(tmp_path / "none")) is None
 
 
 def test_classify_names_the_failing_rank_its_step_and_why(tmp_path):

@@ -15,7 +15,7 @@ import yaml
 from planner.cluster import load_cluster
 from planner.job import ParallelConfig, validate_config
 from planner.model import ModelSpec
-from planner.plan import make_plan, save_plan
+from planner.plan import load_plan, make_plan, save_plan
 from planner.predict import predict
 from planner.runner.data import write_tokens
 from planner.runner.engine_api import TEST_KILL_ENV, RunOptions
@@ -61,8 +61,18 @@ def assert_verified(report, tmp_path, world):
 
 @pytest.mark.slow
 def test_dp2_ddp_through_the_cli_with_calibration(cli, tmp_path):
+    """--calibrate records the run's factors in the profile's calibration file (torch engine, this CPU, the tiny
+    model's shape) and leaves the profile byte for byte as it was; --calibration then applies them."""
+    from planner.calibration import load_calibration
+    from planner.profile import Profile, save_profile
+    from planner.profile_job import model_shape
+    from planner.runner.launch import _load_profile
+
     path = plan_file(tmp_path, dp=2)
     prof = tmp_path / "profile.yaml"
+    save_profile(Profile(gpu_name="test CPU", device="cpu", model=TINY.name, seq_len=32, dtype="fp32",
+                         model_shape=model_shape(TINY), device_count=2), prof)
+    written = prof.read_bytes()
     r = cli("run", path, "--steps", 2, "--warmup", 1, "--check-numerics", "--tolerance", HUGE, "-o",
             tmp_path / "report.yaml", "--calibrate", "--profile", prof, "--timeout", 300)
     assert r.exit_code == 0, r.output
@@ -70,7 +80,13 @@ def test_dp2_ddp_through_the_cli_with_calibration(cli, tmp_path):
     d = yaml.safe_load((tmp_path / "report.yaml").read_text())
     assert d["numerics"]["passed"] and ZERO_MAPPING[0] in d["notes"]
     assert d["calibration"]["factors"]["compute"] > 1  # a CPU is slower than the H100 the plan assumed
-    assert yaml.safe_load(prof.read_text())["calibration"]["compute"] > 1
+    assert prof.read_bytes() == written
+    (record,) = load_calibration(tmp_path / "profile.calibration.yaml").records
+    assert record.engine == "torch" and record.gpu == "test CPU" and dict(record.factors)["compute"] > 1
+    _, prediction, _, applied = _load_profile(load_plan(path), str(prof), False, "torch",
+                                              str(tmp_path / "profile.calibration.yaml"))
+    assert prediction["sources"]["calibration.compute"].startswith("x") and applied[0].startswith("calibration: ")
+    assert prediction["step_time_s"] == pytest.approx(d["calibration"]["predicted_after_s"], rel=1e-5)  # 6 digits kept
     # the same run with the default 10% tolerance fails verification: exit code 1, report still written
     r = cli("run", path, "--steps", 1, "--warmup", 0, "-o", tmp_path / "strict.yaml", "--timeout", 300)
     assert r.exit_code == 1 and "FAILED" in r.stdout

@@ -109,6 +109,37 @@ def test_show_bad_input_is_one_line_and_exit_2(cli, plans, tmp_path):
     one_line_error(cli("show", bad), "malformed YAML")
 
 
+GOOD_OUTPUTS = {"--timeline": "t.png", "--memory-chart": "m.svg", "--report": "r.html"}
+BAD_SUFFIXES = {"--timeline": "t.jpg", "--memory-chart": "m.pdf", "--report": "r.txt"}
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("option", GOOD_OUTPUTS)
+def test_show_bad_output_is_one_line_and_writes_nothing(cli, plans, tmp_path, option):
+    out = tmp_path / "out"
+    out.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [(out, "is a folder"), (blocker / GOOD_OUTPUTS[option], "is a file, not a folder"),
+             (out / BAD_SUFFIXES[option], "suffix must be")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / GOOD_OUTPUTS[option], "is not writable"))
+    # the other outputs are fine, and come first: none of them may be written either
+    others = [a for o, name in GOOD_OUTPUTS.items() if o != option for a in (o, out / name)]
+    for target, needle in cases:
+        before = files_under(tmp_path)
+        one_line_error(cli("show", plans[0], *others, option, target), option, str(target), needle)
+        assert files_under(tmp_path) == before, target
+    same = out / "same.png"
+    one_line_error(cli("show", plans[0], "--timeline", same, "--memory-chart", same), "also the --timeline file")
+    assert not same.exists()
+
+
 # ---- diff ---------------------------------------------------------------------------------------------
 
 

@@ -1,16 +1,17 @@
-"""`distplan run --calibrate`: measured-over-predicted correction factors, written into a profile.
+"""`distplan run --calibrate`: measured-over-predicted correction factors, written into a calibration file.
 
-The cost model multiplies each term by a factor from `Profile.calibration` (planner/costmodel.py):
-"compute" scales profiled layer times, and each collective ("all_reduce", "all_gather",
-"reduce_scatter", "all_to_all", "p2p") scales its latency + bytes / bandwidth time. A run measures
-one number, the step time M, while the prediction (without calibration) splits into terms
-T_k per kind k plus a part F no factor scales (the optimizer step):
+The cost model multiplies each term by a factor (Profile.calibration, planner/costmodel.py): "compute"
+scales layer times, and each collective ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+scales its latency + bytes / bandwidth time. A run measures one number, the step time M, while the
+prediction (without calibration) splits into terms T_k per kind k plus a part F no factor scales (the
+optimizer step):
 
     M  ~=  F + sum_k f_k * T_k                                                         (1)
 
-One run gives one equation. Every calibrated run is kept in the profile (raw.calibration_runs),
-and the factors are the least-squares solution of (1) over all of them, in relative error, with a
-small ridge term pulling each f_k toward the pooled ratio f0 = sum_i (M_i - F_i) / sum_i sum_k T_ik:
+One run gives one equation. The runs are kept per record of the calibration file (planner/calibration.py:
+one per engine, GPU, model shape and sequence length, and profile file), and a record's factors are the
+least-squares solution of (1) over its runs, in relative error, with a small ridge term pulling each f_k
+toward the pooled ratio f0 = sum_i (M_i - F_i) / sum_i sum_k T_ik:
 
     min_f  sum_i ((F_i + sum_k f_k T_ik - M_i) / M_i)^2  +  RIDGE * sum_k (f_k - f0)^2
 
@@ -18,6 +19,7 @@ With a single run this is f_k = f0 for every k (the one equation is met exactly 
 zero), i.e. the measured/predicted ratio of the calibratable part; runs that mix the kinds
 differently (other tp, pp, ZeRO) separate the factors. The exposed (overlapped) communication is
 treated as linear in its factor, which holds while the overlap window does not change much.
+A run of one engine or model never moves another's factors, and the profile file is never written.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.calibration import CalibrationRecord, job_key, load_calibration, profile_digest, save_calibration
 from planner.plan import Plan
 from planner.predict import predict
-from planner.profile import Profile, save_profile
+from planner.profile import Profile
+from planner.profile_job import model_shape
 
 RIDGE = 1e-3
 MIN_FACTOR = 1e-3  # factors are positive: a term cannot take negative time
@@ -75,27 +79,43 @@ def fit_factors(runs: list[dict]) -> dict[str, float]:
     return {k: float(max(MIN_FACTOR, v)) for k, v in zip(kinds, f)}
 
 
-def calibrate_profile(plan: Plan, profile: Profile | None, report, profile_path: str | Path) -> dict:
-    """Add this run to the profile's calibration runs, refit the factors, save the profile; returns a summary."""
-    if profile is None:  # a new, calibration-only profile
-        profile = Profile(gpu_name=plan.cluster.gpu.name, device=report.device.split(":")[0], model=plan.model.name,
-                          seq_len=plan.parallel.seq_len, dtype=report.dtype)
-    raw_profile = replace(profile, calibration=())
-    before = predict(plan.model, plan.cluster, plan.parallel, profile).step_time_s
-    terms, fixed = attribute(plan, predict(plan.model, plan.cluster, plan.parallel, raw_profile).to_dict()["breakdown"])
-    run = {"plan_digest": plan.digest(), "config": report.config, "device": report.device, "dtype": report.dtype,
-           "measured_step_time_s": float(report.measured_step_time_s), "fixed_s": fixed, "terms_s": terms}
-    runs = [r for r in (profile.raw or {}).get("calibration_runs", []) if r.get("plan_digest") != run["plan_digest"]]
-    runs.append(run)
+def machine_gpu(profile: Profile | None) -> str:
+    """The GPU this process runs on, as a calibration record names it: CUDA's device 0; on a CPU the profiled CPU's
+    name where the profile is a CPU one (estimate then plans on that machine), else "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return profile.gpu_name if profile is not None and profile.device == "cpu" else "cpu"
+
+
+def calibrate_run(plan: Plan, profile: Profile | None, report, calibration_path: str | Path,
+                  profile_path: str | Path | None, applied: tuple[str, ...] = ()) -> dict:
+    """Add this run to its record of the calibration file (engine, this machine's GPU, the plan's model shape and
+    sequence length, the profile file), refit that record's factors, save the file; returns a summary. `profile`:
+    as the run was predicted with (planner.estimate.job_profile), its calibration factors aside."""
+    engine, gpu = report.engine, machine_gpu(profile)
+    base = replace(profile, calibration=(), calibration_source="") if profile is not None else None
+    before = predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine).step_time_s
+    terms, fixed = attribute(plan, predict(plan.model, plan.cluster, plan.parallel, base, engine=engine).to_dict()["breakdown"])
+    run = {"plan_digest": plan.digest(), "model": plan.model.name, "config": report.config, "device": report.device,
+           "dtype": report.dtype, "measured_step_time_s": float(report.measured_step_time_s), "fixed_s": fixed,
+           "terms_s": terms}
+    cal = load_calibration(calibration_path, missing_ok=True)
+    digest = profile_digest(profile_path)
+    record = cal.find(job_key(engine, gpu, plan.model, plan.parallel.seq_len, digest)) or CalibrationRecord(
+        engine=engine, gpu=gpu, model=plan.model.name, model_shape=model_shape(plan.model), seq_len=plan.parallel.seq_len,
+        profile=digest, profile_path=str(profile_path or ""))
+    runs = [r for r in record.runs if r.get("plan_digest") != run["plan_digest"]] + [run]
     factors = fit_factors(runs)
-    calibration = {**dict(profile.calibration), **factors}
-    new = replace(profile, calibration=tuple(sorted(calibration.items())), raw={**(profile.raw or {}), "calibration_runs": runs})
-    save_profile(new, profile_path)
-    after = predict(plan.model, plan.cluster, plan.parallel, new).step_time_s
-    kind = "moe_block" if plan.model.is_moe else "block"
-    note = ""
-    if "compute" in factors and new.compute_fit(kind, plan.parallel.tp) is None:
-        note = (f"the cost model applies the compute factor to profiled layer times only, and this profile has no "
-                f"'{kind}' fit at tp={plan.parallel.tp}: run `distplan profile` first for the compute factor to take effect")
-    return {"profile": str(profile_path), "runs": len(runs), "factors": factors, "measured_step_time_s": run["measured_step_time_s"],
-            "predicted_before_s": before, "predicted_after_s": after, **({"note": note} if note else {})}
+    record = replace(record, factors=tuple(sorted(factors.items())), runs=tuple(runs))
+    save_calibration(cal.with_record(record), calibration_path)
+    carrier = base if base is not None else Profile(gpu_name=gpu, device=report.device.split(":")[0],
+                                                    model=plan.model.name, seq_len=plan.parallel.seq_len,
+                                                    dtype=report.dtype, model_shape=model_shape(plan.model))
+    after = predict(plan.model, plan.cluster, plan.parallel, replace(carrier, calibration=record.factors),
+                    engine=engine).step_time_s
+    return {"file": str(calibration_path), "engine": engine, "gpu": gpu, "model": plan.model.name,
+            "seq_len": plan.parallel.seq_len, "profile": str(profile_path) if profile_path else None,
+            "runs": len(runs), "factors": factors, "measured_step_time_s": run["measured_step_time_s"],
+            "predicted_before_s": before, "predicted_after_s": after, **({"applied": list(applied)} if applied else {})}

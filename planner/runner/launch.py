@@ -13,11 +13,18 @@ Once every rank has written its result, the ranks get EXIT_GRACE_S to exit, then
 results kept (a process-group teardown that does not return costs seconds, not the run).
 Either way a report comes back (which rank, which step, why), it is written atomically, and the
 temporary folder is removed.
+
+While the workers run, SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler's cancel, `timeout`, a closed terminal)
+stop the run the same way: every worker's process group is killed, the folder removed, and `RunStopped` raised
+(the CLI exits 128 + the signal's number). Everything that can be refused is refused before the first worker
+starts: bad option values, a plan needing more CPU ranks than this host can run, a report or profile that could
+not be written at the end.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,9 +40,10 @@ from typing import Callable
 
 import planner
 from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
-from planner.errors import DistplanError, require
+from planner.errors import require
 from planner.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
+from planner.runner.preflight import check_request, check_writable
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
 from planner.runner import gpu_clocks
 from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV
@@ -50,48 +59,51 @@ POLL_S = 0.1
 # a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
 CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
                 "nccl communicator was aborted", "ncclremoteerror", "socket timeout", "failed to recv", "eof")
-DTYPES = ("auto", "bf16", "fp32")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 ProgressFn = Callable[[int, int], None]  # (steps begun by the slowest rank, total steps)
 
 
-def check_request(plan: Plan, opts: RunOptions, nproc: int | None, device_type: str, cuda_count: int = 0) -> int:
-    """Validate everything that can be checked before spawning; returns the number of processes."""
-    from planner.runner.data import DataSource
-    from planner.runner.engines import ENGINES
+class RunStopped(BaseException):
+    """A signal stopped the run; its workers were stopped and its folder removed. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` carries on with the next run."""
 
-    require(opts.engine in ENGINES, f"--engine '{opts.engine}' is unknown; valid: {', '.join(ENGINES)}")
-    require(opts.steps >= 1, f"--steps must be >= 1, got {opts.steps}")
-    require(opts.warmup >= 0, f"--warmup must be >= 0, got {opts.warmup}")
-    require(opts.timeout_s > 0, f"--timeout must be positive, got {opts.timeout_s}")
-    require(opts.lr > 0, f"--lr must be positive, got {opts.lr}")
-    require(opts.dtype in DTYPES, f"--dtype '{opts.dtype}' is unknown; valid: {', '.join(DTYPES)}")
-    world = plan.parallel.gpus
-    nproc = world if nproc is None else nproc
-    where = "on CPU each rank is one process and " if device_type == "cpu" else ""
-    require(nproc == world,
-            f"--nproc {nproc} does not match the plan's world size dp*tp*pp*cp = {plan.parallel.dp}*{plan.parallel.tp}*"
-            f"{plan.parallel.pp}*{plan.parallel.cp} = {world}: {where}`distplan run` launches one node, so it needs "
-            f"--nproc {world} (for several nodes use the torchrun line of `distplan emit`)")
-    if device_type == "cuda":
-        require(nproc <= cuda_count, f"the plan needs {nproc} GPUs on this node, but {cuda_count} are visible")
-    engine = _engine_module(opts.engine)
-    if hasattr(engine, "check_supported"):
-        engine.check_supported(plan, device_type)
-    DataSource(plan.model, plan.parallel.seq_len, plan.parallel.global_batch_size, seed=opts.seed,
-               path=opts.data_path, dtype=opts.data_dtype)  # validates --data / --data-dtype
-    return nproc
+    def __init__(self, signum: int, workers: int = 0):
+        self.signum, self.workers = signum, workers
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {workers} workers stopped, no report written")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
-def _engine_module(name: str):
-    import importlib
+class _StopSignals:
+    """While workers run: STOP_SIGNALS only record themselves; the launcher polls `check()`, which raises RunStopped,
+    and its clean-up stops the workers (no worker outlives a cancelled run). Signals already ignored (nohup's SIGHUP)
+    stay ignored; the previous handlers come back on exit. Off the main thread Python installs no handlers: a no-op."""
 
-    from planner.runner.engines import ENGINES
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
 
-    try:
-        return importlib.import_module(ENGINES[name][0])
-    except ImportError as exc:
-        raise DistplanError(f"engine '{name}' cannot be loaded ({exc}); install its framework or use --engine torch") from None
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def check(self, workers: int = 0) -> None:
+        if self.signum is not None:
+            raise RunStopped(self.signum, workers)
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
 def _free_port() -> int:
@@ -116,12 +128,16 @@ def worker_argv(plan_path: str, opts: RunOptions, result_dir: str | None = None)
 CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
-def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str) -> list[subprocess.Popen]:
+def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str,
+           procs: list[subprocess.Popen] | None = None, stop: _StopSignals | None = None) -> list[subprocess.Popen]:
+    """Start the workers, appending each to `procs` as it starts (the caller's clean-up sees every one of them)."""
     port = _free_port()
     root = str(Path(planner.__file__).resolve().parents[1])
     threads = host_threads_per_rank(nproc)
-    procs = []
+    procs = [] if procs is None else procs
     for rank in range(nproc):
+        if stop is not None:
+            stop.check(len(procs))
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), **{PROGRESS_ENV: str(tmp / f"rank{rank}.progress")},
                    PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -182,11 +198,14 @@ def _log_tail(tmp: Path, rank: int, lines: int = 15) -> str:
     return "\n".join(keep[-lines:])
 
 
-def _watch(procs, tmp: Path, timeout_s: float, total_steps: int, on_progress: ProgressFn | None):
+def _watch(procs, tmp: Path, timeout_s: float, total_steps: int, on_progress: ProgressFn | None,
+           stop: _StopSignals | None = None):
     """Wait for the workers; returns (primary failed ranks, ranks killed by the watchdog, timed out?, ranks stopped
-    after writing their results: EXIT_GRACE_S passed since the last one was written)."""
+    after writing their results: EXIT_GRACE_S passed since the last one was written). Raises RunStopped on a signal."""
     start, first_fail, primary, all_written = time.monotonic(), None, set(), None
     while True:
+        if stop is not None:
+            stop.check(len(procs))
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return primary, set(), False, set()
@@ -252,12 +271,15 @@ def _demote_consequences(failures: list[Failure]) -> list[Failure]:
 
 def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, out_path: str | Path | None = None,
              tolerance: float = 0.10, check_numerics: bool = False, profile_path: str | Path | None = None,
-             calibrate: bool = False, on_progress: ProgressFn | None = None) -> Report:
+             calibrate: bool = False, on_progress: ProgressFn | None = None, calibration: str | Path | None = None,
+             profile_fallback: bool = False) -> Report:
     """Run the plan for real with `opts.engine`, measure, verify against the prediction; see the module docstring."""
     import torch
 
-    require(tolerance > 0, f"--tolerance must be positive, got {tolerance}")
-    require(not calibrate or profile_path is not None, "--calibrate needs --profile PATH (the profile to write the factors into)")
+    require(math.isfinite(tolerance) and tolerance > 0,
+            f"--tolerance {tolerance:g} is not a relative error; valid: a finite number > 0, e.g. 0.1 for 10%")
+    require(not calibrate or profile_path is not None or calibration is not None,
+            "--calibrate needs --calibration FILE (or --profile PATH: then PATH's .calibration.yaml beside it)")
     require(not opts.trace or opts.engine == "torch", f"--trace profiles the torch engine's step only; engine is {opts.engine!r}")
     require(not opts.memory_peak or opts.engine == "torch",
             f"--memory-peak records the torch engine's step only; engine is {opts.engine!r}")
@@ -269,24 +291,36 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     from planner.runner.worker import resolve_dtype
 
     opts = replace(opts, dtype=resolve_dtype(opts.dtype, device_type))
-    profile, prediction = _load_profile(plan, profile_path, calibrate, opts.engine)
+    if out_path is not None:
+        require(Path(out_path).resolve() != Path(plan_path).resolve(), f"--output '{out_path}' is the plan itself; "
+                "give the report another path, e.g. the default <plan>.report.yaml")
+        check_writable(out_path, "--output")
+    if profile_path is not None:
+        require(not Path(profile_path).is_dir(), f"--profile '{profile_path}' is a folder; give a profile YAML file")
+    profile, prediction, calibration, applied = _load_profile(plan, profile_path, calibrate, opts.engine, calibration,
+                                                              profile_fallback)
+    if calibrate:
+        check_writable(calibration, "--calibration")
 
     start = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
     procs: list[subprocess.Popen] = []
     sampler, clocks = None, {}
-    try:
-        if device_type == "cuda":  # the GPUs' clocks and power beside the run (planner/runner/gpu_clocks.py)
-            sampler = gpu_clocks.start(tmp / "gpu_clocks.csv")
-        procs = _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type)
-        primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps, on_progress)
-        results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s, reaped)
-    finally:
-        if sampler is not None:
-            gpu_clocks.stop(sampler)
-            clocks = gpu_clocks.summarize((tmp / "gpu_clocks.csv").read_text(errors="replace"))
-        _kill(procs)  # no-op unless interrupted (KeyboardInterrupt) while they ran
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _StopSignals() as stop:
+        tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
+        try:
+            if device_type == "cuda":  # the GPUs' clocks and power beside the run (planner/runner/gpu_clocks.py)
+                sampler = gpu_clocks.start(tmp / "gpu_clocks.csv")
+            _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type, procs, stop)
+            primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps,
+                                                        on_progress, stop)
+            results, failures = _classify(procs, tmp, primary, killed, timed_out, opts.timeout_s, reaped)
+        finally:
+            if sampler is not None:
+                gpu_clocks.stop(sampler)
+                clocks = gpu_clocks.summarize((tmp / "gpu_clocks.csv").read_text(errors="replace"))
+            _kill(procs)  # no-op unless stopped by a signal or an error while they ran
+            shutil.rmtree(tmp, ignore_errors=True)
+        stop.check(len(procs))  # a signal during the clean-up: stop all the same
 
     numerics = None
     if check_numerics and not failures:
@@ -305,9 +339,11 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
                           opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
                           wall_time_s=time.monotonic() - start)
     if calibrate and report.measured_step_time_s is not None:
-        from planner.runner.calibrate import calibrate_profile
+        from planner.runner.calibrate import calibrate_run
 
-        report = replace(report, calibration=calibrate_profile(plan, profile, report, profile_path))
+        report = replace(report, calibration=calibrate_run(plan, profile, report, calibration, profile_path, applied))
+    elif applied:
+        report = replace(report, calibration={"applied": list(applied)})
     if out_path is not None:
         save_report(report, out_path)
     return report
@@ -329,15 +365,29 @@ def _megatron_numerics(plan: Plan, parallel_losses: tuple[float, ...], opts: Run
     return compare(parallel_losses[:steps], list(ref.losses[:steps]), opts.dtype)
 
 
-def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torch"):
-    """The profile (if any) and the prediction to verify: the plan's own, or re-predicted with --profile
-    (the torch engine runs ZeRO-1 as FSDP2: its measured per-block sharding overhead applies, predict.rank_timer)."""
-    if profile_path is None:
-        return None, plan.prediction
+def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torch", calibration=None,
+                  fallback: bool = False):
+    """(profile, prediction to verify, calibration file, notes): the plan's own prediction without a profile or a
+    calibration file, else re-predicted with the profile as it applies to the plan's model and sequence length
+    (planner.estimate.job_profile: refused where it measured another shape, unless `fallback`) and the calibration
+    factors of this engine, this machine's GPU, shape and profile (the torch engine runs ZeRO-1 as FSDP2: its
+    measured per-block sharding overhead applies, predict.rank_timer). With `calibrate` the calibration file defaults
+    to the profile's (planner.calibration.default_calibration_path), created by the run if missing."""
+    from planner.calibration import default_calibration_path
+    from planner.estimate import job_profile
     from planner.predict import predict
     from planner.profile import load_profile
+    from planner.runner.calibrate import machine_gpu
 
-    if not Path(profile_path).exists() and calibrate:
-        return None, plan.prediction  # --calibrate starts a new profile
-    profile = load_profile(profile_path)
-    return profile, predict(plan.model, plan.cluster, plan.parallel, profile, engine=engine).to_dict()
+    require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")
+    if calibrate and calibration is None:
+        calibration = default_calibration_path(profile_path)
+    # a calibration file --calibrate has yet to create applies nothing
+    existing = None if calibration is None or (calibrate and not Path(calibration).exists()) else calibration
+    if profile_path is None and existing is None:
+        return None, plan.prediction, calibration, ()
+    profile = load_profile(profile_path) if profile_path is not None else None
+    job = job_profile(profile, profile_path, plan.model, plan.parallel.seq_len, plan.cluster, engine=engine,
+                      fallback=fallback, calibration=existing, gpu_name=machine_gpu(profile))
+    return job.profile, predict(plan.model, plan.cluster, plan.parallel, job.profile, engine=engine).to_dict(), \
+        calibration, job.notes

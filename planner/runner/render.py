@@ -88,14 +88,15 @@ def render_report(console: Console, r: Report, report_path: str | None = None) -
         console.print(t)
     for line in r.verdict:
         console.print(f"  {escape(line)}", highlight=False)
-    if r.calibration:
-        c = r.calibration
+    c = r.calibration or {}
+    for line in c.get("applied", ()):  # what the verified prediction took from --profile and --calibration
+        console.print(f"  {escape(line)}", highlight=False)
+    if c.get("file"):
         factors = ", ".join(f"{k} x{v:.3g}" for k, v in sorted(c.get("factors", {}).items()))
-        console.print(f"calibration ({c.get('runs')} run(s)) written to {escape(str(c.get('profile')))}: {factors}; predicted step time "
+        console.print(f"calibration of the {c.get('engine')} engine for {escape(str(c.get('model')))} ({c.get('runs')} "
+                      f"run(s)) written to {escape(str(c['file']))}: {factors}; predicted step time "
                       f"{c.get('predicted_before_s', 0):.4g} s -> {c.get('predicted_after_s', 0):.4g} s "
                       f"(measured {c.get('measured_step_time_s', 0):.4g} s)", highlight=False)
-        if c.get("note"):
-            console.print(f"[yellow]note:[/] {escape(c['note'])}", highlight=False)
     verdict = "[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]"
     where = f"; report written to {escape(report_path)}" if report_path else ""
     console.print(f"verification {verdict} (tolerance {100 * r.tolerance:.0f}%){where}")
