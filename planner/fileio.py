@@ -4,8 +4,8 @@ Reading: every loader (plan, profile, cluster, model, run reports) goes through 
 which turn every way a file can be wrong into one DistplanError naming the file: missing, a folder or
 another non-file, unreadable, larger than MAX_INPUT_BYTES, not UTF-8 text, malformed, nested deeper than
 MAX_NESTING, YAML aliases (a few lines of nested aliases expand to billions of nodes; distplan never
-writes them: yaml.safe_dump of its plain dicts has no shared objects), and values other than text,
-numbers, true/false, null, lists and mappings with text keys.
+writes them: `dump_yaml` writes an object met twice in full), and values other than text, numbers,
+true/false, null, lists and mappings with text keys.
 
 Writing: `atomic_write_files` stages every file beside its target and renames them into place only once
 all are written, so a reader (or a crash) never sees a half-written file and a failed write leaves
