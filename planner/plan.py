@@ -149,6 +149,9 @@ def plan_from_dict(d: object, source: str) -> Plan:
     prov.pop("distplan_version", None)
     command = text(prov, "command", f"{source}: provenance", default="")
     require("\n" not in command and "\r" not in command, f"{source}: provenance.command must be one line")
+    training = mapping(prov, "training", f"{source}: provenance", default={})
+    for key in ("train_tokens", "gpu_hour_price"):
+        number(training, key, f"{source}: provenance.training", 0, default=None)
     return Plan(model=model, cluster=cluster, gpus=gpus, parallel=cfg, prediction=pred, rationale=tuple(rationale),
                 alternatives=tuple(alternatives), sharding=mapping(d, "sharding", source, default={}), provenance=prov)
 

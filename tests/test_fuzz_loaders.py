@@ -173,9 +173,10 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def valid_plan(folder):
-    """A solved plan (rationale, runners-up and the ILP's sharding included)."""
+    """A solved plan (rationale, runners-up, the ILP's sharding and the training cost inputs included)."""
     path = folder / "solved.yaml"
-    r = CliRunner().invoke(app, ["solve", "-m", "gpt2", "-n", "2", "-o", str(path), "--format", "json"])
+    r = CliRunner().invoke(app, ["solve", "-m", "gpt2", "-n", "2", "-o", str(path), "--format", "json",
+                                 "--train-tokens", "2e12", "--gpu-hour-price", "2.5"])
     assert r.exit_code == 0, r.output
     return yaml.safe_load(path.read_text())
 
