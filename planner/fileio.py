@@ -207,8 +207,13 @@ def _check_parent(path: Path, what: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise DistplanError(f"cannot write {what} '{path}': '{parent}' is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DistplanError(f"cannot write {what} '{path}': folder '{parent}' is not writable")
+    try:  # probed by making a file there (permission bits alone do not say: root, read-only mounts, /proc)
+        fd, probe = tempfile.mkstemp(prefix=".distplan-probe.", dir=parent)
+    except OSError as exc:
+        raise DistplanError(f"cannot write {what} '{path}': no file can be created in '{parent}' "
+                            f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_files(files: dict[Path, str | bytes]) -> None:

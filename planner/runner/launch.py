@@ -43,7 +43,8 @@ from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
 from planner.errors import require
 from planner.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
-from planner.runner.preflight import check_request, check_writable
+from planner.fileio import check_writable
+from planner.runner.preflight import check_request
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
 from planner.runner import gpu_clocks
 from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from planner.errors import DistplanError, require
@@ -116,23 +115,6 @@ def _check_cpu_capacity(plan: Plan, world: int) -> None:
     require(world <= possible,
             f"the plan needs {world} ranks, but this host can run {possible} CPU ranks ({why}); `--gpus {world}` "
             f"starts them anyway")
-
-
-def check_writable(path: str | Path, what: str) -> None:
-    """Refuse now a file the run writes at its end (atomic_write_text: missing folders made, a temporary file renamed
-    over it); probed by creating and removing a file in its nearest existing folder, so nothing is left behind."""
-    path, folder = Path(path), Path(path).parent
-    try:
-        require(not path.is_dir(), f"{what} '{path}' is a folder; give a file path in it, e.g. {path / 'report.yaml'}")
-        while not folder.exists():
-            folder = folder.parent
-        require(folder.is_dir(), f"{what} '{path}' cannot be written: '{folder}' is a file, not a folder")
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-    except OSError as exc:
-        raise DistplanError(f"{what} '{path}' cannot be written: no file can be created in '{folder}' "
-                            f"({exc.strerror or exc}); give a writable path") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _engine_module(name: str):
