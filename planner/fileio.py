@@ -88,6 +88,9 @@ def parse_yaml(text: str, source: str) -> object:
                 depth -= 1
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
+        if "nesting depth" in str(exc):  # libyaml >= 0.2.6 (PyYAML 6.0.4's wheels) stops at its own limit first
+            raise DistplanError(f"{source} nests lists and mappings deeper than {MAX_NESTING} levels "
+                                f"({_yaml_problem(exc)}); distplan's files nest at most 7") from None
         raise DistplanError(f"{source} is malformed YAML: {_yaml_problem(exc)}") from None
     except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
         raise DistplanError(f"{source} is malformed YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
