@@ -1,10 +1,11 @@
-"""Bad input on the command line: every option of every command (but `run`) with zero, negative, huge and
+"""Bad input on the command line: every option of every command with zero, negative, huge and
 non-numeric values, and for file options a missing file, a folder and binary garbage. Each answer is exit
 code 0 or 2, no exception, at most one line on stderr when it is 2, and no file left behind when it fails.
 
 The options are enumerated from the click command objects, so a new option joins the catalogue by itself.
 Expensive work is replaced where a valid value would start it: the solver's search and ILP return one
-real solve's results, and the profiler's measurement raises MEASURING (so `profile` checks come first).
+real solve's results, the profiler's measurement raises MEASURING (so `profile` checks come first), and `run`'s
+workers raise SPAWNING instead of starting (so every check of `run` comes before its workers).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from planner.errors import DistplanError
 HUGE = str(10**18)
 GENERIC = ("0", "-1", HUGE, "abc", "")
 FLOATS = ("nan", "inf")
-INPUT_FILES = {"model", "cluster", "profile", "plan", "a", "b", "base", "measured", "calibration"}  # files read
+INPUT_FILES = {"model", "cluster", "profile", "plan", "a", "b", "base", "measured", "calibration", "data"}  # files read
 OUTPUT_SUFFIX = {("estimate", "output"): ".yaml", ("solve", "output"): ".yaml", ("profile", "output"): ".yaml",
                  ("solve", "report"): ".html", ("solve", "candidates"): ".csv", ("show", "report"): ".html",
                  ("show", "timeline"): ".png",
-                 ("show", "memory_chart"): ".png", ("emit", "output"): ""}
+                 ("show", "memory_chart"): ".png", ("emit", "output"): "", ("run", "output"): ".yaml"}
 MEASURING = "measurement started"
+SPAWNING = "workers would start here"
+RUN_BOUNDED = ("steps", "warmup", "timeout", "seed", "nproc")  # run's options with an upper bound
 SOLVE = importlib.import_module("solvers.solve")  # the module (the package exports its function `solve`)
 
 COMMAND = typer.main.get_command(app)
@@ -42,6 +45,7 @@ BASE = {  # the cheapest valid invocation of each command, as (parameter, tokens
     "diff": [("a", ["{plan}"]), ("b", ["{plan}"])],
     "profile": [("model", ["-m", "gpt2"]), ("output", ["-o", "profile.yaml"])],
     "emit": [("plan", ["{plan}"]), ("target", ["-t", "torchrun"]), ("output", ["-o", "emitted"])],
+    "run": [("plan", ["{plan}"]), ("output", ["-o", "report.yaml"])],
 }
 
 
@@ -140,6 +144,13 @@ def cheap(monkeypatch, solved):
     monkeypatch.setattr(profilers.run.comm, "measure_spawned", measuring)
     monkeypatch.setattr(profilers.run.facts, "device_facts", measuring)
 
+    def spawning(*args, **kwargs):
+        raise DistplanError(SPAWNING)
+
+    import planner.runner.launch
+
+    monkeypatch.setattr(planner.runner.launch, "_spawn", spawning)
+
 
 def _listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
@@ -168,10 +179,13 @@ def test_bad_value(command, name, value, fixtures, cheap, tmp_path, monkeypatch)
     if command == "profile" and value in ("0", "-1", HUGE) and _kind(next(
             p for p in COMMAND.commands["profile"].params if p.name == name)) == "int":
         assert MEASURING not in result.stderr, f"profile {name}={value} reached the measurement"
+    run_kind = _kind(next(p for p in COMMAND.commands["run"].params if p.name == name)) if command == "run" else ""
+    if run_kind in ("int", "float") and (value in ("-1", "nan", "inf") or value == HUGE and name in RUN_BOUNDED):
+        assert SPAWNING not in result.stderr, f"run {name}={value} reached its workers"
 
 
-def test_catalogue_covers_every_command_but_run():
-    assert set(BASE) | {"run"} == set(COMMAND.commands)
+def test_catalogue_covers_every_command():
+    assert set(BASE) == set(COMMAND.commands)
     covered = {(c, n) for c, n, _ in (p.values for p in _cases())}
     assert covered == {(c, p.name) for c in BASE for p in COMMAND.commands[c].params}
 
