@@ -38,6 +38,7 @@ from profilers import facts as device_facts_mod
 from profilers.kernel_grid import (AttentionGrid, GemmGrid, MemoryGrid, gemm_estimate_s, measure_attention,
                                    measure_gemm, measure_memory_bound, nest)
 from profilers.kernel_timing import KernelTimer
+from profilers.run import _plain
 
 GIB = 2**30
 BUDGET_S = {"cuda": 390.0, "cpu": 30.0}  # default budget: an H100 done in ~6.5 min plus start-up, inside a 10-min call
@@ -193,8 +194,8 @@ def _launch(device: torch.device, timer: KernelTimer) -> dict:
         trips.append(now() - t0)
     out["eager_roundtrip_s"] = statistics.median(trips)
     if cuda:
-        out["graph_kernel_s"] = timer.measure(lambda: x.add(1), 2e-6, 200)["seconds"]
-    return {k: max(v, 1e-9) for k, v in out.items()}
+        out["graph_kernel_s"] = timer.measure(lambda: x.add(1), 2e-6, 200, kind="launch")["seconds"]
+    return {k: float(f"{max(v, 1e-9):.4g}") for k, v in out.items()}
 
 
 def _sustained(device: torch.device, dtype: torch.dtype, seconds: float, n: int, into: dict) -> dict:
@@ -271,7 +272,10 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
         except Exception as exc:  # noqa: BLE001 - a section's failure is recorded; the others still run
             got = {"not_measured": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
             if cuda:
-                torch.cuda.synchronize()
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 - a sticky CUDA error: the next sections record theirs
+                    pass
         sections[name] = {"wall_s": round(time.monotonic() - t0, 2), **notes, **sections.get(name, {})}
         if got is not None:
             db[name] = got
@@ -281,8 +285,9 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
     probe = {"matmul_n": settings.probe_n}
 
     def probes() -> None:
-        probe["matmul_tflops"] = device_facts_mod.matmul_tflops(settings.probe_n, device, dtype, repeats=5, warmup=2)
-        probe["copy_gb_s"] = device_facts_mod.copy_bandwidth_gb_s(settings.probe_copy_bytes, device, repeats=5)
+        probe["matmul_tflops"] = round(device_facts_mod.matmul_tflops(settings.probe_n, device, dtype, repeats=5,
+                                                                      warmup=2), 3)
+        probe["copy_gb_s"] = round(device_facts_mod.copy_bandwidth_gb_s(settings.probe_copy_bytes, device, repeats=5), 2)
         if cuda:
             probe.update(_clock_limits())
 
@@ -344,8 +349,12 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
         return {"kernels": kernels} if kernels else {"not_measured": f"no kernel measured ({_counts(sec.counts)})"}
 
     section("memory_bound", memory_bound)
-    section("optimizer", lambda: {"adamw_s_per_param": device_facts_mod.optimizer_s_per_param(
-        settings.adamw_params, device, repeats=10 if cuda else 3)})
+    def optimizer() -> dict:
+        rate = device_facts_mod.optimizer_s_per_param(settings.adamw_params, device, repeats=10 if cuda else 3)
+        return {"adamw_s_per_param": float(f"{rate:.4g}"), "params": settings.adamw_params,
+                "implementation": "planner/runner/parallelize.MasterWeightsOptimizer (fused AdamW on fp32 masters)"}
+
+    section("optimizer", optimizer)
     if cuda:
         section("clock", lambda: {**{k: probe[k] for k in ("max_sm_mhz",) if k in probe},
                                   **_sustained(device, dtype, settings.sustain_s, settings.probe_n, clocks)})
@@ -360,8 +369,8 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
     gpu_name = info.get("gpu_name") or f"cpu {info.get('cpu', '')}".strip()
     database = {"version": VERSION, "kind": KIND, "gpu_name": gpu_name.replace("[", "(").replace("]", ")")[:200],
                 "device": device.type, "dtype": dtype_name, "facts": info, **db}
-    return Measured(database=database, raw={"version": VERSION, "kind": f"{KIND} raw points", "gpu_name": gpu_name,
-                                            "facts": info, **raw})
+    return Measured(database=_plain(database), raw=_plain({"version": VERSION, "kind": f"{KIND} raw points",
+                                                           "gpu_name": gpu_name, "facts": info, **raw}))
 
 
 def resolve(device: str, dtype: str, budget_s: float | None, quick: bool) -> tuple[torch.device, torch.dtype, float]:

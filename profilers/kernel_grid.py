@@ -158,7 +158,8 @@ def measure_gemm(grid: GemmGrid, device: torch.device, dtype: torch.dtype, timer
             est = max(2 * m * n * k / flops, elem * (m * k + n * k + m * n) / bw, MIN_KERNEL_S)
             for layout in GEMM_LAYOUTS:
                 try:
-                    _record(sec, layout, (m, n, k), GEMM_AXES, timer.measure(calls[layout], est, max_inner))
+                    _record(sec, layout, (m, n, k), GEMM_AXES, timer.measure(calls[layout], est, max_inner,
+                                                                             kind=f"gemm.{layout}"))
                 except Exception as exc:  # noqa: BLE001 - one point's failure is recorded, the grid goes on
                     sec.fail(exc, device)
                     sec.mark(layout, (m, n, k), "failed")
@@ -235,9 +236,10 @@ def measure_attention(grid: AttentionGrid, device: torch.device, dtype: torch.dt
 
             est = max(WORK["attention.fwd"]({"seq": s, "heads": h, "head_dim": d}, elem) / (ATTENTION_RATE * flops),
                       MIN_KERNEL_S)
-            _record(sec, "fwd", point, ATTENTION_AXES, timer.measure(fwd, est, max_inner), backend=backend)
-            _record(sec, "bwd", point, ATTENTION_AXES, timer.measure(bwd, 2.5 * est, max_inner, prepare),
+            _record(sec, "fwd", point, ATTENTION_AXES, timer.measure(fwd, est, max_inner, kind="attention.fwd"),
                     backend=backend)
+            _record(sec, "bwd", point, ATTENTION_AXES,
+                    timer.measure(bwd, 2.5 * est, max_inner, prepare, kind="attention.bwd"), backend=backend)
         except Exception as exc:  # noqa: BLE001
             sec.fail(exc, device)
             for phase in ("fwd", "bwd"):
@@ -318,7 +320,7 @@ def measure_memory_bound(grid: MemoryGrid, device: torch.device, dtype: torch.dt
                 est = max(WORK[f"{op}.{phase}"](shape, elem) / bw, 5 * MIN_KERNEL_S)
                 state = {}
                 if phase == "fwd":
-                    result = timer.measure(fwd, est, max_inner)
+                    result = timer.measure(fwd, est, max_inner, kind=f"{op}.fwd")
                 else:
                     out = fwd()
                     dout = torch.randn_like(out)
@@ -329,7 +331,7 @@ def measure_memory_bound(grid: MemoryGrid, device: torch.device, dtype: torch.dt
                     def bwd():
                         return torch.autograd.grad(state["out"], inputs, dout, retain_graph=True)
 
-                    result = timer.measure(bwd, est, max_inner, prepare)
+                    result = timer.measure(bwd, est, max_inner, prepare, kind=f"{op}.bwd")
                 _record(sec, f"{op}.{phase}", point, MB_AXES, result)
         except Exception as exc:  # noqa: BLE001
             sec.fail(exc, device)

@@ -25,6 +25,7 @@ import torch
 
 from profilers.timing import Clock, HostAhead, is_oom
 
+GRAPH_TRIES = 2  # failed captures of one kind of call before it is timed eagerly only
 MAX_HOLD_S = 0.5  # longest sleep kernel of the eager fallback: a host slower than this per point is timed as it is
 
 
@@ -36,26 +37,32 @@ class KernelTimer:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.cycles_per_s = HostAhead._calibrate() if self.cuda else 0.0
         self.graph_errors: dict[str, int] = {}  # why capture failed -> times (the eager fallback ran instead)
+        self.refused: dict[str, int] = {}  # kind of call -> captures it failed; from GRAPH_TRIES on it runs eagerly
 
     def inner_for(self, est_s: float, max_inner: int) -> int:
         """Calls per timed loop: enough for `loop_s` of device time at the estimated `est_s` per call."""
         return max(1, min(max_inner, math.ceil(self.loop_s / max(est_s, 1e-9))))
 
     def measure(self, fn: Callable[[], object], est_s: float, max_inner: int,
-                prepare: Callable[[], None] | None = None) -> dict:
-        """{seconds (median per call), min_s, max_s, inner, repeats, method} of `fn`."""
+                prepare: Callable[[], None] | None = None, kind: str = "") -> dict:
+        """{seconds (median per call), min_s, max_s, inner, repeats, method} of `fn`; `kind` names the call
+        (e.g. 'embedding.bwd'), so that one that refuses capture twice is timed eagerly from then on."""
         inner = self.inner_for(est_s, max_inner)
         if not self.cuda:
             return self._cpu(fn, inner, prepare)
-        try:
-            return self._graph(fn, inner, prepare)
-        except Exception as exc:  # noqa: BLE001 - any refusal to capture: time it eagerly instead
-            if is_oom(exc):
-                raise
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-            self.graph_errors[why] = self.graph_errors.get(why, 0) + 1
-            torch.cuda.synchronize()
-            return self._eager(fn, inner, prepare)
+        if self.refused.get(kind, 0) < GRAPH_TRIES:
+            try:
+                return self._graph(fn, inner, prepare)
+            except Exception as exc:  # noqa: BLE001 - any refusal to capture: time it eagerly instead
+                if is_oom(exc):
+                    raise
+                why = f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                self.graph_errors[why] = self.graph_errors.get(why, 0) + 1
+                self.refused[kind] = self.refused.get(kind, 0) + 1
+                # a capture that failed may leave the allocator routing this stream's blocks to its pool: a new stream
+                self.stream = torch.cuda.Stream(self.device)
+                torch.cuda.synchronize()
+        return self._eager(fn, inner, prepare)
 
     def _result(self, per_call: list[float], inner: int, method: str) -> dict:
         return {"seconds": statistics.median(per_call), "min_s": min(per_call), "max_s": max(per_call),
