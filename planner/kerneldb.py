@@ -283,9 +283,12 @@ def _leaves(nested: object, shape: list[int], where: str) -> list[float | str]:
     return out
 
 
-def _grid(d: object, where: str, name: str, work: str, axes: tuple[str, ...], values: object, dtype_bytes: int,
+def _axes(values: object, where: str, axes: tuple[str, ...]) -> list[tuple[float, ...]]:
+    return [_axis(F.listing(values, a, f"{where}.axes"), where, a) for a in axes]
+
+
+def _grid(d: object, where: str, name: str, work: str, axes: tuple[str, ...], vals: list, dtype_bytes: int,
           fixed: tuple = ()) -> Grid:
-    vals = [_axis(F.listing(values, a, f"{where}.axes"), where, a) for a in axes]
     seconds = _leaves(d, [len(v) for v in vals], where)
     return Grid(name=name, work=work, axes=axes, values=tuple(vals), seconds=tuple(seconds),
                 dtype_bytes=dtype_bytes, fixed=fixed)
@@ -307,17 +310,18 @@ def _grids(data: dict, section: str, source: str, b: int) -> tuple[dict, str | N
             kw = f"{where}.kernels.{kernel}"
             fixed = tuple((n, F.check_number(v, n, f"{kw}.fixed", 0, above=True))
                           for n, v in F.mapping(k, "fixed", kw, default={}).items())
+            vals = _axes(F.mapping(k, "axes", kw), kw, MB_AXES)
             out[kernel] = _grid(F.listing(k, "seconds", kw), f"{kw}.seconds", f"{source} {kernel}", kernel, MB_AXES,
-                                F.mapping(k, "axes", kw), b, fixed)
+                                vals, b, fixed)
         return out, None
     axes, keys, work = (GEMM_AXES, GEMM_LAYOUTS, "gemm") if section == "gemm" else \
         (ATTENTION_AXES, ATTENTION_PHASES, "attention")
-    values = F.mapping(sec, "axes", where)
+    vals = _axes(F.mapping(sec, "axes", where), where, axes)
     per = F.mapping(sec, "seconds", where)
     for key in keys:
         work_key = work if section == "gemm" else f"attention.{key}"
         out[key] = _grid(F.listing(per, key, f"{where}.seconds"), f"{where}.seconds.{key}", f"{source} {section} {key}",
-                         work_key, axes, values, b)
+                         work_key, axes, vals, b)
     return out, None
 
 
