@@ -162,6 +162,8 @@ class Grid:
                 f = (math.log2(c) - math.log2(vals[i])) / (math.log2(vals[i + 1]) - math.log2(vals[i]))
                 cell.append(((i, 1.0 - f), (i + 1, f)))
         for key, value in dict(self.fixed).items():
+            if key in shape and not (F.is_number(shape[key]) and shape[key] > 0):
+                raise DistplanError(f"{self.name}: {key} must be a number > 0, got {F.short(shape[key])}")
             if key in shape and shape[key] != value:
                 notes.append(f"{key} {_fmt(shape[key])}: rate measured at {key} {_fmt(value)}")
         unknown = set(shape) - set(self.axes) - {k for k, _ in self.fixed}
@@ -211,10 +213,10 @@ class KernelDB:
 
     def _section(self, name: str, grids: dict, key: str, valid: tuple) -> Grid:
         if not grids:
-            raise DistplanError(f"kernel database {self.source} has no {name} measurements"
+            raise DistplanError(f"{self.source} has no {name} measurements"
                                 f" ({self.not_measured.get(name, 'absent from the file')})")
         if key not in grids:
-            raise DistplanError(f"kernel database {self.source}: {name} '{key}' is unknown; valid: {', '.join(valid)}")
+            raise DistplanError(f"{self.source}: {name} '{key}' is unknown; valid: {', '.join(valid)}")
         return grids[key]
 
     def gemm_time_s(self, m: float, n: float, k: float, layout: str = "fwd") -> tuple[float, str]:
@@ -237,7 +239,7 @@ class KernelDB:
 
     def _scalar(self, section: str, value: float | None, what: str) -> tuple[float, str]:
         if value is None:
-            raise DistplanError(f"kernel database {self.source} has no {what} "
+            raise DistplanError(f"{self.source} has no {what} "
                                 f"({self.not_measured.get(section, 'not measured')})")
         return value, "database"
 

@@ -49,6 +49,7 @@ SUSTAIN_S = 15.0  # sustained-clock loop: H100/H200 reach their power limit with
 GEMM_FIT = 0.8  # a GEMM grid is chosen when its estimate takes at most this share of the section's time
 HOST_POINT_S = 2e-3  # estimate: host time per GEMM point and layout (capture, instantiate, events, Python)
 HOST_CALL_S = 15e-6  # estimate: host time per captured call (dispatcher and capture of one launch)
+PROBE_FALLBACK = {"cuda": (5e14, 2e12), "cpu": (1e10, 1e10)}  # FLOP/s, bytes/s sizing the loops if a probe failed
 PROGRESS_EVERY_S = 5.0  # progress lines inside a section at most this often (a log stays readable)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -162,7 +163,7 @@ def _clock_limits() -> dict:
     if not text:
         return {}
     lines = text.splitlines()
-    parts = [p.strip() for p in lines[torch.cuda.current_device() if len(lines) > 1 else 0].split(",")]
+    parts = [p.strip() for p in lines[min(torch.cuda.current_device(), len(lines) - 1)].split(",")]
     out = {}
     for key, value in zip(("max_sm_mhz", "max_mem_mhz", "power_limit_w"), parts):
         try:
@@ -203,7 +204,7 @@ def _sustained(device: torch.device, dtype: torch.dtype, seconds: float, n: int,
     c = torch.empty(n, n, device=device, dtype=dtype)
     rates, end = [], time.monotonic() + seconds
     with sampled(device, into, "sustained"):
-        while time.monotonic() < end:
+        while not rates or time.monotonic() < end:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(50):
@@ -292,7 +293,9 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
             probe.update(_clock_limits())
 
     section("probes", probes)
-    flops, bw = probe.get("matmul_tflops", 1.0) * 1e12, probe.get("copy_gb_s", 1.0) * 1e9
+    fallback = PROBE_FALLBACK["cuda" if cuda else "cpu"]
+    flops = probe.get("matmul_tflops", fallback[0] / 1e12) * 1e12
+    bw = probe.get("copy_gb_s", fallback[1] / 1e9) * 1e9
     section("launch", lambda: _launch(device, timer))
 
     def gemm() -> dict:
@@ -349,6 +352,7 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
         return {"kernels": kernels} if kernels else {"not_measured": f"no kernel measured ({_counts(sec.counts)})"}
 
     section("memory_bound", memory_bound)
+
     def optimizer() -> dict:
         rate = device_facts_mod.optimizer_s_per_param(settings.adamw_params, device, repeats=10 if cuda else 3)
         return {"adamw_s_per_param": float(f"{rate:.4g}"), "params": settings.adamw_params,
