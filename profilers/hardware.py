@@ -35,81 +35,21 @@ from planner.errors import DistplanError, require
 from planner.fields import is_number
 from planner.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, KIND, VERSION
 from profilers import facts as device_facts_mod
-from profilers.kernel_grid import (AttentionGrid, GemmGrid, MemoryGrid, gemm_estimate_s, measure_attention,
-                                   measure_gemm, measure_memory_bound, nest)
+from profilers.kernel_grid import (GIB, Settings, gemm_estimate_s, measure_attention, measure_gemm,
+                                   measure_memory_bound, nest, plan_settings)
 from profilers.kernel_timing import KernelTimer
 from profilers.run import _plain
 
-GIB = 2**30
 BUDGET_S = {"cuda": 390.0, "cpu": 30.0}  # default budget: an H100 done in ~6.5 min plus start-up, inside a 10-min call
 QUICK_BUDGET_S = {"cuda": 150.0, "cpu": 10.0}
 SHARES = {"gemm": 0.55, "attention": 0.30, "memory_bound": 0.15}  # of the budget left after probes, launch and the tail
 TAIL_S = {"cuda": 30.0, "cpu": 3.0}  # kept for the optimizer step and the sustained clock, which run last
-SUSTAIN_S = 15.0  # sustained-clock loop: H100/H200 reach their power limit within seconds (campaign_4xh200.md)
 GEMM_FIT = 0.8  # a GEMM grid is chosen when its estimate takes at most this share of the section's time
 HOST_POINT_S = 2e-3  # estimate: host time per GEMM point and layout (capture, instantiate, events, Python)
 HOST_CALL_S = 15e-6  # estimate: host time per captured call (dispatcher and capture of one launch)
 PROBE_FALLBACK = {"cuda": (5e14, 2e12), "cpu": (1e10, 1e10)}  # FLOP/s, bytes/s sizing the loops if a probe failed
 PROGRESS_EVERY_S = 5.0  # progress lines inside a section at most this often (a log stays readable)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def octaves(lo: int, hi: int) -> tuple[int, ...]:
-    return tuple(2**j for j in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 2**j <= hi)
-
-
-def half_octaves(lo: int, hi: int) -> tuple[int, ...]:
-    return tuple(sorted(v for x in octaves(lo, hi) for v in (x, 3 * x // 2) if lo <= v <= hi))
-
-
-@dataclass(frozen=True)
-class Settings:
-    loop_s: float  # device time of one timed loop (kernel_timing)
-    repeats: int  # timed loops per point; the median is kept
-    gemm: tuple[GemmGrid, ...]  # candidates, finest first
-    attention: AttentionGrid
-    memory: MemoryGrid
-    max_inner: dict  # section -> most calls in one timed loop (captures of many autograd calls cost host time)
-    adamw_params: int
-    sustain_s: float
-    probe_n: int  # square matmul of the probe
-    probe_copy_bytes: int
-
-
-def plan_settings(cuda: bool, quick: bool, memory_bytes: int) -> Settings:
-    if not cuda:  # CI: seconds on one core
-        hidden = {"layer_norm": (32, 64), "rms_norm": (32, 64), "swiglu": (32, 64), "gelu": (32, 64), "add": (32, 64),
-                  "dropout": (32, 64), "rotary": (16, 32), "cross_entropy": (64, 128), "embedding": (64, 128),
-                  "gqa_expand": (16,)}
-        return Settings(loop_s=2e-4, repeats=3,
-                        gemm=(GemmGrid(m=(32, 64), n=(32, 64), k=(32, 64), flop_cap=2.0**20, operand_cap_bytes=2**20),),
-                        attention=AttentionGrid(seq=(32, 64), heads=(1, 2), head_dim=(16, 32), gqa=(1, 2),
-                                                flop_cap=2.0**20, memory_cap_bytes=2**24),
-                        memory=MemoryGrid(widths=hidden, rows=(8, 16), bytes_cap=2**22,
-                                          fixed={"rotary": {"heads": 8}, "gqa_expand": {"groups": 4, "kv_heads": 8},
-                                                 "embedding": {"hidden": 32}}),
-                        max_inner={"gemm": 8, "attention": 2, "memory_bound": 4}, adamw_params=2**14, sustain_s=0.0,
-                        probe_n=128, probe_copy_bytes=2**22)
-    operand_cap = min(2 * GIB, memory_bytes // 40)  # 4 GEMM buffers of this: a tenth of the GPU at most
-    m = octaves(256, 131072)
-    fine = GemmGrid(m=m, n=half_octaves(64, 262144), k=half_octaves(128, 65536), flop_cap=2.0**42,
-                    operand_cap_bytes=operand_cap)
-    coarse = GemmGrid(m=m, n=octaves(64, 262144), k=octaves(128, 65536), flop_cap=2.0**42, operand_cap_bytes=operand_cap)
-    hidden = (1024, 4096, 16384)
-    widths = {"layer_norm": hidden, "rms_norm": hidden, "swiglu": hidden, "gelu": hidden, "add": hidden,
-              "dropout": hidden, "rotary": (64, 128), "cross_entropy": (32768, 65536, 131072, 262144),
-              "embedding": (32768, 65536, 131072, 262144), "gqa_expand": (128,)}
-    seqs = octaves(1024, 131072)
-    return Settings(
-        loop_s=1e-3, repeats=5, gemm=(coarse,) if quick else (fine, coarse),
-        attention=AttentionGrid(seq=seqs[::2] if quick else seqs, heads=octaves(1, 128)[::2] if quick else octaves(1, 128),
-                                head_dim=(64, 128), gqa=(1, 8) if quick else (1, 4, 8), flop_cap=2.0**43,
-                                memory_cap_bytes=min(8 * GIB, memory_bytes // 8)),
-        memory=MemoryGrid(widths=widths, rows=octaves(16, 131072)[::2] if quick else octaves(16, 131072),
-                          bytes_cap=4 * GIB, fixed={"rotary": {"heads": 8}, "gqa_expand": {"groups": 4, "kv_heads": 8},
-                                                "embedding": {"hidden": 4096}}),
-        max_inner={"gemm": 256, "attention": 16, "memory_bound": 32}, adamw_params=2**28, sustain_s=SUSTAIN_S,
-        probe_n=8192, probe_copy_bytes=GIB)
 
 
 class Budget:

@@ -1,5 +1,6 @@
-"""The three grids of the kernel database, measured point by point (profilers/hardware.py sets their sizes and
-budget; planner/kerneldb.py reads what they produce).
+"""The three grids of the kernel database, their sizes (plan_settings: tiny on a CPU, the GPU's for the issue's
+shapes) and their measurement point by point (profilers/hardware.py runs them within a budget;
+planner/kerneldb.py reads what they produce).
 
 - GEMMs: for every (m, n, k) = (tokens, out features, in features) of an nn.Linear, its three training GEMMs as
   torch runs them: fwd `x @ W.T`, dgrad `dy @ W`, wgrad `dy.T @ x` (torch.mm on views of four preallocated random
@@ -37,6 +38,19 @@ MIN_KERNEL_S = 4e-6  # shortest kernel on a Hopper GPU, launch to finish (an emp
 ATTENTION_RATE = 0.4  # fraction of the probed matmul rate assumed for attention when sizing loops (FA2 on H100: ~0.45)
 DROPOUT_P = 0.1  # Megatron-LM's default hidden and attention dropout
 ERRORS_KEPT = 5  # distinct error messages recorded per section
+GIB = 2**30
+# the GPU plan (plan_settings); its time on an H100 is tests/test_hardware.py's arithmetic
+LOOP_S = 1e-3  # GPU time of one timed loop: a graph replay's own start (a few us) stays under 1% of it
+REPEATS = 5  # timed loops per point, median kept
+GEMM_FLOP_CAP = 2.0**42  # ~5.6 ms at 780 TFLOP/s; square GEMMs plateau from 4096^3 = 2^37 (profile_1xh100.md: 779-787)
+GEMM_OPERAND_CAP = 2 * GIB  # largest operand or output (2^30 bf16 elements: the logits of 4096 tokens x 256k vocab)
+ATTENTION_FLOP_CAP = 2.0**43  # forward, ~27 ms at 330 TFLOP/s: seq 128k runs with 2 heads of 128 (4 of 64)
+MB_BYTES_CAP = 4 * GIB  # ~1.3 ms at 3 TB/s, past where bandwidth plateaus (a 1 GiB copy already reaches 3.0 TB/s)
+HIDDEN_WIDTHS = (1024, 4096, 16384)  # the issue's hidden sizes, ends and middle (ffn shards fall inside)
+VOCAB_WIDTHS = (32768, 65536, 131072, 262144)  # the issue's vocabularies 32k-256k
+ROWS = (16, 131072)  # tokens per micro-batch (x heads for rotary), from latency-bound to 128k
+SUSTAIN_S = 15.0  # sustained-clock loop: H100/H200 reach their power limit within seconds (campaign_4xh200.md)
+ADAMW_PARAMS = 2**28  # AdamW step size timed on a GPU (facts.measure_ceilings' size: memory-bound, rate holds)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,64 @@ class MemoryGrid:
     rows: tuple[int, ...]
     bytes_cap: int  # points whose forward or backward moves more bytes than this are not run
     fixed: dict  # op -> parameters that are not axes (heads of rotary, groups of gqa_expand, hidden of embedding)
+
+
+def octaves(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(2**j for j in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 2**j <= hi)
+
+
+def half_octaves(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(sorted(v for x in octaves(lo, hi) for v in (x, 3 * x // 2) if lo <= v <= hi))
+
+
+@dataclass(frozen=True)
+class Settings:
+    loop_s: float  # device time of one timed loop (kernel_timing)
+    repeats: int  # timed loops per point; the median is kept
+    gemm: tuple[GemmGrid, ...]  # candidates, finest first
+    attention: AttentionGrid
+    memory: MemoryGrid
+    max_inner: dict  # section -> most calls in one timed loop (captures of many autograd calls cost host time)
+    adamw_params: int
+    sustain_s: float
+    probe_n: int  # square matmul of the probe
+    probe_copy_bytes: int
+
+
+def plan_settings(cuda: bool, quick: bool, memory_bytes: int) -> Settings:
+    if not cuda:  # CI: seconds on one core
+        hidden = {"layer_norm": (32, 64), "rms_norm": (32, 64), "swiglu": (32, 64), "gelu": (32, 64), "add": (32, 64),
+                  "dropout": (32, 64), "rotary": (16, 32), "cross_entropy": (64, 128), "embedding": (64, 128),
+                  "gqa_expand": (16,)}
+        return Settings(loop_s=2e-4, repeats=3,
+                        gemm=(GemmGrid(m=(32, 64), n=(32, 64), k=(32, 64), flop_cap=2.0**20, operand_cap_bytes=2**20),),
+                        attention=AttentionGrid(seq=(32, 64), heads=(1, 2), head_dim=(16, 32), gqa=(1, 2),
+                                                flop_cap=2.0**20, memory_cap_bytes=2**24),
+                        memory=MemoryGrid(widths=hidden, rows=(8, 16), bytes_cap=2**22,
+                                          fixed={"rotary": {"heads": 8}, "gqa_expand": {"groups": 4, "kv_heads": 8},
+                                                 "embedding": {"hidden": 32}}),
+                        max_inner={"gemm": 8, "attention": 2, "memory_bound": 4}, adamw_params=2**14, sustain_s=0.0,
+                        probe_n=128, probe_copy_bytes=2**22)
+    operand_cap = min(GEMM_OPERAND_CAP, memory_bytes // 40)  # 4 GEMM buffers: a tenth of the GPU at most
+    m = octaves(256, 131072)  # tokens per micro-batch: the issue's 512-65536 and one octave either side
+    fine = GemmGrid(m=m, n=half_octaves(64, 262144), k=half_octaves(128, 65536), flop_cap=GEMM_FLOP_CAP,
+                    operand_cap_bytes=operand_cap)  # n: a GQA shard's K/V (64) to 256k vocab; k: hidden/8 to ffn
+    coarse = GemmGrid(m=m, n=octaves(64, 262144), k=octaves(128, 65536), flop_cap=GEMM_FLOP_CAP,
+                      operand_cap_bytes=operand_cap)
+    widths = {"layer_norm": HIDDEN_WIDTHS, "rms_norm": HIDDEN_WIDTHS, "swiglu": HIDDEN_WIDTHS, "gelu": HIDDEN_WIDTHS,
+              "add": HIDDEN_WIDTHS, "dropout": HIDDEN_WIDTHS, "rotary": (64, 128), "cross_entropy": VOCAB_WIDTHS,
+              "embedding": VOCAB_WIDTHS, "gqa_expand": (128,)}
+    seqs, heads, rows = octaves(1024, 131072), octaves(1, 128), octaves(*ROWS)
+    return Settings(
+        loop_s=LOOP_S, repeats=REPEATS, gemm=(coarse,) if quick else (fine, coarse),
+        attention=AttentionGrid(seq=seqs[::2] if quick else seqs, heads=heads[::2] if quick else heads,
+                                head_dim=(64, 128), gqa=(1, 8) if quick else (1, 4, 8), flop_cap=ATTENTION_FLOP_CAP,
+                                memory_cap_bytes=min(8 * GIB, memory_bytes // 8)),
+        memory=MemoryGrid(widths=widths, rows=rows[::2] if quick else rows, bytes_cap=MB_BYTES_CAP,
+                          fixed={"rotary": {"heads": 8}, "gqa_expand": {"groups": 4, "kv_heads": 8},
+                                 "embedding": {"hidden": 4096}}),
+        max_inner={"gemm": 256, "attention": 16, "memory_bound": 32}, adamw_params=ADAMW_PARAMS, sustain_s=SUSTAIN_S,
+        probe_n=8192, probe_copy_bytes=GIB)
 
 
 @dataclass
