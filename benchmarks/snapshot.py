@@ -6,7 +6,7 @@ the same numbers (to floating-point noise), or the diff names every change, to b
 The snapshot holds:
 - `replay`: every committed GPU run re-predicted (benchmarks/replay.py over each campaign folder): step time, peak
   memory and fit, per row;
-- `estimate_accuracy`: the published checks (planner.published: SC'21 Table 1, ZeRO's memory) as predicted today;
+- `estimate_accuracy`: the published checks (planner.core.published: SC'21 Table 1, ZeRO's memory) as predicted today;
 - `predict`: a grid of configurations per model (every STRIDE-th configuration of the search space, engines any,
   torch, deepspeed and megatron where they run it, with and without a committed profile of that model): step time,
   each breakdown term, peak memory per stage, fit and sources;
@@ -30,13 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.cluster import load_cluster  # noqa: E402
-from planner.engine_support import runnable  # noqa: E402
-from planner.errors import DistplanError  # noqa: E402
-from planner.model import load_model, zoo_names  # noqa: E402
-from planner.predict import predict  # noqa: E402
-from planner.profile import cluster_for_profile, load_profile  # noqa: E402
-from planner.profile_job import mismatch  # noqa: E402
+from planner.core.cluster import load_cluster  # noqa: E402
+from planner.cost.engines import runnable  # noqa: E402
+from planner.core.errors import DistplanError  # noqa: E402
+from planner.core.model import load_model, zoo_names  # noqa: E402
+from planner.cost.predict import predict  # noqa: E402
+from planner.cost.profiled import cluster_for_profile  # noqa: E402
+from planner.core.profile import load_profile
+from planner.cost.profiled import mismatch  # noqa: E402
 from solvers import solve  # noqa: E402
 from solvers.search import search_space  # noqa: E402
 
@@ -120,7 +121,7 @@ def _solves() -> dict:
 
 
 def _accuracy() -> dict:
-    from planner.published import sc21_table1
+    from planner.core.published import sc21_table1
 
     out = {}
     for case in sc21_table1():
