@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from planner.errors import DistplanError  # noqa: E402
-from planner.job import ParallelConfig, validate_config  # noqa: E402
-from planner.predict import predict  # noqa: E402
+from planner.core.errors import DistplanError  # noqa: E402
+from planner.core.job import ParallelConfig, validate_config  # noqa: E402
+from planner.cost.predict import predict  # noqa: E402
 
 # ---- targets (issue 7) ----------------------------------------------------------------------------------
 STEP_TOL_ALL = 0.10  # predicted step time within 10% for every plan that ran
@@ -196,8 +196,8 @@ def _summary(cfg: ParallelConfig) -> str:
 
 
 def _pipeline_ok(engine: str, cfg: ParallelConfig) -> bool:
-    """torch.distributed.pipelining's micro-batch rule (planner.engine_support.torch_pipeline_ok) for torch plans."""
-    from planner.engine_support import torch_pipeline_ok
+    """torch.distributed.pipelining's micro-batch rule (planner.cost.engines.torch_pipeline_ok) for torch plans."""
+    from planner.cost.engines import torch_pipeline_ok
 
     return engine != "torch" or torch_pipeline_ok(cfg)
 
@@ -244,10 +244,10 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     """Plan files of one case under out_dir: distplan's top plan, its next `alternatives`, the baselines (none with
     `baselines=False`: an engine-coverage run of distplan's plans alone, issue 6).
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
-    from planner.plan import make_plan, save_plan
-    from planner.profile import load_profile
-    from planner.profile_job import profile_for_job
-    from planner.engine_support import runnable
+    from planner.core.plan import make_plan, save_plan
+    from planner.core.profile import load_profile
+    from planner.cost.profiled import profile_for_job
+    from planner.cost.engines import runnable
     from solvers.request import SolveRequest, run_solve
 
     out_dir = Path(out_dir)
@@ -310,8 +310,8 @@ def run_key(spec: PlanSpec) -> tuple[str, str]:
     data parallelism and without offload builds the same program at every ZeRO stage (nothing to shard: the
     runner's note "dp=1: no data parallelism"); on one H200 FSDP2's baseline at ZeRO-3 and DDP's at ZeRO-0 were that
     one program, measured twice 0.03% and 0.45% apart (campaign_1xh200, calls 5-6)."""
-    from planner.memory import torch_engine_fsdp
-    from planner.plan import load_plan
+    from planner.cost.memory import torch_engine_fsdp
+    from planner.core.plan import load_plan
 
     plan = load_plan(spec.plan_path)
     cfg = plan.parallel
@@ -394,7 +394,7 @@ MICROBATCH_JITTER = 0.15
 def _stage_times(plan_path: str | None) -> dict[int, float] | None:
     """pipeline rank -> the plan's predicted seconds per micro-batch on it (prediction.stages), or None."""
     try:
-        from planner.plan import load_plan
+        from planner.core.plan import load_plan
 
         stages = load_plan(plan_path).prediction.get("stages") or []
         return {int(s["rank"]): float(s["time_per_microbatch_s"]) for s in stages}
@@ -847,8 +847,8 @@ def local_preset(gpu_name: str | None = None) -> str | None:
     """The cluster preset of this machine's GPU (or `gpu_name`), the largest in memory where several match; None
     without a GPU or a matching preset. A case without a profile plans on it: 4xH200 call 1 (session 7), whose
     profile timed out, planned on the H100 preset and predicted 78 GiB usable on 141 GiB GPUs."""
-    from planner.cluster import cluster_names, load_cluster
-    from planner.profile import gpu_family
+    from planner.core.cluster import cluster_names, load_cluster
+    from planner.core.cluster import gpu_family
 
     if gpu_name is None:
         if not _cuda():

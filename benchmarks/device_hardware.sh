@@ -11,7 +11,7 @@ out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the lending workplace's rule
-tag=${1:-$(python3 -c "import torch; from planner.kerneldb import gpu_slug; print(gpu_slug(torch.cuda.get_device_name()))")}
+tag=${1:-$(python3 -c "import torch; from planner.core.kerneldb import gpu_slug; print(gpu_slug(torch.cuda.get_device_name()))")}
 log="$out/log-$tag.txt"
 {
   date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm,power.limit --format=csv
@@ -27,7 +27,7 @@ echo "=== exit $rc, wall $(( $(date +%s) - t0 )) s" | tee -a "$log"
 [ "$rc" = 0 ] || exit "$rc"
 python3 - "$out/$tag.yaml" <<'EOF' 2>&1 | tee -a "$log"
 import sys
-from planner.kerneldb import load_kernel_db
+from planner.core.kerneldb import load_kernel_db
 
 db = load_kernel_db(sys.argv[1])
 print(f"=== summary of {sys.argv[1]}: {db.gpu_name}, {db.dtype}")

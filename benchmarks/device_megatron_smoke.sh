@@ -44,11 +44,11 @@ export TORCH_CUDA_ARCH_LIST=9.0
 python3 - "$work" <<'EOF' >>"$log" 2>&1 || { cat "$log"; exit 1; }
 import sys
 from dataclasses import replace
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.plan import make_plan, save_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.core.plan import make_plan, save_plan
+from planner.cost.predict import predict
 
 work = sys.argv[1]
 cluster = load_cluster("h200-141gb")

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from planner.cluster import load_cluster
-from planner.memory import zero_model_state_bytes
-from planner.predict import predict
-from planner.published import published, sc21_table1, sc21_table2
+from planner.core.cluster import load_cluster
+from planner.cost.memory import zero_model_state_bytes
+from planner.cost.predict import predict
+from planner.core.published import published, sc21_table1, sc21_table2
 
 RESULTS = Path(__file__).parent / "results" / "estimate_accuracy.md"
 

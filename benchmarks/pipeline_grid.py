@@ -51,7 +51,7 @@ def _worker(rank: int, args, init_file: str, queue) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    from planner.model import load_model
+    from planner.core.model import load_model
     from profilers.compute import build_layer, make_inputs
     from profilers.pipeline import _chunk_times, solve_action_s, step_times
     from profilers.sharding import _slowest
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         parse_grid(args.grid)
-        from planner.model import load_model
+        from planner.core.model import load_model
 
         load_model(args.model)
     except Exception as e:  # one line, exit 2 (house rule for bad input)

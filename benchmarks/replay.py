@@ -30,13 +30,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from campaign import call_number, merge_rows, spearman  # noqa: E402
-from planner.memory import FRAGMENTATION  # noqa: E402
-from planner.plan import load_plan  # noqa: E402
-from planner.predict import predict  # noqa: E402
-from planner.cluster import load_cluster  # noqa: E402
-from planner.errors import DistplanError  # noqa: E402
-from planner.profile import cluster_for_profile, load_profile, with_host_memory  # noqa: E402
-from planner.profile_job import mismatch, profile_for_job  # noqa: E402
+from planner.core.prediction import FRAGMENTATION  # noqa: E402
+from planner.core.plan import load_plan  # noqa: E402
+from planner.cost.predict import predict  # noqa: E402
+from planner.core.cluster import load_cluster  # noqa: E402
+from planner.core.errors import DistplanError  # noqa: E402
+from planner.cost.profiled import cluster_for_profile, with_host_memory  # noqa: E402
+from planner.core.profile import load_profile
+from planner.cost.profiled import mismatch, profile_for_job  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -104,7 +105,7 @@ def _find_profile(path: str, call_dir: Path, results_call: Path | None = None) -
 
 
 def _job_profile(path: Path, plan, call: Path):
-    """The profile at `path` as it applies to the plan's model and sequence length (planner.profile_job: a profile of
+    """The profile at `path` as it applies to the plan's model and sequence length (planner.cost.profiled: a profile of
     another shape is refused, as estimate, solve and run refuse it)."""
     try:
         return profile_for_job(load_profile(path), plan.model, plan.parallel.seq_len, source=str(path))
@@ -114,7 +115,7 @@ def _job_profile(path: Path, plan, call: Path):
 
 def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge: bool = True) -> list[dict]:
     """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model shape
-    and sequence length match the plan's (planner.profile_job.mismatch), where it was measured after the plan's own: facts.date_utc), e.g. a profile
+    and sequence length match the plan's (planner.cost.profiled.mismatch), where it was measured after the plan's own: facts.date_utc), e.g. a profile
     re-measured after a profiler fix. `merge`: as _latest_rows."""
     rows = []
     overrides = overrides or {}

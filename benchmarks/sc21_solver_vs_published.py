@@ -1,7 +1,7 @@
 """The solver's plan next to the published Megatron-LM SC'21 Table 1 configuration, under the same cost model.
 
 For every Table 1 row (GPT, vocab 51200, sequence 2048, dgx-a100-80gb, the published GPU count and
-global batch) it predicts the published configuration (planner.published.sc21_table1: full recompute,
+global batch) it predicts the published configuration (planner.core.published.sc21_table1: full recompute,
 unfused attention, gradient reduce after backward, micro-batch 1, interleaving where the layers allow)
 and runs `solvers.solve` with the same fixed settings (flash_attention=False, overlap_grad_reduce=False),
 then prints both side by side. The solver's plan must be at least as fast (tests/test_search.py checks it).
@@ -16,9 +16,9 @@ import platform
 import time
 from pathlib import Path
 
-from planner.cluster import load_cluster
-from planner.predict import predict
-from planner.published import sc21_table1
+from planner.core.cluster import load_cluster
+from planner.cost.predict import predict
+from planner.core.published import sc21_table1
 from solvers import solve
 from solvers.explain import describe
 

@@ -24,8 +24,8 @@ CASES = [("gpt2-xl", 64, 5.0), ("gpt3-175b", 1024, 10.0), ("llama-3.1-405b", 163
 
 def one(model: str, gpus: int) -> dict:
     """Runs in the child process: solve once, report the timings and the plan."""
-    from planner.cluster import load_cluster
-    from planner.model import load_model
+    from planner.core.cluster import load_cluster
+    from planner.core.model import load_model
     from solvers import solve
     from solvers.explain import describe
 

@@ -16,9 +16,9 @@ from emitters.deepspeed import emit_deepspeed
 from emitters.megatron import emit_megatron
 from emitters.slurm import WRAPPABLE, emit_slurm
 from emitters.torchrun import RUNNER_WORKER, emit_torchrun, runner_worker_argv
-from planner.errors import DistplanError, require
-from planner.fileio import check_writable_folder
-from planner.plan import Plan, load_plan
+from planner.core.errors import DistplanError, require
+from planner.core.fileio import check_writable_folder
+from planner.core.plan import Plan, load_plan
 
 TARGETS = {"deepspeed": emit_deepspeed, "megatron": emit_megatron, "torchrun": emit_torchrun, "slurm": emit_slurm}
 

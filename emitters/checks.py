@@ -25,8 +25,8 @@ import yaml
 
 from emitters.checks_megatron import check_megatron
 from emitters.common import FAIL, PASS, SKIP, CheckResult, Emission, check_result
-from planner.errors import DistplanError
-from planner.plan import Plan, plan_from_dict
+from planner.core.errors import DistplanError
+from planner.core.plan import Plan, plan_from_dict
 
 # ---- DeepSpeed ------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from emitters.common import FAIL, PASS, SKIP, CheckResult, check_result
-from planner.errors import DistplanError
-from planner.plan import Plan
+from planner.core.errors import DistplanError
+from planner.core.plan import Plan
 
 WORLD_TAG = re.compile(r"^#\s*distplan-world-size:\s*(\d+)\s*$")
 ENV_TAG = re.compile(r"^#\s*distplan-env:\s*(\w+)=(\S*)\s*$")

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner import __version__
-from planner.errors import DistplanError
-from planner.plan import Plan
+from planner.core.errors import DistplanError
+from planner.core.plan import Plan
 
 README = "README.txt"
 

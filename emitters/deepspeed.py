@@ -6,7 +6,7 @@ Mapping (DeepSpeed 0.19, read from its source):
   data-parallel size DeepSpeedConfig sees (its `world_size`: the pipeline module's grid / the mpu's data-parallel
   size when model parallelism is used; deepspeed/runtime/config.py DeepSpeedConfig.__init__).
 - ZeRO: `zero_optimization.stage`, `overlap_comm` = the plan's overlap_grad_reduce, buckets sized as the cost
-  model assumes (planner.memory.DDP_BUCKET_BYTES of bf16 gradients per bucket; ZeRO-3 prefetches one layer),
+  model assumes (planner.cost.memory.DDP_BUCKET_BYTES of bf16 gradients per bucket; ZeRO-3 prefetches one layer),
   `offload_optimizer` {device: cpu} when planned. The plan never offloads parameters, so no offload_param.
 - tensor parallelism without a pipeline: DeepSpeed AutoTP training (`tensor_parallel.autotp_size`).
 - pipeline: DeepSpeed's PipelineEngine (1F1B) over PipelineModule with PipeModelDataParallelTopology(pp, tp, dp);
@@ -40,16 +40,16 @@ from emitters.common import (
     shell_line,
     shell_script,
 )
-from planner.errors import DistplanError
-from planner.memory import DDP_BUCKET_BYTES, GRAD_BYTES
-from planner.plan import Plan
+from planner.core.errors import DistplanError
+from planner.cost.memory import DDP_BUCKET_BYTES, GRAD_BYTES
+from planner.core.plan import Plan
 
 TARGET = "deepspeed"
 CONFIG = "ds_config.json"
 PARTITION = "pipeline_partition.json"
 HOSTFILE = "hostfile"
 DEFAULT_SCRIPT = "train.py"
-# ZeRO bucket size in elements: the two in-flight bf16 gradient buckets planner.memory budgets for
+# ZeRO bucket size in elements: the two in-flight bf16 gradient buckets planner.cost.memory budgets for
 BUCKET_ELEMENTS = DDP_BUCKET_BYTES // 2 // GRAD_BYTES
 # AutoEP model presets (deepspeed/module_inject/auto_ep_presets) for the zoo's MoE families
 AUTOEP_PRESETS = {"mixtral": "mixtral"}
@@ -98,7 +98,7 @@ def ds_config(plan: Plan) -> dict:
                      "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS})
     if p.zero_stage >= 3:
         layer = (m.block_params() - m.expert_params_per_block()) // p.tp  # one block's dense weights per GPU
-        # the cost model holds the current and the prefetched block gathered (planner.memory.stage_memory)
+        # the cost model holds the current and the prefetched block gathered (planner.cost.memory.stage_memory)
         zero.update({"stage3_prefetch_bucket_size": layer, "stage3_max_live_parameters": 2 * layer})
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -35,7 +35,7 @@ from emitters.common import (
     torchrun_prefix,
     torchrun_shell,
 )
-from planner.plan import Plan
+from planner.core.plan import Plan
 
 TARGET = "megatron"
 ARGS_FILE = "megatron_args.txt"

@@ -16,8 +16,8 @@ from emitters.common import EmitOptions, Emission, commented, header_lines, laun
 from emitters.deepspeed import CONFIG, DEFAULT_SCRIPT, emit_deepspeed
 from emitters.megatron import emit_megatron
 from emitters.torchrun import emit_torchrun
-from planner.errors import DistplanError
-from planner.plan import Plan
+from planner.core.errors import DistplanError
+from planner.core.plan import Plan
 
 TARGET = "slurm"
 SBATCH = "job.sbatch"

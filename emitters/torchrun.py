@@ -21,8 +21,8 @@ from emitters.common import (
     torchrun_prefix,
     torchrun_shell,
 )
-from planner.errors import DistplanError
-from planner.plan import Plan, plan_to_yaml
+from planner.core.errors import DistplanError
+from planner.core.plan import Plan, plan_to_yaml
 
 TARGET = "torchrun"
 PLAN_FILE = "plan.yaml"
@@ -39,7 +39,7 @@ def runner_worker_argv(plan_file: str) -> list[str]:
 
 def runner_refusal(plan: Plan) -> str | None:
     """Why the worker this target launches (distplan's torch engine, on GPUs) would refuse `plan`; None if it runs it."""
-    from planner.engine_support import ENGINE_LIMITS, runnable
+    from planner.cost.engines import ENGINE_LIMITS, runnable
     from planner.runner.engines.torch_engine import check_supported
 
     try:

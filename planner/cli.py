@@ -19,8 +19,8 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from planner.cli_usage import NoArgsIsHelpError, UsageError, usage_line
-from planner.errors import DistplanError
-from planner.fileio import check_writable
+from planner.core.errors import DistplanError
+from planner.core.fileio import check_writable
 
 
 
@@ -151,7 +151,7 @@ def with_training(plan, train_tokens: Optional[float], gpu_hour_price: Optional[
 
 def cluster_arg(ctx: typer.Context, cluster: str, profile: Optional[str]) -> Optional[str]:
     """--cluster as given, or None when it was left at its default and --profile is given: then the
-    profiled GPU picks the cluster (its preset, or the measured machine; planner.profile.cluster_for_profile)."""
+    profiled GPU picks the cluster (its preset, or the measured machine; planner.core.profile.cluster_for_profile)."""
     source = ctx.get_parameter_source("cluster")  # by name: typer may bundle its own click
     if profile and getattr(source, "name", None) == "DEFAULT":
         return None
@@ -228,7 +228,7 @@ def estimate(
         raise typer.Exit(2)
     if output is not None:
         from planner.estimate import plan_from_estimate
-        from planner.plan import save_plan
+        from planner.core.plan import save_plan
 
         plan = plan_from_estimate(result, command=" ".join(["distplan", *sys.argv[1:]]))
         save_plan(with_training(plan, train_tokens, gpu_hour_price), output)
@@ -284,8 +284,8 @@ def solve(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from planner.fileio import atomic_write_files
-    from planner.plan import plan_to_yaml
+    from planner.core.fileio import atomic_write_files
+    from planner.core.plan import plan_to_yaml
     from planner.render_solve import render_solve, solve_json
     from solvers.request import SolveRequest, run_solve
 
@@ -383,7 +383,7 @@ def show(
 def _training_inputs(plan_path: Path, train_tokens: Optional[float], gpu_hour_price: Optional[float]):
     """--train-tokens / --gpu-hour-price for `show`, each defaulting to what solve or estimate kept in the plan
     (provenance.training), validated; (None, None) where neither gives the tokens."""
-    from planner.plan import load_plan
+    from planner.core.plan import load_plan
     from planner.training import check_training_inputs
 
     kept = load_plan(plan_path).provenance.get("training")
@@ -458,7 +458,9 @@ def profile(
                             "this GPU's kernel database")
     if budget_s is not None:
         raise DistplanError("--budget-s is for --hardware (the kernel database); a model profile sizes itself")
-    from planner.profile import save_profile
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.core.profile import save_profile
     from profilers.run import ProfileRequest, run_profile
 
     check_writable(output, "--output")  # before the measurement, which takes minutes

@@ -7,7 +7,7 @@ in place of click's usage block and error panel. planner/cli.py prints it and ex
 
 from __future__ import annotations
 
-from planner.fields import short
+from planner.core.fields import short
 
 try:  # typer >= 0.20 parses with its own copy of click
     from typer._click import exceptions

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.cluster import Cluster, check_gpu_count, load_cluster
-from planner.errors import DistplanError, require
-from planner.job import MAX_DEGREE, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
-from planner.model import ModelSpec, load_model
-from planner.predict import Prediction, predict
-from planner.profile import Profile, load_profile
+from planner.core.cluster import Cluster, check_gpu_count, load_cluster
+from planner.core.errors import DistplanError, require
+from planner.core.job import MAX_DEGREE, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
+from planner.core.model import ModelSpec, load_model
+from planner.core.prediction import Prediction
+from planner.cost.predict import predict
+from planner.core.profile import Profile, load_profile
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Pr
     """The cluster to plan on, and the profile whose measurements replace its preset numbers."""
     if profile_path is None:
         return load_cluster(cluster), None
-    from planner.profile import cluster_for_profile  # written with the profiler
+    from planner.cost.profiled import cluster_for_profile  # written with the profiler
 
     prof = load_profile(profile_path)
     return cluster_for_profile(prof, load_cluster(cluster) if cluster else None), prof
@@ -90,11 +91,12 @@ class JobProfile:
 def job_profile(profile: Profile | None, profile_path: str | Path | None, model: ModelSpec, seq_len: int,
                 cluster: Cluster, *, engine: str, fallback: bool = False, calibration: str | Path | None = None,
                 gpu_name: str | None = None) -> JobProfile:
-    """`profile` for `model` at `seq_len` (planner.profile_job.profile_for_job: refused if it measured another
+    """`profile` for `model` at `seq_len` (planner.cost.profiled.profile_for_job: refused if it measured another
     shape, unless `fallback`), then the factors of `calibration` for this `engine`, GPU (`gpu_name`, default the
-    cluster's), shape and profile file (planner.calibration.apply_calibration). Estimate, solve and run call this."""
-    from planner.calibration import apply_calibration
-    from planner.profile_job import FALLBACK_FLAG, describe_profile, profile_for_job
+    cluster's), shape and profile file (planner.core.calibration.apply_calibration). Estimate, solve and run call this."""
+    from planner.core.calibration import apply_calibration
+    from planner.cost.profiled import FALLBACK_FLAG, profile_for_job
+    from planner.core.profile import describe_profile
 
     require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
     prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
@@ -137,7 +139,7 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
     validate_config(model, cfg, req.gpus)
     job = job_profile(prof, req.profile, model, seq_len, cluster, engine=req.engine, fallback=req.profile_fallback,
                       calibration=req.calibration)
-    from planner.engine_support import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
+    from planner.cost.engines import ENGINE_LIMITS, runnable  # runnable refuses an unknown engine, naming the valid ones
 
     shape = (f"tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} ep={cfg.ep} vpp={cfg.vpp} schedule={cfg.schedule} "
              f"zero={cfg.zero_stage}{' offload' if cfg.offload_optimizer else ''}{' sp' if cfg.sequence_parallel else ''}")
@@ -151,7 +153,7 @@ def run_estimate(req: EstimateRequest) -> EstimateResult:
 
 def plan_from_estimate(result: EstimateResult, command: str):
     """The hand-fixed configuration as a Plan file (rationale says it was not searched)."""
-    from planner.plan import make_plan
+    from planner.core.plan import make_plan
 
     return make_plan(result.model, result.cluster, result.config.gpus, result.config, result.prediction,
                      rationale=["configuration fixed by hand (distplan estimate); not searched by the solver"],

@@ -11,9 +11,9 @@ import base64
 from html import escape
 from pathlib import Path
 
-from planner.errors import require
-from planner.fileio import atomic_write_text, check_writable
-from planner.plan import Plan, plan_to_yaml
+from planner.core.errors import require
+from planner.core.fileio import atomic_write_text, check_writable
+from planner.core.plan import Plan, plan_to_yaml
 from planner.show import gpu_indices, memory_chart_of, plan_review, timeline_of
 
 MAX_SVG_BYTES = 2_500_000  # beyond this (many thousands of blocks) the timeline is embedded as PNG

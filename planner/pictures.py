@@ -16,10 +16,10 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from planner.errors import require
-from planner.fileio import atomic_write_bytes, check_writable
-from planner.memory import FRAGMENTATION
-from planner.schedule import PHASES, Schedule
+from planner.core.errors import require
+from planner.core.fileio import atomic_write_bytes, check_writable
+from planner.core.prediction import FRAGMENTATION
+from planner.cost.pipeline import PHASES, Schedule
 
 PHASE_COLORS = {
     "forward": "#4C72B0",  # blue

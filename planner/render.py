@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from planner.predict import Prediction
+from planner.core.prediction import Prediction
 
 
 def prediction_tables(pred: Prediction, title: str, training: dict | None = None) -> list[Table]:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from planner.errors import require
-from planner.fileio import read_yaml
-from planner.memory import FRAGMENTATION, inflight_microbatch_chunks
-from planner.plan import Plan, load_plan
-from planner.predict import BREAKDOWN_KEYS
+from planner.core.errors import require
+from planner.core.fileio import read_yaml
+from planner.core.prediction import FRAGMENTATION
+from planner.cost.memory import inflight_microbatch_chunks
+from planner.core.plan import Plan, load_plan
+from planner.core.prediction import BREAKDOWN_KEYS
 
 MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
 STRETCH_NOTED = 0.005  # the timeline says so when the plan's pipeline time and its simulation differ by more
@@ -318,7 +319,7 @@ def timeline_numbers(review: dict) -> str:
 
 def timeline_of(plan: Plan):
     from planner.pictures import timeline_figure
-    from planner.schedule import plan_schedule
+    from planner.cost.pipeline import plan_schedule
 
     title = f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}"
     sched = plan_schedule(plan)
@@ -350,7 +351,7 @@ def show_plan(path: str | Path, timeline: str | Path | None = None, memory_chart
     Every output is checked (suffix, a file not a folder, a writable folder, no two the same) and everything
     is drawn before the first file is written, each atomically: a bad output writes nothing at all.
     """
-    from planner.fileio import atomic_write_bytes, atomic_write_text
+    from planner.core.fileio import atomic_write_bytes, atomic_write_text
     from planner.htmlreport import check_report_path, report_html
     from planner.pictures import check_picture_path, figure_bytes
 

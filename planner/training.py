@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from planner.errors import DistplanError, require
+from planner.core.errors import DistplanError, require
 
 MAX_TRAIN_TOKENS = 1e17  # 50x the largest published pre-training run (Llama 3 405B: 15.6e12 tokens); above is a typo
 MAX_GPU_HOUR_PRICE = 1e4  # price per GPU-hour (any currency); above is a typo of a per-node or per-month price

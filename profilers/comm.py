@@ -13,7 +13,7 @@ as a pipeline sends activations; measured for n = 2 only).
 
 Overlap: a matmul loop is timed alone, then again while all-reduces run beside it (NCCL on its
 own stream; gloo on its own thread), on ranks 0 and 1; slowdown = t_with / t_alone - 1, what
-planner.predict uses where data-parallel gradient reduction overlaps backward.
+planner.cost.predict uses where data-parallel gradient reduction overlaps backward.
 
 Several nodes (torchrun with WORLD_SIZE > LOCAL_WORLD_SIZE): groups stay inside node 0, and the
 inter-node tier is measured too: p2p from rank 0 to the first rank of node 1 (one NIC per GPU,
@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 from profilers.sharding import ShardingSettings
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")

@@ -15,7 +15,7 @@ split column-wise (heads / tp query heads, max(1, kv_heads / tp) key/value heads
 and fc2 (down) row-wise; the embedding and LM head are split over the vocabulary (ceil(V / tp)
 rows, Megatron's VocabParallelEmbedding and vocab-parallel cross-entropy). Norms and residual
 adds are replicated. The collectives TP adds are not timed here: profilers.comm measures them and
-the cost model adds them (planner.costmodel.block_time).
+the cost model adds them (planner.cost.layer.block_time).
 
 Activation memory: on CUDA, the allocator's bytes still held after the forward (what the layer
 keeps for its backward) and its peak over forward + backward; on CPU (no allocator statistics),
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from planner.errors import require
-from planner.model import ModelSpec
-from planner.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
-from planner.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND
+from planner.core.errors import require
+from planner.core.model import ModelSpec
+from planner.build.modeling import Block, ClassifierHead, PatchEmbedding, TokenEmbedding, lm_loss, make_norm
+from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND
 from profilers.timing import free_memory, is_oom, time_point
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -147,7 +147,7 @@ class HeadWithLoss(nn.Module):
 
 
 def _init(module: nn.Module) -> None:
-    """Weights ~ N(0, 0.02), biases 0, norm scales 1 (planner.modeling.init_weights' distribution)."""
+    """Weights ~ N(0, 0.02), biases 0, norm scales 1 (planner.build.modeling.init_weights' distribution)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2 or name.endswith(("cls", "pos")):

@@ -217,7 +217,7 @@ def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16, 
     `repeats` after a warm-up.
     The per-parameter loop took 26 ns per parameter on the 2x H200 host (gpt2-xl ZeRO-3 with offload: a 20.7 s
     step of 0.78 B parameters, call 27); the engine runs the fused CPU kernel."""
-    from planner.runner.parallelize import make_optimizer
+    from planner.build.parallelize import make_optimizer
 
     per = max(1, numel // tensors)
     params = [torch.nn.Parameter(torch.zeros(per)) for _ in range(tensors)]
@@ -240,12 +240,12 @@ def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16, 
 
 def optimizer_s_per_param(numel: int, device: torch.device, repeats: int = 10, tensors: int = 16) -> float:
     """Seconds per parameter of one mixed-precision AdamW step as the torch engine runs it
-    (planner/runner/parallelize.MasterWeightsOptimizer: bf16 gradients cast onto fp32 masters, fused
+    (planner/build/parallelize.MasterWeightsOptimizer: bf16 gradients cast onto fp32 masters, fused
     AdamW on CUDA, masters rounded back into bf16 weights), over `numel` parameters in `tensors` equal
     tensors (a transformer block has 4-16). Median of `repeats` after one warm-up; memory-bound, so the
     rate holds for any model size, and it is an upper bound for FSDP2 and DeepSpeed (no bf16 casts).
     """
-    from planner.runner.parallelize import MasterWeightsOptimizer
+    from planner.build.parallelize import MasterWeightsOptimizer
 
     clock, per = Clock(device), max(1, numel // tensors)
     weights = [torch.zeros(per, dtype=torch.bfloat16, device=device) for _ in range(tensors)]

@@ -4,7 +4,7 @@
   (Alpa and Aceso profile layers at a few sizes and interpolate the same way).
 - Communication: time_s = latency_s + bytes * factor(op, n) / bus_bandwidth (house rule 6;
   nccl-tests PERFORMANCE.md: algbw = bytes / time, busbw = algbw * factor(op, n)), so a straight
-  line in bytes has slope factor / busbw. `planner.costmodel.CommModel.time_s` inverts exactly this.
+  line in bytes has slope factor / busbw. `planner.cost.layer.CommModel.time_s` inverts exactly this.
 
 Measured sizes span orders of magnitude (64 KiB to 1 GiB), so the fit minimises relative error
 (each point weighted by 1/y): a plain least-squares line would fit the 1 GiB points and miss the
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from planner.profile import CollectiveFit, LinearFit, bus_factor
+from planner.core.profile import CollectiveFit, LinearFit, bus_factor
 
 OUTLIER_FACTOR = 4.0  # relative residual, in multiples of the median one, beyond which a point is dropped
 MIN_KEPT = 3  # never drop below this many points (a line needs two; the third checks it)

@@ -1,4 +1,4 @@
-"""`distplan profile --hardware`: measure this GPU's kernel database (planner/kerneldb.py reads it) in minutes.
+"""`distplan profile --hardware`: measure this GPU's kernel database (planner/core/kerneldb.py reads it) in minutes.
 
 Sections, in order, each within its share of one wall-time budget (time a section leaves over goes to the next):
 1. facts and probes: names, versions, clocks, and an 8192^3 matmul and a 1 GiB copy, whose rates size the loops
@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from planner.errors import DistplanError, require
-from planner.fields import is_number
-from planner.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, KIND, VERSION
+from planner.core.errors import DistplanError, require
+from planner.core.fields import is_number
+from planner.core.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, KIND, VERSION
 from profilers import facts as device_facts_mod
 from profilers.kernel_grid import (GIB, Settings, gemm_estimate_s, measure_attention, measure_gemm,
                                    measure_memory_bound, nest, plan_settings)
 from profilers.kernel_timing import KernelTimer
-from profilers.run import _plain
+from profilers.run import yaml_plain
 
 BUDGET_S = {"cuda": 390.0, "cpu": 30.0}  # default budget: an H100 done in ~6.5 min plus start-up, inside a 10-min call
 QUICK_BUDGET_S = {"cuda": 150.0, "cpu": 10.0}
@@ -69,7 +69,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class Measured:
-    database: dict  # the file under configs/hardware/ (planner.kerneldb reads it)
+    database: dict  # the file under configs/hardware/ (planner.core.kerneldb reads it)
     raw: dict  # every point, for benchmarks/results/
 
 
@@ -296,7 +296,7 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
     def optimizer() -> dict:
         rate = device_facts_mod.optimizer_s_per_param(settings.adamw_params, device, repeats=10 if cuda else 3)
         return {"adamw_s_per_param": float(f"{rate:.4g}"), "params": settings.adamw_params,
-                "implementation": "planner/runner/parallelize.MasterWeightsOptimizer (fused AdamW on fp32 masters)"}
+                "implementation": "planner/build/parallelize.MasterWeightsOptimizer (fused AdamW on fp32 masters)"}
 
     section("optimizer", optimizer)
     if cuda:
@@ -313,7 +313,7 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
     gpu_name = info.get("gpu_name") or f"cpu {info.get('cpu', '')}".strip()
     database = {"version": VERSION, "kind": KIND, "gpu_name": gpu_name.replace("[", "(").replace("]", ")")[:200],
                 "device": device.type, "dtype": dtype_name, "facts": info, **db}
-    return Measured(database=_plain(database), raw=_plain({"version": VERSION, "kind": f"{KIND} raw points",
+    return Measured(database=yaml_plain(database), raw=yaml_plain({"version": VERSION, "kind": f"{KIND} raw points",
                                                            "gpu_name": gpu_name, "facts": info, **raw}))
 
 
@@ -342,11 +342,11 @@ def save_hardware(measured: Measured, output: Path, command: str = "") -> list[P
     """Write the database (YAML) and its raw points (JSON) together, or neither."""
     import json
 
-    from planner.fileio import atomic_write_files, dump_yaml
+    from planner.core.fileio import atomic_write_files, dump_yaml
 
     db = measured.database
     header = (f"# distplan kernel database: {db['gpu_name']}, {db['dtype']}, measured {db['facts'].get('date_utc')}"
-              f"{f' by `{command}`' if command else ''}.\n# Read by planner/kerneldb.py; made by profilers/hardware.py; "
+              f"{f' by `{command}`' if command else ''}.\n# Read by planner/core/kerneldb.py; made by profilers/hardware.py; "
               f"raw points in {points_path(output).name}.\n")
     text = header + dump_yaml(db, sort_keys=False, width=120, default_flow_style=None)
     raw = json.dumps(measured.raw, separators=(",", ":"), allow_nan=False)

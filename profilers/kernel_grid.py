@@ -1,15 +1,15 @@
 """The three grids of the kernel database, their sizes (plan_settings: tiny on a CPU, the GPU's for the issue's
 shapes) and their measurement point by point (profilers/hardware.py runs them within a budget;
-planner/kerneldb.py reads what they produce).
+planner/core/kerneldb.py reads what they produce).
 
 - GEMMs: for every (m, n, k) = (tokens, out features, in features) of an nn.Linear, its three training GEMMs as
   torch runs them: fwd `x @ W.T`, dgrad `dy @ W`, wgrad `dy.T @ x` (torch.mm on views of four preallocated random
   buffers, the output into a fourth, so no call allocates and inputs never degrade into inf or zeros, which run
   at other speeds).
 - Attention: torch's scaled_dot_product_attention, causal, q [1, heads, seq, head_dim] against K/V of heads / gqa
-  heads (enable_gqa where this torch has it; else K/V expanded beforehand, as planner/modeling.py does, whose copy
+  heads (enable_gqa where this torch has it; else K/V expanded beforehand, as planner/build/modeling.py does, whose copy
   is the gqa_expand kernel), forward, and backward on a retained graph; the backend torch picks is recorded.
-- Memory-bound kernels as planner/modeling.py runs them (its RMSNorm, rotary and float32 cross-entropy are several
+- Memory-bound kernels as planner/build/modeling.py runs them (its RMSNorm, rotary and float32 cross-entropy are several
   kernels each): forward, and backward on a retained graph; kerneldb.WORK says the bytes each moves.
 
 Points run in order of work (FLOPs or bytes), smallest first: a budget that runs out leaves only the largest
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from planner.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, MB_AXES, WORK
-from planner.modeling import LAYER_NORM_EPS, RMSNorm, apply_rotary, lm_loss
+from planner.core.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, MB_AXES, WORK
+from planner.build.modeling import LAYER_NORM_EPS, RMSNorm, apply_rotary, lm_loss
 from profilers.kernel_timing import KernelTimer
 from profilers.timing import free_memory, is_oom
 
@@ -327,7 +327,7 @@ def measure_attention(grid: AttentionGrid, device: torch.device, dtype: torch.dt
 
 
 def _op(op: str, rows: int, width: int, fixed: dict, device: torch.device, dtype: torch.dtype):
-    """(forward, the tensors its backward differentiates) of one memory-bound op as planner/modeling.py runs it."""
+    """(forward, the tensors its backward differentiates) of one memory-bound op as planner/build/modeling.py runs it."""
     def r(*shape):
         return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from planner.job import ParallelConfig
-from planner.model import ModelSpec
-from planner.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
+from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND
 
 
 def available(spec: ModelSpec, device: torch.device) -> str | None:

@@ -16,7 +16,7 @@ profile's dtype) runs the engine's schedules (planner/runner/engines/torch_engin
 chunk per rank, ScheduleInterleaved1F1B with VPP chunks; --quick on GPUs the interleaved one only) over
 MICROBATCHES micro-batches, and the interleaved one again with LONG_VPP chunks over LONG_MICROBATCHES, at the
 smallest and the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
-backward seconds of one chunk. The schedule simulation of the cost model (planner.schedule.span_s) with those
+backward seconds of one chunk. The schedule simulation of the cost model (planner.cost.pipeline.span_s) with those
 per-chunk times + `a` per operation is solved for the `a` that matches the measured step: the exposed cost of
 one forward or backward operation of the schedule, transfer included (a point's `action_s`). fit_pipeline
 turns the points into a line in the bytes of the activation each operation sends, per schedule kind.
@@ -119,7 +119,7 @@ def solve_action_s(kind: str, step_s: float, fwd_s: float, bwd_s: float, vpp: in
     """Seconds `a` per operation such that the schedule simulation of 2 ranks (each chunk fwd_s + a forward,
     bwd_s + a backward; `vpp` chunks per rank for interleaved) spans `step_s`; 0 when the step is no longer
     than the compute alone."""
-    from planner.schedule import StageOpTimes, span_s
+    from planner.cost.pipeline import StageOpTimes, span_s
 
     vpp = vpp if kind == "interleaved" else 1
 
@@ -141,7 +141,7 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
             report=lambda label: None) -> list[dict]:
     """Raw points over ranks 0 and 1 (both call this; both get the same list): [{impl "pipeline", schedule,
     group_size 2, vpp, microbatches, micro_batch, tokens, bytes, chunk_fwd_s, chunk_bwd_s, step_s, action_s}]."""
-    from planner.model import load_model
+    from planner.core.model import load_model
     from profilers.compute import build_layer, make_inputs
 
     spec = load_model(settings.model)
@@ -184,8 +184,8 @@ def fit_pipeline(points: list[dict]):
     constant with one size), each point clamped at 0; a falling line is held past the largest size measured.
     The line is fitted at the shape with the fewest operations per rank; where a longer shape was measured too,
     the growth per operation more is the mean over the sizes measured at both of (longer / base - 1) / (the
-    operation counts' difference), at least 0 (planner.profile.pipeline_growth)."""
-    from planner.profile import LinearFit, PipelineFit, pipeline_growth
+    operation counts' difference), at least 0 (planner.core.profile.pipeline_growth)."""
+    from planner.core.profile import LinearFit, PipelineFit, pipeline_growth
 
     out = []
     for kind in sorted({p["schedule"] for p in points if p.get("impl") == "pipeline"}):

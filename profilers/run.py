@@ -4,7 +4,7 @@ Order: communication (its own processes, spawned here; or the torchrun ranks thi
 of), then device facts and ceilings (matmul sweep, copy), then compute (this process, its GPU; on a
 CPU one thread), then fits. CPU runs use one thread per 'device', as each gloo rank does.
 Pure with respect to the caller: progress goes through the `progress(label, done, total)` callback
-and the result is a `planner.profile.Profile`; the CLI renders and writes it.
+and the result is a `planner.core.profile.Profile`; the CLI renders and writes it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from planner.errors import require
-from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
-from planner.model import load_model
-from planner.profile import CollectiveFit, ComputeFit, Profile, compute_points
-from planner.profile_job import describe, model_shape
+from planner.core.errors import require
+from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
+from planner.core.model import load_model
+from planner.core.profile import CollectiveFit, ComputeFit, Profile, compute_points
+from planner.core.model import describe_shape, model_shape
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
 from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
@@ -285,7 +285,7 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     require(req.only is not None, f"--base {req.base} needs --only: one of {', '.join(ONLY)} (the phase to measure)")
     require(req.only in ONLY, f"--only {req.only!r}: one of {', '.join(ONLY)} (with --base PROFILE)")
     require(req.base is not None, f"--only {req.only} needs --base PROFILE: the earlier profile that gives the other phase")
-    from planner.profile import load_profile
+    from planner.core.profile import load_profile
 
     base = load_profile(req.base)
     want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": plan.dtype, "device": "cuda" if plan.cuda else "cpu",
@@ -294,8 +294,8 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
             "device_count": base.device_count}
     diff = [f"{k} {have[k]} (here {want[k]})" for k in want if have[k] != want[k]]
     if base.model_shape and base.model_shape != model_shape(spec):
-        diff.append(f"model shape {describe(base.model, base.model_shape, base.seq_len)} (here "
-                    f"{describe(spec.name, model_shape(spec), plan.seq_len)})")
+        diff.append(f"model shape {describe_shape(base.model, base.model_shape, base.seq_len)} (here "
+                    f"{describe_shape(spec.name, model_shape(spec), plan.seq_len)})")
     require(not diff, f"--base {req.base} was measured for another setting: {', '.join(diff)}")
     raw = base.raw or {}
     need = "compute" if req.only == "communication" else "communication"
@@ -429,16 +429,16 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
         pipeline=fit_pipeline(raw_comm.get("pipeline") or []),
-        facts=_plain(info), raw=_plain(raw),
+        facts=yaml_plain(info), raw=yaml_plain(raw),
     )
 
 
-def _plain(obj):
+def yaml_plain(obj):
     """YAML-safe copy: tuples to lists, numpy/torch scalars to floats."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): yaml_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [yaml_plain(v) for v in obj]
     if obj is None or type(obj) in (bool, int, float, str):
         return obj
     if isinstance(obj, str):

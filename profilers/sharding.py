@@ -10,7 +10,7 @@ What: inside the communication profiler's processes (NCCL on GPUs, gloo between 
 the group of ranks 0..n-1, a stack of 1 and of GPU_STACK transformer blocks on GPUs, STACK on CPUs
 (stack_blocks; profilers.compute.build_layer, tp = 1, the profile's dtype) runs forward + backward
   - plain (the blocks in the compute dtype, what the profile's compute fit times), and
-  - wrapped as the torch engine wraps them (planner/runner/parallelize.apply_fsdp): fp32 parameters
+  - wrapped as the torch engine wraps them (planner/build/parallelize.apply_fsdp): fp32 parameters
     sharded by `fully_shard` per block with MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype),
     under a parameter-less FSDP root so each block's own `reshard_after_forward` holds (FSDP2 never
     reshards a root after forward), once with reshard_after_forward=True (ZeRO-3) and once with False.
@@ -194,7 +194,7 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from planner.model import load_model
+    from planner.core.model import load_model
     from profilers.compute import build_layer, make_inputs
 
     spec = load_model(settings.model)
@@ -232,7 +232,7 @@ def _measure_ddp(settings: ShardingSettings, spec, kind: str, plain: nn.Module, 
     all-reduce runs beside the backward, so `overhead_s` is what it adds to a micro-batch that synchronises."""
     import copy
 
-    from planner.runner.parallelize import apply_ddp
+    from planner.build.parallelize import apply_ddp
     from profilers.compute import make_inputs
 
     wrapped = apply_ddp(copy.deepcopy(plain), group, device)
@@ -276,9 +276,9 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     same list): [{impl, group_size, reshard_after_forward (True: ZeRO-3), blocks, micro_batch, tokens, params,
     plain_s, micro_s, boundary_s, overhead_s}] with overhead_s = micro_s - plain_s (see the module docstring).
     ZeRO-3 because the deepspeed engine's ZeRO-3 plans were charged FSDP2's measured overhead in its place."""
-    from planner.model import load_model
+    from planner.core.model import load_model
     from planner.runner.engines.deepspeed_engine import import_deepspeed
-    from planner.runner.parallelize import make_optimizer
+    from planner.build.parallelize import make_optimizer
     from profilers.compute import build_layer, make_inputs
 
     # DeepSpeed reads the launcher's variables even when torch.distributed is up already (spawned ranks have none)
@@ -349,7 +349,7 @@ def fit_sharding(points: list[dict], optimizer_s_per_param: float = 0.0):
     (it does not depend on tokens), split as extra = step_edge_s + step_s_per_param x params between the
     two stacks (each clamped at 0).
     """
-    from planner.profile import ShardingFit
+    from planner.core.profile import ShardingFit
 
     keys = sorted({(p.get("impl", "fsdp2"), p["group_size"], p["reshard_after_forward"]) for p in points})
     out = []
@@ -407,7 +407,7 @@ def _line(xs: list[float], ys: list[float]):
     or where a point is 0 (noise around no overhead: no trend in tokens to fit)."""
     import numpy as np
 
-    from planner.profile import LinearFit
+    from planner.core.profile import LinearFit
 
     if len(set(xs)) < 2 or any(y <= 0 for y in ys):
         return LinearFit(intercept_s=sum(ys) / len(ys), slope_s=0.0)

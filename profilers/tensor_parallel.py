@@ -1,4 +1,4 @@
-"""What the torch engine's tensor parallelism (DTensor, planner/runner/parallelize.apply_tp) costs per block beyond
+"""What the torch engine's tensor parallelism (DTensor, planner/build/parallelize.apply_tp) costs per block beyond
 the local shard's compute, its all-reduces included, measured on stacks of blocks.
 
 Why: on 2x H200 the torch engine's tp=2 plans ran 10-48% over a prediction of the profiled local shard's compute
@@ -34,8 +34,8 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
     micro-batch), plain_s, wrapped_s, overhead_s}]."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    from planner.model import load_model
-    from planner.runner.parallelize import apply_tp, build_stage, materialise
+    from planner.core.model import load_model
+    from planner.build.parallelize import apply_tp, build_stage, materialise
     from profilers.compute import build_layer, make_inputs
 
     spec = load_model(settings.model)
@@ -94,8 +94,8 @@ def measure_fsdp_tp(settings: ShardingSettings, world: int, tp: int, device: tor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from planner.model import load_model
-    from planner.runner.parallelize import apply_fsdp, apply_tp, build_stage, materialise
+    from planner.core.model import load_model
+    from planner.build.parallelize import apply_fsdp, apply_tp, build_stage, materialise
     from profilers.compute import make_inputs
     from profilers.sharding import fsdp_points
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cluster import Cluster
-from planner.model import ModelSpec
-from planner.predict import Prediction
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.core.model import ModelSpec
+from planner.core.prediction import Prediction
+from planner.core.profile import Profile
 from solvers.search import NO_CONSTRAINTS, Constraints, meshes, run_search, search_space
 
 NEAR_SCAN = 4096  # GPU counts tried on each side of the request before giving up (each a quick mesh enumeration)
@@ -52,7 +52,7 @@ def has_configuration(s: SearchSettings, gpus: int, global_batch: int) -> bool:
 
 def _allowed_counts(cluster: Cluster, gpus: int, step: int):
     """GPU counts next to `gpus` in direction `step` (-1 or +1) that a cluster can hold: any count up to one node,
-    whole nodes beyond it (planner.cluster.check_gpu_count), at most the cluster's size."""
+    whole nodes beyond it (planner.core.cluster.check_gpu_count), at most the cluster's size."""
     gpn = cluster.gpus_per_node
     most = cluster.max_nodes * gpn if cluster.max_nodes else None
     n, tried = gpus, 0

@@ -1,7 +1,7 @@
 """The full ranked candidate list of a search (`distplan solve --candidates out.csv|out.json`).
 
 Every configuration of the search space appears once, with what the search did with it (solvers.search.STATUSES),
-its prediction where it was evaluated and fits (`planner.predict` of it with the stage DP's layer split), and why
+its prediction where it was evaluated and fits (`planner.cost.predict` of it with the stage DP's layer split), and why
 it lost to the chosen plan. Rows are ranked: fitting configurations by predicted step time, then the evaluated ones
 that do not fit, then those the bounds pruned (by lower bound), then those the time limit left. Pure: the CLI writes
 the text these functions return.
@@ -13,11 +13,12 @@ import csv
 import io
 import json
 
-from planner.cluster import Cluster
-from planner.job import ParallelConfig
-from planner.model import ModelSpec
-from planner.predict import Prediction, predict
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
+from planner.core.prediction import Prediction
+from planner.cost.predict import predict
+from planner.core.profile import Profile
 from solvers.explain import why_lost
 from solvers.search import SearchOutcome, config_key
 

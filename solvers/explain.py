@@ -1,18 +1,19 @@
 """Why the solver chose its plan: rationale lines, why each alternative lost, why nothing fits.
 
 Pure functions producing plain text and dicts for the plan file; every number comes from
-`planner.predict` / `planner.memory` of the configurations involved.
+`planner.cost.predict` / `planner.cost.memory` of the configurations involved.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.cluster import Cluster
-from planner.memory import FRAGMENTATION, GIB, stage_memory
-from planner.model import ModelSpec
-from planner.job import ParallelConfig
-from planner.predict import Prediction
+from planner.core.cluster import Cluster
+from planner.core.prediction import FRAGMENTATION, GIB
+from planner.cost.memory import stage_memory
+from planner.core.model import ModelSpec
+from planner.core.job import ParallelConfig
+from planner.core.prediction import Prediction
 
 TERM_NAMES = {"compute_fwd": "forward compute", "compute_bwd": "backward compute", "recompute": "recomputation",
               "tp_comm": "tensor-parallel communication", "cp_ep_comm": "context/expert-parallel communication",

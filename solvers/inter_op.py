@@ -12,11 +12,11 @@ best latency found (Alpa sec. 5.2). distplan keeps that algorithm with two delib
    process grid for all pipeline ranks, so every stage gets the same submesh shape (N/pp GPUs, which must
    be one of Alpa's shapes, `stage_submesh_ok`) and the same logical mesh; the DP chooses where to cut
    the layers, unevenly where that pays (`ParallelConfig.layer_split`).
-2. The latency is exactly what `planner.predict` charges: with t_i from `planner.predict.rank_timer`
+2. The latency is exactly what `planner.cost.predict` charges: with t_i from `planner.cost.predict.rank_timer`
    (embedding on the first rank, LM head on the last, ZeRO traffic, ...), v virtual stages per rank,
        step = m * t_max + (sum_i t_i - t_max) / v + max_i tail_i
    (v = 1 is Alpa's formula; tail = the rank's exposed gradient sync + optimizer step).
-   Every stage's memory is checked with `planner.memory.stage_memory`, which counts the micro-batches the
+   Every stage's memory is checked with `planner.cost.memory.stage_memory`, which counts the micro-batches the
    schedule keeps in flight on that rank (1F1B: min(p - i, m); GPipe: m; interleaved: Megatron's count).
 
 For a cap tau on t_max (and theta on the tail) each rank may hold l layers with t_i(l) <= tau,
@@ -32,12 +32,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from planner.cluster import Cluster
-from planner.job import ParallelConfig, with_changes
-from planner.memory import allocator_slack, device_budget_bytes, inflight_microbatch_chunks, stage_memory
-from planner.model import ModelSpec
-from planner.predict import predict, rank_timer
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.core.job import ParallelConfig, with_changes
+from planner.cost.memory import allocator_slack, device_budget_bytes, inflight_microbatch_chunks, stage_memory
+from planner.core.model import ModelSpec
+from planner.cost.predict import predict, rank_timer
+from planner.core.profile import Profile
 
 MAX_TAU_STEPS = 48  # bottleneck values tried past the smallest feasible one (each step is exact, this bounds time)
 MAX_TAIL_CAPS = 24  # tail caps tried per bottleneck value (all of them when there are fewer)
@@ -80,7 +80,7 @@ def _step(per_rank: list[float], tails: list[float], m: int, v: int) -> float:
 def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                      profile: Profile | None = None, *, engine: str = "any") -> StageSplit | None:
     """The layer split of `cfg` (its layer_split ignored) with the least predicted step time whose every
-    stage fits in memory; None when no split fits. `engine` as in planner.predict.rank_timer."""
+    stage fits in memory; None when no split fits. `engine` as in planner.cost.predict.rank_timer."""
     L, pp, v, m = model.num_layers, cfg.pp, cfg.vpp, cfg.num_microbatches
     cfg = with_changes(cfg, layer_split=())
     cap_bytes = device_budget_bytes(cluster, model, cfg) / (1 + allocator_slack(cfg, engine))
@@ -226,7 +226,7 @@ def _largest_fitting(model: ModelSpec, cfg: ParallelConfig, rank: int, counts: l
                      profile: Profile | None = None, engine: str = "any") -> int | None:
     """The largest layer count in `counts` whose stage memory on `rank` fits (memory grows with layers).
 
-    Stage memory is the largest of a few affine functions of the layer count (planner.memory.stage_memory's
+    Stage memory is the largest of a few affine functions of the layer count (planner.cost.memory.stage_memory's
     phases), so convex: the line through 0 and 1 layers lies below it beyond 1 and its answer is an upper
     bound; a third evaluation confirms it with the exact function (a binary search runs if it disagrees)."""
     def fits(n: int) -> bool:

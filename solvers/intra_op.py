@@ -14,7 +14,7 @@ and the ZeRO sharding of model states. The ILP decides how each operator uses ax
 Layouts of a tensor over the t ranks of axis 1: R replicated, B batch-sharded, S sequence-sharded,
 C last dim sharded (columns: hidden units, heads, vocabulary), P partial sums.
 
-Resharding a tensor of X bytes (planner.costmodel.CommModel, tp ranks adjacent, stride 1):
+Resharding a tensor of X bytes (planner.cost.layer.CommModel, tp ranks adjacent, stride 1):
     R -> B|S|C|P free (local slice) | B|S|C -> R all_gather(X) | B|S|C -> another of them all_to_all(X/t)
     B|S|C -> P free (zero fill)     | P -> R all_reduce(X)      | P -> B|S|C reduce_scatter(X)
 Forward: an output is materialised once per distinct layout its consumers need. Backward: consumers'
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from planner.cluster import Cluster
-from planner.costmodel import CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
-from planner.errors import require
-from planner.memory import GRAD_BYTES, zero_model_state_bytes
-from planner.model import ModelSpec
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.cost.terms import CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
+from planner.core.errors import require
+from planner.cost.memory import GRAD_BYTES, zero_model_state_bytes
+from planner.core.model import ModelSpec
+from planner.core.profile import Profile
 
 LAYOUTS = ("R", "B", "S", "C", "P")
 # canonical preference order: breaks exact ties so both backends return the same assignment
@@ -186,7 +186,7 @@ def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, com
         elif op == "attention":
             if flash:
                 fwd = fused_attention_time_s(cluster, f_fwd / k * (1.0 if spec.is_vit else 0.5))  # causal skips half
-                bwd = 2.5 * fwd  # FlashAttention-2 backward (as planner.costmodel.block_time)
+                bwd = 2.5 * fwd  # FlashAttention-2 backward (as planner.cost.layer.block_time)
             else:
                 per_call = f_fwd / (2 * shape[0] * spec.num_heads) / (t if sname == "sequence-split" else 1)
                 fwd = gemm_time_s(cluster, per_call, max(1, round(f_fwd / k / per_call)))
@@ -213,10 +213,10 @@ def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, com
 def build_problem(graph: nx.DiGraph, spec: ModelSpec, cluster: Cluster, profile: Profile | None, *, dp: int, tp: int,
                   microbatches: int, memory_budget_bytes: float, zero_stage: int = 0, recompute: str = "none",
                   flash_attention: bool = True, activation_copies: float = 1.0, cp: int = 1) -> IntraOpProblem:
-    """The ILP of `graph` (planner.graph.trace_op_graph of one layer, one micro-batch) on a dp x tp mesh.
+    """The ILP of `graph` (planner.build.graph.trace_op_graph of one layer, one micro-batch) on a dp x tp mesh.
 
     `activation_copies`: micro-batches whose activations a device holds at once (the caller takes it
-    from planner.memory's in-flight count); `cp`: context-parallel degree (1/cp of the tokens here).
+    from planner.cost.memory's in-flight count); `cp`: context-parallel degree (1/cp of the tokens here).
     """
     require(dp >= 1 and tp >= 1 and microbatches >= 1, f"mesh {dp}x{tp} and {microbatches} micro-batches must be >= 1")
     comm = CommModel(cluster, profile)

@@ -1,4 +1,4 @@
-"""The exhaustive oracle: every uniform configuration, each predicted with `planner.predict`.
+"""The exhaustive oracle: every uniform configuration, each predicted with `planner.cost.predict`.
 
 It exists to check the solver (house rule 10: each solver against an exhaustive oracle): on small
 cases the solver's plan must be as fast as the oracle's best or faster (the solver may also split
@@ -10,7 +10,7 @@ with and without optimizer offload; recompute none, selective and full; sequence
 GPipe, 1F1B and interleaved 1F1B; layers spread evenly (`ParallelConfig`'s default split).
 The domains of two integer knobs are bounded as in the solver: micro-batch sizes are the powers of two
 up to 16 dividing B/dp, and interleaving uses at most 8 virtual stages per rank.
-Invalid configurations are skipped by `planner.job.validate_config`, the same rules `estimate` applies.
+Invalid configurations are skipped by `planner.core.job.validate_config`, the same rules `estimate` applies.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
-from planner.cluster import Cluster
-from planner.errors import DistplanError
-from planner.job import RECOMPUTE, ParallelConfig, validate_config
-from planner.model import ModelSpec
-from planner.predict import Prediction, predict
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.core.errors import DistplanError
+from planner.core.job import RECOMPUTE, ParallelConfig, validate_config
+from planner.core.model import ModelSpec
+from planner.core.prediction import Prediction
+from planner.cost.predict import predict
+from planner.core.profile import Profile
 from solvers.search import MAX_MICRO_BATCH, MAX_VPP, config_key
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError, require
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError, require
 from planner.estimate import job_profile, resolve_cluster
-from planner.job import RECOMPUTE, SCHEDULES
-from planner.model import load_model
-from planner.training import check_training_inputs
+from planner.core.job import RECOMPUTE, SCHEDULES
+from planner.core.model import load_model
 from solvers.search import MAX_MICRO_BATCH, NO_CONSTRAINTS, Constraints
 from solvers.solve import SolveResult, solve
 

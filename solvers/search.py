@@ -2,7 +2,7 @@
 
 For a global batch B and N GPUs the search enumerates every configuration of the space below, orders
 them by a lower bound on their step time, and evaluates them in that order with the inter-op stage DP
-(`solvers.inter_op.best_layer_split`: the best layer split that fits, timed by `planner.predict`),
+(`solvers.inter_op.best_layer_split`: the best layer split that fits, timed by `planner.cost.predict`),
 until the bound of the next one cannot beat the (k+1)-th best mesh found (branch and bound; exact).
 
 The space, and the rules that prune it (each an exact dominance in the cost model or a hardware rule):
@@ -31,17 +31,19 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from planner.cluster import Cluster
-from planner.costmodel import ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel, block_time, \
-    embedding_time, head_time, memory_bound_time_s
-from planner.job import ParallelConfig, with_changes
-from planner.memory import (FRAGMENTATION, GIB, device_budget_bytes, host_fits, host_memory_per_gpu, stage_memory,
-                            stage_params)
-from planner.model import ModelSpec
-from planner.predict import Prediction, predict
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel,
+                                memory_bound_time_s)
+from planner.cost.layer import block_time, embedding_time, head_time
+from planner.core.job import ParallelConfig, with_changes
+from planner.core.prediction import FRAGMENTATION, GIB, host_fits
+from planner.cost.memory import device_budget_bytes, host_memory_per_gpu, stage_memory, stage_params
+from planner.core.model import ModelSpec
+from planner.core.prediction import Prediction
+from planner.cost.predict import predict
+from planner.core.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
-from planner.engine_support import modelled, runnable
+from planner.cost.engines import modelled, runnable
 
 MAX_MICRO_BATCH = 64
 MAX_VPP = 8
@@ -272,7 +274,7 @@ class _Bounds:
             sync = self.comm.time_s("all_reduce", dpg, cfg.tp, dense / pp * BF16)
         elif dpg > 1 and cfg.zero_stage == 2:
             sync = self.comm.time_s("all_gather", dpg, cfg.tp, dense / pp * BF16)
-        # every rank sends and receives activations at each of its v chunk boundaries (planner.predict.rank_timer)
+        # every rank sends and receives activations at each of its v chunk boundaries (planner.cost.predict.rank_timer)
         p2p = 0.0
         if pp > 1:
             tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp

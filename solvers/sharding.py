@@ -4,22 +4,23 @@ Identical transformer blocks are traced and solved once (one `trace_op_graph` pe
 block's output layout tied to its input layout). The mesh is the stage's (dp*cp) x tp grid; the
 memory budget of a layer is what the runners' Megatron sharding uses under the ILP's own accounting
 plus an equal share of the free memory of the fullest stage holding that kind (stage memory from
-`planner.memory.stage_memory`, so the runners' sharding is always feasible and the ILP may trade the
+`planner.cost.memory.stage_memory`, so the runners' sharding is always feasible and the ILP may trade the
 headroom for speed). The solutions go into `Plan.sharding` for review; the plan's prediction stays
-`planner.predict` of the configuration, which is what the runners execute.
+`planner.cost.predict` of the configuration, which is what the runners execute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cluster import Cluster
-from planner.graph import layer_kinds, trace_op_graph
-from planner.job import ParallelConfig
-from planner.memory import GIB, allocator_slack, inflight_microbatch_chunks, stage_memory
-from planner.model import ModelSpec
-from planner.predict import Prediction
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.build.graph import layer_kinds, trace_op_graph
+from planner.core.job import ParallelConfig
+from planner.core.prediction import GIB
+from planner.cost.memory import allocator_slack, inflight_microbatch_chunks, stage_memory
+from planner.core.model import ModelSpec
+from planner.core.prediction import Prediction
+from planner.core.profile import Profile
 from solvers.intra_op import IntraOpSolution, build_problem, evaluate, megatron_assignment, solve_intra_op
 
 BACKEND_NAMES = {"ortools": "CP-SAT", "pulp": "CBC"}

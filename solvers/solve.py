@@ -12,14 +12,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.cluster import Cluster, check_gpu_count
-from planner.errors import DistplanError, require
-from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
-from planner.model import ModelSpec
-from planner.plan import Plan, make_plan
-from planner.predict import Prediction, predict
-from planner.profile import Profile, gpu_family
-from planner.engine_support import ENGINE_CHOICES, forced_settings
+from planner.core.cluster import Cluster, check_gpu_count
+from planner.core.errors import DistplanError, require
+from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
+from planner.core.model import ModelSpec
+from planner.core.plan import Plan, make_plan
+from planner.core.prediction import Prediction
+from planner.cost.predict import predict
+from planner.core.profile import Profile
+from planner.core.cluster import gpu_family
+from planner.cost.engines import ENGINE_CHOICES, forced_settings
 from solvers.explain import alternative_entry, leanest_message, no_configuration_reason, rationale, why_lost
 from solvers.inter_op import best_layer_split
 from solvers.intra_op import BACKENDS
@@ -134,8 +136,8 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
     with why each lost. `time_limit_s` bounds the search: the best plan found so far is returned and the
     plan says so; DistplanError when nothing was found in time. `progress(done, total)` is called as
     candidates are evaluated. flash_attention / overlap_grad_reduce are fixed settings, not searched.
-    `engine` keeps only plans that `distplan run --engine` can execute (planner/engine_support.py); "any" keeps all.
-    The engine's forced settings override the arguments (planner.engine_support.forced_settings: megatron without
+    `engine` keeps only plans that `distplan run --engine` can execute (planner/cost/engines.py); "any" keeps all.
+    The engine's forced settings override the arguments (planner.cost.engines.forced_settings: megatron without
     `transformer_engine` plans unfused attention, flash_attention=False). `constraints` pin the values each axis
     may take (solvers.search.Constraints). `candidates`: also return every configuration considered
     (solvers.candidates). `advise`: where no configuration uses exactly `gpus` GPUs, plan on the nearest usable

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.model import ModelSpec
+from planner.core.model import ModelSpec
 
 TINY_VOCAB = 50
 

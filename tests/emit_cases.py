@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.plan import Plan, make_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.core.plan import Plan, make_plan
+from planner.cost.predict import predict
 
 GOLDEN = Path(__file__).parent / "golden" / "emit"
 UPDATE = os.environ.get("DISTPLAN_UPDATE_GOLDEN") == "1"

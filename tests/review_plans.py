@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.plan import Plan, make_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.core.plan import Plan, make_plan
+from planner.cost.predict import predict
 
 RATIONALE = (
     "pp=4 keeps every stage's weights and activations under the 74 GiB fit limit",

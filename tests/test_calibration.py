@@ -1,4 +1,4 @@
-"""Calibration files (planner/calibration.py, issue 22 item 2): `distplan run --calibrate` records its factors per
+"""Calibration files (planner/core/calibration.py, issue 22 item 2): `distplan run --calibrate` records its factors per
 engine, GPU, model shape and profile, apart from the profile (never written), and estimate / solve / run apply only
 the record of the job's own engine, shape and profile, saying so where they do."""
 
@@ -9,14 +9,15 @@ import pytest
 import yaml
 
 from conftest import parse_json
-from planner.calibration import (Calibration, CalibrationRecord, calibration_from_dict, calibration_to_dict,
-                                 default_calibration_path, load_calibration, profile_digest, save_calibration)
-from planner.errors import DistplanError
+from planner.core.calibration import (Calibration, CalibrationRecord, calibration_from_dict, calibration_to_dict,
+                                      load_calibration, profile_digest, save_calibration)
+from planner.core.profile import default_calibration_path
+from planner.core.errors import DistplanError
 from planner.estimate import EstimateRequest, job_profile, run_estimate
-from planner.model import load_model
-from planner.plan import make_plan
-from planner.profile import load_profile
-from planner.profile_job import model_shape
+from planner.core.model import load_model
+from planner.core.plan import make_plan
+from planner.core.profile import load_profile
+from planner.core.model import model_shape
 from planner.runner.calibrate import calibrate_run
 
 ROOT = Path(__file__).resolve().parents[1]

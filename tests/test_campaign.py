@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig
-from planner.model import load_model
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig
+from planner.core.model import load_model
+from planner.cost.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("campaign", ROOT / "benchmarks" / "campaign.py")
@@ -140,7 +140,7 @@ def test_tiny_campaign_on_one_process(tmp_path):
 def test_plans_the_engine_runs_alike_share_one_run(tmp_path):
     """run_key: the torch engine without data parallelism or offload runs every ZeRO stage as one program (nothing
     to shard), so such plans are one run; data parallelism, offload or another engine make them different runs."""
-    from planner.plan import make_plan, save_plan
+    from planner.core.plan import make_plan, save_plan
 
     model, cluster = load_model("gpt2-xl"), load_cluster("h200-141gb")
 
@@ -263,7 +263,7 @@ def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
     """Issue 8's cases (one 8-GPU node) make their plans without a GPU: llama-2-70b with 40 of its 80 layers (556 GB
     of model states) leaves DDP and DeepSpeed ZeRO-2 out as not fitting and keeps FSDP2 ZeRO-3, megatron's heuristic
     and distplan's plan, all on 8 GPUs."""
-    from planner.plan import load_plan
+    from planner.core.plan import load_plan
 
     spec = load_model("llama-2-70b-40l")
     params = spec.num_layers * spec.block_params() + spec.embedding_params() + spec.head_params()
@@ -282,7 +282,7 @@ def test_eight_gpu_cases_plan_on_the_h200_preset(tmp_path):
 def test_four_gpu_cases_plan_on_the_h200_preset(tmp_path, case):
     """Issue 8 at 4 GPUs (nvidia-h200-x4): distplan's plan and the baselines that fit, every one over 4 GPUs; the 13B
     model's DDP (208 GB of model states per GPU) is left out as not fitting."""
-    from planner.plan import load_plan
+    from planner.core.plan import load_plan
 
     plans, skipped = campaign.campaign_plans(campaign.CASES[case], None, tmp_path, gpus=4, cluster="h200-141gb")
     names = {p.name for p in plans}
@@ -399,7 +399,7 @@ def test_distplan_solved_for_the_deepspeed_engine_runs_deepspeeds_plans(tmp_path
     """`--distplan-engine deepspeed` (issue 6's engine coverage): distplan's plan and alternatives are solved for
     DeepSpeed and run on it; 13B on 2x H200 needs a pipeline there (DeepSpeed's pipeline engine, ZeRO <= 1), as
     ZeRO-2 does not fit."""
-    from planner.plan import load_plan
+    from planner.core.plan import load_plan
 
     plans, _ = campaign.campaign_plans(campaign.CASES["llama-2-13b-small"], None, tmp_path, gpus=2,
                                        cluster="h200-141gb", engine_for_distplan="deepspeed")
@@ -490,8 +490,8 @@ def test_one_gpu_alternatives_take_each_memory_strategy_first(tmp_path):
     """One GPU has one mesh, where solve's alternatives (one per mesh) give none: the campaign takes the best
     fitting plan of each other memory strategy (recompute, optimizer offload) on the chosen mesh, as solve takes
     the best of each mesh; gpt2-xl at 32 x 1024 on an H200 has three besides the chosen one's."""
-    from planner.plan import load_plan
-    from planner.predict import predict
+    from planner.core.plan import load_plan
+    from planner.cost.predict import predict
     from solvers.search import search_space
 
     plans, skipped = campaign.campaign_plans(campaign.CASES["gpt2-xl-1gpu"], None, tmp_path, gpus=1,
@@ -519,7 +519,7 @@ def test_alternatives_that_fit_come_first_and_number_three(tmp_path):
     """solve adds a faster plan that does not fit, to explain the choice; the campaign still makes three that fit
     (the issue's 'next 3 alternatives') and reports the misfit after them. llama-3-8b at 2048 tokens on one H200:
     no recompute at micro-batch 16 does not fit."""
-    from planner.plan import load_plan
+    from planner.core.plan import load_plan
 
     plans, skipped = campaign.campaign_plans(campaign.CASES["llama-3-8b-1gpu"], None, tmp_path, gpus=1,
                                              cluster="h200-141gb")

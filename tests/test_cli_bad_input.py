@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import profilers.run
 from planner.cli import app
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 
 HUGE = str(10**18)
 GENERIC = ("0", "-1", HUGE, "abc", "")
@@ -125,8 +125,8 @@ def solved():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SOLVE, "run_search", search)
         mp.setattr(SOLVE, "shard_layers", shard)
-        from planner.cluster import load_cluster
-        from planner.model import load_model
+        from planner.core.cluster import load_cluster
+        from planner.core.model import load_model
 
         SOLVE.solve(load_model("gpt2"), load_cluster("dgx-h100-80gb"), 2)
     return captured
@@ -294,7 +294,7 @@ def test_solve_writes_plan_and_report_together_or_neither(cli, cheap, tmp_path, 
 
 def test_solve_leaves_nothing_when_the_report_cannot_be_written(cli, cheap, tmp_path, monkeypatch):
     """A failure while writing (after the checks) leaves neither file: both are staged, then renamed."""
-    import planner.fileio
+    import planner.core.fileio
 
     monkeypatch.chdir(tmp_path)
     real = os.replace
@@ -304,7 +304,7 @@ def test_solve_leaves_nothing_when_the_report_cannot_be_written(cli, cheap, tmp_
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(planner.fileio.os, "replace", replace)
+    monkeypatch.setattr(planner.core.fileio.os, "replace", replace)
     one_line(cli("solve", "-m", "gpt2", "-n", "2", "-o", "plan.yaml", "--report", "report.html"), "cannot write")
     assert not list(tmp_path.iterdir())
     (tmp_path / "plan.yaml").write_text("the plan before\n")

@@ -84,9 +84,9 @@ def test_engine_prices_what_that_engine_runs(cli):
     DeepSpeed its own ZeRO optimizer; 'any' (the default) charges the bandwidth model's reduce-scatter and all-gather."""
     from pathlib import Path
 
-    from planner.model import load_model
-    from planner.predict import predict
-    from planner.profile import load_profile
+    from planner.core.model import load_model
+    from planner.cost.predict import predict
+    from planner.core.profile import load_profile
     from planner.estimate import EstimateRequest, run_estimate
 
     prof = str(Path(__file__).resolve().parents[1] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
@@ -106,7 +106,7 @@ def test_engine_prices_what_that_engine_runs(cli):
 
 
 def test_estimate_does_not_import_the_solver():
-    """`estimate --engine` checks what the engine runs (planner.engine_support) without the solver package, whose
+    """`estimate --engine` checks what the engine runs (planner.cost.engines) without the solver package, whose
     import (ILP backends, the operator graph) took 1.4 s of estimate's 1.7 s (benchmarks/results/estimate_accuracy.md)."""
     import subprocess
     import sys

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from planner.plan import load_plan, plan_to_yaml
-from planner.profile import Profile, save_profile
+from planner.core.plan import load_plan, plan_to_yaml
+from planner.core.profile import Profile, save_profile
 
 
 def test_solve_writes_a_plan_that_reloads(cli, tmp_path):

@@ -4,12 +4,12 @@ from dataclasses import replace
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig
-from planner.memory import activation_bytes_per_layer, inflight_microbatch_chunks, zero_model_state_bytes
-from planner.model import load_model
-from planner.predict import predict
-from planner.published import model_yaml, published, sc21_gpt, sc21_table1
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig
+from planner.cost.memory import activation_bytes_per_layer, inflight_microbatch_chunks, zero_model_state_bytes
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.core.published import model_yaml, published, sc21_gpt, sc21_table1
 
 from conftest import parse_json
 
@@ -127,7 +127,8 @@ def test_torch_master_weights_cast_is_charged_where_the_engine_keeps_masters():
     its FSDP2 layouts do not (FSDP2's own casts are in its measured overhead)."""
     from pathlib import Path
 
-    from planner.profile import cluster_for_profile, load_profile
+    from planner.cost.profiled import cluster_for_profile
+    from planner.core.profile import load_profile
 
     prof = load_profile(Path(__file__).resolve().parent.parent / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
     model = load_model("gpt2-xl")

@@ -13,8 +13,8 @@ import yaml
 from emit_cases import GOLDEN, case_plan, variant_plan
 from emitters import RUNNER_WORKER, TARGETS, emit_plan, runner_worker_argv
 from emitters.common import EmitOptions, write_emission
-from planner.errors import DistplanError
-from planner.plan import load_plan, save_plan
+from planner.core.errors import DistplanError
+from planner.core.plan import load_plan, save_plan
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from emitters import emit_plan
 from emitters.checks import DS_TOP_LEVEL_KEYS, check_deepspeed, deepspeed_parse, deepspeed_semantic_errors
 from emitters.common import EmitOptions
 from emitters.deepspeed import BUCKET_ELEMENTS, ds_config, partition
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 
 pytest.importorskip("deepspeed", reason="deepspeed is in the test extra: pip install -e '.[test]'")
 

@@ -15,7 +15,7 @@ from emitters.checks import check_emission
 from emitters.checks_megatron import megatron_rule_errors, read_args_file
 from emitters.common import EmitOptions
 from emitters.torchrun import runner_refusal
-from planner.plan import load_plan, save_plan
+from planner.core.plan import load_plan, save_plan
 
 OPTS = EmitOptions(plan_path="plan.yaml", out_dir="out")
 

@@ -20,7 +20,7 @@ from emitters.checks_megatron import (
     read_args_file,
 )
 from emitters.megatron import megatron_argv, pipeline_split
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 
 EXPRESSIBLE = ["layout", "vpp_even", "vpp_first_last", "vpp_layout", "pp2_uneven", "cp", "zero3_sp", "zero3_autotp",
                "offload", "zero0_unfused", "single_node_pp", "moe_tp", "moe_tp_nosp", "moe_pp", "pp_zero3"]

@@ -12,12 +12,12 @@ import pytest
 
 from emitters.deepspeed import ds_config, partition
 from emitters.common import EmitOptions
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.job import ParallelConfig, validate_config
-from planner.model import ModelSpec
-from planner.plan import make_plan, save_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import ModelSpec
+from planner.core.plan import make_plan, save_plan
+from planner.cost.predict import predict
 from planner.runner.engine_api import RunOptions
 from planner.runner.engines import deepspeed_engine as de
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from emitters.megatron import megatron_argv, pipeline_split
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.job import ParallelConfig, validate_config
-from planner.model import ModelSpec, load_model
-from planner.plan import make_plan, save_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import ModelSpec, load_model
+from planner.core.plan import make_plan, save_plan
+from planner.cost.predict import predict
 from planner.runner.engines import megatron_engine as me
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_heads=4,

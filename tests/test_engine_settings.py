@@ -1,15 +1,15 @@
-"""Settings an engine forces on `distplan solve` (planner.engine_support.forced_settings): megatron's local layer
+"""Settings an engine forces on `distplan solve` (planner.cost.engines.forced_settings): megatron's local layer
 spec runs unfused attention, so its plans assume flash_attention=False unless --te says Transformer Engine
 is there (miss 3 of benchmarks/results/run_2xh200.md)."""
 
 import pytest
 import yaml
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.model import load_model
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.model import load_model
 from solvers import solve
-from planner.engine_support import forced_settings
+from planner.cost.engines import forced_settings
 from solvers.request import SolveRequest
 
 MODEL = load_model("gpt2-xl")
@@ -44,15 +44,15 @@ def test_request_command_and_cli_carry_te(cli, tmp_path):
 
 
 def test_torch_pipeline_rule_is_torchs_own():
-    """planner.engine_support.torch_pipeline_ok against the rule and the examples torch's ScheduleInterleaved1F1B
+    """planner.cost.engines.torch_pipeline_ok against the rule and the examples torch's ScheduleInterleaved1F1B
     docstring gives (pp 4: m = 10 and m = 3 run; rounds = max(1, m // pp) must divide m), and the
     single-stage schedules' check (m >= pp), read from the installed torch's source."""
     import inspect
 
     from torch.distributed.pipelining import schedules
 
-    from planner.job import ParallelConfig
-    from planner.engine_support import torch_pipeline_ok
+    from planner.core.job import ParallelConfig
+    from planner.cost.engines import torch_pipeline_ok
 
     src = inspect.getsource(schedules)
     assert "n_microbatches % self.number_of_rounds != 0" in src and "if n_microbatches < self._num_stages:" in src
@@ -70,8 +70,8 @@ def test_deepspeed_search_leaves_out_its_unfused_zero0_data_parallelism():
     """DeepSpeed's bf16 ZeRO-0 over data parallelism runs its unfused fp16 optimizer, +44% over the model on 2xH200
     (call 22): `solve --engine deepspeed` offers ZeRO >= 1 for data parallelism, and keeps ZeRO-0 where DeepSpeed's
     pipeline engine (BF16_Optimizer) runs it; other engines keep ZeRO-0 data parallelism."""
-    from planner.job import ParallelConfig
-    from planner.engine_support import modelled
+    from planner.core.job import ParallelConfig
+    from planner.cost.engines import modelled
 
     assert not modelled("deepspeed", ParallelConfig(dp=2, zero_stage=0))
     assert modelled("deepspeed", ParallelConfig(dp=2, zero_stage=1)) and modelled("deepspeed", ParallelConfig(pp=2))

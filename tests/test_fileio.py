@@ -1,5 +1,5 @@
-"""planner/fileio.py and the loaders on it: every way a file can be wrong is one DistplanError line naming it;
-planner/fields.py: every number a loader reads is checked by key; atomic multi-file writes."""
+"""planner/core/fileio.py and the loaders on it: every way a file can be wrong is one DistplanError line naming it;
+planner/core/fields.py: every number a loader reads is checked by key; atomic multi-file writes."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import planner.fileio
-from planner.calibration import load_calibration
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.fileio import MAX_INPUT_BYTES, atomic_write_files, check_writable, dump_yaml, read_yaml
-from planner.model import load_model
-from planner.plan import load_plan, plan_from_dict
-from planner.profile import load_profile, profile_from_dict, profile_to_dict
+import planner.core.fileio
+from planner.core.calibration import load_calibration
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.fileio import MAX_INPUT_BYTES, atomic_write_files, check_writable, dump_yaml, read_yaml
+from planner.core.model import load_model
+from planner.core.plan import load_plan, plan_from_dict
+from planner.core.profile import load_profile, profile_from_dict, profile_to_dict
 from planner.show import load_measurements
 
 ROOT = Path(__file__).parent.parent
@@ -100,7 +100,7 @@ def test_unreadable_huge_and_special_files(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(planner.fileio, "open", denied, raising=False)
+    monkeypatch.setattr(planner.core.fileio, "open", denied, raising=False)
     refused(load_cluster, good, "cannot read cluster file")
     refused(load_model, good, "Permission denied")
 

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.model import load_model
-from planner.plan import load_plan
-from planner.profile import load_profile
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.model import load_model
+from planner.core.plan import load_plan
+from planner.core.profile import load_profile
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = 200  # per file kind (150 for the 35 KB profile: 0.1 s each); each is loaded and run through the CLI

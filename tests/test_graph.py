@@ -1,13 +1,13 @@
-"""planner.graph: traced FLOPs and bytes against ModelSpec and SC'21; graph structure; op-graph consistency."""
+"""planner.build.graph: traced FLOPs and bytes against ModelSpec and SC'21; graph structure; op-graph consistency."""
 
 import time
 
 import pytest
 
-from planner.errors import DistplanError
-from planner.graph import (LAYER_KINDS, OP_KINDS, block_kind, forward_flops, layer_kinds, total_flops, total_params,
-                           trace_layer_graph, trace_op_graph)
-from planner.model import load_model, zoo_names
+from planner.core.errors import DistplanError
+from planner.build.graph import (LAYER_KINDS, OP_KINDS, block_kind, forward_flops, layer_kinds, total_flops,
+                                 total_params, trace_layer_graph, trace_op_graph)
+from planner.core.model import load_model, zoo_names
 
 from conftest import tiny
 

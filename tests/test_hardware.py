@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import profilers.hardware as hw
-from planner.errors import DistplanError
-from planner.fileio import dump_yaml, parse_yaml
-from planner.kerneldb import GEMM_LAYOUTS, kernel_db_from_dict, load_kernel_db
+from planner.core.errors import DistplanError
+from planner.core.fileio import dump_yaml, parse_yaml
+from planner.core.kerneldb import GEMM_LAYOUTS, kernel_db_from_dict, load_kernel_db
 from profilers import kernel_grid
 from profilers.kernel_timing import KernelTimer
 

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig
-from planner.memory import GIB, OFFLOAD_HOST_BYTES_PER_PARAM, host_memory_per_gpu
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import cluster_for_profile, load_profile
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig
+from planner.core.prediction import GIB
+from planner.cost.memory import OFFLOAD_HOST_BYTES_PER_PARAM, host_memory_per_gpu
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.cost.profiled import cluster_for_profile
+from planner.core.profile import load_profile
 from solvers.search import states_fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +95,7 @@ def test_solve_names_the_host_when_only_the_host_is_too_small(tmp_path, cli):
 def test_torch_engine_offload_keeps_its_shards_on_the_host(zero, pp, mbs, weights_bytes, grad_bytes):
     """The torch engine's offload (FSDP2's CPUOffloadPolicy, one rank included): no optimizer states and no fp32
     shards on the GPU, only the bf16 weights and gradients in use, per parameter of the stage."""
-    from planner.memory import stage_memory, stage_params
+    from planner.cost.memory import stage_memory, stage_params
 
     model = load_model("gpt2-xl")
     mb, m = mbs
@@ -133,7 +135,7 @@ def test_offloaded_optimizer_is_the_fused_cpu_kernel_and_its_rate_is_measured():
     profiler times that very optimizer (profilers.facts.host_optimizer_s_per_param) and it updates the weights."""
     import torch
 
-    from planner.runner.parallelize import make_optimizer
+    from planner.build.parallelize import make_optimizer
     from profilers.facts import host_optimizer_s_per_param
 
     p = torch.nn.Parameter(torch.ones(1024))
@@ -150,8 +152,8 @@ def test_offloaded_optimizer_is_the_fused_cpu_kernel_and_its_rate_is_measured():
 def cpu_machine(memory_gib_per_rank: float = 11.8):
     """The measured cluster of a 2-process CPU + gloo profile (what `distplan profile` writes on a machine without
     GPUs): each rank's "device" is its share of the host's memory."""
-    from planner.cluster import Link
-    from planner.profile import CollectiveFit, Profile, measured_cluster
+    from planner.core.profile import CollectiveFit, Profile
+    from planner.cost.profiled import measured_cluster
 
     prof = Profile(gpu_name="AMD EPYC", device="cpu", model="gpt2-xl", seq_len=1024, dtype="fp32",
                    collectives=(CollectiveFit("all_reduce", 2, 1e-4, 2.0), CollectiveFit("p2p", 2, 5e-5, 4.0)),
@@ -180,7 +182,7 @@ def test_on_a_cpu_the_offloaded_states_share_the_ranks_memory():
 
 
 def test_a_solve_on_a_cpu_never_returns_a_plan_over_the_machines_memory():
-    from planner.errors import DistplanError
+    from planner.core.errors import DistplanError
     from solvers import solve
 
     model = load_model("gpt2-xl")
@@ -199,7 +201,7 @@ def test_a_solve_on_a_cpu_never_returns_a_plan_over_the_machines_memory():
 
 
 def test_the_cpu_flag_survives_the_plan_file(tmp_path):
-    from planner.plan import load_plan, make_plan, save_plan
+    from planner.core.plan import load_plan, make_plan, save_plan
 
     model = load_model("gpt2-medium")
     here = cpu_machine()

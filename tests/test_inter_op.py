@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config, with_changes
-from planner.memory import FRAGMENTATION
-from planner.model import load_model
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config, with_changes
+from planner.core.prediction import FRAGMENTATION
+from planner.core.model import load_model
+from planner.cost.predict import predict
 from solvers.inter_op import best_layer_split, stage_submesh_ok, submesh_shapes
 
 H100 = load_cluster("dgx-h100-80gb")

@@ -2,11 +2,12 @@
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.costmodel import CommModel, block_time
-from planner.graph import trace_op_graph
-from planner.job import ParallelConfig
-from planner.model import load_model
+from planner.core.cluster import load_cluster
+from planner.cost.terms import CommModel
+from planner.cost.layer import block_time
+from planner.build.graph import trace_op_graph
+from planner.core.job import ParallelConfig
+from planner.core.model import load_model
 from solvers.intra_op import (IntraOpProblem, build_problem, conversion_costs, evaluate, megatron_assignment,
                               solve_intra_op)
 
@@ -116,7 +117,7 @@ def test_resharding_uses_the_cost_models_collectives():
 
 
 def test_unknown_backend_is_rejected():
-    from planner.errors import DistplanError
+    from planner.core.errors import DistplanError
 
     spec, g = graph("gpt2")
     prob = build_problem(g, spec, H100, None, dp=1, tp=2, microbatches=1, memory_budget_bytes=float("inf"))

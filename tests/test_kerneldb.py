@@ -1,4 +1,4 @@
-"""planner/kerneldb.py against a synthetic database whose every number is known: measured points come back exactly,
+"""planner/core/kerneldb.py against a synthetic database whose every number is known: measured points come back exactly,
 points between them interpolate monotonically, points outside say "extrapolated" and name the axis, and a bad
 file is one DistplanError line naming what is wrong."""
 
@@ -8,10 +8,9 @@ import math
 import pytest
 import yaml
 
-from planner.errors import DistplanError
-from planner.fileio import dump_yaml
-from planner.kerneldb import (GEMM_LAYOUTS, WORK, available_databases, gpu_slug, kernel_db_from_dict,
-                              load_kernel_db)
+from planner.core.errors import DistplanError
+from planner.core.fileio import dump_yaml
+from planner.core.kerneldb import (GEMM_LAYOUTS, WORK, available_databases, gpu_slug, kernel_db_from_dict, load_kernel_db)
 
 M, N, K = (256, 1024, 4096), (64, 256, 1024, 4096), (128, 512, 2048)
 SEQ, HEADS, HEAD_DIM, GQA = (1024, 4096), (1, 8), (64, 128), (1, 8)

@@ -4,7 +4,7 @@ miss 2 of benchmarks/results/run_2xh200.md) against plain fp32 AdamW (make_optim
 import torch
 from torch import nn
 
-from planner.runner.parallelize import MasterWeightsOptimizer, make_optimizer, to_bf16_with_masters
+from planner.build.parallelize import MasterWeightsOptimizer, make_optimizer, to_bf16_with_masters
 
 
 def _model(seed=0):
@@ -77,7 +77,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 sys.path.insert(0, sys.argv[1])
-from planner.runner.parallelize import MasterWeightsOptimizer, to_bf16_with_masters
+from planner.build.parallelize import MasterWeightsOptimizer, to_bf16_with_masters
 dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "r"), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
 torch.manual_seed(0)
@@ -112,7 +112,7 @@ import os, sys, tempfile, torch, torch.distributed as dist
 from contextlib import nullcontext
 from torch import nn
 sys.path.insert(0, sys.argv[1])
-from planner.runner.parallelize import MasterWeightsOptimizer, apply_ddp, to_bf16_with_masters
+from planner.build.parallelize import MasterWeightsOptimizer, apply_ddp, to_bf16_with_masters
 dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "r"), rank=0, world_size=1)
 
 def first_microbatch_grads_are_bucket_views(set_to_none):
@@ -157,7 +157,7 @@ def test_dtensor_and_plain_parameters_never_share_a_fused_adamw(tmp_path, monkey
     (llama-2-13b tp2 dp1 on 2xH200 failed so). Here CPU's fused AdamW, which refuses it the same way."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     from planner.runner import parallelize
 

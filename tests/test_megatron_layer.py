@@ -1,17 +1,17 @@
 """Megatron-core's own layer as a profiled kind (profilers/megatron_layer.py) and how the cost model uses it
-for the megatron engine's unfused plans (planner.costmodel.megatron_layer_delta_s)."""
+for the megatron engine's unfused plans (planner.cost.layer.megatron_layer_delta_s)."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import (MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, ComputeFit, LinearFit, Profile,
-                             load_profile, save_profile)
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.core.profile import (MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, ComputeFit,
+                                  LinearFit, Profile, load_profile, save_profile)
 from profilers import megatron_layer
 
 CLUSTER = load_cluster("dgx-h100-80gb")
@@ -42,7 +42,8 @@ def cfg(**par) -> ParallelConfig:
 def test_megatron_engine_takes_megatrons_measured_layer(tp):
     """tp 1: a block costs what megatron's layer measured; tp 2: distplan's tp-2 block plus half the measured
     difference at tp 1 (llama-3-8b: 32 heads)."""
-    from planner.costmodel import CommModel, block_time
+    from planner.cost.terms import CommModel
+    from planner.cost.layer import block_time
 
     model = load_model("llama-3-8b")
     c = ParallelConfig(tp=tp, seq_len=SEQ, global_batch_size=8, micro_batch_size=4, flash_attention=False)
@@ -64,7 +65,8 @@ def test_megatron_layer_replaces_the_unfused_core_correction_exactly():
     plain = predict(MODEL, CLUSTER, c, WITH_MEGATRON, engine="torch")  # same layout, unfused-core correction
     per_layer_meg = 1.4e-3 * tokens / 1000
     # the torch engine's unfused block: block + (measured unfused core - analytic flash core)
-    from planner.costmodel import CommModel, block_time
+    from planner.cost.terms import CommModel
+    from planner.cost.layer import block_time
     lt_meg = block_time(MODEL, CLUSTER, c, CommModel(CLUSTER, WITH_MEGATRON), WITH_MEGATRON, "megatron")
     lt_any = block_time(MODEL, CLUSTER, c, CommModel(CLUSTER, WITH_MEGATRON), WITH_MEGATRON, "torch")
     assert lt_meg.fwd == pytest.approx(per_layer_meg, rel=1e-9)
@@ -79,7 +81,8 @@ def test_megatron_layer_replaces_the_unfused_core_correction_exactly():
 def test_unchanged_where_megatrons_layer_does_not_apply(prof, engine, flash):
     """Not measured, another engine, flash attention (Transformer Engine), or another sequence length: the
     same block time as without the kind."""
-    from planner.costmodel import CommModel, block_time
+    from planner.cost.terms import CommModel
+    from planner.cost.layer import block_time
 
     c = cfg(flash_attention=flash)
     got = block_time(MODEL, CLUSTER, c, CommModel(CLUSTER, prof), prof, engine)
@@ -115,7 +118,7 @@ def test_cpu_profile_records_why_megatrons_layer_was_not_measured():
 def test_megatron_engine_memory_keeps_the_analytic_count():
     """megatron-core's layer measured alone stored 1.8x what it stores in the model (campaign of 2026-11-22):
     its activations do not scale the megatron engine's memory, which stays the analytic unfused count."""
-    from planner.memory import activation_scale, stage_memory
+    from planner.cost.memory import activation_scale, stage_memory
 
     model = load_model("llama-3-8b")
     c = ParallelConfig(tp=2, seq_len=SEQ, global_batch_size=8, micro_batch_size=2, flash_attention=False)
@@ -131,7 +134,8 @@ def test_selective_recompute_repeats_megatrons_unfused_core_not_the_flash_share(
     """Megatron's selective recompute runs its unfused attention core forward again: the flash core's share of the
     block plus megatron's measured extra (its layer minus distplan's block, all in the core), / tp. Charging only
     the flash share under-predicted llama-2-13b tp2 selective by 12% on 2xH200 (campaign of 2026-11-22)."""
-    from planner.costmodel import CommModel, block_time
+    from planner.cost.terms import CommModel
+    from planner.cost.layer import block_time
 
     model = load_model("llama-3-8b")  # 32 heads: tp 2 divides them
     c = ParallelConfig(tp=tp, seq_len=SEQ, global_batch_size=8, micro_batch_size=4, flash_attention=False)
@@ -156,7 +160,7 @@ def test_megatron_engine_takes_megatrons_measured_head(tp):
     """The megatron engine's head is megatron's measured last stage (one layer, norm, output layer, loss) less its
     measured layer, over tp (vocabulary-parallel); the other engines keep distplan's head, and a profile without
     megatron's last stage keeps distplan's head for megatron too."""
-    from planner.costmodel import head_time
+    from planner.cost.layer import head_time
 
     model = load_model("llama-3-8b")  # 32 heads: tp 2 divides them
     c = ParallelConfig(tp=tp, seq_len=SEQ, global_batch_size=8, micro_batch_size=4, flash_attention=False, zero_stage=1)

@@ -46,7 +46,7 @@ def test_places_outside_distplan_name_the_innermost_frame_and_the_list_is_cut_at
 def test_the_flag_is_refused_without_cuda_and_for_other_engines(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("unused: the request is refused before the plan is read\n")
-    from planner.errors import DistplanError
+    from planner.core.errors import DistplanError
 
     with pytest.raises(DistplanError, match="--memory-peak records the torch engine's step only; engine is 'deepspeed'"):
         run_plan(plan, RunOptions(engine="deepspeed", memory_peak=True))

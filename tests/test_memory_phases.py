@@ -1,16 +1,18 @@
-"""The memory model's peak over a step's moments (planner.memory.StageMemory.phases) against runs measured on
+"""The memory model's peak over a step's moments (planner.cost.memory.StageMemory.phases) against runs measured on
 2xH200 (benchmarks/results/campaign_2xh200.md, session 3), each with the profile those runs were planned with."""
 
 from pathlib import Path
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig
-from planner.memory import GIB, grads_in_forward, stage_memory
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import cluster_for_profile, load_profile
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig
+from planner.core.prediction import GIB
+from planner.cost.memory import grads_in_forward, stage_memory
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.cost.profiled import cluster_for_profile
+from planner.core.profile import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profile_2xh200"
@@ -112,9 +114,9 @@ def test_megatron_llama_stores_the_measured_block_plus_analytic_scores():
 def test_torch_engine_tp_keeps_the_whole_vocabulary_of_logits_per_rank():
     """The torch engine's TP head gathers full logits on each rank (apply_tp), Megatron's are vocabulary-parallel:
     llama-3-8b tp2 at micro-batch 8 x 4096 tokens (call 17) peaked 20.4 GiB over the 1/tp logits."""
-    from planner.job import ParallelConfig
-    from planner.memory import LOGIT_BYTES, LOGIT_BYTES_TEMPORARY, stage_memory
-    from planner.model import load_model
+    from planner.core.job import ParallelConfig
+    from planner.cost.memory import LOGIT_BYTES, LOGIT_BYTES_TEMPORARY, stage_memory
+    from planner.core.model import load_model
 
     model = load_model("llama-3-8b")
     cfg = ParallelConfig(tp=2, micro_batch_size=8, global_batch_size=8, seq_len=4096, recompute="full")
@@ -144,7 +146,7 @@ def test_torch_pipelining_keeps_a_receive_buffer_per_micro_batch():
     first stage) and an output-gradient buffer per micro-batch (not the last). llama-3-8b pp2 v4 interleaved with
     full recompute at 2 x 16 (4096 tokens) peaked at 71.5 and 82.5 GiB on its two ranks (2xH200, call 28), 6.8-7.1
     GiB over the prediction without them: each rank holds 7 such buffers x 16 micro-batches x 64 MiB."""
-    from planner.memory import torch_pipeline_recv_bytes
+    from planner.cost.memory import torch_pipeline_recv_bytes
 
     model = load_model("llama-3-8b")
     cfg = ParallelConfig(pp=2, vpp=4, schedule="interleaved", micro_batch_size=2, global_batch_size=32, seq_len=4096,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from planner.errors import DistplanError
-from planner.model import load_model, zoo_names
+from planner.core.errors import DistplanError
+from planner.core.model import load_model, zoo_names
 
 # Published parameter counts (model cards / papers), in billions.
 PUBLISHED_PARAMS_B = {

@@ -1,4 +1,4 @@
-"""planner.modeling: parameter counts against ModelSpec and SC'21; real training behaviour on CPU."""
+"""planner.build.modeling: parameter counts against ModelSpec and SC'21; real training behaviour on CPU."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from planner.errors import DistplanError
-from planner.model import ModelSpec, load_model, zoo_names
-from planner.modeling import AttentionCore, apply_rotary, build_model, lm_loss, tokens_per_expert
+from planner.core.errors import DistplanError
+from planner.core.model import ModelSpec, load_model, zoo_names
+from planner.build.modeling import AttentionCore, apply_rotary, build_model, lm_loss, tokens_per_expert
 
 from conftest import TINY_VOCAB, tiny
 

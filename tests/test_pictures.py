@@ -11,10 +11,10 @@ from matplotlib.image import imread
 from matplotlib.text import Text
 from review_plans import review_plan
 
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 from planner.pictures import PHASE_COLORS, comparison_figure, figure_bytes, memory_figure, save_figure, timeline_figure
-from planner.plan import load_plan, plan_to_yaml
-from planner.schedule import plan_schedule
+from planner.core.plan import load_plan, plan_to_yaml
+from planner.cost.pipeline import plan_schedule
 from planner.show import memory_chart_of, timeline_of
 
 

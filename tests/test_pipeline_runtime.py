@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import (LinearFit, PipelineFit, Profile, load_profile, profile_from_dict, profile_to_dict,
-                             save_profile)
-from planner.schedule import StageOpTimes, span_s
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.core.profile import (LinearFit, PipelineFit, Profile, load_profile, profile_from_dict, profile_to_dict,
+                                  save_profile)
+from planner.cost.pipeline import StageOpTimes, span_s
 from profilers.pipeline import MICROBATCHES, VPP, fit_pipeline, solve_action_s
 
 CLUSTER = load_cluster("dgx-h100-80gb")
@@ -118,7 +118,7 @@ def test_the_torch_engines_pipelines_pay_the_measured_cost_per_operation(par, ki
 # ---- the torch engine's DTensor tensor parallelism (profilers/tensor_parallel.py) ---------------------------
 
 def test_measured_dtensor_tp_replaces_the_tp_all_reduces_for_the_torch_engine_only():
-    from planner.profile import ShardingFit
+    from planner.core.profile import ShardingFit
 
     c = cfg(pp=1, tp=2, micro_batch_size=1)
     tp = ShardingFit(2, False, LinearFit(4e-3, 0.0), edge=LinearFit(1e-3, 0.0), impl="tp", max_tokens=16384)
@@ -145,7 +145,7 @@ def test_measured_dtensor_tp_replaces_the_tp_all_reduces_for_the_torch_engine_on
 
 def test_the_stack_factor_ignores_the_tp_stacks():
     """The tp stacks' plain blocks are tp-2 shards: the block-in-a-stack factor reads the tp-1 stacks only."""
-    from planner.profile import ComputeFit, profile_from_dict, profile_to_dict
+    from planner.core.profile import ComputeFit, profile_from_dict, profile_to_dict
 
     block = ComputeFit("block", 1, LinearFit(0.0, 1e-6), LinearFit(0.0, 2e-6))
     pts = [{"group_size": 2, "reshard_after_forward": True, "blocks": 4, "tokens": 1000, "plain_s": 4 * 3e-3 * 1.05}]

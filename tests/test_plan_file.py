@@ -3,12 +3,12 @@
 import pytest
 import yaml
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.plan import load_plan, make_plan, plan_to_yaml, save_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.core.plan import load_plan, make_plan, plan_to_yaml, save_plan
+from planner.cost.predict import predict
 
 
 def _plan():

@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 
 from conftest import parse_json
-from planner.cluster import check_gpu_count, load_cluster
-from planner.errors import DistplanError
-from planner.model import load_model
-from planner.profile import (CollectiveFit, ComputeFit, LinearFit, Profile, cluster_for_profile, gpu_family,
-                             load_profile, profile_from_dict, profile_to_dict, save_profile)
-from planner.profile_job import model_shape
+from planner.core.cluster import check_gpu_count, load_cluster
+from planner.core.errors import DistplanError
+from planner.core.model import load_model
+from planner.core.profile import (CollectiveFit, ComputeFit, LinearFit, Profile, load_profile, profile_from_dict,
+                                  profile_to_dict, save_profile)
+from planner.cost.profiled import cluster_for_profile
+from planner.core.cluster import gpu_family
+from planner.core.model import model_shape
 
 SEQ = 1024
 GPT2 = model_shape(load_model("gpt2"))
@@ -164,7 +166,7 @@ def test_compute_curve_uses_the_measured_points_not_the_line():
     """gpt2-xl's block on 2xH200 (launch-bound at small micro-batches): the line through all points has half
     the compute-bound slope; time_s reproduces every point, interpolates between them, and scales the
     largest point by tokens above the range (the measured step at micro-batch 16 agreed within 3%)."""
-    from planner.profile import LinearFit, ComputeFit, compute_points
+    from planner.core.profile import LinearFit, ComputeFit, compute_points
 
     raw = [{"tokens": 1024, "fwd_s": 6.32e-4, "bwd_s": 1.698e-3}, {"tokens": 2048, "fwd_s": 6.82e-4, "bwd_s": 1.656e-3},
            {"tokens": 4096, "fwd_s": 8.04e-4, "bwd_s": 1.487e-3}, {"tokens": 8192, "fwd_s": 1.095e-3, "bwd_s": 2.242e-3}]
@@ -188,9 +190,9 @@ def test_measured_block_activations_scale_the_memory_model():
     """The 2xH200 profiles measured the block's activations with the allocator: gpt2-xl's match Korthikanti's
     count (scale 1.01), llama-3-8b's are 1.60x it; stage memory takes the measured scale, and a campaign run
     of llama-3-8b pp2 v8 (peak 120.7 / 127.5 GiB) is then predicted within 2% (118.9 / 125.6)."""
-    from planner.job import ParallelConfig
-    from planner.memory import activation_bytes_per_layer, activation_scale, stage_memory
-    from planner.model import load_model
+    from planner.core.job import ParallelConfig
+    from planner.cost.memory import activation_bytes_per_layer, activation_scale, stage_memory
+    from planner.core.model import load_model
 
     gpt = load_profile(H200_PROFILES / "profile-gpt2-xl-2xh200.yaml")
     llama = load_profile(H200_PROFILES / "profile-llama-3-8b-s4096-quick-2xh200.yaml")

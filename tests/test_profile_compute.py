@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from planner.model import ModelSpec, load_model
+from planner.core.model import ModelSpec, load_model
 from profilers.compute import (ComputeSettings, build_layer, layer_kinds, make_inputs, profile_compute, profile_layer,
                                tp_degrees)
 from profilers.run import fit_compute

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import parse_json
-from planner.cluster import load_cluster
-from planner.profile import cluster_for_profile, load_profile, save_profile
+from planner.core.cluster import load_cluster
+from planner.cost.profiled import cluster_for_profile
+from planner.core.profile import load_profile, save_profile
 from profilers import comm
 from profilers.fit import collective_time_s
 from profilers.run import ProfileRequest, run_profile
@@ -101,7 +102,7 @@ def test_fits_reproduce_the_raw_measurements(tiny_profile):
 
 
 def test_profile_file_round_trips(tiny_profile, tmp_path):
-    from planner.profile import save_profile
+    from planner.core.profile import save_profile
 
     prof, _ = tiny_profile
     save_profile(prof, tmp_path / "p.yaml")
@@ -170,8 +171,8 @@ def test_cli_profile_then_estimate_and_solve(cli, tiny_cli, tiny_profile):
     assert len(ticks) >= 10 and ticks[-1][1] == ticks[-1][2]  # one progress line per step, the last one complete
     prof = load_profile(path)
     assert prof.device == "cpu" and prof.model == "tiny" and prof.compute_fit("block", 2) is not None
-    from planner.model import load_model
-    from planner.profile_job import model_shape
+    from planner.core.model import load_model
+    from planner.core.model import model_shape
 
     assert prof.model_shape == model_shape(load_model(str(model)))  # what it measured, written by the profiler
     assert yaml.safe_load(path.read_text())["model_shape"]["hidden_size"] == TINY["hidden_size"]
@@ -214,9 +215,9 @@ def test_measured_optimizer_rate_sets_the_optimizer_term(tiny_profile):
     bytes-over-bandwidth guess: the optimizer term is exactly parameters x rate, and sources say so."""
     from dataclasses import replace
 
-    from planner.job import ParallelConfig
-    from planner.model import spec_from_dict
-    from planner.predict import predict
+    from planner.core.job import ParallelConfig
+    from planner.core.model import spec_from_dict
+    from planner.cost.predict import predict
 
     prof, _ = tiny_profile
     assert 1e-12 < prof.optimizer_s_per_param < 1e-6  # CPU: a few ns per parameter
@@ -251,11 +252,11 @@ def test_unfused_plan_charges_the_measured_unfused_core(tiny_profile):
     core, to the measured block: doubling the measured core moves the prediction by exactly that much."""
     from dataclasses import replace
 
-    from planner.costmodel import fit_factor
-    from planner.job import ParallelConfig
-    from planner.model import spec_from_dict
-    from planner.predict import predict
-    from planner.profile import ComputeFit
+    from planner.cost.layer import fit_factor
+    from planner.core.job import ParallelConfig
+    from planner.core.model import spec_from_dict
+    from planner.cost.predict import predict
+    from planner.core.profile import ComputeFit
 
     prof, _ = tiny_profile
     model = spec_from_dict(dict(TINY), "tiny", "test")
@@ -318,9 +319,9 @@ def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_p
     engine is then charged the tp-4 measurement, a dp2 x tp2 ZeRO-1 plan the FSDP2 x TP one."""
     from dataclasses import replace as dc_replace
 
-    from planner.job import ParallelConfig, validate_config
-    from planner.model import load_model
-    from planner.predict import predict
+    from planner.core.job import ParallelConfig, validate_config
+    from planner.core.model import load_model
+    from planner.cost.predict import predict
 
     model = tmp_path / "tiny4.yaml"
     model.write_text(yaml.safe_dump({**TINY, "num_kv_heads": 4}))
@@ -357,8 +358,8 @@ def test_four_cpu_processes_measure_tensor_parallelism_at_every_group_size(tmp_p
 def test_one_phase_measured_again_reuses_the_other_from_a_base_profile(tiny_profile, tmp_path):
     """--only communication / compute with --base: the other phase's raw points come from the base and every fit is
     made again; the result says what it reused. Bad combinations are one-line errors before anything is measured."""
-    from planner.errors import DistplanError
-    from planner.profile import save_profile
+    from planner.core.errors import DistplanError
+    from planner.core.profile import save_profile
 
     prof, _ = tiny_profile
     base = tmp_path / "base.yaml"

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.costmodel import CommModel
-from planner.profile import Profile, bus_factor
+from planner.core.cluster import load_cluster
+from planner.cost.terms import CommModel
+from planner.core.profile import Profile, bus_factor
 from profilers.fit import collective_fit, collective_time_s, linear_fit, max_relative_error
 
 SIZES = [64 * 2**10 * 4**k for k in range(8)]  # 64 KiB .. 1 GiB by x4, the GPU sweep

@@ -1,4 +1,4 @@
-"""A profile applies only to a job of the shape and sequence length it measured (planner.profile_job, issue 22 item 1):
+"""A profile applies only to a job of the shape and sequence length it measured (planner.cost.profiled, issue 22 item 1):
 refused naming both shapes, or with --profile-fallback priced from the preset for its layers and from the profile for
 what does not depend on the model; profiles written before shapes were recorded take their zoo model's on load."""
 
@@ -9,14 +9,15 @@ import pytest
 import yaml
 
 from conftest import parse_json
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
 from planner.estimate import EstimateRequest, run_estimate
-from planner.job import ParallelConfig
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import load_profile, profile_to_dict, save_profile
-from planner.profile_job import describe, model_shape, profile_for_job, without_model_specific
+from planner.core.job import ParallelConfig
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.core.profile import load_profile, profile_to_dict, save_profile
+from planner.core.model import describe_shape, model_shape
+from planner.cost.profiled import profile_for_job, without_model_specific
 from test_profile_cluster import gpu_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_predict_refuses_a_profile_of_another_recorded_shape():
 @pytest.mark.parametrize("name,needle", [("mixtral-8x7b", "experts 8 top-2"), ("vit-huge", "image 224 patch 14")])
 def test_shapes_name_experts_and_image_sizes(name, needle):
     model = load_model(name)
-    assert needle in describe(model.name, model_shape(model), model.seq_len)
+    assert needle in describe_shape(model.name, model_shape(model), model.seq_len)
     other = replace(model, top_k=1) if model.is_moe else replace(model, patch_size=16)
     assert model_shape(other) != model_shape(model)
 

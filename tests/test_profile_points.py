@@ -2,9 +2,9 @@
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.costmodel import CommModel, ring_volume_factor
-from planner.profile import CollectiveFit, Profile
+from planner.core.cluster import load_cluster
+from planner.cost.terms import CommModel, ring_volume_factor
+from planner.core.profile import CollectiveFit, Profile
 
 POINTS = [{"op": "all_reduce", "group_size": 2, "bytes": b, "time_s": t}
           for b, t in ((2**16, 20e-6), (2**24, 80e-6), (2**28, 0.9e-3), (2**30, 3.3e-3))]

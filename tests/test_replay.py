@@ -91,12 +91,12 @@ def test_every_engine_coverage_run_is_predicted_within_10_percent_or_left_out_of
     session 8's fixes DeepSpeed ZeRO-1 ran +20.5% over its prediction (charged as an all-reduce where DeepSpeed runs
     the ZeRO-2 optimizer) and DeepSpeed's pipeline plan for 13B ran out of memory on its BF16_Optimizer's buffers.
     DeepSpeed's bf16 ZeRO-0 over data parallelism (call 22) ran +44%: its unfused optimizer's per-tensor work is not
-    modelled, and the solver no longer offers that layout (planner.engine_support.modelled). Call 24 re-ran ZeRO-1 with a
+    modelled, and the solver no longer offers that layout (planner.cost.engines.modelled). Call 24 re-ran ZeRO-1 with a
     profile whose DeepSpeed ZeRO-2 stacks were 4 blocks long: +11.7%; call 26, profiled with 8-block stacks
     (profilers.sharding.DEEPSPEED_ZERO2_STACK), ran both plans within 2%. Call 25's 13B pipeline plan with optimizer
     offload was killed by the host's OOM killer: now predicted not to fit the host (memory.host_memory_per_gpu)."""
-    from planner.job import ParallelConfig
-    from planner.engine_support import modelled
+    from planner.core.job import ParallelConfig
+    from planner.cost.engines import modelled
 
     def cfg_of(config: str) -> ParallelConfig:  # "dp2 tp1 pp1 [v8] zero0 ..."
         n = {k: int(v) for k, v in re.findall(r"\b(dp|tp|pp|zero)(\d+)\b", config)}

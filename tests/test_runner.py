@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.job import ParallelConfig, validate_config
-from planner.model import ModelSpec
-from planner.plan import make_plan, save_plan
-from planner.predict import predict
-from planner.calibration import load_calibration
-from planner.profile import ComputeFit, LinearFit, Profile, save_profile
-from planner.profile_job import model_shape
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import ModelSpec
+from planner.core.plan import make_plan, save_plan
+from planner.cost.predict import predict
+from planner.core.calibration import load_calibration
+from planner.core.profile import ComputeFit, LinearFit, Profile, save_profile
+from planner.core.model import model_shape
 from planner.runner.calibrate import attribute, calibrate_run, fit_factors
 from planner.runner.data import DataSource, local_batch, write_tokens
 from planner.runner.engine_api import RankResult, RunOptions
 from planner.runner.launch import check_request
 from planner.runner.numerics import TOLERANCES, compare, reference_losses
-from planner.runner.parallelize import build_full, build_stage, materialise, stage_layers
+from planner.build.parallelize import build_full, build_stage, materialise, stage_layers
 from planner.runner.report import Failure, build_report, load_report_dict, save_report
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4,

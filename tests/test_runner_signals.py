@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.plan import save_plan
+from planner.core.plan import save_plan
 from planner.runner import launch
 from planner.runner.engine_api import RankResult, RunOptions
 from planner.runner.report import rank_result_to_dict

@@ -12,15 +12,15 @@ import time
 import pytest
 import yaml
 
-from planner.cluster import load_cluster
-from planner.job import ParallelConfig, validate_config
-from planner.model import ModelSpec
-from planner.plan import load_plan, make_plan, save_plan
-from planner.predict import predict
+from planner.core.cluster import load_cluster
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import ModelSpec
+from planner.core.plan import load_plan, make_plan, save_plan
+from planner.cost.predict import predict
 from planner.runner.data import write_tokens
 from planner.runner.engine_api import TEST_KILL_ENV, RunOptions
 from planner.runner.launch import run_plan
-from planner.runner.parallelize import ZERO_MAPPING
+from planner.build.parallelize import ZERO_MAPPING
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4,
                  num_kv_heads=4, vocab_size=128, max_seq_len=32, tie_embeddings=True)
@@ -63,9 +63,9 @@ def assert_verified(report, tmp_path, world):
 def test_dp2_ddp_through_the_cli_with_calibration(cli, tmp_path):
     """--calibrate records the run's factors in the profile's calibration file (torch engine, this CPU, the tiny
     model's shape) and leaves the profile byte for byte as it was; --calibration then applies them."""
-    from planner.calibration import load_calibration
-    from planner.profile import Profile, save_profile
-    from planner.profile_job import model_shape
+    from planner.core.calibration import load_calibration
+    from planner.core.profile import Profile, save_profile
+    from planner.core.model import model_shape
     from planner.runner.launch import _load_profile
 
     path = plan_file(tmp_path, dp=2)

@@ -3,11 +3,11 @@
 import pytest
 from review_plans import review_plan
 
-from planner.errors import DistplanError
-from planner.job import ParallelConfig
-from planner.memory import inflight_microbatch_chunks
-from planner.predict import predict
-from planner.schedule import Op, StageOpTimes, op_order, plan_schedule, simulate, stage_op_times
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig
+from planner.cost.memory import inflight_microbatch_chunks
+from planner.cost.predict import predict
+from planner.cost.pipeline import Op, StageOpTimes, op_order, plan_schedule, simulate, stage_op_times
 
 
 def ops(*items):
@@ -83,7 +83,7 @@ def test_unknown_schedule_and_bad_sizes_are_user_errors():
                                         ("interleaved", 4, 2, 8), ("interleaved", 4, 4, 16), ("interleaved", 8, 2, 8)])
 @pytest.mark.parametrize("times", [(1.0, 2.0, 0.0, 0.0), (1.0, 2.0, 1.0, 0.05)])
 def test_even_stages_take_the_cost_models_pipeline_time(kind, p, v, m, times):
-    """Simulated pipeline = m*t + (p - 1)*t/v (planner/costmodel.py; SC'21 sec. 2.2) for equal stages."""
+    """Simulated pipeline = m*t + (p - 1)*t/v (planner/cost/layer.py; SC'21 sec. 2.2) for equal stages."""
     stages = [StageOpTimes(i, *times) for i in range(p)]
     sched = simulate(kind, p, v, m, stages, grad_sync_s=0.3, optimizer_s=0.2)
     t = stages[0].per_microbatch_s(v)

@@ -3,14 +3,14 @@ configurations, deterministic, memory-safe, honest about time limits and about m
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.memory import FRAGMENTATION
-from planner.model import load_model
-from planner.plan import load_plan, plan_to_yaml, save_plan
-from planner.predict import predict
-from planner.profile import Profile
-from planner.published import sc21_table1
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.prediction import FRAGMENTATION
+from planner.core.model import load_model
+from planner.core.plan import load_plan, plan_to_yaml, save_plan
+from planner.cost.predict import predict
+from planner.core.profile import Profile
+from planner.core.published import sc21_table1
 from solvers import solve
 from solvers.oracle import oracle
 from solvers.search import run_search

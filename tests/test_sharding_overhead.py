@@ -6,12 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.job import ParallelConfig, validate_config
-from planner.model import load_model
-from planner.predict import predict
-from planner.profile import LinearFit, Profile, ShardingFit, load_profile, profile_from_dict, profile_to_dict, save_profile
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig, validate_config
+from planner.core.model import load_model
+from planner.cost.predict import predict
+from planner.core.profile import (LinearFit, Profile, ShardingFit, load_profile, profile_from_dict, profile_to_dict,
+                                  save_profile)
 from profilers.sharding import fit_sharding
 
 CLUSTER = load_cluster("dgx-h100-80gb")
@@ -58,7 +59,7 @@ def test_zero1_only_when_the_engine_runs_it_as_fsdp2():
                                  {"dp": 1, "pp": 2, "zero_stage": 1}])
 def test_without_a_measurement_the_prediction_is_unchanged(par):
     """No profile, a profile without the field, or the field at another group size: the same step time (the
-    torch engine's memory differs from "any" by design: planner.memory.stage_memory)."""
+    torch engine's memory differs from "any" by design: planner.cost.memory.stage_memory)."""
     c = cfg(**par)
     for prof in (None, BASE):
         ref = predict(MODEL, CLUSTER, c, prof).to_dict()
@@ -202,7 +203,7 @@ def test_deepspeed_fit_round_trips_and_older_entries_read_as_fsdp2(tmp_path):
     assert back.sharding_step_s(2, 1e9, "fsdp2") is None
     bad = profile_to_dict(prof)
     bad["sharding"][2]["impl"] = "horovod"
-    from planner.errors import DistplanError
+    from planner.core.errors import DistplanError
     with pytest.raises(DistplanError, match="sharding impl 'horovod' is not one of fsdp2, deepspeed"):
         profile_from_dict(bad, "p.yaml")
 
@@ -263,7 +264,7 @@ def test_deepspeed_zero2_and_zero3_measured_over_gloo(tmp_path):
 def test_ddp_overhead_replaces_the_bandwidth_model_for_the_torch_engine():
     """The torch engine's DDP (ZeRO-0, tp 1): the measured overhead per block and once, plus the embedding's
     gradient all-reduced after the backward, replace slowdown x all-reduce; other engines keep the model."""
-    from planner.costmodel import BF16, CommModel
+    from planner.cost.terms import BF16, CommModel
 
     ddp = ShardingFit(2, False, LinearFit(1e-3, 0.0), edge=LinearFit(2e-3, 0.0), impl="ddp")
     prof = replace(BASE, sharding=FITS + (ddp,))
@@ -316,7 +317,7 @@ def test_stack_variants_take_turns_trial_by_trial():
 
 
 def test_fsdp2_over_tp_shards_round_trips_and_bad_impls_are_refused(tmp_path):
-    from planner.errors import DistplanError
+    from planner.core.errors import DistplanError
 
     fit = ShardingFit(2, False, LinearFit(4e-3, 0.0), edge=LinearFit(1e-3, 0.0), impl="fsdp2-tp2",
                       accumulate=LinearFit(1e-3, 0.0), accumulate_edge=LinearFit(0.0, 0.0))
@@ -358,7 +359,7 @@ def test_a_longer_stack_gives_the_same_lines_from_its_own_block_count():
 def test_deepspeed_zero2_stack_length_is_held_to_half_the_gpu():
     """8 blocks where their states (18 B/param) take at most half the GPU; a 70B block's would take 125 GB of an
     H200's 141, so its stack stays at STACK; on a CPU (no device memory to size by) 8."""
-    from planner.model import load_model
+    from planner.core.model import load_model
     from profilers.sharding import STACK, ShardingSettings, deepspeed_zero2_blocks
 
     ss = ShardingSettings(model="gpt2", seq_len=8, micro_batches=(1,))
@@ -375,7 +376,7 @@ def test_fsdp2_stack_is_eight_blocks_on_gpus_where_they_fit_and_four_on_cpus():
     below STACK (4), the CPU profile's (a CPU has no device memory to size by and its tests stay short)."""
     import torch
 
-    from planner.model import load_model
+    from planner.core.model import load_model
     from profilers.run import ProfileRequest, plan_profile
     from profilers.sharding import GPU_STACK, STACK, ShardingSettings, blocks_that_fit, stack_blocks
 

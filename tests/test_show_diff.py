@@ -11,7 +11,7 @@ import yaml
 from review_plans import review_plan
 
 from planner.cli import app
-from planner.plan import save_plan
+from planner.core.plan import save_plan
 from planner.show import diff_plans, plan_review
 
 

@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from planner.cluster import load_cluster
-from planner.errors import DistplanError
-from planner.model import load_model
+from planner.core.cluster import load_cluster
+from planner.core.errors import DistplanError
+from planner.core.model import load_model
 from solvers import solve
 from solvers.candidates import COLUMNS, candidates_text
 from solvers.oracle import uniform_configs
-from planner.predict import predict
+from planner.cost.predict import predict
 from solvers.request import parse_constraints
 from solvers.search import Constraints, run_search, search_space
 

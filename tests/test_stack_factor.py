@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from planner.job import ParallelConfig
-from planner.costmodel import CommModel, block_time, fit_factor, head_time
-from planner.model import load_model
-from planner.profile import cluster_for_profile, load_profile
+from planner.core.job import ParallelConfig
+from planner.cost.terms import CommModel
+from planner.cost.layer import block_time, fit_factor, head_time
+from planner.core.model import load_model
+from planner.cost.profiled import cluster_for_profile
+from planner.core.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/session5/profile-gpt2-xl-s1024.yaml"

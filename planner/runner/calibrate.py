@@ -1,6 +1,6 @@
 """`distplan run --calibrate`: measured-over-predicted correction factors, written into a calibration file.
 
-The cost model multiplies each term by a factor (Profile.calibration, planner/costmodel.py): "compute"
+The cost model multiplies each term by a factor (Profile.calibration, planner/cost/layer.py): "compute"
 scales layer times, and each collective ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 scales its latency + bytes / bandwidth time. A run measures one number, the step time M, while the
 prediction (without calibration) splits into terms T_k per kind k plus a part F no factor scales (the
@@ -8,7 +8,7 @@ optimizer step):
 
     M  ~=  F + sum_k f_k * T_k                                                         (1)
 
-One run gives one equation. The runs are kept per record of the calibration file (planner/calibration.py:
+One run gives one equation. The runs are kept per record of the calibration file (planner/core/calibration.py:
 one per engine, GPU, model shape and sequence length, and profile file), and a record's factors are the
 least-squares solution of (1) over its runs, in relative error, with a small ridge term pulling each f_k
 toward the pooled ratio f0 = sum_i (M_i - F_i) / sum_i sum_k T_ik:
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.calibration import CalibrationRecord, job_key, load_calibration, profile_digest, save_calibration
-from planner.plan import Plan
-from planner.predict import predict
-from planner.profile import Profile
-from planner.profile_job import model_shape
+from planner.core.calibration import CalibrationRecord, job_key, load_calibration, profile_digest, save_calibration
+from planner.core.plan import Plan
+from planner.cost.predict import predict
+from planner.core.profile import Profile
+from planner.core.model import model_shape
 
 RIDGE = 1e-3
 MIN_FACTOR = 1e-3  # factors are positive: a term cannot take negative time

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from planner.errors import DistplanError, require
-from planner.model import ModelSpec
+from planner.core.errors import DistplanError, require
+from planner.core.model import ModelSpec
 
 DATA_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _STEP_STRIDE = 1_000_003  # prime: seeds of different (seed, step) pairs never collide for steps < stride

@@ -12,7 +12,7 @@ batch computes the same loss (the mean over the global batch) up to floating-poi
 `planner.runner.data.DataSource(...).global_batch(k)` yields it and `data.local_batch` cuts rank r's share.
 
 Weights contract (numerics check): engines initialise with
-`planner.runner.parallelize.init_weights_by_name(module, spec, seed)`, which draws every tensor from its
+`planner.build.parallelize.init_weights_by_name(module, spec, seed)`, which draws every tensor from its
 model-level name, so any pipeline cut or shard holds the single-process model's values.
 
 Progress contract: engines call `mark_step(k)` as step k (warm-up included, from 0) begins, so that a
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from planner.plan import Plan
+from planner.core.plan import Plan
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ from typing import Callable
 
 import planner
 from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
-from planner.errors import require
-from planner.plan import Plan, load_plan
+from planner.core.errors import require
+from planner.core.plan import Plan, load_plan
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
-from planner.fileio import check_writable
+from planner.core.fileio import check_writable
 from planner.runner.preflight import check_request
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
 from planner.runner import gpu_clocks
@@ -353,7 +353,7 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
 def _megatron_numerics(plan: Plan, parallel_losses: tuple[float, ...], opts: RunOptions, on_progress):
     """Megatron's reference is Megatron itself on one GPU (tp = pp = dp = 1, same model, seed, data and
     micro-batching): its weights come from Megatron's own init by name, not from the torch reference's."""
-    from planner.plan import save_plan
+    from planner.core.plan import save_plan
     from planner.runner.engines.megatron_engine import reference_plan
     from planner.runner.numerics import NUMERICS_STEPS, compare
 
@@ -373,11 +373,11 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torc
     (planner.estimate.job_profile: refused where it measured another shape, unless `fallback`) and the calibration
     factors of this engine, this machine's GPU, shape and profile (the torch engine runs ZeRO-1 as FSDP2: its
     measured per-block sharding overhead applies, predict.rank_timer). With `calibrate` the calibration file defaults
-    to the profile's (planner.calibration.default_calibration_path), created by the run if missing."""
-    from planner.calibration import default_calibration_path
+    to the profile's (planner.core.profile.default_calibration_path), created by the run if missing."""
+    from planner.core.profile import default_calibration_path
     from planner.estimate import job_profile
-    from planner.predict import predict
-    from planner.profile import load_profile
+    from planner.cost.predict import predict
+    from planner.core.profile import load_profile
     from planner.runner.calibrate import machine_gpu
 
     require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")

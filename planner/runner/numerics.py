@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
-from planner.plan import Plan
+from planner.core.plan import Plan
 from planner.runner.report import NumericsResult
 
 TOLERANCES = {"fp32": (1e-5, 1e-6), "bf16": (2e-2, 1e-2)}  # dtype -> (rtol, atol)
@@ -53,9 +53,9 @@ def _reference_losses(plan: Plan, steps: int, seed: int, lr: float, dtype: str, 
                       data_path: str | None, data_dtype: str) -> list[float]:
     import torch
 
-    from planner.modeling import lm_loss
+    from planner.build.modeling import lm_loss
     from planner.runner.data import DataSource
-    from planner.runner.parallelize import build_full, make_optimizer, materialise
+    from planner.build.parallelize import build_full, make_optimizer, materialise
 
     cfg, spec = plan.parallel, plan.model
     dev = torch.device(device)

@@ -11,8 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from planner.errors import DistplanError, require
-from planner.plan import Plan
+from planner.core.errors import DistplanError, require
+from planner.core.plan import Plan
 from planner.runner.engine_api import RunOptions
 
 DTYPES = ("auto", "bf16", "fp32")

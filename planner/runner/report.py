@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from planner.errors import DistplanError, require
-from planner.fileio import atomic_write_text
-from planner.plan import Plan
+from planner.core.errors import DistplanError, require
+from planner.core.fileio import atomic_write_text
+from planner.core.plan import Plan
 from planner.runner.engine_api import RankResult
 
 RANK_EXTRAS = ("dp_rank", "tp_rank", "chunks", "optimizer_s", "microbatch_s", "alloc_retries", "chunk_compute_s",

@@ -21,7 +21,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from planner.fileio import atomic_write_text
+from planner.core.fileio import atomic_write_text
 from planner.runner.engine_api import DistInfo, RunOptions, current_step
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                       timeout_s=args.timeout)
     result_dir = Path(args.result_dir) if args.result_dir else None
     try:
-        from planner.plan import load_plan
+        from planner.core.plan import load_plan
         from planner.runner.engines import get_engine
 
         plan = load_plan(args.plan)

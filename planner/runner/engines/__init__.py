@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 
 # engine name -> (module, function)
 ENGINES = {

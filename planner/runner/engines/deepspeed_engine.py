@@ -45,12 +45,12 @@ import time
 import torch
 from torch import nn
 
-from planner.errors import DistplanError, require
-from planner.modeling import Block, lm_loss
-from planner.plan import Plan
+from planner.core.errors import DistplanError, require
+from planner.build.modeling import Block, lm_loss
+from planner.core.plan import Plan
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
-from planner.runner.parallelize import apply_ac, build_stage, make_optimizer, materialise, tied
+from planner.build.parallelize import apply_ac, build_stage, make_optimizer, materialise, tied
 
 MISSING = "engine 'deepspeed' needs DeepSpeed: pip install deepspeed"
 LOG_NEVER = 10**9  # steps_per_print: DeepSpeed prints nothing (the report has the numbers)

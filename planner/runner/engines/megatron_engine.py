@@ -47,8 +47,8 @@ from dataclasses import replace
 
 import torch
 
-from planner.errors import require
-from planner.plan import Plan
+from planner.core.errors import require
+from planner.core.plan import Plan
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 
@@ -437,7 +437,7 @@ def global_name(name: str, layer_numbers: dict[int, int], expert_offset: int) ->
 
 def _draw(key: str, seed: int, shape, std: float, device: torch.device) -> torch.Tensor:
     """parallelize.draw where the parameter lives (its GPU in a run; its single-process reference draws there too)."""
-    from planner.runner.parallelize import draw, draw_device
+    from planner.build.parallelize import draw, draw_device
 
     return draw(key, seed, shape, std, draw_device(device))
 

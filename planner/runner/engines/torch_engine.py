@@ -1,8 +1,8 @@
 """The torch engine: distplan's own PyTorch-native runner (`train(plan, opts, dist) -> RankResult`).
 
-It builds the plan's model from the zoo definitions (planner.modeling) on the meta device, cuts this
+It builds the plan's model from the zoo definitions (planner.build.modeling) on the meta device, cuts this
 rank's pipeline stage(s) from it with the plan's (uneven) layer split, and applies the plan with
-PyTorch's own parallelism, in torchtitan's order (planner/runner/parallelize.py):
+PyTorch's own parallelism, in torchtitan's order (planner/build/parallelize.py):
 
     device mesh (pp, dp, tp), Megatron rank order  -> DTensor TP (+ SP) -> activation checkpointing
     -> DDP (ZeRO-0) or FSDP2 fully_shard (ZeRO-1/2/3, see parallelize.ZERO_MAPPING) over the dp dim
@@ -45,16 +45,16 @@ from contextlib import nullcontext
 
 import torch
 
-from planner.errors import require
-from planner.memory import torch_engine_fsdp
-from planner.modeling import lm_loss
-from planner.plan import Plan
+from planner.core.errors import require
+from planner.cost.memory import torch_engine_fsdp
+from planner.build.modeling import lm_loss
+from planner.core.plan import Plan
 from planner.runner import memory_peak, trace
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
-from planner.runner.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp, apply_fsdp, apply_replicate,
-                                        apply_tp, build_stage, make_optimizer, materialise, stage_layers, tied,
-                                        to_bf16_with_masters)
+from planner.build.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp,
+                                       apply_fsdp, apply_replicate, apply_tp, build_stage, make_optimizer, materialise,
+                                       stage_layers, tied, to_bf16_with_masters)
 
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 

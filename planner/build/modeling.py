@@ -1,6 +1,6 @@
 """Trainable PyTorch transformers built from a ModelSpec: gpt, llama, mixtral and vit.
 
-One module tree serves every consumer: the meta-device tracer (`planner.graph`), the profilers and
+One module tree serves every consumer: the meta-device tracer (`planner.build.graph`), the profilers and
 the runners. Its layout is fixed so pipeline and tensor-parallel runners can cut it by name:
 
     model.embed      tokens [batch, seq] (or images [batch, channels, image, image]) -> hidden [batch, seq, h]
@@ -11,7 +11,7 @@ the runners. Its layout is fixed so pipeline and tensor-parallel runners can cut
 Inside a block: `attn_norm, attn (q_proj, k_proj, v_proj, core, o_proj), attn_add, mlp_norm, mlp, mlp_add`;
 `mlp` is fc1/act/fc2 (gpt, vit), gate_proj/up_proj/act/mul/down_proj (llama) or router/experts
 (mixtral). Residual adds, the SwiGLU product and the attention core are modules too, so that
-forward hooks see every operator of the op graph with its inputs (`planner.graph.trace_op_graph`).
+forward hooks see every operator of the op graph with its inputs (`planner.build.graph.trace_op_graph`).
 
 Tensor parallelism: the attention core counts heads from the width of the q/k/v tensors it gets
 (`width // head_dim`), never from the spec, so q/k/v sharded column-wise and o_proj row-wise
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.errors import require
-from planner.model import ModelSpec
+from planner.core.errors import require
+from planner.core.model import ModelSpec
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT: every weight ~ N(0, 0.02)
 LAYER_NORM_EPS = 1e-5  # GPT-2 and torch default

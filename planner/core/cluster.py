@@ -8,14 +8,15 @@ and the efficiency assumptions the cost model applies, as explicit data with the
 from __future__ import annotations
 
 import bisect
+import re
 import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from planner.errors import DistplanError, require
-from planner.fields import flag, integer, is_number, listing, mapping, name, number
-from planner.fileio import parse_yaml, read_yaml
+from planner.core.errors import DistplanError, require
+from planner.core.fields import flag, integer, is_number, listing, mapping, name, number
+from planner.core.fileio import parse_yaml, read_yaml
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 TIERS = ("intra_node", "inter_node", "host")
@@ -212,3 +213,13 @@ def with_overrides(cluster: Cluster, **changes) -> Cluster:
 
     return replace(cluster, **changes)
 
+
+def gpu_family(name: str) -> str:
+    """The chip of a GPU name, for matching profiles to clusters.
+
+    'NVIDIA H200', 'H200-SXM-141GB' -> 'H200'; 'NVIDIA A100-SXM4-80GB' -> 'A100'; 'NVIDIA L40S' -> 'L40S'.
+    Names without a chip token (e.g. 'NVIDIA GeForce RTX 4090') compare by their whole upper-cased name.
+    """
+    text = re.sub(r"\bNVIDIA\b", " ", name.upper())
+    m = re.search(r"(?<![A-Z0-9])([A-Z]{1,3}\d{2,4}[A-Z]?)(?![A-Z0-9])", text)
+    return m.group(1) if m else " ".join(text.split())

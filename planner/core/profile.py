@@ -15,7 +15,7 @@ A profile records the shape it measured (`model_shape`: family, widths, heads, v
 sizes) beside `model`, `seq_len` and `dtype`; `profile_for_job` decides whether it applies to a job (same shape and
 sequence length), refuses it naming both shapes, or with the explicit fallback keeps only what does not depend on
 the model (`without_model_specific`). Profiles written before `model_shape` take it from the zoo on load.
-Calibration factors (`distplan run --calibrate`) live apart, in a calibration file (planner/calibration.py); a
+Calibration factors (`distplan run --calibrate`) live apart, in a calibration file (planner/core/calibration.py); a
 Profile carries the factors that apply to one job only in memory (`calibration`), and they are never written into it.
 """
 
@@ -28,15 +28,11 @@ import statistics
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from planner.cluster import MAX_GPUS
-from planner.errors import DistplanError, require
-from planner.fields import check_number, flag, integer, is_number, listing, mapping, name, number, text
-from planner.fileio import read_yaml
-
-if TYPE_CHECKING:
-    from planner.cluster import Cluster
+from planner.core.cluster import MAX_GPUS
+from planner.core.errors import DistplanError, require
+from planner.core.fields import check_number, flag, integer, is_number, listing, mapping, name, number, text
+from planner.core.fileio import read_yaml
+from planner.core.model import describe_shape
 
 PROFILE_VERSION = 1
 MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
@@ -242,7 +238,7 @@ class Profile:
     device_count: int = 0  # devices the profile saw on the node (CPU: local processes)
     memory_gib: float = 0.0  # measured memory per device (CPU: host memory / device_count)
     inter_node: CollectiveFit | None = None  # p2p between nodes, if launched on several (torchrun)
-    # the job's calibration factors ("compute", f), ("all_reduce", f), ... (planner.calibration.apply_calibration);
+    # the job's calibration factors ("compute", f), ("all_reduce", f), ... (planner.core.calibration.apply_calibration);
     # in memory only, never written into a profile file
     calibration: tuple[tuple[str, float], ...] = ()
     sharding: tuple[ShardingFit, ...] = ()  # per (impl, group size, reshard); () = not measured
@@ -655,7 +651,6 @@ def _refuse_legacy_calibration(calib: object, source: str) -> None:
     the way out (an empty mapping, as every committed profile has, loads as before)."""
     require(calib is None or isinstance(calib, dict), f"{source}: calibration must be a mapping of name: factor")
     if calib:
-        from planner.calibration import default_calibration_path
 
         factors = ", ".join(f"{k} x{v}" for k, v in sorted(calib.items()))
         raise DistplanError(f"{source}: holds calibration factors ({factors}) that an older `distplan run --calibrate` "
@@ -667,8 +662,8 @@ def _refuse_legacy_calibration(calib: object, source: str) -> None:
 def _model_shape(d: dict, source: str) -> tuple[tuple, dict]:
     """(Profile.model_shape, facts): the recorded shape, checked; for a profile written before shapes were recorded,
     the zoo model of its name (said in facts["model_shape"]), or () where its name is no zoo model (a file's)."""
-    from planner.model import FAMILIES, load_model, zoo_names
-    from planner.profile_job import SHAPE_KEYS, VIT_SHAPE_KEYS, model_shape
+    from planner.core.model import FAMILIES, load_model, zoo_names
+    from planner.core.model import SHAPE_KEYS, VIT_SHAPE_KEYS, model_shape
 
     facts = dict(d.get("facts") or {})
     raw = d.get("model_shape")
@@ -695,147 +690,17 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def save_profile(p: Profile, path: str | Path) -> None:
-    from planner.fileio import atomic_write_text, dump_yaml
+    from planner.core.fileio import atomic_write_text, dump_yaml
 
     atomic_write_text(Path(path), dump_yaml(profile_to_dict(p), sort_keys=False))
 
 
-# ---- the cluster a profile describes ------------------------------------------------------------
+def describe_profile(profile: Profile) -> str:
+    """The profile's own shape in words."""
+    return describe_shape(profile.model, profile.model_shape, profile.seq_len, profile.dtype)
 
 
-def gpu_family(name: str) -> str:
-    """The chip of a GPU name, for matching profiles to clusters.
-
-    'NVIDIA H200', 'H200-SXM-141GB' -> 'H200'; 'NVIDIA A100-SXM4-80GB' -> 'A100'; 'NVIDIA L40S' -> 'L40S'.
-    Names without a chip token (e.g. 'NVIDIA GeForce RTX 4090') compare by their whole upper-cased name.
-    """
-    text = re.sub(r"\bNVIDIA\b", " ", name.upper())
-    m = re.search(r"(?<![A-Z0-9])([A-Z]{1,3}\d{2,4}[A-Z]?)(?![A-Z0-9])", text)
-    return m.group(1) if m else " ".join(text.split())
-
-
-def _matching_preset(profile: Profile) -> Cluster | None:
-    """The cluster preset whose GPU is the profile's chip, the closest in memory if several are."""
-    from planner.cluster import cluster_names, load_cluster
-
-    family = gpu_family(profile.gpu_name)
-    matches = [c for c in map(load_cluster, cluster_names()) if gpu_family(c.gpu.name) == family]
-    return min(matches, key=lambda c: abs(c.gpu.memory_gib - profile.memory_gib), default=None)
-
-
-def _link_from_fit(fit: CollectiveFit):
-    from planner.cluster import Link
-
-    return Link(latency_us=fit.latency_s * 1e6, bandwidth_gb_s=fit.bus_bandwidth_gb_s)
-
-
-def _measured_curve(profile: Profile, peak_tflops: float) -> tuple[tuple[float, float], ...]:
-    """Efficiency points (GFLOP per matmul, fraction of `peak_tflops`) from the measured matmul sweep."""
-    return tuple((g, min(1.0, t / peak_tflops)) for g, t in profile.matmul_tflops_by_gflop if t > 0)
-
-
-def measured_cluster(profile: Profile) -> Cluster:
-    """A Cluster describing the profiled machine alone, every number measured.
-
-    peak = the best measured matmul rate (so MFU is relative to that, not to a datasheet); HBM = the
-    measured device copy bandwidth (memory-bound kernels reach all of it, fraction 1); links = the
-    fitted collectives (intra-node: all-reduce bus bandwidth of the largest group measured); collective
-    and matmul fractions = 1 except the measured small-matmul shortfall. Nodes: one, unless the
-    inter-node tier was measured (the inter-node network of an unprofiled cluster is unknown).
-    Attention runs at 0.5 of the measured matmul rate where no layer fit covers it: not measured here;
-    FlashAttention-2 forward reaches 50-73% of A100 peak (Dao 2023, Fig. 4), the low end is taken.
-    """
-    from planner.cluster import GPU, COLLECTIVES, Cluster, Efficiency, Link
-
-    require(profile.device_count > 0 and profile.matmul_tflops > 0 and profile.hbm_bandwidth_gb_s > 0
-            and profile.memory_gib > 0,
-            f"profile of '{profile.gpu_name}' lacks device_count, matmul_tflops, hbm_bandwidth_gb_s or memory_gib; "
-            "re-run `distplan profile`")
-    fits = sorted((c for c in profile.collectives if c.op == "all_reduce"), key=lambda c: c.group_size)
-    fits = fits or sorted(profile.collectives, key=lambda c: c.group_size)
-    # one device: no collective measured and none needed inside the node; the link is never used
-    intra = _link_from_fit(fits[-1]) if fits else Link(latency_us=0.0, bandwidth_gb_s=profile.hbm_bandwidth_gb_s)
-    inter = _link_from_fit(profile.inter_node) if profile.inter_node else intra
-    host_bw = profile.host_bandwidth_gb_s or intra.bandwidth_gb_s
-    host = Link(latency_us=intra.latency_us, bandwidth_gb_s=host_bw)
-    curve = _measured_curve(profile, profile.matmul_tflops) or ((1e-3, 1.0),)
-    eff = Efficiency(matmul_gflop_fraction=curve, memory_bound_fraction=1.0, attention_fraction=0.5,
-                     collective_fraction=tuple((c, 1.0) for c in COLLECTIVES),
-                     overlap_slowdown=profile.overlap_slowdown if profile.overlap_slowdown is not None else 0.0)
-    gpu = GPU(name=profile.gpu_name, peak_bf16_tflops=profile.matmul_tflops, memory_gib=profile.memory_gib,
-              hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
-    return with_host_memory(Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
-                                    links=(("intra_node", intra), ("inter_node", inter), ("host", host)),
-                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1,
-                                    host_is_device=profile.device == "cpu"), profile)
-
-
-def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
-    """The preset with what the profile measured put in: memory size, the matmul efficiency curve,
-    the memory-bound fraction (achieved copy over datasheet bandwidth), the overlap slowdown and the
-    inter-node link where measured. The datasheet peak stays, so MFU keeps its usual meaning."""
-    from dataclasses import replace
-
-    from planner.cluster import Link
-
-    gpu, eff, links = cluster.gpu, cluster.efficiency, dict(cluster.links)
-    if profile.memory_gib > 0:
-        gpu = replace(gpu, memory_gib=profile.memory_gib)
-    curve = _measured_curve(profile, gpu.peak_bf16_tflops)
-    if curve:
-        eff = replace(eff, matmul_gflop_fraction=curve)
-    if profile.hbm_bandwidth_gb_s > 0:
-        eff = replace(eff, memory_bound_fraction=min(1.0, profile.hbm_bandwidth_gb_s / gpu.hbm_bandwidth_gb_s))
-    if profile.overlap_slowdown is not None:
-        eff = replace(eff, overlap_slowdown=float(profile.overlap_slowdown))
-    if profile.inter_node is not None:
-        links["inter_node"] = _link_from_fit(profile.inter_node)
-    if profile.host_bandwidth_gb_s > 0:
-        links["host"] = Link(latency_us=links["host"].latency_us, bandwidth_gb_s=profile.host_bandwidth_gb_s)
-    return with_host_memory(replace(cluster, name=f"{cluster.name}+profile", gpu=gpu, efficiency=eff,
-                                    links=tuple((t, links[t]) for t, _ in cluster.links)), profile)
-
-
-def measured_host_memory_gib_per_gpu(profile: Profile) -> float:
-    """The profiled host's CPU memory per GPU (facts host_memory_gib / gpu_count); 0 where not recorded or on a CPU
-    profile (there the devices' memory is the host's already). The 2xH200 machines have 252 GiB for their 2 GPUs,
-    half a DGX H200's 256 GiB per GPU: a 13B ZeRO-1 offload plan that fits the preset's host was OOM-killed there."""
-    facts = profile.facts or {}
-    host, gpus = facts.get("host_memory_gib"), facts.get("gpu_count")
-    if profile.device == "cpu" or not isinstance(host, (int, float)) or not isinstance(gpus, int) or gpus <= 0:
-        return 0.0
-    return float(host) / gpus
-
-
-def with_host_memory(cluster: Cluster, profile: Profile) -> Cluster:
-    """`cluster` with the profiled host's CPU memory per GPU on each of its nodes, where the profile recorded it."""
-    host = measured_host_memory_gib_per_gpu(profile)
-    return replace(cluster, host_memory_gib=host * cluster.gpus_per_node) if host else cluster
-
-
-def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
-    """The cluster to plan on when a profile is given (`planner.estimate.resolve_cluster` calls this).
-
-    - A CPU profile describes its own machine: the result is `measured_cluster(profile)` whatever
-      `cluster` is (the CLI always passes its default preset).
-    - A GPU profile and a cluster: the cluster's GPU must be the profiled chip (`gpu_family`), else a
-      DistplanError names both and the presets that match; the result is the cluster with the
-      measured numbers put in (`_with_measurements`).
-    - A GPU profile and no cluster (`--profile` without `--cluster`): the preset of the profiled chip
-      (closest in memory), with the measured numbers; with no such preset, the measured machine alone.
-    """
-    if profile.device == "cpu":
-        return measured_cluster(profile)
-    family = gpu_family(profile.gpu_name)
-    if cluster is None:
-        preset = _matching_preset(profile)
-        return _with_measurements(preset, profile) if preset is not None else measured_cluster(profile)
-    if gpu_family(cluster.gpu.name) != family:
-        from planner.cluster import cluster_names, load_cluster
-
-        same = [n for n in cluster_names() if gpu_family(load_cluster(n).gpu.name) == family]
-        hint = f"; presets with {family}: {', '.join(same)}" if same else "; omit --cluster to plan on the profiled machine"
-        raise DistplanError(f"profile measured GPU '{profile.gpu_name}' ({family}) but cluster '{cluster.name}' has "
-                            f"'{cluster.gpu.name}' ({gpu_family(cluster.gpu.name)}): profile the cluster's GPUs or "
-                            f"pass a cluster of the profiled GPU{hint}")
-    return _with_measurements(cluster, profile)
+def default_calibration_path(profile_path: str | Path) -> Path:
+    """Beside the profile: h200.yaml -> h200.calibration.yaml."""
+    p = Path(profile_path)
+    return p.with_name(f"{p.stem}.calibration.yaml")

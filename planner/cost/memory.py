@@ -20,13 +20,13 @@ Pure functions. Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from planner.job import ParallelConfig
-from planner.model import ModelSpec
-from planner.profile import Profile
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
+from planner.core.prediction import FRAGMENTATION, GIB, StageMemory
+from planner.core.profile import Profile
 
-GIB = 1024**3
 BYTES_BF16 = 2
 WEIGHT_BYTES = 2  # bf16 weights
 GRAD_BYTES = 2  # bf16 gradients (ZeRO paper's accounting)
@@ -39,60 +39,11 @@ LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp
 # calls 5-6; 2xH200 rc=full, calls 27-28); a pipeline stage keeps its output for backward (14).
 LOGIT_BYTES_TEMPORARY = 4 + 4 + 4
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
-FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
 # sharded data parallelism (FSDP2, DeepSpeed ZeRO-2/3) allocates and frees gathered and reduced buffers of many
 # sizes: on 2xH200 its runs reserved 4-14 GiB above their allocated peak (up to 11% of it; DDP and pipeline runs
 # 0.1-4.5 GiB), and an FSDP2 llama-3-8b plan predicted at 93% of capacity (124 GiB allocated, 138 reserved)
 # retried allocations 6 times per step and ran 34-42% slower than predicted (campaign of 2026-11-22)
 SHARDED_FRAGMENTATION = 0.10
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    """Bytes on one GPU of a pipeline stage (pipeline rank), by part; `total` is the peak over the step's
-    moments (`phases`), not the sum of the parts."""
-
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float  # stored for backward, at the most micro-batches in flight (and the stage inputs)
-    logits: float
-    buffers: float  # communication buckets, gathered ZeRO-3 layers
-    recompute: float = 0.0  # one layer's transient in backward: its recomputed activations, unfused attention's scores
-    step_buffers: float = 0.0  # optimizer-step temporaries (DeepSpeed: flat bf16 and fp32 gradient partition)
-    grads_in_forward: bool = True  # gradients exist during a forward: persistent buckets, or accumulated earlier
-
-    def phases(self) -> dict[str, float]:
-        """Bytes live at each moment of a step that can be its peak."""
-        states = self.weights + self.optimizer + self.buffers
-        early = self.gradients if self.grads_in_forward else 0.0
-        return {"forward": states + early + self.activations + self.logits,
-                "recompute": states + early + self.activations + self.recompute,
-                "backward": states + self.gradients + self.recompute,
-                "step": states + self.gradients + self.step_buffers}
-
-    @property
-    def peak_phase(self) -> str:
-        ph = self.phases()
-        return max(ph, key=ph.get)
-
-    @property
-    def total(self) -> float:
-        return max(self.phases().values())
-
-    def at_peak(self) -> dict[str, float]:
-        """Bytes of each part live at the peak moment (they sum to `total`): a layer being recomputed counts
-        as activations, the step's temporaries as buffers."""
-        phase = self.peak_phase
-        early = phase in ("forward", "recompute") and not self.grads_in_forward
-        return {"weights": self.weights, "gradients": 0.0 if early else self.gradients, "optimizer": self.optimizer,
-                "activations": (self.activations if phase in ("forward", "recompute") else 0.0)
-                + (self.recompute if phase in ("recompute", "backward") else 0.0),
-                "logits": self.logits if phase == "forward" else 0.0,
-                "buffers": self.buffers + (self.step_buffers if phase == "step" else 0.0)}
-
-    def as_gib(self) -> dict[str, float]:
-        return {k: v / GIB for k, v in self.at_peak().items()}
 
 
 def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
@@ -160,11 +111,6 @@ def device_budget_bytes(cluster, model: ModelSpec, cfg: ParallelConfig) -> float
     offloaded optimizer states where the device is the host's own memory (Cluster.host_is_device: a CPU)."""
     shared = host_memory_per_gpu(model, cfg) if cluster.host_is_device else 0.0
     return cluster.usable_memory_gib * GIB - shared
-
-
-def host_fits(need_gib: float, capacity_gib: float) -> bool:
-    """Offloaded states fit the host: `need_gib` per GPU within its share `capacity_gib` (0: unknown, not checked)."""
-    return capacity_gib <= 0 or need_gib <= capacity_gib
 
 
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:

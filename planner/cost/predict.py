@@ -1,6 +1,6 @@
 """`predict`: the cost model's entry point, assembling per-rank times and memory into a Prediction.
 
-Pure: no printing, no files. See planner/costmodel.py for the time terms and planner/memory.py
+Pure: no printing, no files. See planner/cost/layer.py for the time terms and planner/cost/memory.py
 for the memory terms, each with its source.
 """
 
@@ -9,114 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from planner.cluster import Cluster
-from planner.costmodel import (
-    ADAM_BYTES_PER_PARAM,
-    DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
-    DS_BF16_STEP_BYTES_PER_PARAM,
-    MASTER_CAST_BYTES_PER_PARAM,
-    OFFLOAD_PCIE_BYTES_PER_PARAM,
-    TORCH_OFFLOAD_H2D_BYTES_PER_PARAM,
-    BF16,
-    CommModel,
-    block_time,
-    embedding_time,
-    head_time,
-    megatron_head_s,
-    measured_fit,
-    megatron_layer_delta_s,
-    memory_bound_time_s,
-)
-from planner.errors import require
-from planner.job import ParallelConfig
-from planner.memory import (FRAGMENTATION, GIB, WEIGHT_BYTES, StageMemory, allocator_slack, host_fits,
-                            host_memory_per_gpu, stage_memory, stage_params, torch_engine_fsdp)
-from planner.model import ModelSpec
-from planner.profile import Profile
-from planner.profile_job import describe_profile, dropped_note, mismatch
-
-BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero_comm",
-                  "pipeline_bubble", "dp_grad_sync", "optimizer")
-
-
-@dataclass(frozen=True)
-class StagePrediction:
-    rank: int
-    layers: tuple[int, int]  # [first, last] block index held by this pipeline rank
-    time_per_microbatch_s: float
-    memory: StageMemory
-
-    @property
-    def memory_gib(self) -> float:
-        return self.memory.total / GIB
-
-
-@dataclass(frozen=True)
-class Prediction:
-    step_time_s: float
-    breakdown: tuple[tuple[str, float], ...]  # seconds per term on the critical path; sums to step_time_s
-    stages: tuple[StagePrediction, ...]
-    tokens_per_s: float
-    model_tflops_per_gpu: float  # model FLOPs (no recompute) per GPU per second
-    hardware_tflops_per_gpu: float  # counting recomputed FLOPs (SC'21's "achieved" numbers)
-    mfu: float
-    peak_memory_gib: float
-    capacity_gib: float  # usable per GPU after the CUDA context, before the allocator's slack
-    fits: bool
-    sources: tuple[tuple[str, str], ...]  # which numbers came from a profile, which from the preset
-    allocator_slack: float = FRAGMENTATION  # share of the peak kept free for the allocator (memory.allocator_slack)
-    host_memory_gib: float = 0.0  # CPU memory per GPU for optimizer offload (memory.host_memory_per_gpu)
-    host_capacity_gib: float = 0.0  # the node's CPU memory per GPU (0: unknown, not checked)
-    host_is_device: bool = False  # the device is the host's CPU: offloaded states share capacity_gib (Cluster)
-
-    @property
-    def over_capacity_gib(self) -> float:
-        shared = self.host_memory_gib if self.host_is_device else 0.0
-        return max(0.0, self.peak_memory_gib * (1 + self.allocator_slack) + shared - self.capacity_gib)
-
-    @property
-    def host_fits(self) -> bool:
-        return host_fits(self.host_memory_gib, self.host_capacity_gib)
-
-    def misfit(self) -> str:
-        """Why it does not fit, one clause ('' where it fits)."""
-        if self.fits:
-            return ""
-        if not self.host_fits:
-            return (f"offloaded optimizer states need {self.host_memory_gib:.1f} GiB of CPU memory per GPU, above the "
-                    f"host's {self.host_capacity_gib:.1f} GiB per GPU")
-        if self.host_is_device and self.host_memory_gib > 0:
-            return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) and "
-                    f"{self.host_memory_gib:.1f} GiB of offloaded optimizer states share this CPU's "
-                    f"{self.capacity_gib:.1f} GiB per rank (the device is the host): over by {self.over_capacity_gib:.1f} GiB")
-        return (f"peak {self.peak_memory_gib:.1f} GiB (+{100 * self.allocator_slack:.0f}% allocator slack) exceeds "
-                f"{self.capacity_gib:.1f} GiB usable by {self.over_capacity_gib:.1f} GiB")
-
-    def to_dict(self) -> dict:
-        return {
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "model_tflops_per_gpu": self.model_tflops_per_gpu,
-            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
-            "mfu": self.mfu,
-            "peak_memory_gib": self.peak_memory_gib,
-            "capacity_gib": self.capacity_gib,
-            "fits": self.fits,
-            "allocator_slack": self.allocator_slack,
-            "host_memory_gib": self.host_memory_gib,
-            "host_capacity_gib": self.host_capacity_gib,
-            **({"host_is_device": True} if self.host_is_device else {}),
-            "stages": [
-                {"rank": s.rank, "layers": list(s.layers), "memory_gib": s.memory_gib,
-                 "memory_breakdown_gib": s.memory.as_gib(), "memory_peak_at": s.memory.peak_phase,
-                 "model_states_gib": {k: getattr(s.memory, k) / GIB for k in ("weights", "gradients", "optimizer")},
-                 "time_per_microbatch_s": s.time_per_microbatch_s}
-                for s in self.stages
-            ],
-            "breakdown": dict(self.breakdown),
-            "sources": dict(self.sources),
-        }
-
+from planner.core.cluster import Cluster
+from planner.core.errors import require
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
+from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction, host_fits
+from planner.core.profile import Profile, describe_profile
+from planner.cost.layer import (block_time, embedding_time, head_time, measured_fit, megatron_head_s,
+                                megatron_layer_delta_s)
+from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, host_memory_per_gpu, stage_memory, stage_params,
+                                 torch_engine_fsdp)
+from planner.cost.profiled import dropped_note, mismatch
+from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
+                                DS_BF16_STEP_BYTES_PER_PARAM, MASTER_CAST_BYTES_PER_PARAM, OFFLOAD_PCIE_BYTES_PER_PARAM,
+                                TORCH_OFFLOAD_H2D_BYTES_PER_PARAM, CommModel, memory_bound_time_s)
 
 def _overlap(comm_s: float, window_s: float, slowdown: float) -> float:
     """Exposed seconds of `comm_s` overlapped with `window_s` of compute that slows by `slowdown` meanwhile."""
@@ -154,7 +60,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     """
     if profile is not None and profile.model_shape:
         why = mismatch(profile, model, cfg.seq_len)
-        require(why is None, f"profile {why}: planner.profile_job.profile_for_job refuses it or drops its "
+        require(why is None, f"profile {why}: planner.cost.profiled.profile_for_job refuses it or drops its "
                              "model-specific measurements")
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
@@ -302,7 +208,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
             # DeepSpeed's pipeline engine runs BF16_Optimizer: its copies around the step (costmodel.DS_BF16_*).
             # gpt2-xl pp2 at 8 x 4 measured 0.540 s: 0.536 predicted without these copies, 0.546 with (2xH200,
             # call 20). Without a pipeline DeepSpeed's bf16 ZeRO-0 runs FP16_UnfusedOptimizer, which the solver
-            # leaves out (planner.engine_support.modelled)
+            # leaves out (planner.cost.engines.modelled)
             opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
                                                                     + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
@@ -395,8 +301,8 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
         # then idles ranks in the fill, the drain and every round. Past two rounds of pp micro-batches each
         # round adds the same time (the schedule repeats), so rounds 2 and 3 are simulated and the rest
         # extrapolated: at most 6 * pp^2 * v simulated operations per prediction.
-        # (local import: planner.schedule imports this module)
-        from planner.schedule import pipeline_time_s
+        # (local import: planner.cost.pipeline imports this module)
+        from planner.cost.pipeline import pipeline_time_s
 
         def span(micro: int) -> float:
             c = cfg if micro == m else replace(cfg, global_batch_size=cfg.micro_batch_size * cfg.dp * micro)

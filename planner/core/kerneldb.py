@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from planner import fields as F
-from planner.errors import DistplanError
-from planner.fileio import read_yaml
+from planner.core import fields as F
+from planner.core.errors import DistplanError
+from planner.core.fileio import read_yaml
 
 VERSION = 1
 KIND = "distplan kernel database"

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from planner.errors import DistplanError, require
-from planner.fields import NAME, NAME_RULE, REQUIRED, check_integer, flag, integer, is_number, short, text
-from planner.fileio import parse_yaml, read_json, read_yaml
+from planner.core.errors import DistplanError, require
+from planner.core.fields import NAME, NAME_RULE, REQUIRED, check_integer, flag, integer, is_number, short, text
+from planner.core.fileio import parse_yaml, read_json, read_yaml
 
 FAMILIES = ("gpt", "llama", "mixtral", "vit")
 
@@ -44,8 +44,8 @@ class ModelSpec:
     num_channels: int = 3  # ViT only
     tie_embeddings: bool = False
     # dropout probability of the training recipe (attention and hidden). 0 by default: current pre-training
-    # recipes use none, and neither do distplan's runners (planner/modeling.py); Megatron's SC'21 GPT runs
-    # used 0.1 (planner/published.py). Decides the dropout masks in the memory and time models.
+    # recipes use none, and neither do distplan's runners (planner/build/modeling.py); Megatron's SC'21 GPT runs
+    # used 0.1 (planner/core/published.py). Decides the dropout masks in the memory and time models.
     dropout: float = 0.0
 
     # ---- derived shapes -------------------------------------------------------------------
@@ -301,3 +301,33 @@ def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:
     """The same model with another layer count (reduced-layer variants for single-GPU runs)."""
     require(num_layers > 0, f"num_layers must be positive, got {num_layers}")
     return replace(spec, name=f"{spec.name}-{num_layers}l", num_layers=num_layers)
+
+
+# ---- the shape of one layer (what a profile's layer fits are measured for) ----------------------------
+
+SHAPE_KEYS = ("family", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+              "num_experts", "top_k")
+VIT_SHAPE_KEYS = ("image_size", "patch_size", "num_channels")  # recorded for the vit family only
+
+def model_shape(model: ModelSpec) -> tuple[tuple[str, object], ...]:
+    """What decides the work of one layer of `model` (Profile.model_shape's form): SHAPE_KEYS, and for ViT
+    VIT_SHAPE_KEYS."""
+    keys = SHAPE_KEYS + (VIT_SHAPE_KEYS if model.is_vit else ())
+    return tuple((k, getattr(model, k)) for k in keys)
+
+
+def describe_shape(name: str, shape: tuple, seq_len: int, dtype: str | None = None) -> str:
+    """'gpt2 (gpt, hidden 768, heads 12/12, ffn 3072, vocab 50257, seq 1024, bf16)'; heads: query/key-value."""
+    if not shape:
+        return f"{name} (shape not recorded, seq {seq_len}{f', {dtype}' if dtype else ''})"
+    s = dict(shape)
+    parts = [str(s["family"]), f"hidden {s['hidden_size']}", f"heads {s['num_heads']}/{s['num_kv_heads']}",
+             f"ffn {s['ffn_hidden_size']}", f"vocab {s['vocab_size']}"]
+    if s.get("num_experts", 1) > 1:
+        parts.append(f"experts {s['num_experts']} top-{s['top_k']}")
+    if "image_size" in s:
+        parts.append(f"image {s['image_size']} patch {s['patch_size']} channels {s['num_channels']}")
+    parts.append(f"seq {seq_len}")
+    if dtype:
+        parts.append(dtype)
+    return f"{name} ({', '.join(parts)})"

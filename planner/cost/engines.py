@@ -9,8 +9,8 @@ planner/ so that `estimate` does not import the solver package (importing solver
 
 from __future__ import annotations
 
-from planner.errors import DistplanError
-from planner.job import ParallelConfig
+from planner.core.errors import DistplanError
+from planner.core.job import ParallelConfig
 
 ENGINE_CHOICES = ("any", "torch", "deepspeed", "megatron")
 # what `runnable` allows per engine, in words (for refusals such as `estimate --engine`)

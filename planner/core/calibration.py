@@ -1,7 +1,7 @@
 """Calibration files: `distplan run --calibrate`'s measured-over-predicted factors, apart from the profile.
 
 A factor corrects one predictor on one kind of job: the engine that ran it (DeepSpeed's step is not the torch
-engine's), the GPU, the model's shape and sequence length (planner.profile_job.model_shape), and the profile the
+engine's), the GPU, the model's shape and sequence length (planner.cost.profiled.model_shape), and the profile the
 predictions were made with (its file's digest; "none": the cluster preset alone). Each record keeps its runs
 (planner/runner/calibrate.py fits the factors over them) and is applied only to a job with the same key. The
 measured profile is never written: a record names the profile by digest, so a re-measured profile starts afresh.
@@ -22,12 +22,13 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner.errors import require
-from planner.fields import is_number, short
-from planner.fileio import dump_yaml, read_yaml
-from planner.model import ModelSpec
-from planner.profile import Profile, gpu_family
-from planner.profile_job import describe, model_shape
+from planner.core.errors import require
+from planner.core.fields import is_number, short
+from planner.core.fileio import dump_yaml, read_yaml
+from planner.core.model import ModelSpec
+from planner.core.profile import Profile
+from planner.core.cluster import gpu_family
+from planner.core.model import describe_shape, model_shape
 
 CALIBRATION_VERSION = 1
 NO_PROFILE = "none"  # the profile key of runs predicted without a profile (the cluster preset alone)
@@ -38,7 +39,7 @@ DIGEST_CHARS = 16  # hex characters of the profile file's sha256 kept as its key
 @dataclass(frozen=True)
 class CalibrationRecord:
     engine: str
-    gpu: str  # the GPU the runs ran on (matched by planner.profile.gpu_family)
+    gpu: str  # the GPU the runs ran on (matched by planner.core.profile.gpu_family)
     model: str  # the first model calibrated with this shape, for reading
     model_shape: tuple[tuple[str, object], ...]
     seq_len: int
@@ -68,12 +69,6 @@ class Calibration:
         if self.find(record.key) is None:
             return Calibration(self.records + (record,))
         return Calibration(tuple(record if r.key == record.key else r for r in self.records))
-
-
-def default_calibration_path(profile_path: str | Path) -> Path:
-    """Beside the profile: h200.yaml -> h200.calibration.yaml."""
-    p = Path(profile_path)
-    return p.with_name(f"{p.stem}.calibration.yaml")
 
 
 def profile_digest(profile_path: str | Path | None) -> str:
@@ -134,7 +129,7 @@ def load_calibration(path: str | Path, missing_ok: bool = False) -> Calibration:
 
 
 def save_calibration(c: Calibration, path: str | Path) -> None:
-    from planner.fileio import atomic_write_text
+    from planner.core.fileio import atomic_write_text
 
     atomic_write_text(Path(path), dump_yaml(calibration_to_dict(c), sort_keys=False))
 
@@ -157,7 +152,7 @@ def apply_calibration(profile: Profile | None, path: str | Path | None, *, engin
         held = "; ".join(r.describe() for r in cal.records[:3]) + ("; ..." if len(cal.records) > 3 else "")
         against = f"profile {profile_path}" if profile_path else "the preset"
         return profile, (f"calibration: none applied from {path}: no record for {engine} "
-                         f"{describe(model.name, model_shape(model), seq_len)} on {gpu_family(gpu_name)} against "
+                         f"{describe_shape(model.name, model_shape(model), seq_len)} on {gpu_family(gpu_name)} against "
                          f"{against}" + (f" (it holds {held})" if held else " (it is empty)"))
     carrier = profile if profile is not None else Profile(gpu_name=gpu_name, device="cuda", model=model.name,
                                                           seq_len=seq_len, dtype="bf16", model_shape=model_shape(model))

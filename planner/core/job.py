@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from planner.errors import DistplanError, require
-from planner.model import ModelSpec
+from planner.core.errors import DistplanError, require
+from planner.core.model import ModelSpec
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
-MAX_DEGREE = 2**20  # largest parallel degree: the largest GPU count planned (planner.cluster.MAX_GPUS)
+MAX_DEGREE = 2**20  # largest parallel degree: the largest GPU count planned (planner.core.cluster.MAX_GPUS)
 MAX_GLOBAL_BATCH = 2**20  # sequences per step: 16x the largest published (BERT with LAMB: 65536; GPT-3: 1536)
 MAX_SEQ_LEN = 2**24  # tokens per sequence: beyond the longest context trained (10M, Llama 4 Scout)
 LIMITS = {"dp": MAX_DEGREE, "tp": MAX_DEGREE, "pp": MAX_DEGREE, "cp": MAX_DEGREE, "ep": MAX_DEGREE, "vpp": MAX_DEGREE,

@@ -25,9 +25,9 @@ import zlib
 import torch
 from torch import nn
 
-from planner.job import ParallelConfig
-from planner.model import ModelSpec
-from planner.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
+from planner.build.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
 
 ZERO_MAPPING = {
     0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with bf16 the "
@@ -146,7 +146,7 @@ def draw(key: str, seed: int, shape, std: float, device: torch.device | str = "c
 
 @torch.no_grad()
 def init_weights_by_name(module: nn.Module, spec: ModelSpec, seed: int, device: torch.device | str = "cpu") -> None:
-    """GPT-2 initialisation (the distribution of planner.modeling.init_weights), drawn per parameter name.
+    """GPT-2 initialisation (the distribution of planner.build.modeling.init_weights), drawn per parameter name.
 
     Each tensor is drawn whole on `device` (`draw`) from a generator seeded with (seed, its model-level name):
     N(0, 0.02) weights, N(0, 0.02 / sqrt(2 * layers)) for the residual projections, zero biases, unit

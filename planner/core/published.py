@@ -11,8 +11,8 @@ from importlib import resources
 
 import yaml
 
-from planner.job import ParallelConfig
-from planner.model import ModelSpec
+from planner.core.job import ParallelConfig
+from planner.core.model import ModelSpec
 
 SC21_VOCAB = 51200
 SC21_SEQ_LEN = 2048

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from planner.errors import DistplanError
-from planner.fields import short
+from planner.core.errors import DistplanError
+from planner.core.fields import short
 
 MAX_INPUT_BYTES = 8 * 2**20  # largest file read: 160x distplan's largest profile (52 KB), parsed in seconds
 MAX_NESTING = 32  # deepest nesting of lists and mappings accepted: distplan's own files nest at most 7 levels

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 
-from planner.errors import DistplanError
+from planner.core.errors import DistplanError
 
 REQUIRED = object()
 # a name (model, cluster, GPU, time term): printed in titles and one-line messages, so one line, no brackets (the

@@ -15,7 +15,7 @@ under `torch.utils.flop_counter.FlopCounterMode` on meta tensors. What that coun
   SC'21 and `ModelSpec.block_matmul_flops_per_token` count), and four bmm backward (exactly 2x).
   A flash/efficient kernel on CUDA is counted 2.5x forward in backward (it recomputes Q K^T).
 - MoE: the meta device has no routing data, so experts get a balanced load (see
-  `planner.modeling.tokens_per_expert`), i.e. top_k expert MLPs per token.
+  `planner.build.modeling.tokens_per_expert`), i.e. top_k expert MLPs per token.
 With these rules the traced forward+backward sum equals `ModelSpec.training_flops` for decoders.
 
 Layers of one kind are identical, so one block of each kind is traced and its numbers copied to
@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from planner.errors import require
-from planner.model import ModelSpec
-from planner.modeling import (Add, AttentionCore, ClassTokenAndPositions, Experts, Mul, RMSNorm, Router,
-                              TransformerModel, build_model)
+from planner.core.errors import require
+from planner.core.model import ModelSpec
+from planner.build.modeling import (Add, AttentionCore, ClassTokenAndPositions, Experts, Mul, RMSNorm, Router,
+                                    TransformerModel, build_model)
 
 LAYER_KINDS = ("embedding", "block", "moe_block", "head")
 OP_KINDS = ("matmul", "attention", "elementwise", "norm", "embedding", "router", "experts")

@@ -12,14 +12,14 @@ Pure functions, used to draw the timeline of a plan (planner/pictures.py). Two p
      forward_backward_pipelining_with_interleaving): m*v chunk-micro-batches; rank i warms up with
      min(2*(p - i - 1) + (v - 1)*p, m*v) forwards; the k-th forward runs chunk (k mod p*v) // p on
      micro-batch (k // (p*v))*p + k mod p, the k-th backward the mirrored chunk v - 1 - that.
-     (The same counts as planner/memory.py's in-flight activations.)
+     (The same counts as planner/cost/memory.py's in-flight activations.)
 2. A dependency simulation: chunk c of rank i is virtual stage s = c*p + i; the forward of
    micro-batch j on stage s waits for its forward on s - 1, the backward waits for the backward on
    s + 1 (the last virtual stage's for its own forward); each rank runs its operations in order,
    starting each as soon as the rank is free and its input has arrived.
 
 Durations come from the cost model (`stage_op_times`), so for even stages the simulated pipeline
-length equals planner/costmodel.py's m*t + (p - 1)*t/v (tests/test_schedule.py checks it).
+length equals planner/cost/layer.py's m*t + (p - 1)*t/v (tests/test_schedule.py checks it).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from planner.cluster import Cluster
-from planner.costmodel import embedding_time, head_time
-from planner.predict import rank_timer
-from planner.errors import require
-from planner.job import SCHEDULES, ParallelConfig
-from planner.model import ModelSpec
-from planner.profile import Profile
+from planner.core.cluster import Cluster
+from planner.cost.layer import embedding_time, head_time
+from planner.cost.predict import rank_timer
+from planner.core.errors import require
+from planner.core.job import SCHEDULES, ParallelConfig
+from planner.core.model import ModelSpec
+from planner.core.profile import Profile
 
 PHASES = ("forward", "backward", "recompute", "p2p", "grad_sync", "optimizer", "bubble")
 
@@ -322,7 +322,7 @@ def _indexed_orders(kind: str, pp: int, vpp: int, m: int) -> tuple[tuple[tuple[i
 def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None,
                    per_microbatch_s: list[float] | None = None, *, rank_terms: list[dict[str, float]] | None = None,
                    extras: dict[tuple[int, int], tuple[float, float]] | None = None) -> tuple[StageOpTimes, ...]:
-    """Per-chunk forward/backward/recompute/p2p seconds of every pipeline rank, as planner/predict.py adds them.
+    """Per-chunk forward/backward/recompute/p2p seconds of every pipeline rank, as planner/cost/predict.py adds them.
 
     Intra-layer collectives are folded into the pass that issues them: TP all-reduces (or SP's
     reduce-scatter + all-gather) and the CP/EP exchanges split evenly between forward, backward and,
@@ -360,7 +360,7 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
 
 
 def plan_schedule(plan) -> Schedule:
-    """The timeline of a Plan (planner.plan.Plan), agreeing with its prediction.
+    """The timeline of a Plan (planner.core.plan.Plan), agreeing with its prediction.
 
     The simulation places every operation: cost-model durations calibrated to the plan's recorded stage
     times, the embedding and head on their own chunks (as predict charges them). predict extrapolates long

@@ -15,13 +15,13 @@ from pathlib import Path
 import yaml
 
 from planner import __version__
-from planner.cluster import MAX_GPUS, Cluster, cluster_from_dict
-from planner.errors import require
-from planner.fields import NAME, NAME_RULE, flag, integer, listing, mapping, number, short, text
-from planner.fileio import atomic_write_text, dump_yaml, read_yaml
-from planner.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, config_from_dict, validate_config
-from planner.model import ModelSpec, spec_from_dict
-from planner.predict import Prediction
+from planner.core.cluster import MAX_GPUS, Cluster, cluster_from_dict
+from planner.core.errors import require
+from planner.core.fields import NAME, NAME_RULE, flag, integer, listing, mapping, number, short, text
+from planner.core.fileio import atomic_write_text, dump_yaml, read_yaml
+from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, config_from_dict, validate_config
+from planner.core.model import ModelSpec, spec_from_dict
+from planner.core.prediction import Prediction
 
 PLAN_VERSION = 1
 TOP_LEVEL = ("version", "model", "cluster", "job", "parallel", "stages", "prediction", "rationale",

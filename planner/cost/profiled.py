@@ -1,0 +1,203 @@
+"""Whether a profile applies to a job: the one rule estimate, solve, run and the benchmarks apply.
+
+A profile's layer fits are times of one layer of the model it measured, at its sequence length. A job of
+another shape (hidden size, heads, KV heads, FFN width, vocabulary, experts, image and patch sizes) or
+another sequence length does other work per layer: gpt2-xl's block does ~4.3x gpt2's, so gpt2's fits priced
+gpt2-xl's forward at 3.0x gpt2's, the layer ratio alone (issue 22). So `profile_for_job`:
+  - same shape and sequence length: the profile as it is;
+  - otherwise a DistplanError naming both shapes, or with `fallback` (the CLI's --profile-fallback) the
+    profile without its model-specific measurements (`without_model_specific`): every compute fit (the
+    megatron layer and head among them), the stack factor and the sharding / TP / DDP per-block fits go, and
+    the matmul sweep, copy bandwidth, collectives, host link, optimizer rates per parameter and the
+    pipeline's per-operation costs (per byte sent) stay; the prediction's sources say which is which.
+The number of layers is not part of the shape: a fit is per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from planner.core.cluster import Cluster, gpu_family
+from planner.core.errors import DistplanError, require
+from planner.core.model import ModelSpec, describe_shape, model_shape
+from planner.core.profile import CollectiveFit, Profile, describe_profile
+
+FALLBACK_FLAG = "--profile-fallback"
+
+
+def mismatch(profile: Profile, model: ModelSpec, seq_len: int) -> str | None:
+    """Why `profile`'s model-specific measurements do not apply to `model` at `seq_len`, or None where they do
+    (or where the profile no longer holds any: without_model_specific)."""
+    shape = model_shape(model)
+    if profile.model_specific_dropped or (profile.model_shape == shape and profile.seq_len == seq_len):
+        return None
+    job = describe_shape(model.name, shape, seq_len)
+    if not profile.model_shape:
+        return (f"measured {profile.model} at seq {profile.seq_len} without recording its shape (written before "
+                f"profiles did, and '{profile.model}' is not a zoo model); the job is {job}")
+    return f"measured {describe_profile(profile)}; the job is {job}"
+
+
+def profile_for_job(profile: Profile | None, model: ModelSpec, seq_len: int, *, fallback: bool = False,
+                    source: str = "") -> Profile | None:
+    """The profile to price `model` at `seq_len` with (see the module docstring); `source`: the file, for the error."""
+    if profile is None:
+        return None
+    why = mismatch(profile, model, seq_len)
+    if why is None:
+        return profile
+    if not fallback:
+        same_shape = profile.model_shape == model_shape(model)
+        hint = f"profile it at --seq-len {seq_len}" if same_shape else "profile this model"
+        raise DistplanError(f"profile {source + ' ' if source else ''}{why}: {hint}, or pass {FALLBACK_FLAG} to "
+                            "price its layers from the preset")
+    return without_model_specific(profile)
+
+
+def without_model_specific(profile: Profile) -> Profile:
+    """`profile` less what it measured of its model's layers: compute fits of every kind, the stack factor and
+    the per-block sharding, DDP and TP fits (with the raw points they derive from). Kept: the matmul sweep, copy
+    and host bandwidth, collectives (fits and raw points), the optimizer rates per parameter, the overlap
+    slowdown, memory and device count, and the pipeline's per-operation costs (per byte sent)."""
+    raw = profile.raw if isinstance(profile.raw, dict) else {}
+    comm = raw.get("communication") if isinstance(raw.get("communication"), dict) else {}
+    kept = {k: v for k, v in comm.items() if k in ("points", "pipeline", "overlap", "inter_node", "unmeasured")}
+    return replace(profile, compute=(), sharding=(), model_specific_dropped=True,
+                   raw={"communication": kept, **({"ceilings": raw["ceilings"]} if "ceilings" in raw else {})})
+
+
+def dropped_note(profile: Profile) -> str:
+    """The sources' line for a profile whose model-specific measurements were dropped."""
+    return (f"preset: compute fits, stack factor, sharding/DDP/TP per-block fits and megatron layer/head (profile "
+            f"measured {describe_profile(profile)}); profile: matmul sweep, copy and host bandwidth, collectives, optimizer "
+            "rate, pipeline per-operation costs")
+
+
+# ---- the cluster a profile describes ------------------------------------------------------------
+
+
+def _matching_preset(profile: Profile) -> Cluster | None:
+    """The cluster preset whose GPU is the profile's chip, the closest in memory if several are."""
+    from planner.core.cluster import cluster_names, load_cluster
+
+    family = gpu_family(profile.gpu_name)
+    matches = [c for c in map(load_cluster, cluster_names()) if gpu_family(c.gpu.name) == family]
+    return min(matches, key=lambda c: abs(c.gpu.memory_gib - profile.memory_gib), default=None)
+
+
+def _link_from_fit(fit: CollectiveFit):
+    from planner.core.cluster import Link
+
+    return Link(latency_us=fit.latency_s * 1e6, bandwidth_gb_s=fit.bus_bandwidth_gb_s)
+
+
+def _measured_curve(profile: Profile, peak_tflops: float) -> tuple[tuple[float, float], ...]:
+    """Efficiency points (GFLOP per matmul, fraction of `peak_tflops`) from the measured matmul sweep."""
+    return tuple((g, min(1.0, t / peak_tflops)) for g, t in profile.matmul_tflops_by_gflop if t > 0)
+
+
+def measured_cluster(profile: Profile) -> Cluster:
+    """A Cluster describing the profiled machine alone, every number measured.
+
+    peak = the best measured matmul rate (so MFU is relative to that, not to a datasheet); HBM = the
+    measured device copy bandwidth (memory-bound kernels reach all of it, fraction 1); links = the
+    fitted collectives (intra-node: all-reduce bus bandwidth of the largest group measured); collective
+    and matmul fractions = 1 except the measured small-matmul shortfall. Nodes: one, unless the
+    inter-node tier was measured (the inter-node network of an unprofiled cluster is unknown).
+    Attention runs at 0.5 of the measured matmul rate where no layer fit covers it: not measured here;
+    FlashAttention-2 forward reaches 50-73% of A100 peak (Dao 2023, Fig. 4), the low end is taken.
+    """
+    from planner.core.cluster import GPU, COLLECTIVES, Cluster, Efficiency, Link
+
+    require(profile.device_count > 0 and profile.matmul_tflops > 0 and profile.hbm_bandwidth_gb_s > 0
+            and profile.memory_gib > 0,
+            f"profile of '{profile.gpu_name}' lacks device_count, matmul_tflops, hbm_bandwidth_gb_s or memory_gib; "
+            "re-run `distplan profile`")
+    fits = sorted((c for c in profile.collectives if c.op == "all_reduce"), key=lambda c: c.group_size)
+    fits = fits or sorted(profile.collectives, key=lambda c: c.group_size)
+    # one device: no collective measured and none needed inside the node; the link is never used
+    intra = _link_from_fit(fits[-1]) if fits else Link(latency_us=0.0, bandwidth_gb_s=profile.hbm_bandwidth_gb_s)
+    inter = _link_from_fit(profile.inter_node) if profile.inter_node else intra
+    host_bw = profile.host_bandwidth_gb_s or intra.bandwidth_gb_s
+    host = Link(latency_us=intra.latency_us, bandwidth_gb_s=host_bw)
+    curve = _measured_curve(profile, profile.matmul_tflops) or ((1e-3, 1.0),)
+    eff = Efficiency(matmul_gflop_fraction=curve, memory_bound_fraction=1.0, attention_fraction=0.5,
+                     collective_fraction=tuple((c, 1.0) for c in COLLECTIVES),
+                     overlap_slowdown=profile.overlap_slowdown if profile.overlap_slowdown is not None else 0.0)
+    gpu = GPU(name=profile.gpu_name, peak_bf16_tflops=profile.matmul_tflops, memory_gib=profile.memory_gib,
+              hbm_bandwidth_gb_s=profile.hbm_bandwidth_gb_s, reserved_memory_gib=0.0 if profile.device == "cpu" else 1.0)
+    return with_host_memory(Cluster(name=f"measured-{profile.device}", gpu=gpu, gpus_per_node=profile.device_count,
+                                    links=(("intra_node", intra), ("inter_node", inter), ("host", host)),
+                                    efficiency=eff, max_nodes=0 if profile.inter_node else 1,
+                                    host_is_device=profile.device == "cpu"), profile)
+
+
+def _with_measurements(cluster: Cluster, profile: Profile) -> Cluster:
+    """The preset with what the profile measured put in: memory size, the matmul efficiency curve,
+    the memory-bound fraction (achieved copy over datasheet bandwidth), the overlap slowdown and the
+    inter-node link where measured. The datasheet peak stays, so MFU keeps its usual meaning."""
+    from dataclasses import replace
+
+    from planner.core.cluster import Link
+
+    gpu, eff, links = cluster.gpu, cluster.efficiency, dict(cluster.links)
+    if profile.memory_gib > 0:
+        gpu = replace(gpu, memory_gib=profile.memory_gib)
+    curve = _measured_curve(profile, gpu.peak_bf16_tflops)
+    if curve:
+        eff = replace(eff, matmul_gflop_fraction=curve)
+    if profile.hbm_bandwidth_gb_s > 0:
+        eff = replace(eff, memory_bound_fraction=min(1.0, profile.hbm_bandwidth_gb_s / gpu.hbm_bandwidth_gb_s))
+    if profile.overlap_slowdown is not None:
+        eff = replace(eff, overlap_slowdown=float(profile.overlap_slowdown))
+    if profile.inter_node is not None:
+        links["inter_node"] = _link_from_fit(profile.inter_node)
+    if profile.host_bandwidth_gb_s > 0:
+        links["host"] = Link(latency_us=links["host"].latency_us, bandwidth_gb_s=profile.host_bandwidth_gb_s)
+    return with_host_memory(replace(cluster, name=f"{cluster.name}+profile", gpu=gpu, efficiency=eff,
+                                    links=tuple((t, links[t]) for t, _ in cluster.links)), profile)
+
+
+def measured_host_memory_gib_per_gpu(profile: Profile) -> float:
+    """The profiled host's CPU memory per GPU (facts host_memory_gib / gpu_count); 0 where not recorded or on a CPU
+    profile (there the devices' memory is the host's already). The 2xH200 machines have 252 GiB for their 2 GPUs,
+    half a DGX H200's 256 GiB per GPU: a 13B ZeRO-1 offload plan that fits the preset's host was OOM-killed there."""
+    facts = profile.facts or {}
+    host, gpus = facts.get("host_memory_gib"), facts.get("gpu_count")
+    if profile.device == "cpu" or not isinstance(host, (int, float)) or not isinstance(gpus, int) or gpus <= 0:
+        return 0.0
+    return float(host) / gpus
+
+
+def with_host_memory(cluster: Cluster, profile: Profile) -> Cluster:
+    """`cluster` with the profiled host's CPU memory per GPU on each of its nodes, where the profile recorded it."""
+    host = measured_host_memory_gib_per_gpu(profile)
+    return replace(cluster, host_memory_gib=host * cluster.gpus_per_node) if host else cluster
+
+
+def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
+    """The cluster to plan on when a profile is given (`planner.estimate.resolve_cluster` calls this).
+
+    - A CPU profile describes its own machine: the result is `measured_cluster(profile)` whatever
+      `cluster` is (the CLI always passes its default preset).
+    - A GPU profile and a cluster: the cluster's GPU must be the profiled chip (`gpu_family`), else a
+      DistplanError names both and the presets that match; the result is the cluster with the
+      measured numbers put in (`_with_measurements`).
+    - A GPU profile and no cluster (`--profile` without `--cluster`): the preset of the profiled chip
+      (closest in memory), with the measured numbers; with no such preset, the measured machine alone.
+    """
+    if profile.device == "cpu":
+        return measured_cluster(profile)
+    family = gpu_family(profile.gpu_name)
+    if cluster is None:
+        preset = _matching_preset(profile)
+        return _with_measurements(preset, profile) if preset is not None else measured_cluster(profile)
+    if gpu_family(cluster.gpu.name) != family:
+        from planner.core.cluster import cluster_names, load_cluster
+
+        same = [n for n in cluster_names() if gpu_family(load_cluster(n).gpu.name) == family]
+        hint = f"; presets with {family}: {', '.join(same)}" if same else "; omit --cluster to plan on the profiled machine"
+        raise DistplanError(f"profile measured GPU '{profile.gpu_name}' ({family}) but cluster '{cluster.name}' has "
+                            f"'{cluster.gpu.name}' ({gpu_family(cluster.gpu.name)}): profile the cluster's GPUs or "
+                            f"pass a cluster of the profiled GPU{hint}")
+    return _with_measurements(cluster, profile)
