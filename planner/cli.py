@@ -31,8 +31,10 @@ def _metavar(param) -> str:
         return param.name.upper()
     if getattr(param, "is_flag", False):
         return ""
-    kind = param.bare_type()
-    return "PATH" if "Path" in kind else {"int": "INTEGER", "float": "NUMBER"}.get(kind, "TEXT")
+    # typer >= 0.25 names the Python type (bare_type: "Path", "int", ...); older typer keeps click's ParamType
+    kind = param.bare_type() if hasattr(param, "bare_type") else getattr(getattr(param, "type", None), "name", "")
+    return {"path": "PATH", "int": "INTEGER", "integer": "INTEGER", "float": "NUMBER"}.get(kind.lower(), "TEXT") \
+        if "path" not in kind.lower() else "PATH"
 
 
 class _Command(TyperCommand):
