@@ -19,8 +19,9 @@ best latency found (Alpa sec. 5.2). distplan keeps that algorithm with two delib
    (v = 1 is Alpa's formula; tail = the rank's exposed gradient sync + optimizer step). With v > 1 predict also
    simulates the interleaved schedule; the DP ranks splits by the closed form and the chosen split is re-timed
    by predict.
-   Every stage's memory is checked with `planner.cost.memory.stage_memory`, which counts the micro-batches the
-   schedule keeps in flight on that rank (1F1B: min(p - i, m); GPipe: m; interleaved: Megatron's count).
+   Every stage's memory, `planner.cost.memory.stage_memory` (which counts the micro-batches the schedule keeps
+   in flight on that rank: 1F1B min(p - i, m); GPipe m; interleaved Megatron's count), must pass the cost
+   model's one fit rule, `planner.cost.memory.fits`.
 
 For a cap tau on t_max (and theta on the tail) each rank may hold l layers with t_i(l) <= tau,
 tail_i(l) <= theta and fitting memory: an interval, as t_i and tail_i are convex in l. A split exists
