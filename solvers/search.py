@@ -43,7 +43,7 @@ from planner.cost.predict import predict
 from solvers.inter_op import best_layer_split, stage_submesh_ok
 
 MAX_MICRO_BATCH = 64  # largest micro-batch tried: a bound on the search, the runners take any size
-MAX_VPP = 8  # most model chunks per rank tried: each halves less bubble and adds 2 sends per micro-batch (SC'21 sec. 2.2.2)
+MAX_VPP = 8  # most model chunks per rank tried: the bubble shrinks as 1/v, the sends grow as 2v (SC'21 sec. 2.2.2)
 MIN_CP_CHUNK = 512  # context parallelism keeps >= 512 tokens per rank unless nothing fits otherwise
 # (ZeRO stage, optimizer offload): with one data-parallel rank stages 1 and 2 equal stage 0 (nothing to
 # partition); stage 3 differs in its buffers, offload in where the optimizer runs

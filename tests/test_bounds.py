@@ -47,7 +47,8 @@ def _splits(model, cfg):
 @pytest.mark.parametrize("name,gpus,cluster_name,profile_path", CASES, ids=lambda x: getattr(x, "name", str(x)))
 def test_bounds_never_exceed_the_predicted_step(name, gpus, cluster_name, profile_path):
     model, cluster, profile = _setting(name, gpus, cluster_name, profile_path)
-    space = search_space(model, cluster, gpus, model.default_global_batch, model.seq_len, wide_cp=True)
+    seq = profile.seq_len if profile else model.seq_len  # the sequence the profile measured
+    space = search_space(model, cluster, gpus, model.default_global_batch, seq, wide_cp=True)
     checked = 0
     for engine in ENGINES:
         quick = QuickBound(model, cluster, profile, engine)
@@ -75,7 +76,7 @@ def test_pruning_keeps_the_best_plan(name, gpus, cluster_name, profile_path, eng
     """Every configuration of the space through the stage DP, against branch and bound with top_k = 0 (the most
     pruning): the same best step time and configuration."""
     model, cluster, profile = _setting(name, gpus, cluster_name, profile_path)
-    batch, seq = model.default_global_batch, model.seq_len
+    batch, seq = model.default_global_batch, profile.seq_len if profile else model.seq_len
     best = None
     for cfg in search_space(model, cluster, gpus, batch, seq, engine=engine):
         split = best_layer_split(model, cluster, cfg, profile, engine=engine) if states_fit(model, cluster, cfg, engine) else None
