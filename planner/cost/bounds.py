@@ -15,10 +15,10 @@ as t_max >= sum_i t_i / pp, m >= 1 >= 1/v and max_i tail_i >= the average tail >
 With one pipeline rank there is one split, and the bound is predict's step time itself.
 
 `QuickBound` is a looser bound for ordering many configurations at little cost: the same formula with S replaced
-by the compute of the blocks, the embedding and the head alone (layer.py's block_time, embedding_time, head_time,
-the compute terms of S), which depend on a handful of the configuration's fields and are computed once per shape.
-tests/test_bounds.py checks bound <= predict over a grid of models, configurations, engines and profiles, and
-that pruning with it keeps the oracle's best plan.
+by the compute of the blocks, the embedding and the head alone (layer.py's block_time, embedding_time, head_time:
+the compute terms of S, which rank_timer charges per layer and per end), computed once per layer shape.
+tests/test_bounds.py checks quick <= step bound <= predict over a grid of models, configurations, splits, engines
+and profiles, and that the search pruning with them finds the best of every configuration evaluated.
 """
 
 from __future__ import annotations
