@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from planner.core.cluster import Cluster, check_gpu_count, load_cluster
+from planner.core.cluster import Cluster, check_gpu_count
 from planner.core.errors import DistplanError, require
 from planner.core.job import MAX_DEGREE, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, validate_config
 from planner.core.model import ModelSpec, load_model
 from planner.core.prediction import Prediction
 from planner.cost.predict import predict
-from planner.core.profile import Profile, load_profile
+from planner.cost.profiled import JobProfile, job_profile, resolve_cluster  # noqa: F401 (launch and tests)
 
 
 @dataclass(frozen=True)
@@ -68,45 +67,6 @@ def parse_layer_split(text: str | None) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise DistplanError(f"--layer-split '{text}' must be comma-separated integers, e.g. 19,21,21,19") from None
-
-
-def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Profile | None]:
-    """The cluster to plan on, and the profile whose measurements replace its preset numbers."""
-    if profile_path is None:
-        return load_cluster(cluster), None
-    from planner.cost.profiled import cluster_for_profile  # written with the profiler
-
-    prof = load_profile(profile_path)
-    return cluster_for_profile(prof, load_cluster(cluster) if cluster else None), prof
-
-
-@dataclass(frozen=True)
-class JobProfile:
-    """The profile a job is priced with: `profile_for_job`'s verdict, with the calibration factors that apply."""
-
-    profile: Profile | None
-    notes: tuple[str, ...]  # one line each: model-specific measurements dropped, calibration applied or not
-
-
-def job_profile(profile: Profile | None, profile_path: str | Path | None, model: ModelSpec, seq_len: int,
-                cluster: Cluster, *, engine: str, fallback: bool = False, calibration: str | Path | None = None,
-                gpu_name: str | None = None) -> JobProfile:
-    """`profile` for `model` at `seq_len` (planner.cost.profiled.profile_for_job: refused if it measured another
-    shape, unless `fallback`), then the factors of `calibration` for this `engine`, GPU (`gpu_name`, default the
-    cluster's), shape and profile file (planner.core.calibration.apply_calibration). Estimate, solve and run call this."""
-    from planner.core.calibration import apply_calibration
-    from planner.cost.profiled import FALLBACK_FLAG, profile_for_job
-    from planner.core.profile import describe_profile
-
-    require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
-    prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
-    notes = []
-    if prof is not None and prof.model_specific_dropped:
-        notes.append(f"profile: {profile_path} measured {describe_profile(prof)}: its layer fits, stack factor and per-block "
-                     "sharding/TP fits do not apply; those terms come from the preset (see sources)")
-    prof, line = apply_calibration(prof, calibration, engine=engine, gpu_name=gpu_name or cluster.gpu.name,
-                                   model=model, seq_len=seq_len, profile_path=profile_path)
-    return JobProfile(prof, tuple(notes + ([line] if line else [])))
 
 
 def run_estimate(req: EstimateRequest) -> EstimateResult:

@@ -319,7 +319,7 @@ def timeline_numbers(review: dict) -> str:
 
 def timeline_of(plan: Plan):
     from planner.pictures import timeline_figure
-    from planner.cost.pipeline import plan_schedule
+    from planner.cost.timeline import plan_schedule
 
     title = f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}"
     sched = plan_schedule(plan)

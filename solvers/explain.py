@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from planner.core.cluster import Cluster
-from planner.core.prediction import FRAGMENTATION, GIB
-from planner.cost.memory import stage_memory
+from planner.core.prediction import GIB
+from planner.cost.memory import fits, stage_memory
 from planner.core.model import ModelSpec
 from planner.core.job import ParallelConfig
 from planner.core.prediction import Prediction
@@ -109,10 +109,11 @@ def rationale(model: ModelSpec, cluster: Cluster, gpus: int, cfg: ParallelConfig
         lines.append(f"no activation recomputation: activations fit ({fullest.memory.activations / GIB:.1f} GiB on the fullest stage)")
     else:
         plain = stage_memory(model, replace(cfg, recompute="none"), fullest.rank, layers)
-        need = plain.total / GIB * (1 + FRAGMENTATION)
+        need = plain.total / GIB * (1 + pred.allocator_slack)
         lines.append(f"{cfg.recompute} recomputation ({_share(pred, 'recompute'):.1f}% of the step): without it the fullest "
                      f"stage would need {need:.1f} GiB of {pred.capacity_gib:.1f} usable" +
-                     ("" if need > pred.capacity_gib else ", which fits but a faster plan needs the memory"))
+                     (", which fits but a faster plan needs the memory"
+                      if fits(cluster, model, replace(cfg, recompute="none"), plain.total) else ""))
     if cfg.sequence_parallel:
         lines.append("sequence parallelism shards norms and residual activations over the tp ranks (reduce-scatter/all-gather "
                      "instead of all-reduce)")

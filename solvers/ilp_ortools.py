@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ortools.sat.python import cp_model
 
-from solvers.intra_op import Milp
+from solvers.milp import Milp
 
 SEED = 0
 

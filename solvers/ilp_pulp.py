@@ -1,6 +1,6 @@
 """PuLP + CBC backend of the intra-op ILP: the second solver that must agree with CP-SAT.
 
-The same integer program (`solvers.intra_op.Milp`) is handed to CBC with no relative or absolute gap
+The same integer program (`solvers.milp.Milp`) is handed to CBC with no relative or absolute gap
 allowed, one thread and CBC's fixed default seed, so the optimum objective equals CP-SAT's exactly.
 """
 
@@ -10,7 +10,7 @@ import warnings
 
 import pulp
 
-from solvers.intra_op import Milp
+from solvers.milp import Milp
 
 
 def solve_milp(milp: Milp, time_limit_s: float | None = None) -> tuple[tuple[int, ...], int] | None:

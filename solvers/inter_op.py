@@ -14,10 +14,14 @@ best latency found (Alpa sec. 5.2). distplan keeps that algorithm with two delib
    the layers, unevenly where that pays (`ParallelConfig.layer_split`).
 2. The latency is exactly what `planner.cost.predict` charges: with t_i from `planner.cost.predict.rank_timer`
    (embedding on the first rank, LM head on the last, ZeRO traffic, ...), v virtual stages per rank,
+   `planner.cost.pipeline.step_time`:
        step = m * t_max + (sum_i t_i - t_max) / v + max_i tail_i
-   (v = 1 is Alpa's formula; tail = the rank's exposed gradient sync + optimizer step).
-   Every stage's memory is checked with `planner.cost.memory.stage_memory`, which counts the micro-batches the
-   schedule keeps in flight on that rank (1F1B: min(p - i, m); GPipe: m; interleaved: Megatron's count).
+   (v = 1 is Alpa's formula; tail = the rank's exposed gradient sync + optimizer step). With v > 1 predict also
+   simulates the interleaved schedule; the DP ranks splits by the closed form and the chosen split is re-timed
+   by predict.
+   Every stage's memory, `planner.cost.memory.stage_memory` (which counts the micro-batches the schedule keeps
+   in flight on that rank: 1F1B min(p - i, m); GPipe m; interleaved Megatron's count), must pass the cost
+   model's one fit rule, `planner.cost.memory.fits`.
 
 For a cap tau on t_max (and theta on the tail) each rank may hold l layers with t_i(l) <= tau,
 tail_i(l) <= theta and fitting memory: an interval, as t_i and tail_i are convex in l. A split exists
@@ -34,8 +38,9 @@ from dataclasses import dataclass
 
 from planner.core.cluster import Cluster
 from planner.core.job import ParallelConfig, with_changes
-from planner.cost.memory import allocator_slack, device_budget_bytes, inflight_microbatch_chunks, stage_memory
+from planner.cost.memory import fit_budget_bytes, fits, inflight_microbatch_chunks, stage_memory
 from planner.core.model import ModelSpec
+from planner.cost.pipeline import step_time
 from planner.cost.predict import predict, rank_timer
 from planner.core.profile import Profile
 
@@ -66,24 +71,12 @@ def stage_submesh_ok(gpus: int, pp: int, gpus_per_node: int) -> bool:
     return gpus % pp == 0 and any(n * m == per for n, m in submesh_shapes(nodes, gpus_per_node))
 
 
-def _step(per_rank: list[float], tails: list[float], m: int, v: int) -> float:
-    """predict()'s pipeline + tail, with its exact floating-point order."""
-    t_max = max(per_rank)
-    pipeline = m * t_max + (sum(per_rank) - t_max) / v
-    tail = 0.0
-    for t in tails:
-        if t > tail:
-            tail = t
-    return pipeline + tail
-
-
 def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                      profile: Profile | None = None, *, engine: str = "any") -> StageSplit | None:
     """The layer split of `cfg` (its layer_split ignored) with the least predicted step time whose every
     stage fits in memory; None when no split fits. `engine` as in planner.cost.predict.rank_timer."""
     L, pp, v, m = model.num_layers, cfg.pp, cfg.vpp, cfg.num_microbatches
     cfg = with_changes(cfg, layer_split=())
-    cap_bytes = device_budget_bytes(cluster, model, cfg) / (1 + allocator_slack(cfg, engine))
     timer = rank_timer(model, cluster, cfg, profile, engine=engine)
     counts = list(range(v, L - (pp - 1) * v + 1, v))  # layers a rank may hold: multiples of v, every rank >= v
     if not counts:
@@ -95,8 +88,7 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     def max_fitting(rank: int) -> int:
         key = (inflight_microbatch_chunks(cfg, rank), rank == 0, rank == pp - 1)
         if key not in mem_cache:
-            fits = [n for n in (_largest_fitting(model, cfg, rank, counts, cap_bytes, profile, engine),) if n is not None]
-            mem_cache[key] = fits[0] if fits else 0
+            mem_cache[key] = _largest_fitting(model, cluster, cfg, rank, counts, profile, engine) or 0
         return mem_cache[key]
 
     hi_mem = [max_fitting(r) for r in range(pp)]
@@ -110,17 +102,20 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     rep = {0: 0, 1: 1, 2: pp - 1}
     classes = sorted({cls(r) for r in range(pp)})
     times: dict[int, dict[int, float]] = {c: {} for c in classes}
-    tails: dict[int, dict[int, float]] = {c: {} for c in classes}
+    parts: dict[int, dict[int, tuple[float, float]]] = {c: {} for c in classes}  # (sync, optimizer)
+    tails: dict[int, dict[int, float]] = {c: {} for c in classes}  # their sum
 
     def fill(c: int, n: int) -> None:
         if n not in times[c]:
             rt = timer(rep[c], n)
-            times[c][n], tails[c][n] = rt.time_per_microbatch_s, rt.sync_s + rt.optimizer_s
+            times[c][n], parts[c][n] = rt.time_per_microbatch_s, (rt.sync_s, rt.optimizer_s)
+            tails[c][n] = rt.sync_s + rt.optimizer_s
 
     def evaluate(split: list[int]) -> float:
         for r, n in enumerate(split):
             fill(cls(r), n)
-        return _step([times[cls(r)][n] for r, n in enumerate(split)], [tails[cls(r)][n] for r, n in enumerate(split)], m, v)
+        return step_time([times[cls(r)][n] for r, n in enumerate(split)],
+                         [parts[cls(r)][n] for r, n in enumerate(split)], m, v).step_s
 
     best: tuple[float, int, list[int]] | None = None  # (step, 0 for the even split, split)
     even = list(cfg.layers_per_stage(L))
@@ -207,7 +202,7 @@ def best_layer_split(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     result = _result(best, even, times, cls)
     if result is not None and v > 1:
         # interleaved: the DP ranks splits by the closed form; predict() times the chosen one by simulating the
-        # schedule with the head and embedding on their own chunks (planner/schedule.pipeline_time_s)
+        # schedule with the head and embedding on their own chunks (planner.cost.pipeline.interleaved_pipeline_s)
         chosen = with_changes(cfg, layer_split=result.layer_split)
         step = predict(model, cluster, chosen, profile, engine=engine).step_time_s
         result = StageSplit(layer_split=result.layer_split, step_time_s=step, per_rank_s=result.per_rank_s)
@@ -222,28 +217,33 @@ def _result(best, even, times, cls) -> StageSplit | None:
     return StageSplit(layer_split=() if split == even else tuple(split), step_time_s=step, per_rank_s=per)
 
 
-def _largest_fitting(model: ModelSpec, cfg: ParallelConfig, rank: int, counts: list[int], cap_bytes: float,
+def _largest_fitting(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, rank: int, counts: list[int],
                      profile: Profile | None = None, engine: str = "any") -> int | None:
-    """The largest layer count in `counts` whose stage memory on `rank` fits (memory grows with layers).
+    """The largest layer count in `counts` whose stage memory on `rank` fits (planner.cost.memory.fits; memory grows
+    with layers).
 
     Stage memory is the largest of a few affine functions of the layer count (planner.cost.memory.stage_memory's
     phases), so convex: the line through 0 and 1 layers lies below it beyond 1 and its answer is an upper
     bound; a third evaluation confirms it with the exact function (a binary search runs if it disagrees)."""
-    def fits(n: int) -> bool:
-        return stage_memory(model, cfg, rank, n, profile, engine).total <= cap_bytes
+    def peak(n: int) -> float:
+        return stage_memory(model, cfg, rank, n, profile, engine).total
 
-    base = stage_memory(model, cfg, rank, 0, profile, engine).total
-    per = stage_memory(model, cfg, rank, 1, profile, engine).total - base
+    def ok(n: int) -> bool:
+        return fits(cluster, model, cfg, peak(n), engine)
+
+    base = peak(0)
+    per = peak(1) - base
     if per > 0:
+        cap_bytes = fit_budget_bytes(cluster, model, cfg, engine)
         idx = sum(1 for n in counts if n <= (cap_bytes - base) / per) - 1
-        if idx >= 0 and fits(counts[idx]):
+        if idx >= 0 and ok(counts[idx]):
             return counts[idx]
-    if not fits(counts[0]):
+    if not ok(counts[0]):
         return None
     lo, hi = 0, len(counts) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(counts[mid]):
+        if ok(counts[mid]):
             lo = mid
         else:
             hi = mid - 1

@@ -34,18 +34,18 @@ from dataclasses import dataclass
 import networkx as nx
 
 from planner.core.cluster import Cluster
-from planner.cost.terms import CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
+from planner.cost.terms import CommModel, fused_attention_pass_s, gemm_pass_s, gemm_time_s, memory_bound_time_s
 from planner.core.errors import require
 from planner.cost.memory import GRAD_BYTES, zero_model_state_bytes
 from planner.core.model import ModelSpec
 from planner.core.profile import Profile
+from solvers.milp import BACKENDS, Milp
 
 LAYOUTS = ("R", "B", "S", "C", "P")
 # canonical preference order: breaks exact ties so both backends return the same assignment
 STRATEGY_ORDER = ("replicate", "column-split", "row-split", "sequence-split", "batch-split", "expert-split")
 NS_PER_S = 1e9  # CP-SAT takes integer coefficients: seconds become whole nanoseconds
 KIB = 1024  # ... and memory whole KiB
-BACKENDS = ("ortools", "pulp")
 _SHARDED = ("B", "S", "C")
 
 
@@ -103,15 +103,6 @@ class IntraOpSolution:
     objective: int  # the integer objective the backend minimised (nanoseconds * scale + tie-break)
 
 
-@dataclass(frozen=True)
-class Milp:
-    """A 0-1 program in plain data, so that both backends solve exactly the same thing."""
-
-    names: tuple[str, ...]
-    objective: tuple[tuple[int, int], ...]  # (variable, integer coefficient)
-    constraints: tuple[tuple[str, tuple[tuple[int, int], ...], str, int], ...]  # (label, terms, sense, rhs)
-
-
 # ---- building the problem from a traced operator graph ---------------------------------------------
 
 
@@ -130,12 +121,6 @@ def conversion_costs(comm: CommModel, t: int, nbytes: float) -> tuple[tuple[str,
                 op, size = "all_to_all", nbytes / t
             out.append((src, dst, comm.time_s(op, t, 1, size)))
     return tuple(out)
-
-
-def _gemm_s(cluster: Cluster, fwd_flops: float, bwd_flops: float, calls: int = 1) -> tuple[float, float]:
-    """(forward, backward) of `calls` GEMMs; backward is two GEMMs (dX, dW) per forward one."""
-    fwd = gemm_time_s(cluster, fwd_flops / calls, calls)
-    return fwd, gemm_time_s(cluster, bwd_flops / (2 * calls), 2 * calls) if bwd_flops > 0 else 0.0
 
 
 def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, comm: CommModel, d: int, t: int,
@@ -176,17 +161,16 @@ def _strategies(g: nx.DiGraph, name: str, spec: ModelSpec, cluster: Cluster, com
     for sname, lin, lout, lgrad, k, wk in options:
         comm_s = 0.0
         if op in ("matmul", "router"):
-            fwd, bwd = _gemm_s(cluster, f_fwd / k, f_bwd / k)
+            fwd, bwd = gemm_pass_s(cluster, f_fwd / k, f_bwd / k)
         elif op == "experts":
             local = spec.num_experts // (t if sname == "expert-split" else 1)
-            fwd, bwd = _gemm_s(cluster, f_fwd / k, f_bwd / k, n_mlp * local)
+            fwd, bwd = gemm_pass_s(cluster, f_fwd / k, f_bwd / k, n_mlp * local)
             if sname == "expert-split":  # dispatch + combine all-to-all, forward and backward (top_k copies per token)
                 a2a = comm.time_s("all_to_all", t, 1, g.edges[preds[0], name]["bytes"] * scale / t * spec.top_k)
                 comm_s += (2 * passes + 2) * a2a
         elif op == "attention":
             if flash:
-                fwd = fused_attention_time_s(cluster, f_fwd / k * (1.0 if spec.is_vit else 0.5))  # causal skips half
-                bwd = 2.5 * fwd  # FlashAttention-2 backward (as planner.cost.layer.block_time)
+                fwd, bwd = fused_attention_pass_s(cluster, f_fwd / k * (1.0 if spec.is_vit else 0.5))  # causal skips half
             else:
                 per_call = f_fwd / (2 * shape[0] * spec.num_heads) / (t if sname == "sequence-split" else 1)
                 fwd = gemm_time_s(cluster, per_call, max(1, round(f_fwd / k / per_call)))

@@ -11,7 +11,7 @@ from typing import Callable
 
 from planner.core.cluster import load_cluster
 from planner.core.errors import DistplanError, require
-from planner.estimate import job_profile, resolve_cluster
+from planner.cost.profiled import job_profile, resolve_cluster
 from planner.core.job import RECOMPUTE, SCHEDULES
 from planner.core.model import load_model
 from solvers.search import MAX_MICRO_BATCH, NO_CONSTRAINTS, Constraints

@@ -9,9 +9,10 @@ The space, and the rules that prune it (each an exact dominance in the cost mode
 - tp: divides N, the node size and the attention heads (KV heads: one divides the other): a TP group
   never straddles nodes, so its all-reduces stay on NVLink (Megatron-LM's rule).
 - cp: powers of two dividing seq/2 that leave each rank >= 512 tokens (shorter chunks make the KV
-  ring latency-bound); any when no plan fits otherwise. It splits activations like dp but not the batch.   ep: divisors of the experts dividing dp*cp (MoE).
+  ring latency-bound); any when no plan fits otherwise. It splits activations like dp but not the batch.
+- ep: divisors of the experts dividing dp*cp (MoE).
 - pp: divides N/(tp*cp), at most the layer count, and N/pp GPUs form one of Alpa's submesh shapes.
-- micro-batch: powers of two up to 16 dividing B/dp.
+- micro-batch: powers of two up to MAX_MICRO_BATCH dividing B/dp.
 - schedule: 1F1B; interleaved with v in 2..8 virtual stages (v divides the layers, m % pp == 0). GPipe
   has 1F1B's bubble in this model and keeps all m micro-batches in flight (1F1B: min(p - i, m)), so it
   is never better and is not evaluated (the oracle enumerates it and confirms).
@@ -19,34 +20,30 @@ The space, and the rules that prune it (each an exact dominance in the cost mode
   the same gradient traffic, a smaller optimizer step and less memory; with dp*cp = 1 stages 1 and 2
   equal 0, so 0, 3 and the offloads remain); recompute none/full (and selective when
   attention is unfused: with flash attention selective recompute equals none); sequence parallel with tp > 1.
-Lower bound (valid for any layer split): with S the summed per-micro-batch work of all layers, the
-embedding, the head and every rank's pipeline sends, t_max >= S/pp and sum t_i >= S, so
-step >= (m - 1/v) S/pp + S/v + tail(average rank), the tail (optimizer step, and the gradient sync where
-it is not overlapped) being affine in the rank's parameters.
+Lower bound (valid for any layer split): planner.cost.bounds.step_lower_bound, from the per-rank times
+predict sums.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from planner.core.cluster import Cluster
-from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, OFFLOAD_PCIE_BYTES_PER_PARAM, CommModel,
-                                memory_bound_time_s)
-from planner.cost.layer import block_time, embedding_time, head_time
 from planner.core.job import ParallelConfig, with_changes
-from planner.core.prediction import FRAGMENTATION, GIB, host_fits
-from planner.cost.memory import device_budget_bytes, host_memory_per_gpu, stage_memory, stage_params
 from planner.core.model import ModelSpec
 from planner.core.prediction import Prediction
-from planner.cost.predict import predict
 from planner.core.profile import Profile
-from solvers.inter_op import best_layer_split, stage_submesh_ok
+from planner.cost.bounds import QuickBound, step_lower_bound
 from planner.cost.engines import modelled, runnable
+from planner.cost.memory import states_fit
+from planner.cost.predict import predict
+from solvers.inter_op import best_layer_split, stage_submesh_ok
 
-MAX_MICRO_BATCH = 64
-MAX_VPP = 8
+MAX_MICRO_BATCH = 64  # largest micro-batch tried: a bound on the search, the runners take any size
+MAX_VPP = 8  # most model chunks per rank tried: the bubble shrinks as 1/v, the sends grow as 2v (SC'21 sec. 2.2.2)
 MIN_CP_CHUNK = 512  # context parallelism keeps >= 512 tokens per rank unless nothing fits otherwise
 # (ZeRO stage, optimizer offload): with one data-parallel rank stages 1 and 2 equal stage 0 (nothing to
 # partition); stage 3 differs in its buffers, offload in where the optimizer runs
@@ -233,70 +230,6 @@ def mesh_key(cfg: ParallelConfig) -> tuple[int, ...]:
     return (cfg.dp, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
 
 
-class _Bounds:
-    """Lower bounds on the step time of a configuration, from the cost model's per-layer times."""
-
-    def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None, engine: str = "any"):
-        self.model, self.cluster, self.profile, self.engine = model, cluster, profile, engine
-        self.comm = CommModel(cluster, profile)
-        self._block: dict[tuple, float] = {}
-        self._ends: dict[tuple, float] = {}
-        self._params: dict[tuple, tuple[float, float]] = {}
-
-    def step_lower_bound(self, cfg: ParallelConfig) -> float:
-        model, L = self.model, self.model.num_layers
-        bkey = (cfg.tp, cfg.cp, cfg.ep, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
-        if bkey not in self._block:
-            lt = block_time(model, self.cluster, cfg, self.comm, self.profile, self.engine)
-            self._block[bkey] = lt.fwd + lt.bwd + lt.recompute + lt.tp_comm + lt.other_comm
-        ekey = (cfg.tp, cfg.cp, cfg.micro_batch_size, cfg.sequence_parallel)
-        if ekey not in self._ends:
-            self._ends[ekey] = sum(embedding_time(model, self.cluster, cfg, self.profile, self.engine)) + \
-                sum(head_time(model, self.cluster, cfg, self.profile, self.engine))
-        work = L * self._block[bkey] + self._ends[ekey]
-        m, v, pp = cfg.num_microbatches, cfg.vpp, cfg.pp
-        # optimizer: the slowest rank updates at least the average share of the parameters
-        pkey = (cfg.tp, cfg.ep, pp)
-        if pkey not in self._params:
-            self._params[pkey] = (stage_params(model, cfg, 0, L)[0] + (stage_params(model, cfg, pp - 1, 0)[0] if pp > 1 else 0.0),
-                                  stage_params(model, cfg, 0, L)[1])
-        dense, expert = self._params[pkey]
-        shard = cfg.dp * cfg.cp if cfg.zero_stage >= 1 else 1
-        params = (dense / shard + expert / (max(cfg.dp * cfg.cp // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)) / pp
-        if cfg.offload_optimizer:
-            opt = params / self.cluster.efficiency.cpu_adam_params_per_s + \
-                params * OFFLOAD_PCIE_BYTES_PER_PARAM / self.cluster.link("host").bandwidth_bytes_s
-        else:
-            opt = memory_bound_time_s(self.cluster, params * ADAM_BYTES_PER_PARAM)
-        # gradient sync after the pipeline, when not overlapped: affine in bytes, so the average rank's is a bound
-        dpg, sync = cfg.dp * cfg.cp, 0.0
-        if dpg > 1 and cfg.zero_stage <= 1 and not cfg.overlap_grad_reduce:
-            sync = self.comm.time_s("all_reduce", dpg, cfg.tp, dense / pp * BF16)
-        elif dpg > 1 and cfg.zero_stage == 2:
-            sync = self.comm.time_s("all_gather", dpg, cfg.tp, dense / pp * BF16)
-        # every rank sends and receives activations at each of its v chunk boundaries (planner.cost.predict.rank_timer)
-        p2p = 0.0
-        if pp > 1:
-            tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-            p2p = 2 * v * self.comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, tokens * model.hidden_size * BF16 / cfg.tp)
-        work += pp * p2p
-        return (m - 1 / v) * work / pp + work / v + opt + sync
-
-
-def states_fit(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig) -> bool:
-    """Necessary for any split: the model states (weights, gradients, optimizer) averaged over the
-    pipeline ranks fit on one GPU (the states summed over ranks do not depend on the split), and offloaded
-    optimizer states fit the host's CPU memory (memory.host_memory_per_gpu)."""
-    def states(rank: int, layers: int) -> float:
-        mem = stage_memory(model, cfg, rank, layers)
-        return mem.weights + mem.gradients + mem.optimizer
-
-    total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
-    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu  # a CPU: one pool (predict)
-    return (total / cfg.pp * (1 + FRAGMENTATION) <= device_budget_bytes(cluster, model, cfg)
-            and host_fits(host_memory_per_gpu(model, cfg) / GIB, host_capacity))
-
-
 def run_search(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: int, seq_len: int,
                profile: Profile | None = None, *, top_k: int = 3, time_limit_s: float | None = None,
                flash_attention: bool = True, overlap_grad_reduce: bool = True,
@@ -324,32 +257,46 @@ def _bnb(model, cluster, gpus, global_batch, seq_len, profile, top_k, time_limit
          clock, start, wide_cp: bool, engine: str = "any", constraints: Constraints = NO_CONSTRAINTS) -> SearchOutcome:
     space = search_space(model, cluster, gpus, global_batch, seq_len, flash_attention=flash,
                          overlap_grad_reduce=overlap, wide_cp=wide_cp, engine=engine, constraints=constraints)
-    bounds = _Bounds(model, cluster, profile, engine)
-    order = sorted(((bounds.step_lower_bound(c), config_key(c), c) for c in space), key=lambda t: (t[0], t[1]))
-    total = len(order)
+    # branch and bound in the order of step_lower_bound: a heap ordered by the quick bound, each configuration's
+    # step_lower_bound (>= the quick one) computed when it comes first and pushed back, so that a configuration is
+    # taken once its step bound is the least of all bounds in the heap
+    quick = QuickBound(model, cluster, profile, engine)
+    heap = [(quick.bound(c), config_key(c), False, c) for c in space]
+    heapq.heapify(heap)
+    total = len(heap)
     best_by_mesh: dict[tuple, tuple[float, tuple, ParallelConfig]] = {}
     keep = top_k + 1
     first_unfit: ParallelConfig | None = None
-    evaluated, timed_out = 0, False
+    evaluated, timed_out, taken = 0, False, 0
     considered: list[Considered] = []
-    for i, (lb, key, cfg) in enumerate(order):
-        if progress is not None and i % 64 == 0:
-            progress(i, total)
+
+    def rest(status: str, kth: float | None = None) -> list[Considered]:
+        return [Considered(c, b, status, bound_to_beat_s=kth) for b, _, _, c in sorted(heap, key=lambda t: t[:2])]
+
+    while heap:
         ranked = sorted(best_by_mesh.values(), key=lambda t: (t[0], t[1]))
         kth = ranked[keep - 1][0] if len(ranked) >= keep else float("inf")
-        if lb >= kth:  # sorted by bound: nothing from here on can enter the top k + 1
-            considered += [Considered(c, b, "pruned", bound_to_beat_s=kth) for b, _, c in order[i:]]
+        if heap[0][0] >= kth:  # the least bound left: nothing from here on can enter the top k + 1
+            considered += rest("pruned", kth)
             break
+        lb, key, exact, cfg = heapq.heappop(heap)
+        if not exact:
+            heapq.heappush(heap, (step_lower_bound(model, cluster, cfg, profile, engine=engine), key, True, cfg))
+            continue
+        if progress is not None and taken % 64 == 0:
+            progress(taken, total)
+        taken += 1
         mesh = mesh_key(cfg)
         if mesh in best_by_mesh and lb >= best_by_mesh[mesh][0]:
             considered.append(Considered(cfg, lb, "mesh_pruned", bound_to_beat_s=best_by_mesh[mesh][0]))
             continue
         if time_limit_s is not None and clock() - start > time_limit_s:
             timed_out = True
-            considered += [Considered(c, b, "timed_out") for b, _, c in order[i:]]
+            heapq.heappush(heap, (lb, key, exact, cfg))
+            considered += rest("timed_out")
             break
         evaluated += 1
-        if not states_fit(model, cluster, cfg):
+        if not states_fit(model, cluster, cfg, engine):
             first_unfit = first_unfit or cfg
             considered.append(Considered(cfg, lb, "states_do_not_fit"))
             continue

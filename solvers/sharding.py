@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from planner.core.cluster import Cluster
 from planner.build.graph import layer_kinds, trace_op_graph
 from planner.core.job import ParallelConfig
-from planner.core.prediction import GIB
-from planner.cost.memory import allocator_slack, inflight_microbatch_chunks, stage_memory
+from planner.cost.memory import fit_budget_bytes, inflight_microbatch_chunks, stage_memory
 from planner.core.model import ModelSpec
 from planner.core.prediction import Prediction
 from planner.core.profile import Profile
@@ -35,8 +34,7 @@ class KindSharding:
 
 
 def _headroom_bytes(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, rank: int, layers: int) -> float:
-    cap = cluster.usable_memory_gib * GIB / (1 + allocator_slack(cfg))
-    return max(0.0, cap - stage_memory(model, cfg, rank, layers).total)
+    return max(0.0, fit_budget_bytes(cluster, model, cfg) - stage_memory(model, cfg, rank, layers).total)
 
 
 def shard_layers(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, pred: Prediction, profile: Profile | None,

@@ -22,12 +22,13 @@ from planner.cost.predict import predict
 from planner.core.profile import Profile
 from planner.core.cluster import gpu_family
 from planner.cost.engines import ENGINE_CHOICES, forced_settings
+from planner.cost.memory import states_fit
 from solvers.explain import alternative_entry, leanest_message, no_configuration_reason, rationale, why_lost
 from solvers.inter_op import best_layer_split
-from solvers.intra_op import BACKENDS
+from solvers.milp import BACKENDS
 from solvers.advice import NEAR_SCAN, SearchSettings, batch_advice, has_configuration, usable_gpu_counts
 from solvers.candidates import candidate_rows
-from solvers.search import NO_CONSTRAINTS, Constraints, run_search, search_space, states_fit
+from solvers.search import NO_CONSTRAINTS, Constraints, run_search, search_space
 from solvers.sharding import KindSharding, shard_layers, sharding_dict, sharding_rationale
 
 MAX_GPUS_TRIED = 2**20  # the "fewest GPUs that would fit" search stops here

@@ -14,7 +14,7 @@ from planner.core.model import load_model
 from planner.cost.predict import predict
 from planner.cost.profiled import cluster_for_profile
 from planner.core.profile import load_profile
-from solvers.search import states_fit
+from planner.cost.memory import states_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-llama-2-13b-s4096-quick-2xh200.yaml"

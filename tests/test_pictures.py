@@ -14,7 +14,7 @@ from review_plans import review_plan
 from planner.core.errors import DistplanError
 from planner.pictures import PHASE_COLORS, comparison_figure, figure_bytes, memory_figure, save_figure, timeline_figure
 from planner.core.plan import load_plan, plan_to_yaml
-from planner.cost.pipeline import plan_schedule
+from planner.cost.timeline import plan_schedule
 from planner.show import memory_chart_of, timeline_of
 
 

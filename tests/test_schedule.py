@@ -7,7 +7,8 @@ from planner.core.errors import DistplanError
 from planner.core.job import ParallelConfig
 from planner.cost.memory import inflight_microbatch_chunks
 from planner.cost.predict import predict
-from planner.cost.pipeline import Op, StageOpTimes, op_order, plan_schedule, simulate, stage_op_times
+from planner.cost.pipeline import Op, StageOpTimes, op_order, simulate, stage_op_times
+from planner.cost.timeline import plan_schedule, rank_terms
 
 
 def ops(*items):
@@ -112,7 +113,7 @@ def test_op_times_add_up_to_the_predictions_stage_times():
     plan = review_plan(model="llama-2-7b", pp=4, vpp=2, schedule="interleaved", recompute="full", tp=2, dp=1,
                        sequence_parallel=True)
     pred = predict(plan.model, plan.cluster, plan.parallel)
-    times = stage_op_times(plan.model, plan.cluster, plan.parallel)
+    times = stage_op_times(plan.parallel, rank_terms(plan.model, plan.cluster, plan.parallel))
     for st, sp in zip(times, pred.stages):
         assert st.per_microbatch_s(plan.parallel.vpp) == pytest.approx(sp.time_per_microbatch_s, rel=1e-9)
         assert st.recompute_s > 0 and st.p2p_s > 0

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
-from planner.core.prediction import FRAGMENTATION, GIB, StageMemory
+from planner.core.prediction import FRAGMENTATION, GIB, StageMemory, host_fits
 from planner.core.profile import Profile
 
 BYTES_BF16 = 2
@@ -118,6 +118,37 @@ def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""
     sharded = cfg.dp * cfg.cp > 1 and (cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch"))
     return SHARDED_FRAGMENTATION if sharded else FRAGMENTATION
+
+
+def host_capacity_gib(cluster) -> float:
+    """The host memory one GPU's rank may use for offloaded states (0: unknown, not checked; a CPU "device" shares
+    one pool with its tensors, counted by device_budget_bytes instead)."""
+    return 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu
+
+
+def fit_budget_bytes(cluster, model: ModelSpec, cfg: ParallelConfig, engine: str = "any") -> float:
+    """The largest peak of a rank's device tensors that fits: device_budget_bytes less the allocator's slack on
+    top of the peak (allocator_slack)."""
+    return device_budget_bytes(cluster, model, cfg) / (1 + allocator_slack(cfg, engine))
+
+
+def fits(cluster, model: ModelSpec, cfg: ParallelConfig, peak_bytes: float, engine: str = "any") -> bool:
+    """The one fit rule, used by predict, the stage DP and the search: a rank's predicted peak within
+    fit_budget_bytes, and the offloaded optimizer states within the host's share (host_fits)."""
+    return (peak_bytes <= fit_budget_bytes(cluster, model, cfg, engine)
+            and host_fits(host_memory_per_gpu(model, cfg) / GIB, host_capacity_gib(cluster)))
+
+
+def states_fit(model: ModelSpec, cluster, cfg: ParallelConfig, engine: str = "any") -> bool:
+    """`fits` for the model states alone (weights, gradients, optimizer) averaged over the pipeline ranks: necessary
+    for every layer split, as their sum over the ranks does not depend on the split and every rank's peak holds its
+    states (StageMemory.phases' backward and step)."""
+    def states(rank: int, layers: int) -> float:
+        mem = stage_memory(model, cfg, rank, layers, engine=engine)
+        return mem.weights + mem.gradients + mem.optimizer
+
+    total = states(0, model.num_layers) + (states(cfg.pp - 1, 0) if cfg.pp > 1 else 0.0)
+    return fits(cluster, model, cfg, total / cfg.pp, engine)
 
 
 def activation_bytes_per_layer(model: ModelSpec, cfg: ParallelConfig, micro_batch: int, seq_len: int) -> float:

@@ -1,6 +1,12 @@
-"""The pipeline schedule as timed events per pipeline rank: GPipe, 1F1B and interleaved 1F1B.
+"""The pipeline: a step's time from its ranks' times (`step_time`), and the schedule as timed events per rank.
 
-Pure functions, used to draw the timeline of a plan (planner/pictures.py). Two parts:
+Pure functions. `step_time` is the one composition of per-rank times into a step, used by `predict` and by the
+stage DP (solvers/inter_op.py): the closed form m * t_max + (sum_i t_i - t_max) / v (Narayanan et al. SC'21
+sec. 2.2; Alpa eq. 2 for v = 1), at least the simulated interleaved schedule where one is given, plus the
+slowest rank's tail (its exposed gradient sync and optimizer step).
+
+The schedule (GPipe, 1F1B and interleaved 1F1B), also used to draw the timeline of a plan (planner/pictures.py,
+planner/cost/timeline.py), in two parts:
 
 1. Operation order per rank, as the frameworks run it:
    - GPipe (Huang et al. 2019; torch.distributed.pipelining ScheduleGPipe): all m forwards, then
@@ -18,22 +24,22 @@ Pure functions, used to draw the timeline of a plan (planner/pictures.py). Two p
    s + 1 (the last virtual stage's for its own forward); each rank runs its operations in order,
    starting each as soon as the rank is free and its input has arrived.
 
-Durations come from the cost model (`stage_op_times`), so for even stages the simulated pipeline
-length equals planner/cost/layer.py's m*t + (p - 1)*t/v (tests/test_schedule.py checks it).
+Durations come from the cost model's per-rank terms (`stage_op_times`), so for even stages the simulated pipeline
+length equals the closed form m*t + (p - 1)*t/v (tests/test_schedule.py checks it).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 from planner.core.cluster import Cluster
-from planner.cost.layer import embedding_time, head_time
-from planner.cost.predict import rank_timer
 from planner.core.errors import require
 from planner.core.job import SCHEDULES, ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.profile import Profile
+from planner.cost.layer import embedding_time, head_time
 
 PHASES = ("forward", "backward", "recompute", "p2p", "grad_sync", "optimizer", "bubble")
 
@@ -102,6 +108,54 @@ class Schedule:
         if self.step_s <= 0:
             return 0.0
         return sum(self.bubble_s(r) for r in range(self.pp)) / (self.pp * self.step_s)
+
+
+# ---- 0. the step's time -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One step of a pipeline, as `predict` charges it."""
+
+    pipeline_s: float  # forward/backward span: the closed form, or the simulated schedule where that is longer
+    sync_s: float  # exposed gradient sync of the rank with the longest tail
+    optimizer_s: float  # optimizer step of that rank
+    step_s: float  # pipeline_s + that rank's tail
+
+
+def step_time(per_rank_s: Sequence[float], tails: Sequence[tuple[float, float]], m: int, v: int,
+              simulated_s: float | None = None) -> StepTime:
+    """The step of ranks taking `per_rank_s` seconds per micro-batch (t_i) and `tails` (sync, optimizer) seconds
+    once per step, over `m` micro-batches with `v` model chunks per rank:
+        pipeline = max(m * t_max + (sum_i t_i - t_max) / v, simulated_s),  step = pipeline + max_i tail_i
+    (module doc). The tail's first longest rank is reported (ties: the lowest rank)."""
+    t_max = max(per_rank_s)
+    pipeline = m * t_max + (sum(per_rank_s) - t_max) / v
+    if simulated_s is not None:
+        pipeline = max(pipeline, simulated_s)
+    tail_best, sync_best, opt_best = 0.0, 0.0, 0.0
+    for sync, opt in tails:
+        if sync + opt > tail_best:
+            tail_best, sync_best, opt_best = sync + opt, sync, opt
+    return StepTime(pipeline_s=pipeline, sync_s=sync_best, optimizer_s=opt_best, step_s=pipeline + tail_best)
+
+
+def interleaved_pipeline_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
+                           rank_terms: list[dict[str, float]], engine: str = "any") -> float:
+    """The simulated forward/backward span of an interleaved schedule (pp > 1, v > 1) with uneven chunks (the head's,
+    the embedding's), whose fixed order idles ranks in the fill, the drain and every round. Past two rounds of pp
+    micro-batches each round adds the same time (the schedule repeats), so rounds 2 and 3 are simulated and the
+    rest extrapolated: at most 6 * pp^2 * v simulated operations. `rank_terms` as in pipeline_time_s."""
+    m, pp = cfg.num_microbatches, cfg.pp
+
+    def span(micro: int) -> float:
+        c = cfg if micro == m else replace(cfg, global_batch_size=cfg.micro_batch_size * cfg.dp * micro)
+        return pipeline_time_s(model, cluster, c, profile, rank_terms, engine)
+
+    if m <= 3 * pp:
+        return span(m)
+    two, three = span(2 * pp), span(3 * pp)
+    return three + (m - 3 * pp) * (three - two) / pp
 
 
 # ---- 1. operation order ---------------------------------------------------------------------------
@@ -249,7 +303,7 @@ def pipeline_time_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, pro
     the closed form said 0.419 s and the run took 0.564 s; this simulation says 0.525 s + optimizer.
     `rank_terms`: every rank's per-micro-batch terms (rank_timer(...).terms), as predict sums them."""
     extras = end_chunk_extras(model, cluster, cfg, profile, engine)
-    stages = stage_op_times(model, cluster, cfg, profile, rank_terms=rank_terms, extras=extras)
+    stages = stage_op_times(cfg, rank_terms, extras=extras)
     return span_s(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, stages, extras)
 
 
@@ -319,12 +373,13 @@ def _indexed_orders(kind: str, pp: int, vpp: int, m: int) -> tuple[tuple[tuple[i
     return tuple(out)
 
 
-def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None = None,
-                   per_microbatch_s: list[float] | None = None, *, rank_terms: list[dict[str, float]] | None = None,
+def stage_op_times(cfg: ParallelConfig, rank_terms: Sequence[dict[str, float]],
+                   per_microbatch_s: list[float] | None = None, *,
                    extras: dict[tuple[int, int], tuple[float, float]] | None = None) -> tuple[StageOpTimes, ...]:
     """Per-chunk forward/backward/recompute/p2p seconds of every pipeline rank, as planner/cost/predict.py adds them.
 
-    Intra-layer collectives are folded into the pass that issues them: TP all-reduces (or SP's
+    `rank_terms`: every rank's per-micro-batch terms (planner.cost.predict.rank_timer(...)(rank, layers).terms,
+    what predict sums). Intra-layer collectives are folded into the pass that issues them: TP all-reduces (or SP's
     reduce-scatter + all-gather) and the CP/EP exchanges split evenly between forward, backward and,
     with full recomputation, the recomputed forward (Megatron issues the same collectives in each).
     `per_microbatch_s`, the rank times recorded in a plan, calibrates the split to the plan: what the
@@ -332,14 +387,11 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     added to the backward; if the recorded time is smaller (a profile measured faster kernels), all
     parts scale down together. Embedding and head are spread over a rank's chunks, as the closed form
     does, unless `extras` (end_chunk_extras) takes them out to be charged to their own chunks.
-    `rank_terms`: the per-rank terms already computed (predict passes its own; default rank_timer's).
     """
     v = cfg.vpp
-    timer = rank_timer(model, cluster, cfg, profile) if rank_terms is None else None  # the terms predict() sums
     passes = 3 if cfg.recompute == "full" else 2
     out = []
-    for rank, layers in enumerate(cfg.layers_per_stage(model.num_layers)):
-        t = dict(timer(rank, layers).terms) if timer is not None else rank_terms[rank]
+    for rank, t in enumerate(rank_terms):
         coll = (t["tp_comm"] + t["cp_ep_comm"]) / passes
         own_f = sum(f for (r, _), (f, _) in (extras or {}).items() if r == rank)
         own_b = sum(b for (r, _), (_, b) in (extras or {}).items() if r == rank)
@@ -358,29 +410,3 @@ def stage_op_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
         out.append(StageOpTimes(rank=rank, forward_s=fwd / v, backward_s=bwd / v, recompute_s=rec / v, p2p_s=p2p))
     return tuple(out)
 
-
-def plan_schedule(plan) -> Schedule:
-    """The timeline of a Plan (planner.core.plan.Plan), agreeing with its prediction.
-
-    The simulation places every operation: cost-model durations calibrated to the plan's recorded stage
-    times, the embedding and head on their own chunks (as predict charges them). predict extrapolates long
-    interleaved schedules and keeps the closed form where it is longer, so the simulated pipeline can differ
-    from the plan's by a little; fitted() scales it to the plan's pipeline time (step - dp_grad_sync -
-    optimizer), so the drawn step is the plan's step_time_s. `stretch` says by how much.
-    """
-    cfg = plan.parallel
-    pred = plan.prediction
-    stages = pred.get("stages") or []
-    recorded = None
-    if len(stages) == cfg.pp and all(isinstance(s, dict) and isinstance(s.get("time_per_microbatch_s"), (int, float))
-                                     for s in stages):
-        recorded = [float(s["time_per_microbatch_s"]) for s in sorted(stages, key=lambda s: s.get("rank", 0))]
-    extras = end_chunk_extras(plan.model, plan.cluster, cfg)
-    times = stage_op_times(plan.model, plan.cluster, cfg, None, recorded, extras=extras)
-    br = pred.get("breakdown") or {}
-    sync, opt = float(br.get("dp_grad_sync", 0.0)), float(br.get("optimizer", 0.0))
-    sim = simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times, extras=extras)
-    step = pred.get("step_time_s")
-    if not isinstance(step, (int, float)) or isinstance(step, bool) or step <= sync + opt or sim.pipeline_s <= 0:
-        return simulate(cfg.schedule, cfg.pp, cfg.vpp, cfg.num_microbatches, times, sync, opt, extras)
-    return fitted(sim, float(step) - sync - opt, sync, opt)

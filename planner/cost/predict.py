@@ -6,20 +6,21 @@ for the memory terms, each with its source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from planner.core.cluster import Cluster
 from planner.core.errors import require
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
-from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction, host_fits
+from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction
 from planner.core.profile import Profile, describe_profile
 from planner.cost import kernels
 from planner.cost.layer import (block_time, embedding_time, head_time, measured_fit, megatron_head_s,
                                 megatron_layer_delta_s)
-from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, host_memory_per_gpu, stage_memory, stage_params,
-                                 torch_engine_fsdp)
+from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, fits, host_capacity_gib, host_memory_per_gpu,
+                                 stage_memory, stage_params, torch_engine_fsdp)
+from planner.cost.pipeline import interleaved_pipeline_s, step_time
 from planner.cost.profiled import dropped_note, mismatch
 from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
                                 DS_BF16_STEP_BYTES_PER_PARAM, MASTER_CAST_BYTES_PER_PARAM, OFFLOAD_PCIE_BYTES_PER_PARAM,
@@ -296,40 +297,17 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
 
     t_max = max(per_rank)
     slowest = per_rank.index(t_max)
-    pipeline = m * t_max + (sum(per_rank) - t_max) / v
-    if cfg.pp > 1 and v > 1:
-        # uneven chunks (the head's, the embedding's): simulate the interleaved schedule, whose fixed order
-        # then idles ranks in the fill, the drain and every round. Past two rounds of pp micro-batches each
-        # round adds the same time (the schedule repeats), so rounds 2 and 3 are simulated and the rest
-        # extrapolated: at most 6 * pp^2 * v simulated operations per prediction.
-        # (local import: planner.cost.pipeline imports this module)
-        from planner.cost.pipeline import pipeline_time_s
-
-        def span(micro: int) -> float:
-            c = cfg if micro == m else replace(cfg, global_batch_size=cfg.micro_batch_size * cfg.dp * micro)
-            return pipeline_time_s(model, cluster, c, profile, terms_per_rank, engine)
-
-        pp = cfg.pp
-        if m <= 3 * pp:
-            simulated = span(m)
-        else:
-            two, three = span(2 * pp), span(3 * pp)
-            simulated = three + (m - 3 * pp) * (three - two) / pp
-        pipeline = max(pipeline, simulated)
-
+    simulated = (interleaved_pipeline_s(model, cluster, cfg, profile, terms_per_rank, engine)
+                 if cfg.pp > 1 and v > 1 else None)  # uneven chunks: the schedule simulated (pipeline.py)
     # once-per-step data-parallel sync and optimizer: the slowest rank sets the step's end
-    tail_best, sync_best, opt_best = 0.0, 0.0, 0.0
-    for *_, rt in stages:
-        sync, opt = rt.sync_s, rt.optimizer_s
-        if sync + opt > tail_best:
-            tail_best, sync_best, opt_best = sync + opt, sync, opt
-    step = pipeline + tail_best
+    st = step_time(per_rank, [(rt.sync_s, rt.optimizer_s) for *_, rt in stages], m, v, simulated)
+    pipeline, step = st.pipeline_s, st.step_s
 
     terms = terms_per_rank[slowest]
     breakdown = {k: m * terms[k] for k in terms}
     breakdown["pipeline_bubble"] = pipeline - m * t_max
-    breakdown["dp_grad_sync"] = sync_best
-    breakdown["optimizer"] = opt_best
+    breakdown["dp_grad_sync"] = st.sync_s
+    breakdown["optimizer"] = st.optimizer_s
     breakdown = tuple((k, breakdown[k]) for k in BREAKDOWN_KEYS)
 
     gpus = cfg.gpus
@@ -350,13 +328,12 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     slack = allocator_slack(cfg, engine)
     sources = kernels.label_sources(cluster, model, cfg, _sources(model, cfg, profile, engine))
     host = host_memory_per_gpu(model, cfg) / GIB
-    shared = host if cluster.host_is_device else 0.0  # a CPU "device": offloaded states in the same memory
-    host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu
+    host_capacity = host_capacity_gib(cluster)
     return Prediction(
         step_time_s=step, breakdown=breakdown, stages=stage_preds, tokens_per_s=tokens_step / step,
         model_tflops_per_gpu=model_tflops, hardware_tflops_per_gpu=hw_tflops,
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
-        fits=peak * (1 + slack) + shared <= capacity and host_fits(host, host_capacity), sources=sources,
+        fits=fits(cluster, model, cfg, max(s.memory.total for s in stage_preds), engine), sources=sources,
         allocator_slack=slack, host_memory_gib=host, host_capacity_gib=host_capacity,
         host_is_device=cluster.host_is_device,
     )

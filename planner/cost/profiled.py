@@ -15,12 +15,14 @@ The number of layers is not part of the shape: a fit is per layer.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from planner.core.cluster import Cluster, gpu_family
+from planner.core.calibration import apply_calibration
+from planner.core.cluster import Cluster, gpu_family, load_cluster
 from planner.core.errors import DistplanError, require
 from planner.core.model import ModelSpec, describe_shape, model_shape
-from planner.core.profile import CollectiveFit, Profile, describe_profile
+from planner.core.profile import CollectiveFit, Profile, describe_profile, load_profile
 
 FALLBACK_FLAG = "--profile-fallback"
 
@@ -176,7 +178,7 @@ def with_host_memory(cluster: Cluster, profile: Profile) -> Cluster:
 
 
 def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
-    """The cluster to plan on when a profile is given (`planner.estimate.resolve_cluster` calls this).
+    """The cluster to plan on when a profile is given (`resolve_cluster` calls this).
 
     - A CPU profile describes its own machine: the result is `measured_cluster(profile)` whatever
       `cluster` is (the CLI always passes its default preset).
@@ -201,3 +203,39 @@ def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
                             f"'{cluster.gpu.name}' ({gpu_family(cluster.gpu.name)}): profile the cluster's GPUs or "
                             f"pass a cluster of the profiled GPU{hint}")
     return _with_measurements(cluster, profile)
+
+
+# ---- the profile a job is priced with (estimate, solve and run) ---------------------------------
+
+
+def resolve_cluster(cluster: str, profile_path: str | None) -> tuple[Cluster, Profile | None]:
+    """The cluster to plan on, and the profile whose measurements replace its preset numbers."""
+    if profile_path is None:
+        return load_cluster(cluster), None
+    prof = load_profile(profile_path)
+    return cluster_for_profile(prof, load_cluster(cluster) if cluster else None), prof
+
+
+@dataclass(frozen=True)
+class JobProfile:
+    """The profile a job is priced with: `profile_for_job`'s verdict, with the calibration factors that apply."""
+
+    profile: Profile | None
+    notes: tuple[str, ...]  # one line each: model-specific measurements dropped, calibration applied or not
+
+
+def job_profile(profile: Profile | None, profile_path: str | Path | None, model: ModelSpec, seq_len: int,
+                cluster: Cluster, *, engine: str, fallback: bool = False, calibration: str | Path | None = None,
+                gpu_name: str | None = None) -> JobProfile:
+    """`profile` for `model` at `seq_len` (profile_for_job: refused if it measured another
+    shape, unless `fallback`), then the factors of `calibration` for this `engine`, GPU (`gpu_name`, default the
+    cluster's), shape and profile file (planner.core.calibration.apply_calibration). Estimate, solve and run call this."""
+    require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
+    prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
+    notes = []
+    if prof is not None and prof.model_specific_dropped:
+        notes.append(f"profile: {profile_path} measured {describe_profile(prof)}: its layer fits, stack factor and per-block "
+                     "sharding/TP fits do not apply; those terms come from the preset (see sources)")
+    prof, line = apply_calibration(prof, calibration, engine=engine, gpu_name=gpu_name or cluster.gpu.name,
+                                   model=model, seq_len=seq_len, profile_path=profile_path)
+    return JobProfile(prof, tuple(notes + ([line] if line else [])))

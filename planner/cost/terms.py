@@ -27,6 +27,7 @@ MASTER_CAST_BYTES_PER_PARAM = 12
 # weight (4 + 2), and the buffer and the parameters' gradients zeroed (2 + 2)
 DS_BF16_ACCUMULATE_BYTES_PER_PARAM = 6
 DS_BF16_STEP_BYTES_PER_PARAM = 16
+FLASH_BACKWARD_OVER_FORWARD = 2.5  # FlashAttention-2 backward: 5 matmuls to the forward's 2 (Dao 2023 sec. 3.2)
 
 
 # ---- communication primitives (ring algorithms, nccl-tests conventions) -----------------------
@@ -94,5 +95,19 @@ def memory_bound_time_s(cluster: Cluster, nbytes: float) -> float:
 def fused_attention_time_s(cluster: Cluster, executed_flops: float) -> float:
     """Fused (flash) attention forward: the FLOPs the kernel executes at the cluster's attention fraction of peak."""
     return executed_flops / (cluster.gpu.peak_bf16_tflops * 1e12 * cluster.efficiency.attention_fraction)
+
+
+def fused_attention_pass_s(cluster: Cluster, executed_flops: float) -> tuple[float, float]:
+    """(forward, backward) seconds of fused (flash) attention executing `executed_flops` in its forward; the backward
+    is FLASH_BACKWARD_OVER_FORWARD times the forward."""
+    fwd = fused_attention_time_s(cluster, executed_flops)
+    return fwd, FLASH_BACKWARD_OVER_FORWARD * fwd
+
+
+def gemm_pass_s(cluster: Cluster, fwd_flops: float, bwd_flops: float, calls: int = 1) -> tuple[float, float]:
+    """(forward, backward) seconds of `calls` equal GEMMs of `fwd_flops` in all and their backward of `bwd_flops`:
+    two GEMMs (dX and dW) per forward one, each at the efficiency of its own size."""
+    fwd = gemm_time_s(cluster, fwd_flops / calls, calls)
+    return fwd, gemm_time_s(cluster, bwd_flops / (2 * calls), 2 * calls) if bwd_flops > 0 else 0.0
 
 
