@@ -43,7 +43,7 @@ from planner.core.prediction import Prediction
 from planner.cost.predict import predict
 from planner.core.profile import Profile
 from solvers.inter_op import best_layer_split, stage_submesh_ok
-from planner.cost.engines import modelled, runnable
+from planner.cost.engines import engine_model, modelled, runnable
 
 MAX_MICRO_BATCH = 64
 MAX_VPP = 8
@@ -198,8 +198,8 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
         zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
         if c.zero is not None or c.offload_optimizer is not None:
             zeros = ZERO_ALL  # pinned by the user: no shortcut on this axis
-        elif dp * cp > 1 and engine != "any":
-            # an engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
+        elif dp * cp > 1 and engine_model(engine).zero1_costs_beyond_ddp:
+            # the engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
             # per-layer collectives; DeepSpeed's partitions in buckets), so DDP stays a candidate
             zeros = ((0, False),) + zeros
         for mb in micro_batches:
@@ -222,7 +222,7 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                                     overlap_grad_reduce=overlap_grad_reduce))
     if c.given():
         out = [cfg for cfg in out if c.admits(cfg)]
-    return [cfg for cfg in out if runnable(engine, cfg) and modelled(engine, cfg)] if engine != "any" else out
+    return [cfg for cfg in out if runnable(engine, cfg) and modelled(engine, cfg)]
 
 
 def config_key(cfg: ParallelConfig) -> tuple:

@@ -14,6 +14,7 @@ from planner.core.cluster import Cluster
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile
+from planner.cost.engines import engine_model
 from planner.cost.terms import BF16, CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
 
 
@@ -48,7 +49,7 @@ def fit_factor(profile: Profile | None, engine: str = "any", tokens: float | Non
     2xH200, campaign of 2026-11-22), so they keep the lone-layer fits."""
     if profile is None:
         return 1.0
-    return compute_factor(profile) * (profile.stack_factor(tokens) if engine != "megatron" else 1.0)
+    return compute_factor(profile) * (profile.stack_factor(tokens) if not engine_model(engine).megatron_core_layers else 1.0)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
         core_fwd = attn_fwd  # the attention core's forward as the plan runs it: what selective recompute repeats
-        megatron = megatron_layer_delta_s(profile, cfg, tokens) if engine == "megatron" and not model.is_moe else None
+        own_layer = engine_model(engine).megatron_core_layers and not model.is_moe
+        megatron = megatron_layer_delta_s(profile, cfg, tokens) if own_layer else None
         if not cfg.flash_attention and megatron is not None:
             fwd, bwd = max(0.0, fwd + megatron[0] * k), max(0.0, bwd + megatron[1] * k)
             # megatron's layer differs from distplan's block by its unfused attention core (the s x s scores)
@@ -227,7 +229,7 @@ def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: 
     """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch. `engine` "megatron":
     megatron-core's own head and vocabulary-parallel loss where the profile measured them (megatron_head_s)."""
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    own = megatron_head_s(profile, cfg, tokens) if engine == "megatron" and not model.is_vit else None
+    own = megatron_head_s(profile, cfg, tokens) if engine_model(engine).megatron_core_layers and not model.is_vit else None
     if own is not None:
         k = fit_factor(profile, engine, tokens)
         return own[0] * k, own[1] * k

@@ -26,6 +26,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import FRAGMENTATION, GIB, StageMemory
 from planner.core.profile import Profile
+from planner.cost.engines import engine_model
 
 BYTES_BF16 = 2
 WEIGHT_BYTES = 2  # bf16 weights
@@ -44,15 +45,6 @@ DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DD
 # 0.1-4.5 GiB), and an FSDP2 llama-3-8b plan predicted at 93% of capacity (124 GiB allocated, 138 reserved)
 # retried allocations 6 times per step and ran 34-42% slower than predicted (campaign of 2026-11-22)
 SHARDED_FRAGMENTATION = 0.10
-
-
-def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
-    """Whether the torch engine runs `cfg` through FSDP2's machinery (fully_shard, or replicate for tp > 1):
-    data parallelism with ZeRO >= 1 or tensor parallelism, and optimizer offload at any data-parallel size (FSDP2's
-    CPUOffloadPolicy is the engine's offload; with one rank it shards nothing and moves the states to the host: on
-    one H200 an offload plan without it ran with every state on the GPU, campaign_1xh200 call 1). Otherwise it runs
-    DDP or no data parallelism, with bf16 weights and fp32 masters in its optimizer (parallelize.MasterWeightsOptimizer)."""
-    return (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)) or (cfg.offload_optimizer and cfg.zero_stage >= 1)
 
 
 def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weights: float, grads: float
@@ -116,7 +108,7 @@ def device_budget_bytes(cluster, model: ModelSpec, cfg: ParallelConfig) -> float
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     """Share of the predicted peak kept free for the caching allocator when checking fit: FRAGMENTATION, or
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""
-    sharded = cfg.dp * cfg.cp > 1 and (cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch"))
+    sharded = cfg.dp * cfg.cp > 1 and (cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine_model(engine).zero1_shards_gradients))
     return SHARDED_FRAGMENTATION if sharded else FRAGMENTATION
 
 
@@ -254,7 +246,7 @@ def grads_in_forward(cfg: ParallelConfig, rank: int, engine: str = "any") -> boo
     rank with more micro-batches than it holds in flight). The torch engine frees them each step
     (zero_grad(set_to_none=True)), so one micro-batch per step peaks at the end of its forward without them.
     "any" (no engine in particular) assumes the persistent buffers of the other engines."""
-    if engine in ("megatron", "deepspeed", "any"):
+    if engine_model(engine).persistent_grad_buffers:
         return True
     if cfg.zero_stage == 0 and cfg.dp * cfg.cp > 1 and cfg.tp == 1:
         return True  # DistributedDataParallel(gradient_as_bucket_view=True)
@@ -267,15 +259,16 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     measured the block's activations scales the activation terms to them (activation_scale). `engine` ("any",
     "torch", "deepspeed", "megatron"): who runs the plan, for what only it allocates (the torch engine runs ZeRO-1
     as FSDP2's ZeRO-2, so its gradients are sharded; DeepSpeed's step copies; persistent gradient buffers)."""
+    row = engine_model(engine)
     dense, expert = stage_params(model, cfg, rank, layers)
     shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
     expert_shard = max(shard // cfg.ep, 1)
     z = cfg.zero_stage
-    gz = 2 if z == 1 and engine == "torch" else z  # gradients' sharding
+    gz = 2 if z == 1 and row.zero1_shards_gradients else z  # gradients' sharding
     partition = dense / shard + expert / expert_shard  # parameters of this GPU's ZeRO partition
     weights = WEIGHT_BYTES * (dense / (shard if z >= 3 else 1) + expert / (expert_shard if z >= 3 else 1))
     grads = GRAD_BYTES * (dense / (shard if gz >= 2 else 1) + expert / (expert_shard if gz >= 2 else 1))
-    if engine == "torch" and torch_engine_fsdp(cfg) and z >= 1:
+    if row.fsdp2_layout(cfg) and z >= 1:
         weights, grads = torch_fsdp_states(cfg, dense + expert, partition, weights, grads)
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
@@ -305,8 +298,8 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # gathers the whole vocabulary row on every TP rank (parallelize.apply_tp: output Replicate) and takes the
         # loss on it: llama-3-8b tp2 at micro-batch 8 (128k vocabulary) peaked 20.4 GiB above the 1/tp term
         # (108.4 against 88.0 GiB predicted; 2xH200, call 17).
-        vocab_split = 1 if engine == "torch" else cfg.tp
-        per_logit = LOGIT_BYTES_TEMPORARY if engine in ("torch", "deepspeed") and cfg.pp == 1 else LOGIT_BYTES
+        vocab_split = 1 if row.replicated_logits else cfg.tp
+        per_logit = LOGIT_BYTES_TEMPORARY if row.loss_frees_logits and cfg.pp == 1 else LOGIT_BYTES
         logits = per_logit * b * (s / cfg.cp) * model.vocab_size / vocab_split
 
     if z >= 3:
@@ -315,10 +308,10 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         buffers = 2 * layer_bytes + layer_bytes
     else:
         buffers = float(DDP_BUCKET_BYTES)
-    if engine == "torch":
+    if row.torch_pipelining:
         buffers += torch_pipeline_recv_bytes(model, cfg, rank)
     step = 0.0
-    if engine == "deepspeed" and z == 0:
+    if row.zero0_fp32_step_copies and z == 0:
         # DeepSpeed without ZeRO in bf16. Its pipeline engine runs BF16_Optimizer: a flat bf16 buffer the
         # parameters' gradients are accumulated into after each backward (grad_acc_dtype bf16), allocated at start
         # beside the parameters' own gradients, and in the step a fp32 copy of it handed to Adam
@@ -329,7 +322,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         if cfg.pp > 1:
             buffers += GRAD_BYTES * (dense + expert)
         step = 4 * (dense + expert)
-    elif engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
+    elif row.zero12_partition_step_copy and z in (1, 2) and not cfg.offload_optimizer:
         # DeepSpeed's step (stage_1_and_2.py, step()): the partition's bf16 gradients are flattened into a new
         # tensor and that copied to fp32 (2 + 4 bytes per partition parameter) while the gradient partition
         # lives; ZeRO-1 first frees the gradients outside its partition. A 13B ZeRO-2 run on 2xH200 ran out of
