@@ -15,7 +15,7 @@ Pure functions. Sources:
   recomputed in backward, the end of the backward (all gradients, activations gone) and the optimizer
   step (DeepSpeed's fp32 copy of its gradient partition). On 2xH200 the sum over-predicted FSDP2 with full
   recompute by 11-13% (its peak is the end of the forward, before any gradient exists) and missed
-  DeepSpeed ZeRO-2's out-of-memory at 13B, which came in the step (campaign of 2026-11-22).
+  DeepSpeed ZeRO-2's out-of-memory at 13B, which came in the step (benchmarks/results/campaign_2xh200.md).
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + variance (ZeRO's K
 LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad
 # ... where the logits are a temporary of the loss call (the torch and deepspeed engines without a pipeline:
 # lm_loss(model(x), y)): the bf16 logits and their fp32 copy are freed once log-softmax has its output, and its
-# backward holds the output, its gradient and the input's gradient (4 + 4 + 4). gpt2-xl at 32 x 1024 tokens peaked
-# 2.9-3.0 GiB (2 bytes x b x s x vocabulary) under the 14-byte term with and without full recompute (one H200,
-# calls 5-6; 2xH200 rc=full, calls 27-28); a pipeline stage keeps its output for backward (14).
+# backward holds the output, its gradient and the input's gradient (4 + 4 + 4); a pipeline stage keeps its output for
+# backward (14). Measured 2 bytes x b x s x vocabulary under the 14-byte term (benchmarks/results/cost_model_notes.md)
 LOGIT_BYTES_TEMPORARY = 4 + 4 + 4
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
 # sharded data parallelism (FSDP2, DeepSpeed ZeRO-2/3) allocates and frees gathered and reduced buffers of many
 # sizes: on 2xH200 its runs reserved 4-14 GiB above their allocated peak (up to 11% of it; DDP and pipeline runs
 # 0.1-4.5 GiB), and an FSDP2 llama-3-8b plan predicted at 93% of capacity (124 GiB allocated, 138 reserved)
-# retried allocations 6 times per step and ran 34-42% slower than predicted (campaign of 2026-11-22)
+# retried allocations 6 times per step and ran 34-42% slower than predicted (benchmarks/results/cost_model_notes.md)
 SHARDED_FRAGMENTATION = 0.10
 
 
@@ -58,12 +57,12 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
     as torch.distributed.pipelining defers the reduce-scatter and the resharding to the step's end
     (PipelineStage: set_requires_gradient_sync(False), set_reshard_after_backward(False)). So:
     - gradients accumulating: 2 bytes per unsharded parameter. A llama-2-13b dp2 ZeRO-1 plan at micro-batch 2 x 8
-      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (2xH200, call 19);
+      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (cost_model_notes.md);
     - ZeRO-3 with pp = 1: no bf16 weights outlive their layer (the gathered ones are the buffers), and a step
       without accumulation ends with fp32 shards, 4/dp bytes; with pp > 1 the unsharded bf16 weights stay to
       the step's end. ZeRO-1/2 keep ZeRO's accounting otherwise: their bf16 weights are freed layer by layer in
       backward as the fp32 shards appear, which the 2 + 2/dp bytes bound (a 13B plan at micro-batch 4 x 1 with
-      its peak in backward measured -2.8%, call 17)."""
+      its peak in backward measured -2.8%, benchmarks/results/campaign_2xh200.md)."""
     accumulating = cfg.pp > 1 or cfg.num_microbatches > 1
     if cfg.offload_optimizer:
         # CPUOffloadPolicy: the fp32 parameter and gradient shards live on the host. The GPU holds the unsharded
@@ -85,7 +84,7 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
 # master weights, Adam's two moments and fp32 gradients on the host (16 B), with half again for its pinned buffers.
 # Its 4 x GPUs term is each process loading the whole model into host memory, which distplan's runners do not (they
 # build on the meta device). 13B with pp2 ZeRO-1 offload, 2 x 6.5B x 24 B = 290 GiB, was killed by the kernel's
-# OOM killer on a 2xH200 host of 252 GiB (session 9, call 25).
+# OOM killer on a 2xH200 host of 252 GiB (benchmarks/results/run_2xh200.md).
 OFFLOAD_HOST_BYTES_PER_PARAM = 16 * 1.5
 
 
@@ -176,7 +175,8 @@ def torch_pipeline_recv_bytes(model: ModelSpec, cfg: ParallelConfig, rank: int) 
     backward set-up: `_make_tensor_from_meta` per micro-batch), bf16 b x s x h each (sharded by SP). The received
     input is that buffer, so the in-flight micro-batches' inputs live in it. llama-3-8b pp2 v4 interleaved at
     2 x 16 (4096 tokens) peaked 6.8-7.1 GiB over the prediction on both ranks, 7 buffers x 16 micro-batches x 64 MiB
-    = 7.0 GiB; llama-2-13b v5 at 1 x 8 +2.6 GiB (2.8) and v2 at 1 x 32 +3.9 GiB (3.75) (2xH200, calls 27-28)."""
+    = 7.0 GiB; llama-2-13b v5 at 1 x 8 +2.6 GiB (2.8) and v2 at 1 x 32 +3.9 GiB (3.75)
+    (benchmarks/results/campaign_2xh200.md)."""
     if cfg.pp == 1:
         return 0.0
     stages = cfg.pp * cfg.vpp
@@ -211,9 +211,9 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     store. Unfused attention (megatron without Transformer Engine) stores its score tensors beside that
     (stage_memory keeps them analytic): megatron-core's llama layers store what distplan's do plus 2 bytes per
     score (a llama-3-8b megatron plan ran out of memory mid-forward 5 GiB above the analytic count), and its
-    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Megatron's layer as
-    the profiler built it until session 4 stored 6 bytes per score (TransformerConfig's fp32 softmax, where
-    Megatron-LM's arguments, which the engine parses, leave the softmax in bf16), so it is not used here;
+    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Profiles of megatron's
+    layer built with TransformerConfig's fp32 softmax stored 6 bytes per score (Megatron-LM's arguments, which the
+    engine parses, leave the softmax in bf16; benchmarks/results/campaign_2xh200.md), so it is not used here;
     `engine` changes nothing yet.
     """
     if profile is None or profile.seq_len != cfg.seq_len:
@@ -286,7 +286,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # gradients of the probabilities and of the scores, and with selective recompute the recomputed scores
         # and probabilities too. Megatron tp2 llama-2-13b (selective, 4096 tokens) ran out of memory on 2xH200
         # allocating one such tensor (b * heads/tp * s^2 * 2 bytes = 1.25 GiB) 4.5 GiB above the prediction
-        # without this term (campaign of 2026-11-22).
+        # without this term (benchmarks/results/cost_model_notes.md).
         per_score = model.num_heads * (s / cfg.cp) ** 2 * b / cfg.tp
         recompute += (4 + (4 if cfg.recompute == "selective" else 0)) * per_score
     # stage input kept per in-flight micro-batch (received activation / embedding output)
@@ -297,7 +297,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # Megatron and DeepSpeed: vocabulary-parallel logits and loss, 1/tp per rank. The torch engine's head
         # gathers the whole vocabulary row on every TP rank (parallelize.apply_tp: output Replicate) and takes the
         # loss on it: llama-3-8b tp2 at micro-batch 8 (128k vocabulary) peaked 20.4 GiB above the 1/tp term
-        # (108.4 against 88.0 GiB predicted; 2xH200, call 17).
+        # (108.4 against 88.0 GiB predicted; benchmarks/results/campaign_2xh200.md).
         vocab_split = 1 if row.replicated_logits else cfg.tp
         per_logit = LOGIT_BYTES_TEMPORARY if row.loss_frees_logits and cfg.pp == 1 else LOGIT_BYTES
         logits = per_logit * b * (s / cfg.cp) * model.vocab_size / vocab_split
@@ -317,7 +317,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # beside the parameters' own gradients, and in the step a fp32 copy of it handed to Adam
         # (runtime/bf16_optimizer.py, step()). A llama-2-13b pp2 plan at 1 x 8 ran out of memory on its last stage
         # (6.84e9 parameters) allocating Adam's second moment (25.43 GiB) with 115.16 GiB allocated: 18 bytes per
-        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (2xH200, call 20). Without a pipeline it runs FP16_UnfusedOptimizer
+        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (benchmarks/results/run_2xh200.md). Without a pipeline it runs FP16_UnfusedOptimizer
         # (engine._do_optimizer_sanity_check: DDP_BFLOAT16), which copies each gradient to fp32 in the step only.
         if cfg.pp > 1:
             buffers += GRAD_BYTES * (dense + expert)

@@ -135,7 +135,7 @@ def _p2p_s(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None, row: 
     forward, their gradients backward; scatter/gather optimisation (SC'21 sec. 4.1) sends 1/tp of the tensor per rank.
     With torch.distributed.pipelining, its runtime measured per forward/backward operation beyond the chunk's
     compute, its transfer included (profilers/pipeline.py), where the profile has it: 1.2-1.3 ms per operation where
-    the p2p bandwidth said 0.1-0.2 ms (benchmarks/results/pipeline_grid_2xh200.md)."""
+    the p2p bandwidth said 0.1-0.2 ms (benchmarks/results/cost_model_notes.md)."""
     pp, v = cfg.pp, cfg.vpp
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
@@ -155,7 +155,7 @@ def _sharding_per_microbatch_s(cfg: ParallelConfig, profile: Profile | None, dp_
     the torch engine's set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
     micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising one).
     llama-3-8b FSDP2 ZeRO-3 at 1 x 4 ran 13% under the synchronising cost on every micro-batch (2.027 s against
-    2.340 s; benchmarks/results/campaign_2xh200.md)."""
+    2.340 s; benchmarks/results/replay_2xh200.md)."""
     shard_overhead = measured or 0.0
     shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if measured is not None else 0.0
     m = cfg.num_microbatches
@@ -179,7 +179,7 @@ def _tp_comm_s(s: _Step, layers: int) -> float:
     """Exposed tensor-parallel seconds per micro-batch of `layers` blocks: the bandwidth model's all-reduces, or
     where measured (EngineModel.measured_tp) DTensor TP over the local shard's compute, its all-reduces included
     (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch. llama-2-13b
-    tp2 ran 38-46% over the bandwidth model (benchmarks/results/campaign_2xh200.md)."""
+    tp2 ran 38-46% over the bandwidth model (benchmarks/results/cost_model_notes.md)."""
     lt = s.lt
     if s.tp_fit is None or not layers:
         return layers * lt.tp_comm
@@ -224,7 +224,7 @@ def _dp_sync_s(s: _Step, rank: int, layers: int, dense: float, expert: float, bw
         # its own, profilers/sharding.measure_deepspeed). ZeRO-1 runs through the same optimizer as ZeRO-2
         # (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition copies, the all-gather of updated weights)
         # and is charged its figures: gpt2-xl at 16 x 1 measured 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where
-        # ZeRO-1 charged as an all-reduce predicted 0.399 s (+20.4%; benchmarks/results/run_2xh200.md)
+        # ZeRO-1 charged as an all-reduce predicted 0.399 s (+20.4%; benchmarks/results/cost_model_notes.md)
         sync = s.profile.sharding_step_s(dp_group, dense + expert, s.impl, cfg.zero_stage >= 3) or 0.0
     elif dp_group > 1 and cfg.zero_stage <= 1:
         # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume

@@ -91,7 +91,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     # DDP (gradient_as_bucket_view): keep the gradients as views of its buckets from step to step (zeroed, not
     # freed). Freed, the no_sync micro-batches of gradient accumulation would build fresh gradient tensors
     # beside the buckets: 2 more bytes per parameter until the last micro-batch (llama-3-8b, DDP, 4 micro-batches
-    # on 2xH200 ran out of memory with 15 GiB of them; campaign of 2026-11-22).
+    # on 2xH200 ran out of memory with 15 GiB of them; benchmarks/results/campaign_2xh200.md).
     ddp_views = not fsdp and cfg.dp > 1
     tied_group = _tied_embedding_group(mesh, cfg) if tied(spec) and cfg.pp > 1 else None
     tied_params = [p for _, _, _, s in chunks for p in _tied_copy(s)] if tied_group is not None else []
