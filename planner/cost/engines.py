@@ -163,7 +163,7 @@ ENGINES: dict[str, EngineModel] = {
             Limit(lambda c: c.pp == 1 or c.zero_stage <= 1, "pipeline with ZeRO <= 1",
                   "pp={cfg.pp} with ZeRO-{cfg.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
                   "only; re-plan with zero_stage <= 1, or use --engine torch"),
-            Limit(lambda c: c.schedule == "1f1b", "no gpipe",
+            Limit(lambda c: c.schedule != "gpipe", "no gpipe",
                   "schedule '{cfg.schedule}' planned; DeepSpeed's pipeline engine runs its own 1F1B TrainSchedule",
                   substituted=True),
         ),
