@@ -26,10 +26,14 @@ class Limit:
 
     allows: Rule  # True where the engine runs cfg as planned
     says: str  # the limit in a few words, for ENGINE_LIMITS
-    refusal: str  # the runner's refusal, str.format'ed with cfg=the plan's ParallelConfig
+    refusal: str  # the runner's refusal: str.format fields {cfg} (the plan's ParallelConfig) and {on_cpu} (see message)
     # True: the runner runs such a plan, but as another layout (its refusal text says which), so the solver and
     # `estimate --engine` leave it out and the runner's check_supported lets it through
     substituted: bool = False
+
+    def message(self, cfg: ParallelConfig, device: str = "cuda") -> str:
+        """The refusal for `cfg` on a runner of `device` type ("cuda", "cpu": {on_cpu} says " on CPU (gloo)")."""
+        return self.refusal.format(cfg=cfg, on_cpu=" on CPU (gloo)" if device == "cpu" else "")
 
 
 def _never(cfg: ParallelConfig) -> bool:
@@ -72,7 +76,8 @@ def _deepspeed_modelled(cfg: ParallelConfig) -> bool:
 
 @dataclass(frozen=True)
 class EngineModel:
-    """What one engine runs and how, as far as the cost model and the solver need to know."""
+    """What one engine runs and how, as far as the cost model and the solver need to know. A field's default is the
+    cost model's reference behaviour (the "any" row); a row names where its engine differs."""
 
     name: str
     runner: str | None  # module of its `distplan run` engine (train, check_supported); None: no runner ("any")
@@ -80,18 +85,18 @@ class EngineModel:
     # ---- what it can run ----
     limits: tuple[Limit, ...] = ()  # configurations it does not run as planned, in its runner's checking order
     modelled: Rule = _always  # False: it runs cfg but the cost model does not predict it (the solver leaves it out)
-    forced_without_te: tuple[tuple[str, object], ...] = ()  # ParallelConfig settings it imposes without Transformer Engine
+    forced_without_te: tuple[tuple[str, object], ...] = ()  # ParallelConfig values it imposes without TE (--te)
     # ---- layers and compute ----
-    megatron_core_layers: bool = False  # runs megatron-core's layers: their measured layer and head apply, no stack factor
+    megatron_core_layers: bool = False  # megatron-core's layers: their measured layer and head, no stack factor
     # ---- pipelining ----
-    torch_pipelining: bool = False  # pipelines with torch.distributed.pipelining: its measured per-operation cost, receive buffers
+    torch_pipelining: bool = False  # torch.distributed.pipelining: its measured cost per operation, its receive buffers
     # ---- data parallelism and sharding ----
-    zero1_shards_gradients: bool = False  # runs ZeRO-1 as ZeRO-2 (gradients reduce-scattered and sharded; sharded allocator slack)
-    zero1_pays_sharding_overhead: bool = False  # its ZeRO-1 pays the measured per-block sharding overhead (flat buffers, hooks)
+    zero1_shards_gradients: bool = False  # runs ZeRO-1 as ZeRO-2: gradients sharded, the sharded allocator slack
+    zero1_pays_sharding_overhead: bool = False  # its ZeRO-1 pays the measured per-block sharding overhead
     zero1_costs_beyond_ddp: bool = False  # its ZeRO-1 costs more than DDP, so the solver keeps ZeRO-0 beside it
-    zero0_allreduce_overlaps_backward: bool = True  # ZeRO-0's gradient all-reduce overlaps the backward (--overlap-grad-reduce)
-    own_sharding_measurement: str | None = None  # the profile's sharding measurement of its own ZeRO (impl name), else FSDP2's
-    fsdp_over_tp_shards: bool = False  # with tp > 1 its sharding is FSDP2 over tp-sharded blocks ("fsdp2-tp<N>" where measured)
+    zero0_allreduce_overlaps_backward: bool = True  # ZeRO-0's gradient all-reduce overlaps the backward
+    own_sharding_measurement: str | None = None  # impl name of the profile's measurement of its own ZeRO (else FSDP2's)
+    fsdp_over_tp_shards: bool = False  # with tp > 1 it shards with FSDP2 over tp-sharded blocks ("fsdp2-tp<N>")
     sharded_sync_last_microbatch: bool = False  # FSDP2 layouts reduce-scatter on a step's last micro-batch only
     measured_ddp: bool = False  # its ZeRO-0 at tp = 1 is torch's DDP: the profile's DDP stack measurement applies
     measured_tp: bool = False  # its tp is DTensor's: the profile's tensor-parallel stack measurement applies
@@ -99,9 +104,10 @@ class EngineModel:
     fsdp2_layout: Rule = _never  # where it runs FSDP2 (fp32 shards, deferred reduce-scatter: memory.torch_fsdp_states)
     master_weight_casts: bool = False  # outside FSDP2, bf16 weights with fp32 masters cast around each step
     persistent_grad_buffers: bool = True  # gradients live in buffers kept from step to step (else freed each step)
-    replicated_logits: bool = False  # its head gathers the whole vocabulary on every tp rank (no vocabulary-parallel loss)
-    loss_frees_logits: bool = False  # without a pipeline the logits are a temporary of the loss call (LOGIT_BYTES_TEMPORARY)
-    zero0_fp32_step_copies: bool = False  # ZeRO-0: fp32 copy of the gradients in the step; with pp > 1 BF16_Optimizer's buffer and copies
+    replicated_logits: bool = False  # its head gathers the whole vocabulary on every tp rank (no vocab-parallel loss)
+    loss_frees_logits: bool = False  # without a pipeline the logits are the loss call's temporary (LOGIT_BYTES_TEMPORARY)
+    # ZeRO-0: an fp32 copy of the gradients in the step; with pp > 1 BF16_Optimizer's flat buffer and copies
+    zero0_fp32_step_copies: bool = False
     zero12_partition_step_copy: bool = False  # ZeRO-1/2: the step flattens its gradient partition and copies it to fp32
     offload_torch_adamw: bool = False  # offload steps torch's AdamW on the host's fp32 shards (else DeepSpeed's CPUAdam)
     offload_copy_per_microbatch: bool = False  # offload copies the fp32 shards to the GPU for every micro-batch
@@ -110,11 +116,11 @@ class EngineModel:
         """The limits `cfg` breaks, in checking order."""
         return tuple(limit for limit in self.limits if not limit.allows(cfg))
 
-    def check(self, cfg: ParallelConfig) -> None:
+    def check(self, cfg: ParallelConfig, device: str = "cuda") -> None:
         """Raise the runner's refusal for the first limit `cfg` breaks that the runner does not run another way."""
         for limit in self.refusals(cfg):
             if not limit.substituted:
-                raise DistplanError(limit.refusal.format(cfg=cfg))
+                raise DistplanError(limit.message(cfg, device))
 
     def describe_limits(self) -> str:
         return f"{self.runs}: " + ", ".join(limit.says for limit in self.limits)
@@ -129,8 +135,8 @@ ENGINES: dict[str, EngineModel] = {
         runs="DDP/FSDP2, DTensor TP+SP and torch.distributed.pipelining",
         limits=(
             Limit(lambda c: c.cp == 1, "no cp",
-                  "context parallel cp={cfg.cp} is not supported by the torch engine; re-plan with cp=1, or use "
-                  "--engine megatron on GPUs"),
+                  "context parallel cp={cfg.cp} is not supported by the torch engine{on_cpu}; re-plan with cp=1, or "
+                  "use --engine megatron on GPUs"),
             Limit(lambda c: c.ep == 1, "no ep",
                   "expert parallel ep={cfg.ep} is not supported by the torch engine; re-plan with ep=1 (MoE models run "
                   "with their experts replicated or TP-sharded), or use --engine megatron"),

@@ -14,7 +14,7 @@ from planner.core.errors import require
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction, host_fits
-from planner.core.profile import Profile, describe_profile
+from planner.core.profile import Profile, ShardingFit, describe_profile
 from planner.cost.engines import EngineModel, engine_model
 from planner.cost.layer import (LayerTime, block_time, embedding_time, head_time, measured_fit, megatron_head_s,
                                 megatron_layer_delta_s)
@@ -41,7 +41,7 @@ class RankTime:
 
 
 @dataclass(frozen=True)
-class _Step:
+class _PlanTimes:
     """What every pipeline rank of one plan shares: computed once by rank_timer, read by the per-rank parts."""
 
     model: ModelSpec
@@ -62,8 +62,8 @@ class _Step:
     shard_overhead: float  # per-block sharding seconds charged, averaged over the step's micro-batches
     shard_edge: float  # per-micro-batch sharding seconds charged beyond the blocks (first gather, last reduce)
     masters: bool  # bf16 weights with fp32 masters cast around the step (EngineModel.master_weight_casts)
-    ddp: object | None  # the profile's DDP ShardingFit where it applies (_ddp_fit)
-    tp_fit: object | None  # the profile's DTensor TP ShardingFit where it applies (_tp_fit)
+    ddp: ShardingFit | None  # the profile's DDP measurement where it applies (_ddp_fit)
+    tp_fit: ShardingFit | None  # the profile's DTensor TP measurement where it applies (_tp_fit)
 
 
 def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
@@ -88,18 +88,18 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
         why = mismatch(profile, model, cfg.seq_len)
         require(why is None, f"profile {why}: planner.cost.profiled.profile_for_job refuses it or drops its "
                              "model-specific measurements")
-    step = _step(model, cluster, cfg, profile, engine_model(engine))
+    shared = _plan_times(model, cluster, cfg, profile, engine_model(engine))
 
     def timer(rank: int, layers: int) -> RankTime:
-        fwd, bwd, rec = _compute_s(step, rank, layers)
-        tpc = _tp_comm_s(step, layers)
-        oth = layers * step.lt.other_comm
-        p2p = 2 * cfg.vpp * step.p2p_one if cfg.pp > 1 else 0.0
+        fwd, bwd, rec = _compute_s(shared, rank, layers)
+        tpc = _tp_comm_s(shared, layers)
+        oth = layers * shared.lt.other_comm
+        p2p = 2 * cfg.vpp * shared.p2p_one if cfg.pp > 1 else 0.0
         dense, expert = stage_params(model, cfg, rank, layers)
-        z3 = _sharding_comm_s(step, layers, dense, fwd, bwd, rec)
+        z3 = _sharding_comm_s(shared, layers, dense, fwd, bwd, rec)
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
-        sync = _dp_sync_s(step, rank, layers, dense, expert, bwd)
-        opt = _optimizer_s(step, dense, expert)
+        sync = _dp_sync_s(shared, rank, layers, dense, expert, bwd)
+        opt = _optimizer_s(shared, dense, expert)
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
                  ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero_comm", z3))
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
@@ -107,8 +107,8 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     return timer
 
 
-def _step(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
-          row: EngineModel) -> _Step:
+def _plan_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
+               row: EngineModel) -> _PlanTimes:
     """The plan's shared times: one block, the embedding and the head, one pipeline transfer, the sharding overhead."""
     comm = CommModel(cluster, profile)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
@@ -118,7 +118,7 @@ def _step(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Prof
     measured_sharding = _sharding_overhead_s(cfg, profile, dp_group, tokens, row)
     shard_overhead, shard_edge = _sharding_per_microbatch_s(cfg, profile, dp_group, tokens, row, impl,
                                                             measured_sharding)
-    return _Step(
+    return _PlanTimes(
         model=model, cluster=cluster, cfg=cfg, profile=profile, row=row, comm=comm, slowdown=slowdown,
         lt=block_time(model, cluster, cfg, comm, profile, row.name),
         emb=embedding_time(model, cluster, cfg, profile, row.name),
@@ -167,7 +167,7 @@ def _sharding_per_microbatch_s(cfg: ParallelConfig, profile: Profile | None, dp_
     return shard_overhead, shard_edge
 
 
-def _compute_s(s: _Step, rank: int, layers: int) -> tuple[float, float, float]:
+def _compute_s(s: _PlanTimes, rank: int, layers: int) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of rank `rank`'s `layers` blocks, its embedding and its head."""
     pp = s.cfg.pp
     fwd = layers * s.lt.fwd + (s.emb[0] if rank == 0 else 0.0) + (s.head[0] if rank == pp - 1 else 0.0)
@@ -175,7 +175,7 @@ def _compute_s(s: _Step, rank: int, layers: int) -> tuple[float, float, float]:
     return fwd, bwd, layers * s.lt.recompute
 
 
-def _tp_comm_s(s: _Step, layers: int) -> float:
+def _tp_comm_s(s: _PlanTimes, layers: int) -> float:
     """Exposed tensor-parallel seconds per micro-batch of `layers` blocks: the bandwidth model's all-reduces, or
     where measured (EngineModel.measured_tp) DTensor TP over the local shard's compute, its all-reduces included
     (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch. llama-2-13b
@@ -187,7 +187,7 @@ def _tp_comm_s(s: _Step, layers: int) -> float:
     return layers * s.tp_fit.per_block_s(s.tokens) * redo + s.tp_fit.edge_s(s.tokens)  # each tp rank: the whole micro-batch
 
 
-def _sharding_comm_s(s: _Step, layers: int, dense: float, fwd: float, bwd: float, rec: float) -> float:
+def _sharding_comm_s(s: _PlanTimes, layers: int, dense: float, fwd: float, bwd: float, rec: float) -> float:
     """Exposed seconds per micro-batch of sharded data parallelism (ZeRO-2/3) for `layers` blocks of `dense`
     non-expert parameters: the bandwidth model's collectives, or the measured overhead (see rank_timer)."""
     cfg, comm, dp_group = s.cfg, s.comm, s.dp_group
@@ -215,7 +215,7 @@ def _sharding_comm_s(s: _Step, layers: int, dense: float, fwd: float, bwd: float
     return z3
 
 
-def _dp_sync_s(s: _Step, rank: int, layers: int, dense: float, expert: float, bwd: float) -> float:
+def _dp_sync_s(s: _PlanTimes, rank: int, layers: int, dense: float, expert: float, bwd: float) -> float:
     """Exposed once-per-step data-parallel gradient synchronisation of rank `rank` (and the tied embedding's)."""
     model, cfg, comm, dp_group, pp = s.model, s.cfg, s.comm, s.dp_group, s.cfg.pp
     sync = 0.0
@@ -252,7 +252,7 @@ def _dp_sync_s(s: _Step, rank: int, layers: int, dense: float, expert: float, bw
     return sync
 
 
-def _optimizer_s(s: _Step, dense: float, expert: float) -> float:
+def _optimizer_s(s: _PlanTimes, dense: float, expert: float) -> float:
     """Seconds of the optimizer step over this rank's share of `dense` + `expert` parameters, the engine's
     copies around it included."""
     cfg, cluster, profile, row, dp_group = s.cfg, s.cluster, s.profile, s.row, s.dp_group
@@ -292,7 +292,7 @@ def _optimizer_s(s: _Step, dense: float, expert: float) -> float:
     return opt
 
 
-def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, row: EngineModel):
+def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, row: EngineModel) -> ShardingFit | None:
     """The profile's measured DDP overhead (ShardingFit, impl "ddp") where the engine runs this layout with torch's
     DistributedDataParallel (EngineModel.measured_ddp; ZeRO-0, tp = 1, parallelize.ZERO_MAPPING), else None (the
     bandwidth model applies)."""
@@ -301,7 +301,7 @@ def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, row: E
     return profile.sharding_fit(dp_group, False, "ddp")
 
 
-def _tp_fit(cfg: ParallelConfig, profile: Profile | None, row: EngineModel):
+def _tp_fit(cfg: ParallelConfig, profile: Profile | None, row: EngineModel) -> ShardingFit | None:
     """The profile's measured DTensor tensor-parallel overhead (ShardingFit, impl "tp", or "tp-sp" with sequence
     parallelism) where the engine runs tp with DTensor (EngineModel.measured_tp) at the degree measured, else None
     (the bandwidth model applies). A sequence-parallel plan takes the plain measurement where the profile has no SP

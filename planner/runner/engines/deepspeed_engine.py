@@ -61,7 +61,7 @@ def check_supported(plan: Plan, device: str) -> None:
     """Raise DistplanError if DeepSpeed is missing or cannot run `plan` (the launcher calls this before spawning)."""
     cfg = plan.parallel
     require(importlib.util.find_spec("deepspeed") is not None, MISSING)
-    engine_model("deepspeed").check(cfg)  # tp, cp, ep, vpp, ZeRO with a pipeline (a gpipe plan runs as its 1F1B)
+    engine_model("deepspeed").check(cfg, device)  # tp, cp, ep, vpp, ZeRO with a pipeline (a gpipe plan runs as its 1F1B)
 
 
 def runtime_config(plan: Plan, emitted: dict, dtype: str, device_type: str) -> tuple[dict, list[str]]:

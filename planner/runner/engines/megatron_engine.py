@@ -109,7 +109,7 @@ def check_supported(plan: Plan, device: str) -> None:
     require(not spec.is_vit, f"{spec.name} is a ViT; the megatron engine trains decoder language models (GPTModel); "
                              f"use --engine torch")
     # gpipe, sequence parallel, cp, ep with tp, offload (ZeRO-2/3 runs as the distributed optimizer: _ZERO_NOTE)
-    engine_model("megatron").check(cfg)
+    engine_model("megatron").check(cfg, device)
 
 
 # ---- the plan as Megatron arguments (pure: no megatron needed) ----------------------------------------

@@ -63,7 +63,7 @@ SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "S
 def check_supported(plan: Plan, device: str) -> None:
     """Raise DistplanError if the torch engine cannot run `plan` (called by the launcher before spawning)."""
     cfg, spec = plan.parallel, plan.model
-    engine_model("torch").check(cfg)  # what it runs: cp, ep, the pipelining runtime's micro-batches
+    engine_model("torch").check(cfg, device)  # what it runs: cp, ep, the pipelining runtime's micro-batches
     # what it runs of this model (the table knows configurations, not models)
     require(spec.num_kv_heads % cfg.tp == 0,
             f"tp={cfg.tp} exceeds or does not divide the {spec.num_kv_heads} KV heads of {spec.name}: the torch engine "
