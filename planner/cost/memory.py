@@ -57,7 +57,7 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
     as torch.distributed.pipelining defers the reduce-scatter and the resharding to the step's end
     (PipelineStage: set_requires_gradient_sync(False), set_reshard_after_backward(False)). So:
     - gradients accumulating: 2 bytes per unsharded parameter. A llama-2-13b dp2 ZeRO-1 plan at micro-batch 2 x 8
-      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (cost_model_notes.md);
+      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (benchmarks/results/cost_model_notes.md);
     - ZeRO-3 with pp = 1: no bf16 weights outlive their layer (the gathered ones are the buffers), and a step
       without accumulation ends with fp32 shards, 4/dp bytes; with pp > 1 the unsharded bf16 weights stay to
       the step's end. ZeRO-1/2 keep ZeRO's accounting otherwise: their bf16 weights are freed layer by layer in
