@@ -310,7 +310,7 @@ def run_key(spec: PlanSpec) -> tuple[str, str]:
     data parallelism and without offload builds the same program at every ZeRO stage (nothing to shard: the
     runner's note "dp=1: no data parallelism"); on one H200 FSDP2's baseline at ZeRO-3 and DDP's at ZeRO-0 were that
     one program, measured twice 0.03% and 0.45% apart (campaign_1xh200, calls 5-6)."""
-    from planner.cost.memory import torch_engine_fsdp
+    from planner.cost.engines import torch_engine_fsdp
     from planner.core.plan import load_plan
 
     plan = load_plan(spec.plan_path)

@@ -39,14 +39,13 @@ def runner_worker_argv(plan_file: str) -> list[str]:
 
 def runner_refusal(plan: Plan) -> str | None:
     """Why the worker this target launches (distplan's torch engine, on GPUs) would refuse `plan`; None if it runs it."""
-    from planner.cost.engines import ENGINE_LIMITS, runnable
-    from planner.runner.engines.torch_engine import check_supported
+    from planner.runner.engines.torch_engine import check_supported  # the engine table's torch row, and the model's
 
     try:
         check_supported(plan, "cuda")
     except DistplanError as exc:
         return str(exc)
-    return None if runnable("torch", plan.parallel) else f"the torch engine runs {ENGINE_LIMITS['torch']}"
+    return None
 
 
 def emit_torchrun(plan: Plan, opts: EmitOptions) -> Emission:

@@ -58,7 +58,7 @@ def render_prediction(console: Console, result, training: dict | None = None) ->
              f"{cfg.schedule} zero={cfg.zero_stage} recompute={cfg.recompute}{' sp' if cfg.sequence_parallel else ''}"
              f"{' offload' if cfg.offload_optimizer else ''}")
     engine = getattr(result, "engine", "any")
-    if engine != "any":
+    if engine != "any":  # an engine was named (the default prices no engine in particular)
         title += f", as the {engine} engine runs it"
     for t in prediction_tables(result.prediction, title, training):
         console.print(t)

@@ -52,7 +52,7 @@ class SolveRequest:
         parts += [f"--top-k {self.top_k}"] if self.top_k != 3 else []
         parts += [f"--time-limit {self.time_limit_s:g}"] if self.time_limit_s is not None else []
         parts += [f"--ilp-backend {self.ilp_backend}"] if self.ilp_backend != "ortools" else []
-        parts += [f"--engine {self.engine}"] if self.engine != "any" else []
+        parts += [f"--engine {self.engine}"] if self.engine != "any" else []  # the option's default: not an engine branch
         parts += ["--te"] if self.transformer_engine else []
         parts += [self.constraints.describe()] if self.constraints.given() else []
         parts += ["--profile-fallback"] if self.profile_fallback else []

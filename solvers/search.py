@@ -37,7 +37,7 @@ from planner.core.model import ModelSpec
 from planner.core.prediction import Prediction
 from planner.core.profile import Profile
 from planner.cost.bounds import QuickBound, step_lower_bound
-from planner.cost.engines import modelled, runnable
+from planner.cost.engines import engine_model, modelled, runnable
 from planner.cost.memory import states_fit
 from planner.cost.predict import predict
 from solvers.inter_op import best_layer_split, stage_submesh_ok
@@ -195,8 +195,8 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
         zeros = ZERO_ONE_RANK if dp * cp == 1 else ZERO_MANY_RANKS
         if c.zero is not None or c.offload_optimizer is not None:
             zeros = ZERO_ALL  # pinned by the user: no shortcut on this axis
-        elif dp * cp > 1 and engine != "any":
-            # an engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
+        elif dp * cp > 1 and engine_model(engine).zero1_costs_beyond_ddp:
+            # the engine's ZeRO-1 is not free next to DDP (the torch engine runs it as FSDP2 with
             # per-layer collectives; DeepSpeed's partitions in buckets), so DDP stays a candidate
             zeros = ((0, False),) + zeros
         for mb in micro_batches:
@@ -219,7 +219,7 @@ def search_space(model: ModelSpec, cluster: Cluster, gpus: int, global_batch: in
                                     overlap_grad_reduce=overlap_grad_reduce))
     if c.given():
         out = [cfg for cfg in out if c.admits(cfg)]
-    return [cfg for cfg in out if runnable(engine, cfg) and modelled(engine, cfg)] if engine != "any" else out
+    return [cfg for cfg in out if runnable(engine, cfg) and modelled(engine, cfg)]
 
 
 def config_key(cfg: ParallelConfig) -> tuple:

@@ -21,7 +21,7 @@ from planner.core.prediction import Prediction
 from planner.cost.predict import predict
 from planner.core.profile import Profile
 from planner.core.cluster import gpu_family
-from planner.cost.engines import ENGINE_CHOICES, forced_settings
+from planner.cost.engines import engine_model, forced_settings
 from planner.cost.memory import states_fit
 from solvers.explain import alternative_entry, leanest_message, no_configuration_reason, rationale, why_lost
 from solvers.inter_op import best_layer_split
@@ -149,7 +149,7 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
     global_batch = model.default_global_batch if global_batch is None else global_batch
     seq_len = model.seq_len if seq_len is None else seq_len
     check_inputs(model, cluster, gpus, global_batch, seq_len, top_k, time_limit_s, ilp_backend, profile)
-    require(engine in ENGINE_CHOICES, f"--engine '{engine}' is unknown; valid: {', '.join(ENGINE_CHOICES)}")
+    engine_model(engine)  # an unknown engine is refused, naming the valid ones
     flash_attention = bool(forced_settings(engine, transformer_engine).get("flash_attention", flash_attention))
     settings = SearchSettings(model, cluster, profile, seq_len, flash_attention, overlap_grad_reduce, engine, constraints)
     warnings: list[str] = []

@@ -32,7 +32,9 @@ from planner.core.model import describe_shape, model_shape
 
 CALIBRATION_VERSION = 1
 NO_PROFILE = "none"  # the profile key of runs predicted without a profile (the cluster preset alone)
-ENGINES = ("torch", "deepspeed", "megatron")  # distplan run's engines: a calibration is per engine
+# distplan run's engines (the engine table's rows with a runner; core imports no cost module, and
+# tests/test_engine_table.py holds the two equal): a calibration is per engine
+ENGINES = ("torch", "deepspeed", "megatron")
 DIGEST_CHARS = 16  # hex characters of the profile file's sha256 kept as its key
 
 

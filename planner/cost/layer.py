@@ -15,6 +15,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile
 from planner.cost import kernels
+from planner.cost.engines import engine_model
 from planner.cost.terms import BF16, CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
 
 
@@ -46,10 +47,10 @@ def fit_factor(profile: Profile | None, engine: str = "any", tokens: float | Non
 
     Megatron runs megatron-core's layers, measured alone (megatron_layer_delta_s) and never in a stack; its
     runs showed no such slowdown (gpt2-xl -2.6%, llama-3-8b tp2 -1.6%, over-predicted without the factor;
-    2xH200, campaign of 2026-11-22), so they keep the lone-layer fits."""
+    benchmarks/results/campaign_2xh200.md), so they keep the lone-layer fits."""
     if profile is None:
         return 1.0
-    return compute_factor(profile) * (profile.stack_factor(tokens) if engine != "megatron" else 1.0)
+    return compute_factor(profile) * (profile.stack_factor(tokens) if not engine_model(engine).megatron_core_layers else 1.0)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def megatron_head_s(profile: Profile | None, cfg: ParallelConfig, tokens: float)
     cross-entropy and the engine's mean), measured at tp = 1 as its last stage with one layer less that layer
     (profilers/megatron_layer.profile_head) and divided by tp (the output layer and the loss are vocabulary-parallel);
     None where the profile did not measure both at this sequence length. Why: megatron-core's plans ran 2.3-8.6%
-    under predictions that charged distplan's measured head, the more so the more micro-batches passed it (gpt2-xl on
-    2xH200, calls 20-22)."""
+    under predictions that charged distplan's measured head, the more so the more micro-batches passed it (gpt2-xl;
+    benchmarks/results/cost_model_notes.md)."""
     if profile is None or profile.seq_len != cfg.seq_len:
         return None
     head, layer = profile.compute_fit(MEGATRON_HEAD_KIND, 1), profile.compute_fit(MEGATRON_BLOCK_KIND, 1)
@@ -132,7 +133,8 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         attn_share = mm["attn_core"] / sum(mm.values())  # attention's share of the measured forward
         attn_fwd = fwd * attn_share
         core_fwd = attn_fwd  # the attention core's forward as the plan runs it: what selective recompute repeats
-        megatron = megatron_layer_delta_s(profile, cfg, tokens) if engine == "megatron" and not model.is_moe else None
+        own_layer = engine_model(engine).megatron_core_layers and not model.is_moe
+        megatron = megatron_layer_delta_s(profile, cfg, tokens) if own_layer else None
         if not cfg.flash_attention and megatron is not None:
             fwd, bwd = max(0.0, fwd + megatron[0] * k), max(0.0, bwd + megatron[1] * k)
             # megatron's layer differs from distplan's block by its unfused attention core (the s x s scores)
@@ -195,8 +197,8 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         recompute = measured * k if measured is not None else fwd
     elif cfg.recompute == "selective" and not cfg.flash_attention:
         # the unfused core again (Korthikanti et al. 2022 sec. 4.2): measured, its forward (core_fwd: megatron
-        # llama-2-13b tp2 ran 12% over when this charged the flash share of the block instead, 2xH200,
-        # campaign of 2026-11-22); analytic, the per-head GEMMs plus the softmax(-dropout) passes
+        # llama-2-13b tp2 ran 12% over when this charged the flash share of the block instead,
+        # benchmarks/results/campaign_2xh200.md); analytic, the per-head GEMMs plus the softmax(-dropout) passes
         recompute = core_fwd if fit is not None else attn_fwd + memory_bound_time_s(
             cluster, tokens * (4.5 if model.family in ("gpt", "vit") else 2.0) * model.num_heads * cfg.seq_len / t * BF16)
     else:
@@ -231,7 +233,7 @@ def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: 
     """(forward, backward) seconds of final norm + LM head + cross-entropy for one micro-batch. `engine` "megatron":
     megatron-core's own head and vocabulary-parallel loss where the profile measured them (megatron_head_s)."""
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    own = megatron_head_s(profile, cfg, tokens) if engine == "megatron" and not model.is_vit else None
+    own = megatron_head_s(profile, cfg, tokens) if engine_model(engine).megatron_core_layers and not model.is_vit else None
     if own is not None:
         k = fit_factor(profile, engine, tokens)
         return own[0] * k, own[1] * k

@@ -15,7 +15,7 @@ Pure functions. Sources:
   recomputed in backward, the end of the backward (all gradients, activations gone) and the optimizer
   step (DeepSpeed's fp32 copy of its gradient partition). On 2xH200 the sum over-predicted FSDP2 with full
   recompute by 11-13% (its peak is the end of the forward, before any gradient exists) and missed
-  DeepSpeed ZeRO-2's out-of-memory at 13B, which came in the step (campaign of 2026-11-22).
+  DeepSpeed ZeRO-2's out-of-memory at 13B, which came in the step (benchmarks/results/campaign_2xh200.md).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import FRAGMENTATION, GIB, StageMemory, host_fits
 from planner.core.profile import Profile
+from planner.cost.engines import engine_model
 
 BYTES_BF16 = 2
 WEIGHT_BYTES = 2  # bf16 weights
@@ -34,25 +35,15 @@ OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + variance (ZeRO's K
 LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad
 # ... where the logits are a temporary of the loss call (the torch and deepspeed engines without a pipeline:
 # lm_loss(model(x), y)): the bf16 logits and their fp32 copy are freed once log-softmax has its output, and its
-# backward holds the output, its gradient and the input's gradient (4 + 4 + 4). gpt2-xl at 32 x 1024 tokens peaked
-# 2.9-3.0 GiB (2 bytes x b x s x vocabulary) under the 14-byte term with and without full recompute (one H200,
-# calls 5-6; 2xH200 rc=full, calls 27-28); a pipeline stage keeps its output for backward (14).
+# backward holds the output, its gradient and the input's gradient (4 + 4 + 4); a pipeline stage keeps its output for
+# backward (14). Measured 2 bytes x b x s x vocabulary under the 14-byte term (benchmarks/results/cost_model_notes.md)
 LOGIT_BYTES_TEMPORARY = 4 + 4 + 4
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
 # sharded data parallelism (FSDP2, DeepSpeed ZeRO-2/3) allocates and frees gathered and reduced buffers of many
 # sizes: on 2xH200 its runs reserved 4-14 GiB above their allocated peak (up to 11% of it; DDP and pipeline runs
 # 0.1-4.5 GiB), and an FSDP2 llama-3-8b plan predicted at 93% of capacity (124 GiB allocated, 138 reserved)
-# retried allocations 6 times per step and ran 34-42% slower than predicted (campaign of 2026-11-22)
+# retried allocations 6 times per step and ran 34-42% slower than predicted (benchmarks/results/cost_model_notes.md)
 SHARDED_FRAGMENTATION = 0.10
-
-
-def torch_engine_fsdp(cfg: ParallelConfig) -> bool:
-    """Whether the torch engine runs `cfg` through FSDP2's machinery (fully_shard, or replicate for tp > 1):
-    data parallelism with ZeRO >= 1 or tensor parallelism, and optimizer offload at any data-parallel size (FSDP2's
-    CPUOffloadPolicy is the engine's offload; with one rank it shards nothing and moves the states to the host: on
-    one H200 an offload plan without it ran with every state on the GPU, campaign_1xh200 call 1). Otherwise it runs
-    DDP or no data parallelism, with bf16 weights and fp32 masters in its optimizer (parallelize.MasterWeightsOptimizer)."""
-    return (cfg.dp > 1 and (cfg.zero_stage >= 1 or cfg.tp > 1)) or (cfg.offload_optimizer and cfg.zero_stage >= 1)
 
 
 def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weights: float, grads: float
@@ -66,12 +57,12 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
     as torch.distributed.pipelining defers the reduce-scatter and the resharding to the step's end
     (PipelineStage: set_requires_gradient_sync(False), set_reshard_after_backward(False)). So:
     - gradients accumulating: 2 bytes per unsharded parameter. A llama-2-13b dp2 ZeRO-1 plan at micro-batch 2 x 8
-      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (2xH200, call 19);
+      peaked 11.9 GiB (+10.3%) above ZeRO's 2/dp bytes, i.e. 1 byte per parameter more (benchmarks/results/cost_model_notes.md);
     - ZeRO-3 with pp = 1: no bf16 weights outlive their layer (the gathered ones are the buffers), and a step
       without accumulation ends with fp32 shards, 4/dp bytes; with pp > 1 the unsharded bf16 weights stay to
       the step's end. ZeRO-1/2 keep ZeRO's accounting otherwise: their bf16 weights are freed layer by layer in
       backward as the fp32 shards appear, which the 2 + 2/dp bytes bound (a 13B plan at micro-batch 4 x 1 with
-      its peak in backward measured -2.8%, call 17)."""
+      its peak in backward measured -2.8%, benchmarks/results/campaign_2xh200.md)."""
     accumulating = cfg.pp > 1 or cfg.num_microbatches > 1
     if cfg.offload_optimizer:
         # CPUOffloadPolicy: the fp32 parameter and gradient shards live on the host. The GPU holds the unsharded
@@ -93,7 +84,7 @@ def torch_fsdp_states(cfg: ParallelConfig, params: float, partition: float, weig
 # master weights, Adam's two moments and fp32 gradients on the host (16 B), with half again for its pinned buffers.
 # Its 4 x GPUs term is each process loading the whole model into host memory, which distplan's runners do not (they
 # build on the meta device). 13B with pp2 ZeRO-1 offload, 2 x 6.5B x 24 B = 290 GiB, was killed by the kernel's
-# OOM killer on a 2xH200 host of 252 GiB (session 9, call 25).
+# OOM killer on a 2xH200 host of 252 GiB (benchmarks/results/run_2xh200.md).
 OFFLOAD_HOST_BYTES_PER_PARAM = 16 * 1.5
 
 
@@ -116,7 +107,7 @@ def device_budget_bytes(cluster, model: ModelSpec, cfg: ParallelConfig) -> float
 def allocator_slack(cfg: ParallelConfig, engine: str = "any") -> float:
     """Share of the predicted peak kept free for the caching allocator when checking fit: FRAGMENTATION, or
     SHARDED_FRAGMENTATION for sharded data parallelism (ZeRO-2/3, and ZeRO-1 with the torch engine's FSDP2)."""
-    sharded = cfg.dp * cfg.cp > 1 and (cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch"))
+    sharded = cfg.dp * cfg.cp > 1 and (cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine_model(engine).zero1_shards_gradients))
     return SHARDED_FRAGMENTATION if sharded else FRAGMENTATION
 
 
@@ -215,7 +206,8 @@ def torch_pipeline_recv_bytes(model: ModelSpec, cfg: ParallelConfig, rank: int) 
     backward set-up: `_make_tensor_from_meta` per micro-batch), bf16 b x s x h each (sharded by SP). The received
     input is that buffer, so the in-flight micro-batches' inputs live in it. llama-3-8b pp2 v4 interleaved at
     2 x 16 (4096 tokens) peaked 6.8-7.1 GiB over the prediction on both ranks, 7 buffers x 16 micro-batches x 64 MiB
-    = 7.0 GiB; llama-2-13b v5 at 1 x 8 +2.6 GiB (2.8) and v2 at 1 x 32 +3.9 GiB (3.75) (2xH200, calls 27-28)."""
+    = 7.0 GiB; llama-2-13b v5 at 1 x 8 +2.6 GiB (2.8) and v2 at 1 x 32 +3.9 GiB (3.75)
+    (benchmarks/results/campaign_2xh200.md)."""
     if cfg.pp == 1:
         return 0.0
     stages = cfg.pp * cfg.vpp
@@ -250,9 +242,9 @@ def activation_scale(model: ModelSpec, cfg: ParallelConfig, profile: Profile | N
     store. Unfused attention (megatron without Transformer Engine) stores its score tensors beside that
     (stage_memory keeps them analytic): megatron-core's llama layers store what distplan's do plus 2 bytes per
     score (a llama-3-8b megatron plan ran out of memory mid-forward 5 GiB above the analytic count), and its
-    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Megatron's layer as
-    the profiler built it until session 4 stored 6 bytes per score (TransformerConfig's fp32 softmax, where
-    Megatron-LM's arguments, which the engine parses, leave the softmax in bf16), so it is not used here;
+    gpt2-xl layers the analytic count (within 2.2%; the measured ratio is 1.00 there). Profiles of megatron's
+    layer built with TransformerConfig's fp32 softmax stored 6 bytes per score (Megatron-LM's arguments, which the
+    engine parses, leave the softmax in bf16; benchmarks/results/campaign_2xh200.md), so it is not used here;
     `engine` changes nothing yet.
     """
     if profile is None or profile.seq_len != cfg.seq_len:
@@ -285,7 +277,7 @@ def grads_in_forward(cfg: ParallelConfig, rank: int, engine: str = "any") -> boo
     rank with more micro-batches than it holds in flight). The torch engine frees them each step
     (zero_grad(set_to_none=True)), so one micro-batch per step peaks at the end of its forward without them.
     "any" (no engine in particular) assumes the persistent buffers of the other engines."""
-    if engine in ("megatron", "deepspeed", "any"):
+    if engine_model(engine).persistent_grad_buffers:
         return True
     if cfg.zero_stage == 0 and cfg.dp * cfg.cp > 1 and cfg.tp == 1:
         return True  # DistributedDataParallel(gradient_as_bucket_view=True)
@@ -298,15 +290,16 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
     measured the block's activations scales the activation terms to them (activation_scale). `engine` ("any",
     "torch", "deepspeed", "megatron"): who runs the plan, for what only it allocates (the torch engine runs ZeRO-1
     as FSDP2's ZeRO-2, so its gradients are sharded; DeepSpeed's step copies; persistent gradient buffers)."""
+    row = engine_model(engine)
     dense, expert = stage_params(model, cfg, rank, layers)
     shard = cfg.dp * cfg.cp  # ZeRO partitions over the data-parallel (and context-parallel) ranks
     expert_shard = max(shard // cfg.ep, 1)
     z = cfg.zero_stage
-    gz = 2 if z == 1 and engine == "torch" else z  # gradients' sharding
+    gz = 2 if z == 1 and row.zero1_shards_gradients else z  # gradients' sharding
     partition = dense / shard + expert / expert_shard  # parameters of this GPU's ZeRO partition
     weights = WEIGHT_BYTES * (dense / (shard if z >= 3 else 1) + expert / (expert_shard if z >= 3 else 1))
     grads = GRAD_BYTES * (dense / (shard if gz >= 2 else 1) + expert / (expert_shard if gz >= 2 else 1))
-    if engine == "torch" and torch_engine_fsdp(cfg) and z >= 1:
+    if row.fsdp2_layout(cfg) and z >= 1:
         weights, grads = torch_fsdp_states(cfg, dense + expert, partition, weights, grads)
     optim = 0.0 if cfg.offload_optimizer else OPTIMIZER_BYTES * (dense / (shard if z >= 1 else 1) + expert / (expert_shard if z >= 1 else 1))
 
@@ -324,7 +317,7 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # gradients of the probabilities and of the scores, and with selective recompute the recomputed scores
         # and probabilities too. Megatron tp2 llama-2-13b (selective, 4096 tokens) ran out of memory on 2xH200
         # allocating one such tensor (b * heads/tp * s^2 * 2 bytes = 1.25 GiB) 4.5 GiB above the prediction
-        # without this term (campaign of 2026-11-22).
+        # without this term (benchmarks/results/cost_model_notes.md).
         per_score = model.num_heads * (s / cfg.cp) ** 2 * b / cfg.tp
         recompute += (4 + (4 if cfg.recompute == "selective" else 0)) * per_score
     # stage input kept per in-flight micro-batch (received activation / embedding output)
@@ -335,9 +328,9 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         # Megatron and DeepSpeed: vocabulary-parallel logits and loss, 1/tp per rank. The torch engine's head
         # gathers the whole vocabulary row on every TP rank (parallelize.apply_tp: output Replicate) and takes the
         # loss on it: llama-3-8b tp2 at micro-batch 8 (128k vocabulary) peaked 20.4 GiB above the 1/tp term
-        # (108.4 against 88.0 GiB predicted; 2xH200, call 17).
-        vocab_split = 1 if engine == "torch" else cfg.tp
-        per_logit = LOGIT_BYTES_TEMPORARY if engine in ("torch", "deepspeed") and cfg.pp == 1 else LOGIT_BYTES
+        # (108.4 against 88.0 GiB predicted; benchmarks/results/campaign_2xh200.md).
+        vocab_split = 1 if row.replicated_logits else cfg.tp
+        per_logit = LOGIT_BYTES_TEMPORARY if row.loss_frees_logits and cfg.pp == 1 else LOGIT_BYTES
         logits = per_logit * b * (s / cfg.cp) * model.vocab_size / vocab_split
 
     if z >= 3:
@@ -346,21 +339,21 @@ def stage_memory(model: ModelSpec, cfg: ParallelConfig, rank: int, layers: int,
         buffers = 2 * layer_bytes + layer_bytes
     else:
         buffers = float(DDP_BUCKET_BYTES)
-    if engine == "torch":
+    if row.torch_pipelining:
         buffers += torch_pipeline_recv_bytes(model, cfg, rank)
     step = 0.0
-    if engine == "deepspeed" and z == 0:
+    if row.zero0_fp32_step_copies and z == 0:
         # DeepSpeed without ZeRO in bf16. Its pipeline engine runs BF16_Optimizer: a flat bf16 buffer the
         # parameters' gradients are accumulated into after each backward (grad_acc_dtype bf16), allocated at start
         # beside the parameters' own gradients, and in the step a fp32 copy of it handed to Adam
         # (runtime/bf16_optimizer.py, step()). A llama-2-13b pp2 plan at 1 x 8 ran out of memory on its last stage
         # (6.84e9 parameters) allocating Adam's second moment (25.43 GiB) with 115.16 GiB allocated: 18 bytes per
-        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (2xH200, call 20). Without a pipeline it runs FP16_UnfusedOptimizer
+        # parameter, 2 + 4 + 2 + 2 + 4 + 4 (benchmarks/results/run_2xh200.md). Without a pipeline it runs FP16_UnfusedOptimizer
         # (engine._do_optimizer_sanity_check: DDP_BFLOAT16), which copies each gradient to fp32 in the step only.
         if cfg.pp > 1:
             buffers += GRAD_BYTES * (dense + expert)
         step = 4 * (dense + expert)
-    elif engine == "deepspeed" and z in (1, 2) and not cfg.offload_optimizer:
+    elif row.zero12_partition_step_copy and z in (1, 2) and not cfg.offload_optimizer:
         # DeepSpeed's step (stage_1_and_2.py, step()): the partition's bf16 gradients are flattened into a new
         # tensor and that copied to fp32 (2 + 4 bytes per partition parameter) while the gradient partition
         # lives; ZeRO-1 first frees the gradients outside its partition. A 13B ZeRO-2 run on 2xH200 ran out of

@@ -14,12 +14,13 @@ from planner.core.errors import require
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction
-from planner.core.profile import Profile, describe_profile
+from planner.core.profile import Profile, ShardingFit, describe_profile
 from planner.cost import kernels
-from planner.cost.layer import (block_time, embedding_time, head_time, measured_fit, megatron_head_s,
+from planner.cost.engines import EngineModel, engine_model
+from planner.cost.layer import (LayerTime, block_time, embedding_time, head_time, measured_fit, megatron_head_s,
                                 megatron_layer_delta_s)
 from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, fits, host_capacity_gib, host_memory_per_gpu,
-                                 stage_memory, stage_params, torch_engine_fsdp)
+                                 stage_memory, stage_params)
 from planner.cost.pipeline import interleaved_pipeline_s, step_time
 from planner.cost.profiled import dropped_note, mismatch
 from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
@@ -42,6 +43,32 @@ class RankTime:
     optimizer_s: float  # optimizer step
 
 
+@dataclass(frozen=True)
+class _PlanTimes:
+    """What every pipeline rank of one plan shares: computed once by rank_timer, read by the per-rank parts."""
+
+    model: ModelSpec
+    cluster: Cluster
+    cfg: ParallelConfig
+    profile: Profile | None
+    row: EngineModel  # the engine that runs the plan
+    comm: CommModel
+    slowdown: float  # compute slowdown while communication overlaps it
+    lt: LayerTime  # one block's times
+    emb: tuple[float, float]  # the embedding's (forward, backward) seconds, on rank 0
+    head: tuple[float, float]  # the head's (forward, backward) seconds, on the last rank
+    tokens: float  # tokens per micro-batch and rank
+    p2p_one: float  # seconds of one pipeline send/receive per chunk boundary (or the measured runtime's per operation)
+    dp_group: int  # ranks gradients are reduced over: data- and context-parallel
+    impl: str  # whose measured sharding overhead applies (_sharding_impl)
+    measured_sharding: float | None  # measured per-block sharding seconds; None: not measured; 0: held
+    shard_overhead: float  # per-block sharding seconds charged, averaged over the step's micro-batches
+    shard_edge: float  # per-micro-batch sharding seconds charged beyond the blocks (first gather, last reduce)
+    masters: bool  # bf16 weights with fp32 masters cast around the step (EngineModel.master_weight_casts)
+    ddp: ShardingFit | None  # the profile's DDP measurement where it applies (_ddp_fit)
+    tp_fit: ShardingFit | None  # the profile's DTensor TP measurement where it applies (_tp_fit)
+
+
 def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
                profile: Profile | None = None, *, engine: str = "any") -> Callable[[int, int], RankTime]:
     """`timer(rank, layers)`: what `predict` charges pipeline rank `rank` of `cfg` when it holds `layers` blocks.
@@ -49,170 +76,33 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     `predict` itself sums these, so the solvers' stage DP (which asks for other layer counts than
     `cfg.layer_split`) and the prediction cannot disagree. Pure; block/embedding/head times computed once.
 
-    `engine`: who runs the plan ("torch", "deepspeed", "megatron"; "any": none in particular). Sharded data
-    parallelism (ZeRO-2/3; ZeRO-1 too with the torch engine, which runs it as FSDP2 fully_shard without
-    reshard, parallelize.ZERO_MAPPING) also pays a fixed cost per block and micro-batch that the bandwidth
-    terms do not see: collective launches, copy-in/copy-out of the flat buffers, bf16 <-> fp32 casts.
-    Where the profile measured it (Profile.sharding, profilers/sharding.py) `zero_comm` is layers x that
-    overhead + the measured edge (first all-gather, last reduce-scatter) per micro-batch: FSDP2's, or for
-    the deepspeed engine's ZeRO-2 DeepSpeed's own, whose once-per-step part (Profile.sharding_step_s)
-    then replaces the bandwidth model's all-gather of updated weights. Without a measurement nothing is
-    invented and the bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200 for gpt2-xl
-    (benchmarks/results/run_2xh200.md, miss 1).
+    `engine`: who runs the plan ("torch", "deepspeed", "megatron"; "any": none in particular; its row in
+    planner.cost.engines.ENGINES). Sharded data parallelism (ZeRO-2/3; ZeRO-1 too where the engine runs it through
+    its sharding machinery: EngineModel.zero1_pays_sharding_overhead) also pays a fixed cost per block and
+    micro-batch that the bandwidth terms do not see: collective launches, copy-in/copy-out of the flat buffers,
+    bf16 <-> fp32 casts. Where the profile measured it (Profile.sharding, profilers/sharding.py) `zero_comm` is
+    layers x that overhead + the measured edge (first all-gather, last reduce-scatter) per micro-batch: FSDP2's, or
+    the engine's own (EngineModel.own_sharding_measurement: DeepSpeed's), whose once-per-step part
+    (Profile.sharding_step_s) then replaces the bandwidth model's all-gather of updated weights. Without a
+    measurement nothing is invented and the bandwidth model alone under-predicts these layouts: 2.0-2.3x on 2x H200
+    for gpt2-xl (benchmarks/results/run_2xh200.md, miss 1).
     """
     if profile is not None and profile.model_shape:
         why = mismatch(profile, model, cfg.seq_len)
         require(why is None, f"profile {why}: planner.cost.profiled.profile_for_job refuses it or drops its "
                              "model-specific measurements")
-    comm = CommModel(cluster, profile)
-    slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
-    v, pp = cfg.vpp, cfg.pp
-    lt = block_time(model, cluster, cfg, comm, profile, engine)
-    emb_f, emb_b = embedding_time(model, cluster, cfg, profile, engine)
-    head_f, head_b = head_time(model, cluster, cfg, profile, engine)
-
-    # pipeline p2p per micro-batch: activations forward, their gradients backward, at every chunk boundary;
-    # scatter/gather optimisation (SC'21 sec. 4.1) sends 1/tp of the tensor per rank
-    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-    p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
-    p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
-    # operations per rank of one step: each of the rank's v chunks runs a forward and a backward per micro-batch
-    ops = 2 * v * cfg.num_microbatches
-    measured_op = (profile.pipeline_action_s(cfg.schedule, p2p_bytes, ops)
-                   if pp > 1 and engine == "torch" and profile is not None else None)
-    if measured_op is not None:
-        # the torch engine's pipelining runtime, measured per forward/backward operation beyond the chunk's
-        # compute, its transfer included (profilers/pipeline.py): 1.2-1.3 ms per operation where the p2p
-        # bandwidth said 0.1-0.2 ms (llama-3-8b interleaved v8, gpt2-xl interleaved v2; 2xH200, calls 13-14)
-        p2p_one = measured_op
-    dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
-    impl = _sharding_impl(cfg, profile, dp_group, engine)
-    measured_sharding = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine)  # None: not measured; 0: held
-    shard_overhead = measured_sharding or 0.0
-    shard_edge = (profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl)
-                  if measured_sharding is not None else 0.0)
-    m = cfg.num_microbatches
-    if measured_sharding is not None and engine == "torch" and impl.startswith("fsdp2") and m > 1:
-        # FSDP2 reduce-scatters the gradients on a step's last micro-batch only (the engine's
-        # set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
-        # micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising
-        # one). llama-3-8b FSDP2 ZeRO-3 at 1 x 4 ran 13% under the synchronising cost on every micro-batch
-        # (2.027 s against 2.340 s; 2xH200, call 17).
-        accum = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine, sync=False) or 0.0
-        accum_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl, sync=False)
-        shard_overhead = ((m - 1) * accum + shard_overhead) / m
-        shard_edge = ((m - 1) * accum_edge + shard_edge) / m
-
-    # the torch engine keeps fp32 masters in its optimizer where FSDP2 does not shard
-    masters = engine == "torch" and not torch_engine_fsdp(cfg)
-    ddp = _ddp_fit(cfg, profile, dp_group, engine)
-    tp_fit = _tp_fit(cfg, profile, engine)
+    shared = _plan_times(model, cluster, cfg, profile, engine_model(engine))
 
     def timer(rank: int, layers: int) -> RankTime:
-        fwd = layers * lt.fwd + (emb_f if rank == 0 else 0.0) + (head_f if rank == pp - 1 else 0.0)
-        bwd = layers * lt.bwd + (emb_b if rank == 0 else 0.0) + (head_b if rank == pp - 1 else 0.0)
-        rec = layers * lt.recompute
-        tpc = layers * lt.tp_comm
-        if tp_fit is not None and layers:
-            # measured: the torch engine's DTensor TP over the local shard's compute, its all-reduces included
-            # (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch;
-            # it replaces the bandwidth model's all-reduces. llama-2-13b tp2 ran 38-46% over those (2xH200, calls 14-15)
-            redo = 1.0 + (lt.recompute / (lt.fwd + lt.bwd) if lt.fwd + lt.bwd > 0 else 0.0)
-            tpc = layers * tp_fit.per_block_s(tokens) * redo + tp_fit.edge_s(tokens)  # each tp rank: the whole micro-batch
-        oth = layers * lt.other_comm
-        p2p = 2 * v * p2p_one if pp > 1 else 0.0
+        fwd, bwd, rec = _compute_s(shared, rank, layers)
+        tpc = _tp_comm_s(shared, layers)
+        oth = layers * shared.lt.other_comm
+        p2p = 2 * cfg.vpp * shared.p2p_one if cfg.pp > 1 else 0.0
         dense, expert = stage_params(model, cfg, rank, layers)
-        z3 = 0.0
-        if cfg.zero_stage >= 3 and dp_group > 1:
-            # FSDP / ZeRO-3 per micro-batch: all-gather weights for forward and again for backward,
-            # reduce-scatter gradients; prefetched, so overlapped with the compute of other layers
-            w_bytes = dense * WEIGHT_BYTES
-            stride = cfg.tp
-            coll = 2 * comm.time_s("all_gather", dp_group, stride, w_bytes) + comm.time_s("reduce_scatter", dp_group, stride, w_bytes)
-            # the first layer's all-gather and the last layer's reduce-scatter have no compute to hide behind
-            edge = coll / max(layers, 1) * 2 / 3
-            z3 = _overlap(coll, fwd + bwd + rec, slowdown) + edge
-        elif cfg.zero_stage == 2 and dp_group > 1:
-            # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
-            rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
-            z3 = _overlap(rs, bwd, slowdown) if cfg.overlap_grad_reduce else rs
-        if measured_sharding is not None and layers:
-            # measured cost of sharding (profile only; see docstring): per block, and once per micro-batch. It
-            # replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the compute,
-            # so what they expose and how much they slow the compute is already in it. Added on top, the overlap
-            # model counted it twice: llama-3-8b FSDP2 at 1 x 16 ran 0.496 s per micro-batch against 0.544
-            # predicted (-8.9%), against 0.513 without the bandwidth terms (2xH200, campaign of 2026-11-22, call 12).
-            # A data-parallel group across nodes keeps them: the stacks measured the group inside one node.
-            measured = layers * shard_overhead + shard_edge
-            z3 = measured if dp_group * cfg.tp <= cluster.gpus_per_node else z3 + measured
+        z3 = _sharding_comm_s(shared, layers, dense, fwd, bwd, rec)
         t_i = fwd + bwd + rec + tpc + oth + p2p + z3
-
-        # once-per-step data-parallel sync and optimizer
-        sync = 0.0
-        if impl == "deepspeed":  # a deepspeed fit at this group size (one rank included: _sharding_overhead_s)
-            # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included; ZeRO-3's
-            # its own, profilers/sharding.measure_deepspeed). ZeRO-1 runs through the same optimizer as ZeRO-2
-            # (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition copies, the all-gather of updated weights)
-            # and is charged its figures: gpt2-xl at 16 x 1 measured 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where
-            # ZeRO-1 charged as an all-reduce predicted 0.399 s (+20.4%; 2xH200, calls 20 and 10)
-            sync = profile.sharding_step_s(dp_group, dense + expert, impl, cfg.zero_stage >= 3) or 0.0
-        elif dp_group > 1 and cfg.zero_stage <= 1:
-            # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
-            coll = comm.time_s("all_reduce", dp_group, cfg.tp, dense * BF16)
-            if expert:
-                coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
-            # DeepSpeed without ZeRO all-reduces at the accumulation boundary, after the backward
-            # (engine.allreduce_gradients; its overlap_comm applies to ZeRO stages only)
-            overlapped = cfg.overlap_grad_reduce and not (engine == "deepspeed" and cfg.zero_stage == 0)
-            sync = _overlap(coll, bwd, slowdown) if overlapped else coll
-            if ddp is not None and layers:
-                # measured: what DDP's bucketed all-reduce adds to the synchronising micro-batch of `layers` blocks
-                # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,
-                # produced last in the backward and reduced after it
-                emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
-                sync = (layers * ddp.per_block_s(tokens) + ddp.edge_s(tokens)
-                        + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
-        elif dp_group > 1 and cfg.zero_stage == 2:
-            # the bandwidth model's all-gather of the updated weight shards
-            sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
-        if model.tie_embeddings and pp > 1 and rank in (0, pp - 1):
-            # tied embedding gradients all-reduced between first and last stage (Megatron)
-            sync += comm.time_s("all_reduce", 2, cfg.tp * cfg.cp * cfg.dp * (pp - 1),
-                                model.vocab_size * model.hidden_size / cfg.tp * BF16)
-        opt_params = dense / (dp_group if cfg.zero_stage >= 1 else 1) + expert / (max(dp_group // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)
-        if cfg.offload_optimizer:
-            host = cluster.link("host")
-            rate = cluster.efficiency.cpu_adam_params_per_s  # DeepSpeed's CPUAdam
-            if engine == "torch":
-                # the torch engine steps AdamW on the host's fp32 shards (FSDP2's CPUOffloadPolicy): the profile's
-                # measured rate, else the preset's. Not DeepSpeed's: torch's per-parameter loop ran gpt2-xl's 0.78 B
-                # parameters per rank in 20.7 s where 1.0 s was predicted at DeepSpeed's rate (2x H200, call 27)
-                measured = profile.host_optimizer_s_per_param if profile is not None else 0.0
-                rate = 1.0 / measured if measured > 0 else rate
-            opt = opt_params / rate + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
-            if engine == "torch" and m > 1:
-                # FSDP2's CPUOffloadPolicy keeps the fp32 shards on the host and copies them to the GPU for every
-                # micro-batch's all-gather (each backward reshards). gpt2-xl on one H200 at 8 x 4 ran 1.767 s
-                # against 1.274 predicted with one copy per step (+38.7%), 32 x 1 within 2% (calls 5, 7); charged
-                # whole (not overlapped), the 8 x 4 plan is +9.5%, gpt2-xl dp2 at 32 x 4 -1.9% (2xH200, call 31)
-                opt += (m - 1) * opt_params * TORCH_OFFLOAD_H2D_BYTES_PER_PARAM / host.bandwidth_bytes_s
-        elif profile is not None and profile.optimizer_s_per_param > 0:
-            opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
-        else:
-            opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
-        if masters and profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
-            # the measured rate is AdamW on fp32 parameters; the torch engine's bf16 layouts without FSDP2
-            # (DDP, pipeline-only) also cast the gradients to the fp32 masters and the masters back to bf16
-            # (parallelize.MasterWeightsOptimizer): gpt2-xl's DDP step measured 24 ms against 20 predicted
-            # without this (2xH200, campaign of 2026-11-22), the 4.5 ms these 12 bytes/parameter take
-            opt += memory_bound_time_s(cluster, opt_params * MASTER_CAST_BYTES_PER_PARAM)
-        if engine == "deepspeed" and cfg.zero_stage == 0 and pp > 1 and not cfg.offload_optimizer:
-            # DeepSpeed's pipeline engine runs BF16_Optimizer: its copies around the step (costmodel.DS_BF16_*).
-            # gpt2-xl pp2 at 8 x 4 measured 0.540 s: 0.536 predicted without these copies, 0.546 with (2xH200,
-            # call 20). Without a pipeline DeepSpeed's bf16 ZeRO-0 runs FP16_UnfusedOptimizer, which the solver
-            # leaves out (planner.cost.engines.modelled)
-            opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
-                                                                    + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
+        sync = _dp_sync_s(shared, rank, layers, dense, expert, bwd)
+        opt = _optimizer_s(shared, dense, expert)
         terms = (("compute_fwd", fwd), ("compute_bwd", bwd), ("recompute", rec), ("tp_comm", tpc),
                  ("cp_ep_comm", oth), ("pp_p2p", p2p), ("zero_comm", z3))
         return RankTime(terms=terms, time_per_microbatch_s=t_i, sync_s=sync, optimizer_s=opt)
@@ -220,59 +110,246 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
     return timer
 
 
-def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str):
-    """The profile's measured DDP overhead (ShardingFit, impl "ddp") where the torch engine runs this layout with
-    DistributedDataParallel (ZeRO-0, tp = 1, parallelize.ZERO_MAPPING), else None (the bandwidth model applies)."""
-    if profile is None or engine != "torch" or cfg.zero_stage != 0 or cfg.tp != 1 or dp_group <= 1:
+def _plan_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
+               row: EngineModel) -> _PlanTimes:
+    """The plan's shared times: one block, the embedding and the head, one pipeline transfer, the sharding overhead."""
+    comm = CommModel(cluster, profile)
+    slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
+    impl = _sharding_impl(cfg, profile, dp_group, row)
+    measured_sharding = _sharding_overhead_s(cfg, profile, dp_group, tokens, row)
+    shard_overhead, shard_edge = _sharding_per_microbatch_s(cfg, profile, dp_group, tokens, row, impl,
+                                                            measured_sharding)
+    return _PlanTimes(
+        model=model, cluster=cluster, cfg=cfg, profile=profile, row=row, comm=comm, slowdown=slowdown,
+        lt=block_time(model, cluster, cfg, comm, profile, row.name),
+        emb=embedding_time(model, cluster, cfg, profile, row.name),
+        head=head_time(model, cluster, cfg, profile, row.name),
+        tokens=tokens, p2p_one=_p2p_s(model, cfg, profile, row, comm), dp_group=dp_group, impl=impl,
+        measured_sharding=measured_sharding, shard_overhead=shard_overhead, shard_edge=shard_edge,
+        masters=row.master_weight_casts and not row.fsdp2_layout(cfg),
+        ddp=_ddp_fit(cfg, profile, dp_group, row), tp_fit=_tp_fit(cfg, profile, row))
+
+
+def _p2p_s(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None, row: EngineModel,
+           comm: CommModel) -> float:
+    """Seconds of one pipeline transfer per micro-batch and chunk boundary (0 without a pipeline): activations
+    forward, their gradients backward; scatter/gather optimisation (SC'21 sec. 4.1) sends 1/tp of the tensor per rank.
+    With torch.distributed.pipelining, its runtime measured per forward/backward operation beyond the chunk's
+    compute, its transfer included (profilers/pipeline.py), where the profile has it: 1.2-1.3 ms per operation where
+    the p2p bandwidth said 0.1-0.2 ms (benchmarks/results/cost_model_notes.md)."""
+    pp, v = cfg.pp, cfg.vpp
+    tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
+    p2p_bytes = tokens * model.hidden_size * BF16 / cfg.tp
+    p2p_one = comm.time_s("p2p", 2, cfg.tp * cfg.cp * cfg.dp, p2p_bytes) if pp > 1 else 0.0
+    # operations per rank of one step: each of the rank's v chunks runs a forward and a backward per micro-batch
+    ops = 2 * v * cfg.num_microbatches
+    measured_op = (profile.pipeline_action_s(cfg.schedule, p2p_bytes, ops)
+                   if pp > 1 and row.torch_pipelining and profile is not None else None)
+    return measured_op if measured_op is not None else p2p_one
+
+
+def _sharding_per_microbatch_s(cfg: ParallelConfig, profile: Profile | None, dp_group: int, tokens: float,
+                               row: EngineModel, impl: str, measured: float | None) -> tuple[float, float]:
+    """(per block, edge) measured sharding seconds charged per micro-batch, (0, 0) where not measured.
+
+    FSDP2 reduce-scatters the gradients on a step's last micro-batch only (EngineModel.sharded_sync_last_microbatch:
+    the torch engine's set_requires_gradient_sync; pipelining's last backward): the other m - 1 pay the accumulating
+    micro-batch's measured cost, where the profile has it (ShardingFit.accumulate; else the synchronising one).
+    llama-3-8b FSDP2 ZeRO-3 at 1 x 4 ran 13% under the synchronising cost on every micro-batch (2.027 s against
+    2.340 s; benchmarks/results/replay_2xh200.md)."""
+    shard_overhead = measured or 0.0
+    shard_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl) if measured is not None else 0.0
+    m = cfg.num_microbatches
+    if measured is not None and row.sharded_sync_last_microbatch and impl.startswith("fsdp2") and m > 1:
+        accum = _sharding_overhead_s(cfg, profile, dp_group, tokens, row, sync=False) or 0.0
+        accum_edge = profile.sharding_edge_s(dp_group, cfg.zero_stage >= 3, tokens, impl, sync=False)
+        shard_overhead = ((m - 1) * accum + shard_overhead) / m
+        shard_edge = ((m - 1) * accum_edge + shard_edge) / m
+    return shard_overhead, shard_edge
+
+
+def _compute_s(s: _PlanTimes, rank: int, layers: int) -> tuple[float, float, float]:
+    """(forward, backward, recompute) seconds of rank `rank`'s `layers` blocks, its embedding and its head."""
+    pp = s.cfg.pp
+    fwd = layers * s.lt.fwd + (s.emb[0] if rank == 0 else 0.0) + (s.head[0] if rank == pp - 1 else 0.0)
+    bwd = layers * s.lt.bwd + (s.emb[1] if rank == 0 else 0.0) + (s.head[1] if rank == pp - 1 else 0.0)
+    return fwd, bwd, layers * s.lt.recompute
+
+
+def _tp_comm_s(s: _PlanTimes, layers: int) -> float:
+    """Exposed tensor-parallel seconds per micro-batch of `layers` blocks: the bandwidth model's all-reduces, or
+    where measured (EngineModel.measured_tp) DTensor TP over the local shard's compute, its all-reduces included
+    (profilers/tensor_parallel.py), per block (again for the recomputed forward) and once per micro-batch. llama-2-13b
+    tp2 ran 38-46% over the bandwidth model (benchmarks/results/cost_model_notes.md)."""
+    lt = s.lt
+    if s.tp_fit is None or not layers:
+        return layers * lt.tp_comm
+    redo = 1.0 + (lt.recompute / (lt.fwd + lt.bwd) if lt.fwd + lt.bwd > 0 else 0.0)
+    return layers * s.tp_fit.per_block_s(s.tokens) * redo + s.tp_fit.edge_s(s.tokens)  # each tp rank: the whole micro-batch
+
+
+def _sharding_comm_s(s: _PlanTimes, layers: int, dense: float, fwd: float, bwd: float, rec: float) -> float:
+    """Exposed seconds per micro-batch of sharded data parallelism (ZeRO-2/3) for `layers` blocks of `dense`
+    non-expert parameters: the bandwidth model's collectives, or the measured overhead (see rank_timer)."""
+    cfg, comm, dp_group = s.cfg, s.comm, s.dp_group
+    z3 = 0.0
+    if cfg.zero_stage >= 3 and dp_group > 1:
+        # FSDP / ZeRO-3 per micro-batch: all-gather weights for forward and again for backward,
+        # reduce-scatter gradients; prefetched, so overlapped with the compute of other layers
+        w_bytes = dense * WEIGHT_BYTES
+        stride = cfg.tp
+        coll = 2 * comm.time_s("all_gather", dp_group, stride, w_bytes) + comm.time_s("reduce_scatter", dp_group, stride, w_bytes)
+        # the first layer's all-gather and the last layer's reduce-scatter have no compute to hide behind
+        edge = coll / max(layers, 1) * 2 / 3
+        z3 = _overlap(coll, fwd + bwd + rec, s.slowdown) + edge
+    elif cfg.zero_stage == 2 and dp_group > 1:
+        # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
+        rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
+        z3 = _overlap(rs, bwd, s.slowdown) if cfg.overlap_grad_reduce else rs
+    if s.measured_sharding is not None and layers:
+        # the measured cost replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the
+        # compute, so what they expose and how much they slow the compute is already in it; added on top, the overlap
+        # model counted it twice (llama-3-8b FSDP2 at 1 x 16: -8.9% with it, -3.3% without; campaign_2xh200.md).
+        # A data-parallel group across nodes keeps them: the stacks measured the group inside one node.
+        measured = layers * s.shard_overhead + s.shard_edge
+        z3 = measured if dp_group * cfg.tp <= s.cluster.gpus_per_node else z3 + measured
+    return z3
+
+
+def _dp_sync_s(s: _PlanTimes, rank: int, layers: int, dense: float, expert: float, bwd: float) -> float:
+    """Exposed once-per-step data-parallel gradient synchronisation of rank `rank` (and the tied embedding's)."""
+    model, cfg, comm, dp_group, pp = s.model, s.cfg, s.comm, s.dp_group, s.cfg.pp
+    sync = 0.0
+    if s.impl == s.row.own_sharding_measurement:  # e.g. a deepspeed fit at this group size (one rank included)
+        # DeepSpeed's measured step beyond the plain AdamW step (its bucketed all-gather included; ZeRO-3's
+        # its own, profilers/sharding.measure_deepspeed). ZeRO-1 runs through the same optimizer as ZeRO-2
+        # (runtime/zero/stage_1_and_2.py: flat buffers, fp32 partition copies, the all-gather of updated weights)
+        # and is charged its figures: gpt2-xl at 16 x 1 measured 0.4805 s at ZeRO-1 and 0.479 s at ZeRO-2, where
+        # ZeRO-1 charged as an all-reduce predicted 0.399 s (+20.4%; benchmarks/results/cost_model_notes.md)
+        sync = s.profile.sharding_step_s(dp_group, dense + expert, s.impl, cfg.zero_stage >= 3) or 0.0
+    elif dp_group > 1 and cfg.zero_stage <= 1:
+        # ZeRO-0 all-reduce; ZeRO-1 (distributed optimizer) reduce-scatter + all-gather: same ring volume
+        coll = comm.time_s("all_reduce", dp_group, cfg.tp, dense * BF16)
+        if expert:
+            coll += comm.time_s("all_reduce", max(dp_group // cfg.ep, 1), cfg.tp * cfg.ep, expert * BF16)
+        # an engine whose ZeRO-0 all-reduces at the accumulation boundary, after the backward (DeepSpeed's
+        # engine.allreduce_gradients; its overlap_comm applies to ZeRO stages only), does not overlap it
+        overlapped = cfg.overlap_grad_reduce and (s.row.zero0_allreduce_overlaps_backward or cfg.zero_stage != 0)
+        sync = _overlap(coll, bwd, s.slowdown) if overlapped else coll
+        if s.ddp is not None and layers:
+            # measured: what DDP's bucketed all-reduce adds to the synchronising micro-batch of `layers` blocks
+            # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,
+            # produced last in the backward and reduced after it
+            emb = model.embedding_params() / cfg.tp * BF16 if rank == 0 else 0.0
+            sync = (layers * s.ddp.per_block_s(s.tokens) + s.ddp.edge_s(s.tokens)
+                    + (comm.time_s("all_reduce", dp_group, cfg.tp, emb) if emb else 0.0))
+    elif dp_group > 1 and cfg.zero_stage == 2:
+        # the bandwidth model's all-gather of the updated weight shards
+        sync = comm.time_s("all_gather", dp_group, cfg.tp, dense * BF16)
+    if model.tie_embeddings and pp > 1 and rank in (0, pp - 1):
+        # tied embedding gradients all-reduced between first and last stage (Megatron)
+        sync += comm.time_s("all_reduce", 2, cfg.tp * cfg.cp * cfg.dp * (pp - 1),
+                            model.vocab_size * model.hidden_size / cfg.tp * BF16)
+    return sync
+
+
+def _optimizer_s(s: _PlanTimes, dense: float, expert: float) -> float:
+    """Seconds of the optimizer step over this rank's share of `dense` + `expert` parameters, the engine's
+    copies around it included."""
+    cfg, cluster, profile, row, dp_group = s.cfg, s.cluster, s.profile, s.row, s.dp_group
+    m = cfg.num_microbatches
+    opt_params = dense / (dp_group if cfg.zero_stage >= 1 else 1) + expert / (max(dp_group // cfg.ep, 1) if cfg.zero_stage >= 1 else 1)
+    if cfg.offload_optimizer:
+        host = cluster.link("host")
+        rate = cluster.efficiency.cpu_adam_params_per_s  # DeepSpeed's CPUAdam
+        if row.offload_torch_adamw:
+            # AdamW on the host's fp32 shards (FSDP2's CPUOffloadPolicy): the profile's measured rate, else the
+            # preset's. Not DeepSpeed's: torch's per-parameter loop ran gpt2-xl's 0.78 B parameters per rank in
+            # 20.7 s where 1.0 s was predicted at DeepSpeed's rate (benchmarks/results/campaign_2xh200.md)
+            measured = profile.host_optimizer_s_per_param if profile is not None else 0.0
+            rate = 1.0 / measured if measured > 0 else rate
+        opt = opt_params / rate + opt_params * OFFLOAD_PCIE_BYTES_PER_PARAM / host.bandwidth_bytes_s
+        if row.offload_copy_per_microbatch and m > 1:
+            # FSDP2's CPUOffloadPolicy keeps the fp32 shards on the host and copies them to the GPU for every
+            # micro-batch's all-gather (each backward reshards): gpt2-xl on one H200 at 8 x 4 ran 38.7% over one
+            # copy per step; charged whole (not overlapped), +9.5% (benchmarks/results/campaign_1xh200.md)
+            opt += (m - 1) * opt_params * TORCH_OFFLOAD_H2D_BYTES_PER_PARAM / host.bandwidth_bytes_s
+    elif profile is not None and profile.optimizer_s_per_param > 0:
+        opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
+    else:
+        opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
+    if s.masters and profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
+        # the measured rate is AdamW on fp32 parameters; bf16 layouts with fp32 masters (the torch engine outside
+        # FSDP2: parallelize.MasterWeightsOptimizer) also cast the gradients to the masters and the masters back
+        # to bf16: gpt2-xl's DDP step measured 24 ms against 20 predicted without these 12 bytes/parameter
+        # (benchmarks/results/campaign_2xh200.md)
+        opt += memory_bound_time_s(cluster, opt_params * MASTER_CAST_BYTES_PER_PARAM)
+    if row.zero0_fp32_step_copies and cfg.zero_stage == 0 and cfg.pp > 1 and not cfg.offload_optimizer:
+        # DeepSpeed's pipeline engine runs BF16_Optimizer: its copies around the step (terms.DS_BF16_*): gpt2-xl pp2
+        # at 8 x 4 measured 0.540 s, 0.536 predicted without them, 0.546 with (benchmarks/results/run_2xh200.md).
+        # Without a pipeline DeepSpeed's bf16 ZeRO-0 is not modelled (EngineModel.modelled)
+        opt += memory_bound_time_s(cluster, (dense + expert) * (DS_BF16_STEP_BYTES_PER_PARAM
+                                                                + m * DS_BF16_ACCUMULATE_BYTES_PER_PARAM))
+    return opt
+
+
+def _ddp_fit(cfg: ParallelConfig, profile: Profile | None, dp_group: int, row: EngineModel) -> ShardingFit | None:
+    """The profile's measured DDP overhead (ShardingFit, impl "ddp") where the engine runs this layout with torch's
+    DistributedDataParallel (EngineModel.measured_ddp; ZeRO-0, tp = 1, parallelize.ZERO_MAPPING), else None (the
+    bandwidth model applies)."""
+    if profile is None or not row.measured_ddp or cfg.zero_stage != 0 or cfg.tp != 1 or dp_group <= 1:
         return None
     return profile.sharding_fit(dp_group, False, "ddp")
 
 
-def _tp_fit(cfg: ParallelConfig, profile: Profile | None, engine: str):
+def _tp_fit(cfg: ParallelConfig, profile: Profile | None, row: EngineModel) -> ShardingFit | None:
     """The profile's measured DTensor tensor-parallel overhead (ShardingFit, impl "tp", or "tp-sp" with sequence
-    parallelism) where the torch engine runs this layout's tp at the degree measured, else None (the bandwidth model
-    applies). A sequence-parallel plan takes the plain measurement where the profile has no SP one (profiles of
-    2026-11-22 06:30 and before): SP runs the same DTensor plan plus its norms' (SequenceParallel) and the same
-    collective volume, and left to the bandwidth model it ran 10.9% over (llama-3-8b tp2, 2xH200, call 16)."""
-    if profile is None or engine != "torch" or cfg.tp <= 1:
+    parallelism) where the engine runs tp with DTensor (EngineModel.measured_tp) at the degree measured, else None
+    (the bandwidth model applies). A sequence-parallel plan takes the plain measurement where the profile has no SP
+    one: SP runs the same DTensor plan plus its norms' (SequenceParallel) and the same collective volume, and left to
+    the bandwidth model it ran 10.9% over (llama-3-8b tp2, benchmarks/results/campaign_2xh200.md)."""
+    if profile is None or not row.measured_tp or cfg.tp <= 1:
         return None
     plain = profile.sharding_fit(cfg.tp, False, "tp")
     return (profile.sharding_fit(cfg.tp, False, "tp-sp") or plain) if cfg.sequence_parallel else plain
 
 
-def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, engine: str) -> str:
-    """Whose measured sharding overhead applies: DeepSpeed's own for the deepspeed engine's ZeRO-1/2 (its ZeRO-2
-    measurement: one optimizer, stage_1_and_2.py, runs both) and ZeRO-3 where the profile measured it
-    (profilers/sharding.measure_deepspeed); for the torch engine with tensor parallelism,
-    FSDP2's over blocks sharded that way where measured (profilers/tensor_parallel.measure_fsdp_tp: "fsdp2-tp<N>");
-    FSDP2's over whole blocks otherwise."""
-    if (engine == "deepspeed" and cfg.zero_stage >= 1 and profile is not None
-            and profile.sharding_fit(dp_group, cfg.zero_stage == 3, "deepspeed") is not None):
-        return "deepspeed"
-    if (engine == "torch" and cfg.tp > 1 and profile is not None
+def _sharding_impl(cfg: ParallelConfig, profile: Profile | None, dp_group: int, row: EngineModel) -> str:
+    """Whose measured sharding overhead applies: the engine's own (EngineModel.own_sharding_measurement: DeepSpeed's
+    for its ZeRO-1/2, one optimizer, stage_1_and_2.py, running both, and ZeRO-3) where the profile measured it
+    (profilers/sharding.measure_deepspeed); with tensor parallelism FSDP2's over blocks sharded that way where the
+    engine runs that (EngineModel.fsdp_over_tp_shards) and the profile measured it
+    (profilers/tensor_parallel.measure_fsdp_tp: "fsdp2-tp<N>"); FSDP2's over whole blocks otherwise."""
+    own = row.own_sharding_measurement
+    if (own is not None and cfg.zero_stage >= 1 and profile is not None
+            and profile.sharding_fit(dp_group, cfg.zero_stage == 3, own) is not None):
+        return own
+    if (row.fsdp_over_tp_shards and cfg.tp > 1 and profile is not None
             and profile.sharding_fit(dp_group, cfg.zero_stage >= 3, f"fsdp2-tp{cfg.tp}") is not None):
         return f"fsdp2-tp{cfg.tp}"
     return "fsdp2"
 
 
 def _sharding_overhead_s(cfg: ParallelConfig, profile: Profile | None, dp_group: int, tokens: float,
-                         engine: str, sync: bool = True) -> float | None:
+                         row: EngineModel, sync: bool = True) -> float | None:
     """Measured seconds one sharded block adds per micro-batch (Profile.sharding), or None where this layout
     shards nothing per block or the profile did not measure it at this data-parallel group size.
 
-    ZeRO-3 reshards after forward (FSDP2 reshard_after_forward=True); ZeRO-2, and ZeRO-1 when the torch
-    engine runs it as FSDP2, keep the weights to backward (False). The profile measured a tp = 1 block at
-    `tokens` tokens per micro-batch and rank; `sync` False: a micro-batch that accumulates its gradients
-    without reducing them (ShardingFit.per_block_s).
+    ZeRO-3 reshards after forward (FSDP2 reshard_after_forward=True); ZeRO-2, and ZeRO-1 where the engine runs it
+    through its sharding machinery (EngineModel.zero1_pays_sharding_overhead), keep the weights to backward (False).
+    The profile measured a tp = 1 block at `tokens` tokens per micro-batch and rank; `sync` False: a micro-batch
+    that accumulates its gradients without reducing them (ShardingFit.per_block_s).
     """
-    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine in ("torch", "deepspeed"))
+    sharded = cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and row.zero1_pays_sharding_overhead)
     if profile is None or not sharded:
         return None
-    impl = _sharding_impl(cfg, profile, dp_group, engine)
-    if dp_group <= 1 and impl != "deepspeed":
+    impl = _sharding_impl(cfg, profile, dp_group, row)
+    if dp_group <= 1 and impl != row.own_sharding_measurement:
         # one data-parallel rank shards nothing; DeepSpeed still runs its ZeRO machinery (flat buffers, hooks, its
         # own step), which a one-device profile measures on a world of one: gpt2-xl ZeRO-2 on one H200 ran 21.9%
-        # over a prediction without it (campaign_1xh200, call 1)
+        # over a prediction without it (benchmarks/results/campaign_1xh200.md)
         return None
     return profile.sharding_overhead_s(dp_group, cfg.zero_stage >= 3, tokens, impl, sync)
 
@@ -342,6 +419,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
 def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
              engine: str = "any") -> tuple[tuple[str, str], ...]:
     """Say, per number the prediction used, whether it was measured (profile) or taken from the preset."""
+    row = engine_model(engine)
     kind = "moe_block" if model.is_moe else "block"
     out = {}
     for k in (kind, "embedding", "head"):
@@ -357,25 +435,25 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
         if size > 1:
             out[f"comm.{op}.n{size}"] = "profile" if profile and profile.collective_fit(op, size) else "preset"
     stack = profile.stack_factor(cfg.micro_batch_size * cfg.seq_len / cfg.cp) if profile is not None else 1.0
-    if measured_fit(profile, kind, cfg) is not None and engine != "megatron" and stack != 1.0:
+    if measured_fit(profile, kind, cfg) is not None and not row.megatron_core_layers and stack != 1.0:
         out["compute.in_stack"] = (f"profile: measured layer times x {stack:.3f}, a block inside a stack on every "
                                    f"GPU over one alone (costmodel.fit_factor)")
-    if engine == "megatron" and not cfg.flash_attention and not model.is_moe:
+    if row.megatron_core_layers and not cfg.flash_attention and not model.is_moe:
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
         out["compute.megatron_layer"] = ("profile (megatron-core's layer, tp 1)" if megatron_layer_delta_s(profile, cfg, tokens)
                                          else "not measured: block + unfused attention core")
-    if engine == "megatron" and not model.is_vit:
+    if row.megatron_core_layers and not model.is_vit:
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
         out["compute.megatron_head"] = ("profile (megatron-core's head and loss, tp 1)"
                                         if megatron_head_s(profile, cfg, tokens) is not None
                                         else "not measured: distplan's head")
-    if _tp_fit(cfg, profile, engine) is not None:
+    if _tp_fit(cfg, profile, row) is not None:
         sp_measured = profile.sharding_fit(cfg.tp, False, "tp-sp") is not None
         out[f"comm.tp_dtensor.n{cfg.tp}"] = ("profile (the torch engine's DTensor TP on stacks of blocks"
                                               + ("" if not cfg.sequence_parallel else
                                                  ", with SP" if sp_measured else "; SP not measured: without SP's")
                                               + ")")
-    if cfg.pp > 1 and engine == "torch" and profile is not None and profile.pipeline_action_s(cfg.schedule, 0.0) is not None:
+    if cfg.pp > 1 and row.torch_pipelining and profile is not None and profile.pipeline_action_s(cfg.schedule, 0.0) is not None:
         kind_op = "interleaved" if cfg.schedule == "interleaved" else "1f1b"
         out["comm.pipeline_op"] = f"profile (torch.distributed.pipelining {kind_op}, per operation)"
     if profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
@@ -387,20 +465,20 @@ def _sources(model: ModelSpec, cfg: ParallelConfig, profile: Profile | None,
     # the per-block sharding overhead: said only where the profile measured some (older profiles and no profile
     # leave the sources exactly as before); without it the bandwidth terms alone are charged (rank_timer)
     dp_group = cfg.dp * cfg.cp
-    if _ddp_fit(cfg, profile, dp_group, engine) is not None:
+    if _ddp_fit(cfg, profile, dp_group, row) is not None:
         out[f"comm.ddp_overlap.n{dp_group}"] = "profile (DDP on stacks of blocks)"
     if profile is not None and profile.sharding and dp_group > 1 and (
-            cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and engine == "torch")):
+            cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and row.zero1_shards_gradients)):
         tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
-        measured = _sharding_overhead_s(cfg, profile, dp_group, tokens, engine) is not None
-        impl = _sharding_impl(cfg, profile, dp_group, engine)
+        measured = _sharding_overhead_s(cfg, profile, dp_group, tokens, row) is not None
+        impl = _sharding_impl(cfg, profile, dp_group, row)
         if not measured:
             out[f"sharding.per_layer.n{dp_group}"] = f"not measured at n={dp_group} (bandwidth model only)"
-        elif impl == "deepspeed":
-            out[f"sharding.per_layer.n{dp_group}"] = "profile (deepspeed)"
-            out[f"sharding.step.n{dp_group}"] = "profile (deepspeed)"
-        elif engine == "deepspeed":
-            out[f"sharding.per_layer.n{dp_group}"] = "profile (fsdp2's: deepspeed not measured)"
+        elif impl == row.own_sharding_measurement:
+            out[f"sharding.per_layer.n{dp_group}"] = f"profile ({impl})"
+            out[f"sharding.step.n{dp_group}"] = f"profile ({impl})"
+        elif row.own_sharding_measurement is not None:
+            out[f"sharding.per_layer.n{dp_group}"] = f"profile (fsdp2's: {row.own_sharding_measurement} not measured)"
         elif impl != "fsdp2":
             out[f"sharding.per_layer.n{dp_group}"] = f"profile ({impl}: FSDP2 over tp-{cfg.tp} shards)"
         else:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import importlib
 
 from planner.core.errors import DistplanError
+from planner.cost import engines as engine_table
 
-# engine name -> (module, function)
-ENGINES = {
-    "torch": ("planner.runner.engines.torch_engine", "train"),
-    "deepspeed": ("planner.runner.engines.deepspeed_engine", "train"),
-    "megatron": ("planner.runner.engines.megatron_engine", "train"),
-}
+# engine name -> (module, function): every row of the engine table that names a runner
+ENGINES = {name: (row.runner, "train") for name, row in engine_table.ENGINES.items() if row.runner is not None}
 
 
 def get_engine(name: str):

@@ -48,6 +48,7 @@ from torch import nn
 from planner.core.errors import DistplanError, require
 from planner.build.modeling import Block, lm_loss
 from planner.core.plan import Plan
+from planner.cost.engines import engine_model
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.build.parallelize import apply_ac, build_stage, make_optimizer, materialise, tied
@@ -60,17 +61,7 @@ def check_supported(plan: Plan, device: str) -> None:
     """Raise DistplanError if DeepSpeed is missing or cannot run `plan` (the launcher calls this before spawning)."""
     cfg = plan.parallel
     require(importlib.util.find_spec("deepspeed") is not None, MISSING)
-    require(cfg.tp == 1, f"tp={cfg.tp}: DeepSpeed's engine has no tensor parallelism of its own (it needs Megatron's "
-                         f"mpu); run this plan with --engine torch or --engine megatron, or re-plan with tp=1")
-    require(cfg.cp == 1, f"context parallel cp={cfg.cp} is not supported by the deepspeed engine; "
-                         f"use --engine megatron, or re-plan with cp=1")
-    require(cfg.ep == 1, f"expert parallel ep={cfg.ep} is not supported by the deepspeed engine (the zoo's MoE layers "
-                         f"are not deepspeed.moe layers); use --engine megatron, or re-plan with ep=1")
-    require(cfg.vpp == 1, f"vpp={cfg.vpp}: DeepSpeed's pipeline engine has no interleaved schedule; "
-                          f"use --engine torch or megatron, or re-plan with vpp=1")
-    require(cfg.pp == 1 or cfg.zero_stage <= 1,
-            f"pp={cfg.pp} with ZeRO-{cfg.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; "
-            f"re-plan with zero_stage <= 1, or use --engine torch")
+    engine_model("deepspeed").check(cfg, device)  # tp, cp, ep, vpp, ZeRO with a pipeline (a gpipe plan runs as its 1F1B)
 
 
 def runtime_config(plan: Plan, emitted: dict, dtype: str, device_type: str) -> tuple[dict, list[str]]:

@@ -49,6 +49,7 @@ import torch
 
 from planner.core.errors import require
 from planner.core.plan import Plan
+from planner.cost.engines import engine_model
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 
@@ -107,15 +108,8 @@ def check_supported(plan: Plan, device: str) -> None:
     require(_has("megatron.core"), MISSING)
     require(not spec.is_vit, f"{spec.name} is a ViT; the megatron engine trains decoder language models (GPTModel); "
                              f"use --engine torch")
-    require(cfg.schedule != "gpipe", "schedule 'gpipe': megatron-core runs 1F1B or interleaved 1F1B; re-plan with 1f1b")
-    why = "this engine builds megatron-core's local layer spec (torch norms and attention, no Transformer Engine)"
-    require(not cfg.sequence_parallel, f"sequence parallel needs Transformer Engine's or Apex's norms, and {why}; "
-                                       f"re-plan without it, or use --engine torch")
-    require(cfg.cp == 1, f"context parallel cp={cfg.cp} needs Transformer Engine's attention, and {why}")
-    require(cfg.ep == 1 or cfg.tp == 1, f"ep={cfg.ep} with tp={cfg.tp}: Megatron requires sequence parallelism for "
-                                        f"expert and tensor parallelism together, and {why}; re-plan with tp=1")
-    require(not cfg.offload_optimizer, f"optimizer offload needs Transformer Engine's FusedAdam (Megatron's "
-                                       f"precision-aware optimizer), and {why}; use --engine deepspeed")
+    # gpipe, sequence parallel, cp, ep with tp, offload (ZeRO-2/3 runs as the distributed optimizer: _ZERO_NOTE)
+    engine_model("megatron").check(cfg, device)
 
 
 # ---- the plan as Megatron arguments (pure: no megatron needed) ----------------------------------------

@@ -32,7 +32,8 @@ set_requires_gradient_sync(False) until the last) with loss / m; pp > 1 hands th
 which scales gradients by 1/m. A tied embedding split across the first and last pipeline stage keeps
 two copies whose gradients are summed between the two stages before each optimizer step (Megatron).
 
-Not supported (clear error, exit 2): context parallel (cp > 1), expert parallel (ep > 1), and tp larger
+Not supported (clear error, exit 2): context parallel (cp > 1), expert parallel (ep > 1), fewer micro-batches
+than torch.distributed.pipelining's schedule needs (planner.cost.engines.ENGINES["torch"].limits), and tp larger
 than the number of KV heads.
 """
 
@@ -46,7 +47,7 @@ from contextlib import nullcontext
 import torch
 
 from planner.core.errors import require
-from planner.cost.memory import torch_engine_fsdp
+from planner.cost.engines import engine_model, torch_engine_fsdp
 from planner.build.modeling import lm_loss
 from planner.core.plan import Plan
 from planner.runner import memory_peak, trace
@@ -62,10 +63,8 @@ SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "S
 def check_supported(plan: Plan, device: str) -> None:
     """Raise DistplanError if the torch engine cannot run `plan` (called by the launcher before spawning)."""
     cfg, spec = plan.parallel, plan.model
-    require(cfg.cp == 1, f"context parallel cp={cfg.cp} is not supported by the torch engine"
-                         f"{' on CPU (gloo)' if device == 'cpu' else ''}; re-plan with cp=1, or use --engine megatron on GPUs")
-    require(cfg.ep == 1, f"expert parallel ep={cfg.ep} is not supported by the torch engine; re-plan with ep=1 "
-                         f"(MoE models run with their experts replicated or TP-sharded), or use --engine megatron")
+    engine_model("torch").check(cfg, device)  # what it runs: cp, ep, the pipelining runtime's micro-batches
+    # what it runs of this model (the table knows configurations, not models)
     require(spec.num_kv_heads % cfg.tp == 0,
             f"tp={cfg.tp} exceeds or does not divide the {spec.num_kv_heads} KV heads of {spec.name}: the torch engine "
             f"shards K/V projections by head; use tp <= {spec.num_kv_heads}")
@@ -92,7 +91,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     # DDP (gradient_as_bucket_view): keep the gradients as views of its buckets from step to step (zeroed, not
     # freed). Freed, the no_sync micro-batches of gradient accumulation would build fresh gradient tensors
     # beside the buckets: 2 more bytes per parameter until the last micro-batch (llama-3-8b, DDP, 4 micro-batches
-    # on 2xH200 ran out of memory with 15 GiB of them; campaign of 2026-11-22).
+    # on 2xH200 ran out of memory with 15 GiB of them; benchmarks/results/campaign_2xh200.md).
     ddp_views = not fsdp and cfg.dp > 1
     tied_group = _tied_embedding_group(mesh, cfg) if tied(spec) and cfg.pp > 1 else None
     tied_params = [p for _, _, _, s in chunks for p in _tied_copy(s)] if tied_group is not None else []
