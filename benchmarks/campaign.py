@@ -245,8 +245,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     `baselines=False`: an engine-coverage run of distplan's plans alone, issue 6).
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
     from planner.core.plan import make_plan, save_plan
-    from planner.core.profile import load_profile
-    from planner.cost.profiled import profile_for_job
+    from planner.cost.profiled import load_profile, profile_for_job
     from planner.cost.engines import runnable
     from solvers.request import SolveRequest, run_solve
 

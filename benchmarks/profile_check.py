@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from planner.core.profile import bus_factor, load_profile  # noqa: E402
+from planner.core.profile import bus_factor  # noqa: E402
+from planner.cost.profiled import load_profile  # noqa: E402
 from profilers.fit import collective_time_s  # noqa: E402
 
 WARMUP, ITERS = 5, 20  # nccl-tests defaults: -w 5 -n 20

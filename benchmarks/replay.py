@@ -35,9 +35,7 @@ from planner.core.plan import load_plan  # noqa: E402
 from planner.cost.predict import predict  # noqa: E402
 from planner.core.cluster import load_cluster  # noqa: E402
 from planner.core.errors import DistplanError  # noqa: E402
-from planner.cost.profiled import cluster_for_profile, with_host_memory  # noqa: E402
-from planner.core.profile import load_profile
-from planner.cost.profiled import mismatch, profile_for_job  # noqa: E402
+from planner.cost.profiled import cluster_for_profile, load_profile, mismatch, profile_for_job, with_host_memory  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 

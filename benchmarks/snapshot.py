@@ -36,8 +36,7 @@ from planner.core.errors import DistplanError  # noqa: E402
 from planner.core.model import load_model, zoo_names  # noqa: E402
 from planner.cost.predict import predict  # noqa: E402
 from planner.cost.profiled import cluster_for_profile  # noqa: E402
-from planner.core.profile import load_profile
-from planner.cost.profiled import mismatch  # noqa: E402
+from planner.cost.profiled import load_profile, mismatch  # noqa: E402
 from solvers import solve  # noqa: E402
 from solvers.search import search_space  # noqa: E402
 

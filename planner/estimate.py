@@ -11,7 +11,8 @@ from planner.core.job import MAX_DEGREE, MAX_GLOBAL_BATCH, MAX_SEQ_LEN, Parallel
 from planner.core.model import ModelSpec, load_model
 from planner.core.prediction import Prediction
 from planner.cost.predict import predict
-from planner.core.profile import Profile, load_profile
+from planner.core.profile import Profile
+from planner.cost.profiled import load_profile
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,12 @@ def job_profile(profile: Profile | None, profile_path: str | Path | None, model:
     shape, unless `fallback`), then the factors of `calibration` for this `engine`, GPU (`gpu_name`, default the
     cluster's), shape and profile file (planner.core.calibration.apply_calibration). Estimate, solve and run call this."""
     from planner.core.calibration import apply_calibration
-    from planner.cost.profiled import FALLBACK_FLAG, profile_for_job
+    from planner.cost.profiled import FALLBACK_FLAG, migration_note, profile_for_job
     from planner.core.profile import describe_profile
 
     require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
     prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
-    notes = []
+    notes = [line for line in [migration_note(prof, profile_path) if prof is not None else None] if line]
     if prof is not None and prof.model_specific_dropped:
         notes.append(f"profile: {profile_path} measured {describe_profile(prof)}: its layer fits, stack factor and per-block "
                      "sharding/TP fits do not apply; those terms come from the preset (see sources)")

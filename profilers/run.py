@@ -22,6 +22,7 @@ from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
 from planner.core.model import load_model
 from planner.core.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from planner.core.model import describe_shape, model_shape
+from planner.cost.profiled import load_profile, with_derived
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
 from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
@@ -285,8 +286,6 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     require(req.only is not None, f"--base {req.base} needs --only: one of {', '.join(ONLY)} (the phase to measure)")
     require(req.only in ONLY, f"--only {req.only!r}: one of {', '.join(ONLY)} (with --base PROFILE)")
     require(req.base is not None, f"--only {req.only} needs --base PROFILE: the earlier profile that gives the other phase")
-    from planner.core.profile import load_profile
-
     base = load_profile(req.base)
     want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": plan.dtype, "device": "cuda" if plan.cuda else "cpu",
             "device_count": plan.devices}
@@ -417,7 +416,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
            "settings": {"compute": base["settings"].get("compute") if reuse_compute else asdict(plan.compute),
                         "communication": base["settings"].get("communication") if reuse_comm else asdict(plan.comm)}}
     overlap = raw_comm.get("overlap")
-    return Profile(
+    return with_derived(Profile(
         gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=plan.dtype,
         model_shape=model_shape(spec), compute=tuple(compute_fits), collectives=tuple(coll_fits),
         matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
@@ -430,7 +429,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
         pipeline=fit_pipeline(raw_comm.get("pipeline") or []),
         facts=_plain(info), raw=_plain(raw),
-    )
+    ))  # and what it derives from them, stored with them (planner.cost.profiled.stack_fit)
 
 
 def _plain(obj):

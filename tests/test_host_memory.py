@@ -13,7 +13,7 @@ from planner.cost.memory import OFFLOAD_HOST_BYTES_PER_PARAM, host_memory_per_gp
 from planner.core.model import load_model
 from planner.cost.predict import predict
 from planner.cost.profiled import cluster_for_profile
-from planner.core.profile import load_profile
+from planner.cost.profiled import load_profile
 from solvers.search import states_fit
 
 ROOT = Path(__file__).resolve().parents[1]

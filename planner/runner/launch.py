@@ -377,7 +377,7 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torc
     from planner.core.profile import default_calibration_path
     from planner.estimate import job_profile
     from planner.cost.predict import predict
-    from planner.core.profile import load_profile
+    from planner.cost.profiled import load_profile
     from planner.runner.calibrate import machine_gpu
 
     require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")
