@@ -61,7 +61,7 @@ class LinearFit:
         """The line at `x`, at least 0; a falling line stops falling at `x_max`, the largest x measured (0: none
         recorded). Measured overheads shrink as more work hides them, but not to 0 just past the last point:
         gpt2-xl's ZeRO-1 (FSDP2) line through 1k and 16k tokens read 0 at 32k, where the run paid ~20 ms per
-        micro-batch (2xH200, call 13)."""
+        micro-batch (benchmarks/results/campaign_2xh200.md)."""
         return max(0.0, self(min(x, x_max) if x_max and self.slope_s < 0 else x))
 
 
@@ -167,9 +167,8 @@ class PipelineFit:
     action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
     max_bytes: float = 0.0
     # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches), in proportion:
-    # llama-3-8b interleaved on 2xH200 measured 2.7x (micro-batch 1) and 2.3x (micro-batch 4) its cost at 16 per
-    # rank at 64 (call 18; 0.30 ms -> 0.63-0.78 ms at micro-batch 1 over several shapes in call 17,
-    # benchmarks/pipeline_grid.py). `action` is at base_ops; growth_per_op more per operation, up to max_ops
+    # llama-3-8b interleaved on 2xH200 measured 2.3-2.7x its cost at 16 per rank at 64
+    # (benchmarks/results/pipeline_grid_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to max_ops
     base_ops: int = 0  # 0: measured at one shape only (older profiles)
     max_ops: int = 0
     growth_per_op: float = 0.0
@@ -478,7 +477,7 @@ def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
 
 
 def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
-    """One pipeline entry. An entry of the session-7 format whose growth was additive ("slope_s_per_op") gets the
+    """One pipeline entry. An entry of the older format whose growth was additive ("slope_s_per_op") gets the
     proportional growth from its raw points."""
     fit = PipelineFit(schedule=text(f, "schedule", where, ("1f1b", "interleaved")),
                       group_size=integer(f, "group_size", where, 1, MAX_GROUP),

@@ -52,9 +52,7 @@ from planner.runner.trace import ENV as TRACE_ENV
 
 WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
 GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
-# after every rank wrote its result, time they get to exit: distplan's communication profiler's ranks did not return
-# from destroy_process_group after 2D device meshes on 8x H200 (session 9), and a run must not wait its timeout so
-EXIT_GRACE_S = 20.0
+EXIT_GRACE_S = 20.0  # ranks' time to exit once all results are in; some hung (benchmarks/results/campaign_4xh200.md)
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
 POLL_S = 0.1
 # a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
@@ -152,7 +150,7 @@ def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type:
             # the host's cores shared among the ranks (the user's own setting wins): each rank's OpenMP pool
             # otherwise takes every core, and the torch engine's offloaded AdamW (fused, on the host) ran 8.5 ns
             # per parameter with two such pools on a 32-core 2x H200 host where one process measured 0.23 ns
-            # (gpt2-xl ZeRO-1 with offload, call 29)
+            # (gpt2-xl ZeRO-1 with offload, benchmarks/results/campaign_2xh200.md)
             env.setdefault("OMP_NUM_THREADS", str(threads))
             # growable segments instead of fixed blocks (torchtitan's default): on 2xH200 an FSDP2 llama-2-13b
             # run died at 124 GiB allocated with 13.5 GiB reserved but unusable; the user's own setting wins
