@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -46,6 +46,7 @@ MEMORY_TOL = 0.10  # predicted peak memory within 10%
 SPEARMAN_MIN = 0.9  # rank correlation of predicted vs measured order, per case
 SPEEDUP_ONE_CASE = 1.10  # distplan >= 10% faster than the best baseline in at least one case
 
+# the 4-layer GPT of the CPU campaign's case
 TINY_YAML = {"version": 1, "family": "gpt", "num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 512,
              "num_heads": 4, "num_kv_heads": 4, "vocab_size": 256, "max_seq_len": 64, "tie_embeddings": True,
              "default_global_batch": 8}

@@ -33,5 +33,5 @@ for r in rep.get("ranks") or []:
 PY
 done
 # one file back instead of a report per plan: the device tool returns a limited number of files per command (a report
-# was left out: benchmarks/results/campaign_2xh200.md)
+# was left out: benchmarks/results/cost_model_notes.md)
 ( cd "$out" && ls ./*.report.yaml >/dev/null 2>&1 && tar -czf reports.tar.gz ./*.report.yaml && rm -f ./*.report.yaml )

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from planner.core.errors import DistplanError
 from profilers.sharding import ShardingSettings
 
+# the collectives measured (nccl-tests' set and p2p)
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 

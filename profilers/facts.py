@@ -26,7 +26,7 @@ import torch
 
 from profilers.timing import Clock
 
-GIB = 2**30
+GIB = 2**30  # bytes per GiB
 
 
 def _run(cmd: list[str]) -> str | None:

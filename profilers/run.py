@@ -274,7 +274,7 @@ def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Prof
         torch.set_num_threads(threads)
 
 
-ONLY = ("communication", "compute")
+ONLY = ("communication", "compute")  # the phases --only measures (with --base for the other)
 
 
 def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:

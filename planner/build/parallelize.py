@@ -29,6 +29,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.build.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
 
+# how the torch engine runs each ZeRO stage, as its run report says
 ZERO_MAPPING = {
     0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with bf16 the "
        "model holds bf16 weights and gradients (all-reduced as bf16) and MasterWeightsOptimizer the fp32 master weights "
@@ -42,7 +43,7 @@ ZERO_MAPPING = {
        "weights all-gathered for forward and again for backward",
 }
 RESIDUAL_PROJECTIONS = ("o_proj", "fc2", "down_proj")  # write into the residual stream: smaller init (GPT-2)
-_WRAPPED = "_checkpoint_wrapped_module."
+_WRAPPED = "_checkpoint_wrapped_module."  # the name prefix torch's checkpoint_wrapper adds to a module's parameters
 
 
 # ---- stages ------------------------------------------------------------------------------------------

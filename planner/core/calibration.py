@@ -30,7 +30,7 @@ from planner.core.profile import Profile
 from planner.core.cluster import gpu_family
 from planner.core.model import describe_shape, model_shape
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 1  # the calibration file's format version (its `version` key)
 NO_PROFILE = "none"  # the profile key of runs predicted without a profile (the cluster preset alone)
 ENGINES = ("torch", "deepspeed", "megatron")  # distplan run's engines: a calibration is per engine
 DIGEST_CHARS = 16  # hex characters of the profile file's sha256 kept as its key

@@ -36,7 +36,7 @@ from planner.core.model import describe_shape
 PROFILE_VERSION = 2  # 2 stores the derived stack factor (`stack_factor`, `derived`); 1 did not (migrated on load)
 VERSIONS = (1, PROFILE_VERSION)  # the file versions that load
 MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
-PHASES = ("fwd", "bwd")
+PHASES = ("fwd", "bwd")  # the phases a compute fit has: forward and backward
 # the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
 # a compute kind besides the layers, for plans with flash_attention=False
 UNFUSED_ATTENTION_KIND = "attention_unfused"
@@ -546,6 +546,7 @@ RAW_POINTS = (
     (("communication", "pipeline"), ("ops_per_rank", "bytes", "action_s"), ("schedule",), ()),
     (("ceilings", "matmul"), ("gflop", "tflops"), (), ()),
 )
+# number keys of a raw compute point (profilers/compute.py)
 COMPUTE_POINT_NUMBERS = ("tokens", "fwd_s", "bwd_s", "recompute_s", "gpu_fwd_s", "gpu_bwd_s", "activation_bytes")
 
 

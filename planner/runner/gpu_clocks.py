@@ -17,8 +17,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
-QUERY = "index,clocks.sm,power.draw,utilization.gpu"
-INTERVAL_MS = 500
+QUERY = "index,clocks.sm,power.draw,utilization.gpu"  # nvidia-smi --query-gpu fields sampled
+INTERVAL_MS = 500  # nvidia-smi's sampling period
 BUSY_UTILIZATION = 50  # percent: a sample counts when the GPU ran kernels at least this share of its interval
 
 

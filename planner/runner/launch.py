@@ -54,11 +54,11 @@ WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.w
 GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
 EXIT_GRACE_S = 20.0  # ranks' time to exit once all results are in; some hung (benchmarks/results/campaign_4xh200.md)
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
-POLL_S = 0.1
+POLL_S = 0.1  # how often the launcher looks at its ranks
 # a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
 CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
                 "nccl communicator was aborted", "ncclremoteerror", "socket timeout", "failed to recv", "eof")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # signals that stop a run and its ranks
 
 ProgressFn = Callable[[int, int], None]  # (steps begun by the slowest rank, total steps)
 
@@ -124,7 +124,7 @@ def worker_argv(plan_path: str, opts: RunOptions, result_dir: str | None = None)
     return argv
 
 
-CUDA_ALLOC_CONF = "expandable_segments:True"
+CUDA_ALLOC_CONF = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless the user set it (torchtitan's default)
 
 
 def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str,

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-ENV = "DISTPLAN_MEMORY_PEAK"
+ENV = "DISTPLAN_MEMORY_PEAK"  # set to 1 for the workers by --memory-peak
 TOP = 12  # places listed, by bytes live at the peak
 MAX_ENTRIES = 1_000_000  # allocator events kept (a step of a large model makes tens of thousands)
-GIB = 1024**3
+GIB = 1024**3  # bytes per GiB
 
 
 def enabled() -> bool:

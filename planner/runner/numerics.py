@@ -28,7 +28,7 @@ from planner.core.plan import Plan
 from planner.runner.report import NumericsResult
 
 TOLERANCES = {"fp32": (1e-5, 1e-6), "bf16": (2e-2, 1e-2)}  # dtype -> (rtol, atol)
-NUMERICS_STEPS = 10
+NUMERICS_STEPS = 10  # steps compared with the single-process reference (warm-up included)
 
 
 def reference_losses(plan: Plan, steps: int, seed: int, lr: float, dtype: str, device: str,

@@ -56,6 +56,7 @@ from planner.build.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, loc
                                        apply_fsdp, apply_replicate, apply_tp, build_stage, make_optimizer, materialise,
                                        stage_layers, tied, to_bf16_with_masters)
 
+# torch.distributed.pipelining class per plan schedule
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 
 
@@ -298,6 +299,7 @@ def _keeps_outputs_optional() -> bool:
     return "return_outputs" in inspect.signature(schedules.PipelineScheduleSingle.step).parameters
 
 
+# whether this torch's schedule.step takes return_outputs (to not keep the outputs)
 _KEEPS_OUTPUTS_OPTIONAL = _keeps_outputs_optional()
 
 
