@@ -6,15 +6,12 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 from planner.core.job import ParallelConfig
 from planner.cost.terms import CommModel
 from planner.cost.layer import block_time, fit_factor, head_time
 from planner.core.model import load_model
-from planner.core.profile import PROFILE_VERSION, save_profile
-from planner.cost.profiled import (STACK_MEASURED, STACK_MIGRATED, cluster_for_profile, load_profile, migration_note,
-                                    profile_from_dict, stack_fit, with_derived)
+from planner.cost.profiled import cluster_for_profile, load_profile, with_derived
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/session5/profile-gpt2-xl-s1024.yaml"
@@ -118,27 +115,3 @@ def test_a_nearly_gpu_bound_block_is_charged_at_least_its_gpu_share_of_the_compu
     # where the interpolation is above the floor it stands: 1024 tokens keeps the stacks' own figure
     assert share[1024] * top < 0.3 and profile.stack_factor(1024) == pytest.approx(0.51, abs=0.01)
 
-
-def test_a_version_1_profile_derives_its_factor_once_on_load_and_a_saved_one_stores_it(tmp_path):
-    """The profiler derives the factor and stores it (version 2); a version-1 file, which has only the measurements,
-    gets it on load from the same function (stack_fit), and its `derived` notes and the job's notes say so."""
-    old = yaml.safe_load(GPT2_XL_2XH200.read_text())
-    assert old["version"] == 1 and "stack_factor" not in old
-    profile = load_profile(GPT2_XL_2XH200)
-    assert profile.file_version == 1 and profile.stack == stack_fit(profile) and profile.stack.compute_bound > 1.05
-    assert dict(profile.derived)["stack_factor"] == STACK_MIGRATED
-    assert migration_note(profile, "p.yaml").startswith("profile: p.yaml is a version-1 file: stack_factor derived on load")
-    save_profile(profile, tmp_path / "p.yaml")
-    stored = yaml.safe_load((tmp_path / "p.yaml").read_text())
-    assert stored["version"] == PROFILE_VERSION and stored["stack_factor"]["compute_bound"] == profile.stack.compute_bound
-    again = load_profile(tmp_path / "p.yaml")
-    assert again.stack == profile.stack and again.file_version == PROFILE_VERSION and migration_note(again) is None
-    for tokens in (None, 512, 1024, 4096, 16384):
-        assert again.stack_factor(tokens) == profile.stack_factor(tokens)
-    # a current file's stored factor is the one used: the raw stacks are not read again
-    stored["stack_factor"]["compute_bound"] = 1.5
-    assert profile_from_dict(stored, "t").stack_factor() == 1.5
-    del stored["stack_factor"]
-    assert profile_from_dict(stored, "t").stack is None and profile_from_dict(stored, "t").stack_factor() == 1.0
-    # the profiler's own note where it derives it
-    assert dict(with_derived(profile).derived)["stack_factor"] == STACK_MEASURED

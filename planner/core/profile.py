@@ -35,6 +35,10 @@ from planner.core.model import describe_shape
 
 PROFILE_VERSION = 2  # 2 stores the derived stack factor (`stack_factor`, `derived`); 1 did not (migrated on load)
 VERSIONS = (1, PROFILE_VERSION)  # the file versions that load
+# what a load derives from the raw points where an older file lacks the stored value (Profile.derived)
+MAX_TOKENS_NOTE = "derived on load: the largest tokens of raw.communication.sharding (the file predates the stored value)"
+GROWTH_NOTE = ("derived on load from raw.communication.pipeline (pipeline_growth): the file's additive slope_s_per_op "
+               "predates the proportional growth")
 MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
 PHASES = ("fwd", "bwd")  # the phases a compute fit has: forward and backward
 # the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
@@ -458,8 +462,9 @@ def _sharding_dict(s: ShardingFit) -> dict:
     return d
 
 
-def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
-    """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points."""
+def _sharding(s: object, where: str, raw_points: list, notes: dict) -> ShardingFit:
+    """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points (said in
+    `notes`)."""
     impl = text(s, "impl", where, default="fsdp2")
     n = integer(s, "group_size", where, 1, MAX_GROUP)  # 1: a one-device profile's stacks (a world of one)
     reshard = flag(s, "reshard_after_forward", where)
@@ -468,6 +473,8 @@ def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
     measured = [float(p["tokens"]) for p in raw_points if "tokens" in p and p.get("impl", "fsdp2") == impl
                 and p.get("group_size") == n and p.get("reshard_after_forward") == reshard]
     line = lambda key: _fit(s[key], f"{where}.{key}", "slope_s_per_token") if s.get(key) else None  # noqa: E731
+    if "max_tokens" not in s and measured:
+        notes["sharding.max_tokens"] = MAX_TOKENS_NOTE
     return ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_fit(mapping(s, "overhead", where),
                                                                                   f"{where}.overhead", "slope_s_per_token"),
                        edge=line("edge"), impl=impl, step_s_per_param=number(s, "step_s_per_param", where, default=0.0),
@@ -476,9 +483,9 @@ def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
                        accumulate=line("accumulate"), accumulate_edge=line("accumulate_edge"))
 
 
-def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
+def _pipeline(f: object, where: str, raw_points: list, notes: dict) -> PipelineFit:
     """One pipeline entry. An entry of the older format whose growth was additive ("slope_s_per_op") gets the
-    proportional growth from its raw points."""
+    proportional growth from its raw points (said in `notes`)."""
     fit = PipelineFit(schedule=text(f, "schedule", where, ("1f1b", "interleaved")),
                       group_size=integer(f, "group_size", where, 1, MAX_GROUP),
                       action=_fit(mapping(f, "action", where), f"{where}.action", "slope_s_per_byte"),
@@ -489,6 +496,7 @@ def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
                if p.get("schedule") == fit.schedule and {"ops_per_rank", "bytes", "action_s"} <= set(p)]
         base, most, growth = pipeline_growth(pts)
         ops = {"base": base, "max": most, "growth_per_op": growth} if base else {}
+        notes["pipeline.growth_per_op"] = GROWTH_NOTE
     if ops:
         fit = replace(fit, base_ops=integer(ops, "base", f"{where}.ops", 1), max_ops=integer(ops, "max", f"{where}.ops", 1),
                       growth_per_op=number(ops, "growth_per_op", f"{where}.ops", 0))
@@ -606,8 +614,9 @@ def parse_profile(d: object, source: str) -> Profile:
     compute = tuple(_compute(c, where, raw) for c, where in _entries(d, "compute", source))
     collectives = tuple(_collective(c, where) for c, where in _entries(d, "collectives", source))
     inter_node = _collective(d["inter_node"], f"{source}: inter_node") if d.get("inter_node") is not None else None
-    sharding = tuple(_sharding(s, where, comm.get("sharding") or []) for s, where in _entries(d, "sharding", source))
-    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or []) for f, where in _entries(d, "pipeline", source))
+    notes: dict[str, str] = {}  # what this load derived from the raw points, for `derived`
+    sharding = tuple(_sharding(s, where, comm.get("sharding") or [], notes) for s, where in _entries(d, "sharding", source))
+    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or [], notes) for f, where in _entries(d, "pipeline", source))
     sweep = listing(d, "matmul_tflops_by_gflop", source, default=[])
     for i, pair in enumerate(sweep):
         require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair) and pair[0] > 0,
@@ -632,18 +641,19 @@ def parse_profile(d: object, source: str) -> Profile:
         device_count=integer(d, "device_count", source, 0, MAX_GROUP, default=0),
         memory_gib=number(d, "memory_gib", source, 0, default=0.0), inter_node=inter_node,
         sharding=sharding, pipeline=pipeline, facts=facts, raw=raw, model_shape=shape, file_version=version,
-        **(_derived(d, source) if version == PROFILE_VERSION else {}),
+        **_derived(d, source, notes),
     )
 
 
-def _derived(d: dict, source: str) -> dict:
-    """A current-version profile's stored derived values: its stack factor and the notes of what was derived."""
-    notes = mapping(d, "derived", source, default={})
-    for key in notes:
-        text(notes, key, f"{source}: derived")
-    stack = d.get("stack_factor")
+def _derived(d: dict, source: str, loaded: dict[str, str]) -> dict:
+    """The stored stack factor and notes of what was derived (a current version's; a version-1 file has neither),
+    with the notes of what this load derived (`loaded`)."""
+    stored = mapping(d, "derived", source, default={}) if d["version"] == PROFILE_VERSION else {}
+    for key in stored:
+        text(stored, key, f"{source}: derived")
+    stack = d.get("stack_factor") if d["version"] == PROFILE_VERSION else None
     return {"stack": None if stack is None else _stack(mapping(d, "stack_factor", source), f"{source}: stack_factor"),
-            "derived": tuple((str(k), str(v)) for k, v in notes.items())}
+            "derived": tuple((str(k), str(v)) for k, v in {**stored, **loaded}.items())}
 
 
 def _refuse_legacy_calibration(calib: object, source: str) -> None:
