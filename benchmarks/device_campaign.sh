@@ -58,7 +58,8 @@ if [ "${FRESH:-0}" = 1 ] && [ "${RUN_WITHOUT_PROFILE:-0}" != 1 ]; then
     cases=$profiled
   fi
 fi
-if [ -z "$cases" ]; then  # a campaign ran over no case after its profile stalled (benchmarks/results/campaign_8xh200.md)
+# a campaign ran over no case after its profile stalled (benchmarks/results/campaign_8xh200.md)
+if [ -z "$cases" ]; then
   echo "=== no case left to run: no campaign" >>"$log"; cat "$log"; exit 0
 fi
 

@@ -24,7 +24,8 @@ def test_a_version_1_profile_derives_its_factor_once_on_load_and_a_saved_one_sto
     assert note.startswith("profile: p.yaml is a version-1 file: ") and f"stack_factor {STACK_MIGRATED}" in note
     save_profile(profile, tmp_path / "p.yaml")
     stored = yaml.safe_load((tmp_path / "p.yaml").read_text())
-    assert stored["version"] == PROFILE_VERSION and stored["stack_factor"]["compute_bound"] == profile.stack.compute_bound
+    assert stored["version"] == PROFILE_VERSION
+    assert stored["stack_factor"]["compute_bound"] == profile.stack.compute_bound
     again = load_profile(tmp_path / "p.yaml")
     assert again.stack == profile.stack and again.file_version == PROFILE_VERSION and migration_note(again) is None
     for tokens in (None, 512, 1024, 4096, 16384):

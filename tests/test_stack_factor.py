@@ -98,11 +98,11 @@ def test_host_bound_sizes_take_the_stacks_own_figure():
 
 
 def test_a_nearly_gpu_bound_block_is_charged_at_least_its_gpu_share_of_the_compute_bound_factor():
-    """One H200's gpt2-xl profile (benchmarks/results/campaign_1xh200.md): alone, the block at 8192 tokens is just host-bound (GPU
-    share 0.973 of its fit), so the first GPU-bound micro-batch is 16384 and the interpolation from the 8-block
-    stacks' 0.51 at 1024 tokens gave 0.933 at 8192; the solver chose 8 x 4 and it ran 8.9% over (0.838 s). The
-    floor is the GPU share times the compute-bound factor: 1.045 at 8192, and the solver chooses 32 x 1 again (it ran
-    0.762 s)."""
+    """One H200's gpt2-xl profile (benchmarks/results/campaign_1xh200.md): alone, the block at 8192 tokens is just
+    host-bound (GPU share 0.973 of its fit), so the first GPU-bound micro-batch is 16384 and the interpolation from
+    the 8-block stacks' 0.51 at 1024 tokens gave 0.933 at 8192; the solver chose 8 x 4 and it ran 8.9% over
+    (0.838 s). The floor is the GPU share times the compute-bound factor: 1.045 at 8192, and the solver chooses
+    32 x 1 again (it ran 0.762 s)."""
     profile = load_profile(ROOT / "benchmarks/results/campaign_1xh200/call7-both/profiles/profile-gpt2-xl-s1024.yaml")
     raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)["points"]
     fit = profile.compute_fit("block", 1)

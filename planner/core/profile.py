@@ -17,6 +17,11 @@ sequence length), refuses it naming both shapes, or with the explicit fallback k
 the model (`without_model_specific`). Profiles written before `model_shape` take it from the zoo on load.
 Calibration factors (`distplan run --calibrate`) live apart, in a calibration file (planner/core/calibration.py); a
 Profile carries the factors that apply to one job only in memory (`calibration`), and they are never written into it.
+Version 2 stores what the profiler derives from its measurements, the block-in-a-stack factor (`stack_factor`, a
+StackFit made by planner.cost.profiled.stack_fit), and says how in `derived`. This module is the schema and the file
+io: it reads a version-1 file as stored (parse_profile, read_profile), and planner.cost.profiled.load_profile, the
+door every caller uses, migrates it. What an older file lacks of its own raw points (a sharding entry's max_tokens,
+the pipeline's proportional growth) is filled in here and named in `derived`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from planner.core.model import describe_shape
 PROFILE_VERSION = 2  # 2 stores the derived stack factor (`stack_factor`, `derived`); 1 did not (migrated on load)
 VERSIONS = (1, PROFILE_VERSION)  # the file versions that load
 # what a load derives from the raw points where an older file lacks the stored value (Profile.derived)
-MAX_TOKENS_NOTE = "derived on load: the largest tokens of raw.communication.sharding (the file predates the stored value)"
+MAX_TOKENS_NOTE = ("derived on load: the largest tokens of raw.communication.sharding (the file predates the stored "
+                   "value)")
 GROWTH_NOTE = ("derived on load from raw.communication.pipeline (pipeline_growth): the file's additive slope_s_per_op "
                "predates the proportional growth")
 MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
@@ -172,7 +178,8 @@ class PipelineFit:
     max_bytes: float = 0.0
     # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches), in proportion:
     # llama-3-8b interleaved on 2xH200 measured 2.3-2.7x its cost at 16 per rank at 64
-    # (benchmarks/results/pipeline_grid_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to max_ops
+    # (benchmarks/results/pipeline_grid_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to
+    # max_ops
     base_ops: int = 0  # 0: measured at one shape only (older profiles)
     max_ops: int = 0
     growth_per_op: float = 0.0
@@ -242,7 +249,8 @@ class StackFit:
         if not below:
             return self.host_bound[0][1]
         t0, f0 = below[-1]  # the host-bound stacks' figure, moving to the compute-bound one where the GPU bounds it
-        interpolated = f0 + (self.compute_bound - f0) * math.log(tokens / t0) / math.log(self.gpu_bound_from_tokens / t0)
+        top = self.gpu_bound_from_tokens
+        interpolated = f0 + (self.compute_bound - f0) * math.log(tokens / t0) / math.log(top / t0)
         return max(interpolated, self.compute_bound * _log_interpolate(self.gpu_share, tokens))
 
 
@@ -278,13 +286,13 @@ class Profile:
     model_specific_dropped: bool = False
     calibration_source: str = field(default="", compare=False)  # where `calibration` came from, for the sources
     stack: StackFit | None = None  # derived by the profiler (StackFit); None: no stack measured
-    # what was derived rather than measured, and how: (quantity, note), e.g. ("stack_factor", STACK_FACTOR_NOTE)
+    # what was derived rather than measured, and how: (quantity, note), e.g. ("stack_factor", "derived by ...")
     derived: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     file_version: int = field(default=PROFILE_VERSION, compare=False)  # the version of the file it was read from
 
     def stack_factor(self, tokens: float | None = None) -> float:
-        """Measured slowdown of distplan's block inside a model on all GPUs at `tokens` per micro-batch (StackFit.factor;
-        without `tokens`, the compute-bound one); 1.0 where none was measured."""
+        """Measured slowdown of distplan's block inside a model on all GPUs at `tokens` per micro-batch
+        (StackFit.factor; without `tokens`, the compute-bound one); 1.0 where none was measured."""
         return 1.0 if self.stack is None else self.stack.factor(tokens)
 
     @cached_property
@@ -615,8 +623,10 @@ def parse_profile(d: object, source: str) -> Profile:
     collectives = tuple(_collective(c, where) for c, where in _entries(d, "collectives", source))
     inter_node = _collective(d["inter_node"], f"{source}: inter_node") if d.get("inter_node") is not None else None
     notes: dict[str, str] = {}  # what this load derived from the raw points, for `derived`
-    sharding = tuple(_sharding(s, where, comm.get("sharding") or [], notes) for s, where in _entries(d, "sharding", source))
-    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or [], notes) for f, where in _entries(d, "pipeline", source))
+    sharding = tuple(_sharding(s, where, comm.get("sharding") or [], notes)
+                     for s, where in _entries(d, "sharding", source))
+    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or [], notes)
+                     for f, where in _entries(d, "pipeline", source))
     sweep = listing(d, "matmul_tflops_by_gflop", source, default=[])
     for i, pair in enumerate(sweep):
         require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair) and pair[0] > 0,

@@ -210,7 +210,8 @@ def cluster_for_profile(profile: Profile, cluster: Cluster | None) -> Cluster:
 # ---- what a profile derives from its measurements, and the migration of older files -------------------------------
 
 HOST_BOUND_SHARE = 0.99  # a lone block whose GPU time is at least this share of its fit (max(GPU, host)) is GPU-bound
-STACK_FROM = "raw.communication.sharding's plain stacks over raw.compute's block at tp 1 (planner.cost.profiled.stack_fit)"
+STACK_FROM = ("raw.communication.sharding's plain stacks over raw.compute's block at tp 1 "
+              "(planner.cost.profiled.stack_fit)")
 STACK_MEASURED = f"derived by the profiler from {STACK_FROM}"
 STACK_MIGRATED = f"derived on load from {STACK_FROM}: the version-1 file predates stored derived values"
 
@@ -244,8 +245,9 @@ def stack_fit(profile: Profile) -> StackFit | None:
     for entry in raw.get("compute") or []:
         if isinstance(entry, dict) and entry.get("kind") == "block" and entry.get("tp") == 1:
             for q in entry.get("points") or []:
-                if isinstance(q, dict) and "gpu_fwd_s" in q and "gpu_bwd_s" in q and alone(float(q["tokens"])) > 0:
-                    share[float(q["tokens"])] = (float(q["gpu_fwd_s"]) + float(q["gpu_bwd_s"])) / alone(float(q["tokens"]))
+                t = float(q["tokens"]) if isinstance(q, dict) and "gpu_fwd_s" in q and "gpu_bwd_s" in q else 0.0
+                if t and alone(t) > 0:
+                    share[t] = (float(q["gpu_fwd_s"]) + float(q["gpu_bwd_s"])) / alone(t)
     try:
         ratios = {t: statistics.median(float(p["plain_s"]) / int(p["blocks"]) / alone(t) for p in points
                                        if float(p["tokens"]) == t)
