@@ -321,7 +321,7 @@ def run_key(spec: PlanSpec) -> tuple[str, str]:
 
 
 # process start, model build and engine set-up per run, before the case's first run has measured its own
-# (run_2xh200 walls were 55-90 s for gpt2-xl including 8 steps and a --check-numerics reference run)
+# (55-90 s walls for gpt2-xl including 8 steps and a --check-numerics reference: benchmarks/results/run_2xh200/)
 STARTUP_S = {"cpu": 8.0, "cuda": 45.0}
 # the run's steps budgeted at this multiple of their predicted time (predictions are within ~10%); a
 # --check-numerics run also runs a single-process reference, budgeted as much again
