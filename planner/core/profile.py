@@ -177,8 +177,8 @@ class PipelineFit:
     action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
     max_bytes: float = 0.0
     # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches), in proportion:
-    # llama-3-8b interleaved on 2xH200 measured 2.3-2.7x its cost at 16 per rank at 64
-    # (benchmarks/results/pipeline_grid_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to
+    # llama-3-8b interleaved on 2xH200 measured 2.3-2.7x its cost at 16 per rank at 64 (benchmarks/results/
+    # pipeline_grid_2xh200.md, campaign_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to
     # max_ops
     base_ops: int = 0  # 0: measured at one shape only (older profiles)
     max_ops: int = 0

@@ -224,14 +224,14 @@ def stack_fit(profile: Profile) -> StackFit | None:
     stacks (profilers/sharding.py: 4-8 blocks, forward + backward, every rank at once, the slowest rank's time, no
     data parallelism; a world of one on one device) run the same block as a model does. At compute-bound sizes a
     block in the stack took 4-13% longer than alone on 2x H200, as the runs did (benchmarks/results/
-    campaign_2xh200.md). Where the lone block is host-bound (its fit is max(GPU, host)), a stack runs faster per
-    block than it, as a model does: the host's fixed cost per call overlaps the GPU's work of the blocks before
-    (benchmarks/results/campaign_1xh200.md). So: at token counts where the lone block's GPU time is its fit (from
-    the smallest raw compute point that is GPU-bound up), the factor at the largest token count (the median over
-    the stacks' modes there, at least 1: llama-3-8b's runs at micro-batch 1 x 4096 on 2x H200 matched it, not the
-    factor its short stacks measured at 4096 tokens); below, where the host's time is the fit, the median of the
-    stacks at that token count, at least the GPU's share of the fit (a block cannot beat its GPU time); between
-    the two, StackFit.factor interpolates.
+    profile_2xh200.md, "A block in a stack"). Where the lone block is host-bound (its fit is max(GPU, host)), a
+    stack runs faster per block than it, as a model does: the host's fixed cost per call overlaps the GPU's work of
+    the blocks before (benchmarks/results/campaign_1xh200.md). So: at token counts where the lone block's GPU time
+    is its fit (from the smallest raw compute point that is GPU-bound up), the factor at the largest token count
+    (the median over the stacks' modes there, at least 1: llama-3-8b's runs at micro-batch 1 x 4096 on 2x H200
+    matched it, not the factor its short stacks measured at 4096 tokens); below, where the host's time is the fit,
+    the median of the stacks at that token count, at least the GPU's share of the fit (a block cannot beat its GPU
+    time); between the two, StackFit.factor interpolates.
     """
     raw = profile.raw if isinstance(profile.raw, dict) else {}
     comm = raw.get("communication") if isinstance(raw.get("communication"), dict) else {}

@@ -150,7 +150,7 @@ def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type:
             # the host's cores shared among the ranks (the user's own setting wins): each rank's OpenMP pool
             # otherwise takes every core, and the torch engine's offloaded AdamW (fused, on the host) ran 8.5 ns
             # per parameter with two such pools on a 32-core 2x H200 host where one process measured 0.23 ns
-            # (gpt2-xl ZeRO-1 with offload, benchmarks/results/campaign_2xh200.md)
+            # (gpt2-xl ZeRO-1 with offload, benchmarks/results/campaign_1xh200.md and cost_model_notes.md)
             env.setdefault("OMP_NUM_THREADS", str(threads))
             # growable segments instead of fixed blocks (torchtitan's default): on 2xH200 an FSDP2 llama-2-13b
             # run died at 124 GiB allocated with 13.5 GiB reserved but unusable; the user's own setting wins
