@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -46,6 +46,7 @@ MEMORY_TOL = 0.10  # predicted peak memory within 10%
 SPEARMAN_MIN = 0.9  # rank correlation of predicted vs measured order, per case
 SPEEDUP_ONE_CASE = 1.10  # distplan >= 10% faster than the best baseline in at least one case
 
+# the 4-layer GPT of the CPU campaign's case
 TINY_YAML = {"version": 1, "family": "gpt", "num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 512,
              "num_heads": 4, "num_kv_heads": 4, "vocab_size": 256, "max_seq_len": 64, "tie_embeddings": True,
              "default_global_batch": 8}
@@ -245,8 +246,7 @@ def campaign_plans(case: Case, profile_path: str | None, out_dir: str | Path, gp
     `baselines=False`: an engine-coverage run of distplan's plans alone, issue 6).
     Returns (plans, skipped) where skipped rows say why a plan was not made (does not fit, not runnable)."""
     from planner.core.plan import make_plan, save_plan
-    from planner.core.profile import load_profile
-    from planner.cost.profiled import profile_for_job
+    from planner.cost.profiled import load_profile, profile_for_job
     from planner.cost.engines import runnable
     from solvers.request import SolveRequest, run_solve
 
@@ -309,7 +309,7 @@ def run_key(spec: PlanSpec) -> tuple[str, str]:
     """(engine, digest of the program it runs): two plans with one key are one run. The torch engine without
     data parallelism and without offload builds the same program at every ZeRO stage (nothing to shard: the
     runner's note "dp=1: no data parallelism"); on one H200 FSDP2's baseline at ZeRO-3 and DDP's at ZeRO-0 were that
-    one program, measured twice 0.03% and 0.45% apart (campaign_1xh200, calls 5-6)."""
+    one program, measured twice 0.03% and 0.45% apart (benchmarks/results/campaign_1xh200.md)."""
     from planner.cost.engines import torch_engine_fsdp
     from planner.core.plan import load_plan
 
@@ -321,7 +321,7 @@ def run_key(spec: PlanSpec) -> tuple[str, str]:
 
 
 # process start, model build and engine set-up per run, before the case's first run has measured its own
-# (run_2xh200 walls were 55-90 s for gpt2-xl including 8 steps and a --check-numerics reference run)
+# (55-90 s walls for gpt2-xl including 8 steps and a --check-numerics reference: benchmarks/results/run_2xh200/)
 STARTUP_S = {"cpu": 8.0, "cuda": 45.0}
 # the run's steps budgeted at this multiple of their predicted time (predictions are within ~10%); a
 # --check-numerics run also runs a single-process reference, budgeted as much again
@@ -385,9 +385,8 @@ def _row(case_name: str, case: Case, spec: PlanSpec, report: dict | None, status
     return row
 
 
-# micro-batches of one step that differ by more than this (slowest over fastest) point at the host or the allocator:
-# the GPU's own compute repeats within 1-4% (the sync micro-batch of DDP/FSDP2 aside); llama-2-13b's DTensor tp2 run
-# spread 0.551-0.676 s (+23%, 2xH200, call 14)
+# micro-batches of one step that differ by more than this (slowest over fastest) point at the host or the allocator: the
+# GPU's own compute repeats within 1-4%; a DTensor tp2 run spread 23% (benchmarks/results/campaign_2xh200.md)
 MICROBATCH_JITTER = 0.15
 
 
@@ -549,9 +548,8 @@ def _run_once(spec: PlanSpec, steps: int, warmup: int, left_s: float, report_pat
     return yaml.safe_load(report_path.read_text())
 
 
-# --repeat runs again only the plans measured within this of another plan: their order is what run-to-run noise
-# can flip (gpt2-xl-large's data-parallel plans lay within 2% and one moved 2% between calls 13 and 15); plans
-# further apart keep their order, and their repeats would spend the budget the close ones need
+# --repeat runs again only the plans measured within this of another plan, whose order run-to-run noise can flip
+# (plans 2% apart, one moved 2% between runs: benchmarks/results/campaign_2xh200.md)
 REPEAT_NEAR = 0.05
 
 
@@ -661,8 +659,9 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _all_met(targets: list[bool | None]) -> bool | None:
-    """True where no target is missed and at least one was checked; None where nothing ran to check (8xH200 call 1,
-    session 9, whose profile stalled, reported 'all per-case targets met: True' over no case at all)."""
+    """True where no target is missed and at least one was checked; None where nothing ran to check (a campaign whose
+    profile stalled reported 'all per-case targets met: True' over no case at all: benchmarks/results/
+    campaign_8xh200.md)."""
     checked = [v for v in targets if v is not None]
     return all(checked) if checked else None
 
@@ -845,8 +844,8 @@ DEFAULT_PRESET = "dgx-h100-80gb"  # what `distplan solve` plans on without --clu
 
 def local_preset(gpu_name: str | None = None) -> str | None:
     """The cluster preset of this machine's GPU (or `gpu_name`), the largest in memory where several match; None
-    without a GPU or a matching preset. A case without a profile plans on it: 4xH200 call 1 (session 7), whose
-    profile timed out, planned on the H100 preset and predicted 78 GiB usable on 141 GiB GPUs."""
+    without a GPU or a matching preset. A case without a profile plans on it (one whose profile timed out planned on
+    the H100 preset and predicted 78 GiB usable on 141 GiB GPUs: benchmarks/results/cost_model_notes.md)."""
     from planner.core.cluster import cluster_names, load_cluster
     from planner.core.cluster import gpu_family
 

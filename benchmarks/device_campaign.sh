@@ -13,7 +13,7 @@
 #   FRESH=1 profiles every case's model even where a committed profile exists (after a profiler change);
 #   PROFILE_CASES=a,b profiles those cases' models too (for later calls); PROFILE_ARGS (default --quick);
 #   QUICK_MODELS="m1 m2": those models --quick whatever PROFILE_ARGS says; PROFILE_TIMEOUT (default 240 s: a
-#   full llama-3-8b profile on 4xH200 did not finish in it, session 7);
+#   full llama-3-8b profile on 4xH200 did not finish in it: benchmarks/results/campaign_4xh200.md);
 #   CHECK=1 runs benchmarks/profile_check.py on the first new profile (OUT/check.json, ~1 minute);
 #   COMMITTED=dir: committed profiles to reuse (default profile_2xh200; another node size needs FRESH=1);
 #   DISTPLAN_TRACE=1: torch-engine runs profile one extra step (planner/runner/trace.py; the hints read it);
@@ -49,8 +49,8 @@ if [ "${CHECK:-0}" = 1 ]; then
   fi
 fi
 
-# 1c. FRESH=1: a case whose profile failed here is not run (4xH200 call 1 spent 300 s running a case on a preset after
-#     its profile timed out); RUN_WITHOUT_PROFILE=1 runs it anyway, on the local GPU's preset
+# 1c. FRESH=1: a case whose profile failed here is not run (one ran 300 s on a preset after its profile timed out:
+#     benchmarks/results/cost_model_notes.md); RUN_WITHOUT_PROFILE=1 runs it anyway, on the local GPU's preset
 if [ "${FRESH:-0}" = 1 ] && [ "${RUN_WITHOUT_PROFILE:-0}" != 1 ]; then
   profiled=$(python3 benchmarks/campaign.py --cases "$cases" --profile-dir "$out/profiles" --profiled-cases 2>>"$log")
   if [ "$profiled" != "$cases" ]; then
@@ -58,7 +58,8 @@ if [ "${FRESH:-0}" = 1 ] && [ "${RUN_WITHOUT_PROFILE:-0}" != 1 ]; then
     cases=$profiled
   fi
 fi
-if [ -z "$cases" ]; then  # 8xH200 call 1 (session 9) ran the campaign over no case after its profile stalled
+# a campaign ran over no case after its profile stalled (benchmarks/results/campaign_8xh200.md)
+if [ -z "$cases" ]; then
   echo "=== no case left to run: no campaign" >>"$log"; cat "$log"; exit 0
 fi
 

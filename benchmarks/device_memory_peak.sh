@@ -32,6 +32,6 @@ for r in rep.get("ranks") or []:
     print(f"   {mp.get('live_at_peak_other_gib', 0):8.3f} GiB elsewhere")
 PY
 done
-# one file back instead of a report per plan: the device tool returns a limited number of files per call (call 32's
-# report was left out)
+# one file back instead of a report per plan: the device tool returns a limited number of files per command (a report
+# was left out: benchmarks/results/cost_model_notes.md)
 ( cd "$out" && ls ./*.report.yaml >/dev/null 2>&1 && tar -czf reports.tar.gz ./*.report.yaml && rm -f ./*.report.yaml )

@@ -20,7 +20,7 @@ from planner.cost.memory import zero_model_state_bytes
 from planner.cost.predict import predict
 from planner.core.published import published, sc21_table1, sc21_table2
 
-RESULTS = Path(__file__).parent / "results" / "estimate_accuracy.md"
+RESULTS = Path(__file__).parent / "results" / "estimate_accuracy.md"  # the report written
 
 
 def sc21_rows() -> list[str]:

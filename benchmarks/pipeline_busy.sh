@@ -9,9 +9,9 @@
 #   C  the 4-GPU plan (dp2 x pp2, DDP between the replicas), traced (`distplan run --trace`): what data
 #      parallelism adds to B.
 # GPU clocks, power and temperature are sampled every second throughout (smi.csv), and the host's CPU described
-# (machine.txt). Planned with the profile 4xH200 call 2 measured (no profiling here).
+# (machine.txt). Planned with the committed 4xH200 profile (no profiling here).
 # Usage, from the repository root with .whl carried, on nvidia-h200-x4: OUT=$OUT bash benchmarks/pipeline_busy.sh
-# Optional: STEPS (default 4) WARMUP (default 2), PROFILE (default call 2's llama-3-8b profile).
+# Optional: STEPS (default 4) WARMUP (default 2), PROFILE (default the committed 4xH200 llama-3-8b profile below).
 set -u
 out=${OUT:-out}; mkdir -p "$out/work"; log="$out/log.txt"; : >"$log"
 source benchmarks/device_env.sh || exit 1

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# schedule:chunks per rank:micro-batches shapes timed (16 to 64 operations per rank)
 DEFAULT_GRID = ("1f1b:1:4", "1f1b:1:16", "interleaved:2:4", "interleaved:2:8", "interleaved:2:16",
                 "interleaved:4:4", "interleaved:8:4", "interleaved:4:8")
 

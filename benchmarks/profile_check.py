@@ -29,12 +29,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from planner.core.profile import bus_factor, load_profile  # noqa: E402
+from planner.core.profile import bus_factor  # noqa: E402
+from planner.cost.profiled import load_profile  # noqa: E402
 from profilers.fit import collective_time_s  # noqa: E402
 
 WARMUP, ITERS = 5, 20  # nccl-tests defaults: -w 5 -n 20
 LOOP_S = 0.02  # more iterations where 20 would take less than this
-MIB = 2**20
+MIB = 2**20  # bytes per MiB
 COLL_SIZES = (16 * MIB, 256 * MIB, 1024 * MIB)  # sizes the profile's x4 sweep from 64 KiB also measured
 
 

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,9 +35,7 @@ from planner.core.plan import load_plan  # noqa: E402
 from planner.cost.predict import predict  # noqa: E402
 from planner.core.cluster import load_cluster  # noqa: E402
 from planner.core.errors import DistplanError  # noqa: E402
-from planner.cost.profiled import cluster_for_profile, with_host_memory  # noqa: E402
-from planner.core.profile import load_profile
-from planner.cost.profiled import mismatch, profile_for_job  # noqa: E402
+from planner.cost.profiled import cluster_for_profile, load_profile, mismatch, profile_for_job, with_host_memory  # noqa: E402
 
 OOM_SLACK_GIB = 1.0  # an OOM row is "caught" when the replay says it does not fit
 
@@ -49,7 +47,8 @@ def _call_order(call: Path) -> tuple[float, str]:
 
 def _out_of_memory(row: dict) -> bool:
     """A run that ran out of memory: on the GPU (status oom), or on the host, where the kernel's OOM killer stopped a
-    rank (status failed, SIGKILL: DeepSpeed's optimizer offload for 13B on a 252 GiB 2xH200 host, call 25)."""
+    rank (status failed, SIGKILL: DeepSpeed's optimizer offload for 13B on a 252 GiB 2xH200 host,
+    benchmarks/results/run_2xh200.md)."""
     return row.get("status") == "oom" or (row.get("status") == "failed" and "OOM killer" in str(row.get("why", "")))
 
 
@@ -125,7 +124,7 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             if not dest.exists():
                 with tarfile.open(call / "campaign.tar.gz") as tar:
                     tar.extractall(dest, filter="data")
-            rel = row["plan_path"].rsplit("/campaign/", 1)[1]  # OUT may itself end in campaign/ (call 32)
+            rel = row["plan_path"].rsplit("/campaign/", 1)[1]  # OUT may end in campaign/ (campaign_2xh200/call32-*)
             plan = load_plan(dest / "campaign" / rel)
             prof_path = plan.provenance.get("profile") or _flag(plan.provenance.get("command", ""), "--profile")
             found = _find_profile(prof_path, dest, call)

@@ -27,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 from planner.core.cluster import load_cluster  # noqa: E402
@@ -36,25 +36,27 @@ from planner.core.errors import DistplanError  # noqa: E402
 from planner.core.model import load_model, zoo_names  # noqa: E402
 from planner.cost.predict import predict  # noqa: E402
 from planner.cost.profiled import cluster_for_profile  # noqa: E402
-from planner.core.profile import load_profile
-from planner.cost.profiled import mismatch  # noqa: E402
+from planner.cost.profiled import load_profile, mismatch  # noqa: E402
 from solvers import solve  # noqa: E402
 from solvers.search import search_space  # noqa: E402
 
-DEFAULT = ROOT / "benchmarks" / "results" / "snapshot.json.gz"
-RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT = ROOT / "benchmarks" / "results" / "snapshot.json.gz"  # the committed snapshot
+RESULTS = ROOT / "benchmarks" / "results"  # committed runs and profiles
+# (campaign folder, merge rows by case) replayed
 CAMPAIGNS = [("campaign_2xh200", True), ("campaign_2xh200/engines", False), ("campaign_1xh200", True),
              ("campaign_1xh100", True), ("campaign_4xh200", True)]
 STRIDE = 37  # every 37th configuration of a search space (a prime: it walks every axis of the canonical order)
+# (model, GPUs, cluster) of the prediction grid
 GRID = [("gpt2-xl", 8, "dgx-h100-80gb"), ("gpt2-xl", 2, "h200-141gb"), ("llama-3-8b", 16, "dgx-h100-80gb"),
         ("llama-3-8b", 2, "h200-141gb"), ("llama-2-13b", 2, "h200-141gb"), ("mixtral-8x7b", 64, "dgx-h100-80gb"),
         ("llama-3-70b", 64, "dgx-h100-80gb"), ("gpt3-175b", 1024, "dgx-a100-80gb"), ("vit-huge", 16, "dgx-a100-80gb")]
+# committed profiles the grid also predicts with (where their model matches)
 PROFILES = [RESULTS / "profile_2xh200/session11/profile-gpt2-xl-s1024.yaml",
             RESULTS / "profile_2xh200/session7/profile-llama-3-8b-s4096.yaml",
             RESULTS / "profile_2xh200/session7/profile-llama-2-13b-s4096.yaml",
             RESULTS / "profile_1xh100/profile-gpt2-xl-1xh100.yaml"]
-SOLVE_SIZES = (1, 8, 64, 512)
-ENGINES = ("any", "torch", "deepspeed", "megatron")
+SOLVE_SIZES = (1, 8, 64, 512)  # GPU counts solved per zoo model
+ENGINES = ("any", "torch", "deepspeed", "megatron")  # engines predicted per configuration
 REL_TOL = 1e-9  # two numbers are the same when they differ by less than this share (floating-point order)
 
 

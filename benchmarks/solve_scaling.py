@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "solve_scaling.md"
+RESULTS = Path(__file__).parent / "results" / "solve_scaling.md"  # the report written
+# (model, GPUs, target solve seconds) timed
 CASES = [("gpt2-xl", 64, 5.0), ("gpt3-175b", 1024, 10.0), ("llama-3.1-405b", 16384, 60.0), ("mixtral-8x7b", 64, 10.0)]
 
 

@@ -20,6 +20,7 @@ from planner.core.errors import DistplanError, require
 from planner.core.fileio import check_writable_folder
 from planner.core.plan import Plan, load_plan
 
+# emitter per `distplan emit --target` name
 TARGETS = {"deepspeed": emit_deepspeed, "megatron": emit_megatron, "torchrun": emit_torchrun, "slurm": emit_slurm}
 
 

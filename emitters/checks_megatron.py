@@ -22,6 +22,7 @@ from planner.core.plan import Plan
 
 WORLD_TAG = re.compile(r"^#\s*distplan-world-size:\s*(\d+)\s*$")
 ENV_TAG = re.compile(r"^#\s*distplan-env:\s*(\w+)=(\S*)\s*$")
+# megatron-core's valid --recompute-modules (megatron/training/arguments.py)
 RECOMPUTE_MODULES = frozenset({"core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"})
 
 
@@ -217,6 +218,7 @@ def megatron_rule_errors(argv: list[str], world: int, env: dict[str, str] | None
     return errors
 
 
+# checks emitted arguments against an installed Megatron-LM's parser
 MEGATRON_CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "megatron_args_check.py"
 
 

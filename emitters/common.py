@@ -30,7 +30,7 @@ from planner import __version__
 from planner.core.errors import DistplanError
 from planner.core.plan import Plan
 
-README = "README.txt"
+README = "README.txt"  # the file every emitter writes beside its outputs
 
 
 @dataclass(frozen=True)

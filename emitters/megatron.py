@@ -37,11 +37,11 @@ from emitters.common import (
 )
 from planner.core.plan import Plan
 
-TARGET = "megatron"
-ARGS_FILE = "megatron_args.txt"
-DEFAULT_SCRIPT = "$MEGATRON_LM/pretrain_gpt.py"
-WORLD_SIZE_TAG = "distplan-world-size:"
-ENV_TAG = "distplan-env:"
+TARGET = "megatron"  # this emitter's --target name
+ARGS_FILE = "megatron_args.txt"  # the arguments file, one per line
+DEFAULT_SCRIPT = "$MEGATRON_LM/pretrain_gpt.py"  # Megatron-LM's GPT training entry point
+WORLD_SIZE_TAG = "distplan-world-size:"  # comment tag giving the world size in ARGS_FILE
+ENV_TAG = "distplan-env:"  # comment tag giving an environment variable in ARGS_FILE
 # run-length arguments the launch script adds after the plan's (not part of the plan: a short timing run by
 # default): (flag, environment variable that overrides it or None, default)
 RUN_ARGS = (("--train-iters", "TRAIN_ITERS", "100"), ("--lr", "LR", "1.0e-4"), ("--log-interval", None, "1"),

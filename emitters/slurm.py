@@ -19,8 +19,8 @@ from emitters.torchrun import emit_torchrun
 from planner.core.errors import DistplanError
 from planner.core.plan import Plan
 
-TARGET = "slurm"
-SBATCH = "job.sbatch"
+TARGET = "slurm"  # this emitter's --target name
+SBATCH = "job.sbatch"  # the batch script written
 # the targets an sbatch script can wrap (explicit: nothing registers itself)
 WRAPPABLE = {"torchrun": emit_torchrun, "megatron": emit_megatron, "deepspeed": emit_deepspeed}
 

@@ -24,8 +24,8 @@ from emitters.common import (
 from planner.core.errors import DistplanError
 from planner.core.plan import Plan, plan_to_yaml
 
-TARGET = "torchrun"
-PLAN_FILE = "plan.yaml"
+TARGET = "torchrun"  # this emitter's --target name
+PLAN_FILE = "plan.yaml"  # the plan copied beside the launch script
 
 #: argv after `torchrun <torchrun options>`: the runner's per-GPU worker module and its arguments;
 #: "{plan}" is replaced by the plan file's path. Used by this emitter and by `distplan run`.

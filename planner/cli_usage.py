@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
 UsageError = exceptions.UsageError
 NoArgsIsHelpError = getattr(exceptions, "NoArgsIsHelpError", ())  # `distplan` alone: click prints the help
 
+# an option's type in words, for error messages
 KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 

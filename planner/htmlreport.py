@@ -19,11 +19,14 @@ from planner.show import gpu_indices, memory_chart_of, plan_review, timeline_of
 MAX_SVG_BYTES = 2_500_000  # beyond this (many thousands of blocks) the timeline is embedded as PNG
 MAX_GPU_CELLS = 128  # GPU map: one box per GPU up to 16 nodes of 8; beyond, one per node (thousands would not read)
 NODE_COLUMNS = 8  # GPU map boxes per row when it draws one per node
+# the letter naming each parallel axis in GPU labels
 AXIS_LETTERS = {"stage": "s", "dp": "d", "cp": "c", "tp": "t", "ep": "e"}
+# ... and its name in words
 AXIS_NAMES = {"stage": "pipeline stage", "dp": "data-parallel replica", "cp": "context-parallel rank",
               "tp": "tensor-parallel shard", "ep": "expert-parallel rank"}
-STAGE_HUES = (210, 140, 30, 280, 0, 180, 60, 320, 100, 240)
+STAGE_HUES = (210, 140, 30, 280, 0, 180, 60, 320, 100, 240)  # HSL hue per pipeline stage, in turn
 
+# the report's style sheet
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 main{max-width:1180px;margin:0 auto;padding:24px}

@@ -21,6 +21,7 @@ from planner.core.fileio import atomic_write_bytes, check_writable
 from planner.core.prediction import FRAGMENTATION
 from planner.cost.pipeline import PHASES, Schedule
 
+# colour per timeline phase
 PHASE_COLORS = {
     "forward": "#4C72B0",  # blue
     "backward": "#55A868",  # green
@@ -30,15 +31,17 @@ PHASE_COLORS = {
     "optimizer": "#937860",  # brown
     "bubble": "#EEEEEE",  # idle
 }
+# legend label per timeline phase
 PHASE_LABELS = {
     "forward": "forward", "backward": "backward", "recompute": "recompute (forward re-run)",
     "p2p": "pipeline p2p (send/recv)", "grad_sync": "data-parallel grad sync", "optimizer": "optimizer step",
     "bubble": "bubble (idle)",
 }
+# the memory terms drawn, bottom up
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
 MEMORY_COLORS = {"weights": "#4C72B0", "gradients": "#55A868", "optimizer": "#DD8452", "activations": "#C44E52",
                  "logits": "#8172B3", "buffers": "#937860"}
-FORMATS = ("png", "svg")
+FORMATS = ("png", "svg")  # image formats written (matplotlib)
 MAX_LABELS = 400  # micro-batch numbers are written into blocks only while they stay readable
 FIG_WIDTH_IN, DPI = 13, 110  # timeline size: 1430 px wide, fits a laptop screen and the report's 1180 px column
 AXES_PX = FIG_WIDTH_IN * DPI * 0.85  # the time axis's width in pixels (the rest: stage labels and margins)

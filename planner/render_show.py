@@ -10,6 +10,7 @@ from rich.text import Text
 
 from planner.show import gpu_indices
 
+# rich styles of the pipeline stages, in turn
 STAGE_STYLES = ("bold white on blue", "bold black on green", "bold black on yellow", "bold white on magenta",
                 "bold black on cyan", "bold white on red", "bold black on bright_green", "bold black on bright_yellow")
 MAX_MAP_NODES = 8  # GPU map rows printed; larger clusters repeat the same pattern

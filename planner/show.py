@@ -19,8 +19,10 @@ from planner.cost.memory import inflight_microbatch_chunks
 from planner.core.plan import Plan, load_plan
 from planner.core.prediction import BREAKDOWN_KEYS
 
+# the memory terms shown, in order
 MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
 STRETCH_NOTED = 0.005  # the timeline says so when the plan's pipeline time and its simulation differ by more
+# the keys of a measured row
 MEASURED_KEYS = ("name", "predicted_step_s", "measured_step_s", "predicted_mem_gib", "measured_mem_gib")
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from planner.core.errors import DistplanError
 from profilers.sharding import ShardingSettings
 
+# the collectives measured (nccl-tests' set and p2p)
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -332,18 +333,17 @@ def _worker(rank: int, world: int, init_file: str, cuda: bool, settings: CommSet
         q.put(("error", f"rank {rank}: {traceback.format_exc()}"))
         raise SystemExit(1)
     # every rank is done (run() ends on a barrier): exit without tearing the groups down, as destroy_process_group
-    # did not return after the FSDP2 x TP points' 2D meshes on 8x H200 (session 9); the queue is flushed first
+    # did not return after the FSDP2 x TP points' 2D meshes on 8x H200 (benchmarks/results/campaign_8xh200.md); the
+    # queue is flushed first
     q.close()
     q.join_thread()
     os._exit(0)
 
 
-# Seconds the parent waits for the ranks to exit once rank 0's result is in, then stops them: on 8x H200 (session 9)
-# the ranks did not exit after the FSDP2 x TP points (2D device meshes), and joining them one by one with 60 s each
-# held a llama-3-8b --quick profile past its 300 s limit (as likely on 4x H200 in session 7, 4 x 60 = its 240 s)
+# seconds the parent waits for the ranks to exit once rank 0's result is in, then stops them (ranks that did not exit,
+# joined one by one, held a profile past its limit: benchmarks/results/campaign_8xh200.md)
 EXIT_GRACE_S = 20.0
-# a rank's progress message at least this often: the longest single point (DeepSpeed's engine start with its
-# first ZeRO-2 op build) takes about 2 minutes; silence beyond this names the last point measured
+# a rank's progress message at least this often (the longest point, DeepSpeed's engine start, takes about 2 minutes)
 STALL_S = 300.0
 
 

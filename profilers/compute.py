@@ -42,8 +42,8 @@ from planner.build.modeling import Block, ClassifierHead, PatchEmbedding, TokenE
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND
 from profilers.timing import free_memory, is_oom, time_point
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TP_DEGREES = (1, 2, 4, 8, 16)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names to torch dtypes
+TP_DEGREES = (1, 2, 4, 8, 16)  # TP degrees a layer is profiled at (those dividing its heads and FFN)
 
 
 @dataclass(frozen=True)

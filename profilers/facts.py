@@ -26,7 +26,7 @@ import torch
 
 from profilers.timing import Clock
 
-GIB = 2**30
+GIB = 2**30  # bytes per GiB
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -216,7 +216,7 @@ def host_optimizer_s_per_param(numel: int, repeats: int = 3, tensors: int = 16, 
     `numel` parameters in `tensors` tensors, with `threads` CPU threads (default: this process's). Median of
     `repeats` after a warm-up.
     The per-parameter loop took 26 ns per parameter on the 2x H200 host (gpt2-xl ZeRO-3 with offload: a 20.7 s
-    step of 0.78 B parameters, call 27); the engine runs the fused CPU kernel."""
+    step of 0.78 B parameters, benchmarks/results/campaign_2xh200.md); the engine runs the fused CPU kernel."""
     from planner.build.parallelize import make_optimizer
 
     per = max(1, numel // tensors)

@@ -3,12 +3,12 @@
 Why: on 2x H200 the torch engine's pipelines ran longer than a simulation of their schedule fed with the chunks'
 own measured compute (CUDA events around every forward_one_chunk / backward_one_chunk): by 0.07-0.08 s on
 llama-3-8b interleaved v8 x 4 micro-batches and gpt2-xl interleaved v2 x 16 (64 operations per rank, about
-1.2-1.3 ms each), and about 0.5 ms per operation on 1F1B (campaign of 2026-11-22, calls 13-14). The cost model
+1.2-1.3 ms each), and about 0.5 ms per operation on 1F1B (benchmarks/results/campaign_2xh200.md). The cost model
 charged only the activation's transfer at the profiled p2p bandwidth (0.1-0.2 ms), which the collective
 profiler times as a back-to-back loop of sends. Where the rest goes is not settled (benchmarks/DEVICE_NOTES.md:
 head-of-line blocking of the pair's NCCL stream was simulated and explains little); this measures the runtime as
-it is. Call 16's llama-3-8b profile measured 0.52 ms per operation at that plan's 64 MiB: about half of what the
-run lost at v = 8 (this measures v = VPP).
+it is. A llama-3-8b profile measured 0.52 ms per operation at that plan's 64 MiB: about half of what the run lost at
+v = 8 (this measures v = VPP; benchmarks/results/campaign_2xh200.md).
 
 What: inside the communication profiler's processes, over ranks 0 and 1 (NCCL on GPUs, gloo on CPUs), a
 2-stage pipeline whose every chunk is one transformer block (profilers.compute.build_layer, tp = 1, the
@@ -35,10 +35,8 @@ from profilers.sharding import ShardingSettings, _slowest, _sync
 
 VPP = 2  # chunks per rank of the interleaved measurement
 MICROBATCHES = 4  # micro-batches per step (a multiple of the 2 ranks, as the interleaved schedule needs)
-# the interleaved schedule again at a longer shape, at the smallest micro-batch: its cost per operation grows with
-# the operations per rank (llama-3-8b on 2xH200: 0.30 ms at v2 x 4 = 16 per rank, 0.63-0.78 ms at 64: v2 x 16,
-# v4 x 8, v8 x 4; call 17, benchmarks/pipeline_grid.py), in proportion (2.7x at micro-batch 1, 2.3x at 4; call 18).
-# fit_pipeline takes the relative growth per operation between the two shapes.
+# the interleaved schedule again at a longer shape (v4 x 8 = 64 operations per rank): its cost per operation grows in
+# proportion to the operations per rank (benchmarks/results/pipeline_grid_2xh200.md); fit_pipeline takes the growth
 LONG_VPP, LONG_MICROBATCHES = 4, 8
 
 

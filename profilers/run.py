@@ -22,6 +22,7 @@ from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN
 from planner.core.model import load_model
 from planner.core.profile import CollectiveFit, ComputeFit, Profile, compute_points
 from planner.core.model import describe_shape, model_shape
+from planner.cost.profiled import load_profile, with_derived
 from profilers import comm, compute, facts, fit, megatron_layer
 from profilers.pipeline import fit_pipeline
 from profilers.sharding import GPU_STACK, STACK, ShardingSettings, fit_sharding
@@ -90,10 +91,8 @@ class Plan:
         return ceilings + comm_points + sharding_points + layers + 1  # + fits
 
 
-# a full profile on GPUs times micro-batches up to at least this many tokens: above its largest point the cost model
-# scales time in proportion to tokens (LayerFit.time_s), which misses what larger kernels gain. gpt2-xl's DDP plan
-# at 32 x 4 (1024-token sequences) ran 3.05 s and at 16 x 8 3.14-3.15 s where both were predicted 3.152 s from
-# points up to micro-batch 16, and the solver picked the slower one (2xH200, call 21)
+# a full profile on GPUs times micro-batches up to at least this many tokens: above its largest point time scales in
+# proportion to tokens (ComputeFit.time_s), missing what larger kernels gain (benchmarks/results/campaign_2xh200.md)
 FULL_PROFILE_TOKENS = 32768
 QUICK_SHARDING_TOKENS = 16384  # --quick on GPUs: tokens of the largest micro-batch the sharding stacks run
 
@@ -165,14 +164,14 @@ def plan_profile(req: ProfileRequest) -> Plan:
     # FSDP2 per-block overhead (profilers/sharding.py) at the smallest and the largest micro-batch: a line in
     # tokens whose ends are both measured (plans run at micro-batches far above the smallest two). The overhead falls
     # steeply with tokens and then flattens, so a line to micro-batch 32 (gpt2-xl's 32768 tokens) put 3.4 ms per
-    # block at 16384 tokens where the stacks measure 1.0 (2xH200, calls 21-22): the stacks stop at micro-batch 16
-    # (FULL_PROFILE_TOKENS' extra micro-batches are for the layers' compute)
+    # block at 16384 tokens where the stacks measure 1.0 (benchmarks/results/campaign_2xh200.md): the stacks stop at
+    # micro-batch 16 (FULL_PROFILE_TOKENS' extra micro-batches are for the layers' compute)
     top = max([m for m in cs.micro_batches if m <= stacks_top] or [cs.micro_batches[0]])
     ends = tuple(sorted({cs.micro_batches[0], top}))
     if q and cuda:
         # --quick: the larger end at most QUICK_SHARDING_TOKENS (each stack runs fwd+bwd per point and per
         # mode: llama-2-13b's quick profile at 4096 tokens took 66.5 s on 2xH200 with micro-batch 8, 29 s of
-        # it DeepSpeed's and FSDP2's stacks)
+        # it DeepSpeed's and FSDP2's stacks: benchmarks/results/profile_2xh200.md)
         small = [m for m in cs.micro_batches if m * seq_len <= QUICK_SHARDING_TOKENS] or [cs.micro_batches[0]]
         ends = tuple(sorted({cs.micro_batches[0], small[-1]}))
     # DeepSpeed ZeRO-2's own overhead too where DeepSpeed is installed (on GPUs: the deepspeed engine's numbers)
@@ -186,13 +185,14 @@ def plan_profile(req: ProfileRequest) -> Plan:
                                                 deepspeed_stages=(2,) if q else (2, 3),
                                                 # --quick on GPUs: 1F1B's operations measured 0-0.3 ms on 2xH200 (the
                                                 # p2p bandwidth's 0.1-0.2 ms), interleaved's 0.2-1.4 ms; each schedule
-                                                # took 6-8 s of the 58-65 s quick profiles (session 6)
+                                                # took 6-8 s of the 58-65 s quick profiles
+                                                # (benchmarks/results/profile_2xh200.md)
                                                 pipeline_schedules=("interleaved",) if q and cuda else ("1f1b", "interleaved")))
     if devices == 1:
         # one device: no collective to time, but the stacks still say what a model's blocks cost beside a lone
         # block (Profile.stack_factor), and DeepSpeed runs its ZeRO machinery on a world of one (the deepspeed
         # engine's single-GPU runs): a world of one process. gpt2-xl on one H200 ran 6.7% over a profile without
-        # them, DeepSpeed ZeRO-2 21.9% (campaign_1xh200, call 1)
+        # them, DeepSpeed ZeRO-2 21.9% (benchmarks/results/campaign_1xh200.md)
         ms = replace(ms, group_sizes=(1,), ops=(), overlap=False,
                      sharding=replace(ms.sharding, ddp=False, pipeline=False, tensor_parallel=False,
                                       deepspeed_stages=(2,)))
@@ -274,7 +274,7 @@ def run_profile(req: ProfileRequest, progress: ProgressFn | None = None) -> Prof
         torch.set_num_threads(threads)
 
 
-ONLY = ("communication", "compute")
+ONLY = ("communication", "compute")  # the phases --only measures (with --base for the other)
 
 
 def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
@@ -285,8 +285,6 @@ def _base_raw(req: ProfileRequest, spec, plan: Plan) -> dict | None:
     require(req.only is not None, f"--base {req.base} needs --only: one of {', '.join(ONLY)} (the phase to measure)")
     require(req.only in ONLY, f"--only {req.only!r}: one of {', '.join(ONLY)} (with --base PROFILE)")
     require(req.base is not None, f"--only {req.only} needs --base PROFILE: the earlier profile that gives the other phase")
-    from planner.core.profile import load_profile
-
     base = load_profile(req.base)
     want = {"model": spec.name, "seq_len": plan.seq_len, "dtype": plan.dtype, "device": "cuda" if plan.cuda else "cpu",
             "device_count": plan.devices}
@@ -339,8 +337,8 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
     device = torch.device("cuda", torch.cuda.current_device()) if plan.cuda else torch.device("cpu")
 
     # 2. device facts and ceilings, once the import is done: beside it (it holds the GIL) the optimizer step's timed
-    # host work ran 8x slow, 1.15e-10 s per parameter against 1.37e-11 (gpt2-xl --only compute on 2xH200, session
-    # 11, where no collectives ran first to overlap the import)
+    # host work ran 8x slow, 1.15e-10 s per parameter against 1.37e-11 where no collectives ran first to overlap the
+    # import (benchmarks/results/megatron_head_2xh200.md)
     if preload is not None:
         t0 = time.perf_counter()
         preload.join()
@@ -417,7 +415,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
            "settings": {"compute": base["settings"].get("compute") if reuse_compute else asdict(plan.compute),
                         "communication": base["settings"].get("communication") if reuse_comm else asdict(plan.comm)}}
     overlap = raw_comm.get("overlap")
-    return Profile(
+    return with_derived(Profile(
         gpu_name=gpu_name, device=device.type, model=spec.name, seq_len=plan.seq_len, dtype=plan.dtype,
         model_shape=model_shape(spec), compute=tuple(compute_fits), collectives=tuple(coll_fits),
         matmul_tflops=max(p["tflops"] for p in sweep), hbm_bandwidth_gb_s=ceilings["copy_gb_s"],
@@ -430,7 +428,7 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
         pipeline=fit_pipeline(raw_comm.get("pipeline") or []),
         facts=yaml_plain(info), raw=yaml_plain(raw),
-    )
+    ))  # and what it derives from them, stored with them (planner.cost.profiled.stack_fit)
 
 
 def yaml_plain(obj):

@@ -39,7 +39,7 @@ passed), so it is measured only at the group size of all ranks.
 
 Why two stacks: a lone block cannot hide its all-gather behind a neighbour's compute, so one block alone
 overstated the cost inside a model: 3.2-3.9 ms per gpt2-xl block on 2xH200 where the 48-block model lost
-about 0.5 ms per block (campaign of 2026-11-21). In a stack FSDP2 prefetches the next block's weights
+about 0.5 ms per block (benchmarks/results/profile_2xh200.md). In a stack FSDP2 prefetches the next block's weights
 during the current block's compute, as in the model. The fit (fit_sharding) splits the overhead into a
 per-block part (the difference between the stacks) and an edge paid once per micro-batch (the first
 all-gather and the last reduce-scatter, which have nothing to hide behind), each a line in tokens.
@@ -60,16 +60,11 @@ from torch import nn
 
 
 STACK = 4  # blocks in the larger stack on CPUs (and the least on GPUs): per-block cost = the difference to one block, over STACK - 1
-# ... on GPUs, for FSDP2, DDP and DeepSpeed ZeRO-3: the per-block figure is a difference of two stack timings over
-# the blocks between them, so its noise shrinks with the stack. FSDP2 ZeRO-3's per-block overhead of gpt2-xl at
-# 16384 tokens spread 0.46-1.69 ms over six 4-block profiles on 2xH200 where its 48-block runs lost about 0.4 ms
-# per block: call 30's 1.69 ms put its dp2 step at 0.481 s against 0.416 measured (-13.4%), and the solver chose
-# DDP, 2.3% slower (calls 10, 30).
+# on GPUs, for FSDP2, DDP and DeepSpeed ZeRO-3: the per-block figure is a difference of two stack timings, so its noise
+# shrinks with the stack; 4-block stacks spread 0.46-1.69 ms per gpt2-xl block (benchmarks/results/campaign_2xh200.md)
 GPU_STACK = 8
-# DeepSpeed ZeRO-2's larger stack: its per-block and per-parameter step figures, differences of stacks taken over
-# 3 blocks, put gpt2-xl's ZeRO-1/2 dp2 step (measured 0.479-0.483 s three times, calls 10, 20 and 24) at 0.433,
-# 0.570 and 0.583 s from three 4-block profiles on 2xH200 (calls 22-23); two 8-block profiles put it at 0.467 and
-# 0.510 s (session 9). ZeRO-3's 4-block figures predicted its 13B runs within 1.5% and stay at STACK.
+# DeepSpeed ZeRO-2's larger stack: 4-block profiles put gpt2-xl's dp2 step at 0.433-0.583 s against 0.48 s measured,
+# 8-block ones at 0.467-0.510 s (benchmarks/results/run_2xh200.md); ZeRO-3's 4-block figures held and stay at STACK
 DEEPSPEED_ZERO2_STACK = 8
 # ... held to the blocks whose model states (bf16 plain stack 2 B + fp32 weights 4 B + fp32 gradients 4 B + Adam's
 # 8 B sharded, counted whole: 18 B/param) take at most this share of the GPU: 8 llama-2-70b blocks would take 125 GB
@@ -153,8 +148,7 @@ def _time_round_robin(variants: list[tuple[nn.Module, Callable[[], None]]], x: t
     """Median seconds of one forward + backward of each (module, set-up) variant, the variants taking turns trial
     by trial (each set-up runs before its variant's every trial): a drift of the GPU's clock or of the other ranks
     during the measurement reaches every variant alike, where timing one variant after the other put it into
-    their difference (llama-3-8b's 4-block ZeRO-3 stack: 65.7 and 58.8 ms wrapped against 47.2 and 46.8 ms plain
-    in two profiles, 2xH200 calls 17-18)."""
+    their difference (llama-3-8b's 4-block ZeRO-3 stack on 2xH200: benchmarks/results/cost_model_notes.md)."""
     times: list[list[float]] = [[] for _ in variants]
     for i in range(warmup + trials):
         for k, (module, setup) in enumerate(variants):

@@ -3,7 +3,7 @@ the local shard's compute, its all-reduces included, measured on stacks of block
 
 Why: on 2x H200 the torch engine's tp=2 plans ran 10-48% over a prediction of the profiled local shard's compute
 plus the bandwidth model's all-reduces: llama-3-8b tp2 at micro-batch 2 (+9.3%), llama-2-13b tp2 at micro-batch 1
-(+46%, +38%) (campaign of 2026-11-22, calls 14-15), while megatron-core's tp=2 plans landed within 2%. The
+(+46%, +38%) (benchmarks/results/campaign_2xh200.md), while megatron-core's tp=2 plans landed within 2%. The
 compute profiler times a plain shard of the block on one device (profilers/compute.py): neither DTensor's
 per-operator dispatch and redistribution nor the exposed collectives are in it.
 
@@ -82,8 +82,8 @@ def measure_fsdp_tp(settings: ShardingSettings, world: int, tp: int, device: tor
     ranks: dp = world / tp groups of tp ranks each, every rank busy as in a run.
 
     Why: on 4x H200 the torch engine's tp2 x dp2 ZeRO-1 plan (llama-3-8b, SP) ran 3.35 s where dp4 ZeRO-1 ran
-    1.95 s, two GPUs idle 20-38% of the step (4xH200 call 1, session 7); the cost model added the TP stacks'
-    overhead (dp = 1) to FSDP2's on whole blocks (tp = 1), and neither measured the two together.
+    1.95 s, two GPUs idle 20-38% of the step (benchmarks/results/campaign_4xh200.md); the cost model added the TP
+    stacks' overhead (dp = 1) to FSDP2's on whole blocks (tp = 1), and neither measured the two together.
 
     What: stacks of 1 and STACK blocks, TP-sharded alone (bf16, as the engine keeps them without FSDP) and TP-sharded
     then fully_shard per block under the stage (fp32 masters, bf16 compute), with and without resharding after

@@ -85,7 +85,7 @@ class HostAhead:
     there unless the host is slower on average: a layer in a model takes max(GPU time, host time). On 2xH200
     gpt2-xl's block is host-bound below micro-batch 8 (forward: 0.58 ms of host, 0.18 ms of GPU at micro-batch
     1); megatron-core's layer, first suspected, was not (its over-prediction was an fp32 softmax the engine
-    does not run: profiles of 2026-11-22).
+    does not run: benchmarks/results/profile_2xh200.md).
 
     `hold()` queues a sleep kernel long enough for the host to queue the whole run behind it; the events after
     it then time the GPU alone, and the host's wall clock around the same calls times the host."""

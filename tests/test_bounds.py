@@ -8,7 +8,7 @@ import pytest
 from planner.core.cluster import load_cluster
 from planner.core.job import with_changes
 from planner.core.model import load_model
-from planner.core.profile import load_profile
+from planner.cost.profiled import load_profile
 from planner.cost.bounds import QuickBound, step_lower_bound
 from planner.cost.engines import modelled, runnable
 from planner.cost.memory import states_fit

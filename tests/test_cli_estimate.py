@@ -86,7 +86,7 @@ def test_engine_prices_what_that_engine_runs(cli):
 
     from planner.core.model import load_model
     from planner.cost.predict import predict
-    from planner.core.profile import load_profile
+    from planner.cost.profiled import load_profile
     from planner.estimate import EstimateRequest, run_estimate
 
     prof = str(Path(__file__).resolve().parents[1] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")

@@ -128,7 +128,7 @@ def test_torch_master_weights_cast_is_charged_where_the_engine_keeps_masters():
     from pathlib import Path
 
     from planner.cost.profiled import cluster_for_profile
-    from planner.core.profile import load_profile
+    from planner.cost.profiled import load_profile
 
     prof = load_profile(Path(__file__).resolve().parent.parent / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
     model = load_model("gpt2-xl")

@@ -17,7 +17,8 @@ from planner.core.errors import DistplanError
 from planner.core.fileio import MAX_INPUT_BYTES, atomic_write_files, check_writable, dump_yaml, read_yaml
 from planner.core.model import load_model
 from planner.core.plan import load_plan, plan_from_dict
-from planner.core.profile import load_profile, profile_from_dict, profile_to_dict
+from planner.core.profile import profile_to_dict
+from planner.cost.profiled import load_profile, profile_from_dict
 from planner.show import load_measurements
 
 ROOT = Path(__file__).parent.parent

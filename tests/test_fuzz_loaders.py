@@ -25,7 +25,7 @@ from planner.core.cluster import load_cluster
 from planner.core.errors import DistplanError
 from planner.core.model import load_model
 from planner.core.plan import load_plan
-from planner.core.profile import load_profile
+from planner.cost.profiled import load_profile
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = 200  # per file kind (150 for the 35 KB profile: 0.1 s each); each is loaded and run through the CLI

@@ -13,8 +13,8 @@ from planner.cost.memory import OFFLOAD_HOST_BYTES_PER_PARAM, host_memory_per_gp
 from planner.core.model import load_model
 from planner.cost.predict import predict
 from planner.cost.profiled import cluster_for_profile
-from planner.core.profile import load_profile
 from planner.cost.memory import states_fit
+from planner.cost.profiled import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-llama-2-13b-s4096-quick-2xh200.yaml"

@@ -12,7 +12,7 @@ from planner.cost.memory import grads_in_forward, stage_memory
 from planner.core.model import load_model
 from planner.cost.predict import predict
 from planner.cost.profiled import cluster_for_profile
-from planner.core.profile import load_profile
+from planner.cost.profiled import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profile_2xh200"

@@ -10,8 +10,8 @@ from planner.core.cluster import load_cluster
 from planner.core.job import ParallelConfig, validate_config
 from planner.core.model import load_model
 from planner.cost.predict import predict
-from planner.core.profile import (LinearFit, PipelineFit, Profile, load_profile, profile_from_dict, profile_to_dict,
-                                  save_profile)
+from planner.core.profile import LinearFit, PipelineFit, Profile, profile_to_dict, save_profile
+from planner.cost.profiled import load_profile, profile_from_dict, with_derived
 from planner.cost.pipeline import StageOpTimes, span_s
 from profilers.pipeline import MICROBATCHES, VPP, fit_pipeline, solve_action_s
 
@@ -145,13 +145,13 @@ def test_measured_dtensor_tp_replaces_the_tp_all_reduces_for_the_torch_engine_on
 
 def test_the_stack_factor_ignores_the_tp_stacks():
     """The tp stacks' plain blocks are tp-2 shards: the block-in-a-stack factor reads the tp-1 stacks only."""
-    from planner.core.profile import ComputeFit, profile_from_dict, profile_to_dict
+    from planner.core.profile import ComputeFit, profile_to_dict
 
     block = ComputeFit("block", 1, LinearFit(0.0, 1e-6), LinearFit(0.0, 2e-6))
     pts = [{"group_size": 2, "reshard_after_forward": True, "blocks": 4, "tokens": 1000, "plain_s": 4 * 3e-3 * 1.05}]
     d = profile_to_dict(replace(BASE, compute=(block,)))
     d["raw"] = {"communication": {"sharding": pts}}
-    assert profile_from_dict(d, "t").stack_factor() == pytest.approx(1.05)
+    assert with_derived(profile_from_dict(d, "t")).stack_factor() == pytest.approx(1.05)
     d["raw"]["communication"]["sharding"] = pts + [{"impl": "tp", "group_size": 2, "reshard_after_forward": False,
                                                     "blocks": 4, "tokens": 1000, "plain_s": 4 * 3e-3 * 0.6}]
-    assert profile_from_dict(d, "t").stack_factor() == pytest.approx(1.05)
+    assert with_derived(profile_from_dict(d, "t")).stack_factor() == pytest.approx(1.05)

@@ -8,9 +8,8 @@ from conftest import parse_json
 from planner.core.cluster import check_gpu_count, load_cluster
 from planner.core.errors import DistplanError
 from planner.core.model import load_model
-from planner.core.profile import (CollectiveFit, ComputeFit, LinearFit, Profile, load_profile, profile_from_dict,
-                                  profile_to_dict, save_profile)
-from planner.cost.profiled import cluster_for_profile
+from planner.core.profile import CollectiveFit, ComputeFit, LinearFit, Profile, profile_to_dict, save_profile
+from planner.cost.profiled import cluster_for_profile, load_profile, profile_from_dict
 from planner.core.cluster import gpu_family
 from planner.core.model import model_shape
 

@@ -12,7 +12,8 @@ import yaml
 from conftest import parse_json
 from planner.core.cluster import load_cluster
 from planner.cost.profiled import cluster_for_profile
-from planner.core.profile import load_profile, save_profile
+from planner.core.profile import save_profile
+from planner.cost.profiled import load_profile
 from profilers import comm
 from profilers.fit import collective_time_s
 from profilers.run import ProfileRequest, run_profile

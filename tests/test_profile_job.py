@@ -15,9 +15,9 @@ from planner.estimate import EstimateRequest, run_estimate
 from planner.core.job import ParallelConfig
 from planner.core.model import load_model
 from planner.cost.predict import predict
-from planner.core.profile import load_profile, profile_to_dict, save_profile
+from planner.core.profile import profile_to_dict, save_profile
 from planner.core.model import describe_shape, model_shape
-from planner.cost.profiled import profile_for_job, without_model_specific
+from planner.cost.profiled import load_profile, migration_note, profile_for_job, without_model_specific
 from test_profile_cluster import gpu_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_a_profile_of_the_same_model_is_used_as_before(tmp_path):
     res = run_estimate(EstimateRequest(model="gpt2-xl", cluster="", gpus=2, micro_batch=16, global_batch=32, zero=1,
                                        engine="torch", profile=str(GPT2_XL_2XH200)))
     want = predict(load_model("gpt2-xl"), res.cluster, res.config, prof, engine="torch")
-    assert res.prediction == want and res.notes == ()
+    assert res.prediction == want and res.notes == (migration_note(prof, str(GPT2_XL_2XH200)),)  # a version-1 file
 
 
 def test_an_old_profile_without_a_shape_takes_its_zoo_models_and_predicts_the_same(tmp_path):

@@ -11,8 +11,8 @@ from planner.core.errors import DistplanError
 from planner.core.job import ParallelConfig, validate_config
 from planner.core.model import load_model
 from planner.cost.predict import predict
-from planner.core.profile import (LinearFit, Profile, ShardingFit, load_profile, profile_from_dict, profile_to_dict,
-                                  save_profile)
+from planner.core.profile import PROFILE_VERSION, LinearFit, Profile, ShardingFit, profile_to_dict, save_profile
+from planner.cost.profiled import load_profile, profile_from_dict
 from profilers.sharding import fit_sharding
 
 CLUSTER = load_cluster("dgx-h100-80gb")
@@ -77,7 +77,7 @@ def test_profile_round_trips_with_and_without_sharding(tmp_path):
     prof = replace(BASE, sharding=FITS)
     save_profile(prof, tmp_path / "p.yaml")
     back = load_profile(tmp_path / "p.yaml")
-    assert back.sharding == FITS and profile_to_dict(back)["version"] == 1
+    assert back.sharding == FITS and profile_to_dict(back)["version"] == PROFILE_VERSION
     assert back.sharding_overhead_s(2, True, 1000) == pytest.approx(3e-3 + 1e-4)
     assert back.sharding_overhead_s(8, True, 1000) is None
 

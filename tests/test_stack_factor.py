@@ -11,8 +11,7 @@ from planner.core.job import ParallelConfig
 from planner.cost.terms import CommModel
 from planner.cost.layer import block_time, fit_factor, head_time
 from planner.core.model import load_model
-from planner.cost.profiled import cluster_for_profile
-from planner.core.profile import load_profile
+from planner.cost.profiled import cluster_for_profile, load_profile, with_derived
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/session5/profile-gpt2-xl-s1024.yaml"
@@ -41,7 +40,7 @@ def test_the_factor_scales_distplan_layers_for_torch_and_deepspeed_not_megatron(
     cluster = cluster_for_profile(profile, None)
     cfg = ParallelConfig(dp=2, micro_batch_size=16, global_batch_size=32, seq_len=1024)
     comm = CommModel(cluster, profile)
-    plain = dataclasses.replace(profile, raw={})  # no raw stacks: the fits alone
+    plain = dataclasses.replace(profile, stack=None)  # no stack measured: the fits alone
     assert plain.stack_factor() == 1.0
     for engine in ("torch", "deepspeed", "any"):
         assert fit_factor(profile, engine) == pytest.approx(k)
@@ -60,7 +59,7 @@ def test_a_stack_faster_than_a_lone_block_gives_no_speed_up():
     comm = dict(raw["communication"])
     comm["sharding"] = [{**p, "plain_s": p["plain_s"] * 0.5} for p in comm["sharding"]]
     raw["communication"] = comm
-    assert dataclasses.replace(profile, raw=raw).stack_factor() == 1.0
+    assert with_derived(dataclasses.replace(profile, raw=raw)).stack_factor() == 1.0
 
 
 GPT2_XL_CALL26 = ROOT / "benchmarks/results/profile_2xh200/session9/call26/profile-gpt2-xl-s1024.yaml"
@@ -71,7 +70,7 @@ def test_host_bound_sizes_take_the_stacks_own_figure():
     fixed cost per call overlaps the blocks before): gpt2-xl at 1024 tokens on 2x H200, 1.72 ms per block in a
     stack against 2.04 ms alone (its host time; 0.70 ms of GPU). From the smallest GPU-bound micro-batch up, the
     compute-bound factor of the largest stacks; between, linear in log tokens (gpt2-xl at 4 x 1024 on 2x H200 ran
-    24% over the stacks' figure and 17% under the compute-bound one, call 30)."""
+    24% over the stacks' figure and 17% under the compute-bound one: benchmarks/results/campaign_2xh200.md)."""
     profile = load_profile(GPT2_XL_CALL26)
     raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)["points"]
     fit = profile.compute_fit("block", 1)
@@ -92,18 +91,18 @@ def test_host_bound_sizes_take_the_stacks_own_figure():
     # and the cost model takes it per micro-batch: gpt2-xl at 1 x 1024 runs its blocks at the stacks' figure
     model, cluster = load_model("gpt2-xl"), cluster_for_profile(profile, None)
     cfg = ParallelConfig(dp=2, micro_batch_size=1, global_batch_size=32, seq_len=1024)
-    plain = dataclasses.replace(profile, raw={})
+    plain = dataclasses.replace(profile, stack=None)
     comm = CommModel(cluster, profile)
     got, ref = block_time(model, cluster, cfg, comm, profile, "torch"), block_time(model, cluster, cfg, comm, plain, "torch")
     assert got.fwd == pytest.approx(want * ref.fwd) and fit_factor(profile, "torch", 1024) == pytest.approx(want)
 
 
 def test_a_nearly_gpu_bound_block_is_charged_at_least_its_gpu_share_of_the_compute_bound_factor():
-    """One H200's gpt2-xl profile (campaign_1xh200, call 7): alone, the block at 8192 tokens is just host-bound (GPU
-    share 0.973 of its fit), so the first GPU-bound micro-batch is 16384 and the interpolation from the 8-block
-    stacks' 0.51 at 1024 tokens gave 0.933 at 8192; the solver chose 8 x 4 and it ran 8.9% over (0.838 s). The
-    floor is the GPU share times the compute-bound factor: 1.045 at 8192, and the solver chooses 32 x 1 again (call 5
-    ran it 0.762 s)."""
+    """One H200's gpt2-xl profile (benchmarks/results/campaign_1xh200.md): alone, the block at 8192 tokens is just
+    host-bound (GPU share 0.973 of its fit), so the first GPU-bound micro-batch is 16384 and the interpolation from
+    the 8-block stacks' 0.51 at 1024 tokens gave 0.933 at 8192; the solver chose 8 x 4 and it ran 8.9% over
+    (0.838 s). The floor is the GPU share times the compute-bound factor: 1.045 at 8192, and the solver chooses
+    32 x 1 again (it ran 0.762 s)."""
     profile = load_profile(ROOT / "benchmarks/results/campaign_1xh200/call7-both/profiles/profile-gpt2-xl-s1024.yaml")
     raw = next(r for r in profile.raw["compute"] if r["kind"] == "block" and r["tp"] == 1)["points"]
     fit = profile.compute_fit("block", 1)
@@ -115,3 +114,4 @@ def test_a_nearly_gpu_bound_block_is_charged_at_least_its_gpu_share_of_the_compu
     assert profile.stack_factor(16384) == top
     # where the interpolation is above the floor it stands: 1024 tokens keeps the stacks' own figure
     assert share[1024] * top < 0.3 and profile.stack_factor(1024) == pytest.approx(0.51, abs=0.01)
+

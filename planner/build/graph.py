@@ -38,7 +38,9 @@ from planner.core.model import ModelSpec
 from planner.build.modeling import (Add, AttentionCore, ClassTokenAndPositions, Experts, Mul, RMSNorm, Router,
                                     TransformerModel, build_model)
 
+# the layer kinds a model's graph has (and a profile's compute fits)
 LAYER_KINDS = ("embedding", "block", "moe_block", "head")
+# the operator kinds inside a layer
 OP_KINDS = ("matmul", "attention", "elementwise", "norm", "embedding", "router", "experts")
 
 # Module types that are one operator node each (their submodules are not split further), by op kind.

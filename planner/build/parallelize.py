@@ -29,6 +29,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.build.modeling import INIT_STD, ClassTokenAndPositions, RMSNorm, build_model
 
+# how the torch engine runs each ZeRO stage, as its run report says
 ZERO_MAPPING = {
     0: "ZeRO-0 -> DistributedDataParallel (gradients all-reduced, bucketed and overlapped with backward); with bf16 the "
        "model holds bf16 weights and gradients (all-reduced as bf16) and MasterWeightsOptimizer the fp32 master weights "
@@ -42,7 +43,7 @@ ZERO_MAPPING = {
        "weights all-gathered for forward and again for backward",
 }
 RESIDUAL_PROJECTIONS = ("o_proj", "fc2", "down_proj")  # write into the residual stream: smaller init (GPT-2)
-_WRAPPED = "_checkpoint_wrapped_module."
+_WRAPPED = "_checkpoint_wrapped_module."  # the name prefix torch's checkpoint_wrapper adds to a module's parameters
 
 
 # ---- stages ------------------------------------------------------------------------------------------
@@ -314,11 +315,12 @@ def make_optimizer(params, lr: float, offloaded: bool = False) -> torch.optim.Op
 
     On CUDA the fused kernel (also for FSDP2's DTensor shards): one pass over parameter, gradient, m and v
     with no temporaries. The per-parameter loop (foreach=False) took 86-93 ms per step for gpt2-xl on
-    H200 against 11 ms of memory traffic, and FSDP2's DTensor shards 140 ms (campaign of 2026-11-21);
-    foreach would allocate a full-size temporary per state. `offloaded` (the torch engine's optimizer offload:
-    FSDP2's fp32 shards in host memory): the fused CPU kernel too; the per-parameter loop took 26 ns per parameter
-    on the 2x H200 host, 20.7 s per step of gpt2-xl ZeRO-3 with offload (call 27), the fused kernel 2.4 ns on two
-    cores of the development machine. Other CPU runs (CI's numerics, whose tensor-parallel stages mix DTensor and
+    H200 against 11 ms of memory traffic, and FSDP2's DTensor shards 140 ms
+    (benchmarks/results/cost_model_notes.md); foreach would allocate a full-size temporary per state. `offloaded`
+    (the torch engine's optimizer offload: FSDP2's fp32 shards in host memory): the fused CPU kernel too; the
+    per-parameter loop took 26 ns per parameter on the 2x H200 host, 20.7 s per step of gpt2-xl ZeRO-3 with offload
+    (benchmarks/results/campaign_2xh200.md), the fused kernel 2.4 ns on two cores of the development machine.
+    Other CPU runs (CI's numerics, whose tensor-parallel stages mix DTensor and
     plain parameters, which the fused CPU kernel refuses): the per-parameter loop.
     """
     params = list(params)
@@ -377,7 +379,7 @@ class MasterWeightsOptimizer:
         self.pairs = list(pairs)
         # tensor parallel without FSDP (tp > 1, dp = 1) mixes DTensor parameters (the sharded projections) with
         # plain ones (norms without sequence parallel); the fused AdamW kernel refuses a mixed list ("got mixed
-        # torch.Tensor and DTensor": llama-2-13b tp2 on 2xH200, campaign of 2026-11-22), so a chunk holds one kind
+        # torch.Tensor and DTensor": llama-2-13b tp2, benchmarks/results/campaign_2xh200.md), so a chunk holds one kind
         self.chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for kind in (False, True):
             size, chunk = 0, []

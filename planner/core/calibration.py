@@ -30,7 +30,7 @@ from planner.core.profile import Profile
 from planner.core.cluster import gpu_family
 from planner.core.model import describe_shape, model_shape
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 1  # the calibration file's format version (its `version` key)
 NO_PROFILE = "none"  # the profile key of runs predicted without a profile (the cluster preset alone)
 # distplan run's engines (the engine table's rows with a runner; core imports no cost module, and
 # tests/test_engine_table.py holds the two equal): a calibration is per engine

@@ -19,8 +19,9 @@ from planner.core.fields import flag, integer, is_number, listing, mapping, name
 from planner.core.fileio import parse_yaml, read_yaml
 from planner.core.kerneldb import KernelDB, load_kernel_db
 
+# the collectives a cluster's efficiencies and a profile's fits name (nccl-tests' set and p2p)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
-TIERS = ("intra_node", "inter_node", "host")
+TIERS = ("intra_node", "inter_node", "host")  # a cluster's link tiers: inside a node, between nodes, host to device
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import re
 
 from planner.core.errors import DistplanError
 
-REQUIRED = object()
+REQUIRED = object()  # default of the readers below: the key must be present
 # a name (model, cluster, GPU, time term): printed in titles and one-line messages, so one line, no brackets (the
 # console reads [..] as markup) and no control characters
 NAME = re.compile(r"[^\[\]\x00-\x1f\x7f]{1,200}")
-NAME_RULE = "a name: 1-200 characters on one line, without brackets"
+NAME_RULE = "a name: 1-200 characters on one line, without brackets"  # what NAME accepts, in words, for error messages
 
 
 def short(value: object, limit: int = 60) -> str:

@@ -29,9 +29,10 @@ from planner.core.fields import short
 MAX_INPUT_BYTES = 8 * 2**20  # largest file read: 160x distplan's largest profile (52 KB), parsed in seconds
 MAX_NESTING = 32  # deepest nesting of lists and mappings accepted: distplan's own files nest at most 7 levels
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: 10x faster, same results
+# YAML events that open a nesting level (MAX_NESTING's count)
 _STARTS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
-_ENDS = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
-_SCALARS = (str, int, float, bool, type(None))
+_ENDS = (yaml.MappingEndEvent, yaml.SequenceEndEvent)  # ... and close one
+_SCALARS = (str, int, float, bool, type(None))  # the Python types a YAML scalar loads as
 
 
 def read_text(path: str | Path, what: str, hint: str = "") -> str:

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, replace
 from planner.core.errors import DistplanError, require
 from planner.core.model import ModelSpec
 
+# pipeline schedules (1F1B and interleaved: Narayanan et al. SC'21; GPipe: Huang et al. 2019)
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "full")  # activation recomputation: none, selective (Korthikanti et al. 2022) or full
 MAX_DEGREE = 2**20  # largest parallel degree: the largest GPU count planned (planner.core.cluster.MAX_GPUS)
 MAX_GLOBAL_BATCH = 2**20  # sequences per step: 16x the largest published (BERT with LAMB: 65536; GPT-3: 1536)
 MAX_SEQ_LEN = 2**24  # tokens per sequence: beyond the longest context trained (10M, Llama 4 Scout)
+# largest value accepted per ParallelConfig field
 LIMITS = {"dp": MAX_DEGREE, "tp": MAX_DEGREE, "pp": MAX_DEGREE, "cp": MAX_DEGREE, "ep": MAX_DEGREE, "vpp": MAX_DEGREE,
           "micro_batch_size": MAX_GLOBAL_BATCH, "global_batch_size": MAX_GLOBAL_BATCH, "seq_len": MAX_SEQ_LEN}
 

@@ -19,7 +19,7 @@ from planner.core.errors import DistplanError, require
 from planner.core.fields import NAME, NAME_RULE, REQUIRED, check_integer, flag, integer, is_number, short, text
 from planner.core.fileio import parse_yaml, read_json, read_yaml
 
-FAMILIES = ("gpt", "llama", "mixtral", "vit")
+FAMILIES = ("gpt", "llama", "mixtral", "vit")  # model families distplan builds (planner/build/modeling.py)
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class ModelSpec:
 
 # ---- loading --------------------------------------------------------------------------------
 
-_REQUIRED = ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len")
+_REQUIRED = ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len")  # keys every model file must give
 # (smallest, largest) of each integer field: the largest are 10x-100x the largest published models (Llama-3.1-405B:
 # 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256, 128k context; Megatron's 1T GPT: hidden 25600),
 # so that no loop or traced tensor over a model's numbers runs away
@@ -305,6 +305,7 @@ def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:
 
 # ---- the shape of one layer (what a profile's layer fits are measured for) ----------------------------
 
+# what a profile's layer fits depend on (profiled.mismatch compares them)
 SHAPE_KEYS = ("family", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
               "num_experts", "top_k")
 VIT_SHAPE_KEYS = ("image_size", "patch_size", "num_channels")  # recorded for the vit family only

@@ -23,7 +23,8 @@ from planner.core.job import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, ParallelConfig, conf
 from planner.core.model import ModelSpec, spec_from_dict
 from planner.core.prediction import Prediction
 
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # the plan file's format version (its `version` key)
+# the plan file's top-level keys, in the order written
 TOP_LEVEL = ("version", "model", "cluster", "job", "parallel", "stages", "prediction", "rationale",
              "alternatives", "sharding", "provenance")
 
@@ -104,6 +105,7 @@ def _rounded(obj):
     return obj
 
 
+# the comment block opening every plan file
 HEADER = """\
 # distplan plan file (version {version}). Review it, then `distplan emit` or `distplan run` it.
 # Units are in key names. Ranks: tp innermost, then cp, dp, pp outermost (Megatron order).
@@ -156,6 +158,7 @@ def plan_from_dict(d: object, source: str) -> Plan:
                 alternatives=tuple(alternatives), sharding=mapping(d, "sharding", source, default={}), provenance=prov)
 
 
+# the prediction's numbers a plan file must hold
 PREDICTION_NUMBERS = ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "capacity_gib")
 
 

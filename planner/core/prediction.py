@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 1024**3
+GIB = 1024**3  # bytes per GiB
 FRAGMENTATION = 0.05  # caching-allocator slack kept free above the predicted peak when checking fit
 
 
@@ -63,6 +63,7 @@ class StageMemory:
         return {k: v / GIB for k, v in self.at_peak().items()}
 
 
+# the step-time terms of a prediction, in the order shown
 BREAKDOWN_KEYS = ("compute_fwd", "compute_bwd", "recompute", "tp_comm", "cp_ep_comm", "pp_p2p", "zero_comm",
                   "pipeline_bubble", "dp_grad_sync", "optimizer")
 

@@ -17,16 +17,20 @@ sequence length), refuses it naming both shapes, or with the explicit fallback k
 the model (`without_model_specific`). Profiles written before `model_shape` take it from the zoo on load.
 Calibration factors (`distplan run --calibrate`) live apart, in a calibration file (planner/core/calibration.py); a
 Profile carries the factors that apply to one job only in memory (`calibration`), and they are never written into it.
+Version 2 stores what the profiler derives from its measurements, the block-in-a-stack factor (`stack_factor`, a
+StackFit made by planner.cost.profiled.stack_fit), and says how in `derived`. This module is the schema and the file
+io: it reads a version-1 file as stored (parse_profile, read_profile), and planner.cost.profiled.load_profile, the
+door every caller uses, migrates it. What an older file lacks of its own raw points (a sharding entry's max_tokens,
+the pipeline's proportional growth) is filled in here and named in `derived`.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import statistics
-
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from planner.core.cluster import MAX_GPUS
 from planner.core.errors import DistplanError, require
@@ -34,9 +38,15 @@ from planner.core.fields import check_number, flag, integer, is_number, listing,
 from planner.core.fileio import read_yaml
 from planner.core.model import describe_shape
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2 stores the derived stack factor (`stack_factor`, `derived`); 1 did not (migrated on load)
+VERSIONS = (1, PROFILE_VERSION)  # the file versions that load
+# what a load derives from the raw points where an older file lacks the stored value (Profile.derived)
+MAX_TOKENS_NOTE = ("derived on load: the largest tokens of raw.communication.sharding (the file predates the stored "
+                   "value)")
+GROWTH_NOTE = ("derived on load from raw.communication.pipeline (pipeline_growth): the file's additive slope_s_per_op "
+               "predates the proportional growth")
 MAX_GROUP = MAX_GPUS  # largest group size, TP degree or device count a profile may name: the largest cluster
-PHASES = ("fwd", "bwd")
+PHASES = ("fwd", "bwd")  # the phases a compute fit has: forward and backward
 # the attention core as megatron-core's local layer spec runs it (profilers/compute.UnfusedAttentionCore):
 # a compute kind besides the layers, for plans with flash_attention=False
 UNFUSED_ATTENTION_KIND = "attention_unfused"
@@ -61,7 +71,7 @@ class LinearFit:
         """The line at `x`, at least 0; a falling line stops falling at `x_max`, the largest x measured (0: none
         recorded). Measured overheads shrink as more work hides them, but not to 0 just past the last point:
         gpt2-xl's ZeRO-1 (FSDP2) line through 1k and 16k tokens read 0 at 32k, where the run paid ~20 ms per
-        micro-batch (2xH200, call 13)."""
+        micro-batch (benchmarks/results/campaign_2xh200.md)."""
         return max(0.0, self(min(x, x_max) if x_max and self.slope_s < 0 else x))
 
 
@@ -167,9 +177,9 @@ class PipelineFit:
     action: LinearFit  # x: bytes of the activation (or its gradient) one operation sends
     max_bytes: float = 0.0
     # the cost grows with the schedule's operations per rank (2 x chunks per rank x micro-batches), in proportion:
-    # llama-3-8b interleaved on 2xH200 measured 2.7x (micro-batch 1) and 2.3x (micro-batch 4) its cost at 16 per
-    # rank at 64 (call 18; 0.30 ms -> 0.63-0.78 ms at micro-batch 1 over several shapes in call 17,
-    # benchmarks/pipeline_grid.py). `action` is at base_ops; growth_per_op more per operation, up to max_ops
+    # llama-3-8b interleaved on 2xH200 measured 2.3-2.7x its cost at 16 per rank at 64 (benchmarks/results/
+    # pipeline_grid_2xh200.md, campaign_2xh200.md). `action` is at base_ops; growth_per_op more per operation, up to
+    # max_ops
     base_ops: int = 0  # 0: measured at one shape only (older profiles)
     max_ops: int = 0
     growth_per_op: float = 0.0
@@ -201,10 +211,6 @@ def pipeline_growth(points: list[tuple[int, float, float]]) -> tuple[int, int, f
     return base_ops, max_ops, max(sum(ratios) / len(ratios), 0.0) if ratios else 0.0
 
 
-# a lone block whose GPU time is at least this share of its fit (max(GPU, host)) is GPU-bound (Profile._stack_factor)
-HOST_BOUND_SHARE = 0.99
-
-
 def _log_interpolate(points: tuple, x: float) -> float:
     """y at `x` on ((x, y), ...) ascending, linear in log(x) between the two points around it, the end points' y
     outside them; 0.0 for no points."""
@@ -216,6 +222,36 @@ def _log_interpolate(points: tuple, x: float) -> float:
         if x <= x1:
             return y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0)
     return points[-1][1]
+
+
+@dataclass(frozen=True)
+class StackFit:
+    """Distplan's block inside a stack of blocks on every GPU at once over the same block alone on one GPU, as a
+    factor on the block's compute fit. The profiler derives it once from its plain stacks and the block's compute
+    points (planner.cost.profiled.stack_fit, which says how) and stores it in the profile (`stack_factor`)."""
+
+    compute_bound: float  # the factor where the lone block is GPU-bound (>= 1)
+    gpu_bound_from_tokens: float  # tokens per micro-batch from which the lone block is GPU-bound (0: none measured)
+    host_bound: tuple[tuple[float, float], ...] = ()  # (tokens, factor) of the stacks below gpu_bound_from_tokens
+    gpu_share: tuple[tuple[float, float], ...] = ()  # (tokens, GPU time / fit) of the lone block's raw points
+
+    def factor(self, tokens: float | None = None) -> float:
+        """The factor at `tokens` per micro-batch; without `tokens`, the compute-bound one. Between the largest
+        host-bound stack at or below `tokens` and gpu_bound_from_tokens, linear in log(tokens) from the one to the
+        other (gpt2-xl at 4 x 1024 tokens on 2x H200 ran between the 1024-token stacks' figure and the compute-bound
+        one: benchmarks/results/campaign_2xh200.md, gpt2-xl-small). Never below the lone block's GPU share at
+        `tokens` (log-interpolated between the raw points) times the compute-bound factor: the GPU's work in a stack
+        is slowed as at compute-bound sizes, whatever the host hides (gpt2-xl at 8 x 1024 tokens on one H200:
+        benchmarks/results/campaign_1xh200.md)."""
+        if tokens is None or tokens >= self.gpu_bound_from_tokens or not self.host_bound:
+            return self.compute_bound
+        below = [p for p in self.host_bound if p[0] <= tokens]
+        if not below:
+            return self.host_bound[0][1]
+        t0, f0 = below[-1]  # the host-bound stacks' figure, moving to the compute-bound one where the GPU bounds it
+        top = self.gpu_bound_from_tokens
+        interpolated = f0 + (self.compute_bound - f0) * math.log(tokens / t0) / math.log(top / t0)
+        return max(interpolated, self.compute_bound * _log_interpolate(self.gpu_share, tokens))
 
 
 @dataclass(frozen=True)
@@ -249,89 +285,29 @@ class Profile:
     # True: the model-specific measurements were dropped for a job of another shape (without_model_specific)
     model_specific_dropped: bool = False
     calibration_source: str = field(default="", compare=False)  # where `calibration` came from, for the sources
+    stack: StackFit | None = None  # derived by the profiler (StackFit); None: no stack measured
+    # what was derived rather than measured, and how: (quantity, note), e.g. ("stack_factor", "derived by ...")
+    derived: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    file_version: int = field(default=PROFILE_VERSION, compare=False)  # the version of the file it was read from
 
-    def __post_init__(self):
-        # measured collective points by (op, group size), sorted by size, for interpolation (derived from raw)
+    def stack_factor(self, tokens: float | None = None) -> float:
+        """Measured slowdown of distplan's block inside a model on all GPUs at `tokens` per micro-batch
+        (StackFit.factor; without `tokens`, the compute-bound one); 1.0 where none was measured."""
+        return 1.0 if self.stack is None else self.stack.factor(tokens)
+
+    @cached_property
+    def _collective_points(self) -> dict[tuple[str, int], tuple[tuple[float, float], ...]]:
+        """The raw collective points by (op, group size), sorted by size: an index of raw, built on first use."""
         groups: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        comm = (self.raw or {}).get("communication") if isinstance(self.raw, dict) else None
-        for p in (comm or {}).get("points") or [] if isinstance(comm, dict) else []:
+        comm = self.raw.get("communication") if isinstance(self.raw, dict) else None
+        for p in (comm.get("points") or [] if isinstance(comm, dict) else []):
             try:
                 nbytes, t = float(p["bytes"]), float(p["time_s"])
                 if nbytes > 0 and t > 0:
                     groups.setdefault((str(p["op"]), int(p["group_size"])), []).append((nbytes, t))
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed raw point is skipped; the fits still apply
-        object.__setattr__(self, "_points", {k: tuple(sorted(v)) for k, v in groups.items()})
-        object.__setattr__(self, "_stack", self._stack_factor(comm))
-
-    def _stack_factor(self, comm) -> tuple:
-        """Distplan's block inside a stack, on every GPU at once, over the same block alone, as stack_factor reads
-        it: (compute-bound factor, tokens from which the lone block is GPU-bound, ((tokens, factor), ...) of the
-        host-bound stacks), or () where the profile measured no stack (older profiles).
-
-        The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's
-        plain stacks (profilers/sharding.py: 4-8 blocks, forward + backward, every rank at once, the slowest
-        rank's time, no data parallelism; a world of one on one device) run the same block as a model does. At
-        compute-bound sizes a block in the stack took 4-13% longer than alone on 2x H200 (gpt2-xl 1.07 at 16384
-        tokens, llama-2-13b 1.06-1.08, llama-3-8b 1.06-1.12), as the runs did: llama-2-13b pp2's chunks ran 5%
-        (GPU 0) and 10% (GPU 1) over the fits, gpt2-xl pp2 v2's 6-8% (campaign of 2026-11-22, calls 9-10). Where
-        the lone block is host-bound (its fit is max(GPU, host)), a stack runs faster per block than it, as a
-        model does: the host's fixed cost per call overlaps the GPU's work of the blocks before (gpt2-xl at 1024
-        tokens 0.84 on 2x H200; llama-3-8b at micro-batch 1 x 2048 on one H200 ran 9% under a prediction from
-        its lone block's host time, campaign_1xh200 call 2). So: at token counts where the lone block's GPU time
-        is its fit (from the smallest raw compute point that is GPU-bound up), the factor at the largest token
-        count (the median over the stacks' modes there, at least 1: the runs at llama-3-8b's micro-batch 1 x 4096
-        on 2x H200 matched it, 1.12, not the 1.06 its short stacks measured at 4096 tokens); below, where the
-        host's time is the fit, the median of the stacks at that token count, at least the GPU's share of
-        the fit (a block cannot beat its GPU time); between the two, stack_factor interpolates.
-        """
-        points = [p for p in (comm or {}).get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
-                  and not str(p.get("impl", "")).startswith(("tp", "fsdp2-tp"))]  # their plain blocks are tp shards
-        fit = self.compute_fit("block", 1)
-        if not points or fit is None:
-            return ()
-        alone = lambda t: fit.time_s("fwd", t) + fit.time_s("bwd", t)  # noqa: E731
-        share = {}  # tokens -> the GPU's share of the lone block's fit, where the raw compute points have it
-        for entry in (self.raw or {}).get("compute") or [] if isinstance(self.raw, dict) else []:
-            if isinstance(entry, dict) and entry.get("kind") == "block" and entry.get("tp") == 1:
-                for q in entry.get("points") or []:
-                    if isinstance(q, dict) and "gpu_fwd_s" in q and "gpu_bwd_s" in q and alone(float(q["tokens"])) > 0:
-                        share[float(q["tokens"])] = (float(q["gpu_fwd_s"]) + float(q["gpu_bwd_s"])) / alone(float(q["tokens"]))
-        try:
-            ratios = {t: statistics.median(float(p["plain_s"]) / int(p["blocks"]) / alone(t) for p in points
-                                           if float(p["tokens"]) == t)
-                      for t in sorted({float(p["tokens"]) for p in points}) if alone(t) > 0}
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError):
-            return ()  # malformed raw points: no factor, the fits alone apply
-        if not ratios:
-            return ()
-        compute_bound = max(1.0, ratios[max(ratios)])
-        gpu_from = min([t for t, g in share.items() if g >= HOST_BOUND_SHARE] or [0.0])
-        host = tuple((t, max(share.get(t, 0.0), r)) for t, r in ratios.items() if t < gpu_from)
-        return compute_bound, gpu_from, host, tuple(sorted(share.items()))
-
-    def stack_factor(self, tokens: float | None = None) -> float:
-        """Measured slowdown of distplan's block inside a model on all GPUs (see _stack_factor) at `tokens` per
-        micro-batch; without `tokens`, the compute-bound one. Between the largest host-bound stack at or below
-        `tokens` and the smallest GPU-bound micro-batch, linear in log(tokens) from the one to the other: gpt2-xl
-        at 4 x 1024 tokens (dp2 on 2x H200, call 30) ran 0.491 s, 24% over a prediction with the 1024-token
-        stacks' 0.69 and 17% under one with the compute-bound 1.08, 7% under this. Never below the lone block's
-        GPU share of its fit at `tokens` (interpolated in log tokens between the raw points) times the compute-bound
-        factor: the GPU's work in a stack is slowed as at compute-bound sizes, whatever the host hides. gpt2-xl at
-        8 x 1024 tokens on one H200 (GPU share 0.973, just host-bound alone) was charged 0.933 by the
-        interpolation from the 8-block stacks' 0.51 at 1024 tokens, and ran 8.9% over (call 7); the floor is 1.045.
-        1.0 where none was measured."""
-        if not self._stack:
-            return 1.0
-        compute_bound, gpu_from, host, shares = self._stack
-        if tokens is None or tokens >= gpu_from or not host:
-            return compute_bound
-        below = [p for p in host if p[0] <= tokens]
-        if not below:
-            return host[0][1]
-        t0, f0 = below[-1]  # the host-bound stacks' figure, moving to the compute-bound one where the GPU bounds it
-        interpolated = f0 + (compute_bound - f0) * math.log(tokens / t0) / math.log(gpu_from / t0)
-        return max(interpolated, compute_bound * _log_interpolate(shares, tokens))
+        return {k: tuple(sorted(v)) for k, v in groups.items()}
 
     def measured_collective_s(self, op: str, group_size: int, nbytes: float) -> float | None:
         """Seconds for `op` on `nbytes`, interpolated (log-log) between the two measured sizes around it.
@@ -341,7 +317,7 @@ class Profile:
         (benchmarks/results/profile_2xh200.md) while the raw points are within 3% of an independent loop.
         Inside the measured range the points are used; outside it (None) the caller uses the fit.
         """
-        pts = self._points.get((op, group_size))
+        pts = self._collective_points.get((op, group_size))
         if not pts or not pts[0][0] <= nbytes <= pts[-1][0]:
             return None
         i = bisect.bisect_left([x for x, _ in pts], nbytes)
@@ -455,9 +431,28 @@ def profile_to_dict(p: Profile) -> dict:
                           "max_bytes": f.max_bytes,
                           **({"ops": {"base": f.base_ops, "max": f.max_ops, "growth_per_op": f.growth_per_op}}
                              if f.base_ops else {})} for f in p.pipeline]} if p.pipeline else {}),
+        **({"stack_factor": _stack_dict(p.stack)} if p.stack is not None else {}),
+        **({"derived": dict(p.derived)} if p.derived else {}),
         "facts": p.facts,
         "raw": p.raw,
     }
+
+
+def _stack_dict(f: StackFit) -> dict:
+    return {"compute_bound": f.compute_bound, "gpu_bound_from_tokens": f.gpu_bound_from_tokens,
+            "host_bound": [[t, x] for t, x in f.host_bound], "gpu_share": [[t, x] for t, x in f.gpu_share]}
+
+
+def _stack(d: object, where: str) -> StackFit:
+    pairs = {}
+    for key in ("host_bound", "gpu_share"):
+        items = listing(d, key, where, default=[])
+        for i, pair in enumerate(items):
+            require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair)
+                    and pair[0] > 0, f"{where}.{key}[{i}] must be a [tokens > 0, value >= 0] pair, got {pair!r}")
+        pairs[key] = tuple(sorted((float(t), float(x)) for t, x in items))
+    return StackFit(compute_bound=number(d, "compute_bound", where, 0, above=True),
+                    gpu_bound_from_tokens=number(d, "gpu_bound_from_tokens", where, 0), **pairs)
 
 
 def _sharding_dict(s: ShardingFit) -> dict:
@@ -475,8 +470,9 @@ def _sharding_dict(s: ShardingFit) -> dict:
     return d
 
 
-def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
-    """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points."""
+def _sharding(s: object, where: str, raw_points: list, notes: dict) -> ShardingFit:
+    """One sharding entry. A profile written before `max_tokens` existed gets it from its raw points (said in
+    `notes`)."""
     impl = text(s, "impl", where, default="fsdp2")
     n = integer(s, "group_size", where, 1, MAX_GROUP)  # 1: a one-device profile's stacks (a world of one)
     reshard = flag(s, "reshard_after_forward", where)
@@ -485,6 +481,8 @@ def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
     measured = [float(p["tokens"]) for p in raw_points if "tokens" in p and p.get("impl", "fsdp2") == impl
                 and p.get("group_size") == n and p.get("reshard_after_forward") == reshard]
     line = lambda key: _fit(s[key], f"{where}.{key}", "slope_s_per_token") if s.get(key) else None  # noqa: E731
+    if "max_tokens" not in s and measured:
+        notes["sharding.max_tokens"] = MAX_TOKENS_NOTE
     return ShardingFit(group_size=n, reshard_after_forward=reshard, overhead=_fit(mapping(s, "overhead", where),
                                                                                   f"{where}.overhead", "slope_s_per_token"),
                        edge=line("edge"), impl=impl, step_s_per_param=number(s, "step_s_per_param", where, default=0.0),
@@ -493,9 +491,9 @@ def _sharding(s: object, where: str, raw_points: list) -> ShardingFit:
                        accumulate=line("accumulate"), accumulate_edge=line("accumulate_edge"))
 
 
-def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
-    """One pipeline entry. An entry of the session-7 format whose growth was additive ("slope_s_per_op") gets the
-    proportional growth from its raw points."""
+def _pipeline(f: object, where: str, raw_points: list, notes: dict) -> PipelineFit:
+    """One pipeline entry. An entry of the older format whose growth was additive ("slope_s_per_op") gets the
+    proportional growth from its raw points (said in `notes`)."""
     fit = PipelineFit(schedule=text(f, "schedule", where, ("1f1b", "interleaved")),
                       group_size=integer(f, "group_size", where, 1, MAX_GROUP),
                       action=_fit(mapping(f, "action", where), f"{where}.action", "slope_s_per_byte"),
@@ -506,6 +504,7 @@ def _pipeline(f: object, where: str, raw_points: list) -> PipelineFit:
                if p.get("schedule") == fit.schedule and {"ops_per_rank", "bytes", "action_s"} <= set(p)]
         base, most, growth = pipeline_growth(pts)
         ops = {"base": base, "max": most, "growth_per_op": growth} if base else {}
+        notes["pipeline.growth_per_op"] = GROWTH_NOTE
     if ops:
         fit = replace(fit, base_ops=integer(ops, "base", f"{where}.ops", 1), max_ops=integer(ops, "max", f"{where}.ops", 1),
                       growth_per_op=number(ops, "growth_per_op", f"{where}.ops", 0))
@@ -563,6 +562,7 @@ RAW_POINTS = (
     (("communication", "pipeline"), ("ops_per_rank", "bytes", "action_s"), ("schedule",), ()),
     (("ceilings", "matmul"), ("gflop", "tflops"), (), ()),
 )
+# number keys of a raw compute point (profilers/compute.py)
 COMPUTE_POINT_NUMBERS = ("tokens", "fwd_s", "bwd_s", "recompute_s", "gpu_fwd_s", "gpu_bwd_s", "activation_bytes")
 
 
@@ -609,16 +609,24 @@ def _entries(d: dict, key: str, source: str) -> list:
     return [(item, f"{source}: {key}[{i}]") for i, item in enumerate(listing(d, key, source, default=[]))]
 
 
-def profile_from_dict(d: object, source: str) -> Profile:
+def parse_profile(d: object, source: str) -> Profile:
+    """The profile in the file's dict form, checked. A version-1 dict has no stored derived values: it reads with
+    `stack` None and `file_version` 1, for planner.cost.profiled.profile_from_dict to migrate (the door every
+    caller uses)."""
     require(isinstance(d, dict), f"{source}: expected a mapping")
-    require(d.get("version") == PROFILE_VERSION, f"{source}: profile version {d.get('version')!r} is not supported; expected {PROFILE_VERSION}")
+    version = d.get("version")
+    require(version in VERSIONS, f"{source}: profile version {version!r} is not supported; expected {PROFILE_VERSION} "
+            f"(or {', '.join(str(v) for v in VERSIONS if v != PROFILE_VERSION)}, migrated on load)")
     raw = _raw(d, source)
     comm = raw.get("communication") or {}
     compute = tuple(_compute(c, where, raw) for c, where in _entries(d, "compute", source))
     collectives = tuple(_collective(c, where) for c, where in _entries(d, "collectives", source))
     inter_node = _collective(d["inter_node"], f"{source}: inter_node") if d.get("inter_node") is not None else None
-    sharding = tuple(_sharding(s, where, comm.get("sharding") or []) for s, where in _entries(d, "sharding", source))
-    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or []) for f, where in _entries(d, "pipeline", source))
+    notes: dict[str, str] = {}  # what this load derived from the raw points, for `derived`
+    sharding = tuple(_sharding(s, where, comm.get("sharding") or [], notes)
+                     for s, where in _entries(d, "sharding", source))
+    pipeline = tuple(_pipeline(f, where, comm.get("pipeline") or [], notes)
+                     for f, where in _entries(d, "pipeline", source))
     sweep = listing(d, "matmul_tflops_by_gflop", source, default=[])
     for i, pair in enumerate(sweep):
         require(isinstance(pair, list) and len(pair) == 2 and all(is_number(x) and x >= 0 for x in pair) and pair[0] > 0,
@@ -642,8 +650,20 @@ def profile_from_dict(d: object, source: str) -> Profile:
         overlap_slowdown=None if overlap is None else number(d, "overlap_slowdown", source, 0),
         device_count=integer(d, "device_count", source, 0, MAX_GROUP, default=0),
         memory_gib=number(d, "memory_gib", source, 0, default=0.0), inter_node=inter_node,
-        sharding=sharding, pipeline=pipeline, facts=facts, raw=raw, model_shape=shape,
+        sharding=sharding, pipeline=pipeline, facts=facts, raw=raw, model_shape=shape, file_version=version,
+        **_derived(d, source, notes),
     )
+
+
+def _derived(d: dict, source: str, loaded: dict[str, str]) -> dict:
+    """The stored stack factor and notes of what was derived (a current version's; a version-1 file has neither),
+    with the notes of what this load derived (`loaded`)."""
+    stored = mapping(d, "derived", source, default={}) if d["version"] == PROFILE_VERSION else {}
+    for key in stored:
+        text(stored, key, f"{source}: derived")
+    stack = d.get("stack_factor") if d["version"] == PROFILE_VERSION else None
+    return {"stack": None if stack is None else _stack(mapping(d, "stack_factor", source), f"{source}: stack_factor"),
+            "derived": tuple((str(k), str(v)) for k, v in {**stored, **loaded}.items())}
 
 
 def _refuse_legacy_calibration(calib: object, source: str) -> None:
@@ -684,9 +704,10 @@ def _model_shape(d: dict, source: str) -> tuple[tuple, dict]:
     return tuple((k, raw[k]) for k in keys), facts
 
 
-def load_profile(path: str | Path) -> Profile:
+def read_profile(path: str | Path) -> Profile:
+    """The profile file as stored (parse_profile); planner.cost.profiled.load_profile also migrates an older one."""
     data = read_yaml(path, "profile file", hint=f"; create one with `distplan profile -o {path}`")
-    return profile_from_dict(data, str(path))
+    return parse_profile(data, str(path))
 
 
 def save_profile(p: Profile, path: str | Path) -> None:

@@ -14,8 +14,8 @@ import yaml
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 
-SC21_VOCAB = 51200
-SC21_SEQ_LEN = 2048
+SC21_VOCAB = 51200  # the GPT vocabulary of Narayanan et al. SC'21, Table 1
+SC21_SEQ_LEN = 2048  # its sequence length (SC'21, Table 1)
 
 
 def published() -> dict:

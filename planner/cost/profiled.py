@@ -15,6 +15,7 @@ The number of layers is not part of the shape: a fit is per layer.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from planner.core.calibration import apply_calibration
 from planner.core.cluster import Cluster, gpu_family, load_cluster
 from planner.core.errors import DistplanError, require
 from planner.core.model import ModelSpec, describe_shape, model_shape
-from planner.core.profile import CollectiveFit, Profile, describe_profile, load_profile
+from planner.core.profile import (PROFILE_VERSION, CollectiveFit, Profile, StackFit, describe_profile, parse_profile,
+                                  read_profile)
 
 FALLBACK_FLAG = "--profile-fallback"
 
@@ -64,7 +66,8 @@ def without_model_specific(profile: Profile) -> Profile:
     raw = profile.raw if isinstance(profile.raw, dict) else {}
     comm = raw.get("communication") if isinstance(raw.get("communication"), dict) else {}
     kept = {k: v for k, v in comm.items() if k in ("points", "pipeline", "overlap", "inter_node", "unmeasured")}
-    return replace(profile, compute=(), sharding=(), model_specific_dropped=True,
+    return replace(profile, compute=(), sharding=(), model_specific_dropped=True, stack=None,
+                   derived=tuple((k, v) for k, v in profile.derived if k != "stack_factor"),
                    raw={"communication": kept, **({"ceilings": raw["ceilings"]} if "ceilings" in raw else {})})
 
 
@@ -232,10 +235,97 @@ def job_profile(profile: Profile | None, profile_path: str | Path | None, model:
     cluster's), shape and profile file (planner.core.calibration.apply_calibration). Estimate, solve and run call this."""
     require(not fallback or profile_path is not None, f"{FALLBACK_FLAG} needs --profile PATH (the profile to fall back from)")
     prof = profile_for_job(profile, model, seq_len, fallback=fallback, source=str(profile_path))
-    notes = []
+    notes = [line for line in [migration_note(prof, profile_path) if prof is not None else None] if line]
     if prof is not None and prof.model_specific_dropped:
         notes.append(f"profile: {profile_path} measured {describe_profile(prof)}: its layer fits, stack factor and per-block "
                      "sharding/TP fits do not apply; those terms come from the preset (see sources)")
     prof, line = apply_calibration(prof, calibration, engine=engine, gpu_name=gpu_name or cluster.gpu.name,
                                    model=model, seq_len=seq_len, profile_path=profile_path)
     return JobProfile(prof, tuple(notes + ([line] if line else [])))
+
+
+# ---- what a profile derives from its measurements, and the migration of older files -------------------------------
+
+HOST_BOUND_SHARE = 0.99  # a lone block whose GPU time is at least this share of its fit (max(GPU, host)) is GPU-bound
+STACK_FROM = ("raw.communication.sharding's plain stacks over raw.compute's block at tp 1 "
+              "(planner.cost.profiled.stack_fit)")
+STACK_MEASURED = f"derived by the profiler from {STACK_FROM}"
+STACK_MIGRATED = f"derived on load from {STACK_FROM}: the version-1 file predates stored derived values"
+
+
+def stack_fit(profile: Profile) -> StackFit | None:
+    """Distplan's block inside a stack, on every GPU at once, over the same block alone (StackFit), from the
+    profile's raw measurements; None where it measured no stack (or only malformed ones).
+
+    The compute fits time one block at a time on one GPU while the others idle. The sharding profiler's plain
+    stacks (profilers/sharding.py: 4-8 blocks, forward + backward, every rank at once, the slowest rank's time, no
+    data parallelism; a world of one on one device) run the same block as a model does. At compute-bound sizes a
+    block in the stack took 4-13% longer than alone on 2x H200, as the runs did (benchmarks/results/
+    profile_2xh200.md, "A block in a stack"). Where the lone block is host-bound (its fit is max(GPU, host)), a
+    stack runs faster per block than it, as a model does: the host's fixed cost per call overlaps the GPU's work of
+    the blocks before (benchmarks/results/campaign_1xh200.md). So: at token counts where the lone block's GPU time
+    is its fit (from the smallest raw compute point that is GPU-bound up), the factor at the largest token count
+    (the median over the stacks' modes there, at least 1: llama-3-8b's runs at micro-batch 1 x 4096 on 2x H200
+    matched it, not the factor its short stacks measured at 4096 tokens); below, where the host's time is the fit,
+    the median of the stacks at that token count, at least the GPU's share of the fit (a block cannot beat its GPU
+    time); between the two, StackFit.factor interpolates.
+    """
+    raw = profile.raw if isinstance(profile.raw, dict) else {}
+    comm = raw.get("communication") if isinstance(raw.get("communication"), dict) else {}
+    points = [p for p in comm.get("sharding") or [] if isinstance(p, dict) and p.get("blocks", 1) > 1
+              and not str(p.get("impl", "")).startswith(("tp", "fsdp2-tp"))]  # their plain blocks are tp shards
+    fit = profile.compute_fit("block", 1)
+    if not points or fit is None:
+        return None
+    alone = lambda t: fit.time_s("fwd", t) + fit.time_s("bwd", t)  # noqa: E731
+    share = {}  # tokens -> the GPU's share of the lone block's fit, where the raw compute points have it
+    for entry in raw.get("compute") or []:
+        if isinstance(entry, dict) and entry.get("kind") == "block" and entry.get("tp") == 1:
+            for q in entry.get("points") or []:
+                t = float(q["tokens"]) if isinstance(q, dict) and "gpu_fwd_s" in q and "gpu_bwd_s" in q else 0.0
+                if t and alone(t) > 0:
+                    share[t] = (float(q["gpu_fwd_s"]) + float(q["gpu_bwd_s"])) / alone(t)
+    try:
+        ratios = {t: statistics.median(float(p["plain_s"]) / int(p["blocks"]) / alone(t) for p in points
+                                       if float(p["tokens"]) == t)
+                  for t in sorted({float(p["tokens"]) for p in points}) if alone(t) > 0}
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError):
+        return None  # malformed raw points: no factor, the fits alone apply
+    if not ratios:
+        return None
+    compute_bound = max(1.0, ratios[max(ratios)])
+    gpu_from = min([t for t, g in share.items() if g >= HOST_BOUND_SHARE] or [0.0])
+    host = tuple((t, max(share.get(t, 0.0), r)) for t, r in ratios.items() if t < gpu_from)
+    return StackFit(compute_bound=compute_bound, gpu_bound_from_tokens=gpu_from, host_bound=host,
+                    gpu_share=tuple(sorted(share.items())))
+
+
+def with_derived(profile: Profile, note: str = STACK_MEASURED) -> Profile:
+    """`profile` with its stack factor derived from its measurements (stack_fit) and `note` saying how."""
+    stack = stack_fit(profile)
+    notes = tuple((k, v) for k, v in profile.derived if k != "stack_factor")
+    return replace(profile, stack=stack, derived=notes + ((("stack_factor", note),) if stack is not None else ()))
+
+
+def migrated(profile: Profile) -> Profile:
+    """`profile` as the current version holds it: one read from a version-1 file gets its stack factor derived
+    once, on load, from its raw measurements (the function the profiler uses), and `derived` says so."""
+    return profile if profile.file_version == PROFILE_VERSION else with_derived(profile, STACK_MIGRATED)
+
+
+def profile_from_dict(d: object, source: str) -> Profile:
+    """A profile from its file's dict form, of any version that loads, migrated (planner.core.profile.parse_profile)."""
+    return migrated(parse_profile(d, source))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """A profile file, of any version that loads, migrated: the door estimate, solve, run and the benchmarks use."""
+    return migrated(read_profile(path))
+
+
+def migration_note(profile: Profile, source: str | Path | None = None) -> str | None:
+    """One line on what was derived on load from an older profile file, or None for a current one."""
+    if profile.file_version == PROFILE_VERSION or not profile.derived:
+        return None
+    what = "; ".join(f"{k} {v}" for k, v in profile.derived)
+    return f"profile: {source or 'the profile'} is a version-{profile.file_version} file: {what}"

@@ -35,8 +35,9 @@ from planner.cost.predict import predict
 from planner.core.profile import Profile
 from planner.core.model import model_shape
 
-RIDGE = 1e-3
+RIDGE = 1e-3  # weight of the ridge term pulling each factor to the pooled ratio (module docstring, eq. (2))
 MIN_FACTOR = 1e-3  # factors are positive: a term cannot take negative time
+# the prediction terms a calibration factor scales
 KINDS = ("compute", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 
 

@@ -27,7 +27,7 @@ import torch
 from planner.core.errors import DistplanError, require
 from planner.core.model import ModelSpec
 
-DATA_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+DATA_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # token-file dtypes read (nanoGPT-style .bin files)
 _STEP_STRIDE = 1_000_003  # prime: seeds of different (seed, step) pairs never collide for steps < stride
 
 

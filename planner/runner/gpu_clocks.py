@@ -1,8 +1,8 @@
 """The GPUs' clocks and power while a run keeps them busy, sampled beside it with nvidia-smi.
 
 Why: a block inside a model ran 6-13% slower than the same block timed alone, and the node's 4-block stacks did not
-always show it (4xH200 call 4: under load every GPU ran at 1730-1770 MHz and about 600 W against the H200's
-1980 MHz boost, benchmarks/results/campaign_4xh200.md). A run's report says at what clock its steps ran, so a step
+always show it (on 4x H200 under load every GPU ran at 1730-1770 MHz and about 600 W against the H200's 1980 MHz
+boost, benchmarks/results/campaign_4xh200.md). A run's report says at what clock its steps ran, so a step
 time can be read against the clock its profile was measured at.
 
 What: `distplan run` on CUDA starts `nvidia-smi --query-gpu=... -lms 500` beside its workers where nvidia-smi is
@@ -17,8 +17,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
-QUERY = "index,clocks.sm,power.draw,utilization.gpu"
-INTERVAL_MS = 500
+QUERY = "index,clocks.sm,power.draw,utilization.gpu"  # nvidia-smi --query-gpu fields sampled
+INTERVAL_MS = 500  # nvidia-smi's sampling period
 BUSY_UTILIZATION = 50  # percent: a sample counts when the GPU ran kernels at least this share of its interval
 
 

@@ -52,15 +52,13 @@ from planner.runner.trace import ENV as TRACE_ENV
 
 WORKER_MODULE = RUNNER_WORKER[RUNNER_WORKER.index("-m") + 1]  # planner.runner.worker
 GRACE_S = 5.0  # after the first rank fails, time the others get to finish or fail by themselves
-# after every rank wrote its result, time they get to exit: distplan's communication profiler's ranks did not return
-# from destroy_process_group after 2D device meshes on 8x H200 (session 9), and a run must not wait its timeout so
-EXIT_GRACE_S = 20.0
+EXIT_GRACE_S = 20.0  # ranks' time to exit once all results are in; some hung (benchmarks/results/campaign_4xh200.md)
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
-POLL_S = 0.1
+POLL_S = 0.1  # how often the launcher looks at its ranks
 # a rank whose error says a peer vanished failed because another rank did (gloo, NCCL, c10d store messages)
 CONSEQUENCES = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
                 "nccl communicator was aborted", "ncclremoteerror", "socket timeout", "failed to recv", "eof")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # signals that stop a run and its ranks
 
 ProgressFn = Callable[[int, int], None]  # (steps begun by the slowest rank, total steps)
 
@@ -126,7 +124,7 @@ def worker_argv(plan_path: str, opts: RunOptions, result_dir: str | None = None)
     return argv
 
 
-CUDA_ALLOC_CONF = "expandable_segments:True"
+CUDA_ALLOC_CONF = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless the user set it (torchtitan's default)
 
 
 def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type: str,
@@ -152,7 +150,7 @@ def _spawn(plan_path: str, opts: RunOptions, nproc: int, tmp: Path, device_type:
             # the host's cores shared among the ranks (the user's own setting wins): each rank's OpenMP pool
             # otherwise takes every core, and the torch engine's offloaded AdamW (fused, on the host) ran 8.5 ns
             # per parameter with two such pools on a 32-core 2x H200 host where one process measured 0.23 ns
-            # (gpt2-xl ZeRO-1 with offload, call 29)
+            # (gpt2-xl ZeRO-1 with offload, benchmarks/results/campaign_1xh200.md and cost_model_notes.md)
             env.setdefault("OMP_NUM_THREADS", str(threads))
             # growable segments instead of fixed blocks (torchtitan's default): on 2xH200 an FSDP2 llama-2-13b
             # run died at 124 GiB allocated with 13.5 GiB reserved but unusable; the user's own setting wins
@@ -377,7 +375,7 @@ def _load_profile(plan: Plan, profile_path, calibrate: bool, engine: str = "torc
     from planner.core.profile import default_calibration_path
     from planner.estimate import job_profile
     from planner.cost.predict import predict
-    from planner.core.profile import load_profile
+    from planner.cost.profiled import load_profile
     from planner.runner.calibrate import machine_gpu
 
     require(not fallback or profile_path is not None, "--profile-fallback needs --profile PATH (the profile to fall back from)")

@@ -1,8 +1,8 @@
 """What the GPU holds at one training step's peak: an optional record of one extra step's allocations.
 
 Why: a run whose peak memory is above its prediction (llama-3-8b pp2 interleaved with full recompute ran 6.8-7.1
-GiB over on both stages, 2xH200 call 28) says how much, not what. The caching allocator's history can: every
-allocation and free of the step with the Python frames that made it.
+GiB over on both stages, benchmarks/results/campaign_2xh200.md) says how much, not what. The caching allocator's
+history can: every allocation and free of the step with the Python frames that made it.
 
 What: with `distplan run --memory-peak` (which sets DISTPLAN_MEMORY_PEAK=1 for the workers), the torch engine on
 CUDA runs one more step after the measured ones (and after `--trace`'s) with the allocator's history recorded
@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-ENV = "DISTPLAN_MEMORY_PEAK"
+ENV = "DISTPLAN_MEMORY_PEAK"  # set to 1 for the workers by --memory-peak
 TOP = 12  # places listed, by bytes live at the peak
 MAX_ENTRIES = 1_000_000  # allocator events kept (a step of a large model makes tens of thousands)
-GIB = 1024**3
+GIB = 1024**3  # bytes per GiB
 
 
 def enabled() -> bool:

@@ -28,7 +28,7 @@ from planner.core.plan import Plan
 from planner.runner.report import NumericsResult
 
 TOLERANCES = {"fp32": (1e-5, 1e-6), "bf16": (2e-2, 1e-2)}  # dtype -> (rtol, atol)
-NUMERICS_STEPS = 10
+NUMERICS_STEPS = 10  # steps compared with the single-process reference (warm-up included)
 
 
 def reference_losses(plan: Plan, steps: int, seed: int, lr: float, dtype: str, device: str,
@@ -122,7 +122,7 @@ def check_numerics(plan: Plan, parallel_losses: tuple[float, ...], seed: int, lr
 def release_device_memory(device: str) -> None:
     """Give the reference's GPU memory back to the driver. The reference runs in the launching process, whose
     caching allocator otherwise keeps it: on 2xH200 the next run of a campaign found 86 GiB of GPU 0 held by
-    the launcher after gpt2-xl's reference and ran out of memory (2026-11-22, call 13)."""
+    the launcher after gpt2-xl's reference and ran out of memory (benchmarks/results/run_2xh200.md)."""
     import gc
 
     import torch

@@ -15,7 +15,7 @@ from planner.core.errors import DistplanError, require
 from planner.core.plan import Plan
 from planner.runner.engine_api import RunOptions
 
-DTYPES = ("auto", "bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp32")  # --dtype values a run accepts (auto: bf16 on CUDA, fp32 on CPU)
 # --steps and --warmup at most: every step's time and loss per rank goes into the report (a million is tens of MB of
 # YAML per rank); a longer run is training, for the launch line of `distplan emit`
 MAX_STEPS = 1_000_000

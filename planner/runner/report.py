@@ -24,8 +24,8 @@ from planner.runner.engine_api import RankResult
 
 RANK_EXTRAS = ("dp_rank", "tp_rank", "chunks", "optimizer_s", "microbatch_s", "alloc_retries", "chunk_compute_s",
                "chunk_host_s", "trace", "memory_peak")  # engine extras per rank
-REPORT_VERSION = 1
-GIB = 1024**3
+REPORT_VERSION = 1  # the run report's format version (its `version` key)
+GIB = 1024**3  # bytes per GiB
 
 
 @dataclass(frozen=True)

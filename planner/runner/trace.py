@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-ENV = "DISTPLAN_TRACE"
+ENV = "DISTPLAN_TRACE"  # set to 1 for the workers by --trace
 TOP = 8  # kernels listed by summed time
 
 _CATEGORIES = (  # first match wins; lower-case substrings of kernel names

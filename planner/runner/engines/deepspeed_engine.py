@@ -53,7 +53,7 @@ from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.build.parallelize import apply_ac, build_stage, make_optimizer, materialise, tied
 
-MISSING = "engine 'deepspeed' needs DeepSpeed: pip install deepspeed"
+MISSING = "engine 'deepspeed' needs DeepSpeed: pip install deepspeed"  # the refusal where DeepSpeed is not installed
 LOG_NEVER = 10**9  # steps_per_print: DeepSpeed prints nothing (the report has the numbers)
 
 

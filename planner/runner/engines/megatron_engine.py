@@ -53,7 +53,8 @@ from planner.cost.engines import engine_model
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 
-NO_CUDA = "engine 'megatron' needs CUDA GPUs; this machine has none"
+NO_CUDA = "engine 'megatron' needs CUDA GPUs; this machine has none"  # the refusal without CUDA GPUs
+# the refusal where megatron-core is not installed
 MISSING = "engine 'megatron' needs megatron-core: pip install megatron-core (>= 0.17 on Python 3.12 also brings Megatron's argument parser)"
 VOCAB_MULTIPLE = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 INIT_STD = 0.02  # Megatron's --init-method-std default and GPT-2's
@@ -373,6 +374,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     return result
 
 
+# how this engine runs each ZeRO stage, as its run report says
 _ZERO_NOTE = {
     0: "ZeRO-0 -> megatron DistributedDataParallel (fp32 gradient buffers, all-reduce)",
     1: "ZeRO-1 -> megatron DistributedDataParallel + distributed optimizer (optimizer states sharded, gradients "
@@ -416,9 +418,9 @@ def _build_chunks(plan: Plan, config) -> list:
 
 # ---- weights by name ---------------------------------------------------------------------------------
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
-_RESIDUAL = ("linear_proj", "linear_fc2")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")  # a megatron-core parameter name's layer number
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")  # ... and its expert number
+_RESIDUAL = ("linear_proj", "linear_fc2")  # projections that write into the residual stream (smaller init, GPT-2)
 
 
 def global_name(name: str, layer_numbers: dict[int, int], expert_offset: int) -> str:

@@ -21,7 +21,7 @@ planner/runner/numerics.py, still does: fp32 weights under autocast, compared wi
 - Without FSDP (DDP ZeRO-0, pipeline-only, dp = 1): the stage is cast to bf16 after initialisation
   (parallelize.to_bf16_with_masters) and parallelize.MasterWeightsOptimizer holds the fp32 masters and
   runs AdamW on them: 2 (bf16 weight) + 2 (bf16 gradient, all-reduced as bf16 by DDP) + 4 + 8 = 16
-  bytes/param, the cost model's 16. (Until 2026-11-21 these layouts kept fp32 weights under torch.autocast,
+  bytes/param, the cost model's 16. (These layouts first kept fp32 weights under torch.autocast,
   which caches a bf16 copy of every weight during forward and leaves norms / residual adds in fp32:
   +16% to +38% peak memory on 2x H200, benchmarks/results/run_2xh200.md, miss 2.)
 With fp32 everything is fp32 (4 + 4 + 8). On CPU the launcher picks fp32 (CPU bf16 matmuls are slow);
@@ -57,6 +57,7 @@ from planner.build.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, loc
                                        apply_fsdp, apply_replicate, apply_tp, build_stage, make_optimizer, materialise,
                                        stage_layers, tied, to_bf16_with_masters)
 
+# torch.distributed.pipelining class per plan schedule
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 
 
@@ -91,7 +92,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     # DDP (gradient_as_bucket_view): keep the gradients as views of its buckets from step to step (zeroed, not
     # freed). Freed, the no_sync micro-batches of gradient accumulation would build fresh gradient tensors
     # beside the buckets: 2 more bytes per parameter until the last micro-batch (llama-3-8b, DDP, 4 micro-batches
-    # on 2xH200 ran out of memory with 15 GiB of them; benchmarks/results/campaign_2xh200.md).
+    # on 2xH200 ran out of memory with 15 GiB of them: benchmarks/results/campaign_2xh200.md).
     ddp_views = not fsdp and cfg.dp > 1
     tied_group = _tied_embedding_group(mesh, cfg) if tied(spec) and cfg.pp > 1 else None
     tied_params = [p for _, _, _, s in chunks for p in _tied_copy(s)] if tied_group is not None else []
@@ -297,6 +298,7 @@ def _keeps_outputs_optional() -> bool:
     return "return_outputs" in inspect.signature(schedules.PipelineScheduleSingle.step).parameters
 
 
+# whether this torch's schedule.step takes return_outputs (to not keep the outputs)
 _KEEPS_OUTPUTS_OPTIONAL = _keeps_outputs_optional()
 
 
