@@ -460,8 +460,6 @@ def profile(
                             "this GPU's kernel database")
     if budget_s is not None:
         raise DistplanError("--budget-s is for --hardware (the kernel database); a model profile sizes itself")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from planner.core.profile import save_profile
     from profilers.run import ProfileRequest, run_profile
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from planner.core.errors import DistplanError, require
+from planner.core.errors import require
 from planner.core.fields import is_number
 from planner.core.kerneldb import ATTENTION_AXES, GEMM_AXES, GEMM_LAYOUTS, KIND, VERSION
 from profilers import facts as device_facts_mod
