@@ -12,6 +12,7 @@ import pytest
 
 from emitters.deepspeed import ds_config, partition
 from emitters.common import EmitOptions
+from planner.build.deepspeed import import_deepspeed
 from planner.core.cluster import load_cluster
 from planner.core.errors import DistplanError
 from planner.core.job import ParallelConfig, validate_config
@@ -106,7 +107,7 @@ def test_missing_deepspeed_is_a_clear_error(tmp_path, cli, monkeypatch):
     with pytest.raises(DistplanError, match=r"^engine 'deepspeed' needs DeepSpeed: pip install deepspeed$"):
         de.check_supported(make(dp=2), "cpu")
     with pytest.raises(DistplanError, match=r"^engine 'deepspeed' needs DeepSpeed: pip install deepspeed"):
-        de.import_deepspeed("cpu")
+        import_deepspeed("cpu")
     save_plan(make(dp=2), tmp_path / "plan.yaml")
     result = cli("run", tmp_path / "plan.yaml", "--engine", "deepspeed")
     assert result.exit_code == 2

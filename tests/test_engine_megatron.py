@@ -16,6 +16,7 @@ from planner.core.job import ParallelConfig, validate_config
 from planner.core.model import ModelSpec, load_model
 from planner.core.plan import make_plan, save_plan
 from planner.cost.predict import predict
+from planner.build.megatron import padded_vocab_size
 from planner.runner.engines import megatron_engine as me
 
 TINY = ModelSpec(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_heads=4,
@@ -129,8 +130,8 @@ def test_interleaved_pipeline_layout_follows_megatrons_virtual_stage_order():
 @pytest.mark.parametrize("vocab,tp,padded", [(50257, 1, 50304), (50257, 2, 50304), (50257, 8, 50304), (50257, 3, 50304),
                                              (128, 4, 128), (32000, 1, 32000), (129, 256, 256)])
 def test_vocabulary_padding_is_the_same_for_every_tp_dividing_128(vocab, tp, padded):
-    assert me.padded_vocab_size(vocab, tp) == padded
-    assert me.padded_vocab_size(vocab, tp) % tp == 0
+    assert padded_vocab_size(vocab, tp) == padded
+    assert padded_vocab_size(vocab, tp) % tp == 0
 
 
 def test_parser_arguments_are_the_emitted_ones_minus_megatron_fsdp_plus_the_local_spec():

@@ -42,6 +42,9 @@ ZERO_MAPPING = {
        "weights all-gathered for forward and again for backward",
 }
 RESIDUAL_PROJECTIONS = ("o_proj", "fc2", "down_proj")  # write into the residual stream: smaller init (GPT-2)
+# torch.distributed.pipelining's schedule class for each ParallelConfig.schedule (the torch engine's and the
+# pipeline profiler's)
+PIPELINE_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
@@ -87,6 +90,13 @@ class StageModule(nn.Module):
         if self.head is not None:
             x = self.head(self.norm(x))
         return x
+
+
+def pipeline_schedule(kind: str):
+    """torch.distributed.pipelining's class of the schedule `kind` (PIPELINE_SCHEDULES)."""
+    from torch.distributed import pipelining
+
+    return getattr(pipelining, PIPELINE_SCHEDULES[kind])
 
 
 def build_stage(spec: ModelSpec, first: int, end: int, has_embed: bool, has_head: bool) -> StageModule:

@@ -42,7 +42,8 @@ import planner
 from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
 from planner.core.errors import require
 from planner.core.plan import Plan, load_plan
-from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
+from planner.build.host import host_threads_per_rank
+from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.core.fileio import check_writable
 from planner.runner.preflight import check_request
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
