@@ -20,7 +20,7 @@ from planner.core.model import describe_shape, model_shape
 from planner.cost.profiled import profile_for_job, without_model_specific
 from test_profile_cluster import gpu_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml"  # no model_shape: written before
 ARGS = ("-n", 8, "--global-batch", 64, "--format", "json")
 
@@ -74,7 +74,7 @@ def test_another_sequence_length_goes_through_the_same_rule(cli, tmp_path):
 
 def test_a_profile_of_the_same_model_is_used_as_before(tmp_path):
     """Same shape and sequence length: the very profile, so every prediction is what it was (the committed campaigns:
-    tests/test_replay.py)."""
+    tests/cost/test_replay.py)."""
     prof = load_profile(GPT2_XL_2XH200)
     assert profile_for_job(prof, load_model("gpt2-xl"), 1024) is prof
     reduced = replace(load_model("gpt2-xl"), name="gpt2-xl-8l", num_layers=8)  # a fit is per layer: layer count is free

@@ -130,7 +130,7 @@ def test_torch_master_weights_cast_is_charged_where_the_engine_keeps_masters():
     from planner.cost.profiled import cluster_for_profile
     from planner.core.profile import load_profile
 
-    prof = load_profile(Path(__file__).resolve().parent.parent / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
+    prof = load_profile(Path(__file__).resolve().parents[2] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
     model = load_model("gpt2-xl")
     cluster = cluster_for_profile(prof, load_cluster("h200-141gb"))
     params = model.num_layers * model.block_params() + model.embedding_params() + model.head_params()

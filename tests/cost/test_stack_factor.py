@@ -14,7 +14,7 @@ from planner.core.model import load_model
 from planner.cost.profiled import cluster_for_profile
 from planner.core.profile import load_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPT2_XL_2XH200 = ROOT / "benchmarks/results/profile_2xh200/session5/profile-gpt2-xl-s1024.yaml"
 
 

@@ -20,7 +20,7 @@ from planner.core.plan import load_plan, plan_from_dict
 from planner.core.profile import load_profile, profile_from_dict, profile_to_dict
 from planner.show import load_measurements
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml"
 LOADERS = {  # name: (loader, file suffix)
     "plan": (load_plan, ".yaml"), "profile": (load_profile, ".yaml"), "cluster": (load_cluster, ".yaml"),

@@ -2,7 +2,7 @@
 
 Layer times on the CPU are the measuring thread's CPU time (profilers.timing.Clock), so a busy CI
 machine barely moves them; still, the fits are held to a loose bound here (CPU_FIT_TOLERANCE);
-tests/test_profile_fit.py holds the fitting itself to tight bounds on synthetic data, and the GPU
+tests/profilers/test_fit.py holds the fitting itself to tight bounds on synthetic data, and the GPU
 profiles under benchmarks/results/ record each fit's largest error on real hardware.
 """
 
@@ -193,7 +193,7 @@ def test_cpu_profile_measures_the_fsdp2_per_block_overhead(tiny_profile):
     prof, _ = tiny_profile
     assert {(s.impl, s.group_size, s.reshard_after_forward) for s in prof.sharding} == {
         ("fsdp2", 2, True), ("fsdp2", 2, False), ("ddp", 2, False),  # DDP (ZeRO-0) on the same stacks
-        ("tp", 2, False), ("tp-sp", 2, False)}  # and the torch engine's DTensor TP (tests/test_pipeline_runtime.py)
+        ("tp", 2, False), ("tp-sp", 2, False)}  # and the torch engine's DTensor TP (tests/profilers/test_pipeline_runtime.py)
     for reshard in (True, False):
         for tokens in (SEQ, 4 * SEQ):
             assert prof.sharding_overhead_s(2, reshard, tokens) >= 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("replay", ROOT / "benchmarks" / "replay.py")
 replay = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(replay)

@@ -14,7 +14,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import load_model
 from planner.cost.predict import predict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("campaign", ROOT / "benchmarks" / "campaign.py")
 campaign = importlib.util.module_from_spec(_spec)
 sys.modules["campaign"] = campaign  # dataclasses look their module up by name

@@ -1,9 +1,9 @@
 """Plans the emitter tests share: the three golden cases and variants covering every mapping branch.
 
 Built with make_plan + predict + a hand ParallelConfig (not the solver). The golden cases are also
-committed as tests/golden/emit/<case>/plan.yaml, so cost-model changes do not churn the golden files:
+committed as tests/emitters/golden/emit/<case>/plan.yaml, so cost-model changes do not churn the golden files:
 the golden tests load that file, and `test_golden_plans_match_cases` checks it still holds the hand config.
-Regenerate the golden files with DISTPLAN_UPDATE_GOLDEN=1 python3 -m pytest tests/test_emit_golden.py.
+Regenerate the golden files with DISTPLAN_UPDATE_GOLDEN=1 python3 -m pytest tests/emitters/test_emit_golden.py.
 """
 
 from __future__ import annotations

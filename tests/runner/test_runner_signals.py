@@ -23,9 +23,9 @@ from planner.core.plan import save_plan
 from planner.runner import launch
 from planner.runner.engine_api import RankResult, RunOptions
 from planner.runner.report import rank_result_to_dict
-from tests.test_runner import make
+from tests.runner.test_runner import make
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _processes() -> dict[int, tuple[int, int, str]]:

@@ -1,5 +1,5 @@
 """Golden files: every target on gpt2-xl@64, llama-3-70b@64 (TP+PP+uneven split+selective recompute) and
-mixtral-8x7b@64 (EP), compared byte for byte. Regenerate: DISTPLAN_UPDATE_GOLDEN=1 python3 -m pytest tests/test_emit_golden.py
+mixtral-8x7b@64 (EP), compared byte for byte. Regenerate: DISTPLAN_UPDATE_GOLDEN=1 python3 -m pytest tests/emitters/test_emit_golden.py
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def test_standalone_megatron_check_reads_args_files_as_the_emitter_checks_do():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "megatron_args_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "megatron_args_check.py"
     spec = importlib.util.spec_from_file_location("megatron_args_check", path)
     standalone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(standalone)

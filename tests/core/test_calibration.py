@@ -20,7 +20,7 @@ from planner.core.profile import load_profile
 from planner.core.model import model_shape
 from planner.runner.calibrate import calibrate_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml"
 REQ = dict(model="gpt2-xl", cluster="", gpus=2, micro_batch=16, global_batch=32, zero=1)
 

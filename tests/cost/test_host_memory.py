@@ -16,7 +16,7 @@ from planner.cost.profiled import cluster_for_profile
 from planner.core.profile import load_profile
 from solvers.search import states_fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "benchmarks/results/profile_2xh200/profile-llama-2-13b-s4096-quick-2xh200.yaml"
 OFFLOAD = ParallelConfig(dp=1, tp=1, pp=2, zero_stage=1, offload_optimizer=True, micro_batch_size=1,
                          global_batch_size=8, seq_len=4096)

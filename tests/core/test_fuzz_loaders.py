@@ -27,7 +27,7 @@ from planner.core.model import load_model
 from planner.core.plan import load_plan
 from planner.core.profile import load_profile
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 EXAMPLES = 200  # per file kind (150 for the 35 KB profile: 0.1 s each); each is loaded and run through the CLI
 SECONDS = 10  # per example: more is a hang
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -102,7 +102,7 @@ def test_tensor_parallel_dtensor_parameters_step_and_round(tmp_path):
     import sys
     from pathlib import Path
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT, root], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
@@ -145,7 +145,7 @@ def test_ddp_accumulation_reuses_the_bucket_views_when_gradients_are_zeroed():
     import sys
     from pathlib import Path
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", DDP_SCRIPT, root], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     zeroed, freed = out.stdout.strip().splitlines()[-1].split("] [")
@@ -159,7 +159,7 @@ def test_dtensor_and_plain_parameters_never_share_a_fused_adamw(tmp_path, monkey
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from planner.runner import parallelize
+    from planner.build import parallelize
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:

@@ -19,7 +19,7 @@ from review_plans import review_plan
 from planner.htmlreport import write_report
 from planner.pictures import PHASE_COLORS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 NO_NETWORK = ("Could not resolve", "Temporary failure resolving", "Failed to fetch", "Network is unreachable",
               "Unable to fetch some archives", "Unable to locate package")

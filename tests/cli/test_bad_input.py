@@ -325,7 +325,7 @@ def test_markup_in_user_input_is_printed_not_read(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line(cli("estimate", "-m", "[/]", "-n", "2"), "unknown model '[/]'")
     one_line(cli("estimate", "-m", "gpt2", "-n", "2", "--schedule", "[bold]x[/]"), "[bold]x[/]")
-    spec = yaml.safe_load(Path(__file__).parent.parent.joinpath("configs", "models", "gpt2.yaml").read_text())
+    spec = yaml.safe_load(Path(__file__).parents[2].joinpath("configs", "models", "gpt2.yaml").read_text())
     (tmp_path / "[x].yaml").write_text(yaml.safe_dump(spec))
     one_line(cli("estimate", "-m", "[x].yaml", "-n", "2"), "must be a name")
     r = cli("estimate", "-m", "gpt2", "-n", "2", "-o", "[red]plan[/].yaml")

@@ -89,7 +89,7 @@ def test_engine_prices_what_that_engine_runs(cli):
     from planner.core.profile import load_profile
     from planner.estimate import EstimateRequest, run_estimate
 
-    prof = str(Path(__file__).resolve().parents[1] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
+    prof = str(Path(__file__).resolve().parents[2] / "benchmarks/results/profile_2xh200/profile-gpt2-xl-2xh200.yaml")
     args = ["-m", "gpt2-xl", "-n", 2, "--micro-batch", 16, "--global-batch", 32, "--seq-len", 1024, "--zero", 1,
             "--profile", prof, "--format", "json"]
     got = {e: parse_json(cli("estimate", *args, "--engine", e)) for e in ("any", "torch", "deepspeed")}

@@ -14,8 +14,8 @@ from planner.cost.predict import predict
 from planner.cost.profiled import cluster_for_profile
 from planner.core.profile import load_profile
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profile_2xh200"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "profile_2xh200"
 H200 = load_cluster("h200-141gb")
 
 

@@ -445,7 +445,7 @@ def test_a_wrapped_out_of_memory_is_reported_as_oom_with_its_cause():
 def test_weights_are_drawn_on_the_runs_gpu_and_on_the_cpu_elsewhere(monkeypatch):
     """Where weights are drawn: a CUDA run on its GPU (the CPU took over a minute per rank for a 13B model), a CPU
     run, and a host-offloaded shard of a GPU run, as its run computes (draw_on); the same numbers per (seed, name)."""
-    from planner.runner import parallelize
+    from planner.build import parallelize
 
     assert parallelize.draw_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert parallelize.draw_device(torch.device("cpu")) == torch.device("cpu")

@@ -126,7 +126,7 @@ def test_estimate_profile_of_another_gpu_is_a_clear_error(cli, tmp_path):
     assert ok["cluster"] == "h200-141gb+profile"
 
 
-H200_PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "profile_2xh200"
+H200_PROFILES = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "profile_2xh200"
 
 
 def test_measured_h200_profile_changes_the_prediction(cli):
