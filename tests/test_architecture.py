@@ -119,7 +119,7 @@ def cycles(found: list[Edge]) -> list[list[str]]:
     on_stack: set[str] = set()
     groups = []
 
-    def visit(v: str) -> None:  # iterative deepening is not needed: the graph is a few hundred modules
+    def visit(v: str) -> None:  # recursive: the import graph is a few hundred modules
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
