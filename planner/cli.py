@@ -422,24 +422,43 @@ def diff(
 
 @app.command(cls=_Command)
 def profile(
-    model: str = ModelOpt,
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name (e.g. gpt2-xl, llama-3-8b), a HF config.json or a zoo YAML (required unless --hardware)."),
     seq_len: Optional[int] = SeqLenOpt,
     dtype: str = typer.Option("auto", "--dtype", help="Training dtype of the layers and messages: auto (bf16 on GPUs, fp32 on CPUs, as `distplan run` trains), bf16, fp16 or fp32."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="TP degrees and group sizes up to this (default: the GPUs present; CPU: 2 processes)."),
-    output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="Where to write the profile YAML."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes)."),
+    output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="Where to write the profile YAML (--hardware: the kernel database, default hardware.yaml, its raw points beside it as .points.json)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes); with --hardware coarser grids in a 150 s budget."),
     device: str = typer.Option("auto", "--device", help="auto (GPUs if present), cuda or cpu (gloo between local processes)."),
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
     only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --only: the earlier profile (same model, sequence, dtype and machine) whose other phase is reused."),
     stack_blocks: Optional[int] = typer.Option(None, "--stack-blocks", help="Blocks in the sharding profiler's larger stack (FSDP2, DDP, DeepSpeed ZeRO-3; its ZeRO-2 takes at least 8; default: 8 on GPUs, fewer where they would not fit, 4 on CPUs): more measure the per-block overhead with more signal and take longer."),
+    hardware: bool = typer.Option(False, "--hardware", help="Measure this GPU's kernel database instead of a model: GEMMs over (tokens, out, in), attention, memory-bound kernels, launch overhead, AdamW and the sustained clock (configs/hardware/ holds the committed ones)."),
+    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="With --hardware: wall-time budget of the measurement in seconds (default 390 on a GPU, 150 with --quick); what does not fit is recorded as not measured."),
 ):
     """Measure per-layer compute, collectives and device ceilings on this node; write profile.yaml.
 
     Example: distplan profile -m llama-3-8b --seq-len 4096 -o h200.yaml, then
     distplan solve -m llama-3-8b -n 16 --profile h200.yaml. Under torchrun on several nodes the
-    inter-node link is measured as well.
+    inter-node link is measured as well. With --hardware: this GPU's kernel database, e.g.
+    distplan profile --hardware -o h100.yaml.
     """
+    if hardware:
+        given = [flag for flag, value in (("--model", model), ("--seq-len", seq_len), ("--gpus-per-node", gpus_per_node),
+                                          ("--micro-batches", micro_batches), ("--only", only), ("--base", base),
+                                          ("--stack-blocks", stack_blocks)) if value is not None]
+        if given:
+            raise DistplanError(f"--hardware measures the GPU, not a model: leave out {', '.join(given)}")
+        source = ctx.get_parameter_source("output")
+        _profile_hardware(Path("hardware.yaml") if getattr(source, "name", None) == "DEFAULT" else output,
+                          device, dtype, quick, budget_s)
+        return
+    if model is None:
+        raise DistplanError("missing option --model / -m (the model to profile); or pass --hardware to measure "
+                            "this GPU's kernel database")
+    if budget_s is not None:
+        raise DistplanError("--budget-s is for --hardware (the kernel database); a model profile sizes itself")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from planner.core.profile import save_profile
@@ -453,22 +472,69 @@ def profile(
     req = ProfileRequest(model=model, seq_len=seq_len, dtype=dtype, gpus_per_node=gpus_per_node, quick=quick,
                          device=device, micro_batches=mbs, only=only, base=str(base) if base is not None else None,
                          stack_blocks=stack_blocks)
-    if err.is_terminal:
-        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("starting", total=None)
-            prof = run_profile(req, lambda label, done, total: bar.update(task, description=label, completed=done,
-                                                                          total=total))
-    else:  # a log (device calls, CI): one line per step, so a run stopped by a timeout says how far it got
-        import time
-
-        t0 = time.monotonic()
-        prof = run_profile(req, lambda label, done, total: print(
-            f"[{time.monotonic() - t0:6.1f} s] {done}/{total} {label}", file=sys.stderr, flush=True))
+    with _profile_progress() as progress:
+        prof = run_profile(req, progress)
     if prof is None:  # a torchrun rank other than 0: rank 0 writes the profile
         return
     save_profile(prof, output)
     _render_profile(prof, output)
+
+
+@contextmanager
+def _profile_progress():
+    """The profile's progress callback (label, done, total): a rich bar on a terminal; in a log (device calls, CI)
+    one line per step, so a run stopped by a timeout says how far it got."""
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            yield lambda label, done, total: bar.update(task, description=label, completed=done, total=total)
+        return
+    import time
+
+    t0 = time.monotonic()
+    yield lambda label, done, total: print(f"[{time.monotonic() - t0:6.1f} s] {done}/{total} {label}",
+                                           file=sys.stderr, flush=True)
+
+
+def _profile_hardware(output: Path, device: str, dtype: str, quick: bool, budget_s: Optional[float]) -> None:
+    from profilers.hardware import measure_hardware, points_path, resolve, save_hardware
+
+    dev, torch_dtype, budget = resolve(device, dtype, budget_s, quick)
+    check_writable(output, "--output")  # before the measurement, which takes minutes
+    check_writable(points_path(output), "--output's raw points file")
+    with _profile_progress() as progress:
+        measured = measure_hardware(dev, torch_dtype, budget, progress, quick)
+    written = save_hardware(measured, output, command=" ".join(["distplan", *sys.argv[1:]]))
+    _render_hardware(measured.database, written)
+
+
+def _render_hardware(db: dict, written: list) -> None:
+    from rich.table import Table
+
+    f = db["facts"]
+    t = Table(title=f"kernel database of {db['gpu_name']} ({db['device']}, {db['dtype']})", show_header=False,
+              title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("versions", f"torch {f.get('torch')}" + (f", CUDA {f.get('cuda')}, driver {f.get('driver')}"
+                                                       if db["device"] == "cuda" else ""))
+    probe = f.get("probe", {})
+    t.add_row("probe", f"matmul {probe.get('matmul_tflops', 0):.1f} TFLOP/s, copy {probe.get('copy_gb_s', 0):.0f} GB/s")
+    for name, sec in f.get("sections", {}).items():
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(sec.get("counts", {}).items()))
+        why = db.get(name, {}).get("not_measured") if isinstance(db.get(name), dict) else None
+        t.add_row(name, f"{sec['wall_s']} s" + (f", {counts}" if counts else "") + (f"; not measured: {why}" if why else ""))
+    clock = db.get("clock", {})
+    if clock.get("sustained_sm_mhz"):
+        t.add_row("sustained clock", f"{clock['sustained_sm_mhz']:.0f} MHz, {clock.get('power_w', 0):.0f} W, "
+                                     f"{clock.get('tflops_median', 0):.0f} TFLOP/s")
+    t.add_row("wall time", f"{f.get('wall_time_s')} s of a {f.get('budget_s')} s budget")
+    out.print(t)
+    for path in written:
+        err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _render_profile(prof, path: Path) -> None:

@@ -429,16 +429,16 @@ def _measure(req: ProfileRequest, spec, plan: Plan, tick: Callable[[str], None],
         device_count=plan.devices, memory_gib=round(memory_gib, 2), inter_node=inter,
         sharding=fit_sharding(raw_comm.get("sharding") or [], ceilings.get("optimizer_s_per_param", 0.0)),
         pipeline=fit_pipeline(raw_comm.get("pipeline") or []),
-        facts=_plain(info), raw=_plain(raw),
+        facts=yaml_plain(info), raw=yaml_plain(raw),
     )
 
 
-def _plain(obj):
+def yaml_plain(obj):
     """YAML-safe copy: tuples to lists, numpy/torch scalars to floats."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): yaml_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [yaml_plain(v) for v in obj]
     if obj is None or type(obj) in (bool, int, float, str):
         return obj
     if isinstance(obj, str):

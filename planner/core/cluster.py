@@ -10,13 +10,14 @@ from __future__ import annotations
 import bisect
 import re
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from planner.core.errors import DistplanError, require
 from planner.core.fields import flag, integer, is_number, listing, mapping, name, number
 from planner.core.fileio import parse_yaml, read_yaml
+from planner.core.kerneldb import KernelDB, load_kernel_db
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 TIERS = ("intra_node", "inter_node", "host")
@@ -86,6 +87,10 @@ class Cluster:
     # the "GPU" is the host's CPU (a CPU + gloo profile): device memory and host memory are one pool, so a rank's
     # offloaded optimizer states come out of its share of the device memory
     host_is_device: bool = False
+    # the GPU's measured kernel database (configs/hardware/<name>.yaml): without a profile, layers are priced from it
+    # kernel by kernel (planner/cost/kernels.py) instead of the efficiency fractions; "" for none
+    kernel_database: str = ""
+    kernels: KernelDB | None = field(default=None, compare=False, repr=False)
 
     def link(self, tier: str) -> Link:
         return dict(self.links)[tier]
@@ -108,6 +113,7 @@ class Cluster:
             "max_nodes": self.max_nodes,
             "host_memory_gib": self.host_memory_gib,
             **({"host_is_device": True} if self.host_is_device else {}),
+            **({"kernel_database": self.kernel_database} if self.kernel_database else {}),
             "gpu": d["gpu"],
             "links": {tier: asdict(link) for tier, link in self.links},
             "efficiency": {
@@ -173,9 +179,19 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     gpn = integer(data, "gpus_per_node", source, 1, MAX_GPUS)
     max_nodes = integer(data, "max_nodes", source, 0, MAX_GPUS, default=0)
     host = number(data, "host_memory_gib", source, 0, default=0.0)
+    db_name = name(data, "kernel_database", source, default="")
     return Cluster(name=name(data, "name", source, default=Path(source).stem), gpu=gpu, gpus_per_node=gpn,
                    links=tuple(links), efficiency=eff, max_nodes=max_nodes, host_memory_gib=host,
-                   host_is_device=flag(data, "host_is_device", source, default=False))
+                   host_is_device=flag(data, "host_is_device", source, default=False), kernel_database=db_name,
+                   kernels=_kernel_db(db_name, source) if db_name else None)
+
+
+def _kernel_db(db_name: str, source: str) -> KernelDB:
+    """The kernel database a cluster file names: a file under configs/hardware/ or a path to one."""
+    try:
+        return load_kernel_db(db_name)
+    except DistplanError as exc:
+        raise DistplanError(f"{source}: kernel_database '{db_name}': {exc}") from None
 
 
 def cluster_names() -> list[str]:

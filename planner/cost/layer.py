@@ -14,6 +14,7 @@ from planner.core.cluster import Cluster
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile
+from planner.cost import kernels
 from planner.cost.terms import BF16, CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
 
 
@@ -148,6 +149,9 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
                 uf, ub = _attention_core_s(model, cluster, cfg, False)
             fwd, bwd = fwd + max(0.0, uf - ff) * k, bwd + max(0.0, ub - fb) * k
             core_fwd = attn_fwd + max(0.0, uf - ff) * k
+    elif cluster.kernels is not None:  # the GPU's measured kernels, one by one (planner/cost/kernels.py)
+        fwd, bwd = (x * k for x in kernels.layer_times(cluster, kernels.block_kernels, model, cfg))
+        attn_fwd = kernels.attention_fwd_s(cluster, model, cfg) * k
     else:
         gemm = gemm_time_s(cluster, tokens * mm["qkv"] / t) + gemm_time_s(cluster, tokens * mm["attn_out"] / t)
         n_mlp = 3 if model.gated_mlp else 2
@@ -235,6 +239,8 @@ def head_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: 
     k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:
         return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
+    if cluster.kernels is not None:
+        return tuple(x * k for x in kernels.layer_times(cluster, kernels.head_kernels, model, cfg))
     if model.is_vit:
         tokens = cfg.micro_batch_size  # classifier on the class token only
     gemm = gemm_time_s(cluster, tokens * model.head_matmul_flops_per_token() / cfg.tp)
@@ -250,6 +256,8 @@ def embedding_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, prof
     k = fit_factor(profile, engine, tokens) if fit is not None else compute_factor(profile)
     if fit is not None:
         return fit.time_s("fwd", tokens) * k, fit.time_s("bwd", tokens) * k
+    if cluster.kernels is not None:
+        return tuple(x * k for x in kernels.layer_times(cluster, kernels.embedding_kernels, model, cfg))
     h = model.hidden_size
     if model.is_vit:
         gemm = gemm_time_s(cluster, tokens * 2 * model.num_channels * model.patch_size**2 * h / cfg.tp)

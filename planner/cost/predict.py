@@ -15,6 +15,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction, host_fits
 from planner.core.profile import Profile, describe_profile
+from planner.cost import kernels
 from planner.cost.layer import (block_time, embedding_time, head_time, measured_fit, megatron_head_s,
                                 megatron_layer_delta_s)
 from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, host_memory_per_gpu, stage_memory, stage_params,
@@ -347,7 +348,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     peak = max(s.memory_gib for s in stage_preds)
     capacity = cluster.usable_memory_gib
     slack = allocator_slack(cfg, engine)
-    sources = _sources(model, cfg, profile, engine)
+    sources = kernels.label_sources(cluster, model, cfg, _sources(model, cfg, profile, engine))
     host = host_memory_per_gpu(model, cfg) / GIB
     shared = host if cluster.host_is_device else 0.0  # a CPU "device": offloaded states in the same memory
     host_capacity = 0.0 if cluster.host_is_device else cluster.host_memory_gib_per_gpu
