@@ -1,4 +1,4 @@
-"""planner/runner/gpu_clocks.py: the GPUs' clocks and power beside a run, from nvidia-smi's CSV; checked against
+"""profilers/gpu_clocks.py: the GPUs' clocks and power beside a run, from nvidia-smi's CSV; checked against
 hand-made samples and a stand-in nvidia-smi on the PATH (CI has no GPU)."""
 
 import os
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from planner.runner import gpu_clocks
+from profilers import gpu_clocks
 
 # nvidia-smi --query-gpu=index,clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits, as on 4xH200
 SAMPLES = """0, 345, 80.50, 0

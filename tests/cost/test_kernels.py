@@ -17,7 +17,7 @@ from planner.core.kerneldb import WORK, kernel_db_from_dict
 from planner.core.model import load_model
 from planner.cost import kernels as K
 from planner.cost.predict import predict
-from tests.test_kerneldb import synthetic
+from tests.core.test_kerneldb import synthetic
 
 MODELS = ("gpt2-xl", "llama-3-8b", "mixtral-8x7b")
 
