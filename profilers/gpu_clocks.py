@@ -2,8 +2,8 @@
 `distplan profile --hardware` beside its kernels: profilers/hardware.py).
 
 Why: a block inside a model ran 6-13% slower than the same block timed alone, and the node's 4-block stacks did not
-always show it (4xH200: under load every GPU ran at 1730-1770 MHz and about 600 W against the H200's
-1980 MHz boost, benchmarks/results/campaign_4xh200.md). A run's report says at what clock its steps ran, so a step
+always show it (on 4x H200 under load every GPU ran at 1730-1770 MHz and about 600 W against the H200's 1980 MHz
+boost, benchmarks/results/campaign_4xh200.md). A run's report says at what clock its steps ran, so a step
 time can be read against the clock its profile was measured at.
 
 What: `distplan run` on CUDA starts `nvidia-smi --query-gpu=... -lms 500` beside its workers where nvidia-smi is

@@ -140,7 +140,7 @@ def profile_head(spec: ModelSpec, seq_len: int, device: torch.device, dtype: tor
     """profilers.compute.profile_layer's result for MEGATRON_HEAD_KIND at tp = 1 (MegatronHead), or one with no
     points and an "error" saying why it was not measured. Why: megatron-core's plans ran 2.3-8.6% under predictions
     that charged distplan's measured head (unfused cross-entropy with fp32 copies), the more so the more
-    micro-batches passed the head (gpt2-xl on 2xH200, benchmarks/results/megatron_head_2xh200.md)."""
+    micro-batches passed the head (benchmarks/results/megatron_head_2xh200.md)."""
     return _profile_kind(MEGATRON_HEAD_KIND, "megatron head", spec, seq_len, device, dtype, settings, on_point)
 
 

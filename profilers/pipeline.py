@@ -7,8 +7,8 @@ llama-3-8b interleaved v8 x 4 micro-batches and gpt2-xl interleaved v2 x 16 (64 
 charged only the activation's transfer at the profiled p2p bandwidth (0.1-0.2 ms), which the collective
 profiler times as a back-to-back loop of sends. Where the rest goes is not settled (benchmarks/DEVICE_NOTES.md:
 head-of-line blocking of the pair's NCCL stream was simulated and explains little); this measures the runtime as
-it is. A llama-3-8b profile measured 0.52 ms per operation at that plan's 64 MiB: about half of what the run lost
-at v = 8 (this measures v = VPP).
+it is. A llama-3-8b profile measured 0.52 ms per operation at that plan's 64 MiB: about half of what the run lost at
+v = 8 (this measures v = VPP; benchmarks/results/campaign_2xh200.md).
 
 What: inside the communication profiler's processes, over ranks 0 and 1 (NCCL on GPUs, gloo on CPUs), a
 2-stage pipeline whose every chunk is one transformer block (profilers.compute.build_layer, tp = 1, the

@@ -123,8 +123,7 @@ def _time_round_robin(variants: list[tuple[nn.Module, Callable[[], None]]], x: t
     """Median seconds of one forward + backward of each (module, set-up) variant, the variants taking turns trial
     by trial (each set-up runs before its variant's every trial): a drift of the GPU's clock or of the other ranks
     during the measurement reaches every variant alike, where timing one variant after the other put it into
-    their difference (llama-3-8b's 4-block ZeRO-3 stack: 65.7 and 58.8 ms wrapped against 47.2 and 46.8 ms plain in
-    two profiles on 2xH200; benchmarks/results/cost_model_notes.md)."""
+    their difference (llama-3-8b's 4-block ZeRO-3 stack on 2xH200: benchmarks/results/cost_model_notes.md)."""
     times: list[list[float]] = [[] for _ in variants]
     for i in range(warmup + trials):
         for k, (module, setup) in enumerate(variants):

@@ -42,9 +42,6 @@ ZERO_MAPPING = {
        "weights all-gathered for forward and again for backward",
 }
 RESIDUAL_PROJECTIONS = ("o_proj", "fc2", "down_proj")  # write into the residual stream: smaller init (GPT-2)
-# torch.distributed.pipelining's schedule class for each ParallelConfig.schedule (the torch engine's and the
-# pipeline profiler's)
-PIPELINE_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
@@ -90,6 +87,11 @@ class StageModule(nn.Module):
         if self.head is not None:
             x = self.head(self.norm(x))
         return x
+
+
+# torch.distributed.pipelining's schedule class for each ParallelConfig.schedule (the torch engine's and the
+# pipeline profiler's)
+PIPELINE_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
 
 
 def pipeline_schedule(kind: str):

@@ -47,9 +47,9 @@ from dataclasses import replace
 
 import torch
 
+from planner.build.megatron import INIT_STD, layer_config_kwargs, padded_vocab_size, resolve_config, spec_model_kwargs
 from planner.core.errors import require
 from planner.core.plan import Plan
-from planner.build.megatron import INIT_STD, layer_config_kwargs, padded_vocab_size, resolve_config, spec_model_kwargs
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 
