@@ -33,7 +33,7 @@ PY
 }
 
 if [ "${GROUP:-torch}" = torch ]; then
-  (for f in tests/golden/emit/*/megatron/megatron_args.txt tests/golden/emit/llama-3-70b-64/slurm/megatron_args.txt; do echo "$f"; done \
+  (for f in tests/emitters/golden/emit/*/megatron/megatron_args.txt tests/emitters/golden/emit/llama-3-70b-64/slurm/megatron_args.txt; do echo "$f"; done \
      | xargs python3 benchmarks/megatron_args_check.py -o "$out/megatron_args_check.json" >"$out/megatron_args_check.log" 2>&1 &)
   PROF=$GP
   dp solve -m gpt2-xl -n 2 --profile $GP --global-batch 32 --engine torch -o "$work/gpt2xl_solved.yaml" >"$work/solve_gpt2xl.log" 2>&1

@@ -1,7 +1,7 @@
 """Megatron-LM's own validation of emitted argument files: parse_args + validate_args + TransformerConfig.
 
 Usage (Python >= 3.12 with megatron-core >= 0.17, which ships megatron.training; torch; a GPU is optional):
-    python benchmarks/megatron_args_check.py tests/golden/emit/*/megatron/megatron_args.txt \
+    python benchmarks/megatron_args_check.py tests/emitters/golden/emit/*/megatron/megatron_args.txt \
         -o benchmarks/results/megatron_args_check.json
 
 Standalone on purpose (imports nothing from distplan), so it runs on a machine that has Megatron but not

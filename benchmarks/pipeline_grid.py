@@ -55,19 +55,19 @@ def _worker(rank: int, args, init_file: str, queue) -> None:
     from planner.core.model import load_model
     from profilers.compute import build_layer, make_inputs
     from profilers.pipeline import _chunk_times, solve_action_s, step_times
-    from profilers.sharding import _slowest
+    from profilers.timing import slowest
 
     spec = load_model(args.model)
     block = build_layer(spec, "block", 1, device, dtype)
     (x,), grad = make_inputs(spec, "block", 1, args.micro_batch, args.seq_len, device, dtype)
     fwd, bwd = _chunk_times(block, x, grad, device, args.warmup, args.trials)
-    fwd, bwd = _slowest(fwd, None, device), _slowest(bwd, None, device)
+    fwd, bwd = slowest(fwd, None, device), slowest(bwd, None, device)
     del block, x, grad
     rows = []
     for kind, vpp, m in parse_grid(args.grid):
         host, wall = step_times(kind, spec, args.micro_batch, args.seq_len, None, device, dtype, args.warmup,
                                 args.trials, vpp, m)
-        host, wall = _slowest(host, None, device), _slowest(wall, None, device)
+        host, wall = slowest(host, None, device), slowest(wall, None, device)
         a = solve_action_s(kind, wall, fwd, bwd, vpp, m)
         rows.append({"schedule": kind, "vpp": vpp, "microbatches": m, "ops_per_rank": 2 * vpp * m,
                      "step_s": wall, "host_s": host, "chunk_fwd_s": fwd, "chunk_bwd_s": bwd, "action_s": a})

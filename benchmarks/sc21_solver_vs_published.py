@@ -4,7 +4,7 @@ For every Table 1 row (GPT, vocab 51200, sequence 2048, dgx-a100-80gb, the publi
 global batch) it predicts the published configuration (planner.core.published.sc21_table1: full recompute,
 unfused attention, gradient reduce after backward, micro-batch 1, interleaving where the layers allow)
 and runs `solvers.solve` with the same fixed settings (flash_attention=False, overlap_grad_reduce=False),
-then prints both side by side. The solver's plan must be at least as fast (tests/test_search.py checks it).
+then prints both side by side. The solver's plan must be at least as fast (tests/solvers/test_search.py checks it).
 Writes benchmarks/results/sc21_solver_vs_published.md. Usage: python3 benchmarks/sc21_solver_vs_published.py
 """
 

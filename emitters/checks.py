@@ -31,7 +31,7 @@ from planner.core.plan import Plan, plan_from_dict
 # ---- DeepSpeed ------------------------------------------------------------------------------------
 
 # Top-level keys DeepSpeed 0.19's DeepSpeedConfig and deepspeed.initialize read (recorded from
-# deepspeed/runtime/config.py; tests/test_emit_deepspeed.py re-records them from the installed DeepSpeed).
+# deepspeed/runtime/config.py; tests/emitters/test_emit_deepspeed.py re-records them from the installed DeepSpeed).
 DS_TOP_LEVEL_KEYS = frozenset("""
 activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger communication_data_type
 compile compression_training csv_monitor curriculum_learning data_efficiency data_parallel_size data_types

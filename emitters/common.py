@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner import __version__
+from planner.core.version import __version__
 from planner.core.errors import DistplanError
 from planner.core.plan import Plan
 

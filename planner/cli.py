@@ -100,7 +100,7 @@ err = Console(stderr=True)
 
 def _print_version(value: bool) -> None:
     if value:
-        from planner import __version__
+        from planner.core.version import __version__
 
         out.print(f"distplan {__version__}")
         raise typer.Exit(0)
@@ -361,7 +361,8 @@ def show(
 
     Example: distplan show plan.yaml --timeline timeline.png --report report.html
     """
-    from planner.show import dumps, show_plan
+    from planner.show import dumps
+    from planner.show_files import show_plan
     from planner.training import training_estimate
 
     check_format(fmt, ("table", "json", "yaml"))

@@ -1,13 +1,13 @@
 """`distplan show` and `distplan diff`: what a plan holds and what changes between two, as plain data.
 
 Everything here returns dicts and lists (the `--format json|yaml` output); planner/render_show.py
-draws them with rich, planner/htmlreport.py as HTML, planner/pictures.py as pictures.
+draws them with rich, planner/htmlreport.py as HTML, planner/pictures.py as pictures; planner/show_files.py
+writes the files `distplan show` asks for.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -284,12 +284,6 @@ def load_measurements(*paths: str | Path) -> list[dict]:
     return out
 
 
-@dataclass(frozen=True)
-class ShowResult:
-    review: dict
-    written: tuple[Path, ...]  # pictures and report files written, in order
-
-
 def stage_idle_shares(plan: Plan) -> list[float]:
     """Each stage's idle share of the step, from the plan's prediction: (pipeline - m * t_i) / step, where the
     pipeline is the step less the gradient sync and optimizer. The slowest stage's is the pipeline bubble's
@@ -344,42 +338,6 @@ def memory_chart_of(plan: Plan):
     return memory_figure(pred["stages"], pr["capacity_gib"], headline=headline,
                          allocator_slack=float(pred.get("allocator_slack", FRAGMENTATION)),
                          title=f"{plan.model.name} on {plan.gpus} x {plan.cluster.gpu.name}: {plan_summary(plan)}")
-
-
-def show_plan(path: str | Path, timeline: str | Path | None = None, memory_chart: str | Path | None = None,
-              report: str | Path | None = None, measured: list[str | Path] | tuple = ()) -> ShowResult:
-    """Load a plan, review it, and write the pictures and the HTML report asked for.
-
-    Every output is checked (suffix, a file not a folder, a writable folder, no two the same) and everything
-    is drawn before the first file is written, each atomically: a bad output writes nothing at all.
-    """
-    from planner.core.fileio import atomic_write_bytes, atomic_write_text
-    from planner.htmlreport import check_report_path, report_html
-    from planner.pictures import check_picture_path, figure_bytes
-
-    plan = load_plan(path)
-    review = plan_review(plan)
-    records = load_measurements(*measured) if measured else None
-    if records:
-        review["measured"] = records
-    targets: dict[str, Path] = {}
-    for flag, target in (("--timeline", timeline), ("--memory-chart", memory_chart), ("--report", report)):
-        if target is None:
-            continue
-        checked = check_report_path(target, flag) if flag == "--report" else check_picture_path(target, flag)
-        same = next((f for f, p in targets.items() if p.resolve() == checked.resolve()), None)
-        require(same is None, f"{flag} '{target}' is also the {same} file; give each output its own file")
-        targets[flag] = checked
-    outputs: list[tuple[Path, str | bytes]] = []
-    for flag, target in targets.items():
-        if flag == "--report":
-            outputs.append((target, report_html(plan, records)))
-        else:
-            fig = timeline_of(plan) if flag == "--timeline" else memory_chart_of(plan)
-            outputs.append((target, figure_bytes(fig, target.suffix.lower().lstrip("."))))
-    for target, data in outputs:
-        (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(target, data)
-    return ShowResult(review=review, written=tuple(target for target, _ in outputs))
 
 
 def diff_plan_files(a: str | Path, b: str | Path) -> dict:

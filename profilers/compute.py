@@ -159,15 +159,8 @@ def _init(module: nn.Module) -> None:
 
 
 def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The rank-0 shard of one layer of `kind`, on `device` in `dtype`, initialised."""
-    if kind == MEGATRON_BLOCK_KIND:  # megatron-core's own layer (inside profilers.megatron_layer.megatron_state)
-        from profilers.megatron_layer import MegatronLayer
-
-        return MegatronLayer(spec, device, dtype)
-    if kind == MEGATRON_HEAD_KIND:  # its last stage with one layer (the same state)
-        from profilers.megatron_layer import MegatronHead
-
-        return MegatronHead(spec, device, dtype)
+    """The rank-0 shard of one layer of `kind`, on `device` in `dtype`, initialised (megatron-core's own kinds:
+    profilers.megatron_layer.build_layer)."""
     with torch.device("meta"):
         if kind in ("block", "moe_block"):
             layer = shard_block(Block(spec), spec, tp)
@@ -217,8 +210,9 @@ def make_inputs(spec: ModelSpec, kind: str, tp: int, micro_batch: int, seq_len: 
 
 def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: torch.device, dtype: torch.dtype,
                   settings: ComputeSettings, on_point: Callable[[str], None] = lambda _: None,
-                  time_fn: Callable = time_point) -> dict:
-    """Measure one (kind, tp) over the settings' micro-batches; stops at the first out-of-memory one.
+                  time_fn: Callable = time_point, build_fn: Callable = build_layer) -> dict:
+    """Measure one (kind, tp) over the settings' micro-batches; stops at the first out-of-memory one. `build_fn`
+    builds the layer (build_layer's arguments; profilers.megatron_layer passes megatron-core's).
 
     Returns {"kind", "tp", "points": [{micro_batch, tokens, fwd_s, bwd_s, ...}], "oom_micro_batch"}.
     """
@@ -227,7 +221,7 @@ def profile_layer(spec: ModelSpec, kind: str, tp: int, seq_len: int, device: tor
     recompute = settings.recompute and kind in ("block", "moe_block")
     layer = None
     try:
-        layer = build_layer(spec, kind, tp, device, dtype)
+        layer = build_fn(spec, kind, tp, device, dtype)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected; anything else propagates
         if not is_oom(exc):
             raise

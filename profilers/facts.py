@@ -203,7 +203,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool,
     on_point("optimizer step")
     if cuda:  # the torch engine's offloaded step: make_optimizer's AdamW on fp32 tensors in host memory, with the
         # threads `distplan run` gives each rank when every GPU of the node runs one
-        from planner.runner.engine_api import host_threads_per_rank
+        from planner.build.host import host_threads_per_rank
 
         threads = host_threads_per_rank(torch.cuda.device_count())
         out["host_optimizer_s_per_param"] = host_optimizer_s_per_param(2**26 if not quick else 2**25, threads=threads)

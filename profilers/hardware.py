@@ -11,7 +11,7 @@ Sections, in order, each within its share of one wall-time budget (time a sectio
 4. attention, 5. memory-bound kernels (kernel_grid);
 6. AdamW seconds per parameter (facts.optimizer_s_per_param: the torch engine's fused step);
 7. the sustained clock: back-to-back 8192^3 matmuls for SUSTAIN_S with nvidia-smi sampling beside them
-   (planner/runner/gpu_clocks), as the GEMM, attention and memory-bound sections were sampled too.
+   (profilers/gpu_clocks), as the GEMM, attention and memory-bound sections were sampled too.
 A section that fails is recorded as not measured with its error, and the others still run.
 
 On a CPU the same code runs tiny grids in fp32 in a few seconds, one thread (timing.Clock): what CI tests.
@@ -79,7 +79,7 @@ def sampled(device: torch.device, into: dict, key: str):
     if device.type != "cuda":
         yield
         return
-    from planner.runner import gpu_clocks
+    from profilers import gpu_clocks
 
     fd, name = tempfile.mkstemp(suffix=".csv", prefix="distplan-clocks.")
     os.close(fd)

@@ -39,7 +39,7 @@ ATTENTION_RATE = 0.4  # fraction of the probed matmul rate assumed for attention
 DROPOUT_P = 0.1  # Megatron-LM's default hidden and attention dropout
 ERRORS_KEPT = 5  # distinct error messages recorded per section
 GIB = 2**30
-# the GPU plan (plan_settings); its time on an H100 is tests/test_hardware.py's arithmetic
+# the GPU plan (plan_settings); its time on an H100 is tests/profilers/test_hardware.py's arithmetic
 LOOP_S = 1e-3  # GPU time of one timed loop: a graph replay's own start (a few us) stays under 1% of it
 REPEATS = 5  # timed loops per point, median kept
 GEMM_FLOP_CAP = 2.0**42  # ~5.6 ms at 780 TFLOP/s; square GEMMs plateau from 4096^3 = 2^37 (profile_1xh100.md: 779-787)

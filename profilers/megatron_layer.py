@@ -9,7 +9,7 @@ about 4.5 ms more per layer than megatron's own layer.
 
 What: on CUDA, where megatron-core is installed, one GPTModel chunk without embedding or head
 (pre_process = post_process = False) holding one layer, built from the same TransformerConfig keywords and
-layer spec as planner/runner/engines/megatron_engine.py, in the profile's dtype, at tp = 1 (a tp > 1
+layer spec as the megatron engine (planner/build/megatron.py), in the profile's dtype, at tp = 1 (a tp > 1
 layer needs tp ranks), timed forward and backward per micro-batch by profilers.compute.profile_layer
 like every other kind. The input is set as a pipeline stage's would be (`set_input_tensor`, [s, b, h]).
 A single-rank process group and megatron's parallel state are set up for it and torn down after.
@@ -26,9 +26,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from planner.build.megatron import layer_config_kwargs, resolve_config, spec_model_kwargs
 from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND
+from profilers import compute
 
 
 def available(spec: ModelSpec, device: torch.device) -> str | None:
@@ -86,10 +88,8 @@ def _one_layer_chunk(spec: ModelSpec, device: torch.device, dtype: torch.dtype, 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from planner.runner.engines.megatron_engine import _resolve, layer_config_kwargs, spec_model_kwargs
-
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    kw = _resolve(layer_config_kwargs(spec, ParallelConfig(flash_attention=False), name))
+    kw = resolve_config(layer_config_kwargs(spec, ParallelConfig(flash_attention=False), name))
     kw["num_layers"] = 1
     fields = set(TransformerConfig.__dataclass_fields__)
     config = TransformerConfig(**{k: v for k, v in kw.items() if k in fields})
@@ -114,7 +114,7 @@ class MegatronLayer(nn.Module):
 class MegatronHead(nn.Module):
     """megatron-core's last pipeline stage holding one layer: forward(x [s, b, h], labels [b, s]) -> the mean of its
     per-token losses, as the megatron engine's loss function takes them (`_loss`). Its time less
-    MEGATRON_BLOCK_KIND's is megatron's head (costmodel.megatron_head_s)."""
+    MEGATRON_BLOCK_KIND's is megatron's head (planner.cost.layer.megatron_head_s)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -123,6 +123,11 @@ class MegatronHead(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.chunk.set_input_tensor(x)
         return self.chunk(None, None, None, labels=labels).float().mean()
+
+
+def build_layer(spec: ModelSpec, kind: str, tp: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """compute.build_layer for megatron-core's kinds (inside `megatron_state`; tp = 1 only)."""
+    return {MEGATRON_BLOCK_KIND: MegatronLayer, MEGATRON_HEAD_KIND: MegatronHead}[kind](spec, device, dtype)
 
 
 def profile(spec: ModelSpec, seq_len: int, device: torch.device, dtype: torch.dtype, settings, on_point) -> dict:
@@ -143,14 +148,12 @@ def _profile_kind(kind: str, what: str, spec: ModelSpec, seq_len: int, device: t
                   settings, on_point) -> dict:
     """One megatron kind at tp = 1 inside megatron's parallel state; anything going wrong is the result's "error"
     (the profile goes on without the kind)."""
-    from profilers import compute
-
     why = available(spec, device)
     if why is not None:
         return {"kind": kind, "tp": 1, "points": [], "oom_micro_batch": 0, "error": why}
     try:
         with megatron_state(device):
-            return compute.profile_layer(spec, kind, 1, seq_len, device, dtype, settings, on_point)
+            return compute.profile_layer(spec, kind, 1, seq_len, device, dtype, settings, on_point, build_fn=build_layer)
     except Exception as exc:  # noqa: BLE001 - the profile goes on without this kind, saying why
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         return {"kind": kind, "tp": 1, "points": [], "oom_micro_batch": 0,

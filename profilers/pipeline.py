@@ -12,7 +12,7 @@ v = 8 (this measures v = VPP; benchmarks/results/campaign_2xh200.md).
 
 What: inside the communication profiler's processes, over ranks 0 and 1 (NCCL on GPUs, gloo on CPUs), a
 2-stage pipeline whose every chunk is one transformer block (profilers.compute.build_layer, tp = 1, the
-profile's dtype) runs the engine's schedules (planner/runner/engines/torch_engine.py: Schedule1F1B with one
+profile's dtype) runs the torch engine's schedules (planner/build/parallelize.pipeline_schedule: Schedule1F1B with one
 chunk per rank, ScheduleInterleaved1F1B with VPP chunks; --quick on GPUs the interleaved one only) over
 MICROBATCHES micro-batches, and the interleaved one again with LONG_VPP chunks over LONG_MICROBATCHES, at the
 smallest and the largest micro-batch of the sharding stacks. Beside it, the same block alone gives the forward and
@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from profilers.sharding import ShardingSettings, _slowest, _sync
+from profilers.sharding import ShardingSettings
+from profilers.timing import slowest, sync
 
 VPP = 2  # chunks per rank of the interleaved measurement
 MICROBATCHES = 4  # micro-batches per step (a multiple of the 2 ranks, as the interleaved schedule needs)
@@ -45,13 +46,13 @@ def _chunk_times(block: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: 
     """Median (forward, backward) seconds of one block on one micro-batch, each phase synchronised."""
     fwd, bwd = [], []
     for i in range(warmup + trials):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = block(x)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         out.backward(grad)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if i >= warmup:
             fwd.append(t1 - t0)
@@ -84,16 +85,16 @@ def step_times(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
     rank, vpp = dist.get_rank(group), (vpp if kind == "interleaved" else 1)
     chunks = [build_layer(spec, "block", 1, device, dtype) for _ in range(vpp)]
     stages = [pipelining.PipelineStage(mod, c * 2 + rank, 2 * vpp, device, group=group) for c, mod in enumerate(chunks)]
-    from planner.runner.engines.torch_engine import SCHEDULES  # the engine's own schedule classes
+    from planner.build.parallelize import pipeline_schedule  # the torch engine's own schedule classes
 
-    cls = getattr(pipelining, SCHEDULES[kind])
+    cls = pipeline_schedule(kind)
     schedule = cls(stages if kind == "interleaved" else stages[0], microbatches, loss_fn=_loss)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, dtype)
     target = torch.randn(microbatches * mb, seq_len, spec.hidden_size, generator=g).to(device, torch.float32)
     host, wall = [], []
     for i in range(warmup + trials):
-        _sync(device)
+        sync(device)
         dist.barrier(group=group)
         t0 = time.perf_counter()
         if rank == 0:
@@ -101,7 +102,7 @@ def step_times(kind: str, spec, mb: int, seq_len: int, group, device: torch.devi
         else:
             schedule.step(target=target, losses=[])
         t1 = time.perf_counter()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             host.append(t1 - t0)
             wall.append(time.perf_counter() - t0)
@@ -150,15 +151,15 @@ def measure(settings: ShardingSettings, group, device: torch.device, dtype: torc
         block = build_layer(spec, "block", 1, device, dtype)
         (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)
         fwd, bwd = _chunk_times(block, x, grad, device, settings.warmup, settings.trials)
-        fwd, bwd = _slowest(fwd, group, device), _slowest(bwd, group, device)
+        fwd, bwd = slowest(fwd, group, device), slowest(bwd, group, device)
         del block, x, grad
         for kind in settings.pipeline_schedules:
             longer = kind == "interleaved" and mb == settings.micro_batches[0]
             shapes = [(VPP, MICROBATCHES)] + ([(LONG_VPP, LONG_MICROBATCHES)] if longer else [])
             for vpp, m in shapes:
                 vpp = vpp if kind == "interleaved" else 1
-                step = _slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
-                                           settings.trials, vpp, m), group, device)
+                step = slowest(_step_time(kind, spec, mb, settings.seq_len, group, device, dtype, settings.warmup,
+                                          settings.trials, vpp, m), group, device)
                 tokens = mb * settings.seq_len
                 points.append({"impl": "pipeline", "schedule": kind, "group_size": 2, "vpp": vpp, "microbatches": m,
                                "ops_per_rank": 2 * vpp * m, "micro_batch": mb, "tokens": tokens,

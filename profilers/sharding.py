@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from profilers.timing import loss_backward, slowest, sync, time_fwd_bwd
 
 STACK = 4  # blocks in the larger stack on CPUs (and the least on GPUs): per-block cost = the difference to one block, over STACK - 1
 # on GPUs, for FSDP2, DDP and DeepSpeed ZeRO-3: the per-block figure is a difference of two stack timings, so its noise
@@ -112,37 +113,6 @@ class ShardingSettings:
     stack: int = STACK
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
-                  warmup: int, trials: int, through_loss: bool = False, zero_grads: bool = False) -> float:
-    """Median wall-clock seconds of one forward + backward (gradients dropped after each run, or zeroed in place
-    with `zero_grads`, as the torch engine keeps DDP's); `through_loss`: backward from the scalar
-    `_loss_backward` gives (as DeepSpeed's engine.backward needs) instead of out.backward."""
-    times = []
-    for i in range(warmup + trials):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = module(x)
-        if through_loss:
-            _loss_backward(out, grad).backward()
-        else:
-            out.backward(grad)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        for p in module.parameters():
-            if zero_grads and p.grad is not None:
-                p.grad.zero_()
-            else:
-                p.grad = None
-        x.grad = None
-    return statistics.median(times)
-
-
 def _time_round_robin(variants: list[tuple[nn.Module, Callable[[], None]]], x: torch.Tensor, grad: torch.Tensor,
                       device: torch.device, warmup: int, trials: int) -> list[float]:
     """Median seconds of one forward + backward of each (module, set-up) variant, the variants taking turns trial
@@ -153,7 +123,7 @@ def _time_round_robin(variants: list[tuple[nn.Module, Callable[[], None]]], x: t
     for i in range(warmup + trials):
         for k, (module, setup) in enumerate(variants):
             setup()
-            t = _time_fwd_bwd(module, x, grad, device, 0, 1)
+            t = time_fwd_bwd(module, x, grad, device, 0, 1)
             if i >= warmup:
                 times[k].append(t)
     return [statistics.median(t) for t in times]
@@ -170,15 +140,9 @@ def fsdp_points(plain: nn.Module, root: nn.Module, x: torch.Tensor, grad: torch.
                                (root, partial(root.set_requires_gradient_sync, False))],
                               x, grad, device, settings.warmup, settings.trials)
     root.set_requires_gradient_sync(True)
-    t_plain, t_sync, t_accum = (_slowest(t, group, device) for t in timed)
-    return [{**point, "sync": sync, "plain_s": t_plain, "wrapped_s": t, "overhead_s": t - t_plain}
-            for sync, t in ((True, t_sync), (False, t_accum))]
-
-
-def _slowest(value: float, group, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
+    t_plain, t_sync, t_accum = (slowest(t, group, device) for t in timed)
+    return [{**point, "sync": synced, "plain_s": t_plain, "wrapped_s": t, "overhead_s": t - t_plain}
+            for synced, t in ((True, t_sync), (False, t_accum))]
 
 
 def measure(settings: ShardingSettings, group, n: int, device: torch.device, dtype: torch.dtype,
@@ -233,9 +197,9 @@ def _measure_ddp(settings: ShardingSettings, spec, kind: str, plain: nn.Module, 
     points = []
     for mb in settings.micro_batches:
         (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
-        t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
-        t_ddp = _slowest(_time_fwd_bwd(wrapped, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
-                         group, device)
+        t_plain = slowest(time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials), group, device)
+        t_ddp = slowest(time_fwd_bwd(wrapped, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
+                        group, device)
         points.append({"impl": "ddp", "group_size": n, "reshard_after_forward": False, "blocks": blocks,
                        "micro_batch": mb, "tokens": mb * settings.seq_len, "plain_s": t_plain, "wrapped_s": t_ddp,
                        "overhead_s": t_ddp - t_plain})
@@ -243,19 +207,15 @@ def _measure_ddp(settings: ShardingSettings, spec, kind: str, plain: nn.Module, 
     return points
 
 
-def _loss_backward(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A scalar whose gradient w.r.t. `out` is `grad` (DeepSpeed's engine.backward takes a loss)."""
-    return (out * grad).sum()
-
-
 def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype, stage: int = 2, block_params: int = 0) -> dict:
     """The ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO `stage` (2 or 3) with
     overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging, the
     engine's AdamW), at gradient accumulation 2; ZeRO-3 prefetches one block of `block_params` and keeps two live."""
-    from emitters.deepspeed import BUCKET_ELEMENTS
+    from planner.cost.memory import DDP_BUCKET_BYTES, GRAD_BYTES
 
+    bucket = DDP_BUCKET_BYTES // 2 // GRAD_BYTES  # emitters.deepspeed.BUCKET_ELEMENTS: one of the two buckets in flight
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
-            "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS}
+            "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if stage >= 3:
         zero.update({"stage3_prefetch_bucket_size": block_params, "stage3_max_live_parameters": 2 * block_params})
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 2,
@@ -271,7 +231,7 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
     plain_s, micro_s, boundary_s, overhead_s}] with overhead_s = micro_s - plain_s (see the module docstring).
     ZeRO-3 because the deepspeed engine's ZeRO-3 plans were charged FSDP2's measured overhead in its place."""
     from planner.core.model import load_model
-    from planner.runner.engines.deepspeed_engine import import_deepspeed
+    from planner.build.deepspeed import import_deepspeed
     from planner.build.parallelize import make_optimizer
     from profilers.compute import build_layer, make_inputs
 
@@ -298,24 +258,24 @@ def measure_deepspeed(settings: ShardingSettings, n: int, device: torch.device, 
                                           config=deepspeed_config(mbs[0], n, dtype, stage, params // blocks))
         for mb in mbs:
             (x,), grad = make_inputs(spec, kind, 1, mb, settings.seq_len, device, dtype)
-            t_plain = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
-                                             through_loss=True), world, device)
+            t_plain = slowest(time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
+                                            through_loss=True), world, device)
             micro, boundary = [], []
             for i in range(settings.warmup + settings.trials):
                 pair = []
                 for _ in range(2):  # GA 2: the first micro-batch, then the accumulation boundary
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
-                    engine.backward(_loss_backward(engine(x), grad))
+                    engine.backward(loss_backward(engine(x), grad))
                     engine.step()
-                    _sync(device)
+                    sync(device)
                     pair.append(time.perf_counter() - t0)
                     x.grad = None
                 if i >= settings.warmup:
                     micro.append(pair[0])
                     boundary.append(pair[1])
-            t_micro = _slowest(statistics.median(micro), world, device)
-            t_boundary = _slowest(statistics.median(boundary), world, device)
+            t_micro = slowest(statistics.median(micro), world, device)
+            t_boundary = slowest(statistics.median(boundary), world, device)
             points.append({"impl": "deepspeed", "group_size": n, "reshard_after_forward": stage == 3, "blocks": blocks,
                            "micro_batch": mb, "tokens": mb * settings.seq_len, "params": params, "plain_s": t_plain,
                            "micro_s": t_micro, "boundary_s": t_boundary, "overhead_s": t_micro - t_plain})

@@ -25,7 +25,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from profilers.sharding import STACK, ShardingSettings, _slowest, _time_fwd_bwd
+from profilers.sharding import STACK, ShardingSettings
+from profilers.timing import slowest, time_fwd_bwd
 
 def measure(settings: ShardingSettings, group, n: int, device: torch.device, dtype: torch.dtype,
             report=lambda label: None) -> list[dict]:
@@ -56,14 +57,14 @@ def measure(settings: ShardingSettings, group, n: int, device: torch.device, dty
             for mb in settings.micro_batches:
                 (x,), grad = make_inputs(spec, "block", 1, mb, settings.seq_len, device, dtype)  # full hidden states
                 if mb not in plain_s:
-                    plain_s[mb] = _slowest(_time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
-                                                         zero_grads=True), group, device)
+                    plain_s[mb] = slowest(time_fwd_bwd(plain, x, grad, device, settings.warmup, settings.trials,
+                                                        zero_grads=True), group, device)
                 if sp:  # the residual stream is sharded over the sequence: this rank's half in and out
                     part = settings.seq_len // n
                     x = x.detach()[:, rank * part:(rank + 1) * part].contiguous().requires_grad_(True)
                     grad = grad[:, rank * part:(rank + 1) * part].contiguous()
-                t_tp = _slowest(_time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
-                                group, device)
+                t_tp = slowest(time_fwd_bwd(stage, x, grad, device, settings.warmup, settings.trials, zero_grads=True),
+                               group, device)
                 points.append({"impl": "tp-sp" if sp else "tp", "group_size": n, "reshard_after_forward": False,
                                "blocks": blocks, "micro_batch": mb, "tokens": mb * settings.seq_len,
                                "plain_s": plain_s[mb], "wrapped_s": t_tp, "overhead_s": t_tp - plain_s[mb]})

@@ -1,25 +1,35 @@
-"""Timing one layer's forward, backward and recompute on one device, and its activation memory
-(profilers.compute.profile_layer calls `time_point` for each micro-batch).
+"""Timing on one device, and across ranks, for the profilers.
 
-CUDA: CUDA events on the current stream, each phase the larger of the GPU's time with the host queued ahead
-(HostAhead) and the host's own time; CPU: the thread's CPU time, one core (see Clock). Each number is the median
-of `repeats` runs after `warmup` runs. Activation memory: on CUDA the allocator's bytes held after the forward and
-its peak; on CPU the bytes of the tensors autograd saves (saved-tensor hooks).
+One layer's forward, backward and recompute, and its activation memory (`time_point`; profilers.compute.profile_layer
+calls it for each micro-batch). CUDA: CUDA events on the current stream, each phase the larger of the GPU's time with
+the host queued ahead (HostAhead) and the host's own time; CPU: the thread's CPU time, one core (see Clock). Each
+number is the median of `repeats` runs after `warmup` runs. Activation memory: on CUDA the allocator's bytes held
+after the forward and its peak; on CPU the bytes of the tensors autograd saves (saved-tensor hooks).
+
+Across ranks (the sharding, pipeline and tensor-parallel profilers): wall-clock forward + backward of a module
+(`time_fwd_bwd`) and the slowest rank's value of a measurement (`slowest`).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from profilers.compute import ComputeSettings
+
+class Repeats(Protocol):
+    """What `time_point` reads of its settings (profilers.compute.ComputeSettings has them)."""
+
+    warmup: int  # runs before the timed ones
+    repeats: int  # timed runs, at most
+    point_budget_s: float  # fewer timed runs (never under one) when they would take longer
 
 
 class Clock:
@@ -113,7 +123,7 @@ class HostAhead:
         self.hold_s = min(max(self.MIN_S, 2 * host_s), self.MAX_S)
 
 
-def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings, device: torch.device,
+def time_point(layer: nn.Module, inputs_fn: Callable, settings: Repeats, device: torch.device,
                recompute: bool) -> dict:
     """Median fwd/bwd(/recompute) seconds and activation bytes of one layer on one micro-batch.
 
@@ -202,3 +212,49 @@ def time_point(layer: nn.Module, inputs_fn: Callable, settings: ComputeSettings,
     if recompute:
         point["recompute_s"] = max(0.0, cost["recompute_bwd"] - point["bwd_s"])
     return point
+
+
+# ---- across ranks ------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def slowest(value: float, group, device: torch.device) -> float:
+    """The largest of every rank's `value` over `group` (every rank of it calls this)."""
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def loss_backward(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. `out` is `grad` (DeepSpeed's engine.backward takes a loss)."""
+    return (out * grad).sum()
+
+
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
+                 warmup: int, trials: int, through_loss: bool = False, zero_grads: bool = False) -> float:
+    """Median wall-clock seconds of one forward + backward (gradients dropped after each run, or zeroed in place
+    with `zero_grads`, as the torch engine keeps DDP's); `through_loss`: backward from the scalar
+    `loss_backward` gives (as DeepSpeed's engine.backward needs) instead of out.backward."""
+    times = []
+    for i in range(warmup + trials):
+        sync(device)
+        t0 = time.perf_counter()
+        out = module(x)
+        if through_loss:
+            loss_backward(out, grad).backward()
+        else:
+            out.backward(grad)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        for p in module.parameters():
+            if zero_grads and p.grad is not None:
+                p.grad.zero_()
+            else:
+                p.grad = None
+        x.grad = None
+    return statistics.median(times)

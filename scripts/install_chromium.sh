@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install headless Chromium from Debian's packages for tests/test_report_browser.py.
+# Install headless Chromium from Debian's packages for tests/cli/test_report_browser.py.
 # Idempotent: returns at once when /usr/bin/chromium is already there. Needs root (CI runs as root).
 set -euo pipefail
 

@@ -90,6 +90,18 @@ class StageModule(nn.Module):
         return x
 
 
+# torch.distributed.pipelining's schedule class for each ParallelConfig.schedule (the torch engine's and the
+# pipeline profiler's)
+PIPELINE_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
+
+
+def pipeline_schedule(kind: str):
+    """torch.distributed.pipelining's class of the schedule `kind` (PIPELINE_SCHEDULES)."""
+    from torch.distributed import pipelining
+
+    return getattr(pipelining, PIPELINE_SCHEDULES[kind])
+
+
 def build_stage(spec: ModelSpec, first: int, end: int, has_embed: bool, has_head: bool) -> StageModule:
     """A stage on the meta device (nothing allocated); `materialise` puts it on a device."""
     return StageModule(build_model(spec, "meta"), first, end, has_embed, has_head)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from planner import __version__
+from planner.core.version import __version__
 from planner.core.cluster import MAX_GPUS, Cluster, cluster_from_dict
 from planner.core.errors import require
 from planner.core.fields import NAME, NAME_RULE, flag, integer, listing, mapping, number, short, text

@@ -102,9 +102,3 @@ def mark_step(step: int) -> None:
 def current_step() -> int:
     """The step this rank last began (-1: none yet, e.g. still building the model)."""
     return _current["step"]
-
-
-def host_threads_per_rank(ranks: int) -> int:
-    """CPU threads each of `ranks` processes on one host gets (`distplan run`'s OMP_NUM_THREADS; the profiler times
-    the host AdamW with it): the host's cores shared evenly, at least one."""
-    return max(1, (os.cpu_count() or 1) // max(1, ranks))

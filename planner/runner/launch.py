@@ -42,11 +42,12 @@ import planner
 from emitters.torchrun import RUNNER_WORKER, runner_worker_argv
 from planner.core.errors import require
 from planner.core.plan import Plan, load_plan
-from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions, host_threads_per_rank
+from planner.build.host import host_threads_per_rank
+from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.core.fileio import check_writable
 from planner.runner.preflight import check_request
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
-from planner.runner import gpu_clocks
+from profilers import gpu_clocks
 from planner.runner.memory_peak import ENV as MEMORY_PEAK_ENV
 from planner.runner.trace import ENV as TRACE_ENV
 
@@ -307,7 +308,7 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     with _StopSignals() as stop:
         tmp = Path(tempfile.mkdtemp(prefix="distplan-run-"))
         try:
-            if device_type == "cuda":  # the GPUs' clocks and power beside the run (planner/runner/gpu_clocks.py)
+            if device_type == "cuda":  # the GPUs' clocks and power beside the run (profilers/gpu_clocks.py)
                 sampler = gpu_clocks.start(tmp / "gpu_clocks.csv")
             _spawn(str(Path(plan_path).resolve()), opts, nproc, tmp, device_type, procs, stop)
             primary, killed, timed_out, reaped = _watch(procs, tmp, opts.timeout_s, opts.warmup + opts.steps,

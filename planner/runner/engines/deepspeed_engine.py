@@ -26,9 +26,7 @@ single-process reference.
 - Optimizer offload: on CUDA, DeepSpeedCPUAdam (DeepSpeed's host AdamW; its C++ op is JIT-built on first
   use, about two minutes, cached in ~/.cache/torch_extensions). On CPU the "device" already is the host,
   so torch's AdamW is kept (`zero_force_ds_cpu_optimizer: false`) and nothing is compiled.
-- CPU (gloo): DS_ACCELERATOR=cpu. DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op when it
-  starts (about a minute); that op serves only `inference_all_reduce`, training collectives go through
-  torch.distributed, so the engine marks it unavailable and no C++ is compiled on CPU.
+- CPU (gloo): DS_ACCELERATOR=cpu and no C++ compiled (planner/build/deepspeed.import_deepspeed says why).
 
 Not supported (clear error, exit 2): tp > 1 (DeepSpeed's engine needs Megatron's mpu for tensor
 parallelism), cp > 1, ep > 1, vpp > 1 (no interleaved schedule), and pp > 1 with ZeRO-2/3.
@@ -38,22 +36,20 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
-import os
 import time
 
 import torch
 from torch import nn
 
-from planner.core.errors import DistplanError, require
+from planner.core.errors import require
 from planner.build.modeling import Block, lm_loss
 from planner.core.plan import Plan
 from planner.cost.engines import engine_model
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
+from planner.build.deepspeed import MISSING, import_deepspeed
 from planner.build.parallelize import apply_ac, build_stage, make_optimizer, materialise, tied
 
-MISSING = "engine 'deepspeed' needs DeepSpeed: pip install deepspeed"  # the refusal where DeepSpeed is not installed
 LOG_NEVER = 10**9  # steps_per_print: DeepSpeed prints nothing (the report has the numbers)
 
 
@@ -112,21 +108,6 @@ def emitted_config(plan: Plan) -> dict:
     from emitters.deepspeed import ds_config
 
     return ds_config(plan)
-
-
-def import_deepspeed(device_type: str):
-    """Import DeepSpeed for this device: DS_ACCELERATOR set, and on CPU its shared-memory op left unbuilt."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
-    try:
-        import deepspeed
-        import deepspeed.ops
-    except ImportError as exc:
-        raise DistplanError(f"{MISSING} ({exc})") from None
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if device_type != "cuda":
-        # read by deepspeed.comm.torch.build_shm_op when the comm backend starts; see the module docstring
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 
 def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:

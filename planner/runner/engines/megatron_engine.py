@@ -47,6 +47,7 @@ from dataclasses import replace
 
 import torch
 
+from planner.build.megatron import INIT_STD, layer_config_kwargs, padded_vocab_size, resolve_config, spec_model_kwargs
 from planner.core.errors import require
 from planner.core.plan import Plan
 from planner.cost.engines import engine_model
@@ -56,8 +57,6 @@ from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_ste
 NO_CUDA = "engine 'megatron' needs CUDA GPUs; this machine has none"  # the refusal without CUDA GPUs
 # the refusal where megatron-core is not installed
 MISSING = "engine 'megatron' needs megatron-core: pip install megatron-core (>= 0.17 on Python 3.12 also brings Megatron's argument parser)"
-VOCAB_MULTIPLE = 128  # Megatron-LM's --make-vocab-size-divisible-by default
-INIT_STD = 0.02  # Megatron's --init-method-std default and GPT-2's
 # flags appended to the emitted arguments: megatron-core's local spec has no fused kernels (they need
 # Transformer Engine, Apex or Megatron's compiled extensions)
 LOCAL_SPEC_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
@@ -115,11 +114,6 @@ def check_supported(plan: Plan, device: str) -> None:
 
 # ---- the plan as Megatron arguments (pure: no megatron needed) ----------------------------------------
 
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = math.lcm(VOCAB_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
-
-
 def pipeline_layout(plan: Plan) -> str | None:
     """Megatron's pipeline layout string for an uneven split ('E' embedding, 't' block, 'L' loss), else None."""
     cfg = plan.parallel
@@ -135,54 +129,13 @@ def pipeline_layout(plan: Plan) -> str | None:
 
 
 def config_kwargs(plan: Plan, dtype: str) -> dict:
-    """TransformerConfig keyword arguments for `plan` (activation and dtypes by name; see `_resolve`)."""
+    """TransformerConfig keyword arguments for `plan` (activation and dtypes by name; see `resolve_config`)."""
     return layer_config_kwargs(plan.model, plan.parallel, dtype, pipeline_model_parallel_layout=pipeline_layout(plan))
-
-
-def layer_config_kwargs(m, cfg, dtype: str, pipeline_model_parallel_layout: str | None = None) -> dict:
-    """config_kwargs of a model spec and a ParallelConfig (profilers/megatron_layer.py builds one layer)."""
-    kw = {
-        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,
-        "num_attention_heads": m.num_heads, "num_query_groups": m.num_kv_heads, "kv_channels": m.head_dim,
-        "tensor_model_parallel_size": cfg.tp, "pipeline_model_parallel_size": cfg.pp,
-        "virtual_pipeline_model_parallel_size": cfg.vpp if cfg.vpp > 1 else None,
-        "context_parallel_size": cfg.cp, "expert_model_parallel_size": cfg.ep, "sequence_parallel": cfg.sequence_parallel,
-        "normalization": "LayerNorm" if m.learned_positions else "RMSNorm", "layernorm_epsilon": 1e-5,
-        "add_bias_linear": m.uses_bias, "gated_linear_unit": m.gated_mlp, "activation_func": "silu" if m.gated_mlp else "gelu",
-        "hidden_dropout": 0.0, "attention_dropout": 0.0, "init_method_std": INIT_STD,
-        "bf16": dtype == "bf16", "params_dtype": dtype, "pipeline_dtype": dtype,
-        "pipeline_model_parallel_layout": pipeline_model_parallel_layout,
-        "transformer_impl": "local", "persist_layer_norm": False, "bias_activation_fusion": False,
-        "masked_softmax_fusion": False, "bias_dropout_fusion": False, "apply_rope_fusion": False,
-        # Megatron-LM's argument default (--attention-softmax-in-fp32 is off; the emitted arguments leave it off);
-        # TransformerConfig's own default is on. Set here so both paths and the profiled layer agree: with it on,
-        # megatron-core's layer stored 6 bytes per attention score and took longer (a lone layer profiled so
-        # over-predicted megatron's gpt2-xl and llama steps by 17-25% on 2xH200); with it off, 2.
-        "attention_softmax_in_fp32": False,
-        "gradient_accumulation_fusion": False, "deallocate_pipeline_outputs": True,
-        "recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None,
-    }
-    if cfg.recompute == "selective":
-        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif cfg.recompute == "full":
-        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if m.is_moe:
-        kw.update(num_moe_experts=m.num_experts, moe_router_topk=m.top_k, moe_ffn_hidden_size=m.ffn_hidden_size,
-                  moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
-    return kw
 
 
 def model_kwargs(plan: Plan) -> dict:
     """GPTModel keyword arguments besides config, layer spec and pre/post process."""
     return spec_model_kwargs(plan.model, plan.parallel.tp)
-
-
-def spec_model_kwargs(m, tp: int) -> dict:
-    """model_kwargs of a model spec at tensor-parallel degree `tp`."""
-    return {"vocab_size": padded_vocab_size(m.vocab_size, tp), "max_sequence_length": m.max_seq_len,
-            "position_embedding_type": "learned_absolute" if m.learned_positions else "rope",
-            "share_embeddings_and_output_weights": m.tie_embeddings, "rotary_base": 10000,
-            "parallel_output": True}
 
 
 def parser_argv(plan: Plan, emitted: list[str], lr: float, seed: int) -> list[str]:
@@ -210,21 +163,11 @@ def reference_plan(plan: Plan) -> Plan:
 
 # ---- building TransformerConfig --------------------------------------------------------------------
 
-def _resolve(kw: dict):
-    import torch.nn.functional as F
-
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    kw = dict(kw)
-    kw["activation_func"] = {"silu": F.silu, "gelu": F.gelu}[kw["activation_func"]]
-    kw["params_dtype"], kw["pipeline_dtype"] = dtypes[kw["params_dtype"]], dtypes[kw["pipeline_dtype"]]
-    return kw
-
-
 def build_config(plan: Plan, opts: RunOptions, dist: DistInfo) -> tuple[object, str]:
     """TransformerConfig from Megatron's parser when megatron.training is installed, else from the plan."""
     from megatron.core.transformer import TransformerConfig
 
-    kw = _resolve(config_kwargs(plan, opts.dtype))
+    kw = resolve_config(config_kwargs(plan, opts.dtype))
     if _has("megatron.training.arguments"):
         try:
             config = _config_from_parser(plan, opts, dist, kw)

@@ -55,10 +55,7 @@ from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.build.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp,
                                        apply_fsdp, apply_replicate, apply_tp, build_stage, make_optimizer, materialise,
-                                       stage_layers, tied, to_bf16_with_masters)
-
-# torch.distributed.pipelining class per plan schedule
-SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B"}
+                                       pipeline_schedule, stage_layers, tied, to_bf16_with_masters)
 
 
 def check_supported(plan: Plan, device: str) -> None:
@@ -104,7 +101,7 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
 
         stages = [pipelining.PipelineStage(mod, v, n_virtual, device, group=mesh["pp"].get_group())
                   for (v, *_), mod in zip(chunks, modules)]
-        cls = getattr(pipelining, SCHEDULES[cfg.schedule])
+        cls = pipeline_schedule(cfg.schedule)
         schedule = cls(stages if cfg.schedule == "interleaved" else stages[0], m, loss_fn=lm_loss)
     # pipelines: chunk compute per step (the schedule's own cost = step - chunks - optimizer)
     chunk_clock = _ChunkClock(stages, device) if cfg.pp > 1 else None
