@@ -3,6 +3,7 @@
 # Use, from the repository root on the GPU machine: bash benchmarks/device_hardware.sh [TAG]
 #   TAG names the files (default: the GPU's name as a slug, e.g. nvidia-h100-80gb-hbm3). BUDGET_S overrides the
 #   measurement budget (default: the command's, 390 s; the whole call then takes about 7 minutes at most).
+#   ONLY names the grid sections to measure (e.g. ONLY=memory_bound; merge with benchmarks/merge_hardware.py).
 # Writes to OUT (default out/), three files: TAG.yaml (the database: commit it as configs/hardware/TAG.yaml),
 # TAG.points.json (every raw point) and log-TAG.txt (the command's output); keep the last two under
 # benchmarks/results/hardware_TAG/. No extra wheels are needed: torch, pyyaml, typer and rich are on the machine.
@@ -21,7 +22,9 @@ budget=()
 [ -n "${BUDGET_S:-}" ] && budget=(--budget-s "$BUDGET_S")
 t0=$(date +%s)
 # 570 s: the call's 600 s limit minus time for the summary; the budget makes a normal run end well before it
-timeout 570 python3 -m planner.cli profile --hardware ${budget[@]+"${budget[@]}"} -o "$out/$tag.yaml" 2>&1 | tee -a "$log"
+only=()
+[ -n "${ONLY:-}" ] && only=(--only "$ONLY")
+timeout 570 python3 -m planner.cli profile --hardware ${budget[@]+"${budget[@]}"} ${only[@]+"${only[@]}"} -o "$out/$tag.yaml" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 echo "=== exit $rc, wall $(( $(date +%s) - t0 )) s" | tee -a "$log"
 [ "$rc" = 0 ] || exit "$rc"

@@ -433,7 +433,7 @@ def profile(
     quick: bool = typer.Option(False, "--quick", help="Fewer micro-batches, message sizes and repeats (60-85 s for an 8B-13B model on 2xH200; more GPUs add group sizes); with --hardware coarser grids in a 150 s budget."),
     device: str = typer.Option("auto", "--device", help="auto (GPUs if present), cuda or cpu (gloo between local processes)."),
     micro_batches: Optional[str] = typer.Option(None, "--micro-batches", help="Micro-batch sizes to time, e.g. 1,2,4,8,16 (default: 1,2,4,8 on GPUs, --quick 1,2,4; CPU 1,2, --quick 1)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base."),
+    only: Optional[str] = typer.Option(None, "--only", help="Measure one phase: communication (collectives, sharding, pipelining and TP stacks) or compute (layers, ceilings); the other comes from --base. With --hardware: the grid sections to measure, of gemm, attention, memory_bound (comma-separated)."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --only: the earlier profile (same model, sequence, dtype and machine) whose other phase is reused."),
     stack_blocks: Optional[int] = typer.Option(None, "--stack-blocks", help="Blocks in the sharding profiler's larger stack (FSDP2, DDP, DeepSpeed ZeRO-3; its ZeRO-2 takes at least 8; default: 8 on GPUs, fewer where they would not fit, 4 on CPUs): more measure the per-block overhead with more signal and take longer."),
     hardware: bool = typer.Option(False, "--hardware", help="Measure this GPU's kernel database instead of a model: GEMMs over (tokens, out, in), attention, memory-bound kernels, launch overhead, AdamW and the sustained clock (configs/hardware/ holds the committed ones)."),
@@ -448,13 +448,13 @@ def profile(
     """
     if hardware:
         given = [flag for flag, value in (("--model", model), ("--seq-len", seq_len), ("--gpus-per-node", gpus_per_node),
-                                          ("--micro-batches", micro_batches), ("--only", only), ("--base", base),
+                                          ("--micro-batches", micro_batches), ("--base", base),
                                           ("--stack-blocks", stack_blocks)) if value is not None]
         if given:
             raise DistplanError(f"--hardware measures the GPU, not a model: leave out {', '.join(given)}")
         source = ctx.get_parameter_source("output")
         _profile_hardware(Path("hardware.yaml") if getattr(source, "name", None) == "DEFAULT" else output,
-                          device, dtype, quick, budget_s)
+                          device, dtype, quick, budget_s, _hardware_sections(only))
         return
     if model is None:
         raise DistplanError("missing option --model / -m (the model to profile); or pass --hardware to measure "
@@ -499,14 +499,28 @@ def _profile_progress():
                                            file=sys.stderr, flush=True)
 
 
-def _profile_hardware(output: Path, device: str, dtype: str, quick: bool, budget_s: Optional[float]) -> None:
-    from profilers.hardware import measure_hardware, points_path, resolve, save_hardware
+def _hardware_sections(only: Optional[str]) -> tuple[str, ...]:
+    """--only with --hardware: the grid sections to measure (comma-separated), all by default."""
+    from profilers.hardware import GRIDS
+
+    if only is None:
+        return GRIDS
+    names = tuple(x.strip() for x in only.split(","))
+    bad = [x for x in names if x not in GRIDS]
+    if bad or not names:
+        raise DistplanError(f"--only '{only}' with --hardware: valid sections are {', '.join(GRIDS)} (comma-separated)")
+    return names
+
+
+def _profile_hardware(output: Path, device: str, dtype: str, quick: bool, budget_s: Optional[float],
+                      only: tuple[str, ...] = ()) -> None:
+    from profilers.hardware import GRIDS, measure_hardware, points_path, resolve, save_hardware
 
     dev, torch_dtype, budget = resolve(device, dtype, budget_s, quick)
     check_writable(output, "--output")  # before the measurement, which takes minutes
     check_writable(points_path(output), "--output's raw points file")
     with _profile_progress() as progress:
-        measured = measure_hardware(dev, torch_dtype, budget, progress, quick)
+        measured = measure_hardware(dev, torch_dtype, budget, progress, quick, only=only or GRIDS)
     written = save_hardware(measured, output, command=" ".join(["distplan", *sys.argv[1:]]))
     _render_hardware(measured.database, written)
 

@@ -55,14 +55,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class Budget:
     """Deadlines of the grid sections: each gets its SHARES part of what is left before the tail."""
 
-    def __init__(self, total_s: float, tail_s: float):
-        self.t0, self.total_s, self.tail_s = time.monotonic(), total_s, tail_s
+    def __init__(self, total_s: float, tail_s: float, sections: tuple[str, ...] = tuple(SHARES)):
+        self.t0, self.total_s, self.tail_s, self.sections = time.monotonic(), total_s, tail_s, sections
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.t0
 
     def deadline(self, section: str) -> float:
-        later = list(SHARES)[list(SHARES).index(section):]
+        later = [s for s in list(SHARES)[list(SHARES).index(section):] if s in self.sections]
         left = max(0.0, self.total_s - self.elapsed_s() - self.tail_s)
         return time.monotonic() + left * SHARES[section] / sum(SHARES[s] for s in later)
 
@@ -175,27 +175,31 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no points"
 
 
+GRIDS = tuple(SHARES)  # the grid sections `only` may name
+
+
 def measure_hardware(device: torch.device, dtype: torch.dtype, budget_s: float,
                      progress: Callable[[str, int, int], None] | None = None, quick: bool = False,
-                     settings: Settings | None = None) -> Measured:
-    """Measure the kernel database of `device` within about `budget_s` seconds (see the module doc)."""
+                     settings: Settings | None = None, only: tuple[str, ...] = GRIDS) -> Measured:
+    """Measure the kernel database of `device` within about `budget_s` seconds (see the module doc); `only` the
+    grid sections named (the others are recorded as not requested: `merge_databases` combines such files)."""
     threads = torch.get_num_threads()
     if device.type != "cuda":
         torch.set_num_threads(1)  # a CPU 'device' is one core (timing.Clock)
     try:
-        return _measure(device, dtype, budget_s, progress, quick, settings)
+        return _measure(device, dtype, budget_s, progress, quick, settings, only)
     finally:
         torch.set_num_threads(threads)
 
 
 def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress, quick: bool,
-             settings: Settings | None) -> Measured:
+             settings: Settings | None, only: tuple[str, ...] = GRIDS) -> Measured:
     cuda, started = device.type == "cuda", time.monotonic()
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     info = {k: v for k, v in device_facts_mod.device_facts(device).items() if k not in ("topology", "nvls_enabled_env")}
     memory = torch.cuda.get_device_properties(device).total_memory if cuda else int(info["host_memory_gib"] * GIB)
     settings = settings or plan_settings(cuda, quick, memory)
-    budget = Budget(budget_s, TAIL_S["cuda" if cuda else "cpu"])
+    budget = Budget(budget_s, TAIL_S["cuda" if cuda else "cpu"], only)
     timer = KernelTimer(device, settings.loop_s, settings.repeats)
     sections, raw, db, clocks = {}, {}, {}, {}
     steps, state = 7, {"done": 0, "last": 0.0}
@@ -206,6 +210,10 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
             progress(label, state["done"], steps)
 
     def section(name: str, run: Callable[[], dict | None], **notes) -> None:
+        if name in GRIDS and name not in only:
+            db[name] = {"not_measured": "not requested (--only)"}
+            state["done"] += 1
+            return
         t0 = time.monotonic()
         tick(f"{name}: starting", final=True)
         try:
@@ -352,3 +360,22 @@ def save_hardware(measured: Measured, output: Path, command: str = "") -> list[P
     raw = json.dumps(measured.raw, separators=(",", ":"), allow_nan=False)
     atomic_write_files({output: text, points_path(output): raw + "\n"})
     return [output, points_path(output)]
+
+
+def merge_databases(base: dict, newer: dict) -> dict:
+    """`base` with every section `newer` measured (a grid, or the launch, optimizer and clock figures) taken from
+    `newer`; both must be of the same GPU and dtype. `facts.merged` says which sections came from which date."""
+    for key in ("gpu_name", "dtype", "device"):
+        require(base.get(key) == newer.get(key), f"cannot merge kernel databases of different {key}: "
+                                                 f"{base.get(key)!r} and {newer.get(key)!r}")
+    out = {**base, "facts": dict(base.get("facts", {}))}
+    taken = []
+    for name in (*GRIDS, "launch", "optimizer", "clock"):
+        sec = newer.get(name)
+        if isinstance(sec, dict) and "not_measured" not in sec:
+            out[name] = sec
+            taken.append(name)
+    out["facts"]["merged"] = {"base_date_utc": base.get("facts", {}).get("date_utc"),
+                              "newer_date_utc": newer.get("facts", {}).get("date_utc"), "from_newer": taken,
+                              "newer_facts": newer.get("facts", {})}
+    return out

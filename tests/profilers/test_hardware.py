@@ -135,7 +135,8 @@ def test_cli_writes_the_database_and_its_points(cli, tmp_path):
     (["--hardware", "-o", "{folder}"], "cannot write --output"),
     (["--hardware", "-o", "{blocker}/hw.yaml"], "cannot write --output"),
     (["--hardware", "-m", "gpt2"], "--hardware measures the GPU, not a model: leave out --model"),
-    (["--hardware", "--seq-len", "1024", "--only", "compute"], "leave out --seq-len, --only"),
+    (["--hardware", "--seq-len", "1024"], "leave out --seq-len"),
+    (["--hardware", "--only", "compute"], "--only 'compute' with --hardware: valid sections are gemm, attention, memory_bound"),
     (["--hardware", "--budget-s", "0"], "--budget-s must be seconds above 0 and at most 3600, got 0"),
     (["--hardware", "--budget-s", "nan"], "--budget-s must be seconds"),
     (["--hardware", "--device", "tpu"], "--device 'tpu' is unknown"),
@@ -153,3 +154,21 @@ def test_cli_refuses_before_measuring(cli, tmp_path, monkeypatch, args, needle):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "folder"]
+
+
+def test_only_some_sections_then_merged_into_a_full_database(measured):
+    """A re-run of one section (--only) merges into an earlier full database: that section and the scalar figures
+    from the re-run, the rest as they were; both load, and the merged file answers from the re-run's grid."""
+    full = measured[0].database
+    part = hw.measure_hardware(CPU, torch.float32, 30.0, only=("memory_bound",)).database
+    assert part["gemm"] == {"not_measured": "not requested (--only)"} and part["attention"]["not_measured"]
+    assert "kernels" in part["memory_bound"]
+    merged = hw.merge_databases(full, part)
+    assert merged["gemm"] == full["gemm"] and merged["attention"] == full["attention"]
+    assert merged["memory_bound"] == part["memory_bound"] and merged["optimizer"] == part["optimizer"]
+    assert set(merged["facts"]["merged"]["from_newer"]) == {"memory_bound", "launch", "optimizer"}
+    db = kernel_db_from_dict(merged, "merged")
+    want = kernel_db_from_dict(part, "part").memory_bound_time_s("add.fwd", rows=8, width=32)
+    assert db.memory_bound_time_s("add.fwd", rows=8, width=32) == want
+    with pytest.raises(DistplanError, match="different gpu_name"):
+        hw.merge_databases(full, {**part, "gpu_name": "another GPU"})
