@@ -16,7 +16,7 @@ from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile
 from planner.cost import kernels
 from planner.cost.engines import engine_model
-from planner.cost.terms import BF16, CommModel, fused_attention_time_s, gemm_time_s, memory_bound_time_s
+from planner.cost.terms import BF16, CommModel, fused_attention_pass_s, gemm_time_s, memory_bound_time_s
 
 
 def measured_fit(profile: Profile | None, kind: str, cfg: ParallelConfig):
@@ -73,8 +73,7 @@ def _attention_core_s(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, f
     tokens = b * s_local
     if flash:
         mm = model.block_matmul_flops_per_token(cfg.seq_len)
-        fwd = fused_attention_time_s(cluster, tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0))
-        return fwd, 2.5 * fwd
+        return fused_attention_pass_s(cluster, tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0))
     # QK^T and AV each one batched matmul over the micro-batch's local heads (torch.baddbmm / bmm, as
     # Megatron's DotProductAttention runs them), so sized by the whole batch, not one head
     per_head = 2 * s_local * cfg.seq_len * model.head_dim
@@ -168,8 +167,7 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
         # attention core: QK^T and softmax*V
         if cfg.flash_attention:
             executed = tokens * mm["attn_core"] / t * (0.5 if not model.is_vit else 1.0)  # causal skips half
-            attn_fwd = fused_attention_time_s(cluster, executed)
-            attn_bwd = 2.5 * attn_fwd  # FlashAttention-2 backward: 5 matmuls vs 2 forward (Dao 2023 sec. 3.2)
+            attn_fwd, attn_bwd = fused_attention_pass_s(cluster, executed)
         else:
             heads_local = b * model.num_heads / t
             per_call = 2 * s_local * cfg.seq_len * model.head_dim  # one head's QK^T (or AV)
