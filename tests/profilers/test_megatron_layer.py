@@ -11,7 +11,8 @@ from planner.core.job import ParallelConfig, validate_config
 from planner.core.model import load_model
 from planner.cost.predict import predict
 from planner.core.profile import (MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, ComputeFit,
-                                  LinearFit, Profile, load_profile, save_profile)
+                                  LinearFit, Profile, save_profile)
+from planner.cost.profiled import load_profile
 from profilers import megatron_layer
 
 CLUSTER = load_cluster("dgx-h100-80gb")
