@@ -41,7 +41,7 @@ from emitters.common import (
     shell_script,
 )
 from planner.core.errors import DistplanError
-from planner.cost.memory import DDP_BUCKET_BYTES, GRAD_BYTES
+from planner.cost.memory import BUCKET_ELEMENTS
 from planner.core.plan import Plan
 
 TARGET = "deepspeed"  # this emitter's --target name
@@ -49,8 +49,6 @@ CONFIG = "ds_config.json"  # DeepSpeed's JSON config file
 PARTITION = "pipeline_partition.json"  # the stage layer split, for the training script
 HOSTFILE = "hostfile"  # DeepSpeed's launcher host list
 DEFAULT_SCRIPT = "train.py"  # the training script the launch line names unless told
-# ZeRO bucket size in elements: the two in-flight bf16 gradient buckets planner.cost.memory budgets for
-BUCKET_ELEMENTS = DDP_BUCKET_BYTES // 2 // GRAD_BYTES
 # AutoEP model presets (deepspeed/module_inject/auto_ep_presets) for the zoo's MoE families
 AUTOEP_PRESETS = {"mixtral": "mixtral"}
 

@@ -26,7 +26,7 @@ slowdown x all-reduce; a gpt2-xl DDP micro-batch ran 9-12% over its layers' time
 
 DeepSpeed ZeRO-2 (`measure_deepspeed`, where DeepSpeed is installed; CUDA by default): the same stacks
 through `deepspeed.initialize` with the config `distplan emit` writes (stage 2, overlap_comm,
-contiguous gradients, reduce-scatter, buckets of emitters.deepspeed.BUCKET_ELEMENTS) and the engine's
+contiguous gradients, reduce-scatter, buckets of planner.cost.memory.BUCKET_ELEMENTS) and the engine's
 AdamW, gradient accumulation 2, timing the first micro-batch (fwd + engine.backward + engine.step, no
 optimizer step) and the second (the accumulation boundary: gradient reduction, optimizer step on the
 fp32 partition, all-gather of the updated weights). Why: DeepSpeed ZeRO-2 ran 17% over a prediction that
@@ -211,9 +211,9 @@ def deepspeed_config(micro_batch: int, world: int, dtype: torch.dtype, stage: in
     """The ds_config of the measurement: what emitters.deepspeed.ds_config writes for ZeRO `stage` (2 or 3) with
     overlapped gradient reduction, as the deepspeed engine runs it (runtime_config: no clipping, no logging, the
     engine's AdamW), at gradient accumulation 2; ZeRO-3 prefetches one block of `block_params` and keeps two live."""
-    from planner.cost.memory import DDP_BUCKET_BYTES, GRAD_BYTES
+    from planner.cost.memory import BUCKET_ELEMENTS
 
-    bucket = DDP_BUCKET_BYTES // 2 // GRAD_BYTES  # emitters.deepspeed.BUCKET_ELEMENTS: one of the two buckets in flight
+    bucket = BUCKET_ELEMENTS
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
             "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if stage >= 3:

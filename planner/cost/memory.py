@@ -39,6 +39,7 @@ LOGIT_BYTES = 2 + 4 + 4 + 4  # unfused cross-entropy: bf16 logits, fp32 copy, fp
 # backward (14). Measured 2 bytes x b x s x vocabulary under the 14-byte term (benchmarks/results/cost_model_notes.md)
 LOGIT_BYTES_TEMPORARY = 4 + 4 + 4
 DDP_BUCKET_BYTES = 2 * 25 * 1024**2  # two 25 MiB gradient buckets in flight (DDP / DeepSpeed defaults)
+BUCKET_ELEMENTS = DDP_BUCKET_BYTES // 2 // GRAD_BYTES  # one of those buckets in elements (DeepSpeed's bucket sizes)
 # sharded data parallelism (FSDP2, DeepSpeed ZeRO-2/3) allocates and frees gathered and reduced buffers of many
 # sizes: on 2xH200 its runs reserved 4-14 GiB above their allocated peak (up to 11% of it; DDP and pipeline runs
 # 0.1-4.5 GiB), and an FSDP2 llama-3-8b plan predicted at 93% of capacity (124 GiB allocated, 138 reserved)
