@@ -326,7 +326,7 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     if check_numerics and not failures:
         from planner.runner.numerics import check_numerics as run_check
 
-        if opts.engine == "megatron":
+        if opts.engine == "megatron":  # not engine behaviour: megatron-core's reference is its own module tree
             numerics = _megatron_numerics(plan, global_losses(results), opts, on_progress)
         else:
             numerics = run_check(plan, global_losses(results), opts.seed, opts.lr, opts.dtype,
