@@ -220,6 +220,8 @@ def label_sources(cluster: Cluster, model: ModelSpec, cfg: ParallelConfig,
         return sources
     label = f"kernel database {db.gpu_name} ({cluster.kernel_database})"
     out = {k: (label if k.startswith("compute.") and v == "preset" else v) for k, v in sources}
+    if "optimizer" not in out and db.adamw and not cfg.offload_optimizer:  # a profile's own rate says "profile"
+        out["optimizer"] = label
     if label in out.values():
         notes = provenance(cluster, model, cfg)
         if notes:

@@ -255,6 +255,14 @@ def _dp_sync_s(s: _PlanTimes, rank: int, layers: int, dense: float, expert: floa
     return sync
 
 
+def measured_adamw_s_per_param(cluster: Cluster, profile: Profile | None) -> float:
+    """The fused AdamW step's measured seconds per parameter: the profile's, else the cluster's kernel database's
+    (both profilers/facts.optimizer_s_per_param); 0 where neither measured it."""
+    if profile is not None and profile.optimizer_s_per_param > 0:
+        return profile.optimizer_s_per_param
+    return (cluster.kernels.adamw or 0.0) if cluster.kernels is not None else 0.0
+
+
 def _optimizer_s(s: _PlanTimes, dense: float, expert: float) -> float:
     """Seconds of the optimizer step over this rank's share of `dense` + `expert` parameters, the engine's
     copies around it included."""
@@ -276,11 +284,11 @@ def _optimizer_s(s: _PlanTimes, dense: float, expert: float) -> float:
             # micro-batch's all-gather (each backward reshards): gpt2-xl on one H200 at 8 x 4 ran 38.7% over one
             # copy per step; charged whole (not overlapped), +9.5% (benchmarks/results/campaign_1xh200.md)
             opt += (m - 1) * opt_params * TORCH_OFFLOAD_H2D_BYTES_PER_PARAM / host.bandwidth_bytes_s
-    elif profile is not None and profile.optimizer_s_per_param > 0:
-        opt = opt_params * profile.optimizer_s_per_param  # measured step rate (profilers/facts.py)
+    elif measured_adamw_s_per_param(cluster, profile) > 0:
+        opt = opt_params * measured_adamw_s_per_param(cluster, profile)  # measured step rate (profilers/facts.py)
     else:
         opt = memory_bound_time_s(cluster, opt_params * ADAM_BYTES_PER_PARAM)
-    if s.masters and profile is not None and profile.optimizer_s_per_param > 0 and not cfg.offload_optimizer:
+    if s.masters and measured_adamw_s_per_param(cluster, profile) > 0 and not cfg.offload_optimizer:
         # the measured rate is AdamW on fp32 parameters; bf16 layouts with fp32 masters (the torch engine outside
         # FSDP2: parallelize.MasterWeightsOptimizer) also cast the gradients to the masters and the masters back
         # to bf16: gpt2-xl's DDP step measured 24 ms against 20 predicted without these 12 bytes/parameter

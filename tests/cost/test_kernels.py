@@ -167,3 +167,21 @@ def test_a_kernel_the_database_lacks_is_priced_by_the_preset_and_said_so():
     inside = K.price(cluster, K.memory("rms_norm", "fwd", 256, 4096))
     assert inside.notes == () and inside.gpu_s == cluster.kernels.memory_bound_time_s("rms_norm.fwd", rows=256,
                                                                                         width=4096)[0]
+
+
+def test_the_optimizer_step_takes_the_databases_measured_rate():
+    """Without a profile the AdamW step is the database's measured seconds per parameter (as a profile's rate would
+    be), and the sources say so; the preset's bytes/bandwidth otherwise."""
+    from planner.cost.predict import measured_adamw_s_per_param
+    spec = load_model("gpt2-xl")
+    cfg = replace(cfg_for(mb=4, seq=1024), global_batch_size=8)
+    slow = flat_db()
+    slow = replace(slow, kernels=replace(slow.kernels, adamw=1e-9))
+    plain = replace(slow, kernel_database="", kernels=None)
+    assert measured_adamw_s_per_param(slow, None) == 1e-9 and measured_adamw_s_per_param(plain, None) == 0.0
+    with_db, without = predict(spec, slow, cfg), predict(spec, plain, cfg)
+    assert dict(with_db.sources)["optimizer"].startswith("kernel database")
+    assert "optimizer" not in dict(without.sources)
+    opt_with, opt_without = dict(with_db.breakdown)["optimizer"], dict(without.breakdown)["optimizer"]
+    step = spec.total_params() * 1e-9  # one rank holds every parameter (dp = 1)
+    assert step <= opt_with < 1.2 * step and opt_without < 0.2 * step
