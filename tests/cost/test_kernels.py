@@ -185,3 +185,13 @@ def test_the_optimizer_step_takes_the_databases_measured_rate():
     opt_with, opt_without = dict(with_db.breakdown)["optimizer"], dict(without.breakdown)["optimizer"]
     step = spec.total_params() * 1e-9  # one rank holds every parameter (dp = 1)
     assert step <= opt_with < 1.2 * step and opt_without < 0.2 * step
+
+
+def test_an_unaligned_width_is_named_not_silently_priced():
+    """GPT-2's 50,257-word head: the database holds aligned widths only, so its price says it was extrapolated."""
+    cluster = flat_db()
+    spec = load_model("gpt2-xl")
+    notes = K.price(cluster, K.head_kernels(spec, cfg_for(mb=2, seq=1024), "fwd")).notes
+    assert any("n 50257 not a multiple of 8" in n for n in notes)
+    llama = K.price(cluster, K.head_kernels(load_model("llama-3-8b"), cfg_for(mb=2, seq=1024), "fwd")).notes
+    assert llama == ()
