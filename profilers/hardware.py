@@ -8,9 +8,10 @@ Sections, in order, each within its share of one wall-time budget (time a sectio
 3. GEMMs (kernel_grid.measure_gemm): the finest grid of GEMM_GRIDS whose estimated time (kernel_grid.gemm_estimate_s
    at the probed rates) fits the section's share; m at octaves, n and k at half-octaves (2^j and 3 * 2^(j-1), the
    widths models use: 1536, 3072, 6144, 12288, 24576, 49152, 98304, 196608), every value a multiple of 64;
-4. attention, 5. memory-bound kernels (kernel_grid);
-6. AdamW seconds per parameter (facts.optimizer_s_per_param: the torch engine's fused step);
-7. the sustained clock: back-to-back 8192^3 matmuls for SUSTAIN_S with nvidia-smi sampling beside them
+4. unaligned GEMMs: odd n (2^j + 1) on a coarser grid (kernel_grid.UNALIGNED_N);
+5. attention, 6. memory-bound kernels (kernel_grid);
+7. AdamW seconds per parameter (facts.optimizer_s_per_param: the torch engine's fused step);
+8. the sustained clock: back-to-back 8192^3 matmuls for SUSTAIN_S with nvidia-smi sampling beside them
    (profilers/gpu_clocks), as the GEMM, attention and memory-bound sections were sampled too.
 A section that fails is recorded as not measured with its error, and the others still run.
 
@@ -42,7 +43,7 @@ from profilers.run import yaml_plain
 
 BUDGET_S = {"cuda": 390.0, "cpu": 30.0}  # default budget: an H100 done in ~6.5 min plus start-up, inside a 10-min call
 QUICK_BUDGET_S = {"cuda": 150.0, "cpu": 10.0}
-SHARES = {"gemm": 0.55, "attention": 0.30, "memory_bound": 0.15}  # of the budget left after probes, launch and the tail
+SHARES = {"gemm": 0.50, "gemm_unaligned": 0.07, "attention": 0.28, "memory_bound": 0.15}  # of the budget left after probes, launch and the tail
 TAIL_S = {"cuda": 30.0, "cpu": 3.0}  # kept for the optimizer step and the sustained clock, which run last
 GEMM_FIT = 0.8  # a GEMM grid is chosen when its estimate takes at most this share of the section's time
 HOST_POINT_S = 2e-3  # estimate: host time per GEMM point and layout (capture, instantiate, events, Python)
@@ -202,7 +203,7 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
     budget = Budget(budget_s, TAIL_S["cuda" if cuda else "cpu"], only)
     timer = KernelTimer(device, settings.loop_s, settings.repeats)
     sections, raw, db, clocks = {}, {}, {}, {}
-    steps, state = 7, {"done": 0, "last": 0.0}
+    steps, state = 8, {"done": 0, "last": 0.0}
 
     def tick(label: str, final: bool = False) -> None:
         if progress and (final or time.monotonic() - state["last"] >= PROGRESS_EVERY_S):
@@ -266,6 +267,18 @@ def _measure(device: torch.device, dtype: torch.dtype, budget_s: float, progress
             "operand_cap_bytes": grid.operand_cap_bytes})
 
     section("gemm", gemm)
+
+    def gemm_unaligned() -> dict:
+        grid, deadline = settings.gemm_unaligned, budget.deadline("gemm_unaligned")
+        with sampled(device, clocks, "gemm_unaligned"):
+            sec = measure_gemm(grid, device, dtype, timer, flops, bw, settings.max_inner["gemm"], deadline, tick)
+        sections["gemm_unaligned"] = {"counts": sec.counts, "errors": sec.errors}
+        raw["gemm_unaligned"] = {"points": sec.points, "counts": sec.counts, "errors": sec.errors}
+        return _grid_section(sec, GEMM_LAYOUTS, dict(zip(GEMM_AXES, (grid.m, grid.n, grid.k))), {
+            "n_is": "odd: rows of the output and of dy not 16-byte aligned", "flop_cap": grid.flop_cap,
+            "operand_cap_bytes": grid.operand_cap_bytes})
+
+    section("gemm_unaligned", gemm_unaligned)
 
     def attention() -> dict:
         grid, deadline = settings.attention, budget.deadline("attention")

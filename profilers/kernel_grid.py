@@ -5,7 +5,8 @@ planner/core/kerneldb.py reads what they produce).
 - GEMMs: for every (m, n, k) = (tokens, out features, in features) of an nn.Linear, its three training GEMMs as
   torch runs them: fwd `x @ W.T`, dgrad `dy @ W`, wgrad `dy.T @ x` (torch.mm on views of four preallocated random
   buffers, the output into a fourth, so no call allocates and inputs never degrade into inf or zeros, which run
-  at other speeds).
+  at other speeds). A second, coarser grid holds odd n (gemm_unaligned: a row of the output or of dy that is not
+  16-byte aligned, as in GPT-2's 50,257-word head), which cuBLAS runs on slower kernels.
 - Attention: torch's scaled_dot_product_attention, causal, q [1, heads, seq, head_dim] against K/V of heads / gqa
   heads (enable_gqa where this torch has it; else K/V expanded beforehand, as planner/build/modeling.py does, whose copy
   is the gqa_expand kernel), forward, and backward on a retained graph; the backend torch picks is recorded.
@@ -46,6 +47,8 @@ GEMM_FLOP_CAP = 2.0**42  # ~5.6 ms at 780 TFLOP/s; square GEMMs plateau from 409
 GEMM_OPERAND_CAP = 2 * GIB  # largest operand or output (2^30 bf16 elements: the logits of 4096 tokens x 256k vocab)
 ATTENTION_FLOP_CAP = 2.0**43  # forward, ~27 ms at 330 TFLOP/s: seq 128k runs with 2 heads of 128 (4 of 64)
 MB_BYTES_CAP = 4 * GIB  # ~1.3 ms at 3 TB/s, past where bandwidth plateaus (a 1 GiB copy already reaches 3.0 TB/s)
+UNALIGNED_FLOP_CAP = 2.0**40  # unaligned GEMMs run several times slower (GPT-2's head: ~7x): a lower cap, same ms
+UNALIGNED_N = tuple(2**j + 1 for j in (6, 8, 10, 12, 13, 14, 15, 16, 17, 18))  # odd out-features: 65 to 256k vocab
 HIDDEN_WIDTHS = (1024, 4096, 16384)  # the issue's hidden sizes, ends and middle (ffn shards fall inside)
 VOCAB_WIDTHS = (32768, 65536, 131072, 262144)  # the issue's vocabularies 32k-256k
 ROWS = (16, 131072)  # tokens per micro-batch (x heads for rotary), from latency-bound to 128k
@@ -93,6 +96,7 @@ class Settings:
     loop_s: float  # device time of one timed loop (kernel_timing)
     repeats: int  # timed loops per point; the median is kept
     gemm: tuple[GemmGrid, ...]  # candidates, finest first
+    gemm_unaligned: GemmGrid  # n odd (not a multiple of 8: cuBLAS's other kernels), e.g. GPT-2's 50,257 vocabulary
     attention: AttentionGrid
     memory: MemoryGrid
     max_inner: dict  # section -> most calls in one timed loop (captures of many autograd calls cost host time)
@@ -109,6 +113,8 @@ def plan_settings(cuda: bool, quick: bool, memory_bytes: int) -> Settings:
                   "gqa_expand": (16,)}
         return Settings(loop_s=2e-4, repeats=3,
                         gemm=(GemmGrid(m=(32, 64), n=(32, 64), k=(32, 64), flop_cap=2.0**20, operand_cap_bytes=2**20),),
+                        gemm_unaligned=GemmGrid(m=(32, 64), n=(33, 65), k=(32, 64), flop_cap=2.0**20,
+                                                operand_cap_bytes=2**20),
                         attention=AttentionGrid(seq=(32, 64), heads=(1, 2), head_dim=(16, 32), gqa=(1, 2),
                                                 flop_cap=2.0**20, memory_cap_bytes=2**24),
                         memory=MemoryGrid(widths=hidden, rows=(8, 16), bytes_cap=2**22,
@@ -128,6 +134,8 @@ def plan_settings(cuda: bool, quick: bool, memory_bytes: int) -> Settings:
     seqs, heads, rows = octaves(1024, 131072), octaves(1, 128), octaves(*ROWS)
     return Settings(
         loop_s=LOOP_S, repeats=REPEATS, gemm=(coarse,) if quick else (fine, coarse),
+        gemm_unaligned=GemmGrid(m=m[::2] if quick else m, n=UNALIGNED_N[::2] if quick else UNALIGNED_N,
+                                k=octaves(512, 16384), flop_cap=UNALIGNED_FLOP_CAP, operand_cap_bytes=operand_cap),
         attention=AttentionGrid(seq=seqs[::2] if quick else seqs, heads=heads[::2] if quick else heads,
                                 head_dim=(64, 128), gqa=(1, 8) if quick else (1, 4, 8), flop_cap=ATTENTION_FLOP_CAP,
                                 memory_cap_bytes=min(8 * GIB, memory_bytes // 8)),

@@ -3,7 +3,7 @@ load it, validate it, and answer "how long does this kernel take" by interpolati
 
 What it holds (the file's plain form, `version: 1`): GEMM seconds per layout on a tensor-product grid of
 (m, n, k) = (tokens, out features, in features) of an nn.Linear, whose three training GEMMs are `fwd` (x @ W.T),
-`dgrad` (dy @ W) and `wgrad` (dy.T @ x), each 2 m n k FLOPs; causal SDPA seconds on a grid of (seq, heads,
+`dgrad` (dy @ W) and `wgrad` (dy.T @ x), each 2 m n k FLOPs, and on a second grid of odd n (`gemm_unaligned`); causal SDPA seconds on a grid of (seq, heads,
 head_dim, gqa), heads being batch x query heads per GPU; memory-bound kernels as seconds on a grid of (rows,
 width); the launch overhead, AdamW seconds per parameter and the sustained SM clock. A grid point that was not
 measured holds the reason instead of seconds (MISSING).
@@ -34,6 +34,7 @@ from planner.core.fileio import read_yaml
 VERSION = 1
 KIND = "distplan kernel database"
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ALIGN_BYTES = 16  # rows cuBLAS's tensor-core kernels read in 16-byte vectors (NVIDIA's matrix-multiplication guide)
 GEMM_LAYOUTS = ("fwd", "dgrad", "wgrad")  # x @ W.T, dy @ W, dy.T @ x (torch.nn.Linear's forward and backward)
 ATTENTION_PHASES = ("fwd", "bwd")
 # why a grid point holds no seconds
@@ -204,6 +205,7 @@ class KernelDB:
     dtype: str
     facts: dict
     gemm: dict  # layout -> Grid
+    gemm_unaligned: dict  # layout -> Grid over odd n (empty where not measured)
     attention: dict  # phase -> Grid
     memory_bound: dict  # kernel -> Grid
     launch: dict  # eager_op_s, graph_kernel_s, eager_roundtrip_s (None where not measured)
@@ -219,9 +221,25 @@ class KernelDB:
             raise DistplanError(f"{self.source}: {name} '{key}' is unknown; valid: {', '.join(valid)}")
         return grids[key]
 
+    def aligned(self, width: float) -> bool:
+        """Whether rows of `width` elements keep the 16-byte alignment cuBLAS's fast kernels need."""
+        return float(width).is_integer() and int(width) % (ALIGN_BYTES // DTYPE_BYTES[self.dtype]) == 0
+
     def gemm_time_s(self, m: float, n: float, k: float, layout: str = "fwd") -> tuple[float, str]:
-        """Seconds of one GEMM of nn.Linear(in=k, out=n) on m tokens: fwd x @ W.T, dgrad dy @ W, wgrad dy.T @ x."""
-        return self._section("gemm", self.gemm, layout, GEMM_LAYOUTS).time_s(m=m, n=n, k=k)
+        """Seconds of one GEMM of nn.Linear(in=k, out=n) on m tokens: fwd x @ W.T, dgrad dy @ W, wgrad dy.T @ x.
+        An unaligned n (GPT-2's 50,257 vocabulary) reads the unaligned grid where it was measured; an unaligned k,
+        or n without that grid, is priced at the aligned rate and said to be extrapolated."""
+        odd_grid = not self.aligned(n) and layout in self.gemm_unaligned
+        if odd_grid:
+            s, prov = self.gemm_unaligned[layout].time_s(m=m, n=n, k=k)
+        else:
+            s, prov = self._section("gemm", self.gemm, layout, GEMM_LAYOUTS).time_s(m=m, n=n, k=k)
+        odd = [f"{a} {_fmt(x)}" for a, x in (("n", n), ("k", k)) if not self.aligned(x) and not (a == "n" and odd_grid)]
+        if odd:
+            note = (f"{', '.join(odd)} not a multiple of {ALIGN_BYTES // DTYPE_BYTES[self.dtype]}: priced at the "
+                    f"{'odd-n' if odd_grid else 'aligned'} grid's rate")
+            prov = f"extrapolated ({note}{'; ' + prov[len('extrapolated ('):-1] if prov != 'database' else ''})"
+        return s, prov
 
     def attention_time_s(self, seq: float, heads: float, head_dim: float, gqa: float = 1,
                          phase: str = "fwd") -> tuple[float, str]:
@@ -316,12 +334,12 @@ def _grids(data: dict, section: str, source: str, b: int) -> tuple[dict, str | N
             out[kernel] = _grid(F.listing(k, "seconds", kw), f"{kw}.seconds", f"{source} {kernel}", kernel, MB_AXES,
                                 vals, b, fixed)
         return out, None
-    axes, keys, work = (GEMM_AXES, GEMM_LAYOUTS, "gemm") if section == "gemm" else \
-        (ATTENTION_AXES, ATTENTION_PHASES, "attention")
+    gemm = section.startswith("gemm")
+    axes, keys, work = (GEMM_AXES, GEMM_LAYOUTS, "gemm") if gemm else (ATTENTION_AXES, ATTENTION_PHASES, "attention")
     vals = _axes(F.mapping(sec, "axes", where), where, axes)
     per = F.mapping(sec, "seconds", where)
     for key in keys:
-        work_key = work if section == "gemm" else f"attention.{key}"
+        work_key = work if gemm else f"attention.{key}"
         out[key] = _grid(F.listing(per, key, f"{where}.seconds"), f"{where}.seconds.{key}", f"{source} {section} {key}",
                          work_key, axes, vals, b)
     return out, None
@@ -337,7 +355,7 @@ def kernel_db_from_dict(data: dict, source: str) -> KernelDB:
     b = DTYPE_BYTES[dtype]
     not_measured = {}
     sections = {}
-    for section in ("gemm", "attention", "memory_bound"):
+    for section in ("gemm", "gemm_unaligned", "attention", "memory_bound"):
         sections[section], why = _grids(data, section, source, b)
         if why:
             not_measured[section] = why
@@ -355,6 +373,7 @@ def kernel_db_from_dict(data: dict, source: str) -> KernelDB:
             not_measured[section] = F.text(data[section], "not_measured", f"{source}: {section}")
     return KernelDB(source=source, gpu_name=F.name(data, "gpu_name", source), device=device, dtype=dtype,
                     facts=F.mapping(data, "facts", source, default={}), gemm=sections["gemm"],
+                    gemm_unaligned=sections["gemm_unaligned"],
                     attention=sections["attention"], memory_bound=sections["memory_bound"], launch=launch,
                     adamw=adamw, clock=clock, not_measured=not_measured)
 

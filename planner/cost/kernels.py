@@ -28,8 +28,6 @@ from planner.core.model import ModelSpec
 from planner.cost.terms import fused_attention_time_s, gemm_time_s, memory_bound_time_s
 
 
-ALIGNED = 8  # bf16 widths that keep 16-byte aligned rows (cuBLAS's tensor-core fast path; NVIDIA's GEMM performance guide)
-
 
 @dataclass(frozen=True)
 class Kernel:
@@ -168,11 +166,7 @@ def _price_one(cluster: Cluster, kn: Kernel) -> tuple[float, str]:
     if wanted not in have:
         return _preset_s(cluster, kn, elem), f"not in the database ({db.not_measured.get(key, 'not measured')}): preset"
     if kn.kind == "gemm":
-        s, prov = db.gemm_time_s(shape["m"], shape["n"], shape["k"], kn.key)
-        odd = [f"{a} {shape[a]:g}" for a in ("n", "k") if shape[a] % ALIGNED]
-        if odd:  # cuBLAS runs unaligned leading dimensions on other kernels; the grid holds aligned widths only
-            prov = f"extrapolated ({', '.join(odd)} not a multiple of {ALIGNED}: priced at the aligned grid's rate)"
-        return s, prov
+        return db.gemm_time_s(shape["m"], shape["n"], shape["k"], kn.key)  # odd widths: kerneldb's unaligned grid
     if kn.kind == "attention":
         return db.attention_time_s(shape["seq"], shape["heads"], shape["head_dim"], shape["gqa"], kn.key)
     # memory-bound: this shape's bytes (WORK, with its own fixed parameters) at the rate measured near it; the

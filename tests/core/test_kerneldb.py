@@ -69,7 +69,8 @@ def test_between_points_is_monotone_and_between_the_neighbours(db, axis):
     times = []
     for x in xs:
         t, prov = db.gemm_time_s(**{**base, axis: x}, layout="dgrad")
-        assert prov == "database"
+        # a fractional width is no width cuBLAS's aligned kernels run: priced at the aligned rate, and said
+        assert prov == "database" or (axis != "m" and prov.endswith("not a multiple of 8: priced at the aligned grid's rate)"))
         times.append(t)
     assert all(b >= a for a, b in zip(times, times[1:]))
     for a, b in zip(values, values[1:]):  # inside a cell: between its two measured ends
@@ -112,6 +113,29 @@ def test_an_unmeasured_point_holds_the_best_rate_measured_below_it_and_says_so()
     assert db.gemm_time_s(3000, 1024, 512)[1] == "database"
     # attention: fewer heads than the GQA ratio is no shape; its cell says so
     assert "no such shape" in db.attention_time_s(2048, 4, 64, gqa=4)[1]
+
+
+def test_an_odd_width_reads_the_unaligned_grid_and_an_odd_k_says_it_was_not_measured():
+    """GPT-2's 50,257-word head runs on cuBLAS's unaligned kernels: the file's gemm_unaligned grid (odd n) prices it;
+    an aligned n never reads it; an odd k (no grid) is priced at the aligned rate and named."""
+    d = synthetic()
+    odd_n = (65, 1025, 65537)
+    d["gemm_unaligned"] = {"axes": {"m": list(M), "n": list(odd_n), "k": list(K)},
+                           "seconds": {lay: [[[7 * gemm_s(m, n, k, lay) for k in K] for n in odd_n] for m in M]
+                                       for lay in GEMM_LAYOUTS}}
+    db = kernel_db_from_dict(d, "synthetic")
+    assert db.gemm_time_s(1024, 1025, 512, "dgrad") == (7 * gemm_s(1024, 1025, 512, "dgrad"), "database")
+    inside, prov = db.gemm_time_s(1024, 50257, 512)
+    assert prov == "database" and 7 * gemm_s(1024, 1025, 512, "fwd") < inside < 7 * gemm_s(1024, 65537, 512, "fwd")
+    assert db.gemm_time_s(1024, 1024, 512) == (gemm_s(1024, 1024, 512, "fwd"), "database")
+    t, prov = db.gemm_time_s(1024, 1024, 513)
+    assert prov.startswith("extrapolated (k 513 not a multiple of 8: priced at the aligned grid's rate")
+    assert t == pytest.approx(gemm_s(1024, 1024, 512, "fwd") * 513 / 512, rel=0.02)
+    half = db.gemm_time_s(1024, 50257 / 2, 512)  # a vocabulary split by tp into a fraction is unaligned too
+    assert half[1] == "database" and half[0] > 5 * db.gemm_time_s(1024, 25128, 512)[0]
+    without = kernel_db_from_dict(synthetic(), "synthetic")
+    assert "n 50257 not a multiple of 8: priced at the aligned grid's rate" in without.gemm_time_s(1024, 50257, 512)[1]
+    assert kernel_db_from_dict(yaml.safe_load(dump_yaml(d)), "synthetic").gemm_unaligned["wgrad"] == db.gemm_unaligned["wgrad"]
 
 
 def test_rates_scalars_and_provenance(db):

@@ -192,6 +192,6 @@ def test_an_unaligned_width_is_named_not_silently_priced():
     cluster = flat_db()
     spec = load_model("gpt2-xl")
     notes = K.price(cluster, K.head_kernels(spec, cfg_for(mb=2, seq=1024), "fwd")).notes
-    assert any("n 50257 not a multiple of 8" in n for n in notes)
+    assert any("n 50257 not a multiple of 8: priced at the aligned grid's rate" in n for n in notes)
     llama = K.price(cluster, K.head_kernels(load_model("llama-3-8b"), cfg_for(mb=2, seq=1024), "fwd")).notes
     assert llama == ()

@@ -29,8 +29,8 @@ def test_cpu_run_is_a_well_formed_database_that_reloads(measured):
     got, lines = measured
     db = got.database
     assert (db["version"], db["device"], db["dtype"]) == (1, "cpu", "fp32")
-    assert lines[-1] == ("clock: done", 7, 7)
-    for section in ("gemm", "attention", "memory_bound", "launch", "optimizer"):
+    assert lines[-1] == ("clock: done", 8, 8)
+    for section in ("gemm", "gemm_unaligned", "attention", "memory_bound", "launch", "optimizer"):
         assert "not_measured" not in db[section], (section, db[section])
     assert db["clock"] == {"not_measured": "no GPU: the CPU's clock is not sampled"}
     loaded = kernel_db_from_dict(parse_yaml(dump_yaml(db, sort_keys=False), "db"), "db")
@@ -40,6 +40,9 @@ def test_cpu_run_is_a_well_formed_database_that_reloads(measured):
             for j, n in enumerate(grid["n"]):
                 for k_, k in enumerate(grid["k"]):
                     assert loaded.gemm_time_s(m, n, k, layout) == (db["gemm"]["seconds"][layout][i][j][k_], "database")
+    odd = db["gemm_unaligned"]
+    assert odd["axes"]["n"] == [33, 65] and loaded.gemm_time_s(64, 33, 32, "wgrad") == (
+        odd["seconds"]["wgrad"][1][0][0], "database")
     assert loaded.attention_time_s(64, 2, 32, gqa=2, phase="bwd")[1] == "database"
     assert "no such shape" in loaded.attention_time_s(64, 1, 32, gqa=2)[1]
     assert set(loaded.memory_bound) >= {"rms_norm.fwd", "rms_norm.bwd", "rotary.bwd", "swiglu.bwd", "cross_entropy.bwd",
@@ -52,7 +55,7 @@ def test_cpu_run_is_a_well_formed_database_that_reloads(measured):
 def test_raw_points_keep_every_measurement(measured):
     got, _ = measured
     raw = json.loads(json.dumps(got.raw))
-    for section in ("gemm", "attention", "memory_bound"):
+    for section in ("gemm", "gemm_unaligned", "attention", "memory_bound"):
         assert len(raw[section]["points"]) == raw[section]["counts"]["measured"]
         assert all(p["min_s"] <= p["seconds"] <= p["max_s"] and p["method"] == "cpu thread time"
                    for p in raw[section]["points"])
@@ -119,6 +122,13 @@ def test_gpu_plan_covers_the_issue_grid_and_fits_its_budget_on_an_h100():
                                        hw.HOST_CALL_S) for g in s.gemm]
     gemm_share = (hw.BUDGET_S["cuda"] - 10 - hw.TAIL_S["cuda"]) * hw.SHARES["gemm"]
     assert coarse != fine and est[1] < est[0] <= hw.GEMM_FIT * gemm_share
+    # odd n: GPT-2's 50,257 and every vocabulary to 256k inside the grid, and the grid done in its share even at a
+    # seventh of the aligned rate (GPT-2's head on an H100: benchmarks/results/preset_vs_measured.md)
+    odd = s.gemm_unaligned
+    assert all(n % 2 for n in odd.n) and odd.n[0] < 50257 < 262144 < odd.n[-1] and odd.m == fine.m
+    slow = kernel_grid.gemm_estimate_s(odd, 2, 780e12 / 7, 3.0e12, s.loop_s, s.repeats, s.max_inner["gemm"],
+                                       hw.HOST_POINT_S, hw.HOST_CALL_S)
+    assert slow <= (hw.BUDGET_S["cuda"] - 10 - hw.TAIL_S["cuda"]) * hw.SHARES["gemm_unaligned"]
 
 
 def test_cli_writes_the_database_and_its_points(cli, tmp_path):
@@ -136,7 +146,7 @@ def test_cli_writes_the_database_and_its_points(cli, tmp_path):
     (["--hardware", "-o", "{blocker}/hw.yaml"], "cannot write --output"),
     (["--hardware", "-m", "gpt2"], "--hardware measures the GPU, not a model: leave out --model"),
     (["--hardware", "--seq-len", "1024"], "leave out --seq-len"),
-    (["--hardware", "--only", "compute"], "--only 'compute' with --hardware: valid sections are gemm, attention, memory_bound"),
+    (["--hardware", "--only", "compute"], "--only 'compute' with --hardware: valid sections are gemm, gemm_unaligned, attention, memory_bound"),
     (["--hardware", "--budget-s", "0"], "--budget-s must be seconds above 0 and at most 3600, got 0"),
     (["--hardware", "--budget-s", "nan"], "--budget-s must be seconds"),
     (["--hardware", "--device", "tpu"], "--device 'tpu' is unknown"),
