@@ -112,10 +112,12 @@ def _job_profile(path: Path, plan, call: Path):
         _fail(f"replay: {call.name}: {exc}")
 
 
-def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge: bool = True) -> list[dict]:
+def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge: bool = True,
+           presets: dict[str, str] | None = None) -> list[dict]:
     """`overrides`: engine -> profiles to use instead of the plan's for that engine's rows (the one whose model shape
     and sequence length match the plan's (planner.cost.profiled.mismatch), where it was measured after the plan's own: facts.date_utc), e.g. a profile
-    re-measured after a profiler fix. `merge`: as _latest_rows."""
+    re-measured after a profiler fix. `merge`: as _latest_rows. `presets`: plan cluster name -> cluster preset or
+    file; each row then also gets the prediction without a profile on that cluster (preset_s, preset_gib)."""
     rows = []
     overrides = overrides or {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +144,15 @@ def replay(results: Path, overrides: dict[str, list[Path]] | None = None, merge:
             pred = predict(plan.model, cluster, plan.parallel, profile, engine=engine)
             fullest = max(pred.stages, key=lambda s: s.memory.total)
             measured = row.get("peak_allocated_gib")
-            rows.append({"call": call.name, "case": row["case"], "plan": row["name"], "engine": engine,
+            extra = {}
+            if presets is not None:
+                base = plan.cluster.name.split("+")[0]
+                if base not in presets:
+                    _fail(f"replay: {call.name}: no preset given for cluster '{base}' (known: {', '.join(presets)})")
+                bare = predict(plan.model, load_cluster(presets[base]), plan.parallel, None, engine=engine)
+                extra = {"preset_s": bare.step_time_s, "preset_gib": bare.peak_memory_gib,
+                         "preset_sources": dict(bare.sources)}
+            rows.append({**extra, "call": call.name, "case": row["case"], "plan": row["name"], "engine": engine,
                          "config": row["config"], "status": row["status"], "measured_gib": measured,
                          "step_measured_s": row.get("measured_step_time_s"),
                          "step_then_s": row.get("predicted_step_time_s"), "step_now_s": pred.step_time_s,

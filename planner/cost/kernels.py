@@ -105,6 +105,9 @@ def block_kernels(model: ModelSpec, cfg: ParallelConfig, phase: str) -> list[Ker
     out += linear(phase, tokens, h, h / t)  # o_proj
     n_mlp_in = 2 if model.gated_mlp else 1  # gate_proj and up_proj, or fc1
     act = "swiglu" if model.gated_mlp else "gelu"
+    if phase == "bwd":  # autograd sums the gradients of an input read twice or more: by q, k and v (2 adds), by
+        # gate_proj and up_proj (1), by the router and the experts (1); each expert's gate and up inside the MoE below
+        out += memory("add", "fwd", tokens, h, calls=2 + (1 if model.gated_mlp or model.is_moe else 0))
     if model.is_moe:
         expert_tokens = tokens * model.top_k * cfg.ep / model.num_experts  # balanced routing
         local = model.num_experts / cfg.ep
@@ -112,6 +115,8 @@ def block_kernels(model: ModelSpec, cfg: ParallelConfig, phase: str) -> list[Ker
         out += linear(phase, expert_tokens, f / t, h, calls=n_mlp_in * local) + linear(phase, expert_tokens, h, f / t,
                                                                                         calls=local)
         out += memory(act, phase, tokens * model.top_k, f / t)
+        if phase == "bwd":
+            out += memory("add", "fwd", expert_tokens * local, h)
         out += memory("add", "fwd", tokens * model.top_k, h, calls=2)  # permutation to the experts and back
     else:
         out += linear(phase, tokens, f / t, h, calls=n_mlp_in) + linear(phase, tokens, h, f / t)  # in; down_proj or fc2

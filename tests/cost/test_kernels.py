@@ -56,6 +56,39 @@ def test_block_gemms_are_the_traced_linears(name):
     assert WORK["attention.fwd"](dict(att.shape), 2) == core["flops_fwd"] / 2
 
 
+@pytest.mark.parametrize("name", ("gpt2-xl", "llama-3.2-1b"))
+def test_backward_residual_and_gradient_sums_are_the_traced_adds(name):
+    """The block's backward as torch runs it (modeling.Block's forward and backward under a dispatch recorder):
+    every elementwise add of a [tokens, hidden] gradient (the residual's, and the sums autograd makes where q, k,
+    v, or gate and up, read one input) is one add kernel of the inventory."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from planner.build.modeling import Block
+
+    spec, tokens = load_model(name), 16
+
+    class Adds(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func is torch.ops.aten.add.Tensor and tuple(out.shape) == (1, tokens, spec.hidden_size)
+                    and out.dtype == torch.bfloat16):  # RMSNorm's own float32 add is part of rms_norm.bwd
+                Adds.count += 1
+            return out
+
+    with torch.device("meta"):
+        block = Block(spec).to(torch.bfloat16)
+    x = torch.empty(1, tokens, spec.hidden_size, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = block(x)
+    with Adds():
+        y.backward(torch.empty_like(y))
+    mine = sum(kn.calls for kn in K.block_kernels(spec, cfg_for(mb=1, seq=tokens), "bwd")
+               if kn.kind == "memory" and kn.key == "add.fwd")
+    assert Adds.count >= 3 and mine == Adds.count
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("tp", (1, 2, 8))
 def test_gemm_flops_match_the_model_spec_per_tp_shard(name, tp):
