@@ -98,10 +98,13 @@ def block_kernels(model: ModelSpec, cfg: ParallelConfig, phase: str) -> list[Ker
         out += memory("gqa_expand", phase, b * kv_heads * s, d, calls=2, groups=groups)  # K and V
     if cfg.flash_attention:
         out.append(_k("attention", phase, core=True, seq=s, heads=b * heads, head_dim=d, gqa=1))
-    else:  # unfused core: QK^T and PV per head as GEMMs (backward: two each), the s x s softmax between them
-        per_head = 2 * b * heads * (1 if phase == "fwd" else 2)
-        out.append(_k("gemm", "fwd", per_head, core=True, m=s, n=cfg.seq_len, k=d))
-        out.append(_k("stream", phase, core=True, rows=b * heads * s, width=cfg.seq_len))  # softmax over the scores
+    else:  # unfused core: batched GEMMs over batch x heads (one kernel each, its m the batch's rows): scores
+        # S = Q K^T [s x keys, inner d], out = P V [s x d, inner keys]; backward dS = dO V^T (S's shape) and dV = P^T dO,
+        # dQ = dS K, dK = dS^T Q (out's shape); the s x keys softmax between them
+        rows, keys = b * heads * s, cfg.seq_len
+        out.append(_k("gemm", "fwd", 1, core=True, m=rows, n=keys, k=d))
+        out.append(_k("gemm", "fwd", 1 if phase == "fwd" else 3, core=True, m=rows, n=d, k=keys))
+        out.append(_k("stream", phase, core=True, rows=rows, width=keys))  # softmax over the scores
     out += linear(phase, tokens, h, h / t)  # o_proj
     n_mlp_in = 2 if model.gated_mlp else 1  # gate_proj and up_proj, or fc1
     act = "swiglu" if model.gated_mlp else "gelu"
