@@ -151,6 +151,8 @@ def sections(plan: Plan) -> list[tuple[str, list[list[str]]]]:
         shape.append(["--swiglu"])
     if not m.uses_bias:
         shape.append(["--disable-bias-linear"])
+    if m.qkv_bias:
+        shape.append(["--add-qkv-bias"])  # Qwen2: biases on q/k/v alone
     if not m.tie_embeddings:
         shape.append(["--untie-embeddings-and-output-weights"])
     if m.is_moe:

@@ -19,7 +19,8 @@ Tensor parallelism: the attention core counts heads from the width of the q/k/v 
 
 Architectures: GPT-2 (Radford et al. 2019: pre-LayerNorm, learned positions, tanh-GeLU MLP, tied head),
 Llama (Touvron et al. 2023: RMSNorm, rotary positions (Su et al. 2021), SwiGLU (Shazeer 2020), GQA
-(Ainslie et al. 2023)), Mixtral (Jiang et al. 2024: Llama + top-k mixture of SwiGLU experts) and
+(Ainslie et al. 2023); with `qkv_bias`, Qwen2 (Yang et al. 2024): biases on q/k/v alone), Mixtral
+(Jiang et al. 2024: Llama + top-k mixture of SwiGLU experts) and
 ViT (Dosovitskiy et al. 2021: patch convolution, class token, learned positions, exact GeLU).
 No dropout: current pre-training recipes use none.
 """
@@ -120,12 +121,12 @@ def make_norm(spec: ModelSpec) -> nn.Module:
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        h, bias = spec.hidden_size, spec.uses_bias
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, spec.kv_dim, bias=bias)
-        self.v_proj = nn.Linear(h, spec.kv_dim, bias=bias)
+        h, qkv_bias = spec.hidden_size, spec.qkv_biased
+        self.q_proj = nn.Linear(h, h, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, spec.kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, spec.kv_dim, bias=qkv_bias)
         self.core = AttentionCore(spec.head_dim, causal=not spec.is_vit, rotary=not spec.learned_positions)
-        self.o_proj = nn.Linear(h, h, bias=bias)
+        self.o_proj = nn.Linear(h, h, bias=spec.uses_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x)))

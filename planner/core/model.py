@@ -47,6 +47,9 @@ class ModelSpec:
     # recipes use none, and neither do distplan's runners (planner/build/modeling.py); Megatron's SC'21 GPT runs
     # used 0.1 (planner/core/published.py). Decides the dropout masks in the memory and time models.
     dropout: float = 0.0
+    # q/k/v projections with a bias in a family whose other linears have none (Qwen2); gpt/vit have all biases anyway.
+    # Adds h + 2*kv_dim parameters per block and changes no GEMM shape (torch's addmm adds the bias in the GEMM).
+    qkv_bias: bool = False
 
     # ---- derived shapes -------------------------------------------------------------------
     @property
@@ -72,6 +75,11 @@ class ModelSpec:
         return self.family in ("gpt", "vit")
 
     @property
+    def qkv_biased(self) -> bool:
+        """Whether the q, k and v projections carry a bias (o_proj does when `uses_bias`)."""
+        return self.uses_bias or self.qkv_bias
+
+    @property
     def learned_positions(self) -> bool:
         return self.family in ("gpt", "vit")
 
@@ -93,8 +101,10 @@ class ModelSpec:
         """Parameters of one transformer block (attention + MLP or MoE + norms)."""
         h, f = self.hidden_size, self.ffn_hidden_size
         attn = h * (h + 2 * self.kv_dim) + h * h  # QKV and output projections
+        if self.qkv_biased:
+            attn += h + 2 * self.kv_dim
         if self.uses_bias:
-            attn += (h + 2 * self.kv_dim) + h
+            attn += h  # o_proj
         if self.gated_mlp:
             mlp_one = 3 * h * f  # gate, up, down
         else:
@@ -170,8 +180,9 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["dropout"]:
-            del d["dropout"]  # the default: plan files and goldens written before the field stay identical
+        for key in ("dropout", "qkv_bias"):
+            if not d[key]:
+                del d[key]  # the default: plan files and goldens written before the field stay identical
         return {"version": 1, **d}
 
 

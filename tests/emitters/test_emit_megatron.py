@@ -3,6 +3,7 @@ and (where megatron.training is importable) Megatron's own parse_args + validate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def test_flag_mapping():
     gpt = flags_of(case_plan("gpt2-xl-64"))  # ZeRO-2 -> Megatron-FSDP optim_grads; tied embeddings, biases
     assert gpt["--data-parallel-sharding-strategy"] == ["optim_grads"] and gpt["--ckpt-format"] == ["fsdp_dtensor"]
     assert "--untie-embeddings-and-output-weights" not in gpt and "--disable-bias-linear" not in gpt
+    assert "--add-qkv-bias" not in gpt and "--add-qkv-bias" not in llama
+    qwen2 = dataclasses.replace(LLAMA.model, qkv_bias=True)  # Qwen2: biases on q/k/v alone
+    qwen2_flags = flags_of(dataclasses.replace(LLAMA, model=qwen2))
+    assert "--add-qkv-bias" in qwen2_flags and "--disable-bias-linear" in qwen2_flags
     assert flags_of(variant_plan("zero3_sp"))["--data-parallel-sharding-strategy"] == ["optim_grads_params"]
     full = flags_of(case_plan("mixtral-8x7b-64"))
     assert full["--recompute-granularity"] == ["full"] and full["--recompute-method"] == ["uniform"]

@@ -68,7 +68,7 @@ DROPPED_FLAGS = {"--use-megatron-fsdp": 0, "--data-parallel-sharding-strategy": 
 CHECKED_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                   "expert_model_parallel_size", "sequence_parallel", "normalization", "gated_linear_unit",
-                  "add_bias_linear", "recompute_granularity", "num_moe_experts", "moe_router_topk",
+                  "add_bias_linear", "add_qkv_bias", "recompute_granularity", "num_moe_experts", "moe_router_topk",
                   "attention_softmax_in_fp32")
 
 
