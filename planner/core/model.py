@@ -1,4 +1,4 @@
-"""Model specifications: the zoo, Hugging Face config.json files and zoo-format YAML.
+"""Model specifications: the zoo, Hugging Face config.json files (planner.core.hf_config) and zoo-format YAML.
 
 A `ModelSpec` is the shape of a transformer (decoder LLM, MoE LLM or ViT encoder). Everything
 downstream (the torch module on the meta device, the layer graph, the cost model) is derived from it.
@@ -16,8 +16,9 @@ from importlib import resources
 from pathlib import Path
 
 from planner.core.errors import DistplanError, require
-from planner.core.fields import NAME, NAME_RULE, REQUIRED, check_integer, flag, integer, is_number, short, text
+from planner.core.fields import NAME, NAME_RULE, check_integer, flag, is_number, short, text
 from planner.core.fileio import parse_yaml, read_json, read_yaml
+from planner.core.hf_config import hf_fields
 
 FAMILIES = ("gpt", "llama", "mixtral", "vit")  # model families distplan builds (planner/build/modeling.py)
 
@@ -247,43 +248,9 @@ def spec_from_dict(data: dict, name: str, source: str) -> ModelSpec:
     return _validate(ModelSpec(**data))
 
 
-def _hf_int(cfg: dict, key: str, source: str, default: object = REQUIRED) -> int:
-    require(key in cfg or default is not REQUIRED, f"{source}: Hugging Face config is missing key '{key}'")
-    return integer(cfg, key, source, 1, default=default)
-
-
-def spec_from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face config.json (gpt2, llama, mistral, mixtral keys)."""
-    if not isinstance(cfg, dict):
-        raise DistplanError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
-    model_type = str(cfg.get("model_type", ""))
-    if "n_layer" in cfg or model_type == "gpt2":
-        h, heads = _hf_int(cfg, "n_embd", source), _hf_int(cfg, "n_head", source)
-        spec = ModelSpec(
-            name=name, family="gpt", num_layers=_hf_int(cfg, "n_layer", source), hidden_size=h,
-            ffn_hidden_size=_hf_int(cfg, "n_inner", source, 4 * h), num_heads=heads, num_kv_heads=heads,
-            vocab_size=_hf_int(cfg, "vocab_size", source), max_seq_len=_hf_int(cfg, "n_positions", source),
-            tie_embeddings=True,
-        )
-        return _validate(spec)
-    if "num_hidden_layers" in cfg:
-        experts = _hf_int(cfg, "num_local_experts", source, 1)
-        heads = _hf_int(cfg, "num_attention_heads", source)
-        spec = ModelSpec(
-            name=name, family="mixtral" if experts > 1 else "llama",
-            num_layers=_hf_int(cfg, "num_hidden_layers", source), hidden_size=_hf_int(cfg, "hidden_size", source),
-            ffn_hidden_size=_hf_int(cfg, "intermediate_size", source), num_heads=heads,
-            num_kv_heads=_hf_int(cfg, "num_key_value_heads", source, heads), vocab_size=_hf_int(cfg, "vocab_size", source),
-            max_seq_len=_hf_int(cfg, "max_position_embeddings", source, 4096), num_experts=experts,
-            top_k=_hf_int(cfg, "num_experts_per_tok", source, 1),
-            tie_embeddings=flag(cfg, "tie_word_embeddings", source, default=False),
-        )
-        return _validate(spec)
-    raise DistplanError(
-        f"{source}: not a recognised Hugging Face config: expected gpt2 keys (n_layer, n_embd, n_head, vocab_size, "
-        "n_positions) or llama/mistral/mixtral keys (num_hidden_layers, hidden_size, intermediate_size, "
-        "num_attention_heads, num_key_value_heads, vocab_size)"
-    )
+def spec_from_hf_config(cfg: object, name: str, source: str) -> ModelSpec:
+    """Build a ModelSpec from a Hugging Face config.json (the model_types of planner.core.hf_config.SUPPORTED)."""
+    return _validate(ModelSpec(name=name, **hf_fields(cfg, source)))
 
 
 def zoo_names() -> list[str]:

@@ -1,6 +1,7 @@
 """planner.build.modeling: parameter counts against ModelSpec and SC'21; real training behaviour on CPU."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,14 @@ def test_meta_param_count_equals_spec(name):
     spec = load_model(name)
     model = build_model(spec)
     assert all(p.is_meta for p in model.parameters())
+    assert n_params(model) == spec.total_params()
+
+
+def test_qwen2_q_k_v_biases_are_built_and_counted():
+    spec = load_model(str(Path(__file__).parents[1] / "core" / "hf_configs" / "qwen2.5-7b.json"))
+    model = build_model(spec)
+    attn = model.layers[0].attn
+    assert all(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)) and attn.o_proj.bias is None
     assert n_params(model) == spec.total_params()
 
 

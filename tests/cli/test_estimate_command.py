@@ -1,5 +1,7 @@
 """`distplan estimate` through typer's CliRunner: output contract and bad input."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import parse_json
@@ -52,6 +54,40 @@ def test_bad_input_is_one_line_exit_2(cli, args, needle):
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.output
+
+
+HF_CONFIGS = Path(__file__).parents[1] / "core" / "hf_configs"  # published config.json files
+
+
+@pytest.mark.parametrize("config,needle", [
+    ("deepseek-v3", "model_type 'deepseek_v3' is refused: multi-head latent attention"),
+    ("mistral-7b-v0.1", "sliding_window 4096 is below max_position_embeddings 32768"),
+    ("gemma-2-9b", "model_type 'gemma2' is not supported; supported: gpt2, llama, mistral, mixtral, qwen2"),
+])
+def test_refused_hugging_face_config_is_one_line_exit_2(cli, config, needle):
+    r = cli("estimate", "-m", HF_CONFIGS / f"{config}.json", "-n", 8)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {HF_CONFIGS / config}.json: ") and needle in lines[0]
+
+
+def test_refused_hugging_face_config_as_a_process():
+    """`python3 -m planner.cli`: the process exits 2 with one stderr line, no traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "planner.cli", "estimate", "-m", str(HF_CONFIGS / "deepseek-v3.json"),
+                           "-n", "8"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "deepseek_v3" in done.stderr
+
+
+def test_qwen2_config_estimates_with_its_q_k_v_biases(cli):
+    args = ("-n", 8, "--tp", 2, "--micro-batch", 1, "--zero", 1, "--format", "json")
+    out = parse_json(cli("estimate", "-m", HF_CONFIGS / "qwen2.5-7b.json", *args))
+    assert out["model"] == "qwen2.5-7b" and out["fits"] is True
+    # bf16 weights, halved by tp=2: the 7,615,616,512 parameters of Qwen2.5-7B (tests/core/test_hf_import.py)
+    assert out["stages"][0]["memory_breakdown_gib"]["weights"] == pytest.approx(7_615_616_512 * 2 / 2 / 2**30, rel=1e-9)
 
 
 def test_does_not_fit_prints_estimate_and_says_by_how_much(cli):

@@ -190,13 +190,17 @@ def test_cluster_numbers_are_checked_by_key(tmp_path, edit, needle):
 
 
 @pytest.mark.parametrize("cfg,needle", [
-    ({"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 10, "n_positions": 16, "n_inner": "x"}, "'n_inner' must be an integer"),
-    ({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 10,
-      "num_key_value_heads": 2.5}, "'num_key_value_heads' must be an integer"),
-    ({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 10,
-      "tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false"),
-    ({"num_hidden_layers": 10**9, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-      "vocab_size": 10}, "num_layers must be an integer from 1 to 4096"),
+    ({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 10, "n_positions": 16, "n_inner": "x"},
+     "'n_inner' must be an integer"),
+    ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+      "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 16, "num_key_value_heads": 2.5},
+     "'num_key_value_heads' must be an integer"),
+    ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+      "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 16, "tie_word_embeddings": "false"},
+     "'tie_word_embeddings' must be true or false"),
+    ({"model_type": "llama", "num_hidden_layers": 10**9, "hidden_size": 64, "intermediate_size": 128,
+      "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 16},
+     "num_layers must be an integer from 1 to 4096"),
 ])
 def test_hugging_face_config_values_are_checked(tmp_path, cfg, needle):
     import json
