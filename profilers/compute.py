@@ -99,8 +99,9 @@ def shard_block(block: Block, spec: ModelSpec, tp: int) -> Block:
     h, d, bias = spec.hidden_size, spec.head_dim, spec.uses_bias
     q_local, kv_local = spec.num_heads // tp, max(1, spec.num_kv_heads // tp)
     attn = block.attn
-    attn.q_proj = _linear(h, q_local * d, bias)
-    attn.k_proj, attn.v_proj = _linear(h, kv_local * d, bias), _linear(h, kv_local * d, bias)
+    qkv_bias = spec.qkv_biased  # Qwen2: q/k/v biased, o_proj not
+    attn.q_proj = _linear(h, q_local * d, qkv_bias)
+    attn.k_proj, attn.v_proj = _linear(h, kv_local * d, qkv_bias), _linear(h, kv_local * d, qkv_bias)
     attn.o_proj = _linear(q_local * d, h, bias)
     f_local = spec.ffn_hidden_size // tp
     if spec.is_moe:
