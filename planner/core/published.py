@@ -1,7 +1,8 @@
 """Published reference cases (configs/reference/published.yaml) as distplan objects.
 
 Used by the tests and benchmarks that check the cost model and the solver against published results:
-Megatron-LM SC'21 Table 1 (GPT on A100s), ZeRO's model-state memory, Korthikanti's activation formulas.
+Megatron-LM SC'21 Tables 1 and 2 (GPT on A100s), ZeRO's model-state memory, Korthikanti's activation formulas,
+torchtitan's FSDP2 throughput (Llama on A100s and H100s).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from importlib import resources
 
 import yaml
 
+from planner.core.cluster import Cluster, load_cluster
+
 from planner.core.job import ParallelConfig
-from planner.core.model import ModelSpec
+from planner.core.model import ModelSpec, load_model
 
 SC21_VOCAB = 51200  # the GPT vocabulary of Narayanan et al. SC'21, Table 1
 SC21_SEQ_LEN = 2048  # its sequence length (SC'21, Table 1)
@@ -68,4 +71,33 @@ def sc21_table2() -> list[tuple[str, Sc21Case]]:
                                  global_batch_size=batch, seq_len=SC21_SEQ_LEN, recompute="full", flash_attention=False,
                                  overlap_grad_reduce=False)
         out.append((scheme, Sc21Case(p, model, gpus, cfg, float(tflops))))
+    return out
+
+
+# torchtitan's activation checkpointing -> distplan's recompute (published.yaml's torchtitan_performance says why)
+TORCHTITAN_RECOMPUTE = {"none": "none", "full": "full", "selective op": "selective"}
+
+
+@dataclass(frozen=True)
+class TorchtitanCase:
+    group: str  # a100 or h100 (published.yaml's groups)
+    model: ModelSpec
+    cluster: Cluster
+    config: ParallelConfig  # FSDP2 as ZeRO-3 over every GPU
+    checkpointing: str  # as torchtitan names it
+    tokens_per_s_per_gpu: float
+    mfu_percent: float | None  # torchtitan's MFU (None where the page does not report it)
+
+
+def torchtitan_performance() -> list[TorchtitanCase]:
+    """The FSDP2 rows of torchtitan's performance page that distplan models (bf16, eager, no per-block recompute)."""
+    out = []
+    for group in published()["torchtitan_performance"]["groups"]:
+        name = group["cluster"]
+        cluster = load_cluster(str(resources.files("configs") / "reference" / name) if name.endswith(".yaml") else name)
+        for model, gpus, batch, seq, ac, wps, mfu in group["rows"]:
+            cfg = ParallelConfig(dp=gpus, zero_stage=3, micro_batch_size=batch, global_batch_size=batch * gpus,
+                                 seq_len=seq, recompute=TORCHTITAN_RECOMPUTE[ac])
+            out.append(TorchtitanCase(group["name"], load_model(model), cluster, cfg, ac, float(wps),
+                                      None if mfu is None else float(mfu)))
     return out
