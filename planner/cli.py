@@ -682,6 +682,44 @@ def emit(
         fail(f"{len(result.failed_checks)} check(s) failed, nothing written; {first.name}: {first.detail}")
 
 
+# ---- validate ------------------------------------------------------------------------------------
+
+
+@app.command(cls=_Command)
+def validate(
+    suite: Optional[str] = typer.Option(None, "--suite", help="Suites to run, comma-separated: sc21_table1, sc21_table2, zero_memory, torchtitan (default: all)."),
+    max_mean_error: Optional[float] = typer.Option(None, "--max-mean-error", help="Exit 1 when a suite's mean |error| is above this fraction (0.05 is 5%)."),
+    max_row_error: Optional[float] = typer.Option(None, "--max-row-error", help="Exit 1 when a row's |error| is above this fraction (0.10 is 10%)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the report here (.md or .json)."),
+):
+    """Compare distplan's predictions with published measurements: each row, its error, per-suite and overall mean
+    and max |error| (configs/reference/published.yaml holds the rows and their sources).
+
+    Exit code 0 for a completed report; 1 when --max-mean-error or --max-row-error is exceeded (one line says
+    which); 2 for bad input.
+    Example: distplan validate --suite sc21_table1 --max-mean-error 0.05 --max-row-error 0.10 -o validate.md
+    """
+    from planner.core.fileio import atomic_write_text
+    from planner.validate import check_limit_values, check_limits, parse_suites, run_validation, to_json, to_markdown
+
+    names = parse_suites(suite)
+    check_limit_values(max_mean_error, max_row_error)
+    if output is not None:
+        if output.suffix not in (".md", ".json"):
+            raise DistplanError(f"--output '{output}' must end in .md or .json")
+        check_writable(output, "--output")
+    report = run_validation(names)
+    over = check_limits(report, max_mean_error, max_row_error)
+    text = to_markdown(report)
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+    if output is not None:
+        atomic_write_text(output, json.dumps(to_json(report), indent=2) + "\n" if output.suffix == ".json" else text)
+        err.print(f"wrote {output}", highlight=False, markup=False, soft_wrap=True)
+    if over:
+        err.print(f"[bold red]failed:[/] {escape(over)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
 
