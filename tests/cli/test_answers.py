@@ -17,7 +17,8 @@ def test_version(cli):
     assert r.exit_code == 0 and r.stdout.strip() == f"distplan {__version__}"
 
 
-@pytest.mark.parametrize("command", ["", "estimate", "solve", "show", "diff", "profile", "run", "emit"])
+@pytest.mark.parametrize("command", ["", "estimate", "solve", "show", "diff", "profile", "run", "emit",
+                                     "validate"])
 def test_help_names_values_in_words_not_python_types(cli, command):
     r = cli(*([command] if command else []), "--help")
     assert r.exit_code == 0, r.output

@@ -31,7 +31,10 @@ INPUT_FILES = {"model", "cluster", "profile", "plan", "a", "b", "base", "measure
 OUTPUT_SUFFIX = {("estimate", "output"): ".yaml", ("solve", "output"): ".yaml", ("profile", "output"): ".yaml",
                  ("solve", "report"): ".html", ("solve", "candidates"): ".csv", ("show", "report"): ".html",
                  ("show", "timeline"): ".png",
-                 ("show", "memory_chart"): ".png", ("emit", "output"): "", ("run", "output"): ".yaml"}
+                 ("show", "memory_chart"): ".png", ("emit", "output"): "", ("run", "output"): ".yaml",
+                 ("validate", "output"): ".md"}
+# options whose valid values may fail the command's check (exit 1): validate's limits on the errors
+CHECKS = {("validate", "max_mean_error"), ("validate", "max_row_error")}
 MEASURING = "measurement started"
 SPAWNING = "workers would start here"
 RUN_BOUNDED = ("steps", "warmup", "timeout", "seed", "nproc")  # run's options with an upper bound
@@ -46,6 +49,7 @@ BASE = {  # the cheapest valid invocation of each command, as (parameter, tokens
     "profile": [("model", ["-m", "gpt2"]), ("output", ["-o", "profile.yaml"])],
     "emit": [("plan", ["{plan}"]), ("target", ["-t", "torchrun"]), ("output", ["-o", "emitted"])],
     "run": [("plan", ["{plan}"]), ("output", ["-o", "report.yaml"])],
+    "validate": [("suite", ["--suite", "zero_memory"])],
 }
 
 
@@ -156,9 +160,9 @@ def _listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def _check(result, cwd: Path, fixtures_before: set[str], fx: Path) -> None:
+def _check(result, cwd: Path, fixtures_before: set[str], fx: Path, checks: bool = False) -> None:
     err = result.stderr
-    assert result.exit_code in (0, 2), f"exit {result.exit_code}: {result.output}"
+    assert result.exit_code in ((0, 1, 2) if checks else (0, 2)), f"exit {result.exit_code}: {result.output}"
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     if result.exit_code == 2:
@@ -175,7 +179,9 @@ def test_bad_value(command, name, value, fixtures, cheap, tmp_path, monkeypatch)
     argv = [a.format(fx=fixtures, plan=fixtures / "plan.yaml") if a is not None else a
             for a in _argv(command, name, None if value is None else value)]
     result = CliRunner().invoke(app, argv)
-    _check(result, tmp_path, before, fixtures)
+    _check(result, tmp_path, before, fixtures, checks=(command, name) in CHECKS)
+    if result.exit_code == 1:  # a limit exceeded says so in one line
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
     if command == "profile" and value in ("0", "-1", HUGE) and _kind(next(
             p for p in COMMAND.commands["profile"].params if p.name == name)) == "int":
         assert MEASURING not in result.stderr, f"profile {name}={value} reached the measurement"
