@@ -46,7 +46,7 @@ for s in r["stages"]:
 PY
 }
 
-models=${MODELS:-llama-3.2-1b llama-3.2-3b qwen2.5-14b-6l}
+models=${MODELS-llama-3.2-1b llama-3.2-3b qwen2.5-14b-6l}  # MODELS= (empty): none
 plans=benchmarks/results/preset_check/plans
 for m in $models; do  # first every shape's profile and the preset's own plan, then the alternatives in the time left
   if [ "$(left)" -lt 150 ]; then echo "=== $m: not profiled, $(left) s left" >>"$log"; continue; fi
