@@ -97,7 +97,12 @@ def block_kernels(model: ModelSpec, cfg: ParallelConfig, phase: str) -> list[Ker
     if groups > 1:
         out += memory("gqa_expand", phase, b * kv_heads * s, d, calls=2, groups=groups)  # K and V
     if cfg.flash_attention:
-        out.append(_k("attention", phase, core=True, seq=s, heads=b * heads, head_dim=d, gqa=1))
+        # cp > 1, ring attention with the causal load balanced: the local queries meet every earlier key chunk, the
+        # causal total / cp, run as cp kernels of the local chunk's causal work; (cp - 1) merges of the partial
+        # outputs (online softmax: read both, write one)
+        out.append(_k("attention", phase, calls=cfg.cp, core=True, seq=s, heads=b * heads, head_dim=d, gqa=1))
+        if cfg.cp > 1:
+            out += memory("add", "fwd", tokens, h / t, calls=cfg.cp - 1)
     else:  # unfused core: batched GEMMs over batch x heads (one kernel each, its m the batch's rows): scores
         # S = Q K^T [s x keys, inner d], out = P V [s x d, inner keys]; backward dS = dO V^T (S's shape) and dV = P^T dO,
         # dQ = dS K, dK = dS^T Q (out's shape); the s x keys softmax between them

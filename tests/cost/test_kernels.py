@@ -89,6 +89,19 @@ def test_backward_residual_and_gradient_sums_are_the_traced_adds(name):
     assert Adds.count >= 3 and mine == Adds.count
 
 
+@pytest.mark.parametrize("cp", (1, 2, 8))
+def test_ring_attention_does_the_causal_work_of_the_local_queries(cp):
+    """Context parallelism splits the queries, not the work per query: each GPU's attention FLOPs are the causal
+    total / cp (the local queries against every earlier key), as ModelSpec counts them (SC'21's attn_core,
+    halved for the causal mask), not the local chunk's own (s / cp)^2."""
+    spec = load_model("llama-3-8b")
+    c = cfg_for(mb=1, seq=8192, cp=cp)
+    att = [kn for kn in K.block_kernels(spec, c, "fwd") if kn.kind == "attention"]
+    work = sum(kn.calls * WORK["attention.fwd"](dict(kn.shape), 2) for kn in att)
+    tokens = c.micro_batch_size * c.seq_len / cp
+    assert work == pytest.approx(tokens * spec.block_matmul_flops_per_token(c.seq_len)["attn_core"] / 2, rel=1e-12)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("tp", (1, 2, 8))
 def test_gemm_flops_match_the_model_spec_per_tp_shard(name, tp):
