@@ -48,8 +48,13 @@ def _resume_matches(tmp_path, **par):
 
 
 def test_fsdp2_zero3_dp2_resumes_bit_for_bit(tmp_path):
-    full, second = _resume_matches(tmp_path, dp=2, zero_stage=3)
-    assert "fully_shard" in " ".join(full.notes) or full.config.startswith("dp=2")
+    full, _ = _resume_matches(tmp_path, dp=2, zero_stage=3)
+    assert "dp=2" in full.config and "zero=3" in full.config
+
+
+def test_tensor_parallel_tp2_dtensor_shards_resume(tmp_path):
+    full, _ = _resume_matches(tmp_path, tp=2)
+    assert "tp=2" in full.config
 
 
 def test_pipeline_pp2_stages_resume_their_own_modules(tmp_path):
@@ -80,3 +85,16 @@ def test_a_checkpoint_of_another_plan_is_refused(tmp_path):
     other = plan_file(tmp_path / "other", dp=2, zero_stage=1)
     with pytest.raises(DistplanError, match="is of another run: parallel.zero_stage 3 in the checkpoint, 1 now"):
         run_plan(other, RunOptions(steps=1, warmup=0, checkpoint_dir=str(d), resume=True), tolerance=HUGE)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--resume"], "error: --resume needs --checkpoint-dir D"),
+    (["--checkpoint-dir", "c", "--checkpoint-every", "-1"], "error: --checkpoint-every -1 is out of range"),
+    (["--checkpoint-dir", "c", "--engine", "megatron"], "supported by the torch engine only; engine is 'megatron'"),
+])
+def test_the_cli_says_it_in_one_line_with_exit_2(cli, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    r = cli("run", plan_file(tmp_path, dp=2, zero_stage=3), *args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
