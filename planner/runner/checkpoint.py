@@ -205,7 +205,9 @@ class Checkpointer:
 
         path = latest(self.dir)
         require(path is not None, f"--resume: no checkpoint in '{self.dir}'")
-        meta = read_meta(path)
+        meta = read_meta(path)  # checked by the launcher already; again here for torchrun launches
+        require(meta.get("fingerprint") == _digest(self.fingerprint),
+                f"--resume: checkpoint '{path}' is of another run: {_first_difference(meta.get('run', {}), self.fingerprint)}")
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
