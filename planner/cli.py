@@ -583,8 +583,8 @@ def _render_profile(prof, path: Path) -> None:
 def run(
     plan: Path = typer.Argument(..., help="plan.yaml from `distplan solve` (or hand-made with estimate's options)."),
     engine: str = typer.Option("torch", "--engine", help="torch (PyTorch-native), deepspeed or megatron."),
-    steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
-    warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed)."),
+    steps: int = typer.Option(10, "--steps", help="Measured optimizer steps (after the warm-up; this run's, also with --resume)."),
+    warmup: int = typer.Option(3, "--warmup", help="Steps run before measuring (not timed, but they train: the run does --warmup + --steps optimizer steps)."),
     nproc: Optional[int] = typer.Option(None, "--gpus", "-n", "--nproc", help="GPUs (on a CPU host: processes) to start on this node, as --gpus of solve and estimate; must equal the plan's world size. Default: that, refused on a CPU host with too few cores or too little memory for them; given explicitly it starts them anyway."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report YAML (default: <plan>.report.yaml)."),
     tolerance: float = typer.Option(0.10, "--tolerance", help="Largest accepted relative error of step time and memory."),
@@ -601,20 +601,25 @@ def run(
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds before unfinished ranks are killed and reported as hung."),
     trace: bool = typer.Option(False, "--trace", help="torch engine: profile one extra step and report where it went on the GPU (busy, idle, kernel time per kind)."),
     memory_peak: bool = typer.Option(False, "--memory-peak", help="torch engine on CUDA: record one extra step's allocations and report what is live at its peak, by where it was allocated."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="torch engine: save sharded checkpoints (torch.distributed.checkpoint) in DIR/step-<k>, k = optimizer steps done counting warm-up; DIR/latest names the newest."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save every N optimizer steps (warm-up included); default: after the run's last step."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint-dir's latest checkpoint: this run's --warmup + --steps steps follow its step k with the batches and RNG states the uninterrupted run had."),
 ):
     """Run a plan for real, measure step time, memory and loss, and verify the prediction.
 
     Exit code 0: verified; 1: a failed rank, diverged numerics or an error above --tolerance; 2: bad input;
     128 + N: signal N (SIGINT, SIGTERM, SIGHUP) stopped the run, and every worker with it.
     Example: distplan run plan.yaml --steps 20 --check-numerics -o report.yaml
+    Checkpoints (torch engine): --checkpoint-dir ckpt --checkpoint-every 100, then --resume to continue.
     """
     from planner.runner.engine_api import RunOptions
     from planner.runner.launch import RunStopped, run_plan
     from planner.runner.render import render_report
 
     opts = RunOptions(engine=engine, steps=steps, warmup=warmup, seed=seed, data_path=data, data_dtype=data_dtype,
-                      dtype=dtype, lr=lr, timeout_s=timeout, trace=trace,
-                      memory_peak=memory_peak)
+                      dtype=dtype, lr=lr, timeout_s=timeout, trace=trace, memory_peak=memory_peak,
+                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
+                      checkpoint_every=checkpoint_every, resume=resume)
     report_path = output if output is not None else plan.with_name(f"{plan.stem}.report.yaml")
     try:
         with _run_progress(f"running {plan.name} ({engine})", warmup + steps) as on_progress:

@@ -15,7 +15,7 @@ Weights contract (numerics check): engines initialise with
 `planner.build.parallelize.init_weights_by_name(module, spec, seed)`, which draws every tensor from its
 model-level name, so any pipeline cut or shard holds the single-process model's values.
 
-Progress contract: engines call `mark_step(k)` as step k (warm-up included, from 0) begins, so that a
+Progress contract: engines call `mark_step(k)` as this run's step k (warm-up included, from 0) begins, so that a
 rank that dies (SIGKILL, OOM killer) is reported with the step it died in.
 """
 
@@ -33,8 +33,8 @@ from planner.core.plan import Plan
 @dataclass(frozen=True)
 class RunOptions:
     engine: str = "torch"  # key of planner.runner.engines.ENGINES
-    steps: int = 10  # measured steps
-    warmup: int = 3  # steps run before measuring (not timed)
+    steps: int = 10  # measured steps (this invocation's; a resumed run trains warmup + steps more)
+    warmup: int = 3  # steps run before measuring (not timed; they train like the others)
     seed: int = 1234  # weights and synthetic data
     data_path: str | None = None  # tokenized binary file (uint16 or uint32 tokens); None -> synthetic
     data_dtype: str = "uint16"
@@ -43,6 +43,9 @@ class RunOptions:
     timeout_s: float = 600.0  # a rank that does not finish by then is reported as hung
     trace: bool = False  # torch engine: profile one extra step (planner/runner/trace.py; sets DISTPLAN_TRACE=1)
     memory_peak: bool = False  # torch engine on CUDA: what is live at one extra step's peak (runner/memory_peak.py)
+    checkpoint_dir: str | None = None  # torch engine: DCP checkpoints in DIR/step-<k> (planner/runner/checkpoint.py)
+    checkpoint_every: int | None = None  # save every N optimizer steps; None: after the run's last step
+    resume: bool = False  # continue from checkpoint_dir's latest checkpoint (its step + 1, same data and RNGs)
 
 
 @dataclass(frozen=True)

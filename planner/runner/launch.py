@@ -45,6 +45,8 @@ from planner.core.plan import Plan, load_plan
 from planner.build.host import host_threads_per_rank
 from planner.runner.engine_api import PROGRESS_ENV, RankResult, RunOptions
 from planner.core.fileio import check_writable
+from planner.cost.engines import torch_engine_fsdp
+from planner.runner.checkpoint import check_options as check_checkpoint_options
 from planner.runner.preflight import check_request
 from planner.runner.report import Failure, Report, build_report, global_losses, rank_result_from_dict, save_report
 from profilers import gpu_clocks
@@ -120,6 +122,12 @@ def worker_argv(plan_path: str, opts: RunOptions, result_dir: str | None = None)
              "--seed", str(opts.seed), "--dtype", opts.dtype, "--lr", repr(opts.lr), "--timeout", repr(opts.timeout_s)]
     if opts.data_path:
         argv += ["--data", str(opts.data_path), "--data-dtype", opts.data_dtype]
+    if opts.checkpoint_dir:
+        argv += ["--checkpoint-dir", str(Path(opts.checkpoint_dir).resolve())]
+        if opts.checkpoint_every is not None:
+            argv += ["--checkpoint-every", str(opts.checkpoint_every)]
+        if opts.resume:
+            argv += ["--resume"]
     if result_dir:
         argv += ["--result-dir", str(result_dir)]
     return argv
@@ -287,9 +295,11 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     require(not opts.memory_peak or device_type == "cuda",
             "--memory-peak needs CUDA (it replays the caching allocator's history); no CUDA device is visible")
     plan = load_plan(plan_path)
-    nproc = check_request(plan, opts, nproc, device_type, torch.cuda.device_count() if device_type == "cuda" else 0)
     from planner.runner.worker import resolve_dtype
 
+    check_checkpoint_options(plan, replace(opts, dtype=resolve_dtype(opts.dtype, device_type)),
+                             torch_engine_fsdp(plan.parallel), check_numerics)
+    nproc = check_request(plan, opts, nproc, device_type, torch.cuda.device_count() if device_type == "cuda" else 0)
     opts = replace(opts, dtype=resolve_dtype(opts.dtype, device_type))
     if out_path is not None:
         require(Path(out_path).resolve() != Path(plan_path).resolve(), f"--output '{out_path}' is the plan itself; "
@@ -337,7 +347,8 @@ def run_plan(plan_path: str | Path, opts: RunOptions, nproc: int | None = None, 
     data = (f"file {opts.data_path} ({opts.data_dtype})" if opts.data_path else f"synthetic (seed {opts.seed})")
     report = build_report(plan, str(plan_path), opts.engine, device_type, opts.dtype,
                           opts.steps, opts.warmup, data, tolerance, prediction, results, failures, numerics, notes,
-                          wall_time_s=time.monotonic() - start)
+                          wall_time_s=time.monotonic() - start,
+                          checkpoint=next((r.extra.get("checkpoint") for r in results if r.rank == 0), None))
     if calibrate and report.measured_step_time_s is not None:
         from planner.runner.calibrate import calibrate_run
 

@@ -97,6 +97,12 @@ def render_report(console: Console, r: Report, report_path: str | None = None) -
                       f"run(s)) written to {escape(str(c['file']))}: {factors}; predicted step time "
                       f"{c.get('predicted_before_s', 0):.4g} s -> {c.get('predicted_after_s', 0):.4g} s "
                       f"(measured {c.get('measured_step_time_s', 0):.4g} s)", highlight=False)
+    k = r.checkpoint or {}
+    if k:
+        resumed = f"resumed after step {k['resumed_from_step']}; " if k.get("resumed_from_step") is not None else ""
+        console.print(f"  checkpoints in {escape(str(k.get('dir')))}: {resumed}saved after steps "
+                      f"{', '.join(map(str, k.get('saved_steps') or [])) or 'none'} ({k.get('save_s', 0):.3g} s saving, "
+                      f"outside the step times)", highlight=False)
     verdict = "[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]"
     where = f"; report written to {escape(report_path)}" if report_path else ""
     console.print(f"verification {verdict} (tolerance {100 * r.tolerance:.0f}%){where}")

@@ -92,6 +92,9 @@ class Report:
     ranks: tuple[dict, ...] = ()
     calibration: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
+    # --checkpoint-dir: dir, every, saved_steps (optimizer steps done at each save, warm-up included),
+    # resumed_from_step (None: from step 0), save_s (seconds saving, outside the measured step times); {}: none
+    checkpoint: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"version": REPORT_VERSION, **asdict(self)}
@@ -184,7 +187,7 @@ def _where_the_step_went(rank_rows) -> list[str]:
 def build_report(plan: Plan, plan_path: str, engine: str, device: str, dtype: str, steps: int, warmup: int,
                  data: str, tolerance: float, prediction: dict, results: list[RankResult], failures: list[Failure],
                  numerics: NumericsResult | None, notes: tuple[str, ...] = (), wall_time_s: float = 0.0,
-                 calibration: dict | None = None) -> Report:
+                 calibration: dict | None = None, checkpoint: dict | None = None) -> Report:
     results = sorted(results, key=lambda r: r.rank)
     predicted = float(prediction["step_time_s"])
     measured = p10 = p90 = err = None
@@ -250,4 +253,5 @@ def build_report(plan: Plan, plan_path: str, engine: str, device: str, dtype: st
         step_time_error=err, stages=tuple(stages), losses=global_losses(results), numerics=numerics,
         failures=tuple(sorted(failures, key=lambda f: (not f.primary, f.rank))), passed=passed, verdict=tuple(verdict),
         notes=tuple(dict.fromkeys(all_notes)), ranks=rank_rows, calibration=dict(calibration or {}), wall_time_s=wall_time_s,
+        checkpoint=dict(checkpoint or {}),
     )

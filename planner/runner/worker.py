@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--result-dir", default=None)
     p.add_argument("-o", "--output", default="report.yaml")
     p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
     return p.parse_args(argv)
 
 
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = _dist_info()
     opts = RunOptions(engine=args.engine, steps=args.steps, warmup=args.warmup, seed=args.seed, data_path=args.data,
                       data_dtype=args.data_dtype, dtype=resolve_dtype(args.dtype, dist.device.split(":")[0]), lr=args.lr,
-                      timeout_s=args.timeout)
+                      timeout_s=args.timeout, checkpoint_dir=args.checkpoint_dir,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume)
     result_dir = Path(args.result_dir) if args.result_dir else None
     try:
         from planner.core.plan import load_plan

@@ -32,6 +32,10 @@ set_requires_gradient_sync(False) until the last) with loss / m; pp > 1 hands th
 which scales gradients by 1/m. A tied embedding split across the first and last pipeline stage keeps
 two copies whose gradients are summed between the two stages before each optimizer step (Megatron).
 
+Checkpoints (--checkpoint-dir, planner/runner/checkpoint.py): after optimizer step k (counted from the start of
+training, warm-up included) every rank saves its shards with DCP; --resume loads them after the build and trains
+this invocation's warm-up + steps as global steps k, k+1, ... (the same batches the uninterrupted run drew).
+
 Not supported (clear error, exit 2): context parallel (cp > 1), expert parallel (ep > 1), fewer micro-batches
 than torch.distributed.pipelining's schedule needs (planner.cost.engines.ENGINES["torch"].limits), and tp larger
 than the number of KV heads.
@@ -51,6 +55,7 @@ from planner.cost.engines import engine_model, torch_engine_fsdp
 from planner.build.modeling import lm_loss
 from planner.core.plan import Plan
 from planner.runner import memory_peak, trace
+from planner.runner.checkpoint import Checkpointer
 from planner.runner.data import DataSource, local_batch
 from planner.runner.engine_api import DistInfo, RankResult, RunOptions, mark_step
 from planner.build.parallelize import (ZERO_MAPPING, MasterWeightsOptimizer, local_shard, apply_ac, apply_ddp,
@@ -117,13 +122,18 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
     # with the allocator's history recorded (planner/runner/memory_peak.py; CUDA only)
     extras = (["trace"] if trace.enabled() else []) + (["memory"] if memory_peak.enabled() and device.type == "cuda" else [])
     trace_summary, peak_summary = None, None
+    # checkpoints (planner/runner/checkpoint.py): a resumed run continues at global step `start`, whose batch is the
+    # one the uninterrupted run drew there (data are a pure function of (seed, step)); saving is not timed
+    ckpt = Checkpointer(plan, opts, dist.rank, modules, optimizer) if opts.checkpoint_dir else None
+    start = ckpt.resume() if ckpt is not None and opts.resume else 0
+    last = start + opts.warmup + opts.steps
     for step in range(opts.warmup + opts.steps + len(extras)):
         extra = extras[step - opts.warmup - opts.steps] if step >= opts.warmup + opts.steps else None
         measured = opts.warmup <= step and not extra
         recorder = trace.traced(device) if extra == "trace" else memory_peak.recorded(device) if extra else nullcontext()
         with recorder as recorded:  # the trace's kernels, or the memory record's summary
             mark_step(step)
-            inputs, targets = local_batch(*data.global_batch(step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
+            inputs, targets = local_batch(*data.global_batch(start + step), dp_rank, cfg.dp, cfg.micro_batch_size, m)
             inputs, targets = inputs.to(device), targets.to(device)
             _sync(device)
             t0 = time.perf_counter()
@@ -155,6 +165,8 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                 loss = loss / cfg.dp
             if not extra:
                 losses.append(float(loss) if loss is not None else math.nan)
+            if ckpt is not None and not extra and ckpt.due(start + step + 1, last):
+                ckpt.save(start + step + 1)
         if extra == "trace":
             trace_summary = trace.summarize(recorded, step_wall)
         elif extra == "memory":
@@ -181,7 +193,8 @@ def train(plan: Plan, opts: RunOptions, dist: DistInfo) -> RankResult:
                # pp > 1: the host's seconds inside the same chunk calls (median per step)
                "chunk_host_s": {k: statistics.median(t[k] for t in chunk_host) for k in ("fwd", "bwd")}
                if chunk_host else None,
-               "trace": trace_summary, "memory_peak": peak_summary},
+               "trace": trace_summary, "memory_peak": peak_summary,
+               "checkpoint": ckpt.summary() if ckpt is not None else None},
     )
 
 
