@@ -11,7 +11,8 @@ planner/core/kerneldb.py reads what they produce).
   heads (enable_gqa where this torch has it; else K/V expanded beforehand, as planner/build/modeling.py does, whose copy
   is the gqa_expand kernel), forward, and backward on a retained graph; the backend torch picks is recorded.
 - Memory-bound kernels as planner/build/modeling.py runs them (its RMSNorm, rotary and float32 cross-entropy are several
-  kernels each): forward, and backward on a retained graph; kerneldb.WORK says the bytes each moves.
+  kernels each): forward, and backward on a retained graph, timed eagerly (kernel_timing.NO_CAPTURE says why);
+  kerneldb.WORK says the bytes each moves.
 
 Points run in order of work (FLOPs or bytes), smallest first: a budget that runs out leaves only the largest
 shapes unmeasured, where the rate has plateaued and the loader holds it. A point that fails (out of memory, an
@@ -400,7 +401,7 @@ def measure_memory_bound(grid: MemoryGrid, device: torch.device, dtype: torch.dt
                 est = max(WORK[f"{op}.{phase}"](shape, elem) / bw, 5 * MIN_KERNEL_S)
                 state = {}
                 if phase == "fwd":
-                    result = timer.measure(fwd, est, max_inner, kind=f"{op}.fwd")
+                    result = timer.measure(fwd, est, max_inner, kind=f"{op}.fwd", capture=False)
                 else:
                     out = fwd()
                     dout = torch.randn_like(out)
@@ -411,7 +412,7 @@ def measure_memory_bound(grid: MemoryGrid, device: torch.device, dtype: torch.dt
                     def bwd():
                         return torch.autograd.grad(state["out"], inputs, dout, retain_graph=True)
 
-                    result = timer.measure(bwd, est, max_inner, prepare, kind=f"{op}.bwd")
+                    result = timer.measure(bwd, est, max_inner, prepare, kind=f"{op}.bwd", capture=False)
                 _record(sec, f"{op}.{phase}", point, MB_AXES, result)
         except Exception as exc:  # noqa: BLE001
             sec.fail(exc, device)

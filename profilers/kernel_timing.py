@@ -25,9 +25,10 @@ import torch
 
 from profilers.timing import Clock, HostAhead, is_oom
 
-# kinds of call that draw random numbers: captured by a bare CUDAGraph.capture_begin they leave the CUDA generator's
-# offset in capture mode and every later kernel fails ("Offset increment outside graph capture"; H100 run of
-# 2026-12-07, benchmarks/results/hardware_h100/): timed eagerly
+# kinds of call timed eagerly, never captured: a capture that fails inside an autograd backward or draws random
+# numbers leaves the CUDA generator's offset in capture mode and every later kernel fails ("Offset increment outside
+# graph capture": dropout on 2026-12-07 19:41, then rotary.bwd at 23:35, benchmarks/results/hardware_h100/); the
+# memory-bound kernels (kernel_grid.measure_memory_bound) run eagerly, as the model runs them
 NO_CAPTURE = ("dropout.",)
 GRAPH_TRIES = 2  # failed captures of one kind of call before it is timed eagerly only
 MAX_HOLD_S = 0.5  # longest sleep kernel of the eager fallback: a host slower than this per point is timed as it is
@@ -48,13 +49,14 @@ class KernelTimer:
         return max(1, min(max_inner, math.ceil(self.loop_s / max(est_s, 1e-9))))
 
     def measure(self, fn: Callable[[], object], est_s: float, max_inner: int,
-                prepare: Callable[[], None] | None = None, kind: str = "") -> dict:
+                prepare: Callable[[], None] | None = None, kind: str = "", capture: bool = True) -> dict:
         """{seconds (median per call), min_s, max_s, inner, repeats, method} of `fn`; `kind` names the call
-        (e.g. 'embedding.bwd'), so that one that refuses capture twice is timed eagerly from then on."""
+        (e.g. 'embedding.bwd'), so that one that refuses capture twice is timed eagerly from then on; `capture`
+        False: eagerly from the start (behind the sleep kernel, so the events still time the GPU)."""
         inner = self.inner_for(est_s, max_inner)
         if not self.cuda:
             return self._cpu(fn, inner, prepare)
-        if self.refused.get(kind, 0) < GRAPH_TRIES and not kind.startswith(NO_CAPTURE):
+        if capture and self.refused.get(kind, 0) < GRAPH_TRIES and not kind.startswith(NO_CAPTURE):
             try:
                 return self._graph(fn, inner, prepare)
             except Exception as exc:  # noqa: BLE001 - any refusal to capture: time it eagerly instead

@@ -111,6 +111,21 @@ def test_a_call_that_refuses_capture_is_timed_eagerly(monkeypatch):
     assert timer.graph_errors == {"embedding.bwd: RuntimeError: operation not permitted when stream is capturing": 2}
 
 
+def test_memory_bound_kernels_are_never_captured(monkeypatch):
+    """A failed capture of an autograd backward broke every later kernel of the H100 run (rotary.bwd,
+    2026-12-07): the memory-bound section times its kernels eagerly, and GEMMs still go through the graph."""
+    timer = KernelTimer(CPU, 1e-4, 2)
+    timer.cuda, methods = True, []
+    monkeypatch.setattr(timer, "_graph", lambda fn, inner, prepare: methods.append("graph") or {"seconds": 1.0})
+    monkeypatch.setattr(timer, "_eager", lambda fn, inner, prepare: methods.append("eager") or {"seconds": 1.0})
+    grid = kernel_grid.MemoryGrid(widths={"rotary": (16,)}, rows=(16,), bytes_cap=2**22, fixed={"rotary": {"heads": 8}})
+    sec = kernel_grid.measure_memory_bound(grid, CPU, torch.float32, timer, 1e10, 4, float("inf"), lambda label: None)
+    assert methods == ["eager", "eager"] and sec.counts == {"measured": 2}
+    methods.clear()
+    timer.measure(lambda: None, 1e-5, 8, kind="gemm.fwd")
+    assert methods == ["graph"]
+
+
 def test_gpu_plan_covers_the_issue_grid_and_fits_its_budget_on_an_h100():
     s = hw.plan_settings(cuda=True, quick=False, memory_bytes=80 * 2**30)
     fine, coarse = s.gemm
