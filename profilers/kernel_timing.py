@@ -25,10 +25,8 @@ import torch
 
 from profilers.timing import Clock, HostAhead, is_oom
 
-# kinds of call timed eagerly, never captured: a capture that fails inside an autograd backward or draws random
-# numbers leaves the CUDA generator's offset in capture mode and every later kernel fails ("Offset increment outside
-# graph capture": dropout on 2026-12-07 19:41, then rotary.bwd at 23:35, benchmarks/results/hardware_h100/); the
-# memory-bound kernels (kernel_grid.measure_memory_bound) run eagerly, as the model runs them
+# kinds of call timed eagerly, never captured: a failed or random-drawing capture leaves the CUDA generator in capture
+# mode and every later kernel fails (benchmarks/results/preset_vs_measured.md); memory-bound kernels: capture=False
 NO_CAPTURE = ("dropout.",)
 GRAPH_TRIES = 2  # failed captures of one kind of call before it is timed eagerly only
 MAX_HOLD_S = 0.5  # longest sleep kernel of the eager fallback: a host slower than this per point is timed as it is

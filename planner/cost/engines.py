@@ -86,6 +86,7 @@ class EngineModel:
     limits: tuple[Limit, ...] = ()  # configurations it does not run as planned, in its runner's checking order
     modelled: Rule = _always  # False: it runs cfg but the cost model does not predict it (the solver leaves it out)
     forced_without_te: tuple[tuple[str, object], ...] = ()  # ParallelConfig values it imposes without TE (--te)
+    checkpoints: bool = False  # `distplan run --checkpoint-dir/--resume` saves and resumes it (planner/runner/checkpoint)
     # ---- layers and compute ----
     megatron_core_layers: bool = False  # megatron-core's layers: their measured layer and head, no stack factor
     # ---- pipelining ----
@@ -149,7 +150,7 @@ ENGINES: dict[str, EngineModel] = {
         zero1_costs_beyond_ddp=True, fsdp_over_tp_shards=True, sharded_sync_last_microbatch=True,
         measured_ddp=True, measured_tp=True, fsdp2_layout=torch_engine_fsdp, master_weight_casts=True,
         persistent_grad_buffers=False, replicated_logits=True, loss_frees_logits=True,
-        offload_torch_adamw=True, offload_copy_per_microbatch=True),
+        offload_torch_adamw=True, offload_copy_per_microbatch=True, checkpoints=True),
     "deepspeed": EngineModel(
         name="deepspeed", runner="planner.runner.engines.deepspeed_engine",
         runs="ZeRO 0-3 and offload; its pipeline engine 1f1b",

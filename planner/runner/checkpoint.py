@@ -34,8 +34,7 @@ from pathlib import Path
 from planner.core.errors import DistplanError, require
 from planner.core.fileio import atomic_write_text
 from planner.core.plan import Plan
-
-CHECKPOINT_ENGINES = ("torch",)  # engines that save and resume (DeepSpeed and Megatron have their own formats)
+from planner.cost.engines import ENGINES, engine_model
 LATEST = "latest"  # D/latest: the name of the newest complete checkpoint folder
 META = "distplan-checkpoint.json"  # inside a checkpoint folder: step, fingerprint, engine
 META_VERSION = 1
@@ -88,8 +87,9 @@ def check_options(plan: Plan, opts, fsdp: bool, check_numerics: bool) -> None:
     asked = opts.checkpoint_dir is not None or opts.checkpoint_every is not None or opts.resume
     if not asked:
         return
-    require(opts.engine in CHECKPOINT_ENGINES,
-            f"--checkpoint-dir / --checkpoint-every / --resume are supported by the {', '.join(CHECKPOINT_ENGINES)} "
+    able = [name for name, row in ENGINES.items() if row.checkpoints]
+    require(engine_model(opts.engine).checkpoints,
+            f"--checkpoint-dir / --checkpoint-every / --resume are supported by the {', '.join(able)} "
             f"engine only; engine is {opts.engine!r}")
     require(opts.checkpoint_every is None or opts.checkpoint_every >= 1,
             f"--checkpoint-every {opts.checkpoint_every} is out of range; valid: a number of optimizer steps >= 1")
