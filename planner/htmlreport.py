@@ -82,6 +82,10 @@ def _cards(rv: dict) -> str:
              ("MFU", f'<span data-key="mfu">{100 * pr["mfu"]:.1f}%</span>'),
              ("peak memory per GPU", f'<span data-key="peak_memory_gib">{pr["peak_memory_gib"]:.2f} GiB</span> '
                                      f'<span class="muted">/ {pr["capacity_gib"]:.1f}</span>'),
+             *([("pessimistic step", f'<span data-key="pessimistic_step_time_s">{pr["pessimistic"]["step_time_s"]:.3f} s'
+                                     f'</span> <span class="muted">unchecked: '
+                                     f'{escape(", ".join(pr["pessimistic"]["unchecked"]))}</span>')]
+               if pr.get("pessimistic") else []),
              ("memory check", fit),
              ("pipeline bubble", f'{100 * rv["schedule"]["bubble_share"]:.1f}% of the step')]
     return '<div class="cards">' + "".join(f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>'

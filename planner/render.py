@@ -17,6 +17,10 @@ def prediction_tables(pred: Prediction, title: str, training: dict | None = None
     summary.add_row("model TFLOP/s per GPU", f"{pred.model_tflops_per_gpu:.1f}")
     summary.add_row("hardware TFLOP/s per GPU", f"{pred.hardware_tflops_per_gpu:.1f} (counts recompute)")
     summary.add_row("MFU", f"{100 * pred.mfu:.1f}%")
+    if pred.pessimistic_step_time_s is not None:
+        summary.add_row("pessimistic step", f"{pred.pessimistic_step_time_s:.3f} s, MFU "
+                        f"{100 * pred.mfu * pred.step_time_s / pred.pessimistic_step_time_s:.1f}% (unchecked: "
+                        f"{', '.join(pred.unchecked)} at their bounds)")
     over = pred.over_capacity_gib  # the GPU's part of `fits` (the host's is the offload line below; one on a CPU)
     fit = "[green]fits[/]" if over == 0 else f"[red]does not fit (+{over:.1f} GiB)[/]"
     summary.add_row("peak memory per GPU", f"{pred.peak_memory_gib:.2f} / {pred.capacity_gib:.1f} GiB  {fit}")

@@ -61,6 +61,10 @@ def render_review(console: Console, rv: dict) -> None:
     head.add_row("schedule", f"{sc['kind']}" + (f", {sc['vpp']} chunks per rank" if sc["vpp"] > 1 else "")
                  + f"; bubble {sc['bubble_s']:.3f} s ({100 * sc['bubble_share']:.1f}% of the step)")
     head.add_row("step time", f"{pr['step_time_s']:.3f} s   {pr['tokens_per_s']:,.0f} tokens/s   MFU {100 * pr['mfu']:.1f}%")
+    if pr.get("pessimistic"):
+        pe = pr["pessimistic"]
+        head.add_row("pessimistic step", f"{pe['step_time_s']:.3f} s   MFU {100 * pe['mfu']:.1f}%   (unchecked: "
+                     f"{', '.join(pe['unchecked'])} at their bounds; the plan's sources say what would settle each)")
     fit = "[green]fits[/]" if pr["fits"] else "[red]does not fit[/]"
     head.add_row("peak memory", f"{pr['peak_memory_gib']:.2f} GiB per GPU of {pr['capacity_gib']:.1f} usable "
                                 f"(limit {pr['fit_limit_gib']:.1f} with allocator slack)  {fit}")

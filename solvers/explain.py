@@ -11,6 +11,7 @@ from dataclasses import replace
 from planner.core.cluster import Cluster
 from planner.core.prediction import GIB
 from planner.cost.memory import fits, stage_memory
+from planner.cost import mechanisms
 from planner.core.model import ModelSpec
 from planner.core.job import ParallelConfig
 from planner.core.prediction import Prediction
@@ -52,6 +53,38 @@ def why_lost(best: Prediction, alt: Prediction) -> str:
     if a[term] - b[term] <= 0:
         return f"slower by {pct:.2f}% (equal within rounding)" if pct >= 0 else "faster but outranked"
     return f"slower by {pct:.1f}%: {TERM_NAMES[term]} +{a[term] - b[term]:.3f} s per step"
+
+
+def why_lost_ranked(best: Prediction, alt: Prediction, best_expected: Prediction, alt_expected: Prediction) -> str:
+    """why_lost on the pessimistic estimates the search ranked by (`best`, `alt`), and where the expected estimates
+    (`*_expected`) would have preferred the alternative, that it relies on mechanisms nobody has checked."""
+    why = why_lost(best, alt)
+    if alt_expected.fits and alt_expected.unchecked and alt_expected.step_time_s < best_expected.step_time_s:
+        pct = 100 * (1 - alt_expected.step_time_s / best_expected.step_time_s)
+        why += (f"; on the expected estimate it would be {pct:.1f}% faster, relying on unchecked "
+                f"{', '.join(alt_expected.unchecked)}")
+    return why
+
+
+def unchecked_lines(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, pred: Prediction,
+                    alternatives, engine: str = "any") -> list[str]:
+    """Rationale lines on the mechanisms nobody has checked: the plan's own (its expected and pessimistic step), and
+    the runners-up the expected estimate would have preferred, with the measurement that would settle each."""
+    lines = []
+    if pred.unchecked:
+        found = {m.name: m for m in mechanisms.unchecked(model, cluster, cfg, engine)}
+        lines.append(f"this plan relies on unchecked {', '.join(pred.unchecked)}: {pred.step_time_s:.3f} s per step "
+                     f"expected, {pred.pessimistic_step_time_s:.3f} s at their bounds; to settle: "
+                     + "; ".join(found[n].settle for n in pred.unchecked))
+    for alt in alternatives:
+        p = alt.prediction
+        if p.fits and p.unchecked and p.step_time_s < pred.step_time_s:
+            found = {m.name: m for m in mechanisms.unchecked(model, cluster, alt.config, engine)}
+            lines.append(f"ranked by the pessimistic estimate: {describe(alt.config)} would be "
+                         f"{100 * (1 - p.step_time_s / pred.step_time_s):.1f}% faster on the expected one but relies on "
+                         f"unchecked {', '.join(p.unchecked)} ({p.pessimistic_step_time_s:.3f} s at their bounds); to "
+                         "settle: " + "; ".join(found[n].settle for n in p.unchecked))
+    return lines
 
 
 def alternative_entry(cfg: ParallelConfig, pred: Prediction, reason: str) -> dict:

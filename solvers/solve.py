@@ -23,7 +23,8 @@ from planner.core.profile import Profile
 from planner.core.cluster import gpu_family
 from planner.cost.engines import engine_model, forced_settings
 from planner.cost.memory import states_fit
-from solvers.explain import alternative_entry, leanest_message, no_configuration_reason, rationale, why_lost
+from solvers.explain import (alternative_entry, leanest_message, no_configuration_reason, rationale, unchecked_lines,
+                             why_lost_ranked)
 from solvers.inter_op import best_layer_split
 from solvers.milp import BACKENDS
 from solvers.advice import NEAR_SCAN, SearchSettings, batch_advice, has_configuration, usable_gpu_counts
@@ -165,7 +166,9 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
         warnings.append(f"no configuration uses all {gpus} GPUs ({why}): this plan uses {below} of them; GPU counts "
                         f"near {gpus} with a valid configuration: {near}")
         gpus = below
-    outcome = run_search(model, cluster, gpus, global_batch, seq_len, profile, top_k=top_k, time_limit_s=time_limit_s,
+    # ranked by the pessimistic estimate (planner/cost/mechanisms.py): no plan wins on a mechanism nobody checked
+    outcome = run_search(model, cluster.pessimistic(), gpus, global_batch, seq_len, profile, top_k=top_k,
+                         time_limit_s=time_limit_s,
                          flash_attention=flash_attention, overlap_grad_reduce=overlap_grad_reduce, progress=progress,
                          clock=clock, engine=engine, constraints=constraints)
     stats = dict(outcome.stats, time_limit_s=time_limit_s)
@@ -177,12 +180,18 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
                            constraints)
 
     best = outcome.best[0]
-    cfg, pred = best.config, best.prediction
+    cfg, ranked = best.config, best.prediction
     validate_config(model, cfg, gpus)
-    alternatives = [Alternative(e.config, e.prediction, why_lost(pred, e.prediction)) for e in outcome.best[1:top_k + 1]]
+    pred = predict(model, cluster, cfg, profile, engine=engine)  # the expected estimate, its pessimistic one inside
+
+    def alternative(e) -> Alternative:
+        expected = predict(model, cluster, e.config, profile, engine=engine)
+        return Alternative(e.config, expected, why_lost_ranked(ranked, e.prediction, pred, expected))
+
+    alternatives = [alternative(e) for e in outcome.best[1:top_k + 1]]
     unfit = outcome.fastest_unfit
-    if unfit is not None and unfit.prediction.step_time_s < pred.step_time_s:
-        alternatives.append(Alternative(unfit.config, unfit.prediction, why_lost(pred, unfit.prediction)))
+    if unfit is not None and unfit.prediction.step_time_s < ranked.step_time_s:
+        alternatives.append(alternative(unfit))
 
     ilp_start = clock()
     remaining = None if time_limit_s is None else max(1.0, time_limit_s - (ilp_start - start))
@@ -193,7 +202,7 @@ def solve(model: ModelSpec, cluster: Cluster, gpus: int, profile: Profile | None
         advice = batch_advice(settings, gpus, global_batch, pred)
         warnings += [advice] if advice else []
     lines = rationale(model, cluster, gpus, cfg, pred, runner_up, stats, sharding_rationale(shardings, cfg))
-    lines = [f"warning: {w}" for w in warnings] + lines
+    lines = [f"warning: {w}" for w in warnings] + lines + unchecked_lines(model, cluster, cfg, pred, alternatives, engine)
     if constraints.given():
         lines.append(f"the search was limited to {constraints.describe()}")
     provenance = {"command": command or (f"distplan solve --model {model.name} --gpus {gpus_asked} --cluster {cluster.name} "

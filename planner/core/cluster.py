@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import re
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -92,6 +92,13 @@ class Cluster:
     # kernel by kernel (planner/cost/kernels.py) instead of the efficiency fractions; "" for none
     kernel_database: str = ""
     kernels: KernelDB | None = field(default=None, compare=False, repr=False)
+    # what the cost model assumes about mechanisms no measurement has checked (planner/cost/mechanisms.py):
+    # "expected" (the best estimate) or "pessimistic" (their conservative bound); a view, never in the file
+    assume: str = "expected"
+
+    def pessimistic(self) -> "Cluster":
+        """This cluster with every unchecked mechanism at its conservative bound (what `solve` ranks by)."""
+        return replace(self, assume="pessimistic")
 
     def link(self, tier: str) -> Link:
         return dict(self.links)[tier]

@@ -114,6 +114,12 @@ class ModelSpec:
         norms = 2 * (2 * h if self.family in ("gpt", "vit") else h)  # LayerNorm has a bias
         return attn + mlp + norms
 
+    def modules_with_params_per_block(self) -> int:
+        """nn.Modules holding parameters in one block of planner/build/modeling.py: two norms, q/k/v/o projections,
+        the MLP's two or three projections (MoE: the router and each expert's)."""
+        mlp = 3 if self.gated_mlp else 2
+        return 2 + 4 + (1 + self.num_experts * mlp if self.is_moe else mlp)
+
     def expert_params_per_block(self) -> int:
         """Parameters of the experts of one block (the part expert parallelism shards)."""
         if not self.is_moe:

@@ -97,6 +97,10 @@ class Prediction:
     host_memory_gib: float = 0.0  # CPU memory per GPU for optimizer offload (memory.host_memory_per_gpu)
     host_capacity_gib: float = 0.0  # the node's CPU memory per GPU (0: unknown, not checked)
     host_is_device: bool = False  # the device is the host's CPU: offloaded states share capacity_gib (Cluster)
+    # the step with every unchecked mechanism the plan relies on at its conservative bound (planner/cost/
+    # mechanisms.py), and those mechanisms' names; None and () where it relies on none
+    pessimistic_step_time_s: float | None = None
+    unchecked: tuple[str, ...] = ()
 
     @property
     def over_capacity_gib(self) -> float:
@@ -144,6 +148,10 @@ class Prediction:
             ],
             "breakdown": dict(self.breakdown),
             "sources": dict(self.sources),
+            **({"pessimistic": {"step_time_s": self.pessimistic_step_time_s,
+                                "mfu": self.mfu * self.step_time_s / self.pessimistic_step_time_s,
+                                "unchecked": list(self.unchecked)}}
+               if self.pessimistic_step_time_s is not None else {}),
         }
 
 

@@ -61,7 +61,7 @@ class QuickBound:
 
     def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None, engine: str = "any"):
         self.model, self.cluster, self.profile, self.engine = model, cluster, profile, engine
-        self.comm = CommModel(cluster, profile)
+        self.comm = CommModel(cluster, profile, engine)
         self._work: dict[tuple, float] = {}
 
     def bound(self, cfg: ParallelConfig) -> float:

@@ -101,6 +101,10 @@ class EngineModel:
     sharded_sync_last_microbatch: bool = False  # FSDP2 layouts reduce-scatter on a step's last micro-batch only
     measured_ddp: bool = False  # its ZeRO-0 at tp = 1 is torch's DDP: the profile's DDP stack measurement applies
     measured_tp: bool = False  # its tp is DTensor's: the profile's tensor-parallel stack measurement applies
+    # ZeRO-3 collectives per block and pass, each paying its own latency: one where a block's parameters are one flat
+    # buffer (FSDP2's fully_shard per block); 0: one per module holding parameters (DeepSpeed's ZeRO-3 fetches each
+    # sub-module's parameters: runtime/zero/partitioned_param_coordinator.py)
+    zero3_calls_per_block: int = 1
     # ---- buffers and optimizer copies ----
     fsdp2_layout: Rule = _never  # where it runs FSDP2 (fp32 shards, deferred reduce-scatter: memory.torch_fsdp_states)
     master_weight_casts: bool = False  # outside FSDP2, bf16 weights with fp32 masters cast around each step
@@ -176,7 +180,7 @@ ENGINES: dict[str, EngineModel] = {
         ),
         modelled=_deepspeed_modelled,
         zero1_pays_sharding_overhead=True, zero1_costs_beyond_ddp=True, zero0_allreduce_overlaps_backward=False,
-        own_sharding_measurement="deepspeed", zero0_fp32_step_copies=True, zero12_partition_step_copy=True,
+        own_sharding_measurement="deepspeed", zero3_calls_per_block=0, zero0_fp32_step_copies=True, zero12_partition_step_copy=True,
         loss_frees_logits=True),
     "megatron": EngineModel(
         name="megatron", runner="planner.runner.engines.megatron_engine",

@@ -16,6 +16,7 @@ from planner.core.model import ModelSpec
 from planner.core.profile import MEGATRON_BLOCK_KIND, MEGATRON_HEAD_KIND, UNFUSED_ATTENTION_KIND, Profile
 from planner.cost import kernels
 from planner.cost.engines import engine_model
+from planner.cost.mechanisms import at_bound
 from planner.cost.terms import BF16, CommModel, fused_attention_pass_s, gemm_time_s, memory_bound_time_s
 
 
@@ -215,8 +216,13 @@ def block_time(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, comm: Co
     other = 0.0
     if cfg.cp > 1:
         kv_bytes = tokens * 2 * model.kv_dim / t * BF16
-        ring = (cfg.cp - 1) * comm.time_s("p2p", 2, t, kv_bytes)
-        other += max(0.0, ring - attn_fwd) + max(0.0, 2 * ring - 2 * attn_fwd)  # forward and backward exposure
+        # the ring moves in lockstep: where it spans nodes, its slowest hop (one NIC per GPU) sets each step
+        hop_stride = t if t * cfg.cp <= cluster.gpus_per_node else cluster.gpus_per_node
+        ring = (cfg.cp - 1) * comm.time_s("p2p", 2, hop_stride, kv_bytes)
+        if at_bound(cluster, engine, "cp.ring_overlap"):  # unchecked: every exchange exposed
+            other += 3 * ring
+        else:
+            other += max(0.0, ring - attn_fwd) + max(0.0, 2 * ring - 2 * attn_fwd)  # forward and backward exposure
     # ---- expert parallel: dispatch and combine all-to-all, forward and backward ----
     if model.is_moe and cfg.ep > 1:
         a2a_bytes = tokens * model.top_k * h * BF16

@@ -15,7 +15,7 @@ from planner.core.job import ParallelConfig
 from planner.core.model import ModelSpec
 from planner.core.prediction import BREAKDOWN_KEYS, GIB, Prediction, StagePrediction
 from planner.core.profile import Profile, ShardingFit, describe_profile
-from planner.cost import kernels
+from planner.cost import kernels, mechanisms
 from planner.cost.engines import EngineModel, engine_model
 from planner.cost.layer import (LayerTime, block_time, embedding_time, head_time, measured_fit, megatron_head_s,
                                 megatron_layer_delta_s)
@@ -23,6 +23,7 @@ from planner.cost.memory import (WEIGHT_BYTES, allocator_slack, fits, host_capac
                                  stage_memory, stage_params)
 from planner.cost.pipeline import interleaved_pipeline_s, step_time
 from planner.cost.profiled import dropped_note, mismatch
+from planner.cost.mechanisms import at_bound, crosses_nodes
 from planner.cost.terms import (ADAM_BYTES_PER_PARAM, BF16, DS_BF16_ACCUMULATE_BYTES_PER_PARAM,
                                 DS_BF16_STEP_BYTES_PER_PARAM, MASTER_CAST_BYTES_PER_PARAM, OFFLOAD_PCIE_BYTES_PER_PARAM,
                                 TORCH_OFFLOAD_H2D_BYTES_PER_PARAM, CommModel, memory_bound_time_s)
@@ -113,7 +114,7 @@ def rank_timer(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig,
 def _plan_times(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Profile | None,
                row: EngineModel) -> _PlanTimes:
     """The plan's shared times: one block, the embedding and the head, one pipeline transfer, the sharding overhead."""
-    comm = CommModel(cluster, profile)
+    comm = CommModel(cluster, profile, row.name)
     slowdown = profile.overlap_slowdown if profile and profile.overlap_slowdown is not None else cluster.efficiency.overlap_slowdown
     tokens = cfg.micro_batch_size * cfg.seq_len / cfg.cp
     dp_group = cfg.dp * cfg.cp  # gradients are reduced over data- and context-parallel ranks
@@ -200,10 +201,15 @@ def _sharding_comm_s(s: _PlanTimes, layers: int, dense: float, fwd: float, bwd: 
         # reduce-scatter gradients; prefetched, so overlapped with the compute of other layers
         w_bytes = dense * WEIGHT_BYTES
         stride = cfg.tp
-        coll = 2 * comm.time_s("all_gather", dp_group, stride, w_bytes) + comm.time_s("reduce_scatter", dp_group, stride, w_bytes)
+        calls = max(1, layers) * (s.row.zero3_calls_per_block or s.model.modules_with_params_per_block())
+        coll = (2 * comm.time_s("all_gather", dp_group, stride, w_bytes, calls)
+                + comm.time_s("reduce_scatter", dp_group, stride, w_bytes, calls))
         # the first layer's all-gather and the last layer's reduce-scatter have no compute to hide behind
         edge = coll / max(layers, 1) * 2 / 3
-        z3 = _overlap(coll, fwd + bwd + rec, s.slowdown) + edge
+        across = at_bound(s.cluster, s.row.name, "zero3.inter_node_overlap") and crosses_nodes(s.cluster, dp_group,
+                                                                                               stride)
+        # mechanisms zero3.inter_node_overlap: unchecked across nodes, its bound charges the collectives whole
+        z3 = coll + edge if across else _overlap(coll, fwd + bwd + rec, s.slowdown) + edge
     elif cfg.zero_stage == 2 and dp_group > 1:
         # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
         rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
@@ -412,6 +418,12 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
     capacity = cluster.usable_memory_gib
     slack = allocator_slack(cfg, engine)
     sources = kernels.label_sources(cluster, model, cfg, _sources(model, cfg, profile, engine))
+    sources = tuple(sorted({**dict(sources), **mechanisms.sources(model, cluster, cfg, engine)}.items()))
+    unchecked = tuple(m.name for m in mechanisms.unchecked(model, cluster, cfg, engine))
+    pessimistic = None
+    if unchecked:  # the same plan with every unchecked mechanism at its bound (the search ranks by it)
+        pessimistic = step if cluster.assume == "pessimistic" else predict(
+            model, cluster.pessimistic(), cfg, profile, engine=engine).step_time_s
     host = host_memory_per_gpu(model, cfg) / GIB
     host_capacity = host_capacity_gib(cluster)
     return Prediction(
@@ -420,7 +432,7 @@ def predict(model: ModelSpec, cluster: Cluster, cfg: ParallelConfig, profile: Pr
         mfu=model_tflops / cluster.gpu.peak_bf16_tflops, peak_memory_gib=peak, capacity_gib=capacity,
         fits=fits(cluster, model, cfg, max(s.memory.total for s in stage_preds), engine), sources=sources,
         allocator_slack=slack, host_memory_gib=host, host_capacity_gib=host_capacity,
-        host_is_device=cluster.host_is_device,
+        host_is_device=cluster.host_is_device, pessimistic_step_time_s=pessimistic, unchecked=unchecked,
     )
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from planner.core.cluster import Cluster
 from planner.core.profile import Profile, bus_factor
+from planner.cost import nccl
+from planner.cost.mechanisms import UNCHECKED_INTER_NODE_OPS, at_bound
 
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
@@ -38,17 +40,18 @@ def ring_volume_factor(op: str, n: int) -> float:
     return bus_factor(op, n)
 
 
-def group_link(cluster: Cluster, size: int, stride: int) -> tuple[float, float]:
+def group_link(cluster: Cluster, size: int, stride: int, one_nic: bool = False) -> tuple[float, float]:
     """(latency_s, bandwidth_bytes_s) of a group of `size` ranks spaced `stride` apart (rank order tp-cp-dp-pp).
 
     Inside a node: the NVLink tier. Across nodes: each node's members share their NICs, one NIC per GPU,
-    so the ring's bandwidth is min(intra, inter * members_per_node) (hierarchical bound, Alpa/Calculon).
+    so the ring's bandwidth is min(intra, inter * members_per_node) (hierarchical bound, Alpa/Calculon);
+    `one_nic`: each GPU's traffic through its own NIC only (mechanisms.inter_node.sharded_bandwidth's bound).
     """
     gpn = cluster.gpus_per_node
     intra, inter = cluster.link("intra_node"), cluster.link("inter_node")
     if size * stride <= gpn:
         return intra.latency_s, intra.bandwidth_bytes_s
-    per_node = max(1, gpn // stride) if stride < gpn else 1
+    per_node = 1 if one_nic else max(1, gpn // stride) if stride < gpn else 1
     return inter.latency_s, min(intra.bandwidth_bytes_s, inter.bandwidth_bytes_s * per_node)
 
 
@@ -56,11 +59,15 @@ def group_link(cluster: Cluster, size: int, stride: int) -> tuple[float, float]:
 class CommModel:
     cluster: Cluster
     profile: Profile | None
+    engine: str = "any"  # who runs the collectives: what checked their mechanisms (planner/cost/mechanisms.py)
 
-    def time_s(self, op: str, size: int, stride: int, nbytes: float) -> float:
-        """Time of one collective of `op` over `size` ranks on a `nbytes` buffer."""
+    def time_s(self, op: str, size: int, stride: int, nbytes: float, calls: int = 1) -> float:
+        """Time of `calls` collectives of `op` over `size` ranks moving `nbytes` buffer bytes in all (each call its
+        share: each pays its own latency, and its size picks NCCL's algorithm across nodes)."""
         if size <= 1 or nbytes <= 0:
             return 0.0
+        if calls > 1:
+            return calls * self.time_s(op, size, stride, nbytes / calls)
         within_node = size * stride <= self.cluster.gpus_per_node
         if self.profile is not None and within_node:
             measured = self.profile.measured_collective_s(op, size, nbytes)
@@ -70,9 +77,16 @@ class CommModel:
             if fit is not None:
                 t = fit.latency_s + nbytes * ring_volume_factor(op, size) / (fit.bus_bandwidth_gb_s * 1e9)
                 return t * self.profile.factor(op)
-        latency, bw = group_link(self.cluster, size, stride)
+        one_nic = op in UNCHECKED_INTER_NODE_OPS and at_bound(self.cluster, self.engine, "inter_node.sharded_bandwidth")
+        latency, bw = group_link(self.cluster, size, stride, one_nic)
         bw *= self.cluster.efficiency.collective(op)
-        t = latency + nbytes * ring_volume_factor(op, size) / bw
+        volume = nbytes * ring_volume_factor(op, size)
+        if within_node or op == "p2p":
+            t = latency + volume / bw
+        else:  # across nodes: NCCL's algorithm and protocol choice, its latency growing with ranks and nodes
+            gpn = self.cluster.gpus_per_node
+            members = max(1, gpn // stride) if stride < gpn else 1
+            t, _ = nccl.collective_s(op, nbytes, size, -(-size // members), volume, bw)
         return t * (self.profile.factor(op) if self.profile else 1.0)
 
 

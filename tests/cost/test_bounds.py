@@ -46,7 +46,17 @@ def _splits(model, cfg):
 
 @pytest.mark.parametrize("name,gpus,cluster_name,profile_path", CASES, ids=lambda x: getattr(x, "name", str(x)))
 def test_bounds_never_exceed_the_predicted_step(name, gpus, cluster_name, profile_path):
+    _check_bounds(*_setting(name, gpus, cluster_name, profile_path), gpus)
+
+
+@pytest.mark.parametrize("name,gpus,cluster_name,profile_path", [c for c in CASES if c[1] > 8],
+                         ids=lambda x: getattr(x, "name", str(x)))
+def test_bounds_hold_in_the_pessimistic_view_the_search_ranks_by(name, gpus, cluster_name, profile_path):
     model, cluster, profile = _setting(name, gpus, cluster_name, profile_path)
+    _check_bounds(model, cluster.pessimistic(), profile, gpus)
+
+
+def _check_bounds(model, cluster, profile, gpus):
     seq = profile.seq_len if profile else model.seq_len  # the sequence the profile measured
     space = search_space(model, cluster, gpus, model.default_global_batch, seq, wide_cp=True)
     checked = 0
