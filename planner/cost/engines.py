@@ -105,6 +105,9 @@ class EngineModel:
     # buffer (FSDP2's fully_shard per block); 0: one per module holding parameters (DeepSpeed's ZeRO-3 fetches each
     # sub-module's parameters: runtime/zero/partitioned_param_coordinator.py)
     zero3_calls_per_block: int = 1
+    # parameters per data-parallel gradient bucket, the last of which (the first layers' gradients, produced last in
+    # the backward) cannot overlap anything: 0 for one block's parameters
+    grad_bucket_params: Callable[[int], float] = lambda dp: 0.0
     # ---- buffers and optimizer copies ----
     fsdp2_layout: Rule = _never  # where it runs FSDP2 (fp32 shards, deferred reduce-scatter: memory.torch_fsdp_states)
     master_weight_casts: bool = False  # outside FSDP2, bf16 weights with fp32 masters cast around each step
@@ -153,6 +156,7 @@ ENGINES: dict[str, EngineModel] = {
         torch_pipelining=True, zero1_shards_gradients=True, zero1_pays_sharding_overhead=True,
         zero1_costs_beyond_ddp=True, fsdp_over_tp_shards=True, sharded_sync_last_microbatch=True,
         measured_ddp=True, measured_tp=True, fsdp2_layout=torch_engine_fsdp, master_weight_casts=True,
+        grad_bucket_params=lambda dp: 12.5e6,  # DDP's bucket_cap_mb=25 of bf16 gradients (FSDP2: one block)
         persistent_grad_buffers=False, replicated_logits=True, loss_frees_logits=True,
         offload_torch_adamw=True, offload_copy_per_microbatch=True, checkpoints=True),
     "deepspeed": EngineModel(
@@ -180,7 +184,7 @@ ENGINES: dict[str, EngineModel] = {
         ),
         modelled=_deepspeed_modelled,
         zero1_pays_sharding_overhead=True, zero1_costs_beyond_ddp=True, zero0_allreduce_overlaps_backward=False,
-        own_sharding_measurement="deepspeed", zero3_calls_per_block=0, zero0_fp32_step_copies=True, zero12_partition_step_copy=True,
+        own_sharding_measurement="deepspeed", zero3_calls_per_block=0, grad_bucket_params=lambda dp: 5e8, zero0_fp32_step_copies=True, zero12_partition_step_copy=True,
         loss_frees_logits=True),
     "megatron": EngineModel(
         name="megatron", runner="planner.runner.engines.megatron_engine",
@@ -203,7 +207,9 @@ ENGINES: dict[str, EngineModel] = {
                   "ZeRO-{cfg.zero_stage}: megatron's distributed optimizer shards the optimizer states only (ZeRO-1)",
                   substituted=True),
         ),
-        forced_without_te=(("flash_attention", False),), megatron_core_layers=True, zero1_costs_beyond_ddp=True),
+        forced_without_te=(("flash_attention", False),), megatron_core_layers=True, zero1_costs_beyond_ddp=True,
+        # megatron-core DistributedDataParallel: bucket_size max(40M, 1M x data-parallel size) parameters
+        grad_bucket_params=lambda dp: max(40e6, 1e6 * dp)),
 }
 ENGINE_CHOICES = tuple(ENGINES)
 # what `runnable` allows per engine, in words (for refusals such as `estimate --engine`)

@@ -213,7 +213,11 @@ def _sharding_comm_s(s: _PlanTimes, layers: int, dense: float, fwd: float, bwd: 
     elif cfg.zero_stage == 2 and dp_group > 1:
         # ZeRO-2 reduce-scatters gradients during every micro-batch's backward (DeepSpeed, FSDP SHARD_GRAD_OP)
         rs = comm.time_s("reduce_scatter", dp_group, cfg.tp, dense * BF16)
-        z3 = _overlap(rs, bwd, s.slowdown) if cfg.overlap_grad_reduce else rs
+        if cfg.overlap_grad_reduce:  # the last bucket's reduce-scatter follows the backward (as _dp_sync_s)
+            last = comm.time_s("reduce_scatter", dp_group, cfg.tp, _last_bucket_params(s, dense, layers) * BF16)
+            z3 = last + _overlap(max(0.0, rs - last), bwd, s.slowdown)
+        else:
+            z3 = rs
     if s.measured_sharding is not None and layers:
         # the measured cost replaces the bandwidth terms above: the wrapped stacks ran the real collectives beside the
         # compute, so what they expose and how much they slow the compute is already in it; added on top, the overlap
@@ -222,6 +226,13 @@ def _sharding_comm_s(s: _PlanTimes, layers: int, dense: float, fwd: float, bwd: 
         measured = layers * s.shard_overhead + s.shard_edge
         z3 = measured if dp_group * cfg.tp <= s.cluster.gpus_per_node else z3 + measured
     return z3
+
+
+def _last_bucket_params(s: _PlanTimes, dense: float, layers: int) -> float:
+    """Parameters in the rank's last gradient bucket: the engine's bucket size (EngineModel.grad_bucket_params), or
+    one block's share of the rank's parameters, never more than the rank holds."""
+    bucket = s.row.grad_bucket_params(s.dp_group) or dense / max(layers, 1)
+    return min(dense, bucket)
 
 
 def _dp_sync_s(s: _PlanTimes, rank: int, layers: int, dense: float, expert: float, bwd: float) -> float:
@@ -243,7 +254,11 @@ def _dp_sync_s(s: _PlanTimes, rank: int, layers: int, dense: float, expert: floa
         # an engine whose ZeRO-0 all-reduces at the accumulation boundary, after the backward (DeepSpeed's
         # engine.allreduce_gradients; its overlap_comm applies to ZeRO stages only), does not overlap it
         overlapped = cfg.overlap_grad_reduce and (s.row.zero0_allreduce_overlaps_backward or cfg.zero_stage != 0)
-        sync = _overlap(coll, bwd, s.slowdown) if overlapped else coll
+        if overlapped:  # bucket by bucket behind the backward; the last bucket (the first layers') after it
+            last = comm.time_s("all_reduce", dp_group, cfg.tp, _last_bucket_params(s, dense, layers) * BF16)
+            sync = last + _overlap(max(0.0, coll - last), bwd, s.slowdown)
+        else:
+            sync = coll
         if s.ddp is not None and layers:
             # measured: what DDP's bucketed all-reduce adds to the synchronising micro-batch of `layers` blocks
             # (per block and once; profilers/sharding: stacks of 1 and 4), and the embedding's gradient,

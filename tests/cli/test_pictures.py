@@ -144,9 +144,11 @@ def test_timeline_title_and_drawing_state_the_plans_prediction(kw):
 
 
 def test_timeline_says_when_the_plans_pipeline_differs_from_its_simulation(tmp_path):
-    agree = review_plan(schedule="1f1b")
+    # h200-141gb prices layers with the efficiency fractions (no kernel database): gpt2-xl's stages stay near balance
+    # there, where the H100's database makes its odd-vocabulary head the pipeline's bottleneck
+    agree = review_plan(schedule="1f1b", cluster="h200-141gb")
     assert "simulation" not in timeline_of(agree).axes[0].get_title(loc="left")
-    uneven = review_plan(schedule="1f1b", layer_split=(16, 12, 12, 8))
+    uneven = review_plan(schedule="1f1b", layer_split=(16, 12, 12, 8), cluster="h200-141gb")
     title = timeline_of(uneven).axes[0].get_title(loc="left")
     assert re.search(r"pipeline is \d+\.\d% longer than this schedule's simulation", title), title
     data = yaml.safe_load(plan_to_yaml(agree))  # a hand-edited plan: 20% more step time than its stages add up to
@@ -164,7 +166,7 @@ def drawn_shapes(fig) -> int:
 
 
 def test_timeline_of_64_microbatches_x_4_chunks_is_aggregated_and_bounded(tmp_path):
-    plan = review_plan(**AGREEMENT_CASES["interleaved-64x4"])
+    plan = review_plan(**AGREEMENT_CASES["interleaved-64x4"], cluster="h200-141gb")  # balanced stages (see above)
     assert len([e for e in plan_schedule(plan).events if e.phase == "forward"]) == 64 * 4 * 4
     start = time.perf_counter()
     fig = timeline_of(plan)

@@ -102,7 +102,8 @@ def test_estimate_with_profile_uses_the_measured_numbers(cli, tmp_path):
     measured = parse_json(cli(*args, "--profile", path))
     assert measured["step_time_s"] != pytest.approx(base["step_time_s"], rel=1e-3)
     assert measured["cluster"] == "dgx-h100-80gb+profile"
-    assert measured["sources"]["compute.block.tp1"] == "profile" and base["sources"]["compute.block.tp1"] == "preset"
+    assert measured["sources"]["compute.block.tp1"] == "profile"
+    assert base["sources"]["compute.block.tp1"].startswith("kernel database NVIDIA H100")  # the preset's database
     # the forward term is exactly the fitted layer times: m * (12 blocks + embedding + head)
     tokens, m = SEQ, 64 // 8
     fwd = 12 * prof.compute_fit("block", 1).fwd(tokens) + prof.compute_fit("embedding", 1).fwd(tokens) \

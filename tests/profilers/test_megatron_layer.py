@@ -74,7 +74,10 @@ def test_megatron_layer_replaces_the_unfused_core_correction_exactly():
     assert lt_meg.bwd == pytest.approx(2.6e-3 * tokens / 1000, rel=1e-9)
     assert lt_any.fwd != pytest.approx(lt_meg.fwd)
     diff = (lt_any.fwd + lt_any.bwd - lt_meg.fwd - lt_meg.bwd) * MODEL.num_layers * c.num_microbatches
-    assert plain.step_time_s - meg.step_time_s == pytest.approx(diff, rel=1e-6)
+    # beyond the layers, the engines' gradient buckets (EngineModel.grad_bucket_params) and optimizer copies differ:
+    # the torch engine casts fp32 masters around the kernel database's AdamW step (EngineModel.master_weight_casts)
+    sync = sum(dict(plain.breakdown)[k] - dict(meg.breakdown)[k] for k in ("dp_grad_sync", "optimizer"))
+    assert plain.step_time_s - meg.step_time_s - sync == pytest.approx(diff, rel=1e-6)
 
 
 @pytest.mark.parametrize("prof,engine,flash", [(BASE, "megatron", False), (WITH_MEGATRON, "torch", False),
