@@ -113,7 +113,7 @@ class Cluster:
         return self.host_memory_gib / self.gpus_per_node
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {"gpu": asdict(self.gpu)}  # not asdict(self): that would walk the kernel database
         return {
             "version": 1,
             "name": self.name,

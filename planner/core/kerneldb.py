@@ -212,6 +212,9 @@ class KernelDB:
     adamw: float | None
     clock: dict  # sustained_sm_mhz, power_w, samples, max_sm_mhz (None where not measured)
     not_measured: dict  # section -> why
+    # prices already computed from this database (planner/cost/kernels.py): a solve asks for the same kernels of the
+    # same shapes for thousands of configurations; no effect on any answer
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _section(self, name: str, grids: dict, key: str, valid: tuple) -> Grid:
         if not grids:

@@ -170,6 +170,14 @@ def _preset_s(cluster: Cluster, kn: Kernel, elem: int) -> float:
 
 
 def _price_one(cluster: Cluster, kn: Kernel) -> tuple[float, str]:
+    key = (kn.kind, kn.key, kn.shape, cluster.gpu, cluster.efficiency)  # all of the cluster a price reads
+    got = cluster.kernels.memo.get(key)
+    if got is None:
+        got = cluster.kernels.memo[key] = _price_new(cluster, kn)
+    return got
+
+
+def _price_new(cluster: Cluster, kn: Kernel) -> tuple[float, str]:
     db = cluster.kernels
     shape = dict(kn.shape)
     elem = DTYPE_BYTES[db.dtype]
