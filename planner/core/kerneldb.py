@@ -248,7 +248,17 @@ class KernelDB:
                          phase: str = "fwd") -> tuple[float, str]:
         """Seconds of causal SDPA over `heads` = batch x query heads per GPU, each `gqa` sharing one K/V head."""
         grid = self._section("attention", self.attention, phase, ATTENTION_PHASES)
-        return grid.time_s(seq=seq, heads=heads, head_dim=head_dim, gqa=gqa)
+        lo = grid.values[grid.axes.index("seq")][0]
+        if not (F.is_number(seq) and 0 < seq < lo and F.is_number(heads) and heads > 0):
+            return grid.time_s(seq=seq, heads=heads, head_dim=head_dim, gqa=gqa)
+        # below the sequence grid: the same causal work (heads x seq^2) as fewer heads at the grid's shortest sequence
+        # (holding the time at that edge would charge (lo / seq)^2 times the work: 16x for a ViT's 257 patches)
+        equivalent = heads * (seq / lo) ** 2
+        seconds, prov = grid.time_s(seq=lo, heads=equivalent, head_dim=head_dim, gqa=gqa)
+        note = (f"seq {_fmt(seq)} below the grid's {_fmt(lo)}: priced as seq {_fmt(lo)} over {equivalent:.3g} heads, "
+                "the same causal work")
+        inner = prov[len("extrapolated ("):-1] if prov.startswith("extrapolated (") else ""
+        return seconds, f"extrapolated ({note}{'; ' + inner if inner else ''})"
 
     def memory_bound_time_s(self, kernel: str, **shape: float) -> tuple[float, str]:
         """Seconds of a memory-bound kernel ('rms_norm.fwd', ...) at shape rows=..., width=... (WORK says the bytes)."""

@@ -237,3 +237,20 @@ def test_file_round_trip_and_committed_databases(tmp_path):
     for name, path in available_databases().items():  # every committed database loads and answers by name
         committed = load_kernel_db(name)
         assert committed.device == "cuda" and committed.gemm_time_s(4096, 4096, 4096)[1] == "database", path
+
+
+def test_attention_below_the_sequence_grid_is_priced_as_the_same_causal_work():
+    """A sequence shorter than the grid's shortest (a ViT's 257 patches, a context-parallel chunk) is priced at the
+    grid's shortest sequence over proportionally fewer heads (heads x seq^2 kept), not held at that edge's time;
+    the measured H100 database: never above the edge's time, never below a measured smaller-work point's, and
+    labelled extrapolated."""
+    db = load_kernel_db("nvidia-h100-80gb-hbm3")
+    lo = 1024
+    edge, _ = db.attention_time_s(lo, 64, 128, 1, "fwd")
+    short, prov = db.attention_time_s(lo / 2, 64, 128, 1, "fwd")
+    same, _ = db.attention_time_s(lo, 16, 128, 1, "fwd")  # heads x seq^2 equal: a measured point
+    assert short == pytest.approx(same, rel=1e-12) and short < edge
+    assert prov.startswith("extrapolated (") and "same causal work" in prov
+    for phase in ("fwd", "bwd"):
+        times = [db.attention_time_s(s, 32, 64, 1, phase)[0] for s in (128, 257, 512, 1024, 2048)]
+        assert times == sorted(times)  # monotone in the sequence across the grid's edge
