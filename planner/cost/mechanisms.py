@@ -30,7 +30,8 @@ def crosses_nodes(cluster: Cluster, size: int, stride: int) -> bool:
     return size > 1 and size * stride > cluster.gpus_per_node
 
 
-def _members_per_node(cluster: Cluster, stride: int) -> int:
+def members_per_node(cluster: Cluster, stride: int) -> int:
+    """GPUs of one node in a group whose ranks are `stride` apart."""
     return max(1, cluster.gpus_per_node // stride) if stride < cluster.gpus_per_node else 1
 
 
@@ -38,10 +39,10 @@ def _sharded_across_nodes(model: ModelSpec, cluster: Cluster, cfg: ParallelConfi
     """The plan gathers or reduce-scatters over a data-parallel group with several GPUs per node across nodes
     (ZeRO-2/3), or its experts exchange tokens all-to-all across nodes."""
     dp_group, stride = cfg.dp * cfg.cp, cfg.tp
-    sharded = cfg.zero_stage >= 2 and crosses_nodes(cluster, dp_group, stride) and _members_per_node(cluster, stride) > 1
+    sharded = cfg.zero_stage >= 2 and crosses_nodes(cluster, dp_group, stride) and members_per_node(cluster, stride) > 1
     ep_stride = cfg.tp * cfg.cp
     moe = (model.is_moe and cfg.ep > 1 and crosses_nodes(cluster, cfg.ep, ep_stride)
-           and _members_per_node(cluster, ep_stride) > 1)
+           and members_per_node(cluster, ep_stride) > 1)
     return sharded or moe
 
 

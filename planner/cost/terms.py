@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from planner.core.cluster import Cluster
 from planner.core.profile import Profile, bus_factor
 from planner.cost import nccl
-from planner.cost.mechanisms import UNCHECKED_INTER_NODE_OPS, at_bound
+from planner.cost.mechanisms import UNCHECKED_INTER_NODE_OPS, at_bound, members_per_node
 
 BF16 = 2
 ADAM_BYTES_PER_PARAM = 30  # fused Adam: r/w fp32 param, m, v (24) + read bf16 grad (2) + write bf16 param (2) + fp32 grad cast (2)
@@ -51,7 +51,7 @@ def group_link(cluster: Cluster, size: int, stride: int, one_nic: bool = False) 
     intra, inter = cluster.link("intra_node"), cluster.link("inter_node")
     if size * stride <= gpn:
         return intra.latency_s, intra.bandwidth_bytes_s
-    per_node = 1 if one_nic else max(1, gpn // stride) if stride < gpn else 1
+    per_node = 1 if one_nic else members_per_node(cluster, stride)
     return inter.latency_s, min(intra.bandwidth_bytes_s, inter.bandwidth_bytes_s * per_node)
 
 
@@ -84,9 +84,8 @@ class CommModel:
         if within_node or op == "p2p":
             t = latency + volume / bw
         else:  # across nodes: NCCL's algorithm and protocol choice, its latency growing with ranks and nodes
-            gpn = self.cluster.gpus_per_node
-            members = max(1, gpn // stride) if stride < gpn else 1
-            t, _ = nccl.collective_s(op, nbytes, size, -(-size // members), volume, bw)
+            nodes = -(-size // members_per_node(self.cluster, stride))
+            t, _ = nccl.collective_s(op, nbytes, size, nodes, volume, bw)
         return t * (self.profile.factor(op) if self.profile else 1.0)
 
 
